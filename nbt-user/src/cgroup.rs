@@ -1,0 +1,679 @@
+//! Cgroups: find the hierarchies, make a run's cgroups beneath nbt's own, set the limits, read the
+//! accounting, and remove everything at the end.
+//!
+//! Two layouts are handled (DESIGN.md, "Cgroups"):
+//! - unified: cgroup v2 with its controllers; one directory per run holds limits and BPF programs.
+//! - hybrid: a v2 tree without controllers (BPF attaches there) plus v1 hierarchies that carry the
+//!   memory, cpu and pids controllers. A run gets one directory in each, and the child joins all.
+//!
+//! Run cgroups are always created beneath the cgroup nbt itself is in, in each hierarchy.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde::Serialize;
+
+/// The controllers nbt sets limits with or reads accounting from.
+pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// The scheduler period nbt uses for CPU quotas: 100 ms, the kernel's default.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// Where a controller lives on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    V2,
+    V1,
+}
+
+/// The cgroup hierarchies of this machine, seen from nbt's own process.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// nbt's own cgroup in the v2 hierarchy (a directory), if cgroup2 is mounted.
+    pub v2_self: Option<PathBuf>,
+    /// Controllers the v2 cgroup of nbt can hand to its children (`cgroup.controllers`).
+    pub v2_controllers: Vec<String>,
+    /// nbt's own cgroup in each v1 hierarchy, by controller name.
+    pub v1_self: BTreeMap<String, PathBuf>,
+}
+
+struct Mount {
+    root: String,
+    mount_point: PathBuf,
+    fstype: String,
+    super_options: Vec<String>,
+}
+
+/// Undoes the octal escapes (`\040` for a space) of /proc/self/mountinfo.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(code) = u8::from_str_radix(digits, 8) {
+                out.push(code);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let right: Vec<&str> = right.split(' ').collect();
+            Some(Mount {
+                root: unescape_mountinfo(left.get(3)?),
+                mount_point: PathBuf::from(unescape_mountinfo(left.get(4)?)),
+                fstype: right.first()?.to_string(),
+                super_options: right.get(2)?.split(',').map(str::to_string).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Parses /proc/self/cgroup into (controllers, path) pairs; v2 is the entry with no controllers.
+fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let _id = fields.next()?;
+            let controllers = fields.next()?;
+            let path = fields.next()?;
+            let controllers = controllers
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect();
+            Some((controllers, path.to_string()))
+        })
+        .collect()
+}
+
+/// The directory of cgroup `path` (as /proc/self/cgroup names it) under a mount of that hierarchy.
+fn cgroup_dir(mount: &Mount, path: &str) -> PathBuf {
+    let relative = path.strip_prefix(mount.root.trim_end_matches('/')).unwrap_or(path);
+    match relative.trim_start_matches('/') {
+        "" => mount.mount_point.clone(),
+        relative => mount.mount_point.join(relative),
+    }
+}
+
+impl Layout {
+    pub fn detect() -> Result<Layout> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .context("reading /proc/self/mountinfo (is /proc mounted?)")?;
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .context("reading /proc/self/cgroup (is /proc mounted, with cgroup support?)")?;
+        Ok(Self::from_texts(&mountinfo, &own))
+    }
+
+    fn from_texts(mountinfo: &str, own_cgroups: &str) -> Layout {
+        let mounts = parse_mountinfo(mountinfo);
+        let own = parse_proc_cgroup(own_cgroups);
+        let mut layout = Layout {
+            v2_self: None,
+            v2_controllers: Vec::new(),
+            v1_self: BTreeMap::new(),
+        };
+        for (controllers, path) in &own {
+            if controllers.is_empty() {
+                if let Some(mount) = mounts.iter().find(|m| m.fstype == "cgroup2") {
+                    let dir = cgroup_dir(mount, path);
+                    layout.v2_controllers = fs::read_to_string(dir.join("cgroup.controllers"))
+                        .map(|s| s.split_whitespace().map(str::to_string).collect())
+                        .unwrap_or_default();
+                    layout.v2_self = Some(dir);
+                }
+                continue;
+            }
+            for controller in controllers {
+                let mount = mounts.iter().find(|m| {
+                    m.fstype == "cgroup" && m.super_options.iter().any(|o| o == controller)
+                });
+                if let Some(mount) = mount {
+                    layout.v1_self.insert(controller.clone(), cgroup_dir(mount, path));
+                }
+            }
+        }
+        layout
+    }
+
+    /// Where `controller` is used for a run: v2 where the v2 tree has it, else v1, else nowhere.
+    pub fn placement(&self, controller: &str) -> Option<Placement> {
+        if self.v2_self.is_some() && self.v2_controllers.iter().any(|c| c == controller) {
+            Some(Placement::V2)
+        } else if self.v1_self.contains_key(controller) {
+            Some(Placement::V1)
+        } else {
+            None
+        }
+    }
+
+    /// "unified", "hybrid" or "legacy", as systemd names the three.
+    pub fn mode(&self) -> &'static str {
+        match (&self.v2_self, CONTROLLERS.iter().any(|c| self.placement(c) == Some(Placement::V1))) {
+            (Some(_), false) => "unified",
+            (Some(_), true) => "hybrid",
+            (None, _) => "legacy",
+        }
+    }
+
+    /// The v2 directory nbt's runs go beneath; BPF programs need it.
+    pub fn require_v2(&self) -> Result<&Path> {
+        self.v2_self.as_deref().ok_or_else(|| {
+            anyhow!(
+                "cgroup v2 is not mounted (no cgroup2 entry in /proc/self/mountinfo); nbt attaches its \
+                 BPF programs to a cgroup v2 directory: mount it with \
+                 `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+            )
+        })
+    }
+
+    /// The directories a run named `name` gets, in the order they are made: v2 first, then one
+    /// per v1 hierarchy that carries a controller nbt uses.
+    pub fn run_dirs(&self, name: &str) -> Result<Vec<PathBuf>> {
+        let mut dirs = vec![self.require_v2()?.join(name)];
+        for controller in CONTROLLERS {
+            if self.placement(controller) == Some(Placement::V1) {
+                let dir = self.v1_self[controller].join(name);
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// Whether v1 memory cgroups account swap (`swapaccount=1`): needed for `--swap` on v1.
+    pub fn v1_swap_accounting(&self) -> bool {
+        self.v1_self
+            .get("memory")
+            .is_some_and(|dir| dir.join("memory.memsw.limit_in_bytes").exists())
+    }
+}
+
+/// The limits a run's cgroups enforce. `None` leaves the kernel's default (no limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub swap_bytes: Option<u64>,
+    pub cpu_millicores: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// A run's cgroups: one v2 directory and, on hybrid hosts, one directory per v1 controller.
+/// Dropping it kills whatever still runs inside and removes the directories.
+#[derive(Debug)]
+pub struct RunCgroup {
+    pub name: String,
+    pub v2: PathBuf,
+    /// The controller directories of the run: memory, cpu, pids (v2 ones point at `v2`).
+    controllers: BTreeMap<&'static str, (Placement, PathBuf)>,
+    /// Every directory made, in creation order; removed in reverse.
+    created: Vec<PathBuf>,
+    peaks: SampledPeaks,
+}
+
+#[derive(Debug, Default)]
+struct SampledPeaks {
+    swap_bytes: u64,
+    pids: u64,
+}
+
+fn write_file(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value).with_context(|| format!("writing '{value}' to {}", path.display()))
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    read_trimmed(path)?.parse().ok()
+}
+
+/// Reads `key value` lines (memory.stat, cpu.stat, memory.events, pids.events) into a map.
+fn read_keyed(path: &Path) -> BTreeMap<String, u64> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            Some((key.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+impl RunCgroup {
+    /// Makes the run's directories and applies `limits`. Fails, removing what it made, if a limit
+    /// cannot be enforced on this machine.
+    pub fn create(layout: &Layout, name: &str, limits: &Limits) -> Result<RunCgroup> {
+        let v2_parent = layout.require_v2()?.to_path_buf();
+        let mut run = RunCgroup {
+            name: name.to_string(),
+            v2: v2_parent.join(name),
+            controllers: BTreeMap::new(),
+            created: Vec::new(),
+            peaks: SampledPeaks::default(),
+        };
+        let v2_wanted: Vec<&str> = CONTROLLERS
+            .into_iter()
+            .filter(|c| layout.placement(c) == Some(Placement::V2))
+            .collect();
+        enable_v2_controllers(&v2_parent, &v2_wanted)?;
+        run.make_dir(&run.v2.clone())?;
+        for controller in CONTROLLERS {
+            match layout.placement(controller) {
+                Some(Placement::V2) => {
+                    run.controllers.insert(controller, (Placement::V2, run.v2.clone()));
+                }
+                Some(Placement::V1) => {
+                    let dir = layout.v1_self[controller].join(name);
+                    run.make_dir(&dir)?;
+                    run.controllers.insert(controller, (Placement::V1, dir));
+                }
+                None => {}
+            }
+        }
+        run.apply(layout, limits)?;
+        Ok(run)
+    }
+
+    fn make_dir(&mut self, dir: &Path) -> Result<()> {
+        fs::create_dir(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        self.created.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn controller(&self, name: &str) -> Option<&(Placement, PathBuf)> {
+        self.controllers.get(name)
+    }
+
+    fn require(&self, controller: &str, flag: &str) -> Result<&(Placement, PathBuf)> {
+        self.controller(controller).ok_or_else(|| {
+            anyhow!(
+                "{flag} needs the cgroup '{controller}' controller, which this machine has in neither \
+                 cgroup v2 nor v1 (see `nbt probe`)"
+            )
+        })
+    }
+
+    fn apply(&self, layout: &Layout, limits: &Limits) -> Result<()> {
+        if limits.memory_bytes.is_some() || limits.swap_bytes.is_some() {
+            match self.require("memory", "--memory/--swap")? {
+                (Placement::V2, dir) => {
+                    if let Some(bytes) = limits.memory_bytes {
+                        write_file(&dir.join("memory.max"), &bytes.to_string())?;
+                    }
+                    if let Some(bytes) = limits.swap_bytes {
+                        let file = dir.join("memory.swap.max");
+                        if !file.exists() {
+                            bail!("--swap needs memory.swap.max, which this kernel lacks (CONFIG_SWAP or CONFIG_MEMCG_SWAP off)");
+                        }
+                        write_file(&file, &bytes.to_string())?;
+                    }
+                }
+                (Placement::V1, dir) => {
+                    // v1 limits memory and memory+swap ("memsw"); the second must not be below the first.
+                    if let Some(bytes) = limits.memory_bytes {
+                        write_file(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                    }
+                    if let Some(swap) = limits.swap_bytes {
+                        let Some(memory) = limits.memory_bytes else {
+                            bail!("--swap needs --memory on cgroup v1, which limits memory and memory+swap together");
+                        };
+                        if !layout.v1_swap_accounting() {
+                            bail!("--swap needs swap accounting in the v1 memory cgroup (memory.memsw.* is missing: boot with swapaccount=1)");
+                        }
+                        let total = memory.saturating_add(swap);
+                        write_file(&dir.join("memory.memsw.limit_in_bytes"), &total.to_string())?;
+                    }
+                }
+            }
+        }
+        if let Some(millicores) = limits.cpu_millicores {
+            let quota_us = millicores * CPU_PERIOD_US / 1000;
+            match self.require("cpu", "--cpus")? {
+                (Placement::V2, dir) => {
+                    write_file(&dir.join("cpu.max"), &format!("{quota_us} {CPU_PERIOD_US}"))?
+                }
+                (Placement::V1, dir) => {
+                    write_file(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write_file(&dir.join("cpu.cfs_quota_us"), &quota_us.to_string())?;
+                }
+            }
+        }
+        if let Some(pids) = limits.pids {
+            let (_, dir) = self.require("pids", "--pids")?;
+            write_file(&dir.join("pids.max"), &pids.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files a child must join, one per directory of the run.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<&PathBuf> = vec![&self.v2];
+        for (_, dir) in self.controllers.values() {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        dirs.into_iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Processes still in the run.
+    pub fn pids(&self) -> Vec<i32> {
+        procs_of(&self.v2)
+    }
+
+    /// Every directory made for the run, in creation order.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.created
+    }
+
+    /// Records peaks the kernel does not keep on this layout (swap and pids on v1). Call it often.
+    pub fn sample(&mut self) {
+        if let Some((Placement::V1, dir)) = self.controller("memory") {
+            let swap = read_keyed(&dir.join("memory.stat")).get("swap").copied();
+            self.peaks.swap_bytes = self.peaks.swap_bytes.max(swap.unwrap_or(0));
+        }
+        if let Some((_, dir)) = self.controller("pids") {
+            let current = read_u64(&dir.join("pids.current")).unwrap_or(0);
+            self.peaks.pids = self.peaks.pids.max(current);
+        }
+    }
+
+    /// The run's accounting, read from the kernel.
+    pub fn stats(&mut self) -> CgroupStats {
+        self.sample();
+        let mut stats = CgroupStats::default();
+        let cpu = read_keyed(&self.v2.join("cpu.stat"));
+        stats.cpu_usage_usec = cpu.get("usage_usec").copied();
+        stats.cpu_user_usec = cpu.get("user_usec").copied();
+        stats.cpu_system_usec = cpu.get("system_usec").copied();
+
+        match self.controller("memory") {
+            Some((Placement::V2, dir)) => {
+                stats.memory_peak_bytes = read_u64(&dir.join("memory.peak"));
+                stats.oom_kills = read_keyed(&dir.join("memory.events")).get("oom_kill").copied();
+                if let Some(peak) = read_u64(&dir.join("memory.swap.peak")) {
+                    stats.swap_peak_bytes = Some(peak);
+                    stats.swap_peak_source = Some("kernel");
+                }
+            }
+            Some((Placement::V1, dir)) => {
+                stats.memory_peak_bytes = read_u64(&dir.join("memory.max_usage_in_bytes"));
+                stats.oom_kills = read_keyed(&dir.join("memory.oom_control")).get("oom_kill").copied();
+                if dir.join("memory.memsw.usage_in_bytes").exists() {
+                    stats.swap_peak_bytes = Some(self.peaks.swap_bytes);
+                    stats.swap_peak_source = Some("sampled every 100 ms");
+                }
+            }
+            None => {}
+        }
+
+        if let Some((placement, dir)) = self.controller("cpu") {
+            let cpu = read_keyed(&dir.join("cpu.stat"));
+            stats.cpu_periods = cpu.get("nr_periods").copied();
+            stats.cpu_throttled_periods = cpu.get("nr_throttled").copied();
+            stats.cpu_throttled_usec = match placement {
+                Placement::V2 => cpu.get("throttled_usec").copied(),
+                Placement::V1 => cpu.get("throttled_time").map(|ns| ns / 1000),
+            };
+        }
+
+        if let Some((_, dir)) = self.controller("pids") {
+            stats.pids_peak = read_u64(&dir.join("pids.peak")).or(Some(self.peaks.pids));
+            stats.forks_refused = read_keyed(&dir.join("pids.events")).get("max").copied();
+        }
+
+        stats.pressure = Pressure::read(&self.v2);
+        stats
+    }
+
+    /// Kills what is left and removes every directory of the run. Idempotent.
+    pub fn remove(&mut self) -> Result<()> {
+        let dirs = std::mem::take(&mut self.created);
+        kill_and_remove(&dirs).map(|_| ())
+    }
+}
+
+impl Drop for RunCgroup {
+    fn drop(&mut self) {
+        if let Err(err) = self.remove() {
+            eprintln!("nbt: {err:#}");
+        }
+    }
+}
+
+fn procs_of(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Kills every process in the cgroups `dirs`, waits until they are empty, and removes them, the
+/// last made first. Returns how many processes were killed.
+pub fn kill_and_remove(dirs: &[PathBuf]) -> Result<usize> {
+    let mut killed = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids: Vec<i32> = dirs.iter().flat_map(|d| procs_of(d)).collect();
+        if pids.is_empty() {
+            break;
+        }
+        // cgroup.kill (v2, Linux 5.14+) also catches processes forking while we kill.
+        if let Some(kill) = dirs.iter().map(|d| d.join("cgroup.kill")).find(|f| f.exists()) {
+            let _ = fs::write(kill, "1");
+        }
+        for pid in pids {
+            // SAFETY: kill(2) of a process listed in one of the run's own cgroups.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                killed.insert(pid);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("processes in {} did not exit within 10 s of SIGKILL", dirs[0].display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut failures = Vec::new();
+    for dir in dirs.iter().rev() {
+        if let Err(err) = remove_dir_retrying(dir) {
+            failures.push(format!("{}: {err}", dir.display()));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("could not remove cgroups: {}", failures.join("; "));
+    }
+    Ok(killed.len())
+}
+
+/// rmdir(2) of a cgroup fails with EBUSY for a moment after its last task died; retry briefly.
+pub fn remove_dir_retrying(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// On v2, a cgroup hands controllers to its children only once they are in its subtree_control.
+fn enable_v2_controllers(parent: &Path, wanted: &[&str]) -> Result<()> {
+    let file = parent.join("cgroup.subtree_control");
+    let enabled = read_trimmed(&file).unwrap_or_default();
+    for controller in wanted {
+        if enabled.split_whitespace().any(|c| c == *controller) {
+            continue;
+        }
+        if let Err(err) = fs::write(&file, format!("+{controller}")) {
+            if err.raw_os_error() == Some(libc::EBUSY) {
+                bail!(
+                    "cannot enable the '{controller}' controller for nbt's runs: nbt's own cgroup {} holds \
+                     processes, and cgroup v2 hands controllers only to cgroups whose parent has none \
+                     (the no-internal-processes rule). Start nbt in a leaf cgroup of its own, e.g. \
+                     `systemd-run --scope -p Delegate=yes nbt run ...`",
+                    parent.display()
+                );
+            }
+            return Err(err).with_context(|| format!("writing '+{controller}' to {}", file.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Pressure stall totals of a run (PSI), in microseconds since the cgroup was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Pressure {
+    pub cpu_some_usec: Option<u64>,
+    pub cpu_full_usec: Option<u64>,
+    pub memory_some_usec: Option<u64>,
+    pub memory_full_usec: Option<u64>,
+    pub io_some_usec: Option<u64>,
+    pub io_full_usec: Option<u64>,
+}
+
+impl Pressure {
+    fn read(dir: &Path) -> Option<Pressure> {
+        let read = |file: &str| -> (Option<u64>, Option<u64>) {
+            let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+            let total = |kind: &str| {
+                text.lines()
+                    .find(|l| l.starts_with(kind))?
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("total="))?
+                    .parse()
+                    .ok()
+            };
+            (total("some"), total("full"))
+        };
+        let (cpu_some_usec, cpu_full_usec) = read("cpu.pressure");
+        let (memory_some_usec, memory_full_usec) = read("memory.pressure");
+        let (io_some_usec, io_full_usec) = read("io.pressure");
+        let pressure = Pressure {
+            cpu_some_usec,
+            cpu_full_usec,
+            memory_some_usec,
+            memory_full_usec,
+            io_some_usec,
+            io_full_usec,
+        };
+        (pressure != Pressure::default()).then_some(pressure)
+    }
+}
+
+/// What the kernel accounted for a run. `None`: not available on this machine's layout.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CgroupStats {
+    pub cpu_usage_usec: Option<u64>,
+    pub cpu_user_usec: Option<u64>,
+    pub cpu_system_usec: Option<u64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub swap_peak_bytes: Option<u64>,
+    /// "kernel" (memory.swap.peak) or how it was sampled, where the kernel keeps no swap peak.
+    pub swap_peak_source: Option<&'static str>,
+    pub oom_kills: Option<u64>,
+    pub cpu_periods: Option<u64>,
+    pub cpu_throttled_periods: Option<u64>,
+    pub cpu_throttled_usec: Option<u64>,
+    pub pids_peak: Option<u64>,
+    /// fork()s and clone()s refused because the run hit its pids limit.
+    pub forks_refused: Option<u64>,
+    pub pressure: Option<Pressure>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID_MOUNTINFO: &str = "\
+30 24 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+32 30 0:28 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+33 30 0:29 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+34 30 0:30 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+35 30 0:31 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+    const HYBRID_SELF: &str = "\
+8:pids:/
+4:memory:/process_api/abc
+2:cpuacct:/
+1:cpu:/
+0::/
+";
+
+    #[test]
+    fn hybrid_layout_uses_v1_for_limits_and_v2_for_bpf() {
+        let layout = Layout::from_texts(HYBRID_MOUNTINFO, HYBRID_SELF);
+        assert_eq!(layout.v2_self.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            layout.v1_self.get("memory").map(PathBuf::as_path),
+            Some(Path::new("/sys/fs/cgroup/memory/process_api/abc"))
+        );
+        assert_eq!(layout.v1_self["cpu"], PathBuf::from("/sys/fs/cgroup/cpu"));
+        assert_eq!(layout.placement("pids"), Some(Placement::V1));
+        assert_eq!(layout.mode(), "hybrid");
+    }
+
+    #[test]
+    fn comounted_v1_controllers_and_mount_roots() {
+        let mountinfo = "\
+40 30 0:40 /outer /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+41 30 0:41 / /sys/fs/cgroup/unified\\040tree rw - cgroup2 cgroup2 rw
+";
+        let own = "3:cpu,cpuacct:/outer/inner\n0::/a/b\n";
+        let layout = Layout::from_texts(mountinfo, own);
+        assert_eq!(layout.v1_self["cpu"], PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/inner"));
+        assert_eq!(layout.v1_self["cpuacct"], PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/inner"));
+        assert_eq!(layout.v2_self, Some(PathBuf::from("/sys/fs/cgroup/unified tree/a/b")));
+    }
+
+    #[test]
+    fn no_cgroup2_means_legacy_and_a_clear_error() {
+        let layout = Layout::from_texts(
+            "33 30 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n",
+            "4:memory:/\n",
+        );
+        assert_eq!(layout.mode(), "legacy");
+        let err = layout.require_v2().unwrap_err().to_string();
+        assert!(err.contains("cgroup v2 is not mounted"), "{err}");
+    }
+
+    #[test]
+    fn keyed_files_and_pressure_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cpu.stat"), "usage_usec 1200\nnr_throttled 3\n").unwrap();
+        fs::write(
+            dir.path().join("memory.pressure"),
+            "some avg10=0.00 avg60=0.00 avg300=0.00 total=42\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n",
+        )
+        .unwrap();
+        let keyed = read_keyed(&dir.path().join("cpu.stat"));
+        assert_eq!(keyed["usage_usec"], 1200);
+        assert_eq!(keyed["nr_throttled"], 3);
+        let pressure = Pressure::read(dir.path()).unwrap();
+        assert_eq!(pressure.memory_some_usec, Some(42));
+        assert_eq!(pressure.memory_full_usec, Some(7));
+        assert_eq!(pressure.cpu_some_usec, None);
+    }
+}

@@ -1,0 +1,261 @@
+//! The command line (DESIGN.md, "The command line"). Values stay text here; `plan` parses them so
+//! that flags and profile files share one parser and one kind of error.
+
+use std::ffi::OsString;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::plan::{Flags, Plan};
+use crate::run::{self, RunError, EXIT_NBT_FAILED};
+use crate::supervise;
+
+const AFTER_HELP: &str = "\
+Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decimal (0.5).
+Exit status: the command's own, or 128+N when signal N killed it; 2 for a usage error;
+125 when nbt itself failed before the command ran; 126 command not executable; 127 not found.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nbt",
+    version,
+    about = "Run a workload under deliberately imposed scarcity, enforced in the kernel, and measure what it cost",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run COMMAND under scarcity, print a summary
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+    /// The built-in scenario: nbt's training workload under the `nbt` profile
+    Demo(DemoArgs),
+    /// List what this kernel and machine support, feature by feature
+    Probe {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what crashed runs left behind (cgroups, processes), and only that
+    Cleanup {
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Memory limit (e.g. 6G, 512M); the workload is OOM-killed beyond it
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Swap the workload may use beyond --memory (0: none)
+    #[arg(long, value_name = "SIZE")]
+    pub swap: Option<String>,
+    /// CPU time as a number of cores (0.5 = half of one core), enforced by CFS quota
+    #[arg(long, value_name = "CORES")]
+    pub cpus: Option<String>,
+    /// Most processes and threads the workload may have at once
+    #[arg(long, value_name = "N")]
+    pub pids: Option<String>,
+}
+
+/// Flags of the DESIGN.md contract whose capability is not built yet. They are parsed so that
+/// asking for one gets a clear refusal rather than "unexpected argument"; hidden from --help
+/// until they work.
+#[derive(Debug, Args)]
+pub struct NotYetArgs {
+    #[arg(long, hide = true)]
+    pub egress_rate: Option<String>,
+    #[arg(long, hide = true)]
+    pub ingress_rate: Option<String>,
+    #[arg(long, hide = true)]
+    pub burst: Option<String>,
+    #[arg(long, hide = true)]
+    pub loss: Option<String>,
+    #[arg(long, hide = true)]
+    pub loss_model: Option<String>,
+    #[arg(long, hide = true)]
+    pub latency: Option<String>,
+    #[arg(long, hide = true)]
+    pub jitter: Option<String>,
+    #[arg(long, hide = true)]
+    pub balance: Option<String>,
+    #[arg(long, hide = true)]
+    pub price_egress: Option<String>,
+    #[arg(long, hide = true)]
+    pub price_call: Option<String>,
+    #[arg(long, hide = true)]
+    pub price_kwh: Option<String>,
+    #[arg(long, hide = true)]
+    pub price_hour: Option<String>,
+    #[arg(long, hide = true)]
+    pub gate: Option<String>,
+    #[arg(long, hide = true)]
+    pub gpu_power_limit: Option<String>,
+    #[arg(long, hide = true)]
+    pub gpu_clock: Option<String>,
+    #[arg(long, hide = true)]
+    pub cpu_max_freq: Option<String>,
+    #[arg(long, hide = true)]
+    pub no_turbo: bool,
+    #[arg(long, hide = true)]
+    pub schedule: Option<String>,
+    #[arg(long, hide = true)]
+    pub accept_min_delta: Option<String>,
+}
+
+impl NotYetArgs {
+    fn given(&self) -> Vec<(String, String)> {
+        let values = [
+            ("egress-rate", &self.egress_rate),
+            ("ingress-rate", &self.ingress_rate),
+            ("burst", &self.burst),
+            ("loss", &self.loss),
+            ("loss-model", &self.loss_model),
+            ("latency", &self.latency),
+            ("jitter", &self.jitter),
+            ("balance", &self.balance),
+            ("price-egress", &self.price_egress),
+            ("price-call", &self.price_call),
+            ("price-kwh", &self.price_kwh),
+            ("price-hour", &self.price_hour),
+            ("gate", &self.gate),
+            ("gpu-power-limit", &self.gpu_power_limit),
+            ("gpu-clock", &self.gpu_clock),
+            ("cpu-max-freq", &self.cpu_max_freq),
+            ("schedule", &self.schedule),
+            ("accept-min-delta", &self.accept_min_delta),
+        ];
+        let mut given: Vec<(String, String)> = values
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v.clone()?)))
+            .collect();
+        if self.no_turbo {
+            given.push(("no-turbo".into(), "true".into()));
+        }
+        given
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Starting limits: `nbt` (the seed's numbers), `none` (the default), or a TOML file whose
+    /// keys are these flags' names; flags override it
+    #[arg(long, value_name = "NAME|FILE")]
+    pub profile: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub not_yet: NotYetArgs,
+    /// Print the summary as one JSON object on stdout (human text always goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// The workload and its arguments, after `--`
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Training samples (the dataset's memory grows with it: samples x 32 features x 4 bytes)
+    #[arg(long, value_name = "N")]
+    pub samples: Option<String>,
+    /// Training epochs
+    #[arg(long, value_name = "N")]
+    pub epochs: Option<String>,
+    /// Print the summary as one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LimitArgs {
+    pub fn flags(&self, profile: Option<String>, not_yet: Vec<(String, String)>) -> Flags {
+        Flags {
+            profile,
+            memory: self.memory.clone(),
+            swap: self.swap.clone(),
+            cpus: self.cpus.clone(),
+            pids: self.pids.clone(),
+            not_yet,
+        }
+    }
+}
+
+/// Parses the command line and runs it; returns the exit status.
+pub fn main() -> i32 {
+    // Before any thread exists, so that no thread can take a signal meant for the workload.
+    let signals = supervise::block_signals();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run_command(args, &signals),
+        Command::Demo(args) => crate::demo::demo(args, &signals),
+        Command::Probe { json } => {
+            let features = crate::probe::probe();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&features).expect("features serialize"));
+            } else {
+                crate::probe::print_human(&features);
+            }
+            0
+        }
+        Command::Cleanup { dry_run } => {
+            if let Err(err) = run::require_privileges() {
+                eprintln!("nbt: {err:#}");
+                return EXIT_NBT_FAILED;
+            }
+            crate::cleanup::cleanup(dry_run).unwrap_or_else(|err| {
+                eprintln!("nbt cleanup: {err:#}");
+                1
+            })
+        }
+    }
+}
+
+fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
+    let flags = args.limits.flags(args.profile.clone(), args.not_yet.given());
+    let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
+        Ok(plan) => plan,
+        Err(err) => {
+            eprintln!("nbt: {err}");
+            return 2;
+        }
+    };
+    execute_and_report(&plan, &args.command, signals, &[], args.json)
+}
+
+/// Runs and prints the summary (human to stderr, JSON to stdout when asked); returns the status.
+pub fn execute_and_report(
+    plan: &Plan,
+    command: &[OsString],
+    signals: &libc::sigset_t,
+    env: &[(&str, String)],
+    json: bool,
+) -> i32 {
+    if let Err(err) = run::require_privileges() {
+        eprintln!("nbt: {err:#}");
+        return EXIT_NBT_FAILED;
+    }
+    match run::execute(plan, command, signals, env) {
+        Ok(summary) => {
+            eprint!("{}", summary.human());
+            if json {
+                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+            }
+            summary.exit.status
+        }
+        Err(RunError::Spawn(err)) => {
+            eprintln!("nbt: {err}");
+            err.exit_code()
+        }
+        Err(RunError::Nbt(err)) => {
+            eprintln!("nbt: {err:#}");
+            EXIT_NBT_FAILED
+        }
+    }
+}

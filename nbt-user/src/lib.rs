@@ -1,0 +1,18 @@
+//! nbt: run a workload under deliberately imposed scarcity, enforced in the kernel, and measure
+//! what that cost. One module per capability (DESIGN.md); data flows one way:
+//! `cli` → `plan` → enforcers (`cgroup`, `account`) → `supervise` → `summary`.
+
+pub mod account;
+pub mod cgroup;
+pub mod cleanup;
+pub mod cli;
+pub mod demo;
+pub mod loader;
+pub mod plan;
+pub mod probe;
+pub mod run;
+pub mod state;
+pub mod summary;
+pub mod supervise;
+pub mod train;
+pub mod units;

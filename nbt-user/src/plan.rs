@@ -1,0 +1,436 @@
+//! The plan of a run: every limit parsed and checked once, from a profile and the flags, before
+//! anything on the machine is touched. What nbt cannot enforce yet is listed, never dropped.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Limits;
+use crate::units::{self, UsageError};
+
+/// The seed's numbers (shared/seeds/000: 6 GB memory, 500 MB swap, 512 kbit, 5% loss, 100 ms,
+/// 75 W, 1200 MHz, 2.0 GHz with turbo off).
+pub const NBT_PROFILE: &str = r#"
+description = "Negative-Balance Training: the seed's scarcity"
+memory = "6G"
+swap = "500M"
+egress-rate = "512kbit"
+ingress-rate = "512kbit"
+loss = "5%"
+latency = "100ms"
+gpu-power-limit = 75
+gpu-clock = 1200
+cpu-max-freq = "2.0GHz"
+no-turbo = true
+"#;
+
+/// The names `--profile` takes besides a file path.
+pub const BUILT_IN_PROFILES: [&str; 2] = ["nbt", "none"];
+
+/// A profile file: the same settings as the flags of `nbt run`, named as the flags without `--`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Profile {
+    pub description: Option<String>,
+    pub memory: Option<toml::Value>,
+    pub swap: Option<toml::Value>,
+    pub cpus: Option<toml::Value>,
+    pub pids: Option<toml::Value>,
+    pub egress_rate: Option<toml::Value>,
+    pub ingress_rate: Option<toml::Value>,
+    pub burst: Option<toml::Value>,
+    pub loss: Option<toml::Value>,
+    pub loss_model: Option<toml::Value>,
+    pub latency: Option<toml::Value>,
+    pub jitter: Option<toml::Value>,
+    pub balance: Option<toml::Value>,
+    pub price_egress: Option<toml::Value>,
+    pub price_call: Option<toml::Value>,
+    pub price_kwh: Option<toml::Value>,
+    pub price_hour: Option<toml::Value>,
+    pub gate: Option<toml::Value>,
+    pub gpu_power_limit: Option<toml::Value>,
+    pub gpu_clock: Option<toml::Value>,
+    pub cpu_max_freq: Option<toml::Value>,
+    pub no_turbo: Option<toml::Value>,
+    pub schedule: Option<toml::Value>,
+    pub accept_min_delta: Option<toml::Value>,
+}
+
+/// Settings of the command line and profiles that this version of nbt does not enforce yet, with
+/// the capability each belongs to. Asking for one is refused, never silently dropped.
+pub const NOT_YET: [(&str, &str); 18] = [
+    ("egress-rate", "network shaping"),
+    ("ingress-rate", "network shaping"),
+    ("burst", "network shaping"),
+    ("loss", "network shaping"),
+    ("loss-model", "network shaping"),
+    ("latency", "network shaping"),
+    ("jitter", "network shaping"),
+    ("balance", "the balance gate"),
+    ("price-egress", "the balance gate"),
+    ("price-call", "the balance gate"),
+    ("price-kwh", "the balance gate"),
+    ("price-hour", "the balance gate"),
+    ("gate", "the balance gate"),
+    ("gpu-power-limit", "hardware caps"),
+    ("gpu-clock", "hardware caps"),
+    ("cpu-max-freq", "hardware caps"),
+    ("no-turbo", "hardware caps"),
+    ("schedule", "schedules and faults"),
+];
+
+/// Values given on the command line; `None` where the flag was not given.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub profile: Option<String>,
+    pub memory: Option<String>,
+    pub swap: Option<String>,
+    pub cpus: Option<String>,
+    pub pids: Option<String>,
+    /// Flags of capabilities not built yet, by name (without `--`), with their values.
+    pub not_yet: Vec<(String, String)>,
+}
+
+/// A setting that was asked for but is not enforced by this version, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pending {
+    pub setting: String,
+    pub value: String,
+    pub origin: String,
+    pub capability: String,
+}
+
+impl fmt::Display for Pending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} ({}; {} is not implemented yet)", self.setting, self.value, self.origin, self.capability)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub profile: String,
+    pub limits: Limits,
+    /// Asked for, not enforced: `nbt run` refuses a plan that has any.
+    pub pending: Vec<Pending>,
+}
+
+/// Why a plan could not be made. Always a usage error: exit status 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError(pub String);
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+impl From<UsageError> for PlanError {
+    fn from(e: UsageError) -> Self {
+        PlanError(e.to_string())
+    }
+}
+
+/// Smallest memory limit accepted: below it no process can even be exec'd reliably.
+pub const MIN_MEMORY: u64 = 1 << 20;
+
+/// A TOML value as the text a flag would carry: strings as they are, numbers and booleans printed.
+fn value_text(key: &str, origin: &str, value: &toml::Value) -> Result<String, PlanError> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(x) => Ok(x.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| value_text(key, origin, v))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.join(",")),
+        _ => Err(PlanError(format!(
+            "{origin}: '{key}' must be a string or a number, not a {}",
+            value.type_str()
+        ))),
+    }
+}
+
+impl Profile {
+    /// Reads a profile by name (`nbt`, `none`) or from a TOML file.
+    pub fn load(name_or_path: &str) -> Result<(String, Profile), PlanError> {
+        match name_or_path {
+            "none" => Ok(("none".into(), Profile::default())),
+            "nbt" => Ok(("nbt".into(), Self::parse(NBT_PROFILE, "built-in profile nbt")?)),
+            path => {
+                let file = Path::new(path);
+                if !file.exists() {
+                    return Err(PlanError(format!(
+                        "--profile: '{path}' is neither a built-in profile ({}) nor an existing file",
+                        BUILT_IN_PROFILES.join(", ")
+                    )));
+                }
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| PlanError(format!("--profile: reading {path}: {e}")))?;
+                Ok((path.to_string(), Self::parse(&text, &format!("profile {path}"))?))
+            }
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Profile, PlanError> {
+        toml::from_str(text).map_err(|e| {
+            PlanError(format!("{origin}: {}", e.to_string().trim_end().replace('\n', " ")))
+        })
+    }
+
+    /// The settings of capabilities not built yet, in NOT_YET order.
+    fn not_yet(&self) -> Vec<(&'static str, &toml::Value)> {
+        let fields: [(&str, &Option<toml::Value>); 18] = [
+            ("egress-rate", &self.egress_rate),
+            ("ingress-rate", &self.ingress_rate),
+            ("burst", &self.burst),
+            ("loss", &self.loss),
+            ("loss-model", &self.loss_model),
+            ("latency", &self.latency),
+            ("jitter", &self.jitter),
+            ("balance", &self.balance),
+            ("price-egress", &self.price_egress),
+            ("price-call", &self.price_call),
+            ("price-kwh", &self.price_kwh),
+            ("price-hour", &self.price_hour),
+            ("gate", &self.gate),
+            ("gpu-power-limit", &self.gpu_power_limit),
+            ("gpu-clock", &self.gpu_clock),
+            ("cpu-max-freq", &self.cpu_max_freq),
+            ("no-turbo", &self.no_turbo),
+            ("schedule", &self.schedule),
+        ];
+        let mut set: Vec<_> = fields
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value.as_ref()?)))
+            .collect();
+        if let Some(value) = &self.accept_min_delta {
+            set.push(("accept-min-delta", value));
+        }
+        set
+    }
+}
+
+fn capability_of(setting: &str) -> &'static str {
+    NOT_YET
+        .iter()
+        .find(|(name, _)| *name == setting)
+        .map(|(_, capability)| *capability)
+        .unwrap_or("the learning-update protocol")
+}
+
+impl Plan {
+    /// Builds the plan: the profile first, each flag given overriding its setting.
+    pub fn build(flags: &Flags) -> Result<Plan, PlanError> {
+        let (profile_name, profile) = Profile::load(flags.profile.as_deref().unwrap_or("none"))?;
+        let origin = if profile_name == "nbt" || profile_name == "none" {
+            format!("built-in profile {profile_name}")
+        } else {
+            format!("profile {profile_name}")
+        };
+
+        // The text of each setting and the name to report it by: the flag, or the profile key.
+        let pick = |flag: &Option<String>, key: &str, value: &Option<toml::Value>| {
+            match (flag, value) {
+                (Some(text), _) => Ok(Some((text.clone(), format!("--{key}")))),
+                (None, Some(v)) => Ok(Some((value_text(key, &origin, v)?, format!("{key} ({origin})")))),
+                (None, None) => Ok::<_, PlanError>(None),
+            }
+        };
+
+        let mut limits = Limits::default();
+        if let Some((text, name)) = pick(&flags.memory, "memory", &profile.memory)? {
+            let bytes = units::parse_size(&name, &text)?;
+            if bytes < MIN_MEMORY {
+                return Err(PlanError(format!(
+                    "invalid value '{text}' for {name}: below the smallest limit nbt accepts, 1M"
+                )));
+            }
+            limits.memory_bytes = Some(bytes);
+        }
+        if let Some((text, name)) = pick(&flags.swap, "swap", &profile.swap)? {
+            limits.swap_bytes = Some(units::parse_size(&name, &text)?);
+        }
+        if let Some((text, name)) = pick(&flags.cpus, "cpus", &profile.cpus)? {
+            limits.cpu_millicores = Some(units::parse_cpus(&name, &text)?);
+        }
+        if let Some((text, name)) = pick(&flags.pids, "pids", &profile.pids)? {
+            limits.pids = Some(units::parse_count(&name, &text)?);
+        }
+
+        let mut pending = Vec::new();
+        for (key, value) in &flags.not_yet {
+            pending.push(Pending {
+                setting: format!("--{key}"),
+                value: value.clone(),
+                origin: "flag".into(),
+                capability: capability_of(key).into(),
+            });
+        }
+        for (key, value) in profile.not_yet() {
+            if flags.not_yet.iter().any(|(flag, _)| flag == key) {
+                continue;
+            }
+            pending.push(Pending {
+                setting: key.to_string(),
+                value: value_text(key, &origin, value)?,
+                origin: origin.clone(),
+                capability: capability_of(key).into(),
+            });
+        }
+        Ok(Plan {
+            profile: profile_name,
+            limits,
+            pending,
+        })
+    }
+
+    /// The refusal `nbt run` gives for a plan with pending settings.
+    pub fn refuse_pending(&self) -> Result<(), PlanError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = self.pending.iter().map(ToString::to_string).collect();
+        Err(PlanError(format!(
+            "refusing to run: this version of nbt cannot enforce {}. Remove {} (a profile's \
+             limits can be overridden by flags; `--profile none` starts from no limits)",
+            list.join("; "),
+            if self.pending.len() == 1 { "it" } else { "them" }
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> Flags {
+        Flags::default()
+    }
+
+    #[test]
+    fn built_in_nbt_profile_holds_the_seed_numbers() {
+        let plan = Plan::build(&Flags {
+            profile: Some("nbt".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(plan.limits.memory_bytes, Some(6 << 30));
+        assert_eq!(plan.limits.swap_bytes, Some(500 << 20));
+        let pending: Vec<(&str, &str)> = plan
+            .pending
+            .iter()
+            .map(|p| (p.setting.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(
+            pending,
+            [
+                ("egress-rate", "512kbit"),
+                ("ingress-rate", "512kbit"),
+                ("loss", "5%"),
+                ("latency", "100ms"),
+                ("gpu-power-limit", "75"),
+                ("gpu-clock", "1200"),
+                ("cpu-max-freq", "2.0GHz"),
+                ("no-turbo", "true"),
+            ]
+        );
+        let refusal = plan.refuse_pending().unwrap_err().to_string();
+        assert!(refusal.contains("egress-rate 512kbit (built-in profile nbt; network shaping"), "{refusal}");
+    }
+
+    #[test]
+    fn flags_override_the_profile() {
+        let plan = Plan::build(&Flags {
+            profile: Some("nbt".into()),
+            memory: Some("128M".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(plan.limits.memory_bytes, Some(128 << 20));
+        assert_eq!(plan.limits.swap_bytes, Some(500 << 20));
+    }
+
+    #[test]
+    fn no_profile_no_limits() {
+        let plan = Plan::build(&flags()).unwrap();
+        assert_eq!(plan.limits, Limits::default());
+        assert!(plan.pending.is_empty());
+        assert!(plan.refuse_pending().is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_or_the_profile_key() {
+        let err = Plan::build(&Flags {
+            memory: Some("6X".into()),
+            ..flags()
+        })
+        .unwrap_err();
+        assert!(err.0.starts_with("invalid value '6X' for --memory"), "{err}");
+        let err = Plan::build(&Flags {
+            memory: Some("512K".into()),
+            ..flags()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("below the smallest limit"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "cpus = \"lots\"\n").unwrap();
+        let err = Plan::build(&Flags {
+            profile: Some(file.display().to_string()),
+            ..flags()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("for cpus (profile "), "{err}");
+    }
+
+    #[test]
+    fn profile_files_take_numbers_and_refuse_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "memory = \"256M\"\ncpus = 0.5\npids = 64\n").unwrap();
+        let plan = Plan::build(&Flags {
+            profile: Some(file.display().to_string()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(plan.limits.memory_bytes, Some(256 << 20));
+        assert_eq!(plan.limits.cpu_millicores, Some(500));
+        assert_eq!(plan.limits.pids, Some(64));
+
+        std::fs::write(&file, "memroy = \"256M\"\n").unwrap();
+        let err = Plan::build(&Flags {
+            profile: Some(file.display().to_string()),
+            ..flags()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("unknown field `memroy`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_profile_names_the_choices() {
+        let err = Plan::build(&Flags {
+            profile: Some("nbtt".into()),
+            ..flags()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("neither a built-in profile (nbt, none)"), "{err}");
+    }
+
+    #[test]
+    fn flags_of_later_capabilities_are_refused_not_dropped() {
+        let plan = Plan::build(&Flags {
+            not_yet: vec![("egress-rate".into(), "512kbit".into())],
+            ..flags()
+        })
+        .unwrap();
+        let err = plan.refuse_pending().unwrap_err();
+        assert!(err.0.contains("--egress-rate 512kbit (flag; network shaping is not implemented yet)"), "{err}");
+    }
+}

@@ -1,0 +1,223 @@
+//! `nbt probe`: what this kernel and machine support, feature by feature, with the reason for each
+//! missing one. Reads only: it changes nothing on the machine.
+
+use std::io::Read as _;
+use std::path::Path;
+
+use aya::maps::MapType;
+use aya::programs::ProgramType;
+use aya::sys::{is_map_supported, is_program_supported};
+use serde::Serialize;
+
+use crate::cgroup::{Layout, Placement, CONTROLLERS};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Feature {
+    pub group: &'static str,
+    pub name: String,
+    pub available: bool,
+    pub detail: String,
+}
+
+fn feature(group: &'static str, name: impl Into<String>, available: bool, detail: impl Into<String>) -> Feature {
+    Feature {
+        group,
+        name: name.into(),
+        available,
+        detail: detail.into(),
+    }
+}
+
+pub fn probe() -> Vec<Feature> {
+    let mut features = Vec::new();
+    cgroups(&mut features);
+    bpf(&mut features);
+    qdiscs(&mut features);
+    hardware(&mut features);
+    features
+}
+
+fn cgroups(out: &mut Vec<Feature>) {
+    let layout = match Layout::detect() {
+        Ok(layout) => layout,
+        Err(err) => {
+            out.push(feature("cgroups", "cgroup filesystem", false, format!("{err:#}")));
+            return;
+        }
+    };
+    out.push(match &layout.v2_self {
+        Some(dir) => feature("cgroups", "cgroup v2", true, format!("{} (mode: {})", dir.display(), layout.mode())),
+        None => feature("cgroups", "cgroup v2", false, "cgroup2 is not mounted: nbt attaches its BPF programs there"),
+    });
+    for controller in CONTROLLERS.into_iter().chain(["freezer"]) {
+        let detail = match layout.placement(controller) {
+            Some(Placement::V2) => "in cgroup v2".to_string(),
+            Some(Placement::V1) => format!("in cgroup v1 at {}", layout.v1_self[controller].display()),
+            None => "mounted in neither cgroup v2 nor v1".to_string(),
+        };
+        out.push(feature("cgroups", format!("{controller} controller"), layout.placement(controller).is_some(), detail));
+    }
+    let swap = match layout.placement("memory") {
+        Some(Placement::V2) => feature("cgroups", "swap limits", true, "memory.swap.max"),
+        Some(Placement::V1) if layout.v1_swap_accounting() => feature("cgroups", "swap limits", true, "v1 memory.memsw.*"),
+        Some(Placement::V1) => feature("cgroups", "swap limits", false, "no memory.memsw.* files: boot with swapaccount=1"),
+        None => feature("cgroups", "swap limits", false, "no memory controller"),
+    };
+    out.push(swap);
+    let psi = Path::new("/proc/pressure/cpu").exists();
+    out.push(feature(
+        "cgroups",
+        "pressure stall information",
+        psi,
+        if psi { "/proc/pressure and cgroup v2 *.pressure files" } else { "/proc/pressure absent: kernel without CONFIG_PSI, or booted with psi=0" },
+    ));
+}
+
+fn bpf(out: &mut Vec<Feature>) {
+    let programs = [
+        (ProgramType::CgroupSkb, "cgroup_skb", "byte accounting and shaping"),
+        (ProgramType::CgroupSockAddr, "cgroup_sock_addr", "the balance gate (connect, sendmsg)"),
+        (ProgramType::SchedClassifier, "sched_cls", "EDT latency on tc egress"),
+        (ProgramType::RawTracePoint, "raw_tracepoint", "sched_switch CPU-time telemetry"),
+        (ProgramType::PerfEvent, "perf_event", "hardware counters"),
+    ];
+    for (program_type, name, used_for) in programs {
+        let (available, detail) = match is_program_supported(program_type) {
+            Ok(true) => (true, format!("for {used_for}")),
+            Ok(false) => (false, format!("the kernel refuses this program type; needed for {used_for}")),
+            Err(err) => (false, format!("probe failed: {err} (run as root)")),
+        };
+        out.push(feature("bpf", format!("{name} programs"), available, detail));
+    }
+    let maps = [
+        (MapType::PerCpuArray, "percpu_array"),
+        (MapType::Hash, "hash"),
+        (MapType::LpmTrie, "lpm_trie"),
+        (MapType::PerfEventArray, "perf_event_array"),
+        (MapType::RingBuf, "ringbuf"),
+    ];
+    for (map_type, name) in maps {
+        let (available, detail) = match is_map_supported(map_type) {
+            Ok(true) => (true, String::new()),
+            Ok(false) => (false, "the kernel refuses this map type".to_string()),
+            Err(err) => (false, format!("probe failed: {err} (run as root)")),
+        };
+        out.push(feature("bpf", format!("{name} maps"), available, detail));
+    }
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    out.push(feature(
+        "bpf",
+        "BTF",
+        btf,
+        if btf { "/sys/kernel/btf/vmlinux" } else { "/sys/kernel/btf/vmlinux absent (CONFIG_DEBUG_INFO_BTF off)" },
+    ));
+}
+
+/// The kernel's build configuration, from /proc/config.gz when the kernel exposes it.
+fn kernel_config() -> Option<String> {
+    let file = std::fs::File::open("/proc/config.gz").ok()?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(file).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+fn module_present(module: &str) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let dir = Path::new("/lib/modules").join(release.trim());
+    let listing = std::fs::read_to_string(dir.join("modules.dep")).unwrap_or_default();
+    listing.lines().any(|l| l.split(':').next().is_some_and(|p| p.ends_with(&format!("/{module}.ko")) || p.contains(&format!("/{module}.ko."))))
+}
+
+fn qdiscs(out: &mut Vec<Feature>) {
+    let config = kernel_config();
+    let qdiscs = [
+        ("fq", "NET_SCH_FQ", "sch_fq", "EDT pacing for --latency/--jitter"),
+        ("netem", "NET_SCH_NETEM", "sch_netem", "the seed's reference method (benchmarks)"),
+        ("htb", "NET_SCH_HTB", "sch_htb", "the seed's reference method (benchmarks)"),
+        ("clsact", "NET_SCH_INGRESS", "sch_ingress", "tc BPF programs"),
+    ];
+    for (name, option, module, used_for) in qdiscs {
+        let (available, detail) = match &config {
+            None => (false, "unknown: /proc/config.gz is absent, so the kernel's build options cannot be read".to_string()),
+            Some(config) => {
+                let setting = config.lines().find_map(|l| l.strip_prefix(&format!("CONFIG_{option}=")));
+                match setting {
+                    Some("y") => (true, format!("built in; for {used_for}")),
+                    Some("m") if module_present(module) => (true, format!("module {module}; for {used_for}")),
+                    Some("m") => (false, format!("built as module {module}, but it is not installed under /lib/modules")),
+                    _ => (false, format!("not built (CONFIG_{option} is not set); needed for {used_for}")),
+                }
+            }
+        };
+        out.push(feature("qdiscs", name, available, detail));
+    }
+}
+
+fn hardware(out: &mut Vec<Feature>) {
+    let pmu = Path::new("/sys/bus/event_source/devices/cpu").exists()
+        || Path::new("/sys/bus/event_source/devices/cpu_core").exists();
+    out.push(feature(
+        "hardware",
+        "hardware PMU (cycles, instructions)",
+        pmu,
+        if pmu { "perf event source 'cpu'" } else { "no 'cpu' perf event source (a VM without PMU passthrough): attribution uses CPU time" },
+    ));
+    let rapl_perf = Path::new("/sys/bus/event_source/devices/power").exists();
+    let rapl_powercap = Path::new("/sys/class/powercap/intel-rapl:0").exists();
+    out.push(feature(
+        "hardware",
+        "RAPL energy counters",
+        rapl_perf || rapl_powercap,
+        match (rapl_perf, rapl_powercap) {
+            (true, _) => "perf 'power' PMU",
+            (false, true) => "powercap intel-rapl",
+            _ => "neither the perf 'power' PMU nor /sys/class/powercap/intel-rapl:0 exists: energy comes from the model",
+        },
+    ));
+    let nvml = nvml_library();
+    out.push(feature(
+        "hardware",
+        "NVML (NVIDIA GPUs)",
+        nvml,
+        if nvml { "libnvidia-ml.so.1 loads" } else { "libnvidia-ml.so.1 not found: no NVIDIA driver on this machine" },
+    ));
+    let cpufreq = Path::new("/sys/devices/system/cpu/cpu0/cpufreq/scaling_max_freq").exists();
+    out.push(feature(
+        "hardware",
+        "cpufreq",
+        cpufreq,
+        if cpufreq { "scaling_max_freq" } else { "/sys/devices/system/cpu/cpu0/cpufreq absent: no frequency scaling driver (common in VMs)" },
+    ));
+    let turbo = Path::new("/sys/devices/system/cpu/intel_pstate/no_turbo").exists()
+        || Path::new("/sys/devices/system/cpu/cpufreq/boost").exists();
+    out.push(feature(
+        "hardware",
+        "turbo control",
+        turbo,
+        if turbo { "intel_pstate no_turbo or cpufreq boost" } else { "neither intel_pstate/no_turbo nor cpufreq/boost exists" },
+    ));
+}
+
+fn nvml_library() -> bool {
+    // SAFETY: dlopen with a constant C string; the handle is closed at once.
+    unsafe {
+        let handle = libc::dlopen(c"libnvidia-ml.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+        true
+    }
+}
+
+pub fn print_human(features: &[Feature]) {
+    let mut group = "";
+    for f in features {
+        if f.group != group {
+            group = f.group;
+            println!("{group}:");
+        }
+        let mark = if f.available { "yes" } else { "no " };
+        println!("  {mark}  {:<38} {}", f.name, f.detail);
+    }
+}

@@ -1,0 +1,116 @@
+//! `nbt run`: plan → cgroups → BPF → child → wait → summary → remove everything.
+
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+
+use crate::cgroup::{Layout, Placement, RunCgroup, CONTROLLERS};
+use crate::plan::Plan;
+use crate::state::{self, RecordGuard, RunRecord};
+use crate::summary::RunSummary;
+use crate::supervise::{self, SpawnError};
+use crate::{account, loader};
+
+/// How often nbt samples what the kernel keeps no peak of.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Exit status for nbt's own failures before the workload ran (as env(1) and timeout(1) use).
+pub const EXIT_NBT_FAILED: i32 = 125;
+
+/// Refuses to start without the privileges cgroups and BPF need, naming the missing one.
+pub fn require_privileges() -> Result<()> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & (1 << CAP_SYS_ADMIN) != 0 {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "nbt must run as root: making cgroups and loading BPF programs need CAP_SYS_ADMIN \
+         (and CAP_BPF, CAP_NET_ADMIN); run it with sudo"
+    )
+}
+
+/// Where each controller lives, for the summary: "hybrid (memory, cpu, pids in v1)".
+fn describe_layout(layout: &Layout) -> String {
+    let v1: Vec<&str> = CONTROLLERS
+        .into_iter()
+        .filter(|c| layout.placement(c) == Some(Placement::V1))
+        .collect();
+    if v1.is_empty() {
+        layout.mode().to_string()
+    } else {
+        format!("{} ({} in v1)", layout.mode(), v1.join(", "))
+    }
+}
+
+/// An outcome of `nbt run` that is not the workload's own exit.
+pub enum RunError {
+    Spawn(SpawnError),
+    Nbt(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RunError {
+    fn from(e: anyhow::Error) -> Self {
+        RunError::Nbt(e)
+    }
+}
+
+/// Runs `command` under `plan`. `signals` comes from [`supervise::block_signals`], called before
+/// any thread was started. Returns the summary; everything the run made is gone when it returns.
+pub fn execute(
+    plan: &Plan,
+    command: &[OsString],
+    signals: &libc::sigset_t,
+    extra_env: &[(&str, String)],
+) -> Result<RunSummary, RunError> {
+    let layout = Layout::detect()?;
+    let name = state::new_run_name()?;
+    let record = RunRecord {
+        name: name.clone(),
+        supervisor_pid: std::process::id() as i32,
+        supervisor_start_time: state::process_start_time(std::process::id() as i32)
+            .context("reading nbt's own start time from /proc")?,
+        cgroups: layout.run_dirs(&name)?,
+        command: command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+    };
+    let _record = RecordGuard(record.write(&state::state_dir())?);
+
+    // Dropped in reverse order: the BPF links go first, then the cgroups (processes killed first).
+    let mut cgroup = RunCgroup::create(&layout, &name, &plan.limits)?;
+    let mut ebpf = loader::load()?;
+    account::attach(&mut ebpf, &cgroup.v2)?;
+
+    let mut env = vec![("NBT_RUN", name.clone())];
+    env.extend(extra_env.iter().cloned());
+    let started = Instant::now();
+    let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
+    let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || cgroup.sample());
+    let wall_seconds = started.elapsed().as_secs_f64();
+
+    let stats = cgroup.stats();
+    let network = account::read(&ebpf).context("reading the byte counters")?;
+    drop(ebpf);
+    cgroup.remove()?;
+
+    Ok(RunSummary {
+        run: name,
+        command: record.command.clone(),
+        profile: plan.profile.clone(),
+        limits: plan.limits.clone(),
+        cgroup_mode: describe_layout(&layout),
+        exit,
+        wall_seconds,
+        cgroup: stats,
+        network: Some(network),
+    })
+}

@@ -1,0 +1,94 @@
+//! Records of live runs, so that `nbt cleanup` can remove what a crashed nbt left behind, and only
+//! that. A record is written before a run makes anything and removed after it removed everything.
+
+use std::fs;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// Where records live; `NBT_STATE_DIR` overrides it.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("NBT_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/nbt"))
+}
+
+/// A fresh run name: `nbt-` and 16 random hex digits.
+pub fn new_run_name() -> Result<String> {
+    let mut bytes = [0u8; 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(format!("nbt-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the
+/// pid it names one process, even after the pid is reused.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub name: String,
+    pub supervisor_pid: i32,
+    pub supervisor_start_time: u64,
+    /// Every cgroup directory the run makes, in creation order.
+    pub cgroups: Vec<PathBuf>,
+    pub command: Vec<String>,
+}
+
+impl RunRecord {
+    pub fn path(dir: &Path, name: &str) -> PathBuf {
+        dir.join("runs").join(format!("{name}.json"))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        let path = Self::path(dir, &self.name);
+        fs::create_dir_all(path.parent().unwrap())
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Whether the nbt that wrote this record still runs.
+    pub fn supervisor_alive(&self) -> bool {
+        process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
+    }
+
+    pub fn read_all(dir: &Path) -> Vec<(PathBuf, Result<RunRecord>)> {
+        let Ok(entries) = fs::read_dir(dir.join("runs")) else {
+            return Vec::new();
+        };
+        let mut records: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .map(|path| {
+                let record = fs::read(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?))
+                    .with_context(|| format!("reading {}", path.display()));
+                (path, record)
+            })
+            .collect();
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        records
+    }
+}
+
+/// Removes the record file when dropped (after the run's cgroups went).
+pub struct RecordGuard(pub PathBuf);
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,138 @@
+//! The summary of a run: one structure, printed for people (stderr) or as JSON (stdout).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::account::Traffic;
+use crate::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
+use crate::supervise::Exit;
+use crate::units::format_size;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run: String,
+    pub command: Vec<String>,
+    pub profile: String,
+    pub limits: Limits,
+    /// "unified" or "hybrid"; where each controller lives.
+    pub cgroup_mode: String,
+    pub exit: Exit,
+    pub wall_seconds: f64,
+    pub cgroup: CgroupStats,
+    /// IP packets of the run's sockets, counted by nbt's cgroup_skb programs.
+    pub network: Option<Traffic>,
+}
+
+fn seconds(usec: u64) -> String {
+    format!("{:.2} s", usec as f64 / 1e6)
+}
+
+fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
+    value.map(show).unwrap_or_else(|| "n/a".into())
+}
+
+impl RunSummary {
+    pub fn limits_text(limits: &Limits) -> String {
+        let mut parts = Vec::new();
+        if let Some(b) = limits.memory_bytes {
+            parts.push(format!("memory {}", format_size(b)));
+        }
+        if let Some(b) = limits.swap_bytes {
+            parts.push(format!("swap {}", format_size(b)));
+        }
+        if let Some(m) = limits.cpu_millicores {
+            parts.push(format!("cpus {} ({} µs per {} µs)", m as f64 / 1000.0, m * CPU_PERIOD_US / 1000, CPU_PERIOD_US));
+        }
+        if let Some(p) = limits.pids {
+            parts.push(format!("pids {p}"));
+        }
+        if parts.is_empty() {
+            "none (accounting only)".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// The human summary, several lines, for stderr.
+    pub fn human(&self) -> String {
+        let mut out = String::new();
+        let c = &self.cgroup;
+        let how = match (&self.exit.code, &self.exit.signal) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(signal)) if c.oom_kills.unwrap_or(0) > 0 && signal == "SIGKILL" => {
+                format!("killed by {signal} (the OOM killer), status {}", self.exit.status)
+            }
+            (None, Some(signal)) => format!("killed by {signal}, status {}", self.exit.status),
+            (None, None) => format!("status {}", self.exit.status),
+        };
+        let _ = writeln!(out, "nbt: {} ended: {how}", self.run);
+        let _ = writeln!(out, "  command       {}", self.command.join(" "));
+        let _ = writeln!(out, "  limits        {} [profile {}, cgroups {}]", Self::limits_text(&self.limits), self.profile, self.cgroup_mode);
+        let _ = writeln!(out, "  wall time     {:.2} s", self.wall_seconds);
+        if let Some(usage) = c.cpu_usage_usec {
+            let _ = writeln!(
+                out,
+                "  cpu time      {} (user {}, system {}), {:.2} cores on average",
+                seconds(usage),
+                opt(c.cpu_user_usec, seconds),
+                opt(c.cpu_system_usec, seconds),
+                usage as f64 / 1e6 / self.wall_seconds.max(1e-9)
+            );
+        }
+        if c.cpu_periods.is_some() {
+            let _ = writeln!(
+                out,
+                "  cpu throttled {} of {} periods, {} in all",
+                opt(c.cpu_throttled_periods, |n| n.to_string()),
+                opt(c.cpu_periods, |n| n.to_string()),
+                opt(c.cpu_throttled_usec, seconds)
+            );
+        }
+        let of_limit = |limit: Option<u64>| limit.map(|l| format!(" of {}", format_size(l))).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  memory peak   {}{}; swap peak {}{}",
+            opt(c.memory_peak_bytes, format_size),
+            of_limit(self.limits.memory_bytes),
+            opt(c.swap_peak_bytes, format_size),
+            c.swap_peak_source.map(|s| format!(" ({s})")).unwrap_or_default()
+        );
+        let _ = writeln!(out, "  oom kills     {}", opt(c.oom_kills, |n| n.to_string()));
+        if c.pids_peak.is_some() {
+            let _ = writeln!(
+                out,
+                "  processes     peak {}{}, {} forks refused",
+                opt(c.pids_peak, |n| n.to_string()),
+                self.limits.pids.map(|p| format!(" of {p}")).unwrap_or_default(),
+                opt(c.forks_refused, |n| n.to_string())
+            );
+        }
+        if let Some(p) = &c.pressure {
+            let _ = writeln!(
+                out,
+                "  stalls (PSI)  cpu some {} full {}; memory some {} full {}; io some {} full {}",
+                opt(p.cpu_some_usec, seconds),
+                opt(p.cpu_full_usec, seconds),
+                opt(p.memory_some_usec, seconds),
+                opt(p.memory_full_usec, seconds),
+                opt(p.io_some_usec, seconds),
+                opt(p.io_full_usec, seconds)
+            );
+        }
+        if let Some(n) = &self.network {
+            let _ = writeln!(
+                out,
+                "  network       in {} packets, {}; out {} packets, {} (IP packets, counted in the kernel)",
+                n.ingress.packets,
+                format_size(n.ingress.bytes),
+                n.egress.packets,
+                format_size(n.egress.bytes)
+            );
+        }
+        if !self.exit.forwarded_signals.is_empty() {
+            let _ = writeln!(out, "  signals       forwarded {}", self.exit.forwarded_signals.join(", "));
+        }
+        out
+    }
+}

@@ -1,0 +1,226 @@
+//! Start the workload already inside its cgroups, forward signals to it, wait for it.
+//!
+//! The child joins the run's cgroups between fork and exec (it writes "0", meaning itself, to each
+//! `cgroup.procs`), so no instruction of the workload runs unconstrained.
+//!
+//! Signals: nbt blocks the ones it forwards and SIGCHLD, and takes them with sigtimedwait(2) in
+//! its main loop, so nothing is lost and no handler runs at an awkward time. A signal someone sent
+//! to nbt (kill, systemd, a scheduler: `si_code` ≤ 0) is passed on to the child. One the kernel
+//! generated from the terminal (Ctrl-C: `si_code` = SI_KERNEL) already reached the child, which
+//! is in nbt's foreground process group, and is not sent a second time.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Signals nbt passes on to the workload.
+pub const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Blocks the forwarded signals and SIGCHLD in the calling thread (and every thread it starts
+/// later). Call it first thing, before any thread exists. The child gets an empty mask: the
+/// standard library resets it between fork and exec.
+pub fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in FORWARDED.iter().chain(&[libc::SIGCHLD]) {
+            libc::sigaddset(&mut set, *signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Why a workload could not be started. The exit statuses follow env(1) and timeout(1).
+#[derive(Debug)]
+pub enum SpawnError {
+    NotFound(String),
+    NotExecutable(String, io::Error),
+    Failed(String, io::Error),
+}
+
+impl SpawnError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SpawnError::NotFound(_) => 127,
+            SpawnError::NotExecutable(..) => 126,
+            SpawnError::Failed(..) => 125,
+        }
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpawnError::NotFound(cmd) => write!(f, "command not found: {cmd}"),
+            SpawnError::NotExecutable(cmd, e) => write!(f, "cannot execute {cmd}: {e}"),
+            SpawnError::Failed(cmd, e) => write!(f, "starting {cmd} inside its cgroups failed: {e}"),
+        }
+    }
+}
+
+/// Looks `program` up as execvp(3) would, so that "not found" can be told apart from other errors.
+pub fn resolve(program: &OsString) -> Option<PathBuf> {
+    let path = Path::new(program);
+    if program.as_encoded_bytes().contains(&b'/') {
+        return path.exists().then(|| path.to_path_buf());
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(path))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Starts `argv` with its environment plus `env`, inside the cgroups whose `cgroup.procs` files
+/// are given. Returns the child's pid.
+pub fn spawn(
+    argv: &[OsString],
+    cgroup_procs: &[PathBuf],
+    env: &[(&str, String)],
+) -> Result<i32, SpawnError> {
+    let shown = argv[0].to_string_lossy().into_owned();
+    let program = resolve(&argv[0]).ok_or_else(|| SpawnError::NotFound(shown.clone()))?;
+    let join: Vec<File> = cgroup_procs
+        .iter()
+        .map(|path| {
+            File::options()
+                .write(true)
+                .open(path)
+                .map_err(|e| SpawnError::Failed(format!("{shown} (opening {})", path.display()), e))
+        })
+        .collect::<Result<_, _>>()?;
+    let fds: Vec<i32> = join.iter().map(|f| f.as_raw_fd()).collect();
+
+    let mut command = Command::new(&program);
+    command.arg0(&argv[0]).args(&argv[1..]);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    // SAFETY: the closure runs in the forked child and only calls write(2), which is
+    // async-signal-safe; it allocates nothing. The files stay open in the parent until spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &fds {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(shown.clone(), e),
+        io::ErrorKind::NotFound => SpawnError::NotFound(shown.clone()),
+        _ => SpawnError::Failed(shown.clone(), e),
+    })?;
+    drop(join);
+    Ok(child.id() as i32)
+}
+
+/// How the workload ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Exit {
+    /// The status nbt exits with: the child's code, or 128 + N when signal N killed it.
+    pub status: i32,
+    pub code: Option<i32>,
+    pub signal: Option<String>,
+    pub core_dumped: bool,
+    /// Signals sent to nbt and passed on to the workload, in order.
+    pub forwarded_signals: Vec<String>,
+}
+
+pub fn signal_name(signal: i32) -> String {
+    // SAFETY: strsignal returns a pointer to a static or thread-local string.
+    let description = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(signal)) };
+    let abbrev = match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGXCPU => "SIGXCPU",
+        _ => return format!("signal {signal} ({})", description.to_string_lossy()),
+    };
+    abbrev.to_string()
+}
+
+/// Waits for `pid` to end, forwarding signals (see the module comment) and calling `tick` about
+/// every `interval` so the caller can sample what the kernel does not keep.
+pub fn wait(pid: i32, signals: &libc::sigset_t, interval: Duration, mut tick: impl FnMut()) -> Exit {
+    let mut forwarded = Vec::new();
+    let mut next_tick = Instant::now() + interval;
+    loop {
+        let timeout = next_tick.saturating_duration_since(Instant::now());
+        let timeout = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: sigtimedwait with a valid set, an out-parameter and a timeout.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let signal = unsafe { libc::sigtimedwait(signals, &mut info, &timeout) };
+        if signal > 0 && signal != libc::SIGCHLD && info.si_code <= 0 {
+            // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+            unsafe { libc::kill(pid, signal) };
+            forwarded.push(signal_name(signal));
+        }
+        if let Some(status) = try_wait(pid) {
+            return exit_from_status(status, forwarded);
+        }
+        if Instant::now() >= next_tick {
+            tick();
+            next_tick = Instant::now() + interval;
+        }
+    }
+}
+
+fn try_wait(pid: i32) -> Option<libc::c_int> {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    (reaped == pid).then_some(status)
+}
+
+fn exit_from_status(status: libc::c_int, forwarded_signals: Vec<String>) -> Exit {
+    if libc::WIFSIGNALED(status) {
+        let signal = libc::WTERMSIG(status);
+        Exit {
+            status: 128 + signal,
+            code: None,
+            signal: Some(signal_name(signal)),
+            core_dumped: libc::WCOREDUMP(status),
+            forwarded_signals,
+        }
+    } else {
+        let code = libc::WEXITSTATUS(status);
+        Exit {
+            status: code,
+            code: Some(code),
+            signal: None,
+            core_dumped: false,
+            forwarded_signals,
+        }
+    }
+}

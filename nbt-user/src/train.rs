@@ -1,0 +1,420 @@
+//! The demo's training workload: a small MLP learns a synthetic binary classification task.
+//!
+//! Everything is deterministic given the seed. The dataset is one contiguous `Vec<f32>`
+//! whose every page is written during generation, so the memory the job needs grows with
+//! `samples * features`: that is what makes a memory cap bite.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+/// Hidden units of the fixed random "teacher" network that labels the data.
+const TEACHER_HIDDEN: usize = 16;
+/// Scale of the teacher's first layer; above 1 its tanh units saturate, so the boundary is curved.
+const TEACHER_GAIN: f32 = 2.0;
+/// Fraction of labels flipped at random: the best possible holdout accuracy is 1 - this.
+const LABEL_NOISE: f32 = 0.1;
+/// Every fifth sample is held out (20%).
+const HOLDOUT_DIVISOR: usize = 5;
+
+/// What to generate and how to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub samples: usize,
+    pub features: usize,
+    pub hidden: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    pub learning_rate: f32,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            samples: 250_000,
+            features: 32,
+            hidden: 32,
+            epochs: 5,
+            batch: 32,
+            learning_rate: 0.1,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects configurations that cannot run; the message names the flag, the value and what is accepted.
+    pub fn validate(&self) -> Result<()> {
+        let at_least = |flag: &str, value: usize, min: usize, why: &str| -> Result<()> {
+            if value < min {
+                bail!("invalid --{flag} {value}: must be at least {min}{why}");
+            }
+            Ok(())
+        };
+        at_least("samples", self.samples, HOLDOUT_DIVISOR, " (one in five samples is held out)")?;
+        at_least("features", self.features, 1, "")?;
+        at_least("hidden", self.hidden, 1, "")?;
+        at_least("epochs", self.epochs, 1, "")?;
+        at_least("batch", self.batch, 1, "")?;
+        let lr = self.learning_rate;
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("invalid --lr {lr}: must be a finite number greater than 0");
+        }
+        if self.samples.checked_mul(self.features + 1).and_then(|n| n.checked_mul(4)).is_none() {
+            bail!(
+                "invalid --samples {} with --features {}: the dataset would not fit in memory",
+                self.samples,
+                self.features
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Deterministic PRNG: splitmix64, with Box-Muller for normal deviates.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), from the top 53 bits.
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f32 {
+        let u1 = 1.0 - self.uniform(); // (0, 1]: keeps ln finite
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.uniform() * n as f64) as usize
+    }
+}
+
+/// Samples (row-major, `samples x features`) and their 0/1 labels, stored as f32.
+pub struct Dataset {
+    features: usize,
+    x: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl Dataset {
+    /// Generates `cfg.samples` samples of standard normal features, labelled by a random
+    /// 2-layer tanh teacher with `LABEL_NOISE` of the labels flipped.
+    pub fn generate(cfg: &TrainConfig) -> Dataset {
+        let (n, d) = (cfg.samples, cfg.features);
+        let mut rng = Rng(cfg.seed);
+        let teacher = Mlp::random(d, TEACHER_HIDDEN, TEACHER_GAIN, 1.0, &mut rng);
+        let mut hidden = vec![0.0; TEACHER_HIDDEN];
+        let mut x = vec![0.0f32; n * d];
+        let mut y = Vec::with_capacity(n);
+        for row in x.chunks_exact_mut(d) {
+            row.iter_mut().for_each(|v| *v = rng.normal());
+            let positive = teacher.logit(row, &mut hidden) > 0.0;
+            let flip = rng.uniform() < f64::from(LABEL_NOISE);
+            y.push(if positive != flip { 1.0 } else { 0.0 });
+        }
+        Dataset { features: d, x, y }
+    }
+
+    pub fn samples(&self) -> usize {
+        self.y.len()
+    }
+
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    /// Bytes held: features and labels, both f32, i.e. `samples * (features + 1) * 4`.
+    pub fn bytes(&self) -> usize {
+        (self.x.len() + self.y.len()) * std::mem::size_of::<f32>()
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.x[i * self.features..(i + 1) * self.features]
+    }
+
+    /// The first 80% of the samples train; the rest are held out.
+    fn train_len(&self) -> usize {
+        self.samples() - self.samples() / HOLDOUT_DIVISOR
+    }
+}
+
+/// Holdout loss and accuracy after one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EpochProgress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub holdout_loss: f64,
+    pub holdout_accuracy: f64,
+}
+
+/// The outcome of a run. Losses are mean binary cross-entropy on the holdout set,
+/// accuracies fractions in [0, 1]; `base_*` is before training, `new_*` after.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainReport {
+    pub base_loss: f64,
+    pub new_loss: f64,
+    pub base_accuracy: f64,
+    pub new_accuracy: f64,
+    pub epochs: usize,
+    pub samples: usize,
+    pub features: usize,
+    pub dataset_bytes: u64,
+    /// Wall time of the epochs (SGD plus per-epoch evaluation), not of data generation.
+    pub train_seconds: f64,
+}
+
+/// Generates the dataset and trains on it; see [`train_on`].
+pub fn train(cfg: &TrainConfig, progress: impl FnMut(EpochProgress)) -> Result<TrainReport> {
+    cfg.validate()?;
+    train_on(&Dataset::generate(cfg), cfg, progress)
+}
+
+/// Trains a fresh `features -> hidden (tanh) -> 1` MLP on `data` by minibatch SGD and
+/// evaluates it on the holdout set before training and after each epoch.
+pub fn train_on(
+    data: &Dataset,
+    cfg: &TrainConfig,
+    mut progress: impl FnMut(EpochProgress),
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    if data.samples() != cfg.samples || data.features() != cfg.features {
+        bail!("the dataset does not match the configuration's --samples and --features");
+    }
+    // A stream apart from the data's, so the seed picks the data and the model independently.
+    let mut rng = Rng(cfg.seed ^ 0x5EED_0F_7EA_C4E5);
+    // A small output layer starts every prediction near 0.5, so the base loss is about ln 2.
+    let mut model = Mlp::random(cfg.features, cfg.hidden, 1.0, 0.1, &mut rng);
+    let (base_loss, base_accuracy) = model.evaluate(data);
+    let start = Instant::now();
+    let mut order: Vec<usize> = (0..data.train_len()).collect();
+    let (mut new_loss, mut new_accuracy) = (base_loss, base_accuracy);
+    for epoch in 1..=cfg.epochs {
+        shuffle(&mut order, &mut rng);
+        model.sgd_epoch(data, &order, cfg);
+        (new_loss, new_accuracy) = model.evaluate(data);
+        progress(EpochProgress {
+            epoch,
+            epochs: cfg.epochs,
+            holdout_loss: new_loss,
+            holdout_accuracy: new_accuracy,
+        });
+    }
+    Ok(TrainReport {
+        base_loss,
+        new_loss,
+        base_accuracy,
+        new_accuracy,
+        epochs: cfg.epochs,
+        samples: cfg.samples,
+        features: cfg.features,
+        dataset_bytes: data.bytes() as u64,
+        train_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn shuffle(order: &mut [usize], rng: &mut Rng) {
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+}
+
+/// `logit = w2 . tanh(w1 x + b1) + b2`, with `w1` row-major `hidden x features`.
+/// Also used, zeroed, to accumulate gradients.
+#[derive(Clone)]
+struct Mlp {
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    b2: f32,
+}
+
+impl Mlp {
+    /// Weights normal with variance `gain^2 / fan_in` (`out_gain` for the output layer), biases zero.
+    fn random(d: usize, h: usize, gain: f32, out_gain: f32, rng: &mut Rng) -> Mlp {
+        let mut draw = |n: usize, fan_in: usize, gain: f32| -> Vec<f32> {
+            let scale = gain / (fan_in as f32).sqrt();
+            (0..n).map(|_| rng.normal() * scale).collect()
+        };
+        let w1 = draw(h * d, d, gain);
+        let w2 = draw(h, h, out_gain);
+        Mlp { w1, b1: vec![0.0; h], w2, b2: 0.0 }
+    }
+
+    fn zeroed_like(&self) -> Mlp {
+        Mlp {
+            w1: vec![0.0; self.w1.len()],
+            b1: vec![0.0; self.b1.len()],
+            w2: vec![0.0; self.w2.len()],
+            b2: 0.0,
+        }
+    }
+
+    /// Forward pass; leaves the hidden activations in `hidden`.
+    fn logit(&self, x: &[f32], hidden: &mut [f32]) -> f32 {
+        let rows = self.w1.chunks_exact(x.len());
+        for ((h, w), b) in hidden.iter_mut().zip(rows).zip(&self.b1) {
+            *h = (b + dot(w, x)).tanh();
+        }
+        self.b2 + dot(&self.w2, hidden)
+    }
+
+    /// Adds the gradient of the BCE loss on one sample to `grad`.
+    fn backprop(&self, x: &[f32], y: f32, hidden: &mut [f32], grad: &mut Mlp) {
+        let dz = sigmoid(self.logit(x, hidden)) - y;
+        grad.b2 += dz;
+        let rows = grad.w1.chunks_exact_mut(x.len());
+        let units = hidden.iter().zip(&self.w2).zip(&mut grad.w2).zip(&mut grad.b1);
+        for ((((&h, &w2), gw2), gb1), gw1) in units.zip(rows) {
+            *gw2 += dz * h;
+            let dh = dz * w2 * (1.0 - h * h);
+            *gb1 += dh;
+            for k in 0..x.len() {
+                gw1[k] += dh * x[k];
+            }
+        }
+    }
+
+    fn sgd_epoch(&mut self, data: &Dataset, order: &[usize], cfg: &TrainConfig) {
+        let mut grad = self.zeroed_like();
+        let mut hidden = vec![0.0; self.b1.len()];
+        for batch in order.chunks(cfg.batch) {
+            grad.clear();
+            for &i in batch {
+                self.backprop(data.row(i), data.y[i], &mut hidden, &mut grad);
+            }
+            self.step(&grad, cfg.learning_rate / batch.len() as f32);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.w1.fill(0.0);
+        self.b1.fill(0.0);
+        self.w2.fill(0.0);
+        self.b2 = 0.0;
+    }
+
+    fn step(&mut self, grad: &Mlp, scale: f32) {
+        let axpy = |p: &mut [f32], g: &[f32]| p.iter_mut().zip(g).for_each(|(p, g)| *p -= scale * g);
+        axpy(&mut self.w1, &grad.w1);
+        axpy(&mut self.b1, &grad.b1);
+        axpy(&mut self.w2, &grad.w2);
+        self.b2 -= scale * grad.b2;
+    }
+
+    /// Mean BCE and accuracy on the holdout set.
+    fn evaluate(&self, data: &Dataset) -> (f64, f64) {
+        let mut hidden = vec![0.0; self.b1.len()];
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        let holdout = data.train_len()..data.samples();
+        let n = holdout.len();
+        for i in holdout {
+            let z = self.logit(data.row(i), &mut hidden);
+            let y = data.y[i];
+            loss += f64::from(bce(z, y));
+            correct += usize::from((z > 0.0) == (y > 0.5));
+        }
+        (loss / n as f64, correct as f64 / n as f64)
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sum = 0.0;
+    for k in 0..a.len() {
+        sum += a[k] * b[k];
+    }
+    sum
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Binary cross-entropy of a logit, in the form that neither overflows nor takes ln(0).
+fn bce(z: f32, y: f32) -> f32 {
+    z.max(0.0) - z * y + (-z.abs()).exp().ln_1p()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(seed: u64) -> TrainConfig {
+        TrainConfig { samples: 4000, seed, ..TrainConfig::default() }
+    }
+
+    fn run(cfg: &TrainConfig) -> TrainReport {
+        train(cfg, |_| {}).unwrap()
+    }
+
+    #[test]
+    fn the_loss_drops_and_accuracy_rises() {
+        let mut epochs = Vec::new();
+        let report = train(&small(1), |p| epochs.push(p)).unwrap();
+        assert!((report.base_loss - 0.69).abs() < 0.1, "{report:?}");
+        assert!(report.new_loss < report.base_loss - 0.1, "{report:?}");
+        assert!(report.new_accuracy > 0.7, "{report:?}");
+        assert_eq!(epochs.len(), report.epochs);
+        assert_eq!(epochs.last().unwrap().holdout_loss, report.new_loss);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_report() {
+        let (mut a, mut b) = (run(&small(7)), run(&small(7)));
+        a.train_seconds = 0.0; // the one field that is wall time
+        b.train_seconds = 0.0;
+        assert_eq!(a, b);
+        assert_eq!(a.new_loss.to_bits(), b.new_loss.to_bits());
+    }
+
+    #[test]
+    fn different_seeds_give_different_data() {
+        let (a, b) = (Dataset::generate(&small(1)), Dataset::generate(&small(2)));
+        assert_ne!(a.x, b.x);
+        assert_ne!(a.y, b.y);
+    }
+
+    #[test]
+    fn labels_are_roughly_balanced() {
+        let data = Dataset::generate(&small(3));
+        let positive = data.y.iter().sum::<f32>() / data.samples() as f32;
+        assert!((0.4..0.6).contains(&positive), "{positive}");
+    }
+
+    #[test]
+    fn bytes_counts_features_and_labels() {
+        let cfg = TrainConfig { samples: 1000, features: 8, ..small(1) };
+        assert_eq!(Dataset::generate(&cfg).bytes(), 1000 * (8 + 1) * 4);
+    }
+
+    #[test]
+    fn validate_rejects_zeros_and_bad_rates() {
+        assert!(TrainConfig::default().validate().is_ok());
+        let cases = [
+            (TrainConfig { samples: 0, ..small(1) }, "--samples 0"),
+            (TrainConfig { samples: 4, ..small(1) }, "--samples 4"),
+            (TrainConfig { features: 0, ..small(1) }, "--features 0"),
+            (TrainConfig { hidden: 0, ..small(1) }, "--hidden 0"),
+            (TrainConfig { epochs: 0, ..small(1) }, "--epochs 0"),
+            (TrainConfig { batch: 0, ..small(1) }, "--batch 0"),
+            (TrainConfig { learning_rate: 0.0, ..small(1) }, "--lr 0"),
+            (TrainConfig { learning_rate: f32::NAN, ..small(1) }, "--lr NaN"),
+            (TrainConfig { samples: usize::MAX, ..small(1) }, "--samples"),
+        ];
+        for (cfg, needle) in cases {
+            let message = cfg.validate().unwrap_err().to_string();
+            assert!(message.contains(needle), "{message}");
+        }
+    }
+}
