@@ -13,6 +13,7 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
     let dir = state_dir();
     let mut removed = 0;
     let mut failed = 0;
+    let mut live = 0;
     for (path, record) in RunRecord::read_all(&dir) {
         let record = match record {
             Ok(r) => r,
@@ -24,6 +25,7 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
         };
         if record.supervisor_alive() {
             eprintln!("nbt cleanup: {} is live (nbt pid {}): left alone", record.name, record.supervisor_pid);
+            live += 1;
             continue;
         }
         if dry_run {
@@ -47,7 +49,7 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
             }
         }
     }
-    if removed == 0 && failed == 0 && !dry_run {
+    if removed == 0 && failed == 0 && live == 0 && !dry_run {
         eprintln!("nbt cleanup: nothing left behind");
     }
     Ok(if failed > 0 { 1 } else { 0 })

@@ -40,7 +40,7 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
                 return 2;
             }
             command.push(flag.into());
-            command.push(value.into());
+            command.push(value.trim().into());
         }
     }
 

@@ -31,8 +31,8 @@ pub const FORWARDED: [libc::c_int; 6] = [
 ];
 
 /// Blocks the forwarded signals and SIGCHLD in the calling thread (and every thread it starts
-/// later). Call it first thing, before any thread exists. The child gets an empty mask: the
-/// standard library resets it between fork and exec.
+/// later). Call it first thing, before any thread exists. [`spawn`] gives the child an empty mask
+/// again (a blocked mask survives fork and exec).
 pub fn block_signals() -> libc::sigset_t {
     // SAFETY: plain libc calls on a local sigset_t.
     unsafe {
@@ -111,10 +111,14 @@ pub fn spawn(
     for (key, value) in env {
         command.env(key, value);
     }
-    // SAFETY: the closure runs in the forked child and only calls write(2), which is
-    // async-signal-safe; it allocates nothing. The files stay open in the parent until spawn returns.
+    // SAFETY: the closure runs in the forked child and only calls sigprocmask(2) and write(2),
+    // which are async-signal-safe; it allocates nothing. The files stay open in the parent until
+    // spawn returns.
     unsafe {
         command.pre_exec(move || {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             for &fd in &fds {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(io::Error::last_os_error());

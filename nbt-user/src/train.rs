@@ -33,7 +33,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            samples: 250_000,
+            samples: 300_000,
             features: 32,
             hidden: 32,
             epochs: 5,
@@ -47,27 +47,28 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Rejects configurations that cannot run; the message names the flag, the value and what is accepted.
     pub fn validate(&self) -> Result<()> {
-        let at_least = |flag: &str, value: usize, min: usize, why: &str| -> Result<()> {
+        let (n, d, h) = (self.samples, self.features, self.hidden);
+        let minimums = [
+            ("samples", n, HOLDOUT_DIVISOR), // so that the holdout set is not empty
+            ("features", d, 1),
+            ("hidden", h, 1),
+            ("epochs", self.epochs, 1),
+            ("batch", self.batch, 1),
+        ];
+        for (flag, value, min) in minimums {
             if value < min {
-                bail!("invalid --{flag} {value}: must be at least {min}{why}");
+                bail!("invalid --{flag} {value}: must be at least {min}");
             }
-            Ok(())
-        };
-        at_least("samples", self.samples, HOLDOUT_DIVISOR, " (one in five samples is held out)")?;
-        at_least("features", self.features, 1, "")?;
-        at_least("hidden", self.hidden, 1, "")?;
-        at_least("epochs", self.epochs, 1, "")?;
-        at_least("batch", self.batch, 1, "")?;
+        }
         let lr = self.learning_rate;
         if !(lr.is_finite() && lr > 0.0) {
             bail!("invalid --lr {lr}: must be a finite number greater than 0");
         }
-        if self.samples.checked_mul(self.features + 1).and_then(|n| n.checked_mul(4)).is_none() {
-            bail!(
-                "invalid --samples {} with --features {}: the dataset would not fit in memory",
-                self.samples,
-                self.features
-            );
+        let largest = (n as u128 * (d as u128 + 1))
+            .max(h as u128 * d as u128)
+            .saturating_mul(4);
+        if largest > isize::MAX as u128 {
+            bail!("invalid --samples {n}, --features {d}, --hidden {h}: too large to address");
         }
         Ok(())
     }
@@ -193,7 +194,7 @@ pub fn train_on(
         bail!("the dataset does not match the configuration's --samples and --features");
     }
     // A stream apart from the data's, so the seed picks the data and the model independently.
-    let mut rng = Rng(cfg.seed ^ 0x5EED_0F_7EA_C4E5);
+    let mut rng = Rng(cfg.seed ^ 0x5EED_0F7E_AC4E_5500);
     // A small output layer starts every prediction near 0.5, so the base loss is about ln 2.
     let mut model = Mlp::random(cfg.features, cfg.hidden, 1.0, 0.1, &mut rng);
     let (base_loss, base_accuracy) = model.evaluate(data);
@@ -232,7 +233,6 @@ fn shuffle(order: &mut [usize], rng: &mut Rng) {
 
 /// `logit = w2 . tanh(w1 x + b1) + b2`, with `w1` row-major `hidden x features`.
 /// Also used, zeroed, to accumulate gradients.
-#[derive(Clone)]
 struct Mlp {
     w1: Vec<f32>,
     b1: Vec<f32>,
@@ -249,7 +249,12 @@ impl Mlp {
         };
         let w1 = draw(h * d, d, gain);
         let w2 = draw(h, h, out_gain);
-        Mlp { w1, b1: vec![0.0; h], w2, b2: 0.0 }
+        Mlp {
+            w1,
+            b1: vec![0.0; h],
+            w2,
+            b2: 0.0,
+        }
     }
 
     fn zeroed_like(&self) -> Mlp {
@@ -275,7 +280,11 @@ impl Mlp {
         let dz = sigmoid(self.logit(x, hidden)) - y;
         grad.b2 += dz;
         let rows = grad.w1.chunks_exact_mut(x.len());
-        let units = hidden.iter().zip(&self.w2).zip(&mut grad.w2).zip(&mut grad.b1);
+        let units = hidden
+            .iter()
+            .zip(&self.w2)
+            .zip(&mut grad.w2)
+            .zip(&mut grad.b1);
         for ((((&h, &w2), gw2), gb1), gw1) in units.zip(rows) {
             *gw2 += dz * h;
             let dh = dz * w2 * (1.0 - h * h);
@@ -287,10 +296,9 @@ impl Mlp {
     }
 
     fn sgd_epoch(&mut self, data: &Dataset, order: &[usize], cfg: &TrainConfig) {
-        let mut grad = self.zeroed_like();
         let mut hidden = vec![0.0; self.b1.len()];
         for batch in order.chunks(cfg.batch) {
-            grad.clear();
+            let mut grad = self.zeroed_like();
             for &i in batch {
                 self.backprop(data.row(i), data.y[i], &mut hidden, &mut grad);
             }
@@ -298,15 +306,9 @@ impl Mlp {
         }
     }
 
-    fn clear(&mut self) {
-        self.w1.fill(0.0);
-        self.b1.fill(0.0);
-        self.w2.fill(0.0);
-        self.b2 = 0.0;
-    }
-
     fn step(&mut self, grad: &Mlp, scale: f32) {
-        let axpy = |p: &mut [f32], g: &[f32]| p.iter_mut().zip(g).for_each(|(p, g)| *p -= scale * g);
+        let axpy =
+            |p: &mut [f32], g: &[f32]| p.iter_mut().zip(g).for_each(|(p, g)| *p -= scale * g);
         axpy(&mut self.w1, &grad.w1);
         axpy(&mut self.b1, &grad.b1);
         axpy(&mut self.w2, &grad.w2);
@@ -351,7 +353,11 @@ mod tests {
     use super::*;
 
     fn small(seed: u64) -> TrainConfig {
-        TrainConfig { samples: 4000, seed, ..TrainConfig::default() }
+        TrainConfig {
+            samples: 4000,
+            seed,
+            ..TrainConfig::default()
+        }
     }
 
     fn run(cfg: &TrainConfig) -> TrainReport {
@@ -394,25 +400,33 @@ mod tests {
 
     #[test]
     fn bytes_counts_features_and_labels() {
-        let cfg = TrainConfig { samples: 1000, features: 8, ..small(1) };
+        let cfg = TrainConfig {
+            samples: 1000,
+            features: 8,
+            ..small(1)
+        };
         assert_eq!(Dataset::generate(&cfg).bytes(), 1000 * (8 + 1) * 4);
     }
+
+    type Spoil = fn(&mut TrainConfig);
 
     #[test]
     fn validate_rejects_zeros_and_bad_rates() {
         assert!(TrainConfig::default().validate().is_ok());
-        let cases = [
-            (TrainConfig { samples: 0, ..small(1) }, "--samples 0"),
-            (TrainConfig { samples: 4, ..small(1) }, "--samples 4"),
-            (TrainConfig { features: 0, ..small(1) }, "--features 0"),
-            (TrainConfig { hidden: 0, ..small(1) }, "--hidden 0"),
-            (TrainConfig { epochs: 0, ..small(1) }, "--epochs 0"),
-            (TrainConfig { batch: 0, ..small(1) }, "--batch 0"),
-            (TrainConfig { learning_rate: 0.0, ..small(1) }, "--lr 0"),
-            (TrainConfig { learning_rate: f32::NAN, ..small(1) }, "--lr NaN"),
-            (TrainConfig { samples: usize::MAX, ..small(1) }, "--samples"),
+        let cases: [(Spoil, &str); 9] = [
+            (|c| c.samples = 0, "--samples 0"),
+            (|c| c.samples = 4, "--samples 4: must be at least 5"),
+            (|c| c.features = 0, "--features 0"),
+            (|c| c.hidden = 0, "--hidden 0"),
+            (|c| c.epochs = 0, "--epochs 0"),
+            (|c| c.batch = 0, "--batch 0"),
+            (|c| c.learning_rate = 0.0, "--lr 0"),
+            (|c| c.learning_rate = f32::NAN, "--lr NaN"),
+            (|c| c.features = usize::MAX, "too large"),
         ];
-        for (cfg, needle) in cases {
+        for (spoil, needle) in cases {
+            let mut cfg = small(1);
+            spoil(&mut cfg);
             let message = cfg.validate().unwrap_err().to_string();
             assert!(message.contains(needle), "{message}");
         }

@@ -30,7 +30,7 @@ struct Args {
     #[arg(long, value_name = "B", default_value_t = TrainConfig::default().batch)]
     batch: usize,
     /// SGD learning rate
-    #[arg(long, value_name = "X", default_value_t = TrainConfig::default().learning_rate)]
+    #[arg(long, value_name = "X", allow_negative_numbers = true, default_value_t = TrainConfig::default().learning_rate)]
     lr: f32,
     /// Seed of the dataset and the model's initial weights
     #[arg(long, value_name = "S", default_value_t = TrainConfig::default().seed)]
@@ -76,12 +76,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if report.new_loss.is_nan() || report.base_loss.is_nan() {
-        eprintln!("nbt-train: training diverged (the loss is NaN); try a smaller --lr");
+    if !(report.new_loss.is_finite() && report.base_loss.is_finite()) {
+        eprintln!(
+            "nbt-train: training diverged (the loss is {}); try a smaller --lr",
+            report.new_loss
+        );
         return ExitCode::FAILURE;
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report).expect("a report always serializes"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("a report always serializes")
+        );
     } else {
         print_summary(&report);
     }

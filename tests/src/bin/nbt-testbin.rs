@@ -1,0 +1,158 @@
+//! Workloads for nbt's integration tests. Each mode does one thing a test measures.
+//!
+//!   alloc MIB                 allocate MIB MiB and write every page, then exit 0
+//!   spin SECONDS              burn CPU in one thread for SECONDS of wall time
+//!   forkbomb SECONDS          every process forks as fast as it can until SECONDS have passed
+//!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
+//!                             the kernel's count of payload bytes sent, retransmissions included
+//!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR
+//!   await-signal FILE         write our pid to FILE, wait for a signal, write its name, exit 42
+//!   sleep SECONDS             sleep
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+fn arg(args: &[String], i: usize) -> &str {
+    args.get(i).map(String::as_str).unwrap_or_else(|| {
+        eprintln!("nbt-testbin: missing argument {i}");
+        std::process::exit(2)
+    })
+}
+
+fn num(args: &[String], i: usize) -> u64 {
+    arg(args, i).parse().unwrap_or_else(|_| {
+        eprintln!("nbt-testbin: argument {i} is not a number");
+        std::process::exit(2)
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match arg(&args, 1) {
+        "alloc" => alloc(num(&args, 2)),
+        "spin" => spin(Duration::from_secs(num(&args, 2))),
+        "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
+        "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
+        "udp-send" => udp_send(arg(&args, 2), num(&args, 3), num(&args, 4)),
+        "await-signal" => await_signal(arg(&args, 2)),
+        "sleep" => std::thread::sleep(Duration::from_secs(num(&args, 2))),
+        other => {
+            eprintln!("nbt-testbin: unknown mode {other}");
+            std::process::exit(2)
+        }
+    }
+}
+
+fn alloc(mib: u64) {
+    let mut chunks = Vec::new();
+    for _ in 0..mib {
+        // A page-by-page write, so the memory is really committed and charged.
+        let mut chunk = vec![0u8; 1 << 20];
+        for page in chunk.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        chunks.push(chunk);
+    }
+    println!("allocated {} MiB", chunks.len());
+}
+
+fn spin(duration: Duration) {
+    let end = Instant::now() + duration;
+    let mut x = 0u64;
+    while Instant::now() < end {
+        for i in 0..10_000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+        }
+    }
+    println!("{}", x & 1);
+}
+
+fn forkbomb(deadline: Instant) {
+    let mut forked = 0u64;
+    let mut refused = 0u64;
+    let top = std::process::id();
+    while Instant::now() < deadline {
+        // SAFETY: the child only loops, forks and exits; it touches no locks held by other threads
+        // (there are none in this single-threaded program).
+        match unsafe { libc::fork() } {
+            0 => {
+                // A child: keep going until the deadline, then leave.
+                continue;
+            }
+            -1 => {
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            _ => forked += 1,
+        }
+    }
+    if std::process::id() == top {
+        println!("forked {forked} refused {refused}");
+    }
+    // SAFETY: _exit skips atexit handlers and stdio flushing, which children must not run twice.
+    unsafe { libc::_exit(0) };
+}
+
+fn tcp_send(addr: &str, bytes: u64) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let block = vec![7u8; 64 * 1024];
+    let mut left = bytes as usize;
+    while left > 0 {
+        let n = left.min(block.len());
+        stream.write_all(&block[..n]).expect("write");
+        left -= n;
+    }
+    stream.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).expect("read");
+    // SAFETY: getsockopt(TCP_INFO) into a zeroed tcp_info of the size we pass.
+    let info = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let rc = libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len);
+        assert_eq!(rc, 0, "TCP_INFO");
+        info
+    };
+    println!("sent {bytes} payload_bytes_sent {} retransmitted {}", info.tcpi_bytes_sent, info.tcpi_bytes_retrans);
+}
+
+fn udp_send(addr: &str, count: u64, size: u64) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let payload = vec![1u8; size as usize];
+    for _ in 0..count {
+        socket.send_to(&payload, addr).expect("send");
+    }
+    println!("sent {count}");
+}
+
+static mut RECEIVED: i32 = 0;
+
+extern "C" fn record(signal: i32) {
+    // SAFETY: a single word written from a signal handler, read after the handler ran.
+    unsafe { RECEIVED = signal };
+}
+
+fn await_signal(file: &str) {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+        // SAFETY: installing a handler that only stores the signal number.
+        unsafe { libc::signal(signal, record as *const () as usize) };
+    }
+    std::fs::write(file, std::process::id().to_string()).expect("write pid");
+    loop {
+        // SAFETY: pause(2) returns after a handled signal.
+        unsafe { libc::pause() };
+        // SAFETY: read of the word the handler stored.
+        let signal = unsafe { RECEIVED };
+        if signal != 0 {
+            let name = match signal {
+                libc::SIGINT => "SIGINT",
+                libc::SIGTERM => "SIGTERM",
+                libc::SIGHUP => "SIGHUP",
+                _ => "SIGUSR1",
+            };
+            std::fs::write(file, name).expect("write signal");
+            std::process::exit(42);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Usage errors and environment errors: one clear line, naming the flag or the cause.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nbt_integration_tests::{nbt, nbt_bin, NoLeftovers};
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+#[test]
+fn bad_values_exit_2_naming_flag_value_and_forms() {
+    let guard = NoLeftovers::new();
+    for (args, expected) in [
+        (vec!["--memory", "6X"], "invalid value '6X' for --memory"),
+        (vec!["--memory", "512Mb"], "lower-case b means bits"),
+        (vec!["--swap", "lots"], "invalid value 'lots' for --swap"),
+        (vec!["--cpus", "0"], "invalid value '0' for --cpus: must be greater than 0"),
+        (vec!["--pids=-1"], "invalid value '-1' for --pids"),
+        (vec!["--egress-rate", "512kbps"], "--egress-rate 512kbps (flag; network shaping is not implemented yet)"),
+        (vec!["--profile", "nbtt"], "'nbtt' is neither a built-in profile"),
+        (vec!["--profile", "nbt"], "this version of nbt cannot enforce egress-rate 512kbit"),
+    ] {
+        let mut all = vec!["run"];
+        all.extend(args.iter().copied());
+        all.extend(["--", "true"]);
+        let run = nbt(&all);
+        assert_eq!(run.status(), 2, "{all:?}: {}", run.stderr());
+        assert!(run.stderr().contains(expected), "{all:?}: {}", run.stderr());
+        assert_eq!(run.stderr().lines().count(), 1, "{all:?}: not one line: {}", run.stderr());
+    }
+    guard.assert_clean();
+}
+
+#[test]
+fn a_missing_command_is_a_usage_error() {
+    let run = nbt(&["run", "--memory", "1G"]);
+    assert_eq!(run.status(), 2);
+    assert!(run.stderr().contains("COMMAND"), "{}", run.stderr());
+}
+
+#[test]
+fn not_root_is_refused_in_one_line() {
+    let output = Command::new(nbt_bin())
+        .args(["run", "--", "true"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(first_line(&stderr).contains("nbt must run as root"), "{stderr}");
+}
+
+#[test]
+fn no_cgroup2_mounted_is_refused_naming_it() {
+    let guard = NoLeftovers::new();
+    let layout = nbt::cgroup::Layout::detect().unwrap();
+    let mount_point = layout.v2_self.clone().unwrap();
+    let mount_point = std::ffi::CString::new(mount_point.to_str().unwrap()).unwrap();
+    let mut command = Command::new(nbt_bin());
+    command.args(["run", "--", "true"]);
+    // SAFETY: between fork and exec, only syscalls: a private mount namespace for nbt, without
+    // the cgroup2 mount. The test's own namespace is untouched.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
+                || libc::umount2(mount_point.as_ptr(), libc::MNT_DETACH) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(first_line(&stderr).contains("cgroup v2 is not mounted"), "{stderr}");
+    guard.assert_clean();
+}
