@@ -18,7 +18,7 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
         (vec!["--swap", "lots"], "invalid value 'lots' for --swap"),
         (vec!["--cpus", "0"], "invalid value '0' for --cpus: must be greater than 0"),
         (vec!["--pids=-1"], "invalid value '-1' for --pids"),
-        (vec!["--egress-rate", "512kbps"], "--egress-rate 512kbps (flag; network shaping is not implemented yet)"),
+        (vec!["--egress-rate", "512kbps"], "--egress-rate 512kbps (flag; needs network shaping, not implemented yet)"),
         (vec!["--profile", "nbtt"], "'nbtt' is neither a built-in profile"),
         (vec!["--profile", "nbt"], "this version of nbt cannot enforce egress-rate 512kbit"),
     ] {

@@ -20,6 +20,9 @@ use serde::Serialize;
 /// The controllers nbt sets limits with or reads accounting from.
 pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
+/// How peaks the kernel does not keep are measured (the run loop samples at this interval).
+pub const SAMPLED: &str = "sampled every 100 ms";
+
 /// The scheduler period nbt uses for CPU quotas: 100 ms, the kernel's default.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
@@ -420,7 +423,7 @@ impl RunCgroup {
                 stats.oom_kills = read_keyed(&dir.join("memory.oom_control")).get("oom_kill").copied();
                 if dir.join("memory.memsw.usage_in_bytes").exists() {
                     stats.swap_peak_bytes = Some(self.peaks.swap_bytes);
-                    stats.swap_peak_source = Some("sampled every 100 ms");
+                    stats.swap_peak_source = Some(SAMPLED);
                 }
             }
             None => {}
@@ -437,7 +440,10 @@ impl RunCgroup {
         }
 
         if let Some((_, dir)) = self.controller("pids") {
-            stats.pids_peak = read_u64(&dir.join("pids.peak")).or(Some(self.peaks.pids));
+            (stats.pids_peak, stats.pids_peak_source) = match read_u64(&dir.join("pids.peak")) {
+                Some(peak) => (Some(peak), Some("kernel")),
+                None => (Some(self.peaks.pids), Some(SAMPLED)),
+            };
             stats.forks_refused = read_keyed(&dir.join("pids.events")).get("max").copied();
         }
 
@@ -597,6 +603,8 @@ pub struct CgroupStats {
     pub cpu_throttled_periods: Option<u64>,
     pub cpu_throttled_usec: Option<u64>,
     pub pids_peak: Option<u64>,
+    /// "kernel" (pids.peak) or how it was sampled.
+    pub pids_peak_source: Option<&'static str>,
     /// fork()s and clone()s refused because the run hit its pids limit.
     pub forks_refused: Option<u64>,
     pub pressure: Option<Pressure>,

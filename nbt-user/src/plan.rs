@@ -104,7 +104,11 @@ pub struct Pending {
 
 impl fmt::Display for Pending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} ({}; {} is not implemented yet)", self.setting, self.value, self.origin, self.capability)
+        write!(
+            f,
+            "{} {} ({}; needs {}, not implemented yet)",
+            self.setting, self.value, self.origin, self.capability
+        )
     }
 }
 
@@ -341,7 +345,10 @@ mod tests {
             ]
         );
         let refusal = plan.refuse_pending().unwrap_err().to_string();
-        assert!(refusal.contains("egress-rate 512kbit (built-in profile nbt; network shaping"), "{refusal}");
+        assert!(
+            refusal.contains("egress-rate 512kbit (built-in profile nbt; needs network shaping"),
+            "{refusal}"
+        );
     }
 
     #[test]
@@ -431,6 +438,9 @@ mod tests {
         })
         .unwrap();
         let err = plan.refuse_pending().unwrap_err();
-        assert!(err.0.contains("--egress-rate 512kbit (flag; network shaping is not implemented yet)"), "{err}");
+        assert!(
+            err.0.contains("--egress-rate 512kbit (flag; needs network shaping, not implemented yet)"),
+            "{err}"
+        );
     }
 }

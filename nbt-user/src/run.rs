@@ -12,7 +12,7 @@ use crate::summary::RunSummary;
 use crate::supervise::{self, SpawnError};
 use crate::{account, loader};
 
-/// How often nbt samples what the kernel keeps no peak of.
+/// How often nbt samples what the kernel keeps no peak of (see [`crate::cgroup::SAMPLED`]).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Exit status for nbt's own failures before the workload ran (as env(1) and timeout(1) use).

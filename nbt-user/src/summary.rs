@@ -80,7 +80,9 @@ impl RunSummary {
                 usage as f64 / 1e6 / self.wall_seconds.max(1e-9)
             );
         }
-        if c.cpu_periods.is_some() {
+        if self.limits.cpu_millicores.is_none() {
+            let _ = writeln!(out, "  cpu throttled no CPU cap");
+        } else if c.cpu_periods.is_some() {
             let _ = writeln!(
                 out,
                 "  cpu throttled {} of {} periods, {} in all",
@@ -96,15 +98,16 @@ impl RunSummary {
             opt(c.memory_peak_bytes, format_size),
             of_limit(self.limits.memory_bytes),
             opt(c.swap_peak_bytes, format_size),
-            c.swap_peak_source.map(|s| format!(" ({s})")).unwrap_or_default()
+            c.swap_peak_source.filter(|s| *s != "kernel").map(|s| format!(" ({s})")).unwrap_or_default()
         );
         let _ = writeln!(out, "  oom kills     {}", opt(c.oom_kills, |n| n.to_string()));
         if c.pids_peak.is_some() {
             let _ = writeln!(
                 out,
-                "  processes     peak {}{}, {} forks refused",
+                "  processes     peak {}{}{}, {} forks refused",
                 opt(c.pids_peak, |n| n.to_string()),
                 self.limits.pids.map(|p| format!(" of {p}")).unwrap_or_default(),
+                c.pids_peak_source.filter(|s| *s != "kernel").map(|s| format!(" ({s})")).unwrap_or_default(),
                 opt(c.forks_refused, |n| n.to_string())
             );
         }

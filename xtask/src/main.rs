@@ -1,1 +1,196 @@
-fn main() {}
+//! `cargo xtask`: what a newcomer or CI needs, nothing the product needs at run time.
+//!
+//!   cargo xtask setup          install what this machine lacks (idempotent, fast when done)
+//!   cargo xtask run [-- ARGS]  set up, build, run `nbt ARGS` as root (default: `nbt demo`)
+//!   cargo xtask test           set up, build, run every test as root
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.10.0";
+const NIGHTLY: &str = "nightly";
+
+/// Debian packages the tests and benchmarks use, with why.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip and tc: network namespaces, veth pairs and qdiscs for the network tests"),
+];
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set up, build, run and test nbt")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: rust-src for nightly, bpf-linker, Debian packages
+    Setup,
+    /// Set up if needed, build (release), and run `nbt ARGS` as root; without ARGS, `nbt demo`
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up if needed, build, and run every test (unit and integration) as root
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup(),
+        Task::Run { args } => run(args),
+        Task::Test => test(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn is_root() -> bool {
+    std::env::var("USER").is_ok_and(|u| u == "root")
+        || Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// `program args`, through sudo (keeping the toolchain's environment) when we are not root.
+fn as_root(program: &str, args: &[&str]) -> Command {
+    if is_root() {
+        let mut command = Command::new(program);
+        command.args(args);
+        command
+    } else {
+        let mut command = Command::new("sudo");
+        command
+            .arg("--preserve-env=PATH,HOME,CARGO_HOME,RUSTUP_HOME,CARGO_TARGET_DIR")
+            .arg(program)
+            .args(args);
+        command
+    }
+}
+
+fn status(command: &mut Command) -> Result<bool> {
+    let shown = format!("{command:?}");
+    Ok(command.status().with_context(|| format!("running {shown}"))?.success())
+}
+
+fn check(command: &mut Command) -> Result<()> {
+    let shown = format!("{command:?}");
+    if !status(command)? {
+        bail!("{shown} failed");
+    }
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> Result<ExitCode> {
+    let mut installed = Vec::new();
+
+    let components = output("rustup", &["component", "list", "--toolchain", NIGHTLY, "--installed"]);
+    if components.is_none() {
+        bail!(
+            "the {NIGHTLY} toolchain is not installed (rustup toolchain list); nbt's eBPF programs are \
+             built with it: `rustup toolchain install {NIGHTLY} --profile minimal`"
+        );
+    }
+    if !components.unwrap().lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask setup: installing rust-src for the {NIGHTLY} toolchain (eBPF builds need core's source)");
+        check(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        installed.push("rust-src (nightly)".to_string());
+    }
+
+    let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!(
+            "xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about a minute)"
+        );
+        check(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))?;
+        installed.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    }
+
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| {
+            !output("dpkg-query", &["-W", "-f=${Status}", name]).is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        for (name, why) in DEBIAN_PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
+            eprintln!("xtask setup: installing Debian package {name}: {why}");
+        }
+        check(as_root("apt-get", &["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&missing);
+        check(as_root("apt-get", &args).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        installed.extend(missing.iter().map(|m| m.to_string()));
+    }
+
+    if installed.is_empty() {
+        eprintln!("xtask setup: nothing to install");
+    } else {
+        eprintln!("xtask setup: installed {}", installed.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.args(args).current_dir(workspace_root());
+    command
+}
+
+fn run(args: Vec<String>) -> Result<ExitCode> {
+    setup()?;
+    check(&mut cargo(&["build", "--release", "--package", "nbt-user", "--bins"]))?;
+    let nbt = workspace_root().join("target/release/nbt");
+    let args: Vec<String> = if args.is_empty() { vec!["demo".into()] } else { args };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let code = as_root(nbt.to_str().unwrap(), &args)
+        .status()
+        .with_context(|| format!("running {}", nbt.display()))?
+        .code()
+        .unwrap_or(1);
+    Ok(ExitCode::from(code as u8))
+}
+
+fn test() -> Result<ExitCode> {
+    setup()?;
+    // The integration tests run the nbt binary and the test workloads: build every binary first.
+    check(&mut cargo(&["build", "--bins"]))?;
+    // One test at a time: the CPU tests measure CPU time, which parallel tests would disturb.
+    let mut command = cargo(&["test", "--no-fail-fast", "--", "--test-threads=1"]);
+    if !is_root() {
+        let cargo_path = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        command = as_root(&cargo_path, &["test", "--no-fail-fast", "--", "--test-threads=1"]);
+        command.current_dir(workspace_root());
+    }
+    let passed = status(&mut command)?;
+    if !passed {
+        eprintln!("xtask test: some tests failed (see above)");
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("xtask test: all tests passed");
+    Ok(ExitCode::SUCCESS)
+}
