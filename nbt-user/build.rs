@@ -5,7 +5,9 @@
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {
-    let linker = std::process::Command::new("bpf-linker").arg("--version").output();
+    let linker = std::process::Command::new("bpf-linker")
+        .arg("--version")
+        .output();
     if linker.is_err() {
         return Err(anyhow!(
             "bpf-linker is not installed; run `cargo xtask setup` (it installs bpf-linker 0.10.0 and the \

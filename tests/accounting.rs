@@ -41,7 +41,10 @@ fn tcp_bytes_match_within_headers() {
     let report = run.stdout();
     let field = |name: &str| -> u64 {
         let words: Vec<&str> = report.split_whitespace().collect();
-        let at = words.iter().position(|w| *w == name).unwrap_or_else(|| panic!("{name} in {report}"));
+        let at = words
+            .iter()
+            .position(|w| *w == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"));
         words[at + 1].parse().unwrap()
     };
     let payload_on_wire = field("payload_bytes_sent");
@@ -50,7 +53,10 @@ fn tcp_bytes_match_within_headers() {
     let out_packets = run.u64("/network/egress/packets");
     // Each packet (a GSO super-packet counts once) carries at most 20 (IPv4) + 60 (TCP with
     // options) bytes of headers.
-    assert!(out_bytes >= payload_on_wire, "{out_bytes} bytes counted out, {report}");
+    assert!(
+        out_bytes >= payload_on_wire,
+        "{out_bytes} bytes counted out, {report}"
+    );
     assert!(
         out_bytes <= payload_on_wire + out_packets * 80,
         "{out_bytes} bytes in {out_packets} packets, {report}"
@@ -59,6 +65,9 @@ fn tcp_bytes_match_within_headers() {
     let in_bytes = run.u64("/network/ingress/bytes");
     let in_packets = run.u64("/network/ingress/packets");
     assert!(in_packets >= 2, "{in_packets} packets in");
-    assert!(in_bytes <= in_packets * 80, "{in_bytes} bytes in {in_packets} header-only packets");
+    assert!(
+        in_bytes <= in_packets * 80,
+        "{in_bytes} bytes in {in_packets} header-only packets"
+    );
     guard.assert_clean();
 }

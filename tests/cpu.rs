@@ -11,12 +11,18 @@ fn half_a_core_gives_a_busy_loop_half_a_core() {
     let wall = run.f64("/wall_seconds");
     let cores = cpu_seconds / wall;
     // ±10% of the target.
-    assert!((0.45..=0.55).contains(&cores), "{cores:.3} cores ({cpu_seconds:.2} s CPU in {wall:.2} s)");
+    assert!(
+        (0.45..=0.55).contains(&cores),
+        "{cores:.3} cores ({cpu_seconds:.2} s CPU in {wall:.2} s)"
+    );
     // The quota did the limiting: most 100 ms periods ended throttled.
     let periods = run.u64("/cgroup/cpu_periods");
     let throttled = run.u64("/cgroup/cpu_throttled_periods");
     assert!(periods >= 50, "{periods} periods in 6 s");
-    assert!(throttled * 10 >= periods * 8, "{throttled} of {periods} periods throttled");
+    assert!(
+        throttled * 10 >= periods * 8,
+        "{throttled} of {periods} periods throttled"
+    );
     guard.assert_clean();
 }
 

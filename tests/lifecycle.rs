@@ -62,16 +62,28 @@ fn killed_by_a_signal_exits_128_plus_n() {
 #[test]
 fn signals_sent_to_nbt_reach_the_workload() {
     let guard = NoLeftovers::new();
-    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
+    for (signal, name) in [
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGHUP, "SIGHUP"),
+    ] {
         let file = temp_file("signal");
         let child = start_awaiting(&file);
         // SAFETY: kill(2) of the nbt process this test started.
         unsafe { libc::kill(child.id() as i32, signal) };
         let output = child.wait_with_output().unwrap();
-        assert_eq!(output.status.code(), Some(42), "{}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(
+            output.status.code(),
+            Some(42),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), name);
         let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        assert_eq!(summary["exit"]["forwarded_signals"], serde_json::json!([name]));
+        assert_eq!(
+            summary["exit"]["forwarded_signals"],
+            serde_json::json!([name])
+        );
         let _ = std::fs::remove_file(&file);
     }
     guard.assert_clean();
@@ -95,8 +107,14 @@ fn cleanup_removes_a_crashed_run_and_only_that() {
     let live_file = temp_file("live");
     let mut crashed = start_awaiting(&crashed_file);
     let mut live = start_awaiting(&live_file);
-    let crashed_workload: i32 = std::fs::read_to_string(&crashed_file).unwrap().parse().unwrap();
-    let live_workload: i32 = std::fs::read_to_string(&live_file).unwrap().parse().unwrap();
+    let crashed_workload: i32 = std::fs::read_to_string(&crashed_file)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let live_workload: i32 = std::fs::read_to_string(&live_file)
+        .unwrap()
+        .parse()
+        .unwrap();
     let before = run_cgroups();
 
     // SAFETY: kill(2) of the nbt process this test started.
@@ -108,22 +126,34 @@ fn cleanup_removes_a_crashed_run_and_only_that() {
 
     let cleanup = nbt(&["cleanup"]);
     assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
-    assert!(cleanup.stderr().contains("removed nbt-"), "{}", cleanup.stderr());
+    assert!(
+        cleanup.stderr().contains("removed nbt-"),
+        "{}",
+        cleanup.stderr()
+    );
     assert!(cleanup.stderr().contains("is live"), "{}", cleanup.stderr());
     wait_for("the crashed run's workload to die", || {
         !std::path::Path::new(&format!("/proc/{crashed_workload}")).exists()
-            || std::fs::read_to_string(format!("/proc/{crashed_workload}/stat")).is_ok_and(|s| s.contains(") Z "))
+            || std::fs::read_to_string(format!("/proc/{crashed_workload}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
     });
     // The live run is untouched: its workload still runs and its cgroups are there.
     assert!(std::path::Path::new(&format!("/proc/{live_workload}")).exists());
     let remaining = run_cgroups();
-    assert!(!remaining.is_empty() && remaining.len() < before.len(), "{remaining:?} of {before:?}");
+    assert!(
+        !remaining.is_empty() && remaining.len() < before.len(),
+        "{remaining:?} of {before:?}"
+    );
 
     // SAFETY: kill(2) of the nbt process this test started.
     unsafe { libc::kill(live.id() as i32, libc::SIGTERM) };
     assert_eq!(live.wait().unwrap().code(), Some(42));
     let again = nbt(&["cleanup"]);
-    assert!(again.stderr().contains("nothing left behind"), "{}", again.stderr());
+    assert!(
+        again.stderr().contains("nothing left behind"),
+        "{}",
+        again.stderr()
+    );
     let _ = std::fs::remove_file(&crashed_file);
     let _ = std::fs::remove_file(&live_file);
     guard.assert_clean();
@@ -137,12 +167,18 @@ fn nbt_failing_before_the_workload_leaves_nothing() {
     assert_eq!(run.status(), 0, "{}", run.stderr());
     let missing = nbt(&["run", "--", "/nonexistent/program"]);
     assert_eq!(missing.status(), 127, "{}", missing.stderr());
-    assert!(missing.stderr().contains("command not found: /nonexistent/program"));
+    assert!(missing
+        .stderr()
+        .contains("command not found: /nonexistent/program"));
     let file = temp_file("not-executable");
     std::fs::write(&file, "data, no program\n").unwrap();
     let not_executable = nbt(&["run", "--", file.to_str().unwrap()]);
     assert_eq!(not_executable.status(), 126, "{}", not_executable.stderr());
-    assert!(not_executable.stderr().contains("cannot execute"), "{}", not_executable.stderr());
+    assert!(
+        not_executable.stderr().contains("cannot execute"),
+        "{}",
+        not_executable.stderr()
+    );
     let _ = std::fs::remove_file(&file);
     guard.assert_clean();
 }

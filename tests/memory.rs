@@ -14,10 +14,24 @@ fn allocating_past_the_cap_is_oom_killed_and_reported() {
     assert_eq!(run.summary.as_ref().unwrap()["exit"]["signal"], "SIGKILL");
     let peak = run.u64("/cgroup/memory_peak_bytes");
     assert!(peak <= 128 * MIB, "peak {peak} above the 128 MiB cap");
-    assert!(peak >= 100 * MIB, "peak {peak}: the workload never came near the cap");
-    assert_eq!(run.u64("/cgroup/swap_peak_bytes"), 0, "--swap 0 but swap was used");
-    assert!(run.stderr().contains("(the OOM killer)"), "{}", run.stderr());
-    assert!(!run.stdout().contains("allocated"), "the workload finished despite the cap");
+    assert!(
+        peak >= 100 * MIB,
+        "peak {peak}: the workload never came near the cap"
+    );
+    assert_eq!(
+        run.u64("/cgroup/swap_peak_bytes"),
+        0,
+        "--swap 0 but swap was used"
+    );
+    assert!(
+        run.stderr().contains("(the OOM killer)"),
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        !run.stdout().contains("allocated"),
+        "the workload finished despite the cap"
+    );
     guard.assert_clean();
 }
 
@@ -29,7 +43,10 @@ fn allocating_under_the_cap_succeeds_and_the_peak_is_measured() {
     assert!(run.stdout().contains("allocated 96 MiB"));
     assert_eq!(run.u64("/cgroup/oom_kills"), 0);
     let peak = run.u64("/cgroup/memory_peak_bytes");
-    assert!((96 * MIB..160 * MIB).contains(&peak), "peak {peak} for a 96 MiB workload");
+    assert!(
+        (96 * MIB..160 * MIB).contains(&peak),
+        "peak {peak} for a 96 MiB workload"
+    );
     assert_eq!(run.u64("/limits/memory_bytes"), 256 * MIB);
     guard.assert_clean();
 }

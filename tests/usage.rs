@@ -16,11 +16,23 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
         (vec!["--memory", "6X"], "invalid value '6X' for --memory"),
         (vec!["--memory", "512Mb"], "lower-case b means bits"),
         (vec!["--swap", "lots"], "invalid value 'lots' for --swap"),
-        (vec!["--cpus", "0"], "invalid value '0' for --cpus: must be greater than 0"),
+        (
+            vec!["--cpus", "0"],
+            "invalid value '0' for --cpus: must be greater than 0",
+        ),
         (vec!["--pids=-1"], "invalid value '-1' for --pids"),
-        (vec!["--egress-rate", "512kbps"], "--egress-rate 512kbps (flag; needs network shaping, not implemented yet)"),
-        (vec!["--profile", "nbtt"], "'nbtt' is neither a built-in profile"),
-        (vec!["--profile", "nbt"], "this version of nbt cannot enforce egress-rate 512kbit"),
+        (
+            vec!["--egress-rate", "512kbps"],
+            "--egress-rate 512kbps (flag; needs network shaping, not implemented yet)",
+        ),
+        (
+            vec!["--profile", "nbtt"],
+            "'nbtt' is neither a built-in profile",
+        ),
+        (
+            vec!["--profile", "nbt"],
+            "this version of nbt cannot enforce egress-rate 512kbit",
+        ),
     ] {
         let mut all = vec!["run"];
         all.extend(args.iter().copied());
@@ -28,7 +40,12 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
         let run = nbt(&all);
         assert_eq!(run.status(), 2, "{all:?}: {}", run.stderr());
         assert!(run.stderr().contains(expected), "{all:?}: {}", run.stderr());
-        assert_eq!(run.stderr().lines().count(), 1, "{all:?}: not one line: {}", run.stderr());
+        assert_eq!(
+            run.stderr().lines().count(),
+            1,
+            "{all:?}: not one line: {}",
+            run.stderr()
+        );
     }
     guard.assert_clean();
 }
@@ -50,7 +67,10 @@ fn not_root_is_refused_in_one_line() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(125), "{stderr}");
-    assert!(first_line(&stderr).contains("nbt must run as root"), "{stderr}");
+    assert!(
+        first_line(&stderr).contains("nbt must run as root"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -66,7 +86,13 @@ fn no_cgroup2_mounted_is_refused_naming_it() {
     unsafe {
         command.pre_exec(move || {
             if libc::unshare(libc::CLONE_NEWNS) != 0
-                || libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
+                || libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
                 || libc::umount2(mount_point.as_ptr(), libc::MNT_DETACH) != 0
             {
                 return Err(std::io::Error::last_os_error());
@@ -77,6 +103,9 @@ fn no_cgroup2_mounted_is_refused_naming_it() {
     let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(125), "{stderr}");
-    assert!(first_line(&stderr).contains("cgroup v2 is not mounted"), "{stderr}");
+    assert!(
+        first_line(&stderr).contains("cgroup v2 is not mounted"),
+        "{stderr}"
+    );
     guard.assert_clean();
 }

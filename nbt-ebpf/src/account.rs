@@ -4,12 +4,12 @@
 //! IP packet of every socket owned by a process in it, whatever the interface. They never drop:
 //! they return 1 (pass) always, so attaching them cannot change what the workload sees.
 
+use crate::atomic_add;
 use aya_ebpf::{
     macros::{cgroup_skb, map},
     maps::PerCpuArray,
     programs::SkBuffContext,
 };
-use crate::atomic_add;
 use nbt_common::account::{TrafficCounters, DIRECTIONS, EGRESS, INGRESS};
 
 const PASS: i32 = 1;

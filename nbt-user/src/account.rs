@@ -31,9 +31,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path) -> Result<()> {
             // Through a BPF link (Linux 5.7+) the attachment is always one of many, and the kernel
             // refuses any mode flag: "Single" is aya's way of passing none.
             .attach(&cgroup, attach_type, CgroupAttachMode::Single)
-            .with_context(|| {
-                format!("attaching BPF program {name} to {}", cgroup_dir.display())
-            })?;
+            .with_context(|| format!("attaching BPF program {name} to {}", cgroup_dir.display()))?;
     }
     Ok(())
 }

@@ -108,7 +108,9 @@ fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
 
 /// The directory of cgroup `path` (as /proc/self/cgroup names it) under a mount of that hierarchy.
 fn cgroup_dir(mount: &Mount, path: &str) -> PathBuf {
-    let relative = path.strip_prefix(mount.root.trim_end_matches('/')).unwrap_or(path);
+    let relative = path
+        .strip_prefix(mount.root.trim_end_matches('/'))
+        .unwrap_or(path);
     match relative.trim_start_matches('/') {
         "" => mount.mount_point.clone(),
         relative => mount.mount_point.join(relative),
@@ -148,7 +150,9 @@ impl Layout {
                     m.fstype == "cgroup" && m.super_options.iter().any(|o| o == controller)
                 });
                 if let Some(mount) = mount {
-                    layout.v1_self.insert(controller.clone(), cgroup_dir(mount, path));
+                    layout
+                        .v1_self
+                        .insert(controller.clone(), cgroup_dir(mount, path));
                 }
             }
         }
@@ -168,7 +172,12 @@ impl Layout {
 
     /// "unified", "hybrid" or "legacy", as systemd names the three.
     pub fn mode(&self) -> &'static str {
-        match (&self.v2_self, CONTROLLERS.iter().any(|c| self.placement(c) == Some(Placement::V1))) {
+        match (
+            &self.v2_self,
+            CONTROLLERS
+                .iter()
+                .any(|c| self.placement(c) == Some(Placement::V1)),
+        ) {
             (Some(_), false) => "unified",
             (Some(_), true) => "hybrid",
             (None, _) => "legacy",
@@ -282,7 +291,8 @@ impl RunCgroup {
         for controller in CONTROLLERS {
             match layout.placement(controller) {
                 Some(Placement::V2) => {
-                    run.controllers.insert(controller, (Placement::V2, run.v2.clone()));
+                    run.controllers
+                        .insert(controller, (Placement::V2, run.v2.clone()));
                 }
                 Some(Placement::V1) => {
                     let dir = layout.v1_self[controller].join(name);
@@ -412,7 +422,9 @@ impl RunCgroup {
         match self.controller("memory") {
             Some((Placement::V2, dir)) => {
                 stats.memory_peak_bytes = read_u64(&dir.join("memory.peak"));
-                stats.oom_kills = read_keyed(&dir.join("memory.events")).get("oom_kill").copied();
+                stats.oom_kills = read_keyed(&dir.join("memory.events"))
+                    .get("oom_kill")
+                    .copied();
                 if let Some(peak) = read_u64(&dir.join("memory.swap.peak")) {
                     stats.swap_peak_bytes = Some(peak);
                     stats.swap_peak_source = Some("kernel");
@@ -420,7 +432,9 @@ impl RunCgroup {
             }
             Some((Placement::V1, dir)) => {
                 stats.memory_peak_bytes = read_u64(&dir.join("memory.max_usage_in_bytes"));
-                stats.oom_kills = read_keyed(&dir.join("memory.oom_control")).get("oom_kill").copied();
+                stats.oom_kills = read_keyed(&dir.join("memory.oom_control"))
+                    .get("oom_kill")
+                    .copied();
                 if dir.join("memory.memsw.usage_in_bytes").exists() {
                     stats.swap_peak_bytes = Some(self.peaks.swap_bytes);
                     stats.swap_peak_source = Some(SAMPLED);
@@ -485,7 +499,11 @@ pub fn kill_and_remove(dirs: &[PathBuf]) -> Result<usize> {
             break;
         }
         // cgroup.kill (v2, Linux 5.14+) also catches processes forking while we kill.
-        if let Some(kill) = dirs.iter().map(|d| d.join("cgroup.kill")).find(|f| f.exists()) {
+        if let Some(kill) = dirs
+            .iter()
+            .map(|d| d.join("cgroup.kill"))
+            .find(|f| f.exists())
+        {
             let _ = fs::write(kill, "1");
         }
         for pid in pids {
@@ -495,7 +513,10 @@ pub fn kill_and_remove(dirs: &[PathBuf]) -> Result<usize> {
             }
         }
         if Instant::now() > deadline {
-            bail!("processes in {} did not exit within 10 s of SIGKILL", dirs[0].display());
+            bail!(
+                "processes in {} did not exit within 10 s of SIGKILL",
+                dirs[0].display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -542,7 +563,8 @@ fn enable_v2_controllers(parent: &Path, wanted: &[&str]) -> Result<()> {
                     parent.display()
                 );
             }
-            return Err(err).with_context(|| format!("writing '+{controller}' to {}", file.display()));
+            return Err(err)
+                .with_context(|| format!("writing '+{controller}' to {}", file.display()));
         }
     }
     Ok(())
@@ -633,7 +655,10 @@ mod tests {
     #[test]
     fn hybrid_layout_uses_v1_for_limits_and_v2_for_bpf() {
         let layout = Layout::from_texts(HYBRID_MOUNTINFO, HYBRID_SELF);
-        assert_eq!(layout.v2_self.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            layout.v2_self.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(
             layout.v1_self.get("memory").map(PathBuf::as_path),
             Some(Path::new("/sys/fs/cgroup/memory/process_api/abc"))
@@ -651,9 +676,18 @@ mod tests {
 ";
         let own = "3:cpu,cpuacct:/outer/inner\n0::/a/b\n";
         let layout = Layout::from_texts(mountinfo, own);
-        assert_eq!(layout.v1_self["cpu"], PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/inner"));
-        assert_eq!(layout.v1_self["cpuacct"], PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/inner"));
-        assert_eq!(layout.v2_self, Some(PathBuf::from("/sys/fs/cgroup/unified tree/a/b")));
+        assert_eq!(
+            layout.v1_self["cpu"],
+            PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/inner")
+        );
+        assert_eq!(
+            layout.v1_self["cpuacct"],
+            PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/inner")
+        );
+        assert_eq!(
+            layout.v2_self,
+            Some(PathBuf::from("/sys/fs/cgroup/unified tree/a/b"))
+        );
     }
 
     #[test]
@@ -670,7 +704,11 @@ mod tests {
     #[test]
     fn keyed_files_and_pressure_parse() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("cpu.stat"), "usage_usec 1200\nnr_throttled 3\n").unwrap();
+        fs::write(
+            dir.path().join("cpu.stat"),
+            "usage_usec 1200\nnr_throttled 3\n",
+        )
+        .unwrap();
         fs::write(
             dir.path().join("memory.pressure"),
             "some avg10=0.00 avg60=0.00 avg300=0.00 total=42\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n",

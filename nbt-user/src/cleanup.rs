@@ -24,12 +24,19 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
             }
         };
         if record.supervisor_alive() {
-            eprintln!("nbt cleanup: {} is live (nbt pid {}): left alone", record.name, record.supervisor_pid);
+            eprintln!(
+                "nbt cleanup: {} is live (nbt pid {}): left alone",
+                record.name, record.supervisor_pid
+            );
             live += 1;
             continue;
         }
         if dry_run {
-            eprintln!("nbt cleanup: would remove {} ({} cgroups)", record.name, record.cgroups.len());
+            eprintln!(
+                "nbt cleanup: would remove {} ({} cgroups)",
+                record.name,
+                record.cgroups.len()
+            );
             continue;
         }
         match remove_run(&record) {

@@ -30,7 +30,7 @@ pub struct Cli {
 pub enum Command {
     /// Run COMMAND under scarcity, print a summary
     #[command(after_help = AFTER_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The built-in scenario: nbt's training workload under the `nbt` profile
     Demo(DemoArgs),
     /// List what this kernel and machine support, feature by feature
@@ -193,12 +193,15 @@ pub fn main() -> i32 {
     let signals = supervise::block_signals();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run_command(args, &signals),
+        Command::Run(args) => run_command(*args, &signals),
         Command::Demo(args) => crate::demo::demo(args, &signals),
         Command::Probe { json } => {
             let features = crate::probe::probe();
             if json {
-                println!("{}", serde_json::to_string_pretty(&features).expect("features serialize"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&features).expect("features serialize")
+                );
             } else {
                 crate::probe::print_human(&features);
             }
@@ -218,7 +221,9 @@ pub fn main() -> i32 {
 }
 
 fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
-    let flags = args.limits.flags(args.profile.clone(), args.not_yet.given());
+    let flags = args
+        .limits
+        .flags(args.profile.clone(), args.not_yet.given());
     let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {
@@ -245,7 +250,10 @@ pub fn execute_and_report(
         Ok(summary) => {
             eprint!("{}", summary.human());
             if json {
-                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string(&summary).expect("summary serializes")
+                );
             }
             summary.exit.status
         }

@@ -45,7 +45,10 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     }
 
     eprintln!("nbt demo: training a small model under the `nbt` profile");
-    eprintln!("  enforced:          {}", crate::summary::RunSummary::limits_text(&plan.limits));
+    eprintln!(
+        "  enforced:          {}",
+        crate::summary::RunSummary::limits_text(&plan.limits)
+    );
     for pending in &plan.pending {
         eprintln!("  not yet enforced:  {pending}");
     }

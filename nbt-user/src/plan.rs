@@ -165,7 +165,10 @@ impl Profile {
     pub fn load(name_or_path: &str) -> Result<(String, Profile), PlanError> {
         match name_or_path {
             "none" => Ok(("none".into(), Profile::default())),
-            "nbt" => Ok(("nbt".into(), Self::parse(NBT_PROFILE, "built-in profile nbt")?)),
+            "nbt" => Ok((
+                "nbt".into(),
+                Self::parse(NBT_PROFILE, "built-in profile nbt")?,
+            )),
             path => {
                 let file = Path::new(path);
                 if !file.exists() {
@@ -176,14 +179,20 @@ impl Profile {
                 }
                 let text = std::fs::read_to_string(file)
                     .map_err(|e| PlanError(format!("--profile: reading {path}: {e}")))?;
-                Ok((path.to_string(), Self::parse(&text, &format!("profile {path}"))?))
+                Ok((
+                    path.to_string(),
+                    Self::parse(&text, &format!("profile {path}"))?,
+                ))
             }
         }
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Profile, PlanError> {
         toml::from_str(text).map_err(|e| {
-            PlanError(format!("{origin}: {}", e.to_string().trim_end().replace('\n', " ")))
+            PlanError(format!(
+                "{origin}: {}",
+                e.to_string().trim_end().replace('\n', " ")
+            ))
         })
     }
 
@@ -239,13 +248,15 @@ impl Plan {
         };
 
         // The text of each setting and the name to report it by: the flag, or the profile key.
-        let pick = |flag: &Option<String>, key: &str, value: &Option<toml::Value>| {
-            match (flag, value) {
+        let pick =
+            |flag: &Option<String>, key: &str, value: &Option<toml::Value>| match (flag, value) {
                 (Some(text), _) => Ok(Some((text.clone(), format!("--{key}")))),
-                (None, Some(v)) => Ok(Some((value_text(key, &origin, v)?, format!("{key} ({origin})")))),
+                (None, Some(v)) => Ok(Some((
+                    value_text(key, &origin, v)?,
+                    format!("{key} ({origin})"),
+                ))),
                 (None, None) => Ok::<_, PlanError>(None),
-            }
-        };
+            };
 
         let mut limits = Limits::default();
         if let Some((text, name)) = pick(&flags.memory, "memory", &profile.memory)? {
@@ -304,7 +315,11 @@ impl Plan {
             "refusing to run: this version of nbt cannot enforce {}. Remove {} (a profile's \
              limits can be overridden by flags; `--profile none` starts from no limits)",
             list.join("; "),
-            if self.pending.len() == 1 { "it" } else { "them" }
+            if self.pending.len() == 1 {
+                "it"
+            } else {
+                "them"
+            }
         )))
     }
 }
@@ -378,7 +393,10 @@ mod tests {
             ..flags()
         })
         .unwrap_err();
-        assert!(err.0.starts_with("invalid value '6X' for --memory"), "{err}");
+        assert!(
+            err.0.starts_with("invalid value '6X' for --memory"),
+            "{err}"
+        );
         let err = Plan::build(&Flags {
             memory: Some("512K".into()),
             ..flags()
@@ -427,7 +445,10 @@ mod tests {
             ..flags()
         })
         .unwrap_err();
-        assert!(err.0.contains("neither a built-in profile (nbt, none)"), "{err}");
+        assert!(
+            err.0.contains("neither a built-in profile (nbt, none)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -439,7 +460,9 @@ mod tests {
         .unwrap();
         let err = plan.refuse_pending().unwrap_err();
         assert!(
-            err.0.contains("--egress-rate 512kbit (flag; needs network shaping, not implemented yet)"),
+            err.0.contains(
+                "--egress-rate 512kbit (flag; needs network shaping, not implemented yet)"
+            ),
             "{err}"
         );
     }

@@ -19,7 +19,12 @@ pub struct Feature {
     pub detail: String,
 }
 
-fn feature(group: &'static str, name: impl Into<String>, available: bool, detail: impl Into<String>) -> Feature {
+fn feature(
+    group: &'static str,
+    name: impl Into<String>,
+    available: bool,
+    detail: impl Into<String>,
+) -> Feature {
     Feature {
         group,
         name: name.into(),
@@ -41,26 +46,55 @@ fn cgroups(out: &mut Vec<Feature>) {
     let layout = match Layout::detect() {
         Ok(layout) => layout,
         Err(err) => {
-            out.push(feature("cgroups", "cgroup filesystem", false, format!("{err:#}")));
+            out.push(feature(
+                "cgroups",
+                "cgroup filesystem",
+                false,
+                format!("{err:#}"),
+            ));
             return;
         }
     };
     out.push(match &layout.v2_self {
-        Some(dir) => feature("cgroups", "cgroup v2", true, format!("{} (mode: {})", dir.display(), layout.mode())),
-        None => feature("cgroups", "cgroup v2", false, "cgroup2 is not mounted: nbt attaches its BPF programs there"),
+        Some(dir) => feature(
+            "cgroups",
+            "cgroup v2",
+            true,
+            format!("{} (mode: {})", dir.display(), layout.mode()),
+        ),
+        None => feature(
+            "cgroups",
+            "cgroup v2",
+            false,
+            "cgroup2 is not mounted: nbt attaches its BPF programs there",
+        ),
     });
     for controller in CONTROLLERS.into_iter().chain(["freezer"]) {
         let detail = match layout.placement(controller) {
             Some(Placement::V2) => "in cgroup v2".to_string(),
-            Some(Placement::V1) => format!("in cgroup v1 at {}", layout.v1_self[controller].display()),
+            Some(Placement::V1) => {
+                format!("in cgroup v1 at {}", layout.v1_self[controller].display())
+            }
             None => "mounted in neither cgroup v2 nor v1".to_string(),
         };
-        out.push(feature("cgroups", format!("{controller} controller"), layout.placement(controller).is_some(), detail));
+        out.push(feature(
+            "cgroups",
+            format!("{controller} controller"),
+            layout.placement(controller).is_some(),
+            detail,
+        ));
     }
     let swap = match layout.placement("memory") {
         Some(Placement::V2) => feature("cgroups", "swap limits", true, "memory.swap.max"),
-        Some(Placement::V1) if layout.v1_swap_accounting() => feature("cgroups", "swap limits", true, "v1 memory.memsw.*"),
-        Some(Placement::V1) => feature("cgroups", "swap limits", false, "no memory.memsw.* files: boot with swapaccount=1"),
+        Some(Placement::V1) if layout.v1_swap_accounting() => {
+            feature("cgroups", "swap limits", true, "v1 memory.memsw.*")
+        }
+        Some(Placement::V1) => feature(
+            "cgroups",
+            "swap limits",
+            false,
+            "no memory.memsw.* files: boot with swapaccount=1",
+        ),
         None => feature("cgroups", "swap limits", false, "no memory controller"),
     };
     out.push(swap);
@@ -69,25 +103,53 @@ fn cgroups(out: &mut Vec<Feature>) {
         "cgroups",
         "pressure stall information",
         psi,
-        if psi { "/proc/pressure and cgroup v2 *.pressure files" } else { "/proc/pressure absent: kernel without CONFIG_PSI, or booted with psi=0" },
+        if psi {
+            "/proc/pressure and cgroup v2 *.pressure files"
+        } else {
+            "/proc/pressure absent: kernel without CONFIG_PSI, or booted with psi=0"
+        },
     ));
 }
 
 fn bpf(out: &mut Vec<Feature>) {
     let programs = [
-        (ProgramType::CgroupSkb, "cgroup_skb", "byte accounting and shaping"),
-        (ProgramType::CgroupSockAddr, "cgroup_sock_addr", "the balance gate (connect, sendmsg)"),
-        (ProgramType::SchedClassifier, "sched_cls", "EDT latency on tc egress"),
-        (ProgramType::RawTracePoint, "raw_tracepoint", "sched_switch CPU-time telemetry"),
+        (
+            ProgramType::CgroupSkb,
+            "cgroup_skb",
+            "byte accounting and shaping",
+        ),
+        (
+            ProgramType::CgroupSockAddr,
+            "cgroup_sock_addr",
+            "the balance gate (connect, sendmsg)",
+        ),
+        (
+            ProgramType::SchedClassifier,
+            "sched_cls",
+            "EDT latency on tc egress",
+        ),
+        (
+            ProgramType::RawTracePoint,
+            "raw_tracepoint",
+            "sched_switch CPU-time telemetry",
+        ),
         (ProgramType::PerfEvent, "perf_event", "hardware counters"),
     ];
     for (program_type, name, used_for) in programs {
         let (available, detail) = match is_program_supported(program_type) {
             Ok(true) => (true, format!("for {used_for}")),
-            Ok(false) => (false, format!("the kernel refuses this program type; needed for {used_for}")),
+            Ok(false) => (
+                false,
+                format!("the kernel refuses this program type; needed for {used_for}"),
+            ),
             Err(err) => (false, format!("probe failed: {err} (run as root)")),
         };
-        out.push(feature("bpf", format!("{name} programs"), available, detail));
+        out.push(feature(
+            "bpf",
+            format!("{name} programs"),
+            available,
+            detail,
+        ));
     }
     let maps = [
         (MapType::PerCpuArray, "percpu_array"),
@@ -109,7 +171,11 @@ fn bpf(out: &mut Vec<Feature>) {
         "bpf",
         "BTF",
         btf,
-        if btf { "/sys/kernel/btf/vmlinux" } else { "/sys/kernel/btf/vmlinux absent (CONFIG_DEBUG_INFO_BTF off)" },
+        if btf {
+            "/sys/kernel/btf/vmlinux"
+        } else {
+            "/sys/kernel/btf/vmlinux absent (CONFIG_DEBUG_INFO_BTF off)"
+        },
     ));
 }
 
@@ -117,7 +183,9 @@ fn bpf(out: &mut Vec<Feature>) {
 fn kernel_config() -> Option<String> {
     let file = std::fs::File::open("/proc/config.gz").ok()?;
     let mut text = String::new();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut text).ok()?;
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .ok()?;
     Some(text)
 }
 
@@ -125,27 +193,67 @@ fn module_present(module: &str) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let dir = Path::new("/lib/modules").join(release.trim());
     let listing = std::fs::read_to_string(dir.join("modules.dep")).unwrap_or_default();
-    listing.lines().any(|l| l.split(':').next().is_some_and(|p| p.ends_with(&format!("/{module}.ko")) || p.contains(&format!("/{module}.ko."))))
+    listing.lines().any(|l| {
+        l.split(':').next().is_some_and(|p| {
+            p.ends_with(&format!("/{module}.ko")) || p.contains(&format!("/{module}.ko."))
+        })
+    })
 }
 
 fn qdiscs(out: &mut Vec<Feature>) {
     let config = kernel_config();
     let qdiscs = [
-        ("fq", "NET_SCH_FQ", "sch_fq", "EDT pacing for --latency/--jitter"),
-        ("netem", "NET_SCH_NETEM", "sch_netem", "the seed's reference method (benchmarks)"),
-        ("htb", "NET_SCH_HTB", "sch_htb", "the seed's reference method (benchmarks)"),
-        ("clsact", "NET_SCH_INGRESS", "sch_ingress", "tc BPF programs"),
+        (
+            "fq",
+            "NET_SCH_FQ",
+            "sch_fq",
+            "EDT pacing for --latency/--jitter",
+        ),
+        (
+            "netem",
+            "NET_SCH_NETEM",
+            "sch_netem",
+            "the seed's reference method (benchmarks)",
+        ),
+        (
+            "htb",
+            "NET_SCH_HTB",
+            "sch_htb",
+            "the seed's reference method (benchmarks)",
+        ),
+        (
+            "clsact",
+            "NET_SCH_INGRESS",
+            "sch_ingress",
+            "tc BPF programs",
+        ),
     ];
     for (name, option, module, used_for) in qdiscs {
         let (available, detail) = match &config {
-            None => (false, "unknown: /proc/config.gz is absent, so the kernel's build options cannot be read".to_string()),
+            None => (
+                false,
+                "unknown: /proc/config.gz is absent, so the kernel's build options cannot be read"
+                    .to_string(),
+            ),
             Some(config) => {
-                let setting = config.lines().find_map(|l| l.strip_prefix(&format!("CONFIG_{option}=")));
+                let setting = config
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("CONFIG_{option}=")));
                 match setting {
                     Some("y") => (true, format!("built in; for {used_for}")),
-                    Some("m") if module_present(module) => (true, format!("module {module}; for {used_for}")),
-                    Some("m") => (false, format!("built as module {module}, but it is not installed under /lib/modules")),
-                    _ => (false, format!("not built (CONFIG_{option} is not set); needed for {used_for}")),
+                    Some("m") if module_present(module) => {
+                        (true, format!("module {module}; for {used_for}"))
+                    }
+                    Some("m") => (
+                        false,
+                        format!(
+                            "built as module {module}, but it is not installed under /lib/modules"
+                        ),
+                    ),
+                    _ => (
+                        false,
+                        format!("not built (CONFIG_{option} is not set); needed for {used_for}"),
+                    ),
                 }
             }
         };
@@ -160,7 +268,11 @@ fn hardware(out: &mut Vec<Feature>) {
         "hardware",
         "hardware PMU (cycles, instructions)",
         pmu,
-        if pmu { "perf event source 'cpu'" } else { "no 'cpu' perf event source (a VM without PMU passthrough): attribution uses CPU time" },
+        if pmu {
+            "perf event source 'cpu'"
+        } else {
+            "no 'cpu' perf event source (a VM without PMU passthrough): attribution uses CPU time"
+        },
     ));
     let rapl_perf = Path::new("/sys/bus/event_source/devices/power").exists();
     let rapl_powercap = Path::new("/sys/class/powercap/intel-rapl:0").exists();
@@ -179,7 +291,11 @@ fn hardware(out: &mut Vec<Feature>) {
         "hardware",
         "NVML (NVIDIA GPUs)",
         nvml,
-        if nvml { "libnvidia-ml.so.1 loads" } else { "libnvidia-ml.so.1 not found: no NVIDIA driver on this machine" },
+        if nvml {
+            "libnvidia-ml.so.1 loads"
+        } else {
+            "libnvidia-ml.so.1 not found: no NVIDIA driver on this machine"
+        },
     ));
     let cpufreq = Path::new("/sys/devices/system/cpu/cpu0/cpufreq/scaling_max_freq").exists();
     out.push(feature(
@@ -194,14 +310,21 @@ fn hardware(out: &mut Vec<Feature>) {
         "hardware",
         "turbo control",
         turbo,
-        if turbo { "intel_pstate no_turbo or cpufreq boost" } else { "neither intel_pstate/no_turbo nor cpufreq/boost exists" },
+        if turbo {
+            "intel_pstate no_turbo or cpufreq boost"
+        } else {
+            "neither intel_pstate/no_turbo nor cpufreq/boost exists"
+        },
     ));
 }
 
 fn nvml_library() -> bool {
     // SAFETY: dlopen with a constant C string; the handle is closed at once.
     unsafe {
-        let handle = libc::dlopen(c"libnvidia-ml.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+        let handle = libc::dlopen(
+            c"libnvidia-ml.so.1".as_ptr(),
+            libc::RTLD_LAZY | libc::RTLD_LOCAL,
+        );
         if handle.is_null() {
             return false;
         }

@@ -81,7 +81,10 @@ pub fn execute(
         supervisor_start_time: state::process_start_time(std::process::id() as i32)
             .context("reading nbt's own start time from /proc")?,
         cgroups: layout.run_dirs(&name)?,
-        command: command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        command: command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
     };
     let _record = RecordGuard(record.write(&state::state_dir())?);
 

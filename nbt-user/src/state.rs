@@ -21,7 +21,10 @@ pub fn new_run_name() -> Result<String> {
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("reading /dev/urandom")?;
-    Ok(format!("nbt-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+    Ok(format!(
+        "nbt-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
 }
 
 /// The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the

@@ -42,7 +42,12 @@ impl RunSummary {
             parts.push(format!("swap {}", format_size(b)));
         }
         if let Some(m) = limits.cpu_millicores {
-            parts.push(format!("cpus {} ({} µs per {} µs)", m as f64 / 1000.0, m * CPU_PERIOD_US / 1000, CPU_PERIOD_US));
+            parts.push(format!(
+                "cpus {} ({} µs per {} µs)",
+                m as f64 / 1000.0,
+                m * CPU_PERIOD_US / 1000,
+                CPU_PERIOD_US
+            ));
         }
         if let Some(p) = limits.pids {
             parts.push(format!("pids {p}"));
@@ -61,14 +66,23 @@ impl RunSummary {
         let how = match (&self.exit.code, &self.exit.signal) {
             (Some(code), _) => format!("exit status {code}"),
             (None, Some(signal)) if c.oom_kills.unwrap_or(0) > 0 && signal == "SIGKILL" => {
-                format!("killed by {signal} (the OOM killer), status {}", self.exit.status)
+                format!(
+                    "killed by {signal} (the OOM killer), status {}",
+                    self.exit.status
+                )
             }
             (None, Some(signal)) => format!("killed by {signal}, status {}", self.exit.status),
             (None, None) => format!("status {}", self.exit.status),
         };
         let _ = writeln!(out, "nbt: {} ended: {how}", self.run);
         let _ = writeln!(out, "  command       {}", self.command.join(" "));
-        let _ = writeln!(out, "  limits        {} [profile {}, cgroups {}]", Self::limits_text(&self.limits), self.profile, self.cgroup_mode);
+        let _ = writeln!(
+            out,
+            "  limits        {} [profile {}, cgroups {}]",
+            Self::limits_text(&self.limits),
+            self.profile,
+            self.cgroup_mode
+        );
         let _ = writeln!(out, "  wall time     {:.2} s", self.wall_seconds);
         if let Some(usage) = c.cpu_usage_usec {
             let _ = writeln!(
@@ -91,23 +105,40 @@ impl RunSummary {
                 opt(c.cpu_throttled_usec, seconds)
             );
         }
-        let of_limit = |limit: Option<u64>| limit.map(|l| format!(" of {}", format_size(l))).unwrap_or_default();
+        let of_limit = |limit: Option<u64>| {
+            limit
+                .map(|l| format!(" of {}", format_size(l)))
+                .unwrap_or_default()
+        };
         let _ = writeln!(
             out,
             "  memory peak   {}{}; swap peak {}{}",
             opt(c.memory_peak_bytes, format_size),
             of_limit(self.limits.memory_bytes),
             opt(c.swap_peak_bytes, format_size),
-            c.swap_peak_source.filter(|s| *s != "kernel").map(|s| format!(" ({s})")).unwrap_or_default()
+            c.swap_peak_source
+                .filter(|s| *s != "kernel")
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default()
         );
-        let _ = writeln!(out, "  oom kills     {}", opt(c.oom_kills, |n| n.to_string()));
+        let _ = writeln!(
+            out,
+            "  oom kills     {}",
+            opt(c.oom_kills, |n| n.to_string())
+        );
         if c.pids_peak.is_some() {
             let _ = writeln!(
                 out,
                 "  processes     peak {}{}{}, {} forks refused",
                 opt(c.pids_peak, |n| n.to_string()),
-                self.limits.pids.map(|p| format!(" of {p}")).unwrap_or_default(),
-                c.pids_peak_source.filter(|s| *s != "kernel").map(|s| format!(" ({s})")).unwrap_or_default(),
+                self.limits
+                    .pids
+                    .map(|p| format!(" of {p}"))
+                    .unwrap_or_default(),
+                c.pids_peak_source
+                    .filter(|s| *s != "kernel")
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default(),
                 opt(c.forks_refused, |n| n.to_string())
             );
         }
@@ -134,7 +165,11 @@ impl RunSummary {
             );
         }
         if !self.exit.forwarded_signals.is_empty() {
-            let _ = writeln!(out, "  signals       forwarded {}", self.exit.forwarded_signals.join(", "));
+            let _ = writeln!(
+                out,
+                "  signals       forwarded {}",
+                self.exit.forwarded_signals.join(", ")
+            );
         }
         out
     }

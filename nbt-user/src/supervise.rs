@@ -69,7 +69,9 @@ impl std::fmt::Display for SpawnError {
         match self {
             SpawnError::NotFound(cmd) => write!(f, "command not found: {cmd}"),
             SpawnError::NotExecutable(cmd, e) => write!(f, "cannot execute {cmd}: {e}"),
-            SpawnError::Failed(cmd, e) => write!(f, "starting {cmd} inside its cgroups failed: {e}"),
+            SpawnError::Failed(cmd, e) => {
+                write!(f, "starting {cmd} inside its cgroups failed: {e}")
+            }
         }
     }
 }
@@ -173,7 +175,12 @@ pub fn signal_name(signal: i32) -> String {
 
 /// Waits for `pid` to end, forwarding signals (see the module comment) and calling `tick` about
 /// every `interval` so the caller can sample what the kernel does not keep.
-pub fn wait(pid: i32, signals: &libc::sigset_t, interval: Duration, mut tick: impl FnMut()) -> Exit {
+pub fn wait(
+    pid: i32,
+    signals: &libc::sigset_t,
+    interval: Duration,
+    mut tick: impl FnMut(),
+) -> Exit {
     let mut forwarded = Vec::new();
     let mut next_tick = Instant::now() + interval;
     loop {

@@ -29,14 +29,21 @@ impl std::error::Error for UsageError {}
 
 pub const SIZE_FORMS: &str = "a byte count with a unit: 512K, 512M, 6G, 1T (powers of 1024; also \
      KiB/MiB/GiB/TiB), 500MB, 6GB (powers of 1000), or 0";
-pub const RATE_FORMS: &str = "bits per second as tc writes them: 512kbit, 10mbit, 1gbit (powers of \
+pub const RATE_FORMS: &str =
+    "bits per second as tc writes them: 512kbit, 10mbit, 1gbit (powers of \
      1000), or bytes per second: 64KB/s, 10MB/s (powers of 1000), 64KiB/s (powers of 1024)";
-pub const PERCENT_FORMS: &str = "a percentage from 0% to 100% (5%, 0.5%) or a fraction from 0 to 1 (0.05)";
+pub const PERCENT_FORMS: &str =
+    "a percentage from 0% to 100% (5%, 0.5%) or a fraction from 0 to 1 (0.05)";
 pub const DURATION_FORMS: &str = "a number with a unit: 500us, 100ms, 2s, 1.5s, 5m, 1h";
 pub const CPUS_FORMS: &str = "a number of cores greater than 0, up to 3 decimals: 0.5, 1, 2.25";
 pub const COUNT_FORMS: &str = "a whole number greater than 0";
 
-fn error(flag: &str, value: &str, problem: impl Into<String>, accepted: &'static str) -> UsageError {
+fn error(
+    flag: &str,
+    value: &str,
+    problem: impl Into<String>,
+    accepted: &'static str,
+) -> UsageError {
     UsageError {
         flag: flag.to_string(),
         value: value.to_string(),
@@ -81,7 +88,9 @@ pub fn parse_size(flag: &str, text: &str) -> Result<u64, UsageError> {
         "GB" => 1_000_000_000,
         "TB" => 1_000_000_000_000,
         u if u.ends_with('b') || u.to_ascii_lowercase().ends_with("bit") => {
-            return Err(bad("a lower-case b means bits; sizes are bytes (write M or MB)"))
+            return Err(bad(
+                "a lower-case b means bits; sizes are bytes (write M or MB)",
+            ))
         }
         _ => return Err(bad("unknown unit")),
     };
@@ -130,7 +139,11 @@ pub fn parse_percent(flag: &str, text: &str) -> Result<f64, UsageError> {
     let fraction = match unit {
         "%" => number / 100.0,
         "" if number <= 1.0 => number,
-        "" => return Err(bad("a bare number above 1 is ambiguous: write it with % (5%)")),
+        "" => {
+            return Err(bad(
+                "a bare number above 1 is ambiguous: write it with % (5%)",
+            ))
+        }
         _ => return Err(bad("unknown unit")),
     };
     if fraction > 1.0 {
@@ -287,9 +300,15 @@ mod tests {
     fn rates_rejected_with_reason() {
         let err = parse_rate("--egress-rate", "512kbps").unwrap_err();
         assert!(err.problem.contains("ambiguous"), "{err}");
-        assert!(err.problem.contains("512kbit") && err.problem.contains("512KB/s"), "{err}");
+        assert!(
+            err.problem.contains("512kbit") && err.problem.contains("512KB/s"),
+            "{err}"
+        );
         let err = parse_rate("--egress-rate", "10Mbps").unwrap_err();
-        assert!(err.problem.contains("10mbit") && err.problem.contains("10MB/s"), "{err}");
+        assert!(
+            err.problem.contains("10mbit") && err.problem.contains("10MB/s"),
+            "{err}"
+        );
         for (text, problem) in [
             ("512", "a unit is required"),
             ("fast", "not a rate"),
@@ -322,14 +341,38 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("--latency", "100ms"), Ok(Duration::from_millis(100)));
-        assert_eq!(parse_duration("--latency", "2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("--latency", "1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("--latency", "500us"), Ok(Duration::from_micros(500)));
-        assert_eq!(parse_duration("--latency", "250µs"), Ok(Duration::from_micros(250)));
-        assert_eq!(parse_duration("--latency", "10ns"), Ok(Duration::from_nanos(10)));
-        assert_eq!(parse_duration("--latency", "5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("--latency", "1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_duration("--latency", "100ms"),
+            Ok(Duration::from_millis(100))
+        );
+        assert_eq!(
+            parse_duration("--latency", "2s"),
+            Ok(Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse_duration("--latency", "1.5s"),
+            Ok(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse_duration("--latency", "500us"),
+            Ok(Duration::from_micros(500))
+        );
+        assert_eq!(
+            parse_duration("--latency", "250µs"),
+            Ok(Duration::from_micros(250))
+        );
+        assert_eq!(
+            parse_duration("--latency", "10ns"),
+            Ok(Duration::from_nanos(10))
+        );
+        assert_eq!(
+            parse_duration("--latency", "5m"),
+            Ok(Duration::from_secs(300))
+        );
+        assert_eq!(
+            parse_duration("--latency", "1h"),
+            Ok(Duration::from_secs(3600))
+        );
         for (text, problem) in [
             ("100", "a unit is required"),
             ("100 parsecs", "unknown unit"),
@@ -360,9 +403,18 @@ mod tests {
     #[test]
     fn counts() {
         assert_eq!(parse_count("--pids", "32"), Ok(32));
-        assert!(parse_count("--pids", "0").unwrap_err().problem.contains("greater than 0"));
-        assert!(parse_count("--pids", "3.5").unwrap_err().problem.contains("whole number"));
-        assert!(parse_count("--pids", "-3").unwrap_err().problem.contains("whole number"));
+        assert!(parse_count("--pids", "0")
+            .unwrap_err()
+            .problem
+            .contains("greater than 0"));
+        assert!(parse_count("--pids", "3.5")
+            .unwrap_err()
+            .problem
+            .contains("whole number"));
+        assert!(parse_count("--pids", "-3")
+            .unwrap_err()
+            .problem
+            .contains("whole number"));
     }
 
     #[test]

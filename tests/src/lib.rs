@@ -14,7 +14,10 @@ use serde_json::Value;
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/debug/deps/memory-HASH -> target/debug
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// The `nbt` binary under test: `NBT_BIN`, or the one built beside the tests.
@@ -33,7 +36,11 @@ pub fn nbt_bin() -> PathBuf {
 /// The test workloads binary.
 pub fn testbin() -> PathBuf {
     let path = bin_dir().join("nbt-testbin");
-    assert!(path.exists(), "{} is missing: build it first (`cargo build`)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build`)",
+        path.display()
+    );
     path
 }
 
@@ -67,7 +74,10 @@ impl Run {
 
     /// A field of the summary by JSON pointer (`/cgroup/oom_kills`), as u64.
     pub fn u64(&self, pointer: &str) -> u64 {
-        let summary = self.summary.as_ref().unwrap_or_else(|| panic!("no JSON summary; stderr: {}", self.stderr()));
+        let summary = self
+            .summary
+            .as_ref()
+            .unwrap_or_else(|| panic!("no JSON summary; stderr: {}", self.stderr()));
         summary
             .pointer(pointer)
             .and_then(Value::as_u64)
@@ -76,13 +86,19 @@ impl Run {
 
     pub fn f64(&self, pointer: &str) -> f64 {
         let summary = self.summary.as_ref().expect("no JSON summary");
-        summary.pointer(pointer).and_then(Value::as_f64).unwrap_or_else(|| panic!("{pointer} missing in {summary}"))
+        summary
+            .pointer(pointer)
+            .and_then(Value::as_f64)
+            .unwrap_or_else(|| panic!("{pointer} missing in {summary}"))
     }
 }
 
 /// Runs `nbt ARGS` to completion. The summary is parsed from the last line of stdout when it is JSON.
 pub fn nbt(args: &[&str]) -> Run {
-    let output = Command::new(nbt_bin()).args(args).output().expect("running nbt");
+    let output = Command::new(nbt_bin())
+        .args(args)
+        .output()
+        .expect("running nbt");
     let summary = String::from_utf8_lossy(&output.stdout)
         .lines()
         .last()
@@ -118,7 +134,11 @@ pub fn run_cgroups() -> BTreeSet<PathBuf> {
         .iter()
         .flat_map(|parent| std::fs::read_dir(parent).into_iter().flatten())
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("nbt-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("nbt-"))
+        })
         .collect()
 }
 
@@ -131,7 +151,9 @@ pub struct NoLeftovers {
 impl NoLeftovers {
     pub fn new() -> Self {
         require_root();
-        NoLeftovers { before: run_cgroups() }
+        NoLeftovers {
+            before: run_cgroups(),
+        }
     }
 
     fn leftovers(&self) -> Vec<PathBuf> {

@@ -14,9 +14,10 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 const NIGHTLY: &str = "nightly";
 
 /// Debian packages the tests and benchmarks use, with why.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip and tc: network namespaces, veth pairs and qdiscs for the network tests"),
-];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[(
+    "iproute2",
+    "ip and tc: network namespaces, veth pairs and qdiscs for the network tests",
+)];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Set up, build, run and test nbt")]
@@ -55,12 +56,18 @@ fn main() -> ExitCode {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn is_root() -> bool {
     std::env::var("USER").is_ok_and(|u| u == "root")
-        || Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
 /// `program args`, through sudo (keeping the toolchain's environment) when we are not root.
@@ -81,7 +88,10 @@ fn as_root(program: &str, args: &[&str]) -> Command {
 
 fn status(command: &mut Command) -> Result<bool> {
     let shown = format!("{command:?}");
-    Ok(command.status().with_context(|| format!("running {shown}"))?.success())
+    Ok(command
+        .status()
+        .with_context(|| format!("running {shown}"))?
+        .success())
 }
 
 fn check(command: &mut Command) -> Result<()> {
@@ -94,22 +104,37 @@ fn check(command: &mut Command) -> Result<()> {
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn setup() -> Result<ExitCode> {
     let mut installed = Vec::new();
 
-    let components = output("rustup", &["component", "list", "--toolchain", NIGHTLY, "--installed"]);
+    let components = output(
+        "rustup",
+        &["component", "list", "--toolchain", NIGHTLY, "--installed"],
+    );
     if components.is_none() {
         bail!(
             "the {NIGHTLY} toolchain is not installed (rustup toolchain list); nbt's eBPF programs are \
              built with it: `rustup toolchain install {NIGHTLY} --profile minimal`"
         );
     }
-    if !components.unwrap().lines().any(|l| l.starts_with("rust-src")) {
+    if !components
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         eprintln!("xtask setup: installing rust-src for the {NIGHTLY} toolchain (eBPF builds need core's source)");
-        check(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+        check(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
         installed.push("rust-src (nightly)".to_string());
     }
 
@@ -133,7 +158,8 @@ fn setup() -> Result<ExitCode> {
         .iter()
         .map(|(name, _)| *name)
         .filter(|name| {
-            !output("dpkg-query", &["-W", "-f=${Status}", name]).is_some_and(|s| s.contains("install ok installed"))
+            !output("dpkg-query", &["-W", "-f=${Status}", name])
+                .is_some_and(|s| s.contains("install ok installed"))
         })
         .collect();
     if !missing.is_empty() {
@@ -163,9 +189,19 @@ fn cargo(args: &[&str]) -> Command {
 
 fn run(args: Vec<String>) -> Result<ExitCode> {
     setup()?;
-    check(&mut cargo(&["build", "--release", "--package", "nbt-user", "--bins"]))?;
+    check(&mut cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "nbt-user",
+        "--bins",
+    ]))?;
     let nbt = workspace_root().join("target/release/nbt");
-    let args: Vec<String> = if args.is_empty() { vec!["demo".into()] } else { args };
+    let args: Vec<String> = if args.is_empty() {
+        vec!["demo".into()]
+    } else {
+        args
+    };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let code = as_root(nbt.to_str().unwrap(), &args)
         .status()
@@ -183,7 +219,10 @@ fn test() -> Result<ExitCode> {
     let mut command = cargo(&["test", "--no-fail-fast", "--", "--test-threads=1"]);
     if !is_root() {
         let cargo_path = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        command = as_root(&cargo_path, &["test", "--no-fail-fast", "--", "--test-threads=1"]);
+        command = as_root(
+            &cargo_path,
+            &["test", "--no-fail-fast", "--", "--test-threads=1"],
+        );
         command.current_dir(workspace_root());
     }
     let passed = status(&mut command)?;

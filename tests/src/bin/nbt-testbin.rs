@@ -102,7 +102,9 @@ fn tcp_send(addr: &str, bytes: u64) {
         stream.write_all(&block[..n]).expect("write");
         left -= n;
     }
-    stream.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
     let mut rest = Vec::new();
     stream.read_to_end(&mut rest).expect("read");
     // SAFETY: getsockopt(TCP_INFO) into a zeroed tcp_info of the size we pass.
@@ -110,11 +112,20 @@ fn tcp_send(addr: &str, bytes: u64) {
         let mut info: libc::tcp_info = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let rc = libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len);
+        let rc = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
         assert_eq!(rc, 0, "TCP_INFO");
         info
     };
-    println!("sent {bytes} payload_bytes_sent {} retransmitted {}", info.tcpi_bytes_sent, info.tcpi_bytes_retrans);
+    println!(
+        "sent {bytes} payload_bytes_sent {} retransmitted {}",
+        info.tcpi_bytes_sent, info.tcpi_bytes_retrans
+    );
 }
 
 fn udp_send(addr: &str, count: u64, size: u64) {
