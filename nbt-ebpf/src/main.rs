@@ -7,6 +7,8 @@
 #![allow(internal_features)]
 
 mod account;
+mod pacing;
+mod shaper;
 
 /// `*target += value`, atomically with respect to other CPUs and nested program runs.
 ///

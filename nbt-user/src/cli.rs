@@ -69,16 +69,6 @@ pub struct LimitArgs {
 #[derive(Debug, Args)]
 pub struct NotYetArgs {
     #[arg(long, hide = true)]
-    pub egress_rate: Option<String>,
-    #[arg(long, hide = true)]
-    pub ingress_rate: Option<String>,
-    #[arg(long, hide = true)]
-    pub burst: Option<String>,
-    #[arg(long, hide = true)]
-    pub loss: Option<String>,
-    #[arg(long, hide = true)]
-    pub loss_model: Option<String>,
-    #[arg(long, hide = true)]
     pub latency: Option<String>,
     #[arg(long, hide = true)]
     pub jitter: Option<String>,
@@ -111,11 +101,6 @@ pub struct NotYetArgs {
 impl NotYetArgs {
     fn given(&self) -> Vec<(String, String)> {
         let values = [
-            ("egress-rate", &self.egress_rate),
-            ("ingress-rate", &self.ingress_rate),
-            ("burst", &self.burst),
-            ("loss", &self.loss),
-            ("loss-model", &self.loss_model),
             ("latency", &self.latency),
             ("jitter", &self.jitter),
             ("balance", &self.balance),
@@ -141,6 +126,29 @@ impl NotYetArgs {
     }
 }
 
+/// Network limits, enforced on the run's own sockets only.
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// Outgoing bandwidth of the run: bits/s as tc writes them (512kbit, 10mbit) or bytes/s (64KB/s)
+    #[arg(long, value_name = "RATE")]
+    pub egress_rate: Option<String>,
+    /// Incoming bandwidth of the run (packets over it are dropped on arrival)
+    #[arg(long, value_name = "RATE")]
+    pub ingress_rate: Option<String>,
+    /// Bucket depth of the rate limits (default: 4 ms at the rate, at least 2 packets)
+    #[arg(long, value_name = "SIZE")]
+    pub burst: Option<String>,
+    /// Packet loss probability (5% or 0.05), each packet independently
+    #[arg(long, value_name = "PCT")]
+    pub loss: Option<String>,
+    /// `uniform` (with --loss) or bursty loss `gemodel:P[,R[,1-H[,1-K]]]`, as netem's gemodel
+    #[arg(long, value_name = "MODEL")]
+    pub loss_model: Option<String>,
+    /// Where loss applies: egress (default, as netem on an interface), ingress, both
+    #[arg(long, value_name = "DIR")]
+    pub loss_direction: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Starting limits: `nbt` (the seed's numbers), `none` (the default), or a TOML file whose
@@ -149,6 +157,8 @@ pub struct RunArgs {
     pub profile: Option<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
     #[command(flatten)]
     pub not_yet: NotYetArgs,
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
@@ -183,7 +193,19 @@ impl LimitArgs {
             cpus: self.cpus.clone(),
             pids: self.pids.clone(),
             not_yet,
+            ..Flags::default()
         }
+    }
+}
+
+impl NetArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.egress_rate = self.egress_rate.clone();
+        flags.ingress_rate = self.ingress_rate.clone();
+        flags.burst = self.burst.clone();
+        flags.loss = self.loss.clone();
+        flags.loss_model = self.loss_model.clone();
+        flags.loss_direction = self.loss_direction.clone();
     }
 }
 
@@ -221,9 +243,10 @@ pub fn main() -> i32 {
 }
 
 fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
-    let flags = args
+    let mut flags = args
         .limits
         .flags(args.profile.clone(), args.not_yet.given());
+    args.net.add_to(&mut flags);
     let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {

@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod demo;
 pub mod loader;
+pub mod net;
 pub mod plan;
 pub mod probe;
 pub mod run;

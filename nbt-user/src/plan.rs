@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Limits;
+use crate::net::{self, Loss, NetLimits};
 use crate::units::{self, UsageError};
 
 /// The seed's numbers (shared/seeds/000: 6 GB memory, 500 MB swap, 512 kbit, 5% loss, 100 ms,
@@ -42,6 +43,7 @@ pub struct Profile {
     pub burst: Option<toml::Value>,
     pub loss: Option<toml::Value>,
     pub loss_model: Option<toml::Value>,
+    pub loss_direction: Option<toml::Value>,
     pub latency: Option<toml::Value>,
     pub jitter: Option<toml::Value>,
     pub balance: Option<toml::Value>,
@@ -60,14 +62,9 @@ pub struct Profile {
 
 /// Settings of the command line and profiles that this version of nbt does not enforce yet, with
 /// the capability each belongs to. Asking for one is refused, never silently dropped.
-pub const NOT_YET: [(&str, &str); 18] = [
-    ("egress-rate", "network shaping"),
-    ("ingress-rate", "network shaping"),
-    ("burst", "network shaping"),
-    ("loss", "network shaping"),
-    ("loss-model", "network shaping"),
-    ("latency", "network shaping"),
-    ("jitter", "network shaping"),
+pub const NOT_YET: [(&str, &str); 13] = [
+    ("latency", "EDT latency (tc egress + the fq qdisc)"),
+    ("jitter", "EDT latency (tc egress + the fq qdisc)"),
     ("balance", "the balance gate"),
     ("price-egress", "the balance gate"),
     ("price-call", "the balance gate"),
@@ -89,6 +86,12 @@ pub struct Flags {
     pub swap: Option<String>,
     pub cpus: Option<String>,
     pub pids: Option<String>,
+    pub egress_rate: Option<String>,
+    pub ingress_rate: Option<String>,
+    pub burst: Option<String>,
+    pub loss: Option<String>,
+    pub loss_model: Option<String>,
+    pub loss_direction: Option<String>,
     /// Flags of capabilities not built yet, by name (without `--`), with their values.
     pub not_yet: Vec<(String, String)>,
 }
@@ -116,6 +119,7 @@ impl fmt::Display for Pending {
 pub struct Plan {
     pub profile: String,
     pub limits: Limits,
+    pub net: NetLimits,
     /// Asked for, not enforced: `nbt run` refuses a plan that has any.
     pub pending: Vec<Pending>,
 }
@@ -198,12 +202,7 @@ impl Profile {
 
     /// The settings of capabilities not built yet, in NOT_YET order.
     fn not_yet(&self) -> Vec<(&'static str, &toml::Value)> {
-        let fields: [(&str, &Option<toml::Value>); 18] = [
-            ("egress-rate", &self.egress_rate),
-            ("ingress-rate", &self.ingress_rate),
-            ("burst", &self.burst),
-            ("loss", &self.loss),
-            ("loss-model", &self.loss_model),
+        let fields: [(&str, &Option<toml::Value>); 13] = [
             ("latency", &self.latency),
             ("jitter", &self.jitter),
             ("balance", &self.balance),
@@ -278,6 +277,84 @@ impl Plan {
             limits.pids = Some(units::parse_count(&name, &text)?);
         }
 
+        let mut net = NetLimits::default();
+        for (flag, key, value, direction) in [
+            (
+                &flags.egress_rate,
+                "egress-rate",
+                &profile.egress_rate,
+                &mut net.egress,
+            ),
+            (
+                &flags.ingress_rate,
+                "ingress-rate",
+                &profile.ingress_rate,
+                &mut net.ingress,
+            ),
+        ] {
+            if let Some((text, name)) = pick(flag, key, value)? {
+                let rate = units::parse_rate(&name, &text)?;
+                net::check_rate(&name, &text, rate)?;
+                direction.rate_bits_per_sec = Some(rate);
+            }
+        }
+        if let Some((text, name)) = pick(&flags.burst, "burst", &profile.burst)? {
+            let bytes = units::parse_size(&name, &text)?;
+            net::check_burst(&name, &text, bytes)?;
+            if net.egress.rate_bits_per_sec.is_none() && net.ingress.rate_bits_per_sec.is_none() {
+                return Err(PlanError(format!("{name} sets the depth of a rate limit: it needs --egress-rate or --ingress-rate")));
+            }
+            net.egress.burst_bytes = Some(bytes);
+            net.ingress.burst_bytes = Some(bytes);
+        }
+        let loss = pick(&flags.loss, "loss", &profile.loss)?;
+        let model = pick(&flags.loss_model, "loss-model", &profile.loss_model)?;
+        let loss = match (loss, model) {
+            (loss, None) => loss
+                .map(|(text, name)| units::parse_percent(&name, &text))
+                .transpose()?
+                .map(|probability| Loss::Uniform { probability }),
+            (loss, Some((text, name))) => match (net::parse_loss_model(&name, &text)?, loss) {
+                (None, Some((text, name))) => Some(Loss::Uniform { probability: units::parse_percent(&name, &text)? }),
+                (None, None) => {
+                    return Err(PlanError(format!("{name} uniform needs --loss PERCENT, the probability of each packet's loss")))
+                }
+                (Some(gemodel), None) => Some(gemodel),
+                (Some(_), Some((_, loss_name))) => {
+                    return Err(PlanError(format!(
+                        "{loss_name} and {name} gemodel:... both set a loss: gemodel's loss is given by its parameters (1-H in the bad state, 1-K in the good one); drop {loss_name}"
+                    )))
+                }
+            },
+        };
+        let direction = pick(
+            &flags.loss_direction,
+            "loss-direction",
+            &profile.loss_direction,
+        )?;
+        if let Some(loss) = loss.filter(|l| *l != Loss::None) {
+            let (egress, ingress) = match direction.as_ref().map(|(t, n)| (t.trim(), n)) {
+                None | Some(("egress", _)) => (true, false),
+                Some(("ingress", _)) => (false, true),
+                Some(("both", _)) => (true, true),
+                Some((text, name)) => {
+                    return Err(PlanError(format!(
+                        "invalid value '{text}' for {name}: accepted: egress (the default, as netem on an interface), ingress, both"
+                    )))
+                }
+            };
+            if egress {
+                net.egress.loss = loss;
+            }
+            if ingress {
+                net.ingress.loss = loss;
+            }
+        } else if let Some((_, name)) = direction {
+            return Err(PlanError(format!(
+                "{name} says where --loss applies: it needs --loss or --loss-model"
+            )));
+        }
+
         let mut pending = Vec::new();
         for (key, value) in &flags.not_yet {
             pending.push(Pending {
@@ -301,6 +378,7 @@ impl Plan {
         Ok(Plan {
             profile: profile_name,
             limits,
+            net,
             pending,
         })
     }
@@ -309,6 +387,20 @@ impl Plan {
     pub fn refuse_pending(&self) -> Result<(), PlanError> {
         if self.pending.is_empty() {
             return Ok(());
+        }
+        // Latency needs a qdisc some kernels lack: name it, it is the first thing to fix.
+        if let Some(latency) = self
+            .pending
+            .iter()
+            .find(|p| p.setting.ends_with("latency") || p.setting.ends_with("jitter"))
+        {
+            if let Some(missing) = crate::probe::fq_missing() {
+                return Err(PlanError(format!(
+                    "refusing to run: {} {} ({}) needs the fq qdisc (sch_fq) for earliest-departure-time pacing, \
+                     and {missing}; see `nbt probe`",
+                    latency.setting, latency.value, latency.origin
+                )));
+            }
         }
         let list: Vec<String> = self.pending.iter().map(ToString::to_string).collect();
         Err(PlanError(format!(
@@ -346,12 +438,13 @@ mod tests {
             .iter()
             .map(|p| (p.setting.as_str(), p.value.as_str()))
             .collect();
+        assert_eq!(plan.net.egress.rate_bits_per_sec, Some(512_000));
+        assert_eq!(plan.net.ingress.rate_bits_per_sec, Some(512_000));
+        assert_eq!(plan.net.egress.loss, Loss::Uniform { probability: 0.05 });
+        assert_eq!(plan.net.ingress.loss, Loss::None);
         assert_eq!(
             pending,
             [
-                ("egress-rate", "512kbit"),
-                ("ingress-rate", "512kbit"),
-                ("loss", "5%"),
                 ("latency", "100ms"),
                 ("gpu-power-limit", "75"),
                 ("gpu-clock", "1200"),
@@ -360,10 +453,12 @@ mod tests {
             ]
         );
         let refusal = plan.refuse_pending().unwrap_err().to_string();
-        assert!(
-            refusal.contains("egress-rate 512kbit (built-in profile nbt; needs network shaping"),
-            "{refusal}"
-        );
+        let expected = if crate::probe::fq_missing().is_some() {
+            "latency 100ms (built-in profile nbt) needs the fq qdisc"
+        } else {
+            "latency 100ms (built-in profile nbt; needs EDT latency"
+        };
+        assert!(refusal.contains(expected), "{refusal}");
     }
 
     #[test]
@@ -439,6 +534,101 @@ mod tests {
     }
 
     #[test]
+    fn network_flags() {
+        let plan = Plan::build(&Flags {
+            egress_rate: Some("10mbit".into()),
+            burst: Some("64K".into()),
+            loss: Some("1%".into()),
+            loss_direction: Some("both".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(plan.net.egress.rate_bits_per_sec, Some(10_000_000));
+        assert_eq!(plan.net.egress.burst_bytes, Some(64 << 10));
+        assert_eq!(plan.net.ingress.loss, Loss::Uniform { probability: 0.01 });
+        let gemodel = Plan::build(&Flags {
+            loss_model: Some("gemodel:1%,25%".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert!(matches!(
+            gemodel.net.egress.loss,
+            Loss::GilbertElliott { .. }
+        ));
+        for (f, expected) in [
+            (
+                Flags {
+                    egress_rate: Some("8kbit".into()),
+                    ..flags()
+                },
+                "below one 1500-byte packet per second",
+            ),
+            (
+                Flags {
+                    egress_rate: Some("512kbps".into()),
+                    ..flags()
+                },
+                "ambiguous",
+            ),
+            (
+                Flags {
+                    egress_rate: Some("1mbit".into()),
+                    burst: Some("1K".into()),
+                    ..flags()
+                },
+                "smaller than one 1500-byte packet",
+            ),
+            (
+                Flags {
+                    burst: Some("64K".into()),
+                    ..flags()
+                },
+                "needs --egress-rate or --ingress-rate",
+            ),
+            (
+                Flags {
+                    loss: Some("150%".into()),
+                    ..flags()
+                },
+                "above 100%",
+            ),
+            (
+                Flags {
+                    loss: Some("1%".into()),
+                    loss_model: Some("gemodel:1%".into()),
+                    ..flags()
+                },
+                "both set a loss",
+            ),
+            (
+                Flags {
+                    loss_model: Some("uniform".into()),
+                    ..flags()
+                },
+                "needs --loss PERCENT",
+            ),
+            (
+                Flags {
+                    loss: Some("1%".into()),
+                    loss_direction: Some("up".into()),
+                    ..flags()
+                },
+                "invalid value 'up' for --loss-direction",
+            ),
+            (
+                Flags {
+                    loss_direction: Some("both".into()),
+                    ..flags()
+                },
+                "needs --loss or --loss-model",
+            ),
+        ] {
+            let err = Plan::build(&f).unwrap_err();
+            assert!(err.0.contains(expected), "{f:?}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_profile_names_the_choices() {
         let err = Plan::build(&Flags {
             profile: Some("nbtt".into()),
@@ -454,15 +644,14 @@ mod tests {
     #[test]
     fn flags_of_later_capabilities_are_refused_not_dropped() {
         let plan = Plan::build(&Flags {
-            not_yet: vec![("egress-rate".into(), "512kbit".into())],
+            not_yet: vec![("gate".into(), "all".into())],
             ..flags()
         })
         .unwrap();
         let err = plan.refuse_pending().unwrap_err();
         assert!(
-            err.0.contains(
-                "--egress-rate 512kbit (flag; needs network shaping, not implemented yet)"
-            ),
+            err.0
+                .contains("--gate all (flag; needs the balance gate, not implemented yet)"),
             "{err}"
         );
     }

@@ -124,6 +124,11 @@ fn bpf(out: &mut Vec<Feature>) {
             "the balance gate (connect, sendmsg)",
         ),
         (
+            ProgramType::SockOps,
+            "sock_ops",
+            "TCP pacing of the run's sockets",
+        ),
+        (
             ProgramType::SchedClassifier,
             "sched_cls",
             "EDT latency on tc egress",
@@ -198,6 +203,22 @@ fn module_present(module: &str) -> bool {
             p.ends_with(&format!("/{module}.ko")) || p.contains(&format!("/{module}.ko."))
         })
     })
+}
+
+/// Why the fq qdisc cannot be used on this kernel, or `None` when it can (or cannot be told).
+pub fn fq_missing() -> Option<String> {
+    let config = kernel_config()?;
+    match config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_NET_SCH_FQ="))
+    {
+        Some("y") => None,
+        Some("m") if module_present("sch_fq") => None,
+        Some("m") => Some(
+            "this kernel built sch_fq as a module that is not installed under /lib/modules".into(),
+        ),
+        _ => Some("this kernel does not have it (CONFIG_NET_SCH_FQ is not set)".into()),
+    }
 }
 
 fn qdiscs(out: &mut Vec<Feature>) {

@@ -10,7 +10,7 @@ use crate::plan::Plan;
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::summary::RunSummary;
 use crate::supervise::{self, SpawnError};
-use crate::{account, loader};
+use crate::{account, loader, net};
 
 /// How often nbt samples what the kernel keeps no peak of (see [`crate::cgroup::SAMPLED`]).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -85,13 +85,28 @@ pub fn execute(
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect(),
+        net: plan.net,
+        maps: None,
+        started_unix: 0.0,
     };
-    let _record = RecordGuard(record.write(&state::state_dir())?);
+    let state_dir = state::state_dir();
+    let _record = RecordGuard(record.write(&state_dir)?);
 
     // Dropped in reverse order: the BPF links go first, then the cgroups (processes killed first).
     let mut cgroup = RunCgroup::create(&layout, &name, &plan.limits)?;
     let mut ebpf = loader::load()?;
     account::attach(&mut ebpf, &cgroup.v2)?;
+    // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
+    net::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
+    let record = RunRecord {
+        maps: Some(net::map_ids(&ebpf)?),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+        ..record
+    };
+    record.write(&state_dir)?;
 
     let mut env = vec![("NBT_RUN", name.clone())];
     env.extend(extra_env.iter().cloned());
@@ -102,6 +117,11 @@ pub fn execute(
 
     let stats = cgroup.stats();
     let network = account::read(&ebpf).context("reading the byte counters")?;
+    let shaped = net::read(&ebpf).context("reading the shaper's counters")?;
+    // `nbt set` may have changed the limits during the run: report the last ones.
+    let final_net = RunRecord::find_live(&state_dir, &name)
+        .map(|(_, r)| r.net)
+        .unwrap_or(plan.net);
     drop(ebpf);
     cgroup.remove()?;
 
@@ -115,5 +135,7 @@ pub fn execute(
         wall_seconds,
         cgroup: stats,
         network: Some(network),
+        net_limits: final_net,
+        shaped: Some(shaped),
     })
 }

@@ -44,6 +44,15 @@ pub struct RunRecord {
     /// Every cgroup directory the run makes, in creation order.
     pub cgroups: Vec<PathBuf>,
     pub command: Vec<String>,
+    /// The run's network limits as last set (at start, or by `nbt set`).
+    #[serde(default)]
+    pub net: crate::net::NetLimits,
+    /// Kernel ids of the run's BPF maps, once loaded: `nbt set` and `nbt ps` open them by id.
+    #[serde(default)]
+    pub maps: Option<crate::net::MapIds>,
+    /// When the run's workload started, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub started_unix: f64,
 }
 
 impl RunRecord {
@@ -60,6 +69,20 @@ impl RunRecord {
             .with_context(|| format!("writing {}", tmp.display()))?;
         fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
+    }
+
+    /// The record of the live run `name`, or why there is none.
+    pub fn find_live(dir: &Path, name: &str) -> Result<(PathBuf, RunRecord)> {
+        let path = Self::path(dir, name);
+        let bytes = fs::read(&path).map_err(|_| {
+            anyhow::anyhow!("no run named '{name}' (see `nbt ps` for the live runs)")
+        })?;
+        let record: RunRecord = serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if !record.supervisor_alive() {
+            anyhow::bail!("run '{name}' is not live: its nbt (pid {}) is gone; `nbt cleanup` removes what it left", record.supervisor_pid);
+        }
+        Ok((path, record))
     }
 
     /// Whether the nbt that wrote this record still runs.

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::account::Traffic;
 use crate::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
+use crate::net::{NetLimits, ShapedTraffic};
 use crate::supervise::Exit;
 use crate::units::format_size;
 
@@ -20,8 +21,13 @@ pub struct RunSummary {
     pub exit: Exit,
     pub wall_seconds: f64,
     pub cgroup: CgroupStats,
-    /// IP packets of the run's sockets, counted by nbt's cgroup_skb programs.
+    /// IP packets of the run's sockets, counted by nbt's cgroup_skb programs: all the workload
+    /// offered (egress) and all that arrived for it (ingress), before shaping.
     pub network: Option<Traffic>,
+    /// The network limits in force at the end (`nbt set` may change them during the run).
+    pub net_limits: NetLimits,
+    /// What the shaper passed and dropped, per direction, in wire bytes.
+    pub shaped: Option<ShapedTraffic>,
 }
 
 fn seconds(usec: u64) -> String {
@@ -163,6 +169,21 @@ impl RunSummary {
                 n.egress.packets,
                 format_size(n.egress.bytes)
             );
+        }
+        if let Some(shaped) = &self.shaped {
+            if !self.net_limits.is_unlimited() {
+                for (name, limits, traffic) in [
+                    ("egress", &self.net_limits.egress, &shaped.egress),
+                    ("ingress", &self.net_limits.ingress, &shaped.ingress),
+                ] {
+                    let _ = writeln!(out, "  {name:<13} limit {}", limits.describe());
+                    let _ = writeln!(
+                        out,
+                        "                {}",
+                        traffic.describe(self.wall_seconds)
+                    );
+                }
+            }
         }
         if !self.exit.forwarded_signals.is_empty() {
             let _ = writeln!(

@@ -5,6 +5,7 @@
 //!   forkbomb SECONDS          every process forks as fast as it can until SECONDS have passed
 //!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
 //!                             the kernel's count of payload bytes sent, retransmissions included
+//!   tcp-stream ADDR SECONDS   connect to ADDR and send as fast as the socket takes it for SECONDS
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR
 //!   await-signal FILE         write our pid to FILE, wait for a signal, write its name, exit 42
 //!   sleep SECONDS             sleep
@@ -33,6 +34,7 @@ fn main() {
         "spin" => spin(Duration::from_secs(num(&args, 2))),
         "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
         "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
+        "tcp-stream" => tcp_stream(arg(&args, 2), Duration::from_secs(num(&args, 3))),
         "udp-send" => udp_send(arg(&args, 2), num(&args, 3), num(&args, 4)),
         "await-signal" => await_signal(arg(&args, 2)),
         "sleep" => std::thread::sleep(Duration::from_secs(num(&args, 2))),
@@ -126,6 +128,23 @@ fn tcp_send(addr: &str, bytes: u64) {
         "sent {bytes} payload_bytes_sent {} retransmitted {}",
         info.tcpi_bytes_sent, info.tcpi_bytes_retrans
     );
+}
+
+fn tcp_stream(addr: &str, duration: Duration) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let block = vec![7u8; 16 * 1024];
+    let end = Instant::now() + duration;
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        stream.write_all(&block).expect("write");
+        sent += block.len() as u64;
+    }
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    println!("sent {sent}");
 }
 
 fn udp_send(addr: &str, count: u64, size: u64) {

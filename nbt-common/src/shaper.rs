@@ -1,0 +1,89 @@
+//! `shaper`: the run's bandwidth and loss limits, per direction, as the cgroup_skb programs of
+//! `nbt-ebpf/src/shaper.rs` read them, and the counters they keep.
+//!
+//! All three maps are arrays indexed by direction (`account::INGRESS`, `account::EGRESS`).
+//! User space writes [`ShaperConfig`] at start and whenever a limit changes (`nbt set`); the
+//! programs read it per packet, so a change applies to the next packet without reattaching.
+
+/// Array of [`ShaperConfig`], written by user space.
+pub const SHAPER_CONFIG_MAP: &str = "SHAPER_CONFIG";
+/// Array of [`ShaperState`], owned by the kernel programs.
+pub const SHAPER_STATE_MAP: &str = "SHAPER_STATE";
+/// Per-CPU array of [`ShaperStats`].
+pub const SHAPER_STATS_MAP: &str = "SHAPER_STATS";
+
+/// No loss.
+pub const LOSS_NONE: u32 = 0;
+/// Each packet is lost with probability `loss_good` (independently).
+pub const LOSS_UNIFORM: u32 = 1;
+/// Gilbert-Elliott: a good and a bad state, netem's `gemodel p r 1-h 1-k`.
+pub const LOSS_GILBERT_ELLIOTT: u32 = 2;
+
+/// A probability of 1 as the programs see it: `bpf_get_prandom_u32() < p` with `p` in
+/// `0..=PROBABILITY_ONE` is true with probability `p / 2^32`.
+pub const PROBABILITY_ONE: u64 = 1 << 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShaperConfig {
+    /// Token rate in bytes (IP packets, headers included) per second; 0: no rate limit.
+    pub rate_bytes_per_sec: u64,
+    /// Bucket depth in nanoseconds of the rate (burst bytes = rate x burst_ns / 1e9).
+    pub burst_ns: u64,
+    /// `LOSS_NONE`, `LOSS_UNIFORM` or `LOSS_GILBERT_ELLIOTT`.
+    pub loss_model: u32,
+    pub _pad: u32,
+    /// Uniform: the loss probability. Gilbert-Elliott: the loss probability in the good state (1-k).
+    pub loss_good: u64,
+    /// Gilbert-Elliott: the loss probability in the bad state (1-h).
+    pub loss_bad: u64,
+    /// Gilbert-Elliott: probability of moving from good to bad, per packet (p).
+    pub good_to_bad: u64,
+    /// Gilbert-Elliott: probability of moving from bad to good, per packet (r).
+    pub bad_to_good: u64,
+}
+
+/// The shared state of one direction, touched by every CPU that sends or receives for the run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShaperState {
+    /// The token bucket as a virtual clock (GCRA's "theoretical arrival time"), in ns of
+    /// `bpf_ktime_get_ns`: the bucket holds `(now - tat) x rate` bytes, at most its depth.
+    pub tat_ns: u64,
+    /// Gilbert-Elliott state: 0 good, 1 bad.
+    pub bad_state: u64,
+}
+
+/// Counters of one direction on one CPU. Bytes are IP bytes as they go on the wire: a GSO
+/// super-packet counts every segment's headers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShaperStats {
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
+    /// Passed with a congestion notification to TCP (egress, bucket running low).
+    pub marked_packets: u64,
+    pub rate_dropped_packets: u64,
+    pub rate_dropped_bytes: u64,
+    pub loss_dropped_packets: u64,
+    pub loss_dropped_bytes: u64,
+}
+
+impl ShaperStats {
+    pub fn add(&mut self, o: &ShaperStats) {
+        self.passed_packets += o.passed_packets;
+        self.passed_bytes += o.passed_bytes;
+        self.marked_packets += o.marked_packets;
+        self.rate_dropped_packets += o.rate_dropped_packets;
+        self.rate_dropped_bytes += o.rate_dropped_bytes;
+        self.loss_dropped_packets += o.loss_dropped_packets;
+        self.loss_dropped_bytes += o.loss_dropped_bytes;
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ShaperConfig {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ShaperState {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ShaperStats {}

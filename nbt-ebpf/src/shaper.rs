@@ -1,0 +1,244 @@
+//! `shaper`: bandwidth and loss limits of a run, per direction, at its cgroup (cgroup_skb).
+//!
+//! Per packet: first the loss model decides whether the packet is lost (as netem, which drops at
+//! enqueue before any rate limit sees the packet), then the token bucket whether it fits the rate.
+//!
+//! Egress verdicts use the cgroup_skb back-off codes, so TCP slows down instead of losing data:
+//!   1 pass; 3 pass + congestion notification (the bucket is running low: TCP enters CWR);
+//!   2 drop + congestion notification (no tokens, or lost: TCP keeps the segment and resends it,
+//!   a UDP sender gets ENOBUFS). 0 would hand the sender EPERM, which a firewall means, so it is
+//!   never returned here. Ingress has no back-off: 0 drops, silently, like a lossy link.
+
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::{cgroup_skb, map},
+    maps::{Array, PerCpuArray},
+    programs::SkBuffContext,
+};
+use nbt_common::{
+    account::{DIRECTIONS, EGRESS, INGRESS},
+    shaper::{ShaperConfig, ShaperState, ShaperStats, LOSS_GILBERT_ELLIOTT, LOSS_UNIFORM},
+};
+
+use crate::atomic_add;
+
+#[map(name = "SHAPER_CONFIG")]
+static SHAPER_CONFIG: Array<ShaperConfig> = Array::with_max_entries(DIRECTIONS, 0);
+
+#[map(name = "SHAPER_STATE")]
+static SHAPER_STATE: Array<ShaperState> = Array::with_max_entries(DIRECTIONS, 0);
+
+#[map(name = "SHAPER_STATS")]
+static SHAPER_STATS: PerCpuArray<ShaperStats> = PerCpuArray::with_max_entries(DIRECTIONS, 0);
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    /// Passed, but the bucket holds less than half its depth.
+    PassLow,
+    DropRate,
+    DropLoss,
+}
+
+#[cgroup_skb(egress)]
+pub fn shape_egress(ctx: SkBuffContext) -> i32 {
+    match shape(EGRESS, &ctx) {
+        Verdict::Pass => 1,
+        Verdict::PassLow => 3,
+        Verdict::DropRate | Verdict::DropLoss => 2,
+    }
+}
+
+#[cgroup_skb(ingress)]
+pub fn shape_ingress(ctx: SkBuffContext) -> i32 {
+    match shape(INGRESS, &ctx) {
+        Verdict::Pass | Verdict::PassLow => 1,
+        Verdict::DropRate | Verdict::DropLoss => 0,
+    }
+}
+
+/// The egress rate in bytes per second, 0 when unlimited (for `pacing`).
+#[inline(always)]
+pub fn egress_rate() -> u64 {
+    SHAPER_CONFIG
+        .get(EGRESS)
+        .map(|c| c.rate_bytes_per_sec)
+        .unwrap_or(0)
+}
+
+#[inline(always)]
+fn shape(direction: u32, ctx: &SkBuffContext) -> Verdict {
+    let (Some(config), Some(state)) = (
+        SHAPER_CONFIG.get(direction),
+        SHAPER_STATE.get_ptr_mut(direction),
+    ) else {
+        return Verdict::Pass;
+    };
+    let bytes = wire_bytes(ctx);
+    // SAFETY: `state` points into the map value for this program run.
+    let verdict = unsafe {
+        if lost(config, state) {
+            Verdict::DropLoss
+        } else {
+            police(config, state, bytes)
+        }
+    };
+    count(direction, verdict, bytes);
+    verdict
+}
+
+/// The packet's bytes as the wire will carry them. A GSO super-packet is one skb here but
+/// leaves as `gso_segs` packets, each with its own IP and TCP/UDP headers.
+#[inline(always)]
+fn wire_bytes(ctx: &SkBuffContext) -> u64 {
+    let len = u64::from(ctx.len());
+    // SAFETY: reading a field of the context the kernel handed us.
+    let segs = u64::from(unsafe { (*ctx.skb.skb).gso_segs });
+    if segs <= 1 {
+        return len;
+    }
+    len + (segs - 1) * header_bytes(ctx)
+}
+
+/// IP + transport header length of the packet (0 if it cannot be read).
+#[inline(always)]
+fn header_bytes(ctx: &SkBuffContext) -> u64 {
+    // cgroup_skb data starts at the network header.
+    let (ip_len, protocol) = match u32::from_be(ctx.skb.protocol()) as u16 as u32 {
+        ETH_P_IP => match ctx.load::<u8>(0) {
+            Ok(version_ihl) => (
+                u64::from(version_ihl & 0x0f) * 4,
+                ctx.load::<u8>(9).unwrap_or(0),
+            ),
+            Err(_) => return 0,
+        },
+        ETH_P_IPV6 => (40, ctx.load::<u8>(6).unwrap_or(0)),
+        _ => return 0,
+    };
+    match protocol {
+        // TCP data offset: the high nibble of byte 12, in 32-bit words.
+        IPPROTO_TCP => match ctx.load::<u8>(ip_len as usize + 12) {
+            Ok(offset) => ip_len + u64::from(offset >> 4) * 4,
+            Err(_) => ip_len,
+        },
+        IPPROTO_UDP => ip_len + 8,
+        _ => ip_len,
+    }
+}
+
+/// True with probability `p / 2^32`.
+#[inline(always)]
+fn chance(p: u64) -> bool {
+    // SAFETY: helper without arguments.
+    u64::from(unsafe { bpf_get_prandom_u32() }) < p
+}
+
+/// The loss model's verdict for this packet. Gilbert-Elliott follows netem: the current state
+/// decides the loss, then the state moves for the next packet. The state is one word that every
+/// CPU reads and writes plainly: two CPUs deciding a move at once both move it the same way or
+/// one move is lost, which changes a burst's length by one packet at most.
+#[inline(always)]
+unsafe fn lost(config: &ShaperConfig, state: *mut ShaperState) -> bool {
+    match config.loss_model {
+        LOSS_UNIFORM => chance(config.loss_good),
+        LOSS_GILBERT_ELLIOTT => {
+            let bad = core::ptr::read_volatile(&(*state).bad_state) != 0;
+            let lost = chance(if bad {
+                config.loss_bad
+            } else {
+                config.loss_good
+            });
+            let moves = chance(if bad {
+                config.bad_to_good
+            } else {
+                config.good_to_bad
+            });
+            if moves {
+                core::ptr::write_volatile(&mut (*state).bad_state, u64::from(!bad));
+            }
+            lost
+        }
+        _ => false,
+    }
+}
+
+/// The token bucket, as GCRA: the bucket is a clock `tat` that runs ahead by each packet's cost
+/// (bytes / rate, in ns) and holds `now - tat` ns worth of tokens, at most `burst_ns`.
+///
+/// A packet passes when the bucket holds its cost, or, for a packet larger than the whole bucket
+/// (a GSO super-packet at a low rate), when the bucket is full; it then leaves the bucket in
+/// debt that the next packets repay, so the long-run rate holds either way.
+///
+/// Many CPUs: the clock only ever moves by atomic adds of the costs of packets that passed, so
+/// every byte let through is paid for. Two CPUs may both read the clock before either adds and
+/// both pass; the bucket then briefly runs into debt by one packet, which the next packets repay.
+#[inline(always)]
+unsafe fn police(config: &ShaperConfig, state: *mut ShaperState, bytes: u64) -> Verdict {
+    let rate = config.rate_bytes_per_sec;
+    if rate == 0 {
+        return Verdict::Pass;
+    }
+    let now = bpf_ktime_get_ns();
+    let cost = bytes * NSEC_PER_SEC / rate;
+    let burst = config.burst_ns;
+    let tat = core::ptr::addr_of_mut!((*state).tat_ns);
+    let clock = core::ptr::read_volatile(tat);
+
+    let full = now.saturating_sub(burst);
+    if clock < full {
+        // Idle time beyond the depth is forgotten. A plain store: an add another CPU made since
+        // our read is overwritten, at most one packet per CPU, and only when the bucket was full.
+        core::ptr::write_volatile(tat, full + cost);
+        return low_or_pass(full + cost, burst, now);
+    }
+    let need = if cost < burst { cost } else { burst };
+    if clock + need > now {
+        return Verdict::DropRate;
+    }
+    atomic_add(tat, cost);
+    low_or_pass(clock + cost, burst, now)
+}
+
+/// After a packet passed and the clock reads `tat`: low when under half the depth is left.
+#[inline(always)]
+fn low_or_pass(tat: u64, burst: u64, now: u64) -> Verdict {
+    if tat + burst / 2 > now {
+        Verdict::PassLow
+    } else {
+        Verdict::Pass
+    }
+}
+
+#[inline(always)]
+fn count(direction: u32, verdict: Verdict, bytes: u64) {
+    let Some(stats) = SHAPER_STATS.get_ptr_mut(direction) else {
+        return;
+    };
+    // SAFETY: the pointer comes from the map lookup and stays valid for this program run; the
+    // adds are atomic for the same reason as in `account`.
+    unsafe {
+        let (packets, total) = match verdict {
+            Verdict::Pass => (&mut (*stats).passed_packets, &mut (*stats).passed_bytes),
+            Verdict::PassLow => {
+                atomic_add(&mut (*stats).marked_packets, 1);
+                (&mut (*stats).passed_packets, &mut (*stats).passed_bytes)
+            }
+            Verdict::DropRate => (
+                &mut (*stats).rate_dropped_packets,
+                &mut (*stats).rate_dropped_bytes,
+            ),
+            Verdict::DropLoss => (
+                &mut (*stats).loss_dropped_packets,
+                &mut (*stats).loss_dropped_bytes,
+            ),
+        };
+        atomic_add(packets, 1);
+        atomic_add(total, bytes);
+    }
+}

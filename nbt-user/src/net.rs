@@ -1,0 +1,499 @@
+//! `net`: in-kernel shaping of a run's traffic: rate, burst and loss per direction, enforced by
+//! the cgroup_skb programs of `nbt-ebpf/src/shaper.rs` on the run's cgroup. Only the run's own
+//! sockets are shaped; every other process on the machine is untouched.
+
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
+use aya::Ebpf;
+use nbt_common::account::{EGRESS, INGRESS};
+use nbt_common::shaper::{
+    ShaperConfig, ShaperStats, LOSS_GILBERT_ELLIOTT, LOSS_NONE, LOSS_UNIFORM, PROBABILITY_ONE,
+    SHAPER_CONFIG_MAP, SHAPER_STATS_MAP,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::units::{self, format_rate, format_size, UsageError};
+
+/// The largest IP packet a usual link carries; the floor for rates and bursts.
+pub const MTU: u64 = 1500;
+
+/// How a direction loses packets.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "model", rename_all = "kebab-case")]
+pub enum Loss {
+    #[default]
+    None,
+    /// Each packet lost independently with this probability.
+    Uniform { probability: f64 },
+    /// netem's `gemodel p r 1-h 1-k`: per-packet move probabilities and the loss probability
+    /// in each state.
+    GilbertElliott {
+        good_to_bad: f64,
+        bad_to_good: f64,
+        loss_bad: f64,
+        loss_good: f64,
+    },
+}
+
+impl Loss {
+    /// The long-run fraction of packets lost.
+    pub fn mean(&self) -> f64 {
+        match *self {
+            Loss::None => 0.0,
+            Loss::Uniform { probability } => probability,
+            Loss::GilbertElliott {
+                good_to_bad,
+                bad_to_good,
+                loss_bad,
+                loss_good,
+            } => {
+                let total = good_to_bad + bad_to_good;
+                if total == 0.0 {
+                    return loss_good;
+                }
+                (bad_to_good * loss_good + good_to_bad * loss_bad) / total
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match *self {
+            Loss::None => "no loss".into(),
+            Loss::Uniform { probability } => format!("{}% loss", probability * 100.0),
+            Loss::GilbertElliott {
+                good_to_bad,
+                bad_to_good,
+                loss_bad,
+                loss_good,
+            } => format!(
+                "gemodel p={}% r={}% 1-h={}% 1-k={}% ({:.2}% loss on average)",
+                good_to_bad * 100.0,
+                bad_to_good * 100.0,
+                loss_bad * 100.0,
+                loss_good * 100.0,
+                self.mean() * 100.0
+            ),
+        }
+    }
+}
+
+/// The limits of one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct DirectionLimits {
+    /// Bits per second of IP packets (headers included); `None`: no rate limit.
+    pub rate_bits_per_sec: Option<u64>,
+    /// Bucket depth in bytes; `None`: the default for the rate ([`default_burst`]).
+    pub burst_bytes: Option<u64>,
+    pub loss: Loss,
+}
+
+/// The smallest default bucket: one GSO super-packet (64 KiB of IP packet, plus the headers of
+/// its segments on the wire) must fit, or a TCP flow that builds them, paced or not, has one
+/// dropped on every large send and stalls until its retransmission timer fires.
+pub const GSO_BURST: u64 = 96 << 10;
+
+/// The default bucket: 4 ms at the rate, at least [`GSO_BURST`].
+pub fn default_burst(rate_bits_per_sec: u64) -> u64 {
+    (rate_bits_per_sec / 8 * 4 / 1000).max(GSO_BURST)
+}
+
+impl DirectionLimits {
+    pub fn is_unlimited(&self) -> bool {
+        self.rate_bits_per_sec.is_none() && self.loss == Loss::None
+    }
+
+    pub fn burst(&self) -> Option<u64> {
+        self.rate_bits_per_sec
+            .map(|rate| self.burst_bytes.unwrap_or_else(|| default_burst(rate)))
+    }
+
+    /// The kernel's view of these limits.
+    pub fn config(&self) -> ShaperConfig {
+        let probability = |p: f64| (p.clamp(0.0, 1.0) * PROBABILITY_ONE as f64).round() as u64;
+        let mut config = ShaperConfig::default();
+        if let (Some(rate), Some(burst)) = (self.rate_bits_per_sec, self.burst()) {
+            config.rate_bytes_per_sec = (rate / 8).max(1);
+            config.burst_ns = burst * 1_000_000_000 / config.rate_bytes_per_sec;
+        }
+        match self.loss {
+            Loss::None => config.loss_model = LOSS_NONE,
+            Loss::Uniform { probability: p } => {
+                config.loss_model = LOSS_UNIFORM;
+                config.loss_good = probability(p);
+            }
+            Loss::GilbertElliott {
+                good_to_bad,
+                bad_to_good,
+                loss_bad,
+                loss_good,
+            } => {
+                config.loss_model = LOSS_GILBERT_ELLIOTT;
+                config.good_to_bad = probability(good_to_bad);
+                config.bad_to_good = probability(bad_to_good);
+                config.loss_bad = probability(loss_bad);
+                config.loss_good = probability(loss_good);
+            }
+        }
+        config
+    }
+
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let (Some(rate), Some(burst)) = (self.rate_bits_per_sec, self.burst()) {
+            parts.push(format!(
+                "{} (burst {})",
+                format_rate(rate),
+                format_size(burst)
+            ));
+        }
+        if self.loss != Loss::None {
+            parts.push(self.loss.describe());
+        }
+        if parts.is_empty() {
+            "unlimited".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+/// The network limits of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct NetLimits {
+    pub egress: DirectionLimits,
+    pub ingress: DirectionLimits,
+}
+
+impl NetLimits {
+    pub fn is_unlimited(&self) -> bool {
+        self.egress.is_unlimited() && self.ingress.is_unlimited()
+    }
+}
+
+pub const LOSS_MODEL_FORMS: &str =
+    "uniform (with --loss), or gemodel:P[,R[,1-H[,1-K]]] as netem's \
+     `loss gemodel`: P good-to-bad and R bad-to-good per packet, 1-H the loss in the bad state \
+     (default 100%), 1-K in the good state (default 0%); each a percentage (1%) or a fraction";
+
+/// Parses `--loss-model`: `uniform` gives `None` (the model of `--loss`), gemodel its parameters.
+pub fn parse_loss_model(flag: &str, text: &str) -> Result<Option<Loss>, UsageError> {
+    let text = text.trim();
+    if text == "uniform" {
+        return Ok(None);
+    }
+    let Some(params) = text.strip_prefix("gemodel:") else {
+        return Err(UsageError {
+            flag: flag.into(),
+            value: text.into(),
+            problem: "unknown loss model".into(),
+            accepted: LOSS_MODEL_FORMS,
+        });
+    };
+    let values: Vec<f64> = params
+        .split(',')
+        .map(|p| units::parse_percent(flag, p))
+        .collect::<Result<_, _>>()
+        .map_err(|e| UsageError {
+            accepted: LOSS_MODEL_FORMS,
+            ..e
+        })?;
+    if values.is_empty() || values.len() > 4 {
+        return Err(UsageError {
+            flag: flag.into(),
+            value: text.into(),
+            problem: format!("{} parameters; gemodel takes 1 to 4", values.len()),
+            accepted: LOSS_MODEL_FORMS,
+        });
+    }
+    let p = values[0];
+    Ok(Some(Loss::GilbertElliott {
+        good_to_bad: p,
+        bad_to_good: values.get(1).copied().unwrap_or(1.0 - p),
+        loss_bad: values.get(2).copied().unwrap_or(1.0),
+        loss_good: values.get(3).copied().unwrap_or(0.0),
+    }))
+}
+
+/// Checks a rate and burst against the floor of one packet, naming the flag.
+pub fn check_rate(flag: &str, text: &str, bits_per_sec: u64) -> Result<(), UsageError> {
+    if bits_per_sec < MTU * 8 {
+        return Err(UsageError {
+            flag: flag.into(),
+            value: text.into(),
+            problem: format!("below one {MTU}-byte packet per second ({}bit)", MTU * 8),
+            accepted: units::RATE_FORMS,
+        });
+    }
+    Ok(())
+}
+
+pub fn check_burst(flag: &str, text: &str, bytes: u64) -> Result<(), UsageError> {
+    if bytes < MTU {
+        return Err(UsageError {
+            flag: flag.into(),
+            value: text.into(),
+            problem: format!("smaller than one {MTU}-byte packet"),
+            accepted: units::SIZE_FORMS,
+        });
+    }
+    Ok(())
+}
+
+/// Attaches the shaping programs to `cgroup_dir` and writes `limits`.
+pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, limits: &NetLimits) -> Result<()> {
+    write_limits_ebpf(ebpf, limits)?;
+    let cgroup = File::open(cgroup_dir)
+        .with_context(|| format!("opening cgroup {}", cgroup_dir.display()))?;
+    for (name, attach_type) in [
+        ("shape_ingress", CgroupSkbAttachType::Ingress),
+        ("shape_egress", CgroupSkbAttachType::Egress),
+    ] {
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("BPF program {name} missing from nbt's object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the kernel refused to load BPF program {name}"))?;
+        // As in `account`: through a BPF link the attachment is one of many.
+        program
+            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching BPF program {name} to {}", cgroup_dir.display()))?;
+    }
+    let pace: &mut SockOps = ebpf
+        .program_mut("pace")
+        .ok_or_else(|| anyhow!("BPF program pace missing from nbt's object"))?
+        .try_into()?;
+    pace.load()
+        .context("the kernel refused to load BPF program pace (sock_ops)")?;
+    pace.attach(&cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching BPF program pace to {}", cgroup_dir.display()))?;
+    Ok(())
+}
+
+fn write_config(map: &mut Array<&mut MapData, ShaperConfig>, limits: &NetLimits) -> Result<()> {
+    map.set(EGRESS, limits.egress.config(), 0)?;
+    map.set(INGRESS, limits.ingress.config(), 0)?;
+    Ok(())
+}
+
+fn write_limits_ebpf(ebpf: &mut Ebpf, limits: &NetLimits) -> Result<()> {
+    let map = ebpf
+        .map_mut(SHAPER_CONFIG_MAP)
+        .ok_or_else(|| anyhow!("BPF map {SHAPER_CONFIG_MAP} missing from nbt's object"))?;
+    let mut config: Array<&mut MapData, ShaperConfig> = Array::try_from(map)?;
+    write_config(&mut config, limits)
+}
+
+/// The kernel ids of the shaper's maps, so that `nbt set` and `nbt ps` can reach a live run.
+pub fn map_ids(ebpf: &Ebpf) -> Result<MapIds> {
+    let id = |name: &str| -> Result<u32> {
+        match ebpf.map(name) {
+            Some(Map::Array(data)) | Some(Map::PerCpuArray(data)) => Ok(data.info()?.id()),
+            _ => bail!("BPF map {name} missing from nbt's object"),
+        }
+    };
+    Ok(MapIds {
+        shaper_config: id(SHAPER_CONFIG_MAP)?,
+        shaper_stats: id(SHAPER_STATS_MAP)?,
+    })
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct MapIds {
+    pub shaper_config: u32,
+    pub shaper_stats: u32,
+}
+
+/// Changes a live run's limits: the next packet sees them, nothing is reattached.
+pub fn write_limits_by_id(ids: &MapIds, limits: &NetLimits) -> Result<()> {
+    let data = MapData::from_id(ids.shaper_config)
+        .with_context(|| format!("opening BPF map id {} of the run", ids.shaper_config))?;
+    let mut map = Map::from_map_data(data)?;
+    let mut config: Array<&mut MapData, ShaperConfig> =
+        Array::try_from(&mut map).with_context(|| {
+            format!(
+                "BPF map id {} is not the run's shaper configuration",
+                ids.shaper_config
+            )
+        })?;
+    write_config(&mut config, limits)
+}
+
+fn sum_stats(map: &PerCpuArray<&MapData, ShaperStats>, index: u32) -> Result<ShaperStats> {
+    let mut total = ShaperStats::default();
+    for per_cpu in map.get(&index, 0)?.iter() {
+        total.add(per_cpu);
+    }
+    Ok(total)
+}
+
+fn traffic_from(map: &PerCpuArray<&MapData, ShaperStats>) -> Result<ShapedTraffic> {
+    Ok(ShapedTraffic {
+        egress: sum_stats(map, EGRESS)?.into(),
+        ingress: sum_stats(map, INGRESS)?.into(),
+    })
+}
+
+/// The shaper's counters of a run loaded by this process.
+pub fn read(ebpf: &Ebpf) -> Result<ShapedTraffic> {
+    let map = ebpf
+        .map(SHAPER_STATS_MAP)
+        .ok_or_else(|| anyhow!("BPF map {SHAPER_STATS_MAP} missing from nbt's object"))?;
+    traffic_from(&PerCpuArray::try_from(map)?)
+}
+
+/// The shaper's counters of a live run, by map id.
+pub fn read_by_id(ids: &MapIds) -> Result<ShapedTraffic> {
+    let data = MapData::from_id(ids.shaper_stats)
+        .with_context(|| format!("opening BPF map id {} of the run", ids.shaper_stats))?;
+    let map = Map::from_map_data(data)?;
+    let stats = PerCpuArray::try_from(&map).with_context(|| {
+        format!(
+            "BPF map id {} is not the run's shaper counters",
+            ids.shaper_stats
+        )
+    })?;
+    traffic_from(&stats)
+}
+
+/// One direction's fate of packets, as the shaper counted them (wire bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DirectionTraffic {
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
+    pub marked_packets: u64,
+    pub rate_dropped_packets: u64,
+    pub rate_dropped_bytes: u64,
+    pub loss_dropped_packets: u64,
+    pub loss_dropped_bytes: u64,
+}
+
+impl From<ShaperStats> for DirectionTraffic {
+    fn from(s: ShaperStats) -> Self {
+        DirectionTraffic {
+            passed_packets: s.passed_packets,
+            passed_bytes: s.passed_bytes,
+            marked_packets: s.marked_packets,
+            rate_dropped_packets: s.rate_dropped_packets,
+            rate_dropped_bytes: s.rate_dropped_bytes,
+            loss_dropped_packets: s.loss_dropped_packets,
+            loss_dropped_bytes: s.loss_dropped_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ShapedTraffic {
+    pub egress: DirectionTraffic,
+    pub ingress: DirectionTraffic,
+}
+
+impl DirectionTraffic {
+    pub fn describe(&self, seconds: f64) -> String {
+        format!(
+            "passed {} packets, {} ({}/s average); dropped for rate {} packets, {}; lost {} packets, {}",
+            self.passed_packets,
+            format_size(self.passed_bytes),
+            format_rate((self.passed_bytes as f64 * 8.0 / seconds.max(1e-9)) as u64),
+            self.rate_dropped_packets,
+            format_size(self.rate_dropped_bytes),
+            self.loss_dropped_packets,
+            format_size(self.loss_dropped_bytes),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemodel_takes_netem_defaults() {
+        let loss = parse_loss_model("--loss-model", "gemodel:1%")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            loss,
+            Loss::GilbertElliott {
+                good_to_bad: 0.01,
+                bad_to_good: 0.99,
+                loss_bad: 1.0,
+                loss_good: 0.0
+            }
+        );
+        let loss = parse_loss_model("--loss-model", "gemodel:1%,25%,80%,0.1%")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            loss,
+            Loss::GilbertElliott {
+                good_to_bad: 0.01,
+                bad_to_good: 0.25,
+                loss_bad: 0.8,
+                loss_good: 0.001
+            }
+        );
+        // Stationary bad share p/(p+r) = 1/26, times 80%, plus 25/26 of 0.1%.
+        assert!((loss.mean() - (0.01 * 0.8 + 0.25 * 0.001) / 0.26).abs() < 1e-12);
+        assert_eq!(parse_loss_model("--loss-model", "uniform").unwrap(), None);
+    }
+
+    #[test]
+    fn bad_loss_models_are_refused() {
+        for (text, problem) in [
+            ("bursty", "unknown loss model"),
+            ("gemodel:1%,2%,3%,4%,5%", "5 parameters"),
+            ("gemodel:150%", "above 100%"),
+            ("gemodel:", "not a percentage"),
+        ] {
+            let err = parse_loss_model("--loss-model", text).unwrap_err();
+            assert!(err.problem.contains(problem), "{text}: {err}");
+            assert!(err.to_string().contains("gemodel:P"), "{err}");
+        }
+    }
+
+    #[test]
+    fn kernel_config_in_bytes_and_nanoseconds() {
+        let limits = DirectionLimits {
+            rate_bits_per_sec: Some(512_000),
+            burst_bytes: None,
+            loss: Loss::Uniform { probability: 0.05 },
+        };
+        let config = limits.config();
+        assert_eq!(config.rate_bytes_per_sec, 64_000);
+        // Default burst at 512kbit: one GSO super-packet (4 ms would be 256 bytes).
+        assert_eq!(limits.burst(), Some(GSO_BURST));
+        assert_eq!(config.burst_ns, GSO_BURST * 1_000_000_000 / 64_000);
+        assert_eq!(config.loss_model, LOSS_UNIFORM);
+        assert_eq!(
+            config.loss_good,
+            (0.05 * PROBABILITY_ONE as f64).round() as u64
+        );
+        // 4 ms at 1gbit.
+        assert_eq!(default_burst(1_000_000_000), 500_000);
+        // 100% loss is every packet: the programs compare a u32 draw against 2^32.
+        let all = DirectionLimits {
+            loss: Loss::Uniform { probability: 1.0 },
+            ..Default::default()
+        };
+        assert_eq!(all.config().loss_good, PROBABILITY_ONE);
+    }
+
+    #[test]
+    fn floors_of_one_packet() {
+        assert!(check_rate("--egress-rate", "8kbit", 8_000)
+            .unwrap_err()
+            .problem
+            .contains("below one 1500-byte packet"));
+        assert!(check_rate("--egress-rate", "12kbit", 12_000).is_ok());
+        assert!(check_burst("--burst", "1K", 1024)
+            .unwrap_err()
+            .problem
+            .contains("smaller than one"));
+    }
+}
