@@ -39,6 +39,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List live runs with their network limits and counters
+    Ps {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a live run's network limits; the next packet sees them
+    Set {
+        /// The run's name, as `nbt ps` shows it (nbt-...)
+        run: String,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Remove what crashed runs left behind (cgroups, processes), and only that
     Cleanup {
         /// Say what would be removed, remove nothing
@@ -228,6 +241,59 @@ pub fn main() -> i32 {
                 crate::probe::print_human(&features);
             }
             0
+        }
+        Command::Ps { json } => {
+            if let Err(err) = run::require_privileges() {
+                eprintln!("nbt: {err:#}");
+                return EXIT_NBT_FAILED;
+            }
+            let runs = crate::live::live_runs();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&runs).expect("runs serialize")
+                );
+            } else {
+                crate::live::print_ps(&runs);
+            }
+            0
+        }
+        Command::Set { run, net } => {
+            if let Err(err) = run::require_privileges() {
+                eprintln!("nbt: {err:#}");
+                return EXIT_NBT_FAILED;
+            }
+            if [
+                &net.egress_rate,
+                &net.ingress_rate,
+                &net.burst,
+                &net.loss,
+                &net.loss_model,
+            ]
+            .iter()
+            .all(|v| v.is_none())
+            {
+                eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss or --loss-model");
+                return 2;
+            }
+            match crate::live::set(&run, &net) {
+                Ok(limits) => {
+                    eprintln!(
+                        "nbt set: {run}: egress {}; ingress {}",
+                        limits.egress.describe(),
+                        limits.ingress.describe()
+                    );
+                    0
+                }
+                Err(err) => {
+                    eprintln!("nbt set: {err:#}");
+                    if err.downcast_ref::<crate::plan::PlanError>().is_some() {
+                        2
+                    } else {
+                        1
+                    }
+                }
+            }
         }
         Command::Cleanup { dry_run } => {
             if let Err(err) = run::require_privileges() {

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod cleanup;
 pub mod cli;
 pub mod demo;
+pub mod live;
 pub mod loader;
 pub mod net;
 pub mod plan;

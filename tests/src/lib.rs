@@ -95,15 +95,22 @@ impl Run {
 
 /// Runs `nbt ARGS` to completion. The summary is parsed from the last line of stdout when it is JSON.
 pub fn nbt(args: &[&str]) -> Run {
-    let output = Command::new(nbt_bin())
-        .args(args)
-        .output()
-        .expect("running nbt");
-    let summary = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok());
-    Run { output, summary }
+    Run::from_output(
+        Command::new(nbt_bin())
+            .args(args)
+            .output()
+            .expect("running nbt"),
+    )
+}
+
+impl Run {
+    fn from_output(output: Output) -> Run {
+        let summary = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .and_then(|line| serde_json::from_str(line).ok());
+        Run { output, summary }
+    }
 }
 
 /// `nbt run --json LIMITS -- nbt-testbin MODE ARGS`.
@@ -144,15 +151,26 @@ pub fn run_cgroups() -> BTreeSet<PathBuf> {
 
 /// Asserts at its end that the test left no run cgroup behind, and removes any it finds, with
 /// their processes, so that a failing test cannot leak into the next one or onto the machine.
+///
+/// It also makes the tests of one binary run one at a time, whatever `--test-threads` says:
+/// they measure CPU time and rates, and each would see the others' cgroups as leftovers.
 pub struct NoLeftovers {
     before: BTreeSet<PathBuf>,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl NoLeftovers {
     pub fn new() -> Self {
         require_root();
+        // A test that failed while holding the lock poisons it; the next one may still run.
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         NoLeftovers {
             before: run_cgroups(),
+            _serial: serial,
         }
     }
 
@@ -186,5 +204,169 @@ impl Drop for NoLeftovers {
         if !std::thread::panicking() {
             panic!("nbt left cgroups behind: {left:?}");
         }
+    }
+}
+
+/// Two network namespaces of the test's own joined by a veth pair: `a` (192.0.2.1, where the run
+/// lives) and `b` (192.0.2.2, its peer). 192.0.2.0/24 is TEST-NET-1: never routed anywhere, and
+/// reachable here only between these two namespaces. Removed on drop, also when a test fails.
+pub struct NetnsPair {
+    pub a: String,
+    pub b: String,
+}
+
+pub const ADDR_A: &str = "192.0.2.1";
+pub const ADDR_B: &str = "192.0.2.2";
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("running ip (iproute2)");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+impl NetnsPair {
+    pub fn new(tag: &str) -> NetnsPair {
+        require_root();
+        let id = std::process::id();
+        let pair = NetnsPair {
+            a: format!("nbt-test-{id}-{tag}-a"),
+            b: format!("nbt-test-{id}-{tag}-b"),
+        };
+        // Names of at most 15 bytes for the interfaces.
+        let (veth_a, veth_b) = (
+            format!("nbt{}a", id % 100_000),
+            format!("nbt{}b", id % 100_000),
+        );
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        ip(&[
+            "-n", &pair.a, "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
+            "netns", &pair.b,
+        ]);
+        ip(&[
+            "-n",
+            &pair.a,
+            "addr",
+            "add",
+            &format!("{ADDR_A}/24"),
+            "dev",
+            &veth_a,
+        ]);
+        ip(&[
+            "-n",
+            &pair.b,
+            "addr",
+            "add",
+            &format!("{ADDR_B}/24"),
+            "dev",
+            &veth_b,
+        ]);
+        for (ns, dev) in [(&pair.a, &veth_a), (&pair.b, &veth_b)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    fn open(name: &str) -> std::fs::File {
+        std::fs::File::open(format!("/run/netns/{name}")).expect("netns file")
+    }
+
+    /// Runs `f` on a thread that lives in namespace `name`: sockets it makes stay there.
+    pub fn in_netns<T: Send + 'static>(
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let ns = Self::open(name);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on this thread only, with a namespace file we opened.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        })
+    }
+
+    /// `nbt ARGS` with nbt (and so the workload) in namespace `a`.
+    pub fn nbt_in_a(&self, args: &[&str]) -> Run {
+        nbt_in_netns(&self.a, args)
+    }
+}
+
+/// `nbt ARGS`, run inside network namespace `name` (only the network namespace: nbt must still
+/// see the machine's cgroup mounts, which `ip netns exec` would hide).
+pub fn nbt_in_netns(name: &str, args: &[&str]) -> Run {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let ns = NetnsPair::open(name);
+    let fd = ns.as_raw_fd();
+    let mut command = Command::new(nbt_bin());
+    command.args(args);
+    // SAFETY: between fork and exec, one syscall on a descriptor we hold open.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command.output().expect("running nbt");
+    drop(ns);
+    Run::from_output(output)
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end inside it, and so the pair.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Bytes a receiver took in, with the time of each read since the first byte.
+pub struct Received {
+    pub marks: Vec<(f64, u64)>,
+}
+
+impl Received {
+    /// Payload bits per second between `from` and `to` seconds after the first byte.
+    pub fn rate_between(&self, from: f64, to: f64) -> f64 {
+        let at = |t: f64| -> (f64, u64) {
+            *self
+                .marks
+                .iter()
+                .find(|(time, _)| *time >= t)
+                .unwrap_or_else(|| panic!("the transfer ended before {t} s"))
+        };
+        let (t0, b0) = at(from);
+        let (t1, b1) = at(to);
+        (b1 - b0) as f64 * 8.0 / (t1 - t0)
+    }
+}
+
+/// Accepts one TCP connection on `listener` and reads it to the end.
+pub fn receive_all(listener: std::net::TcpListener) -> Received {
+    use std::io::Read;
+    let (mut stream, _) = listener.accept().expect("accept");
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let mut start = None;
+    let mut marks = Vec::new();
+    loop {
+        let n = stream.read(&mut buffer).expect("read");
+        if n == 0 {
+            return Received { marks };
+        }
+        let now = std::time::Instant::now();
+        let start = *start.get_or_insert(now);
+        total += n as u64;
+        marks.push((now.duration_since(start).as_secs_f64(), total));
     }
 }

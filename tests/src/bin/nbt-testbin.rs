@@ -6,7 +6,7 @@
 //!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
 //!                             the kernel's count of payload bytes sent, retransmissions included
 //!   tcp-stream ADDR SECONDS   connect to ADDR and send as fast as the socket takes it for SECONDS
-//!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR
+//!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
 //!   await-signal FILE         write our pid to FILE, wait for a signal, write its name, exit 42
 //!   sleep SECONDS             sleep
 
@@ -148,12 +148,22 @@ fn tcp_stream(addr: &str, duration: Duration) {
 }
 
 fn udp_send(addr: &str, count: u64, size: u64) {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let payload = vec![1u8; size as usize];
-    for _ in 0..count {
-        socket.send_to(&payload, addr).expect("send");
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    // Each datagram carries its sequence number, so a receiver can tell which were lost.
+    let mut payload = vec![1u8; (size as usize).max(8)];
+    // A datagram the shaper drops at egress fails with ENOBUFS: counted, not fatal. The sender
+    // pauses now and then so that the receiver's socket buffer never overflows.
+    let mut refused = 0u64;
+    for i in 0..count {
+        payload[..8].copy_from_slice(&i.to_le_bytes());
+        if socket.send_to(&payload, addr).is_err() {
+            refused += 1;
+        }
+        if i % 200 == 199 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
-    println!("sent {count}");
+    println!("sent {count} refused {refused}");
 }
 
 static mut RECEIVED: i32 = 0;

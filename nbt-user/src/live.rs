@@ -1,0 +1,137 @@
+//! `nbt ps` and `nbt set`: look at and change live runs from another process. A run's record
+//! (`state`) names its BPF maps by kernel id; `set` writes the shaper's configuration map, which
+//! the programs read per packet, so a change applies at once and nothing is reattached.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::cli::NetArgs;
+use crate::net::{self, NetLimits, ShapedTraffic};
+use crate::plan::{Flags, Plan, PlanError};
+use crate::state::{state_dir, RunRecord};
+use crate::units;
+
+#[derive(Debug, Serialize)]
+pub struct LiveRun {
+    pub run: String,
+    pub nbt_pid: i32,
+    pub command: Vec<String>,
+    pub seconds: f64,
+    pub net_limits: NetLimits,
+    pub shaped: Option<ShapedTraffic>,
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Every live run, with its current limits and counters.
+pub fn live_runs() -> Vec<LiveRun> {
+    RunRecord::read_all(&state_dir())
+        .into_iter()
+        .filter_map(|(_, record)| record.ok())
+        .filter(|record| record.supervisor_alive())
+        .map(|record| LiveRun {
+            shaped: record
+                .maps
+                .as_ref()
+                .and_then(|ids| net::read_by_id(ids).ok()),
+            seconds: if record.started_unix > 0.0 {
+                now_unix() - record.started_unix
+            } else {
+                0.0
+            },
+            run: record.name,
+            nbt_pid: record.supervisor_pid,
+            command: record.command,
+            net_limits: record.net,
+        })
+        .collect()
+}
+
+pub fn print_ps(runs: &[LiveRun]) {
+    if runs.is_empty() {
+        eprintln!("nbt ps: no live runs");
+        return;
+    }
+    for run in runs {
+        println!(
+            "{}  nbt pid {}  {:.0} s  {}",
+            run.run,
+            run.nbt_pid,
+            run.seconds,
+            run.command.join(" ")
+        );
+        for (name, limits, traffic) in [
+            (
+                "egress",
+                &run.net_limits.egress,
+                run.shaped.map(|s| s.egress),
+            ),
+            (
+                "ingress",
+                &run.net_limits.ingress,
+                run.shaped.map(|s| s.ingress),
+            ),
+        ] {
+            println!("  {name:<8} limit {}", limits.describe());
+            if let Some(traffic) = traffic {
+                println!("           {}", traffic.describe(run.seconds));
+            }
+        }
+    }
+}
+
+/// The network limits `args` asks for, each flag given replacing the run's current setting
+/// (`--loss 0` removes loss). A burst set before stays with a new rate; else the new rate gets
+/// its default burst.
+pub fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, PlanError> {
+    // --burst is checked here: the plan would want a rate beside it, and the run has its own.
+    let mut flags = Flags::default();
+    args.add_to(&mut flags);
+    flags.burst = None;
+    let asked = Plan::build(&flags)?.net;
+    let mut next = *current;
+    if args.egress_rate.is_some() {
+        next.egress.rate_bits_per_sec = asked.egress.rate_bits_per_sec;
+    }
+    if args.ingress_rate.is_some() {
+        next.ingress.rate_bits_per_sec = asked.ingress.rate_bits_per_sec;
+    }
+    if let Some(text) = &args.burst {
+        let bytes = units::parse_size("--burst", text)?;
+        net::check_burst("--burst", text, bytes)?;
+        next.egress.burst_bytes = Some(bytes);
+        next.ingress.burst_bytes = Some(bytes);
+    }
+    if args.loss.is_some() || args.loss_model.is_some() {
+        let direction = args.loss_direction.as_deref().unwrap_or("egress");
+        if direction == "egress" || direction == "both" {
+            next.egress.loss = asked.egress.loss;
+        }
+        if direction == "ingress" || direction == "both" {
+            next.ingress.loss = asked.ingress.loss;
+        }
+    }
+    Ok(next)
+}
+
+/// `nbt set RUN ...`: writes the new limits into the live run's maps and its record.
+pub fn set(run: &str, args: &NetArgs) -> Result<NetLimits> {
+    let dir = state_dir();
+    let (_, record) = RunRecord::find_live(&dir, run)?;
+    let Some(ids) = record.maps else {
+        bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");
+    };
+    let next = changed_limits(&record.net, args)?;
+    net::write_limits_by_id(&ids, &next)?;
+    RunRecord {
+        net: next,
+        ..record
+    }
+    .write(&dir)?;
+    Ok(next)
+}

@@ -1,0 +1,283 @@
+//! Network shaping on a veth pair between two namespaces of the test's own: the run in `a`,
+//! its peer in `b`. Rates are measured where iperf3 measures them: at the receiver.
+
+use std::net::{TcpListener, UdpSocket};
+use std::time::Duration;
+
+use nbt_integration_tests::{
+    nbt, nbt_in_netns, receive_all, testbin, NetnsPair, NoLeftovers, ADDR_B,
+};
+
+/// A full TCP segment on this veth: 1448 bytes of payload in 1500 bytes of IP packet (20 IP, 20
+/// TCP, 12 timestamp option). The limit counts IP bytes; the receiver sees payload.
+const PAYLOAD_PER_WIRE: f64 = 1448.0 / 1500.0;
+
+fn egress_rate_holds(rate: &str, bits_per_sec: f64) {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("eg");
+    let receiver = NetnsPair::in_netns(&net.b, || {
+        receive_all(TcpListener::bind(format!("{ADDR_B}:5201")).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--egress-rate",
+        rate,
+        "--",
+        testbin.to_str().unwrap(),
+        "tcp-stream",
+        &format!("{ADDR_B}:5201"),
+        "13",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let received = receiver.join().unwrap();
+    // 10 s of the steady state: after the first 2 s, as iperf3 --omit would.
+    let wire = received.rate_between(2.0, 12.0) / PAYLOAD_PER_WIRE;
+    let ratio = wire / bits_per_sec;
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "{rate}: {:.0} bit/s on the wire, {ratio:.3} of the limit",
+        wire
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn egress_rate_512kbit() {
+    egress_rate_holds("512kbit", 512e3);
+}
+
+#[test]
+fn egress_rate_10mbit() {
+    egress_rate_holds("10mbit", 10e6);
+}
+
+#[test]
+fn egress_rate_200mbit() {
+    egress_rate_holds("200mbit", 200e6);
+}
+
+#[test]
+fn traffic_outside_the_run_is_untouched() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("out");
+    // Inside the run: 10mbit. Outside it, at the same time and on the same veth: no limit.
+    let inside = NetnsPair::in_netns(&net.b, || {
+        receive_all(TcpListener::bind(format!("{ADDR_B}:5202")).unwrap())
+    });
+    let outside = NetnsPair::in_netns(&net.b, || {
+        receive_all(TcpListener::bind(format!("{ADDR_B}:5203")).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let outside_sender = {
+        let testbin = testbin.clone();
+        let a = net.a.clone();
+        std::thread::spawn(move || {
+            let status = std::process::Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{a}"))
+                .arg(&testbin)
+                .args(["tcp-stream", &format!("{ADDR_B}:5203"), "4"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        })
+    };
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--egress-rate",
+        "10mbit",
+        "--",
+        testbin.to_str().unwrap(),
+        "tcp-stream",
+        &format!("{ADDR_B}:5202"),
+        "4",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    outside_sender.join().unwrap();
+    let inside = inside.join().unwrap().rate_between(1.0, 3.0) / PAYLOAD_PER_WIRE;
+    let outside = outside.join().unwrap().rate_between(1.0, 3.0);
+    assert!(inside < 10.5e6, "the run got {inside:.0} bit/s");
+    assert!(
+        outside > 10.0 * 10e6,
+        "outside the run: {outside:.0} bit/s, not 10x the run's limit"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn uniform_loss_is_within_half_a_point() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("loss");
+    const SENT: u64 = 20_000;
+    let receiver = NetnsPair::in_netns(&net.b, || {
+        let socket = UdpSocket::bind(format!("{ADDR_B}:5204")).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buffer = [0u8; 2048];
+        let mut received = 0u64;
+        while socket.recv(&mut buffer).is_ok() {
+            received += 1;
+        }
+        received
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--loss",
+        "5%",
+        "--",
+        testbin.to_str().unwrap(),
+        "udp-send",
+        &format!("{ADDR_B}:5204"),
+        &SENT.to_string(),
+        "100",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let received = receiver.join().unwrap();
+    let lost = run.u64("/shaped/egress/loss_dropped_packets");
+    let measured = 1.0 - received as f64 / SENT as f64;
+    assert!(
+        (0.045..=0.055).contains(&measured),
+        "{measured:.4} of packets lost at the receiver; nbt said: {} {}",
+        run.stdout(),
+        run.stderr()
+    );
+    // The receiver's count and the shaper's agree: nothing else lost packets.
+    assert_eq!(
+        received + lost,
+        SENT,
+        "received {received}, dropped by the shaper {lost}"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn gilbert_elliott_loss_comes_in_bursts_of_the_expected_length() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("ge");
+    const SENT: u64 = 50_000;
+    let receiver = NetnsPair::in_netns(&net.b, || {
+        let socket = UdpSocket::bind(format!("{ADDR_B}:5205")).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buffer = [0u8; 2048];
+        let mut received = vec![false; SENT as usize];
+        while let Ok(n) = socket.recv(&mut buffer) {
+            if n >= 8 {
+                let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
+                received[seq as usize] = true;
+            }
+        }
+        received
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    // p = 1%, r = 25%: the bad state lasts 1/r = 4 packets on average, and loses all of them
+    // (1-h = 100%); the good state loses none (1-k = 0%). Loss on average: p/(p+r) = 3.85%.
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--loss-model",
+        "gemodel:1%,25%,100%,0%",
+        "--",
+        testbin.to_str().unwrap(),
+        "udp-send",
+        &format!("{ADDR_B}:5205"),
+        &SENT.to_string(),
+        "100",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let received = receiver.join().unwrap();
+    let mut bursts = Vec::new();
+    let mut current = 0u64;
+    for got in &received {
+        if *got {
+            if current > 0 {
+                bursts.push(current);
+            }
+            current = 0;
+        } else {
+            current += 1;
+        }
+    }
+    if current > 0 {
+        bursts.push(current);
+    }
+    let lost: u64 = bursts.iter().sum();
+    let mean_burst = lost as f64 / bursts.len() as f64;
+    assert!(
+        (3.2..=4.8).contains(&mean_burst),
+        "mean burst {mean_burst:.2} packets over {} bursts",
+        bursts.len()
+    );
+    let loss = lost as f64 / SENT as f64;
+    assert!(
+        (0.030..=0.047).contains(&loss),
+        "loss {loss:.4}, expected 0.0385"
+    );
+    assert_eq!(lost, run.u64("/shaped/egress/loss_dropped_packets"));
+    guard.assert_clean();
+}
+
+#[test]
+fn halving_the_rate_of_a_live_run_halves_what_arrives() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("set");
+    let receiver = NetnsPair::in_netns(&net.b, || {
+        receive_all(TcpListener::bind(format!("{ADDR_B}:5206")).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let args: Vec<String> = [
+        "run",
+        "--json",
+        "--egress-rate",
+        "20mbit",
+        "--",
+        testbin.to_str().unwrap(),
+        "tcp-stream",
+        &format!("{ADDR_B}:5206"),
+        "10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let sender = {
+        let ns = net.a.clone();
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            nbt_in_netns(&ns, &args)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    let ps = nbt(&["ps", "--json"]);
+    let runs: serde_json::Value = serde_json::from_str(&ps.stdout()).unwrap();
+    let name = runs[0]["run"].as_str().expect("a live run").to_string();
+    let set = nbt(&["set", &name, "--egress-rate", "10mbit"]);
+    assert_eq!(set.status(), 0, "{}", set.stderr());
+    let run = sender.join().unwrap();
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert_eq!(run.u64("/net_limits/egress/rate_bits_per_sec"), 10_000_000);
+    let received = receiver.join().unwrap();
+    // The set came about 4 s after the first byte (nbt starts its workload within a fraction of
+    // a second): the first window is well before it, the second starts 2 s after it.
+    let before = received.rate_between(1.5, 3.5) / PAYLOAD_PER_WIRE;
+    let after = received.rate_between(6.0, 9.0) / PAYLOAD_PER_WIRE;
+    assert!(
+        (0.93..=1.05).contains(&(before / 20e6)),
+        "before the change: {before:.0} bit/s"
+    );
+    assert!(
+        (0.93..=1.05).contains(&(after / 10e6)),
+        "2 s after halving: {after:.0} bit/s"
+    );
+    guard.assert_clean();
+}
