@@ -14,10 +14,16 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 const NIGHTLY: &str = "nightly";
 
 /// Debian packages the tests and benchmarks use, with why.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[(
-    "iproute2",
-    "ip and tc: network namespaces, veth pairs and qdiscs for the network tests",
-)];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    (
+        "iproute2",
+        "ip: network namespaces and veth pairs for the network tests",
+    ),
+    (
+        "util-linux",
+        "nsenter: a workload in a test's network namespace, outside the run",
+    ),
+];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Set up, build, run and test nbt")]
