@@ -108,23 +108,32 @@ fn traffic_outside_the_run_is_untouched() {
     guard.assert_clean();
 }
 
+/// Receives the numbered datagrams of `nbt-testbin udp-send` in namespace `ns` until 2 s pass
+/// without one; which of the `count` arrived.
+fn receive_numbered(ns: &str, port: u16, count: u64) -> std::thread::JoinHandle<Vec<bool>> {
+    NetnsPair::in_netns(ns, move || {
+        let socket = UdpSocket::bind(format!("{ADDR_B}:{port}")).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buffer = [0u8; 2048];
+        let mut received = vec![false; count as usize];
+        while let Ok(n) = socket.recv(&mut buffer) {
+            if n >= 8 {
+                let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
+                received[seq as usize] = true;
+            }
+        }
+        received
+    })
+}
+
 #[test]
 fn uniform_loss_is_within_half_a_point() {
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("loss");
     const SENT: u64 = 20_000;
-    let receiver = NetnsPair::in_netns(&net.b, || {
-        let socket = UdpSocket::bind(format!("{ADDR_B}:5204")).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut buffer = [0u8; 2048];
-        let mut received = 0u64;
-        while socket.recv(&mut buffer).is_ok() {
-            received += 1;
-        }
-        received
-    });
+    let receiver = receive_numbered(&net.b, 5204, SENT);
     std::thread::sleep(Duration::from_millis(200));
     let testbin = testbin();
     let run = net.nbt_in_a(&[
@@ -140,7 +149,7 @@ fn uniform_loss_is_within_half_a_point() {
         "100",
     ]);
     assert_eq!(run.status(), 0, "{}", run.stderr());
-    let received = receiver.join().unwrap();
+    let received = receiver.join().unwrap().iter().filter(|got| **got).count() as u64;
     let lost = run.u64("/shaped/egress/loss_dropped_packets");
     let measured = 1.0 - received as f64 / SENT as f64;
     assert!(
@@ -163,21 +172,7 @@ fn gilbert_elliott_loss_comes_in_bursts_of_the_expected_length() {
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("ge");
     const SENT: u64 = 50_000;
-    let receiver = NetnsPair::in_netns(&net.b, || {
-        let socket = UdpSocket::bind(format!("{ADDR_B}:5205")).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut buffer = [0u8; 2048];
-        let mut received = vec![false; SENT as usize];
-        while let Ok(n) = socket.recv(&mut buffer) {
-            if n >= 8 {
-                let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
-                received[seq as usize] = true;
-            }
-        }
-        received
-    });
+    let receiver = receive_numbered(&net.b, 5205, SENT);
     std::thread::sleep(Duration::from_millis(200));
     let testbin = testbin();
     // p = 1%, r = 25%: the bad state lasts 1/r = 4 packets on average, and loses all of them

@@ -1,39 +1,27 @@
 //! `account`: bytes and packets in and out of a run, counted in the kernel by the cgroup_skb
 //! programs of `nbt-ebpf/src/account.rs`, attached to the run's cgroup v2 directory.
 
-use std::fs::File;
 use std::path::Path;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, Result};
 use aya::maps::PerCpuArray;
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::Ebpf;
 use nbt_common::account::{TrafficCounters, ACCOUNT_MAP, EGRESS, INGRESS};
 use serde::Serialize;
 
+use crate::loader;
+
 /// Loads the two counting programs and attaches them to `cgroup_dir` (a cgroup v2 directory).
 /// Other programs may be attached to the same cgroup beside them.
 pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path) -> Result<()> {
-    let cgroup = File::open(cgroup_dir)
-        .with_context(|| format!("opening cgroup {}", cgroup_dir.display()))?;
-    for (name, attach_type) in [
-        ("account_ingress", CgroupSkbAttachType::Ingress),
-        ("account_egress", CgroupSkbAttachType::Egress),
-    ] {
-        let program: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("BPF program {name} missing from nbt's object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("the kernel refused to load BPF program {name}"))?;
-        program
-            // Through a BPF link (Linux 5.7+) the attachment is always one of many, and the kernel
-            // refuses any mode flag: "Single" is aya's way of passing none.
-            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching BPF program {name} to {}", cgroup_dir.display()))?;
-    }
-    Ok(())
+    let cgroup = loader::open_cgroup(cgroup_dir)?;
+    loader::attach_cgroup_skb(
+        ebpf,
+        &cgroup,
+        cgroup_dir,
+        "account_ingress",
+        "account_egress",
+    )
 }
 
 /// What the counters hold now, summed over CPUs.

@@ -2,12 +2,11 @@
 //! the cgroup_skb programs of `nbt-ebpf/src/shaper.rs` on the run's cgroup. Only the run's own
 //! sockets are shaped; every other process on the machine is untouched.
 
-use std::fs::File;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
+use aya::programs::{CgroupAttachMode, SockOps};
 use aya::Ebpf;
 use nbt_common::account::{EGRESS, INGRESS};
 use nbt_common::shaper::{
@@ -16,6 +15,7 @@ use nbt_common::shaper::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::loader;
 use crate::units::{self, format_rate, format_size, UsageError};
 
 /// The largest IP packet a usual link carries; the floor for rates and bursts.
@@ -246,28 +246,9 @@ pub fn check_burst(flag: &str, text: &str, bytes: u64) -> Result<(), UsageError>
 /// Attaches the shaping programs to `cgroup_dir` and writes `limits`.
 pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, limits: &NetLimits) -> Result<()> {
     write_limits_ebpf(ebpf, limits)?;
-    let cgroup = File::open(cgroup_dir)
-        .with_context(|| format!("opening cgroup {}", cgroup_dir.display()))?;
-    for (name, attach_type) in [
-        ("shape_ingress", CgroupSkbAttachType::Ingress),
-        ("shape_egress", CgroupSkbAttachType::Egress),
-    ] {
-        let program: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("BPF program {name} missing from nbt's object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("the kernel refused to load BPF program {name}"))?;
-        // As in `account`: through a BPF link the attachment is one of many.
-        program
-            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching BPF program {name} to {}", cgroup_dir.display()))?;
-    }
-    let pace: &mut SockOps = ebpf
-        .program_mut("pace")
-        .ok_or_else(|| anyhow!("BPF program pace missing from nbt's object"))?
-        .try_into()?;
+    let cgroup = loader::open_cgroup(cgroup_dir)?;
+    loader::attach_cgroup_skb(ebpf, &cgroup, cgroup_dir, "shape_ingress", "shape_egress")?;
+    let pace: &mut SockOps = loader::program(ebpf, "pace")?;
     pace.load()
         .context("the kernel refused to load BPF program pace (sock_ops)")?;
     pace.attach(&cgroup, CgroupAttachMode::Single)
