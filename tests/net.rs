@@ -5,7 +5,7 @@ use std::net::{TcpListener, UdpSocket};
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    nbt, nbt_in_netns, receive_all, testbin, NetnsPair, NoLeftovers, ADDR_B,
+    nbt, nbt_in_netns, receive_all, testbin, NetnsPair, NoLeftovers, ADDR_A, ADDR_B,
 };
 
 /// A full TCP segment on this veth: 1448 bytes of payload in 1500 bytes of IP packet (20 IP, 20
@@ -273,6 +273,58 @@ fn halving_the_rate_of_a_live_run_halves_what_arrives() {
     assert!(
         (0.93..=1.05).contains(&(after / 10e6)),
         "2 s after halving: {after:.0} bit/s"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn ingress_rate_10mbit() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("in");
+    let testbin = testbin();
+    // The sender is outside the run, in the peer namespace; the receiver is the run.
+    let sender = {
+        let (b, testbin) = (net.b.clone(), testbin.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            std::process::Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{b}"))
+                .arg(&testbin)
+                .args(["tcp-stream", &format!("{ADDR_A}:5207"), "14"])
+                .output()
+                .unwrap()
+        })
+    };
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--ingress-rate",
+        "10mbit",
+        "--",
+        testbin.to_str().unwrap(),
+        "tcp-recv",
+        &format!("{ADDR_A}:5207"),
+        "2",
+        "12",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert!(sender.join().unwrap().status.success());
+    let report = run.stdout();
+    let payload: f64 = report
+        .split_whitespace()
+        .skip_while(|w| *w != "rate_bits_per_sec")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no rate in {report}"))
+        .parse()
+        .unwrap();
+    let ratio = payload / PAYLOAD_PER_WIRE / 10e6;
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "ingress 10mbit: {ratio:.3} of the limit on the wire"
+    );
+    assert!(
+        run.u64("/shaped/ingress/rate_dropped_packets") > 0,
+        "the limit never bit"
     );
     guard.assert_clean();
 }

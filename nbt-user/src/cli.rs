@@ -5,6 +5,7 @@ use std::ffi::OsString;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::net::Direction;
 use crate::plan::{Flags, Plan};
 use crate::run::{self, RunError, EXIT_NBT_FAILED};
 use crate::supervise;
@@ -148,7 +149,7 @@ pub struct NetArgs {
     /// Incoming bandwidth of the run (packets over it are dropped on arrival)
     #[arg(long, value_name = "RATE")]
     pub ingress_rate: Option<String>,
-    /// Bucket depth of the rate limits (default: 4 ms at the rate, at least 2 packets)
+    /// Bucket depth of the rate limits (default: egress 4 ms at the rate, ingress 250 ms; at least 96 KiB)
     #[arg(long, value_name = "SIZE")]
     pub burst: Option<String>,
     /// Packet loss probability (5% or 0.05), each packet independently
@@ -280,8 +281,8 @@ pub fn main() -> i32 {
                 Ok(limits) => {
                     eprintln!(
                         "nbt set: {run}: egress {}; ingress {}",
-                        limits.egress.describe(),
-                        limits.ingress.describe()
+                        limits.egress.describe(Direction::Egress),
+                        limits.ingress.describe(Direction::Ingress)
                     );
                     0
                 }

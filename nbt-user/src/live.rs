@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::cli::NetArgs;
-use crate::net::{self, NetLimits, ShapedTraffic};
+use crate::net::{self, Direction, NetLimits, ShapedTraffic};
 use crate::plan::{Flags, Plan, PlanError};
 use crate::state::{state_dir, RunRecord};
 use crate::units;
@@ -65,19 +65,21 @@ pub fn print_ps(runs: &[LiveRun]) {
             run.seconds,
             run.command.join(" ")
         );
-        for (name, limits, traffic) in [
+        for (name, limits, traffic, direction) in [
             (
                 "egress",
                 &run.net_limits.egress,
                 run.shaped.map(|s| s.egress),
+                Direction::Egress,
             ),
             (
                 "ingress",
                 &run.net_limits.ingress,
                 run.shaped.map(|s| s.ingress),
+                Direction::Ingress,
             ),
         ] {
-            println!("  {name:<8} limit {}", limits.describe());
+            println!("  {name:<8} limit {}", limits.describe(direction));
             if let Some(traffic) = traffic {
                 println!("           {}", traffic.describe(run.seconds));
             }

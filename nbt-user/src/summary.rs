@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::account::Traffic;
 use crate::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
-use crate::net::{NetLimits, ShapedTraffic};
+use crate::net::{Direction, NetLimits, ShapedTraffic};
 use crate::supervise::Exit;
 use crate::units::format_size;
 
@@ -172,11 +172,21 @@ impl RunSummary {
         }
         if let Some(shaped) = &self.shaped {
             if !self.net_limits.is_unlimited() {
-                for (name, limits, traffic) in [
-                    ("egress", &self.net_limits.egress, &shaped.egress),
-                    ("ingress", &self.net_limits.ingress, &shaped.ingress),
+                for (name, limits, traffic, direction) in [
+                    (
+                        "egress",
+                        &self.net_limits.egress,
+                        &shaped.egress,
+                        Direction::Egress,
+                    ),
+                    (
+                        "ingress",
+                        &self.net_limits.ingress,
+                        &shaped.ingress,
+                        Direction::Ingress,
+                    ),
                 ] {
-                    let _ = writeln!(out, "  {name:<13} limit {}", limits.describe());
+                    let _ = writeln!(out, "  {name:<13} limit {}", limits.describe(direction));
                     let _ = writeln!(
                         out,
                         "                {}",

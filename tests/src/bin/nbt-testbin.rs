@@ -6,6 +6,8 @@
 //!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
 //!                             the kernel's count of payload bytes sent, retransmissions included
 //!   tcp-stream ADDR SECONDS   connect to ADDR and send as fast as the socket takes it for SECONDS
+//!   tcp-recv ADDR FROM TO     accept one connection on ADDR, read it to the end, print the
+//!                             payload rate between FROM and TO seconds after the first byte
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
 //!   await-signal FILE         write our pid to FILE, wait for a signal, write its name, exit 42
 //!   sleep SECONDS             sleep
@@ -35,6 +37,7 @@ fn main() {
         "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
         "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
         "tcp-stream" => tcp_stream(arg(&args, 2), Duration::from_secs(num(&args, 3))),
+        "tcp-recv" => tcp_recv(arg(&args, 2), num(&args, 3) as f64, num(&args, 4) as f64),
         "udp-send" => udp_send(arg(&args, 2), num(&args, 3), num(&args, 4)),
         "await-signal" => await_signal(arg(&args, 2)),
         "sleep" => std::thread::sleep(Duration::from_secs(num(&args, 2))),
@@ -145,6 +148,38 @@ fn tcp_stream(addr: &str, duration: Duration) {
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     println!("sent {sent}");
+}
+
+fn tcp_recv(addr: &str, from: f64, to: f64) {
+    let listener = std::net::TcpListener::bind(addr).expect("bind");
+    println!("listening");
+    let (mut stream, _) = listener.accept().expect("accept");
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut total, mut start, mut at_from, mut at_to) = (0u64, None, None, None);
+    loop {
+        let n = stream.read(&mut buffer).expect("read");
+        if n == 0 {
+            break;
+        }
+        let now = Instant::now();
+        let elapsed = now.duration_since(*start.get_or_insert(now)).as_secs_f64();
+        if elapsed >= from && at_from.is_none() {
+            at_from = Some((elapsed, total));
+        }
+        total += n as u64;
+        if elapsed >= to && at_to.is_none() {
+            at_to = Some((elapsed, total));
+        }
+    }
+    match (at_from, at_to) {
+        (Some((t0, b0)), Some((t1, b1))) => {
+            println!(
+                "received {total} rate_bits_per_sec {:.0}",
+                (b1 - b0) as f64 * 8.0 / (t1 - t0)
+            )
+        }
+        _ => println!("received {total} too short for the window"),
+    }
 }
 
 fn udp_send(addr: &str, count: u64, size: u64) {
