@@ -187,7 +187,8 @@ pub struct RunArgs {
 pub struct DemoArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
-    /// Training samples (the dataset's memory grows with it: samples x 32 features x 4 bytes)
+    /// Training samples, fetched over the run's network limits (default 12000: 1.5 MiB;
+    /// memory and download grow with it: samples x 33 x 4 bytes)
     #[arg(long, value_name = "N")]
     pub samples: Option<String>,
     /// Training epochs

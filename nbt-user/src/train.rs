@@ -103,6 +103,7 @@ impl Rng {
 }
 
 /// Samples (row-major, `samples x features`) and their 0/1 labels, stored as f32.
+#[derive(Debug)]
 pub struct Dataset {
     features: usize,
     x: Vec<f32>,
@@ -139,6 +140,87 @@ impl Dataset {
     /// Bytes held: features and labels, both f32, i.e. `samples * (features + 1) * 4`.
     pub fn bytes(&self) -> usize {
         (self.x.len() + self.y.len()) * std::mem::size_of::<f32>()
+    }
+
+    /// The wire form of the dataset: samples and features as u64 LE, then every feature and
+    /// then every label as f32 LE.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        out.write_all(&(self.samples() as u64).to_le_bytes())?;
+        out.write_all(&(self.features as u64).to_le_bytes())?;
+        let mut buffer = Vec::with_capacity(64 << 10);
+        for value in self.x.iter().chain(&self.y) {
+            buffer.extend_from_slice(&value.to_le_bytes());
+            if buffer.len() >= 64 << 10 {
+                out.write_all(&buffer)?;
+                buffer.clear();
+            }
+        }
+        out.write_all(&buffer)
+    }
+
+    /// Reads what [`Dataset::write_to`] wrote, checking the shape against `cfg`.
+    pub fn read_from(input: &mut impl std::io::Read, cfg: &TrainConfig) -> anyhow::Result<Dataset> {
+        let mut word = [0u8; 8];
+        input.read_exact(&mut word)?;
+        let samples = u64::from_le_bytes(word) as usize;
+        input.read_exact(&mut word)?;
+        let features = u64::from_le_bytes(word) as usize;
+        anyhow::ensure!(
+            samples == cfg.samples && features == cfg.features,
+            "the data server sent {samples} x {features}, not the {} x {} asked for",
+            cfg.samples,
+            cfg.features
+        );
+        let mut bytes = vec![0u8; samples * (features + 1) * 4];
+        input.read_exact(&mut bytes)?;
+        let mut values = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let x: Vec<f32> = values.by_ref().take(samples * features).collect();
+        let y: Vec<f32> = values.collect();
+        Ok(Dataset { features, x, y })
+    }
+
+    /// Asks the data server at `addr` for the dataset of `cfg` (one request line:
+    /// `samples features seed`) and reads it.
+    pub fn fetch(addr: &str, cfg: &TrainConfig) -> anyhow::Result<Dataset> {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(addr)
+            .map_err(|e| anyhow::anyhow!("connecting to the data server {addr}: {e}"))?;
+        writeln!(stream, "{} {} {}", cfg.samples, cfg.features, cfg.seed)?;
+        Self::read_from(&mut std::io::BufReader::new(stream), cfg)
+    }
+
+    /// Serves datasets on `listener` until it fails: one request line per connection, answered
+    /// with the dataset it names (generated, so any size can be asked for).
+    pub fn serve(listener: std::net::TcpListener) {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                let mut reader = std::io::BufReader::new(&stream);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let fields: Vec<u64> = line
+                    .split_whitespace()
+                    .filter_map(|f| f.parse().ok())
+                    .collect();
+                let [samples, features, seed] = fields[..] else {
+                    return;
+                };
+                let cfg = TrainConfig {
+                    samples: samples as usize,
+                    features: features as usize,
+                    seed,
+                    ..TrainConfig::default()
+                };
+                if cfg.validate().is_ok() {
+                    let mut out = std::io::BufWriter::new(&stream);
+                    let _ = Dataset::generate(&cfg).write_to(&mut out);
+                }
+            });
+        }
     }
 
     fn row(&self, i: usize) -> &[f32] {
@@ -350,6 +432,40 @@ fn bce(z: f32, y: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dataset_fetched_from_the_server_is_the_generated_one() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || Dataset::serve(listener));
+        let cfg = TrainConfig {
+            samples: 300,
+            features: 7,
+            seed: 9,
+            ..TrainConfig::default()
+        };
+        let fetched = Dataset::fetch(&addr, &cfg).unwrap();
+        let generated = Dataset::generate(&cfg);
+        assert_eq!(fetched.x, generated.x);
+        assert_eq!(fetched.y, generated.y);
+        let other = TrainConfig {
+            samples: 301,
+            ..cfg.clone()
+        };
+        let err = Dataset::read_from(
+            &mut &{
+                let mut bytes = Vec::new();
+                generated.write_to(&mut bytes).unwrap();
+                bytes
+            }[..],
+            &other,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("not the 301 x 7 asked for"),
+            "{err}"
+        );
+    }
+
     use super::*;
 
     fn small(seed: u64) -> TrainConfig {

@@ -35,6 +35,10 @@ struct Args {
     /// Seed of the dataset and the model's initial weights
     #[arg(long, value_name = "S", default_value_t = TrainConfig::default().seed)]
     seed: u64,
+    /// Fetch the dataset over TCP from this data server (host:port; `nbt demo` runs one) instead
+    /// of generating it
+    #[arg(long, value_name = "ADDR")]
+    data_server: Option<String>,
     /// Print the final report as one JSON object on stdout
     #[arg(long)]
     json: bool,
@@ -61,7 +65,27 @@ fn main() -> ExitCode {
         eprintln!("nbt-train: {e}");
         return ExitCode::from(2);
     }
-    let data = Dataset::generate(&cfg);
+    let data = match &args.data_server {
+        None => Dataset::generate(&cfg),
+        Some(addr) => {
+            let started = std::time::Instant::now();
+            match Dataset::fetch(addr, &cfg) {
+                Ok(data) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "nbt-train: fetched {:.2} MiB from {addr} in {seconds:.1} s ({:.0} kbit/s)",
+                        data.bytes() as f64 / MIB,
+                        data.bytes() as f64 * 8.0 / seconds / 1e3
+                    );
+                    data
+                }
+                Err(e) => {
+                    eprintln!("nbt-train: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     eprintln!(
         "nbt-train: {} samples x {} features ({:.1} MiB), {} epochs",
         cfg.samples,
