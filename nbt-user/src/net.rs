@@ -40,6 +40,15 @@ pub enum Loss {
 }
 
 impl Loss {
+    /// Uniform loss; none at all for a probability of 0 (`nbt set RUN --loss 0` removes loss).
+    pub fn uniform(probability: f64) -> Loss {
+        if probability == 0.0 {
+            Loss::None
+        } else {
+            Loss::Uniform { probability }
+        }
+    }
+
     /// The long-run fraction of packets lost.
     pub fn mean(&self) -> f64 {
         match *self {

@@ -313,9 +313,9 @@ impl Plan {
             (loss, None) => loss
                 .map(|(text, name)| units::parse_percent(&name, &text))
                 .transpose()?
-                .map(|probability| Loss::Uniform { probability }),
+                .map(Loss::uniform),
             (loss, Some((text, name))) => match (net::parse_loss_model(&name, &text)?, loss) {
-                (None, Some((text, name))) => Some(Loss::Uniform { probability: units::parse_percent(&name, &text)? }),
+                (None, Some((text, name))) => Some(Loss::uniform(units::parse_percent(&name, &text)?)),
                 (None, None) => {
                     return Err(PlanError(format!("{name} uniform needs --loss PERCENT, the probability of each packet's loss")))
                 }
@@ -332,7 +332,7 @@ impl Plan {
             "loss-direction",
             &profile.loss_direction,
         )?;
-        if let Some(loss) = loss.filter(|l| *l != Loss::None) {
+        if let Some(loss) = loss {
             let (egress, ingress) = match direction.as_ref().map(|(t, n)| (t.trim(), n)) {
                 None | Some(("egress", _)) => (true, false),
                 Some(("ingress", _)) => (false, true),
