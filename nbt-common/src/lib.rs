@@ -3,4 +3,5 @@
 #![no_std]
 
 pub mod account;
+pub mod gate;
 pub mod shaper;

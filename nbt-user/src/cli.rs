@@ -53,12 +53,25 @@ pub enum Command {
         #[command(flatten)]
         net: NetArgs,
     },
+    /// Top up a live run's balance: `nbt balance RUN add AMOUNT`; the gate reopens at once
+    Balance {
+        /// The run's name, as `nbt ps` shows it
+        run: String,
+        #[command(subcommand)]
+        action: BalanceAction,
+    },
     /// Remove what crashed runs left behind (cgroups, processes), and only that
     Cleanup {
         /// Say what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BalanceAction {
+    /// Add AMOUNT to the balance
+    Add { amount: String },
 }
 
 #[derive(Debug, Args)]
@@ -87,17 +100,7 @@ pub struct NotYetArgs {
     #[arg(long, hide = true)]
     pub jitter: Option<String>,
     #[arg(long, hide = true)]
-    pub balance: Option<String>,
-    #[arg(long, hide = true)]
-    pub price_egress: Option<String>,
-    #[arg(long, hide = true)]
-    pub price_call: Option<String>,
-    #[arg(long, hide = true)]
     pub price_kwh: Option<String>,
-    #[arg(long, hide = true)]
-    pub price_hour: Option<String>,
-    #[arg(long, hide = true)]
-    pub gate: Option<String>,
     #[arg(long, hide = true)]
     pub gpu_power_limit: Option<String>,
     #[arg(long, hide = true)]
@@ -117,12 +120,7 @@ impl NotYetArgs {
         let values = [
             ("latency", &self.latency),
             ("jitter", &self.jitter),
-            ("balance", &self.balance),
-            ("price-egress", &self.price_egress),
-            ("price-call", &self.price_call),
             ("price-kwh", &self.price_kwh),
-            ("price-hour", &self.price_hour),
-            ("gate", &self.gate),
             ("gpu-power-limit", &self.gpu_power_limit),
             ("gpu-clock", &self.gpu_clock),
             ("cpu-max-freq", &self.cpu_max_freq),
@@ -163,6 +161,39 @@ pub struct NetArgs {
     pub loss_direction: Option<String>,
 }
 
+/// The simulated balance and the destinations it pays for.
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// Starting balance (0.50, 5): while it is above zero gated traffic passes and is charged;
+    /// at zero connect() and sendmsg() to gated destinations fail with EPERM and open
+    /// connections' packets are dropped
+    #[arg(long, value_name = "AMOUNT")]
+    pub balance: Option<String>,
+    /// Charged per byte sent to gated destinations, in the kernel (0.09/GB)
+    #[arg(long, value_name = "AMOUNT/GB")]
+    pub price_egress: Option<String>,
+    /// Charged per new connection or datagram to a gated destination, in the kernel
+    #[arg(long, value_name = "AMOUNT")]
+    pub price_call: Option<String>,
+    /// Charged per hour of wall time, by nbt
+    #[arg(long, value_name = "AMOUNT")]
+    pub price_hour: Option<String>,
+    /// Destinations the balance pays for: all (default with --balance: all but loopback),
+    /// host[:port], CIDR[:port], [IPv6]:port; comma-separated
+    #[arg(long, value_name = "DEST[,DEST...]")]
+    pub gate: Option<String>,
+}
+
+impl LedgerArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.balance = self.balance.clone();
+        flags.price_egress = self.price_egress.clone();
+        flags.price_call = self.price_call.clone();
+        flags.price_hour = self.price_hour.clone();
+        flags.gate = self.gate.clone();
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Starting limits: `nbt` (the seed's numbers), `none` (the default), or a TOML file whose
@@ -173,6 +204,8 @@ pub struct RunArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub net: NetArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     #[command(flatten)]
     pub not_yet: NotYetArgs,
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
@@ -297,6 +330,36 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::Balance {
+            run,
+            action: BalanceAction::Add { amount },
+        } => {
+            let micro = match crate::ledger::parse_amount("AMOUNT", &amount) {
+                Ok(micro) => micro,
+                Err(err) => {
+                    eprintln!("nbt balance: {err}");
+                    return 2;
+                }
+            };
+            if let Err(err) = run::require_privileges() {
+                eprintln!("nbt: {err:#}");
+                return EXIT_NBT_FAILED;
+            }
+            match crate::live::top_up(&run, micro) {
+                Ok(balance) => {
+                    eprintln!(
+                        "nbt balance: {run}: added {}, balance now {}",
+                        crate::ledger::format_amount(micro),
+                        crate::ledger::format_amount(balance)
+                    );
+                    0
+                }
+                Err(err) => {
+                    eprintln!("nbt balance: {err:#}");
+                    1
+                }
+            }
+        }
         Command::Cleanup { dry_run } => {
             if let Err(err) = run::require_privileges() {
                 eprintln!("nbt: {err:#}");
@@ -315,6 +378,7 @@ fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
         .limits
         .flags(args.profile.clone(), args.not_yet.given());
     args.net.add_to(&mut flags);
+    args.ledger.add_to(&mut flags);
     let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {

@@ -7,6 +7,8 @@ pub mod cgroup;
 pub mod cleanup;
 pub mod cli;
 pub mod demo;
+pub mod gate;
+pub mod ledger;
 pub mod live;
 pub mod loader;
 pub mod net;

@@ -19,6 +19,8 @@ pub struct LiveRun {
     pub seconds: f64,
     pub net_limits: NetLimits,
     pub shaped: Option<ShapedTraffic>,
+    /// The balance now, in micro-units, for runs with one.
+    pub balance_micro: Option<i64>,
 }
 
 fn now_unix() -> f64 {
@@ -35,6 +37,13 @@ pub fn live_runs() -> Vec<LiveRun> {
         .filter_map(|(_, record)| record.ok())
         .filter(|record| record.supervisor_alive())
         .map(|record| LiveRun {
+            balance_micro: record.ledger.as_ref().and_then(|ids| {
+                let (credit, time, kernel) = crate::gate::read_ledger(ids).ok()?;
+                Some(
+                    crate::gate::balance_pico(credit, time, &kernel)
+                        / crate::ledger::PICO_PER_MICRO,
+                )
+            }),
             shaped: record
                 .maps
                 .as_ref()
@@ -65,6 +74,9 @@ pub fn print_ps(runs: &[LiveRun]) {
             run.seconds,
             run.command.join(" ")
         );
+        if let Some(balance) = run.balance_micro {
+            println!("  balance  {}", crate::ledger::format_amount(balance));
+        }
         for (name, limits, traffic, direction) in [
             (
                 "egress",
@@ -136,4 +148,13 @@ pub fn set(run: &str, args: &NetArgs) -> Result<NetLimits> {
     }
     .write(&dir)?;
     Ok(next)
+}
+
+/// `nbt balance RUN add AMOUNT`: returns the balance after the top-up, in micro-units.
+pub fn top_up(run: &str, micro: i64) -> Result<i64> {
+    let (_, record) = RunRecord::find_live(&state_dir(), run)?;
+    let Some(ids) = record.ledger else {
+        bail!("run '{run}' has no balance (it was started without --balance)");
+    };
+    crate::gate::top_up(&ids, micro)
 }

@@ -7,6 +7,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Limits;
+use crate::gate::{self, Rule};
+use crate::ledger::{self, Prices};
 use crate::net::{self, Loss, NetLimits};
 use crate::units::{self, UsageError};
 
@@ -62,15 +64,10 @@ pub struct Profile {
 
 /// Settings of the command line and profiles that this version of nbt does not enforce yet, with
 /// the capability each belongs to. Asking for one is refused, never silently dropped.
-pub const NOT_YET: [(&str, &str); 13] = [
+pub const NOT_YET: [(&str, &str); 8] = [
     ("latency", "EDT latency (tc egress + the fq qdisc)"),
     ("jitter", "EDT latency (tc egress + the fq qdisc)"),
-    ("balance", "the balance gate"),
-    ("price-egress", "the balance gate"),
-    ("price-call", "the balance gate"),
-    ("price-kwh", "the balance gate"),
-    ("price-hour", "the balance gate"),
-    ("gate", "the balance gate"),
+    ("price-kwh", "energy telemetry (it charges measured joules)"),
     ("gpu-power-limit", "hardware caps"),
     ("gpu-clock", "hardware caps"),
     ("cpu-max-freq", "hardware caps"),
@@ -92,6 +89,11 @@ pub struct Flags {
     pub loss: Option<String>,
     pub loss_model: Option<String>,
     pub loss_direction: Option<String>,
+    pub balance: Option<String>,
+    pub price_egress: Option<String>,
+    pub price_call: Option<String>,
+    pub price_hour: Option<String>,
+    pub gate: Option<String>,
     /// Flags of capabilities not built yet, by name (without `--`), with their values.
     pub not_yet: Vec<(String, String)>,
 }
@@ -120,6 +122,9 @@ pub struct Plan {
     pub profile: String,
     pub limits: Limits,
     pub net: NetLimits,
+    /// The balance and its prices; `None`: no balance, no gate.
+    pub prices: Option<Prices>,
+    pub gate: Vec<Rule>,
     /// Asked for, not enforced: `nbt run` refuses a plan that has any.
     pub pending: Vec<Pending>,
 }
@@ -202,15 +207,10 @@ impl Profile {
 
     /// The settings of capabilities not built yet, in NOT_YET order.
     fn not_yet(&self) -> Vec<(&'static str, &toml::Value)> {
-        let fields: [(&str, &Option<toml::Value>); 13] = [
+        let fields: [(&str, &Option<toml::Value>); 8] = [
             ("latency", &self.latency),
             ("jitter", &self.jitter),
-            ("balance", &self.balance),
-            ("price-egress", &self.price_egress),
-            ("price-call", &self.price_call),
             ("price-kwh", &self.price_kwh),
-            ("price-hour", &self.price_hour),
-            ("gate", &self.gate),
             ("gpu-power-limit", &self.gpu_power_limit),
             ("gpu-clock", &self.gpu_clock),
             ("cpu-max-freq", &self.cpu_max_freq),
@@ -355,6 +355,48 @@ impl Plan {
             )));
         }
 
+        let balance = pick(&flags.balance, "balance", &profile.balance)?;
+        let price_call = pick(&flags.price_call, "price-call", &profile.price_call)?;
+        let price_egress = pick(&flags.price_egress, "price-egress", &profile.price_egress)?;
+        let price_hour = pick(&flags.price_hour, "price-hour", &profile.price_hour)?;
+        let gate_text = pick(&flags.gate, "gate", &profile.gate)?;
+        let (prices, gate) = match balance {
+            None => {
+                let needs = [&price_call, &price_egress, &price_hour, &gate_text];
+                if let Some((_, name)) = needs.into_iter().flatten().next() {
+                    return Err(PlanError(format!(
+                        "{name} needs --balance: prices and the gate act on a balance"
+                    )));
+                }
+                (None, Vec::new())
+            }
+            Some((text, name)) => {
+                let mut prices = Prices {
+                    balance_micro: ledger::parse_amount(&name, &text)?,
+                    ..Prices::default()
+                };
+                if let Some((text, name)) = price_call {
+                    prices.call_micro = ledger::parse_amount(&name, &text)?;
+                }
+                if let Some((text, name)) = price_egress {
+                    prices.egress_pico_per_byte = ledger::parse_price_per_gb(&name, &text)?;
+                }
+                if let Some((text, name)) = price_hour {
+                    prices.hour_micro = ledger::parse_amount(&name, &text)?;
+                }
+                // With a balance and no --gate, every destination but loopback is gated.
+                let gate = match gate_text {
+                    None => vec![Rule::All],
+                    Some((text, name)) => {
+                        let rules = gate::parse_rules(&name, &text)?;
+                        gate::check_resolvable(&name, &rules)?;
+                        rules
+                    }
+                };
+                (Some(prices), gate)
+            }
+        };
+
         let mut pending = Vec::new();
         for (key, value) in &flags.not_yet {
             pending.push(Pending {
@@ -379,6 +421,8 @@ impl Plan {
             profile: profile_name,
             limits,
             net,
+            prices,
+            gate,
             pending,
         })
     }
@@ -629,6 +673,72 @@ mod tests {
     }
 
     #[test]
+    fn balance_prices_and_gate() {
+        let plan = Plan::build(&Flags {
+            balance: Some("0.5".into()),
+            price_call: Some("0.01".into()),
+            price_egress: Some("0.09/GB".into()),
+            ..flags()
+        })
+        .unwrap();
+        let prices = plan.prices.unwrap();
+        assert_eq!(prices.balance_micro, 500_000);
+        assert_eq!(prices.call_micro, 10_000);
+        assert_eq!(prices.egress_pico_per_byte, 90);
+        assert_eq!(plan.gate, vec![Rule::All]);
+        for (f, expected) in [
+            (
+                Flags {
+                    gate: Some("all".into()),
+                    ..flags()
+                },
+                "--gate needs --balance",
+            ),
+            (
+                Flags {
+                    price_call: Some("1".into()),
+                    ..flags()
+                },
+                "--price-call needs --balance",
+            ),
+            (
+                Flags {
+                    balance: Some("-1".into()),
+                    ..flags()
+                },
+                "negative amounts are not accepted",
+            ),
+            (
+                Flags {
+                    balance: Some("1".into()),
+                    price_call: Some("-0.5".into()),
+                    ..flags()
+                },
+                "for --price-call: negative",
+            ),
+            (
+                Flags {
+                    balance: Some("1".into()),
+                    gate: Some("10.0.0.0/40".into()),
+                    ..flags()
+                },
+                "prefix length '40'",
+            ),
+            (
+                Flags {
+                    balance: Some("1".into()),
+                    gate: Some("nowhere.invalid:443".into()),
+                    ..flags()
+                },
+                "cannot resolve 'nowhere.invalid'",
+            ),
+        ] {
+            let err = Plan::build(&f).unwrap_err();
+            assert!(err.0.contains(expected), "{f:?}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_profile_names_the_choices() {
         let err = Plan::build(&Flags {
             profile: Some("nbtt".into()),
@@ -644,14 +754,14 @@ mod tests {
     #[test]
     fn flags_of_later_capabilities_are_refused_not_dropped() {
         let plan = Plan::build(&Flags {
-            not_yet: vec![("gate".into(), "all".into())],
+            not_yet: vec![("price-kwh".into(), "0.3".into())],
             ..flags()
         })
         .unwrap();
         let err = plan.refuse_pending().unwrap_err();
         assert!(
             err.0
-                .contains("--gate all (flag; needs the balance gate, not implemented yet)"),
+                .contains("--price-kwh 0.3 (flag; needs energy telemetry"),
             "{err}"
         );
     }

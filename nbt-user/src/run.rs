@@ -10,10 +10,13 @@ use crate::plan::Plan;
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::summary::RunSummary;
 use crate::supervise::{self, SpawnError};
-use crate::{account, loader, net};
+use crate::{account, gate, loader, net};
 
 /// How often nbt samples what the kernel keeps no peak of (see [`crate::cgroup::SAMPLED`]).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the gate's host names are resolved again while a run lives.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Exit status for nbt's own failures before the workload ran (as env(1) and timeout(1) use).
 pub const EXIT_NBT_FAILED: i32 = 125;
@@ -87,6 +90,7 @@ pub fn execute(
             .collect(),
         net: plan.net,
         maps: None,
+        ledger: None,
         started_unix: 0.0,
     };
     let state_dir = state::state_dir();
@@ -98,8 +102,17 @@ pub fn execute(
     account::attach(&mut ebpf, &cgroup.v2)?;
     // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
     net::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
+    let ledger = match &plan.prices {
+        Some(prices) => Some(gate::attach(&mut ebpf, &cgroup.v2, prices, &plan.gate)?),
+        None => None,
+    };
+    let mut blocked = match ledger {
+        Some(_) => Some(gate::BlockedLog::open(&mut ebpf)?),
+        None => None,
+    };
     let record = RunRecord {
         maps: Some(net::map_ids(&ebpf)?),
+        ledger,
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -112,8 +125,37 @@ pub fn execute(
     env.extend(extra_env.iter().cloned());
     let started = Instant::now();
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
-    let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || cgroup.sample());
+    let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
+    let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || {
+        cgroup.sample();
+        if let Some(log) = blocked.as_mut() {
+            log.drain();
+        }
+        if let (Some(ids), Some(prices)) = (&ledger, &plan.prices) {
+            if prices.hour_micro > 0 {
+                let _ = gate::charge_time(ids, prices.hour_micro, started.elapsed().as_secs_f64());
+            }
+            // Host names may move: add the addresses they have now (never removing old ones).
+            if Instant::now() >= next_resolve {
+                let _ = gate::install_rules(&mut ebpf, &plan.gate);
+                next_resolve = Instant::now() + RESOLVE_INTERVAL;
+            }
+        }
+    });
     let wall_seconds = started.elapsed().as_secs_f64();
+    let ledger_summary = match (&ledger, &plan.prices) {
+        (Some(ids), Some(prices)) => {
+            if prices.hour_micro > 0 {
+                gate::charge_time(ids, prices.hour_micro, wall_seconds)?;
+            }
+            let counts = blocked
+                .take()
+                .map(|log| log.into_counts())
+                .unwrap_or_default();
+            Some(gate::summarize(ids, prices, counts)?)
+        }
+        _ => None,
+    };
 
     let stats = cgroup.stats();
     let network = account::read(&ebpf).context("reading the byte counters")?;
@@ -137,5 +179,6 @@ pub fn execute(
         network: Some(network),
         net_limits: final_net,
         shaped: Some(shaped),
+        ledger: ledger_summary,
     })
 }

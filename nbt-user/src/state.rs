@@ -50,6 +50,9 @@ pub struct RunRecord {
     /// Kernel ids of the run's BPF maps, once loaded: `nbt set` and `nbt ps` open them by id.
     #[serde(default)]
     pub maps: Option<crate::net::MapIds>,
+    /// Kernel ids of the ledger maps, for runs with a balance: `nbt balance` tops them up.
+    #[serde(default)]
+    pub ledger: Option<crate::gate::LedgerIds>,
     /// When the run's workload started, in seconds since the Unix epoch.
     #[serde(default)]
     pub started_unix: f64,

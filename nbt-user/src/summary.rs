@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::account::Traffic;
 use crate::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
+use crate::ledger::{format_amount, LedgerSummary};
 use crate::net::{Direction, NetLimits, ShapedTraffic};
 use crate::supervise::Exit;
 use crate::units::format_size;
@@ -28,6 +29,8 @@ pub struct RunSummary {
     pub net_limits: NetLimits,
     /// What the shaper passed and dropped, per direction, in wire bytes.
     pub shaped: Option<ShapedTraffic>,
+    /// The balance and what was charged and refused, for runs with one.
+    pub ledger: Option<LedgerSummary>,
 }
 
 fn seconds(usec: u64) -> String {
@@ -194,6 +197,36 @@ impl RunSummary {
                     );
                 }
             }
+        }
+        if let Some(l) = &self.ledger {
+            let _ = writeln!(
+                out,
+                "  balance       {} -> {} (topped up {}); charged {} for {} calls, {} for {}, {} for time",
+                format_amount(l.balance_start_micro),
+                format_amount(l.balance_end_micro),
+                format_amount(l.topped_up_micro),
+                format_amount(l.charged_calls_micro),
+                l.calls,
+                format_amount(l.charged_egress_micro),
+                format_size(l.egress_bytes),
+                format_amount(l.charged_time_micro),
+            );
+            let _ = writeln!(
+                out,
+                "  gate          blocked {} calls, {} packets{}",
+                l.blocked_calls,
+                l.blocked_packets,
+                if l.blocked_by_destination.is_empty() {
+                    String::new()
+                } else {
+                    let list: Vec<String> = l
+                        .blocked_by_destination
+                        .iter()
+                        .map(|(d, n)| format!("{d} x{n}"))
+                        .collect();
+                    format!(": {}", list.join(", "))
+                }
+            );
         }
         if !self.exit.forwarded_signals.is_empty() {
             let _ = writeln!(
