@@ -28,9 +28,31 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
         ),
         (vec!["--loss", "101%"], "above 100%"),
         (vec!["--loss-model", "bursty"], "unknown loss model"),
+        (vec!["--gate", "all"], "--gate needs --balance"),
+        (vec!["--balance", "-1"], "negative amounts are not accepted"),
         (
-            vec!["--gate", "all"],
-            "--gate all (flag; needs the balance gate, not implemented yet)",
+            vec!["--balance", "1", "--price-call", "-0.1"],
+            "for --price-call: negative",
+        ),
+        (
+            vec!["--balance", "1", "--price-egress", "0.09"],
+            "the unit is required",
+        ),
+        (
+            vec!["--balance", "1", "--gate", "10.0.0.0/33"],
+            "prefix length '33'",
+        ),
+        (
+            vec!["--balance", "1", "--gate", "127.0.0.1:99999"],
+            "port '99999'",
+        ),
+        (
+            vec!["--balance", "1", "--gate", "no-such-host.invalid"],
+            "cannot resolve 'no-such-host.invalid'",
+        ),
+        (
+            vec!["--price-kwh", "0.3"],
+            "--price-kwh 0.3 (flag; needs energy telemetry",
         ),
         (
             vec!["--profile", "nbtt"],

@@ -1,9 +1,14 @@
-//! `gate`: while the run's simulated balance is above zero, traffic to gated destinations passes
-//! and is charged; at zero or below it is refused, on every path out:
-//!   connect4/connect6  connect() fails with EPERM (return 0), per new connection a call price;
-//!   sendmsg4/sendmsg6  an unconnected datagram fails with EPERM, per datagram a call price;
-//!   cgroup_skb egress  packets of connections opened before, raw sockets and connected UDP are
-//!                      dropped (EPERM to the sender), per byte the egress price.
+//! `gate`: traffic to gated destinations is charged, and refused once the money is gone, on
+//! every path out:
+//!   connect4/connect6  a new connection needs a balance above zero, else connect() fails with
+//!                      EPERM (return 0); it is charged the call price;
+//!   sendmsg4/sendmsg6  the same for each unconnected datagram;
+//!   cgroup_skb egress  packets (of connections opened before, connected UDP, raw sockets) pass
+//!                      while the balance is not negative and are charged the egress price; once
+//!                      it is negative they are dropped (EPERM to the sender).
+//! So the call that spends the last of the balance still gets its packets out, the next call is
+//! refused, and a connection kept open is cut off as soon as its traffic, or time, or other
+//! calls, push the balance below zero.
 //! An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is judged as the IPv4 address it carries.
 //!
 //! Overdraft is bounded: each program reads the balance, and charges with an atomic add only
@@ -104,7 +109,7 @@ pub fn gate_egress(ctx: SkBuffContext) -> i32 {
     let balance = balance();
     // SAFETY: `ledger` points into the map value for this program run.
     unsafe {
-        if balance <= 0 {
+        if balance < 0 {
             atomic_add(&mut (*ledger).blocked_packets, 1);
             report(&ctx, &dest, BLOCKED_EGRESS, balance, 0, [0; 16]);
             return 0;
@@ -152,7 +157,7 @@ fn mapped_or_v6(addr: [u8; 16], port: [u8; 2]) -> Dest {
 
 /// Destination of an outgoing IP packet (cgroup_skb data starts at the network header).
 fn packet_dest(ctx: &SkBuffContext) -> Option<Dest> {
-    match u32::from_be(ctx.skb.protocol()) as u16 as u32 {
+    match u32::from(u16::from_be(ctx.skb.protocol() as u16)) {
         ETH_P_IP => {
             let ihl = usize::from(ctx.load::<u8>(0).ok()? & 0x0f) * 4;
             let protocol = ctx.load::<u8>(9).ok()?;

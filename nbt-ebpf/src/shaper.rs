@@ -110,7 +110,7 @@ fn wire_bytes(ctx: &SkBuffContext) -> u64 {
 #[inline(always)]
 fn header_bytes(ctx: &SkBuffContext) -> u64 {
     // cgroup_skb data starts at the network header.
-    let (ip_len, protocol) = match u32::from_be(ctx.skb.protocol()) as u16 as u32 {
+    let (ip_len, protocol) = match u32::from(u16::from_be(ctx.skb.protocol() as u16)) {
         ETH_P_IP => match ctx.load::<u8>(0) {
             Ok(version_ihl) => (
                 u64::from(version_ihl & 0x0f) * 4,

@@ -77,16 +77,16 @@ pub enum BalanceAction {
 #[derive(Debug, Args)]
 pub struct LimitArgs {
     /// Memory limit (e.g. 6G, 512M); the workload is OOM-killed beyond it
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub memory: Option<String>,
     /// Swap the workload may use beyond --memory (0: none)
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub swap: Option<String>,
     /// CPU time as a number of cores (0.5 = half of one core), enforced by CFS quota
-    #[arg(long, value_name = "CORES")]
+    #[arg(long, value_name = "CORES", allow_negative_numbers = true)]
     pub cpus: Option<String>,
     /// Most processes and threads the workload may have at once
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub pids: Option<String>,
 }
 
@@ -142,16 +142,16 @@ impl NotYetArgs {
 #[derive(Debug, Args)]
 pub struct NetArgs {
     /// Outgoing bandwidth of the run: bits/s as tc writes them (512kbit, 10mbit) or bytes/s (64KB/s)
-    #[arg(long, value_name = "RATE")]
+    #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
     pub egress_rate: Option<String>,
     /// Incoming bandwidth of the run (packets over it are dropped on arrival)
-    #[arg(long, value_name = "RATE")]
+    #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
     pub ingress_rate: Option<String>,
     /// Bucket depth of the rate limits (default: egress 4 ms at the rate, ingress 250 ms; at least 96 KiB)
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub burst: Option<String>,
     /// Packet loss probability (5% or 0.05), each packet independently
-    #[arg(long, value_name = "PCT")]
+    #[arg(long, value_name = "PCT", allow_negative_numbers = true)]
     pub loss: Option<String>,
     /// `uniform` (with --loss) or bursty loss `gemodel:P[,R[,1-H[,1-K]]]`, as netem's gemodel
     #[arg(long, value_name = "MODEL")]
@@ -167,16 +167,16 @@ pub struct LedgerArgs {
     /// Starting balance (0.50, 5): while it is above zero gated traffic passes and is charged;
     /// at zero connect() and sendmsg() to gated destinations fail with EPERM and open
     /// connections' packets are dropped
-    #[arg(long, value_name = "AMOUNT")]
+    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
     pub balance: Option<String>,
     /// Charged per byte sent to gated destinations, in the kernel (0.09/GB)
-    #[arg(long, value_name = "AMOUNT/GB")]
+    #[arg(long, value_name = "AMOUNT/GB", allow_negative_numbers = true)]
     pub price_egress: Option<String>,
     /// Charged per new connection or datagram to a gated destination, in the kernel
-    #[arg(long, value_name = "AMOUNT")]
+    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
     pub price_call: Option<String>,
     /// Charged per hour of wall time, by nbt
-    #[arg(long, value_name = "AMOUNT")]
+    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
     pub price_hour: Option<String>,
     /// Destinations the balance pays for: all (default with --balance: all but loopback),
     /// host[:port], CIDR[:port], [IPv6]:port; comma-separated
@@ -222,10 +222,10 @@ pub struct DemoArgs {
     pub limits: LimitArgs,
     /// Training samples, fetched over the run's network limits (default 12000: 1.5 MiB;
     /// memory and download grow with it: samples x 33 x 4 bytes)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub samples: Option<String>,
     /// Training epochs
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub epochs: Option<String>,
     /// Print the summary as one JSON object on stdout
     #[arg(long)]

@@ -11,6 +11,16 @@
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
 //!   await-signal FILE         write our pid to FILE, wait for a signal, write its name, exit 42
 //!   sleep SECONDS             sleep
+//!
+//! The gate's bypass modes each try one way out and print `<mode> ok` or `<mode> <errno name>`:
+//!   connect ADDR              a TCP connect (ADDR may be [v6]:port, also ::ffff:a.b.c.d)
+//!   connect-loop ADDR N MS    N connects, MS apart
+//!   udp-sendto ADDR           one datagram with sendto(2)
+//!   udp-sendmsg ADDR          one datagram with sendmsg(2)
+//!   thread-connect ADDR       a connect from a second thread
+//!   child-connect ADDR        a connect from a forked child (which execs nbt-testbin again)
+//!   raw-send IPV4             one UDP datagram built by hand on a raw socket (IP_HDRINCL)
+//!   keepalive ADDR A B MS     connect, send A bytes, wait MS, send B bytes, half-close
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -31,6 +41,13 @@ fn num(args: &[String], i: usize) -> u64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // NBT_TESTBIN_DELAY_MS: wait before doing anything (for a state the run reaches after start).
+    if let Some(ms) = std::env::var("NBT_TESTBIN_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     match arg(&args, 1) {
         "alloc" => alloc(num(&args, 2)),
         "spin" => spin(Duration::from_secs(num(&args, 2))),
@@ -41,11 +58,162 @@ fn main() {
         "udp-send" => udp_send(arg(&args, 2), num(&args, 3), num(&args, 4)),
         "await-signal" => await_signal(arg(&args, 2)),
         "sleep" => std::thread::sleep(Duration::from_secs(num(&args, 2))),
+        "connect" => println!("connect {}", outcome(connect(arg(&args, 2)))),
+        "connect-loop" => {
+            for _ in 0..num(&args, 3) {
+                println!("connect {}", outcome(connect(arg(&args, 2))));
+                std::thread::sleep(Duration::from_millis(num(&args, 4)));
+            }
+        }
+        "udp-sendto" => println!("udp-sendto {}", outcome(udp_sendto(arg(&args, 2)))),
+        "udp-sendmsg" => println!("udp-sendmsg {}", outcome(udp_sendmsg(arg(&args, 2)))),
+        "thread-connect" => {
+            let addr = arg(&args, 2).to_string();
+            let result = std::thread::spawn(move || outcome(connect(&addr)))
+                .join()
+                .unwrap();
+            println!("thread-connect {result}");
+        }
+        "child-connect" => {
+            let output = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["connect", arg(&args, 2)])
+                .output()
+                .expect("child");
+            print!("child-{}", String::from_utf8_lossy(&output.stdout));
+        }
+        "raw-send" => println!("raw-send {}", outcome(raw_send(arg(&args, 2)))),
+        "keepalive" => keepalive(arg(&args, 2), num(&args, 3), num(&args, 4), num(&args, 5)),
         other => {
             eprintln!("nbt-testbin: unknown mode {other}");
             std::process::exit(2)
         }
     }
+}
+
+fn outcome<T>(result: std::io::Result<T>) -> String {
+    match result {
+        Ok(_) => "ok".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EPERM) => "EPERM".into(),
+            Some(libc::ENOBUFS) => "ENOBUFS".into(),
+            Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+            _ => format!("error {e}"),
+        },
+    }
+}
+
+fn socket_addr(addr: &str) -> std::net::SocketAddr {
+    addr.parse().unwrap_or_else(|_| {
+        eprintln!("nbt-testbin: '{addr}' is not ip:port or [ip6]:port");
+        std::process::exit(2)
+    })
+}
+
+fn connect(addr: &str) -> std::io::Result<std::net::TcpStream> {
+    std::net::TcpStream::connect_timeout(&socket_addr(addr), Duration::from_secs(3))
+}
+
+fn udp_socket_for(addr: &std::net::SocketAddr) -> std::net::UdpSocket {
+    let local = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    std::net::UdpSocket::bind(local).expect("bind")
+}
+
+fn udp_sendto(addr: &str) -> std::io::Result<usize> {
+    let addr = socket_addr(addr);
+    udp_socket_for(&addr).send_to(b"datagram", addr)
+}
+
+fn udp_sendmsg(addr: &str) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let addr = socket_addr(addr);
+    let socket = udp_socket_for(&addr);
+    let std::net::SocketAddr::V4(v4) = addr else {
+        eprintln!("nbt-testbin: udp-sendmsg takes an IPv4 address");
+        std::process::exit(2)
+    };
+    // SAFETY: sendmsg(2) with a msghdr pointing at locals that outlive the call.
+    unsafe {
+        let mut name: libc::sockaddr_in = std::mem::zeroed();
+        name.sin_family = libc::AF_INET as libc::sa_family_t;
+        name.sin_port = v4.port().to_be();
+        name.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+        let mut payload = *b"datagram";
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&mut name as *mut libc::sockaddr_in).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        match libc::sendmsg(socket.as_raw_fd(), &msg, 0) {
+            -1 => Err(std::io::Error::last_os_error()),
+            n => Ok(n as usize),
+        }
+    }
+}
+
+/// A UDP datagram to port 9 (discard) of `ip`, IP header and all, on a raw socket: nothing of
+/// the UDP stack (and so no sendmsg hook) sees it; only cgroup egress does.
+fn raw_send(ip: &str) -> std::io::Result<usize> {
+    let dst: std::net::Ipv4Addr = ip.parse().expect("an IPv4 address");
+    // SAFETY: socket(2) and sendto(2) on a buffer and address that outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        const LEN: usize = 20 + 8 + 8;
+        let mut packet = [0u8; LEN];
+        packet[0] = 0x45; // IPv4, 5 words of header
+        packet[2..4].copy_from_slice(&(LEN as u16).to_be_bytes());
+        packet[8] = 64; // TTL
+        packet[9] = libc::IPPROTO_UDP as u8;
+        packet[16..20].copy_from_slice(&dst.octets());
+        packet[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        packet[22..24].copy_from_slice(&9u16.to_be_bytes());
+        packet[24..26].copy_from_slice(&16u16.to_be_bytes());
+        let mut to: libc::sockaddr_in = std::mem::zeroed();
+        to.sin_family = libc::AF_INET as libc::sa_family_t;
+        to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+        let sent = libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let result = if sent < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(sent as usize)
+        };
+        libc::close(fd);
+        result
+    }
+}
+
+fn keepalive(addr: &str, first: u64, second: u64, gap_ms: u64) {
+    let mut stream = match connect(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("keepalive connect {}", outcome::<()>(Err(e)));
+            return;
+        }
+    };
+    let first_result = stream.write_all(&vec![1u8; first as usize]);
+    println!("keepalive first {}", outcome(first_result));
+    std::thread::sleep(Duration::from_millis(gap_ms));
+    let second_result = stream.write_all(&vec![2u8; second as usize]);
+    println!("keepalive second {}", outcome(second_result));
+    // Give TCP time to try: what the gate drops never arrives.
+    std::thread::sleep(Duration::from_millis(gap_ms));
 }
 
 fn alloc(mib: u64) {
