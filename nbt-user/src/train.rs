@@ -181,6 +181,40 @@ impl Dataset {
         Ok(Dataset { features, x, y })
     }
 
+    /// The samples from `first` on, as a dataset of their own.
+    pub fn rows_from(&self, first: usize) -> Dataset {
+        Dataset {
+            features: self.features,
+            x: self.x[first * self.features..].to_vec(),
+            y: self.y[first..].to_vec(),
+        }
+    }
+
+    /// Asks the server at `addr` for `count` new samples of the dataset of `cfg`: the ones that
+    /// follow its first `offset` (request line `samples features seed offset`).
+    pub fn fetch_rows(
+        addr: &str,
+        cfg: &TrainConfig,
+        offset: usize,
+        count: usize,
+    ) -> anyhow::Result<Dataset> {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(addr)
+            .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
+        writeln!(
+            stream,
+            "{} {} {} {offset}",
+            offset + count,
+            cfg.features,
+            cfg.seed
+        )?;
+        let shape = TrainConfig {
+            samples: count,
+            ..cfg.clone()
+        };
+        Self::read_from(&mut std::io::BufReader::new(stream), &shape)
+    }
+
     /// Asks the data server at `addr` for the dataset of `cfg` (one request line:
     /// `samples features seed`) and reads it.
     pub fn fetch(addr: &str, cfg: &TrainConfig) -> anyhow::Result<Dataset> {
@@ -193,8 +227,24 @@ impl Dataset {
 
     /// Serves datasets on `listener` until it fails: one request line per connection, answered
     /// with the dataset it names (generated, so any size can be asked for).
-    pub fn serve(listener: std::net::TcpListener) {
+    ///
+    /// `pace_bytes_per_sec` caps the pacing rate of each connection (`SO_MAX_PACING_RATE`).
+    pub fn serve(listener: std::net::TcpListener, pace_bytes_per_sec: Option<u64>) {
         for stream in listener.incoming().flatten() {
+            if let Some(rate) = pace_bytes_per_sec {
+                use std::os::fd::AsRawFd;
+                let rate = rate.min(u64::from(u32::MAX - 1)) as u32;
+                // SAFETY: setsockopt(2) on an open socket with a u32 it reads.
+                unsafe {
+                    libc::setsockopt(
+                        stream.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_MAX_PACING_RATE,
+                        (&rate as *const u32).cast(),
+                        std::mem::size_of::<u32>() as libc::socklen_t,
+                    );
+                }
+            }
             std::thread::spawn(move || {
                 use std::io::BufRead as _;
                 let mut reader = std::io::BufReader::new(&stream);
@@ -206,8 +256,10 @@ impl Dataset {
                     .split_whitespace()
                     .filter_map(|f| f.parse().ok())
                     .collect();
-                let [samples, features, seed] = fields[..] else {
-                    return;
+                let (samples, features, seed, offset) = match fields[..] {
+                    [samples, features, seed] => (samples, features, seed, 0),
+                    [samples, features, seed, offset] => (samples, features, seed, offset),
+                    _ => return,
                 };
                 let cfg = TrainConfig {
                     samples: samples as usize,
@@ -215,9 +267,11 @@ impl Dataset {
                     seed,
                     ..TrainConfig::default()
                 };
-                if cfg.validate().is_ok() {
+                if cfg.validate().is_ok() && (offset as usize) < cfg.samples {
                     let mut out = std::io::BufWriter::new(&stream);
-                    let _ = Dataset::generate(&cfg).write_to(&mut out);
+                    let _ = Dataset::generate(&cfg)
+                        .rows_from(offset as usize)
+                        .write_to(&mut out);
                 }
             });
         }
@@ -269,7 +323,18 @@ pub fn train(cfg: &TrainConfig, progress: impl FnMut(EpochProgress)) -> Result<T
 pub fn train_on(
     data: &Dataset,
     cfg: &TrainConfig,
+    progress: impl FnMut(EpochProgress),
+) -> Result<TrainReport> {
+    train_with_fresh(data, cfg, progress, |_| None)
+}
+
+/// As [`train_on`], and before each epoch `fresh(epoch)` may hand over new samples (from the
+/// same teacher), which get one SGD pass of their own in that epoch.
+pub fn train_with_fresh(
+    data: &Dataset,
+    cfg: &TrainConfig,
     mut progress: impl FnMut(EpochProgress),
+    mut fresh: impl FnMut(usize) -> Option<Dataset>,
 ) -> Result<TrainReport> {
     cfg.validate()?;
     if data.samples() != cfg.samples || data.features() != cfg.features {
@@ -284,6 +349,11 @@ pub fn train_on(
     let mut order: Vec<usize> = (0..data.train_len()).collect();
     let (mut new_loss, mut new_accuracy) = (base_loss, base_accuracy);
     for epoch in 1..=cfg.epochs {
+        if let Some(extra) = fresh(epoch) {
+            let mut extra_order: Vec<usize> = (0..extra.samples()).collect();
+            shuffle(&mut extra_order, &mut rng);
+            model.sgd_epoch(&extra, &extra_order, cfg);
+        }
         shuffle(&mut order, &mut rng);
         model.sgd_epoch(data, &order, cfg);
         (new_loss, new_accuracy) = model.evaluate(data);
@@ -433,10 +503,30 @@ fn bce(z: f32, y: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn fresh_rows_continue_the_same_dataset() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || Dataset::serve(listener, None));
+        let cfg = TrainConfig {
+            samples: 100,
+            features: 5,
+            seed: 3,
+            ..TrainConfig::default()
+        };
+        let fresh = Dataset::fetch_rows(&addr, &cfg, 100, 20).unwrap();
+        let longer = Dataset::generate(&TrainConfig {
+            samples: 120,
+            ..cfg.clone()
+        });
+        assert_eq!(fresh.x, longer.rows_from(100).x);
+        assert_eq!(fresh.y, longer.rows_from(100).y);
+    }
+
+    #[test]
     fn a_dataset_fetched_from_the_server_is_the_generated_one() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        std::thread::spawn(move || Dataset::serve(listener));
+        std::thread::spawn(move || Dataset::serve(listener, None));
         let cfg = TrainConfig {
             samples: 300,
             features: 7,

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use nbt::train::{train_on, Dataset, EpochProgress, TrainConfig, TrainReport};
+use nbt::train::{train_with_fresh, Dataset, EpochProgress, TrainConfig, TrainReport};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -39,6 +39,13 @@ struct Args {
     /// of generating it
     #[arg(long, value_name = "ADDR")]
     data_server: Option<String>,
+    /// A paid API (host:port) asked before each epoch for fresh samples; when it refuses (a
+    /// balance gate closed), training goes on with the data it has
+    #[arg(long, value_name = "ADDR")]
+    api: Option<String>,
+    /// Fresh samples asked of --api per epoch
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    api_batch: usize,
     /// Print the final report as one JSON object on stdout
     #[arg(long)]
     json: bool,
@@ -93,7 +100,27 @@ fn main() -> ExitCode {
         data.bytes() as f64 / MIB,
         cfg.epochs
     );
-    let report = match train_on(&data, &cfg, print_progress) {
+    let api = args.api.clone();
+    let fresh = |epoch: usize| -> Option<Dataset> {
+        let addr = api.as_deref()?;
+        let offset = cfg.samples + (epoch - 1) * args.api_batch;
+        match Dataset::fetch_rows(addr, &cfg, offset, args.api_batch) {
+            Ok(rows) => {
+                eprintln!(
+                    "epoch {epoch}: +{} fresh samples from the paid API",
+                    rows.samples()
+                );
+                Some(rows)
+            }
+            Err(e) => {
+                eprintln!(
+                    "epoch {epoch}: the paid API refused ({e:#}); training on the cached data"
+                );
+                None
+            }
+        }
+    };
+    let report = match train_with_fresh(&data, &cfg, print_progress, fresh) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("nbt-train: {e:#}");
