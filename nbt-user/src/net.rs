@@ -111,10 +111,12 @@ pub struct DirectionLimits {
 /// dropped on every large send and stalls until its retransmission timer fires.
 pub const GSO_BURST: u64 = 96 << 10;
 
-/// The default egress bucket: 4 ms at the rate, at least [`GSO_BURST`]. The run's own TCP
-/// sockets are paced to the rate (`pacing`), so the bucket only absorbs their jitter.
+/// The default egress bucket: 10 ms at the rate, at least [`GSO_BURST`]. The run's own TCP
+/// sockets are paced to the rate (`pacing`), so the bucket only absorbs their jitter: measured
+/// on a veth pair at 200mbit, a 100 KiB bucket (4 ms) still dropped a few of a paced flow's
+/// packets and it reached 0.96 of the limit; 256 KiB dropped none and it reached 0.99.
 pub fn default_burst(rate_bits_per_sec: u64) -> u64 {
-    (rate_bits_per_sec / 8 * 4 / 1000).max(GSO_BURST)
+    (rate_bits_per_sec / 8 / 100).max(GSO_BURST)
 }
 
 /// The default ingress bucket: 250 ms at the rate, at least [`GSO_BURST`]. Ingress can only be
@@ -477,7 +479,7 @@ mod tests {
         };
         let config = limits.config(Direction::Egress);
         assert_eq!(config.rate_bytes_per_sec, 64_000);
-        // Default burst at 512kbit: one GSO super-packet (4 ms would be 256 bytes).
+        // Default burst at 512kbit: one GSO super-packet (10 ms would be 640 bytes).
         assert_eq!(limits.burst(Direction::Egress), Some(GSO_BURST));
         // Ingress: 250 ms at 200mbit.
         let ingress = DirectionLimits {
@@ -491,8 +493,8 @@ mod tests {
             config.loss_good,
             (0.05 * PROBABILITY_ONE as f64).round() as u64
         );
-        // 4 ms at 1gbit.
-        assert_eq!(default_burst(1_000_000_000), 500_000);
+        // 10 ms at 1gbit.
+        assert_eq!(default_burst(1_000_000_000), 1_250_000);
         // 100% loss is every packet: the programs compare a u32 draw against 2^32.
         let all = DirectionLimits {
             loss: Loss::Uniform { probability: 1.0 },
