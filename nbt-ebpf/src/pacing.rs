@@ -8,7 +8,9 @@
 //! flows at once, whose sum the bucket holds to the rate.
 //!
 //! The cap is set when a connection is established and again on every RTT sample, so a change
-//! of the rate (`nbt set`) reaches open connections within one round trip.
+//! of the rate (`nbt set`) reaches open connections within one round trip. A connection
+//! established while the run had no egress limit is left alone (no per-ACK callback: the
+//! unlimited case costs nothing here); a limit set later reaches it through the bucket only.
 
 use crate::shaper::egress_rate;
 use aya_ebpf::{
@@ -31,11 +33,21 @@ const SEGMENT_HEADERS: u64 = 52;
 #[sock_ops]
 pub fn pace(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
+        // Unlimited at the start: nothing to do, and no callback on every ACK after.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_RTT_CB_FLAG as i32);
-            set_cap(&ctx);
+            if egress_rate() != 0 {
+                let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_RTT_CB_FLAG as i32);
+                set_cap(&ctx);
+            }
         }
-        BPF_SOCK_OPS_RTT_CB => set_cap(&ctx),
+        BPF_SOCK_OPS_RTT_CB => {
+            set_cap(&ctx);
+            // The limit was lifted (`nbt set`): the cap is gone, so are the callbacks.
+            if egress_rate() == 0 {
+                let _ =
+                    ctx.set_cb_flags(ctx.cb_flags() as i32 & !(BPF_SOCK_OPS_RTT_CB_FLAG as i32));
+            }
+        }
         _ => {}
     }
     1

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _, Result};
+
+mod bench;
 use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -43,6 +45,12 @@ enum Task {
     },
     /// Set up if needed, build, and run every test (unit and integration) as root
     Test,
+    /// Benchmarks (not tests), side by side against a reference; results in docs/benchmarks.md
+    Bench {
+        /// `net`: nbt's shaping against the seed's `tc htb` on a veth pair
+        #[arg(value_parser = ["net"])]
+        kind: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +59,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Run { args } => run(args),
         Task::Test => test(),
+        Task::Bench { kind } => bench(&kind),
     };
     match result {
         Ok(code) => code,
@@ -237,5 +246,26 @@ fn test() -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     eprintln!("xtask test: all tests passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(kind: &str) -> Result<ExitCode> {
+    setup()?;
+    check(&mut cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "nbt-user",
+        "--package",
+        "nbt-integration-tests",
+        "--bins",
+    ]))?;
+    if !is_root() {
+        bail!("the benchmarks make network namespaces and load BPF programs: run them as root");
+    }
+    match kind {
+        "net" => bench::net(&workspace_root())?,
+        other => bail!("unknown benchmark '{other}'; accepted: net"),
+    }
     Ok(ExitCode::SUCCESS)
 }

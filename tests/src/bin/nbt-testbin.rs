@@ -6,6 +6,9 @@
 //!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
 //!                             the kernel's count of payload bytes sent, retransmissions included
 //!   tcp-stream ADDR SECONDS   connect to ADDR and send as fast as the socket takes it for SECONDS
+//!   stream-and-ping BULK ECHO SECONDS  tcp-stream to BULK and, beside it, a 64-byte request
+//!                             every 10 ms to the echo server ECHO; prints the round trips'
+//!                             p50 and p99 in ms (the queueing delay a bulk flow causes)
 //!   tcp-recv ADDR FROM TO     accept one connection on ADDR, read it to the end, print the
 //!                             payload rate between FROM and TO seconds after the first byte
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
@@ -54,6 +57,11 @@ fn main() {
         "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
         "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
         "tcp-stream" => tcp_stream(arg(&args, 2), Duration::from_secs(num(&args, 3))),
+        "stream-and-ping" => stream_and_ping(
+            arg(&args, 2),
+            arg(&args, 3),
+            Duration::from_secs(num(&args, 4)),
+        ),
         "tcp-recv" => tcp_recv(arg(&args, 2), num(&args, 3) as f64, num(&args, 4) as f64),
         "udp-send" => udp_send(arg(&args, 2), num(&args, 3), num(&args, 4)),
         "await-signal" => await_signal(arg(&args, 2)),
@@ -316,6 +324,38 @@ fn tcp_stream(addr: &str, duration: Duration) {
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     println!("sent {sent}");
+}
+
+fn stream_and_ping(bulk: &str, echo: &str, duration: Duration) {
+    let bulk = bulk.to_string();
+    let sender = std::thread::spawn(move || tcp_stream(&bulk, duration));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut stream = std::net::TcpStream::connect(echo).expect("connect echo");
+    stream.set_nodelay(true).expect("nodelay");
+    let end = Instant::now() + duration - Duration::from_millis(1000);
+    let mut rtts = Vec::new();
+    let (request, mut reply) = ([5u8; 64], [0u8; 64]);
+    while Instant::now() < end {
+        let start = Instant::now();
+        if stream.write_all(&request).is_err() || stream.read_exact(&mut reply).is_err() {
+            break;
+        }
+        rtts.push(start.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sender.join().expect("bulk sender");
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| {
+        rtts.get(((rtts.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "rtt_ms_p50 {:.3} rtt_ms_p99 {:.3} samples {}",
+        at(0.5),
+        at(0.99),
+        rtts.len()
+    );
 }
 
 fn tcp_recv(addr: &str, from: f64, to: f64) {
