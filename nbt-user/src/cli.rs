@@ -11,7 +11,9 @@ use crate::run::{self, RunError, EXIT_NBT_FAILED};
 use crate::supervise;
 
 const AFTER_HELP: &str = "\
-Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decimal (0.5).
+Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decimal (0.5);
+rates 512kbit, 10mbit (bits/s) or 64KB/s (bytes/s; `kbps` is refused as ambiguous); loss 5% or
+0.05; amounts 0.25 (at most 6 decimals).
 Exit status: the command's own, or 128+N when signal N killed it; 2 for a usage error;
 125 when nbt itself failed before the command ran; 126 command not executable; 127 not found.";
 
@@ -164,9 +166,9 @@ pub struct NetArgs {
 /// The simulated balance and the destinations it pays for.
 #[derive(Debug, Args)]
 pub struct LedgerArgs {
-    /// Starting balance (0.50, 5): while it is above zero gated traffic passes and is charged;
-    /// at zero connect() and sendmsg() to gated destinations fail with EPERM and open
-    /// connections' packets are dropped
+    /// Starting balance (0.50, 5): while it is above zero new connections and datagrams to gated
+    /// destinations pass and are charged, at zero they fail with EPERM; once it is negative the
+    /// packets of connections already open are dropped too
     #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
     pub balance: Option<String>,
     /// Charged per byte sent to gated destinations, in the kernel (0.09/GB)
