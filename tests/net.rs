@@ -328,3 +328,40 @@ fn ingress_rate_10mbit() {
     );
     guard.assert_clean();
 }
+
+#[test]
+fn root_qdiscs_are_put_on_and_taken_off_over_netlink() {
+    // What --latency does with fq, done with pfifo, which every kernel has (this one lacks fq):
+    // the netlink requests, the refusal to replace someone's qdisc, the default put back.
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("qd");
+    let shown = |ns: &str| -> String {
+        let out = std::process::Command::new("tc")
+            .args(["-n", ns, "qdisc", "show"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let results = NetnsPair::in_netns(&net.a, || {
+        let (ifindex, name) = nbt::qdisc::interfaces()
+            .into_iter()
+            .next()
+            .expect("the veth");
+        let added = nbt::qdisc::add_root(ifindex, "pfifo");
+        let again = nbt::qdisc::add_root(ifindex, "pfifo");
+        (ifindex, name, added, again)
+    })
+    .join()
+    .unwrap();
+    let (ifindex, name, added, again) = results;
+    assert!(name.starts_with("nbt"), "{name}");
+    added.expect("adding a root pfifo");
+    assert!(shown(&net.a).contains("qdisc pfifo"), "{}", shown(&net.a));
+    assert_eq!(again.unwrap_err().raw_os_error(), Some(libc::EEXIST));
+    NetnsPair::in_netns(&net.a, move || nbt::qdisc::delete_root(ifindex))
+        .join()
+        .unwrap()
+        .expect("deleting the root qdisc");
+    assert!(!shown(&net.a).contains("pfifo"), "{}", shown(&net.a));
+    guard.assert_clean();
+}

@@ -14,6 +14,7 @@ pub mod loader;
 pub mod net;
 pub mod plan;
 pub mod probe;
+pub mod qdisc;
 pub mod run;
 pub mod state;
 pub mod summary;

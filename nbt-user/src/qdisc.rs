@@ -1,0 +1,155 @@
+//! Root qdiscs over rtnetlink: the fq qdisc that EDT latency needs is put on an interface for a
+//! run and taken off after, which gives the interface its default qdisc back. Only an interface
+//! whose root qdisc is the kernel's default is touched: one with a qdisc of its own (an operator's
+//! shaping) is refused, never replaced.
+
+use std::io;
+
+const RTM_NEWQDISC: u16 = 36;
+const RTM_DELQDISC: u16 = 37;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const TC_H_ROOT: u32 = 0xFFFF_FFFF;
+const TCA_KIND: u16 = 1;
+
+/// `nlmsghdr` + `tcmsg` + one `TCA_KIND` attribute, as the kernel reads them (host byte order).
+fn message(kind_of_request: u16, flags: u16, ifindex: i32, qdisc: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    // struct tcmsg: family, pad, pad, ifindex, handle, parent, info.
+    body.extend_from_slice(&[0u8, 0, 0, 0]);
+    body.extend_from_slice(&ifindex.to_ne_bytes());
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body.extend_from_slice(&TC_H_ROOT.to_ne_bytes());
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    if !qdisc.is_empty() {
+        let value_len = qdisc.len() + 1;
+        body.extend_from_slice(&((4 + value_len) as u16).to_ne_bytes());
+        body.extend_from_slice(&TCA_KIND.to_ne_bytes());
+        body.extend_from_slice(qdisc.as_bytes());
+        body.push(0);
+        while body.len() % 4 != 0 {
+            body.push(0);
+        }
+    }
+    let mut out = Vec::with_capacity(16 + body.len());
+    out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    out.extend_from_slice(&kind_of_request.to_ne_bytes());
+    out.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Sends one request and returns the kernel's answer (0 or a negative errno) as a Result.
+fn request(msg: &[u8]) -> io::Result<()> {
+    // SAFETY: a netlink socket of our own, written and read with buffers that outlive the calls.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let close = |result: io::Result<()>| {
+            libc::close(fd);
+            result
+        };
+        if libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) < 0 {
+            return close(Err(io::Error::last_os_error()));
+        }
+        let mut answer = [0u8; 4096];
+        let n = libc::recv(fd, answer.as_mut_ptr().cast(), answer.len(), 0);
+        if n < 20 {
+            return close(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "short netlink answer",
+            )));
+        }
+        let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+        let error = i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]);
+        if kind != NLMSG_ERROR {
+            return close(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no netlink acknowledgement",
+            )));
+        }
+        close(if error == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(-error))
+        })
+    }
+}
+
+/// Puts `qdisc` (with default options) at the root of interface `ifindex`, refusing to replace
+/// a root qdisc someone configured (EEXIST).
+pub fn add_root(ifindex: u32, qdisc: &str) -> io::Result<()> {
+    request(&message(
+        RTM_NEWQDISC,
+        NLM_F_CREATE | NLM_F_EXCL,
+        ifindex as i32,
+        qdisc,
+    ))
+}
+
+/// Deletes the root qdisc of `ifindex`: the kernel puts its default back.
+pub fn delete_root(ifindex: u32) -> io::Result<()> {
+    request(&message(RTM_DELQDISC, 0, ifindex as i32, ""))
+}
+
+/// The interfaces of the calling thread's network namespace, but loopback, by (index, name).
+pub fn interfaces() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex(3) returns an array ended by a zero entry, freed by if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*entry).if_name)
+                .to_string_lossy()
+                .into_owned();
+            if name != "lo" {
+                out.push(((*entry).if_index, name));
+            }
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_is_laid_out_as_the_kernel_reads_it() {
+        let msg = message(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, 7, "fq");
+        // 16 header + 20 tcmsg + 4 attribute header + "fq\0" padded to 4.
+        assert_eq!(msg.len(), 16 + 20 + 8);
+        assert_eq!(u32::from_ne_bytes(msg[0..4].try_into().unwrap()), 44);
+        assert_eq!(
+            u16::from_ne_bytes(msg[4..6].try_into().unwrap()),
+            RTM_NEWQDISC
+        );
+        assert_eq!(u16::from_ne_bytes(msg[6..8].try_into().unwrap()), 0x605);
+        assert_eq!(i32::from_ne_bytes(msg[20..24].try_into().unwrap()), 7);
+        assert_eq!(
+            u32::from_ne_bytes(msg[28..32].try_into().unwrap()),
+            TC_H_ROOT
+        );
+        assert_eq!(u16::from_ne_bytes(msg[36..38].try_into().unwrap()), 7);
+        assert_eq!(&msg[40..43], b"fq\0");
+        let delete = message(RTM_DELQDISC, 0, 7, "");
+        assert_eq!(delete.len(), 36);
+    }
+}
