@@ -3,5 +3,6 @@
 #![no_std]
 
 pub mod account;
+pub mod edt;
 pub mod gate;
 pub mod shaper;

@@ -7,6 +7,7 @@
 #![allow(internal_features)]
 
 mod account;
+mod edt;
 mod gate;
 mod pacing;
 mod shaper;

@@ -98,10 +98,6 @@ pub struct LimitArgs {
 #[derive(Debug, Args)]
 pub struct NotYetArgs {
     #[arg(long, hide = true)]
-    pub latency: Option<String>,
-    #[arg(long, hide = true)]
-    pub jitter: Option<String>,
-    #[arg(long, hide = true)]
     pub price_kwh: Option<String>,
     #[arg(long, hide = true)]
     pub gpu_power_limit: Option<String>,
@@ -120,8 +116,6 @@ pub struct NotYetArgs {
 impl NotYetArgs {
     fn given(&self) -> Vec<(String, String)> {
         let values = [
-            ("latency", &self.latency),
-            ("jitter", &self.jitter),
             ("price-kwh", &self.price_kwh),
             ("gpu-power-limit", &self.gpu_power_limit),
             ("gpu-clock", &self.gpu_clock),
@@ -161,6 +155,13 @@ pub struct NetArgs {
     /// Where loss applies: egress (default, as netem on an interface), ingress, both
     #[arg(long, value_name = "DIR")]
     pub loss_direction: Option<String>,
+    /// Added delay of the run's outgoing packets (100ms), by earliest departure time: needs the
+    /// fq qdisc, which nbt puts at the root of the namespace's interfaces for the run
+    #[arg(long, value_name = "DURATION")]
+    pub latency: Option<String>,
+    /// Spread of the added delay: uniform in latency ± jitter
+    #[arg(long, value_name = "DURATION")]
+    pub jitter: Option<String>,
 }
 
 /// The simulated balance and the destinations it pays for.
@@ -256,6 +257,8 @@ impl NetArgs {
         flags.loss = self.loss.clone();
         flags.loss_model = self.loss_model.clone();
         flags.loss_direction = self.loss_direction.clone();
+        flags.latency = self.latency.clone();
+        flags.jitter = self.jitter.clone();
     }
 }
 
@@ -311,6 +314,10 @@ pub fn main() -> i32 {
             .all(|v| v.is_none())
             {
                 eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss or --loss-model");
+                return 2;
+            }
+            if net.latency.is_some() || net.jitter.is_some() {
+                eprintln!("nbt set: --latency and --jitter of a live run cannot be changed yet; they are set at start");
                 return 2;
             }
             match crate::live::set(&run, &net) {

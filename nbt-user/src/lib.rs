@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod demo;
 pub mod gate;
+pub mod latency;
 pub mod ledger;
 pub mod live;
 pub mod loader;

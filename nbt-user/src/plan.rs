@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Limits;
 use crate::gate::{self, Rule};
+use crate::latency::{self, Latency};
 use crate::ledger::{self, Prices};
 use crate::net::{self, Loss, NetLimits};
 use crate::units::{self, UsageError};
@@ -64,9 +65,7 @@ pub struct Profile {
 
 /// Settings of the command line and profiles that this version of nbt does not enforce yet, with
 /// the capability each belongs to. Asking for one is refused, never silently dropped.
-pub const NOT_YET: [(&str, &str); 8] = [
-    ("latency", "EDT latency (tc egress + the fq qdisc)"),
-    ("jitter", "EDT latency (tc egress + the fq qdisc)"),
+pub const NOT_YET: [(&str, &str); 6] = [
     ("price-kwh", "energy telemetry (it charges measured joules)"),
     ("gpu-power-limit", "hardware caps"),
     ("gpu-clock", "hardware caps"),
@@ -89,6 +88,8 @@ pub struct Flags {
     pub loss: Option<String>,
     pub loss_model: Option<String>,
     pub loss_direction: Option<String>,
+    pub latency: Option<String>,
+    pub jitter: Option<String>,
     pub balance: Option<String>,
     pub price_egress: Option<String>,
     pub price_call: Option<String>,
@@ -122,6 +123,8 @@ pub struct Plan {
     pub profile: String,
     pub limits: Limits,
     pub net: NetLimits,
+    /// Added delay of the run's outgoing packets (EDT + fq); `None`: none.
+    pub latency: Option<Latency>,
     /// The balance and its prices; `None`: no balance, no gate.
     pub prices: Option<Prices>,
     pub gate: Vec<Rule>,
@@ -207,9 +210,7 @@ impl Profile {
 
     /// The settings of capabilities not built yet, in NOT_YET order.
     fn not_yet(&self) -> Vec<(&'static str, &toml::Value)> {
-        let fields: [(&str, &Option<toml::Value>); 8] = [
-            ("latency", &self.latency),
-            ("jitter", &self.jitter),
+        let fields: [(&str, &Option<toml::Value>); 6] = [
             ("price-kwh", &self.price_kwh),
             ("gpu-power-limit", &self.gpu_power_limit),
             ("gpu-clock", &self.gpu_clock),
@@ -355,6 +356,49 @@ impl Plan {
             )));
         }
 
+        let mut pending = Vec::new();
+        let latency = pick(&flags.latency, "latency", &profile.latency)?;
+        let jitter = pick(&flags.jitter, "jitter", &profile.jitter)?;
+        let latency = match (latency, jitter) {
+            (None, None) => None,
+            (None, Some((_, name))) => {
+                return Err(PlanError(format!(
+                    "{name} spreads an added delay: it needs --latency"
+                )))
+            }
+            (Some((text, name)), jitter) => {
+                let latency = units::parse_duration(&name, &text)?;
+                let jitter = match &jitter {
+                    Some((text, name)) => units::parse_duration(name, text)?,
+                    None => std::time::Duration::ZERO,
+                };
+                if latency + jitter > latency::MAX_DELAY {
+                    return Err(PlanError(format!(
+                        "{name} {text}: latency plus jitter above 10 s, the fq qdisc's horizon (it drops packets scheduled later)"
+                    )));
+                }
+                if crate::probe::fq_missing().is_some() {
+                    // Named, not enforced: `nbt run` refuses it naming the missing qdisc.
+                    pending.push(Pending {
+                        setting: name.trim_end_matches(&format!(" ({origin})")).to_string(),
+                        value: text.clone(),
+                        origin: if name.starts_with("--") {
+                            "flag".into()
+                        } else {
+                            origin.clone()
+                        },
+                        capability: "the fq qdisc, which this kernel lacks".into(),
+                    });
+                    None
+                } else {
+                    Some(Latency {
+                        latency_ns: latency.as_nanos() as u64,
+                        jitter_ns: jitter.as_nanos() as u64,
+                    })
+                }
+            }
+        };
+
         let balance = pick(&flags.balance, "balance", &profile.balance)?;
         let price_call = pick(&flags.price_call, "price-call", &profile.price_call)?;
         let price_egress = pick(&flags.price_egress, "price-egress", &profile.price_egress)?;
@@ -397,7 +441,6 @@ impl Plan {
             }
         };
 
-        let mut pending = Vec::new();
         for (key, value) in &flags.not_yet {
             pending.push(Pending {
                 setting: format!("--{key}"),
@@ -421,6 +464,7 @@ impl Plan {
             profile: profile_name,
             limits,
             net,
+            latency,
             prices,
             gate,
             pending,
@@ -486,21 +530,25 @@ mod tests {
         assert_eq!(plan.net.ingress.rate_bits_per_sec, Some(512_000));
         assert_eq!(plan.net.egress.loss, Loss::Uniform { probability: 0.05 });
         assert_eq!(plan.net.ingress.loss, Loss::None);
-        assert_eq!(
-            pending,
-            [
-                ("latency", "100ms"),
-                ("gpu-power-limit", "75"),
-                ("gpu-clock", "1200"),
-                ("cpu-max-freq", "2.0GHz"),
-                ("no-turbo", "true"),
-            ]
-        );
+        // Latency is enforced where the kernel has fq, else named as not enforced.
+        let fq = crate::probe::fq_missing().is_none();
+        let mut expected_pending = vec![
+            ("latency", "100ms"),
+            ("gpu-power-limit", "75"),
+            ("gpu-clock", "1200"),
+            ("cpu-max-freq", "2.0GHz"),
+            ("no-turbo", "true"),
+        ];
+        if fq {
+            expected_pending.remove(0);
+            assert_eq!(plan.latency.unwrap().latency_ns, 100_000_000);
+        }
+        assert_eq!(pending, expected_pending);
         let refusal = plan.refuse_pending().unwrap_err().to_string();
-        let expected = if crate::probe::fq_missing().is_some() {
+        let expected = if !fq {
             "latency 100ms (built-in profile nbt) needs the fq qdisc"
         } else {
-            "latency 100ms (built-in profile nbt; needs EDT latency"
+            "gpu-power-limit 75 (built-in profile nbt; needs hardware caps"
         };
         assert!(refusal.contains(expected), "{refusal}");
     }

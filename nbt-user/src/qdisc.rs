@@ -15,14 +15,29 @@ const NLMSG_ERROR: u16 = 2;
 const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TCA_KIND: u16 = 1;
 
+/// The clsact qdisc's parent and handle (TC_H_CLSACT, TC_H_MAKE(TC_H_CLSACT, 0)).
+const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
+const CLSACT_HANDLE: u32 = 0xFFFF_0000;
+
 /// `nlmsghdr` + `tcmsg` + one `TCA_KIND` attribute, as the kernel reads them (host byte order).
 fn message(kind_of_request: u16, flags: u16, ifindex: i32, qdisc: &str) -> Vec<u8> {
+    message_at(kind_of_request, flags, ifindex, qdisc, TC_H_ROOT, 0)
+}
+
+fn message_at(
+    kind_of_request: u16,
+    flags: u16,
+    ifindex: i32,
+    qdisc: &str,
+    parent: u32,
+    handle: u32,
+) -> Vec<u8> {
     let mut body = Vec::new();
     // struct tcmsg: family, pad, pad, ifindex, handle, parent, info.
     body.extend_from_slice(&[0u8, 0, 0, 0]);
     body.extend_from_slice(&ifindex.to_ne_bytes());
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    body.extend_from_slice(&TC_H_ROOT.to_ne_bytes());
+    body.extend_from_slice(&handle.to_ne_bytes());
+    body.extend_from_slice(&parent.to_ne_bytes());
     body.extend_from_slice(&0u32.to_ne_bytes());
     if !qdisc.is_empty() {
         let value_len = qdisc.len() + 1;
@@ -101,6 +116,18 @@ pub fn add_root(ifindex: u32, qdisc: &str) -> io::Result<()> {
 /// Deletes the root qdisc of `ifindex`: the kernel puts its default back.
 pub fn delete_root(ifindex: u32) -> io::Result<()> {
     request(&message(RTM_DELQDISC, 0, ifindex as i32, ""))
+}
+
+/// Deletes the clsact qdisc of `ifindex` (and the tc filters on it).
+pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
+    request(&message_at(
+        RTM_DELQDISC,
+        0,
+        ifindex as i32,
+        "",
+        TC_H_CLSACT,
+        CLSACT_HANDLE,
+    ))
 }
 
 /// The interfaces of the calling thread's network namespace, but loopback, by (index, name).

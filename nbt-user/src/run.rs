@@ -10,7 +10,7 @@ use crate::plan::Plan;
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::summary::RunSummary;
 use crate::supervise::{self, SpawnError};
-use crate::{account, gate, loader, net};
+use crate::{account, gate, latency, loader, net};
 
 /// How often nbt samples what the kernel keeps no peak of (see [`crate::cgroup::SAMPLED`]).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -102,6 +102,11 @@ pub fn execute(
     account::attach(&mut ebpf, &cgroup.v2)?;
     // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
     net::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
+    // Dropped after the programs: fq goes back to the kernel's default on every interface.
+    let _latency = match &plan.latency {
+        Some(latency) => Some(latency::attach(&mut ebpf, &cgroup.v2, latency)?),
+        None => None,
+    };
     let ledger = match &plan.prices {
         Some(prices) => Some(gate::attach(&mut ebpf, &cgroup.v2, prices, &plan.gate)?),
         None => None,

@@ -1,0 +1,20 @@
+//! `edt`: latency and jitter by earliest departure time, as the tc egress program of
+//! `nbt-ebpf/src/edt.rs` reads them.
+
+/// Array of one [`EdtConfig`].
+pub const EDT_CONFIG_MAP: &str = "EDT_CONFIG";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdtConfig {
+    /// The run's cgroup v2 id, and its depth below the root: packets of sockets in it or below.
+    pub cgroup_id: u64,
+    pub cgroup_level: u32,
+    pub _pad: u32,
+    pub latency_ns: u64,
+    /// Each packet's delay is uniform in latency ± jitter (never below zero).
+    pub jitter_ns: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for EdtConfig {}

@@ -1,0 +1,55 @@
+//! `edt`: latency and jitter for the run's packets, by earliest departure time (tc egress).
+//!
+//! The fq qdisc holds each packet until its `skb->tstamp`; this program moves that time later by
+//! the run's latency (plus a uniform jitter) for packets whose socket is in the run's cgroup, and
+//! leaves every other packet alone. Like netem's delay, but without a queue per interface that
+//! every process shares: fq keeps a queue per flow, so the run's delayed packets do not delay
+//! anyone else's.
+
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
+    macros::{classifier, map},
+    maps::Array,
+    programs::TcContext,
+};
+use nbt_common::edt::EdtConfig;
+
+#[map(name = "EDT_CONFIG")]
+static EDT_CONFIG: Array<EdtConfig> = Array::with_max_entries(1, 0);
+
+#[classifier]
+pub fn delay_egress(ctx: TcContext) -> i32 {
+    let Some(config) = EDT_CONFIG.get(0) else {
+        return TC_ACT_OK;
+    };
+    if config.latency_ns == 0 && config.jitter_ns == 0 {
+        return TC_ACT_OK;
+    }
+    let skb = ctx.skb.skb;
+    // SAFETY: helper on the context the kernel handed us; 0 for packets without a socket.
+    let cgroup = unsafe { bpf_skb_ancestor_cgroup_id(skb, config.cgroup_level as i32) };
+    if cgroup != config.cgroup_id {
+        return TC_ACT_OK;
+    }
+    // SAFETY: helpers without arguments; `skb` is the context, tstamp writable at tc egress.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let departure = core::cmp::max((*skb).tstamp, now) + delay(config);
+        (*skb).tstamp = departure;
+    }
+    TC_ACT_OK
+}
+
+/// latency + a uniform draw in [-jitter, +jitter], floored at zero. The draw scales a 32-bit
+/// random number to the spread: (r * spread) >> 32 is uniform in [0, spread).
+#[inline(always)]
+fn delay(config: &EdtConfig) -> u64 {
+    if config.jitter_ns == 0 {
+        return config.latency_ns;
+    }
+    let spread = 2 * config.jitter_ns + 1;
+    // SAFETY: helper without arguments.
+    let draw = (u64::from(unsafe { bpf_get_prandom_u32() }) * spread) >> 32;
+    (config.latency_ns + draw).saturating_sub(config.jitter_ns)
+}

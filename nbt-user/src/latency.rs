@@ -1,0 +1,118 @@
+//! `latency`: `--latency` and `--jitter` through earliest departure time: the fq qdisc at the
+//! root of every interface of nbt's network namespace but loopback, and the `delay_egress` tc
+//! program that sets the departure time of the run's packets (`nbt-ebpf/src/edt.rs`). Both are
+//! taken off when the run ends: the program with its link, fq by [`LatencyGuard`].
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::{Array, MapData};
+use aya::programs::{tc, SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use nbt_common::edt::{EdtConfig, EDT_CONFIG_MAP};
+use serde::{Deserialize, Serialize};
+
+use crate::{loader, qdisc};
+
+/// fq drops packets scheduled further ahead than its horizon (10 s by default).
+pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latency {
+    pub latency_ns: u64,
+    pub jitter_ns: u64,
+}
+
+/// Puts fq back to the kernel's default on drop, on every interface it was put on.
+pub struct LatencyGuard {
+    ifindexes: Vec<(u32, String)>,
+    /// Interfaces nbt added a clsact qdisc to (kernels before 6.6).
+    clsact: Vec<(u32, String)>,
+}
+
+impl Drop for LatencyGuard {
+    fn drop(&mut self) {
+        for (ifindex, name) in &self.ifindexes {
+            if let Err(err) = qdisc::delete_root(*ifindex) {
+                eprintln!("nbt: taking fq off {name}: {err}");
+            }
+        }
+        for (ifindex, name) in &self.clsact {
+            if let Err(err) = qdisc::delete_clsact(*ifindex) {
+                eprintln!("nbt: taking the clsact qdisc off {name}: {err}");
+            }
+        }
+    }
+}
+
+/// Depth of a cgroup v2 directory below the hierarchy's root (the root is level 0).
+fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
+    let mut level = 0;
+    let mut dir = cgroup_dir;
+    while let Some(parent) = dir.parent() {
+        if !parent.join("cgroup.controllers").exists() {
+            break;
+        }
+        level += 1;
+        dir = parent;
+    }
+    Ok(level)
+}
+
+pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, latency: &Latency) -> Result<LatencyGuard> {
+    let config = EdtConfig {
+        // A cgroup v2 id is its directory's inode number.
+        cgroup_id: std::fs::metadata(cgroup_dir)?.ino(),
+        cgroup_level: cgroup_level(cgroup_dir)?,
+        _pad: 0,
+        latency_ns: latency.latency_ns,
+        jitter_ns: latency.jitter_ns,
+    };
+    let map = ebpf
+        .map_mut(EDT_CONFIG_MAP)
+        .ok_or_else(|| anyhow!("{EDT_CONFIG_MAP} missing"))?;
+    Array::<&mut MapData, EdtConfig>::try_from(map)?.set(0, config, 0)?;
+
+    let mut guard = LatencyGuard {
+        ifindexes: Vec::new(),
+        clsact: Vec::new(),
+    };
+    let interfaces = qdisc::interfaces();
+    if interfaces.is_empty() {
+        bail!(
+            "--latency: this network namespace has no interface but loopback to delay traffic on"
+        );
+    }
+    for (ifindex, name) in &interfaces {
+        match qdisc::add_root(*ifindex, "fq") {
+            Ok(()) => guard.ifindexes.push((*ifindex, name.clone())),
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => bail!(
+                "--latency needs the fq qdisc at the root of {name}, which has a root qdisc of its \
+                 own; nbt will not replace it (`tc qdisc show dev {name}`)"
+            ),
+            Err(err) => return Err(err).with_context(|| format!("putting the fq qdisc on {name}")),
+        }
+    }
+    let program: &mut SchedClassifier = loader::program(ebpf, "delay_egress")?;
+    program
+        .load()
+        .context("the kernel refused to load BPF program delay_egress")?;
+    // Before Linux 6.6 tc programs hang off a clsact qdisc; tcx links need none.
+    let tcx = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    for (ifindex, name) in &interfaces {
+        if !tcx {
+            match tc::qdisc_add_clsact(name) {
+                Ok(()) => guard.clsact.push((*ifindex, name.clone())),
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(err) => return Err(anyhow!("adding the clsact qdisc to {name}: {err}")),
+            }
+        }
+        program
+            .attach(name, TcAttachType::Egress)
+            .with_context(|| format!("attaching BPF program delay_egress to {name}"))?;
+    }
+    Ok(guard)
+}
