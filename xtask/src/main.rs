@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context as _, Result};
 
 mod bench;
+mod vm;
 use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -21,6 +22,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "iproute2",
         "ip: network namespaces and veth pairs for the network tests",
     ),
+    ("qemu-system-x86", "the VMs of `cargo xtask vm-test`"),
+    ("busybox-static", "the shell and tools inside those VMs"),
+    ("cpio", "packing the VMs' initramfs"),
+    ("kmod", "depmod for the VMs' kernel modules"),
     (
         "util-linux",
         "nsenter: a workload in a test's network namespace, outside the run",
@@ -43,8 +48,14 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up if needed, build, and run every test (unit and integration) as root
+    /// Set up if needed, build, and run every test (unit, integration, and the VM tests) as root
     Test,
+    /// Kernel-feature tests in QEMU VMs booted from Debian's 6.1 and 6.12 kernels
+    VmTest {
+        /// 6.1, 6.12 or all
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
     /// Benchmarks (not tests), side by side against a reference; results in docs/benchmarks.md
     Bench {
         /// `net`: nbt's shaping against the seed's `tc htb` on a veth pair
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(args),
         Task::Test => test(),
         Task::Bench { kind } => bench(&kind),
+        Task::VmTest { kernel } => vm_test(&kernel),
     };
     match result {
         Ok(code) => code,
@@ -241,7 +253,10 @@ fn test() -> Result<ExitCode> {
         command.current_dir(workspace_root());
     }
     let passed = status(&mut command)?;
-    if !passed {
+    // The kernel-feature tests: pure cgroup v2 and fq, on Debian's 6.1 and 6.12 kernels.
+    build_release_binaries()?;
+    let vm_passed = vm::run(&workspace_root(), "all")?;
+    if !passed || !vm_passed {
         eprintln!("xtask test: some tests failed (see above)");
         return Ok(ExitCode::FAILURE);
     }
@@ -251,15 +266,7 @@ fn test() -> Result<ExitCode> {
 
 fn bench(kind: &str) -> Result<ExitCode> {
     setup()?;
-    check(&mut cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "nbt-user",
-        "--package",
-        "nbt-integration-tests",
-        "--bins",
-    ]))?;
+    build_release_binaries()?;
     if !is_root() {
         bail!("the benchmarks make network namespaces and load BPF programs: run them as root");
     }
@@ -268,4 +275,27 @@ fn bench(kind: &str) -> Result<ExitCode> {
         other => bail!("unknown benchmark '{other}'; accepted: net"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn build_release_binaries() -> Result<()> {
+    check(&mut cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "nbt-user",
+        "--package",
+        "nbt-integration-tests",
+        "--bins",
+    ]))
+}
+
+fn vm_test(kernel: &str) -> Result<ExitCode> {
+    setup()?;
+    build_release_binaries()?;
+    if vm::run(&workspace_root(), kernel)? {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("xtask vm-test: some VM tests failed (see above)");
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -18,6 +18,8 @@
 //! The gate's bypass modes each try one way out and print `<mode> ok` or `<mode> <errno name>`:
 //!   connect ADDR              a TCP connect (ADDR may be [v6]:port, also ::ffff:a.b.c.d)
 //!   connect-loop ADDR N MS    N connects, MS apart
+//!   connect-time ADDR N       N connects one after another; prints each one's time in ms
+//!   listen ADDR SECONDS       accept connections on ADDR (and close them) for SECONDS
 //!   udp-sendto ADDR           one datagram with sendto(2)
 //!   udp-sendmsg ADDR          one datagram with sendmsg(2)
 //!   thread-connect ADDR       a connect from a second thread
@@ -72,6 +74,27 @@ fn main() {
                 println!("connect {}", outcome(connect(arg(&args, 2))));
                 std::thread::sleep(Duration::from_millis(num(&args, 4)));
             }
+        }
+        "listen" => {
+            let listener = std::net::TcpListener::bind(arg(&args, 2)).expect("bind");
+            let end = Instant::now() + Duration::from_secs(num(&args, 3));
+            listener.set_nonblocking(true).expect("nonblocking");
+            while Instant::now() < end {
+                match listener.accept() {
+                    Ok((stream, _)) => drop(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }
+        "connect-time" => {
+            let times: Vec<String> = (0..num(&args, 3))
+                .map(|_| {
+                    let start = Instant::now();
+                    let _ = connect(arg(&args, 2)).expect("connect");
+                    format!("{:.2}", start.elapsed().as_secs_f64() * 1e3)
+                })
+                .collect();
+            println!("connect_ms {}", times.join(" "));
         }
         "udp-sendto" => println!("udp-sendto {}", outcome(udp_sendto(arg(&args, 2)))),
         "udp-sendmsg" => println!("udp-sendmsg {}", outcome(udp_sendmsg(arg(&args, 2)))),

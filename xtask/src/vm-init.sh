@@ -1,0 +1,68 @@
+#!/bin/busybox sh
+# The init of nbt's test VMs: a pure cgroup v2 machine with the qdiscs this host lacks (fq,
+# netem). Prints one `NBT-VM-TEST <name> PASS|FAIL <detail>` line per test, then NBT-VM-DONE.
+/bin/busybox --install -s /bin
+export PATH=/usr/local/bin:/bin
+# Module autoloading (qdiscs, cls_bpf) goes through /sbin/modprobe, as on a real system.
+mkdir -p /sbin && ln -s /bin/modprobe /sbin/modprobe
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs run /run; mount -t tmpfs tmp /tmp
+mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
+# cgroup2 off /sys, so that `ip netns exec` (which remounts /sys) keeps it.
+mkdir -p /cg && mount -t cgroup2 none /cg
+echo "+memory +cpu +pids" > /cg/cgroup.subtree_control
+modprobe veth
+IP=/usr/local/bin/ip; TC=/usr/local/bin/tc
+$IP netns add a; $IP netns add b
+$IP link add va netns a type veth peer name vb netns b
+$IP -n a addr add 192.0.2.1/24 dev va; $IP -n b addr add 192.0.2.2/24 dev vb
+for ns in a b; do $IP -n $ns link set lo up; done
+$IP -n a link set va up; $IP -n b link set vb up
+echo "NBT-VM-KERNEL $(uname -r) cgroup2: $(cat /cg/cgroup.controllers)"
+
+result() { if [ "$2" = 1 ]; then echo "NBT-VM-TEST $1 PASS $3"; else echo "NBT-VM-TEST $1 FAIL $3"; fi; }
+in_a() { $IP netns exec a "$@"; }
+# Average, min and max of the numbers after "connect_ms".
+stats() { awk '{ s=0; mn=1e9; mx=0; for (i=2;i<=NF;i++) { s+=$i; if ($i<mn) mn=$i; if ($i>mx) mx=$i }; printf "%.2f %.2f %.2f", s/(NF-1), mn, mx }'; }
+
+# cgroup v2 memory.max and memory.swap.max
+out=$(in_a nbt run --memory 64M --swap 0 -- nbt-testbin alloc 200 2>&1); code=$?
+ok=0; [ $code = 137 ] && echo "$out" | grep -q "oom kills     1" && ok=1
+result memory_cap_v2 $ok "status $code"
+
+# cgroup v2 cpu.max, from the run's own cpu.stat
+line=$(in_a nbt run --json --cpus 0.5 -- nbt-testbin spin 4 2>/dev/null | tail -n 1)
+cores=$(echo "$line" | sed 's/.*"cpu_usage_usec":\([0-9]*\).*"wall_seconds":\([0-9.]*\).*/\1 \2/;s/.*"wall_seconds":\([0-9.]*\).*"cpu_usage_usec":\([0-9]*\).*/\2 \1/' | awk '{ printf "%.3f", $1/1e6/$2 }')
+ok=$(echo "$cores" | awk '{ print ($1 >= 0.45 && $1 <= 0.55) ? 1 : 0 }')
+result cpu_cap_v2 $ok "$cores cores"
+
+# Latency: the added time of a TCP connect (the run's SYN leaves 100 ms later).
+$IP netns exec b nbt-testbin listen 192.0.2.2:5000 60 &
+sleep 1
+base=$(in_a nbt run -- nbt-testbin connect-time 192.0.2.2:5000 10 2>/dev/null | grep connect_ms | stats)
+delayed=$(in_a nbt run --latency 100ms -- nbt-testbin connect-time 192.0.2.2:5000 10 2>/dev/null | grep connect_ms | stats)
+added=$(echo "$base $delayed" | awk '{ printf "%.2f", $4 - $1 }')
+ok=$(echo "$added" | awk '{ print ($1 >= 95 && $1 <= 105) ? 1 : 0 }')
+result latency_100ms $ok "added ${added} ms (base avg/min/max $base, delayed $delayed)"
+
+jittered=$(in_a nbt run --latency 100ms --jitter 20ms -- nbt-testbin connect-time 192.0.2.2:5000 20 2>/dev/null | grep connect_ms | stats)
+# Uniform in 100 ± 20 ms: every connect 80 to 120 ms above the base (a few ms of slack each
+# way), and spread over more than 10 ms of that range.
+ok=$(echo "$base $jittered" | awk '{ lo=$5-$2; hi=$6-$1; print (lo >= 77 && hi <= 124 && $6-$5 >= 10) ? 1 : 0 }')
+result jitter_20ms $ok "base $base, jittered avg/min/max $jittered"
+
+qdiscs=$($TC -n a qdisc show dev va)
+ok=0; echo "$qdiscs" | grep -q noqueue && ! echo "$qdiscs" | grep -qE "fq|clsact" && ok=1
+result qdiscs_restored $ok "$qdiscs"
+
+# Egress rate on a veth, measured at the receiver.
+$IP netns exec b nbt-testbin tcp-recv 192.0.2.2:5001 2 6 > /tmp/recv &
+sleep 1
+in_a nbt run --egress-rate 10mbit -- nbt-testbin tcp-stream 192.0.2.2:5001 7 > /dev/null 2>&1
+wait
+ratio=$(awk '/rate_bits_per_sec/ { printf "%.3f", $4 / 10e6 * 1500 / 1448 }' /tmp/recv)
+ok=$(echo "$ratio" | awk '{ print ($1 >= 0.95 && $1 <= 1.05) ? 1 : 0 }')
+result egress_10mbit $ok "${ratio} of the limit"
+
+echo NBT-VM-DONE
+poweroff -f

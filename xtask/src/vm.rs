@@ -1,0 +1,180 @@
+//! `cargo xtask vm-test`: nbt's kernel-feature tests in QEMU VMs booted from Debian's kernels
+//! (bookworm's 6.1, bookworm-backports' 6.12), as aya tests itself: pure cgroup v2 with its
+//! controllers, and the qdiscs this host lacks (fq). Software emulation (KVM hangs here).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+/// The init the VMs run: the tests themselves, one result line each.
+const INIT: &str = include_str!("vm-init.sh");
+
+/// Debian package name patterns of the kernels, by the name `--kernel` takes.
+pub const KERNELS: [(&str, &str); 2] = [
+    ("6.1", r"^linux-image-6\.1\.0-[0-9]+-amd64$"),
+    ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"),
+];
+
+fn sh(script: &str) -> Result<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .context("running sh")?;
+    if !out.status.success() {
+        bail!(
+            "`{script}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The newest package matching `pattern`, unpacked under `cache` (downloaded once).
+fn kernel(cache: &Path, pattern: &str) -> Result<(PathBuf, String)> {
+    let find =
+        format!("apt-cache search --names-only '{pattern}' | cut -d' ' -f1 | sort -V | tail -n 1");
+    let mut package = sh(&find)?;
+    if package.is_empty() {
+        sh("apt-get update -q >/dev/null")?;
+        package = sh(&find)?;
+    }
+    if package.is_empty() {
+        bail!("no Debian package matches {pattern} (is bookworm-backports in the apt sources?)");
+    }
+    let dir = cache.join(&package);
+    if !dir.join("boot").exists() {
+        std::fs::create_dir_all(cache)?;
+        eprintln!("xtask vm-test: downloading {package}");
+        sh(&format!("cd '{}' && apt-get download -q {package} 2>/dev/null && dpkg -x {package}_*.deb '{}' && rm -f {package}_*.deb", cache.display(), dir.display()))?;
+    }
+    let release = sh(&format!("ls '{}/lib/modules' | head -n 1", dir.display()))?;
+    Ok((dir, release))
+}
+
+/// Copies `binary` and the shared libraries `ldd` names into `root`.
+fn copy_with_libraries(root: &Path, binary: &Path, to: &str) -> Result<()> {
+    sh(&format!(
+        "set -e; mkdir -p '{root}{to}'; cp '{bin}' '{root}{to}/'; for l in $(ldd '{bin}' | grep -o '/[^ ]*'); do mkdir -p \"{root}$(dirname $l)\"; cp -L \"$l\" \"{root}$l\"; done",
+        root = root.display(),
+        bin = binary.display(),
+    ))
+    .map(|_| ())
+}
+
+fn initramfs(workspace: &Path, kernel_dir: &Path, release: &str, out: &Path) -> Result<()> {
+    let root = out.with_extension("root");
+    let _ = std::fs::remove_dir_all(&root);
+    for dir in [
+        "bin",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "cg",
+        "etc",
+        "usr/local/bin",
+    ] {
+        std::fs::create_dir_all(root.join(dir))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("busybox-static is not installed")?;
+    let release_bin = workspace.join("target/release");
+    for binary in [
+        release_bin.join("nbt"),
+        release_bin.join("nbt-testbin"),
+        "/usr/sbin/ip".into(),
+        "/usr/sbin/tc".into(),
+    ] {
+        copy_with_libraries(&root, &binary, "/usr/local/bin")?;
+    }
+    sh(&format!(
+        "set -e; m='{k}/lib/modules/{r}'; d='{root}/lib/modules/{r}'; mkdir -p \"$d\"; cd \"$m\"; \
+         cp --parents kernel/net/sched/*.ko* kernel/drivers/net/veth.ko* \"$d/\"; cp modules.builtin* modules.order \"$d/\"; \
+         depmod -b '{root}' {r}",
+        k = kernel_dir.display(),
+        r = release,
+        root = root.display()
+    ))?;
+    let init = root.join("init");
+    std::fs::write(&init, INIT)?;
+    sh(&format!("chmod +x '{}'", init.display()))?;
+    sh(&format!(
+        "cd '{}' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > '{}'",
+        root.display(),
+        out.display()
+    ))?;
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+/// Boots `kernel` and returns its console output.
+fn boot(kernel_dir: &Path, release: &str, initrd: &Path) -> Result<String> {
+    let out = Command::new("timeout")
+        .arg("600")
+        .arg("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel_dir.join(format!("boot/vmlinuz-{release}")))
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .output()
+        .context("running qemu-system-x86_64")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs the VM tests on each kernel; returns whether all passed.
+pub fn run(workspace: &Path, which: &str) -> Result<bool> {
+    let kernels: Vec<&(&str, &str)> = match which {
+        "all" => KERNELS.iter().collect(),
+        name => vec![KERNELS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| anyhow!("unknown kernel '{name}'; accepted: 6.1, 6.12, all"))?],
+    };
+    let cache = workspace.join("target/vm-cache");
+    let mut all_passed = true;
+    for (name, pattern) in kernels {
+        let (dir, release) = kernel(&cache, pattern)?;
+        let initrd = cache.join(format!("initrd-{release}.gz"));
+        initramfs(workspace, &dir, &release, &initrd)?;
+        eprintln!("xtask vm-test: booting {release}");
+        let console = boot(&dir, &release, &initrd)?;
+        let results: Vec<&str> = console
+            .lines()
+            .filter(|l| l.starts_with("NBT-VM-TEST "))
+            .collect();
+        for line in &results {
+            println!("{name}: {}", line.trim_start_matches("NBT-VM-TEST "));
+        }
+        let failed = results.iter().filter(|l| l.contains(" FAIL")).count();
+        let done = console.contains("NBT-VM-DONE");
+        if !done {
+            let tail: Vec<&str> = console.lines().rev().take(30).collect();
+            eprintln!("xtask vm-test: the {release} VM did not finish; its console ended with:");
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
+        println!(
+            "vm-test {name} ({release}): {} passed, {failed} failed",
+            results.len() - failed
+        );
+        all_passed &= done && failed == 0 && !results.is_empty();
+    }
+    Ok(all_passed)
+}
