@@ -309,15 +309,13 @@ pub fn main() -> i32 {
                 &net.burst,
                 &net.loss,
                 &net.loss_model,
+                &net.latency,
+                &net.jitter,
             ]
             .iter()
             .all(|v| v.is_none())
             {
-                eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss or --loss-model");
-                return 2;
-            }
-            if net.latency.is_some() || net.jitter.is_some() {
-                eprintln!("nbt set: --latency and --jitter of a live run cannot be changed yet; they are set at start");
+                eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --latency or --jitter");
                 return 2;
             }
             match crate::live::set(&run, &net) {

@@ -116,3 +116,32 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, latency: &Latency) -> Result<L
     }
     Ok(guard)
 }
+
+/// The kernel id of the EDT configuration map, for `nbt set`.
+pub fn map_id(ebpf: &Ebpf) -> Result<u32> {
+    match ebpf.map(EDT_CONFIG_MAP) {
+        Some(aya::maps::Map::Array(data)) => Ok(data.info()?.id()),
+        _ => Err(anyhow!(
+            "BPF map {EDT_CONFIG_MAP} missing from nbt's object"
+        )),
+    }
+}
+
+/// Changes a live run's latency and jitter: the next packet leaves with the new delay.
+pub fn set_by_id(map_id: u32, latency: &Latency) -> Result<()> {
+    let data = MapData::from_id(map_id)
+        .with_context(|| format!("opening BPF map id {map_id} of the run"))?;
+    let mut map = aya::maps::Map::from_map_data(data)?;
+    let mut config: Array<&mut MapData, EdtConfig> = Array::try_from(&mut map)?;
+    let current = config.get(&0, 0)?;
+    config.set(
+        0,
+        EdtConfig {
+            latency_ns: latency.latency_ns,
+            jitter_ns: latency.jitter_ns,
+            ..current
+        },
+        0,
+    )?;
+    Ok(())
+}

@@ -106,7 +106,7 @@ pub fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, 
     // --burst is checked here: the plan would want a rate beside it, and the run has its own.
     let mut flags = Flags::default();
     args.add_to(&mut flags);
-    flags.burst = None;
+    (flags.burst, flags.latency, flags.jitter) = (None, None, None);
     let asked = Plan::build(&flags)?.net;
     let mut next = *current;
     if args.egress_rate.is_some() {
@@ -140,10 +140,40 @@ pub fn set(run: &str, args: &NetArgs) -> Result<NetLimits> {
     let Some(ids) = record.maps else {
         bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");
     };
+    let latency = match (&args.latency, &args.jitter) {
+        (None, None) => record.latency,
+        (latency, jitter) => {
+            let (Some(map), Some(current)) = (record.edt_map, record.latency) else {
+                bail!(
+                    "run '{run}' was started without --latency, so fq is not on its interfaces; \
+                     start it with --latency (0ms will do) to change the delay while it runs"
+                );
+            };
+            let duration =
+                |flag: &str, text: &Option<String>, now: u64| -> Result<u64, PlanError> {
+                    match text {
+                        Some(text) => Ok(units::parse_duration(flag, text)?.as_nanos() as u64),
+                        None => Ok(now),
+                    }
+                };
+            let next = crate::latency::Latency {
+                latency_ns: duration("--latency", latency, current.latency_ns)?,
+                jitter_ns: duration("--jitter", jitter, current.jitter_ns)?,
+            };
+            if next.latency_ns + next.jitter_ns > crate::latency::MAX_DELAY.as_nanos() as u64 {
+                bail!(PlanError(
+                    "--latency plus --jitter above 10 s, the fq qdisc's horizon".into()
+                ));
+            }
+            crate::latency::set_by_id(map, &next)?;
+            Some(next)
+        }
+    };
     let next = changed_limits(&record.net, args)?;
     net::write_limits_by_id(&ids, &next)?;
     RunRecord {
         net: next,
+        latency,
         ..record
     }
     .write(&dir)?;

@@ -91,6 +91,8 @@ pub fn execute(
         net: plan.net,
         maps: None,
         ledger: None,
+        edt_map: None,
+        latency: plan.latency,
         started_unix: 0.0,
     };
     let state_dir = state::state_dir();
@@ -117,6 +119,10 @@ pub fn execute(
     };
     let record = RunRecord {
         maps: Some(net::map_ids(&ebpf)?),
+        edt_map: match plan.latency {
+            Some(_) => Some(latency::map_id(&ebpf)?),
+            None => None,
+        },
         ledger,
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -53,6 +53,11 @@ pub struct RunRecord {
     /// Kernel ids of the ledger maps, for runs with a balance: `nbt balance` tops them up.
     #[serde(default)]
     pub ledger: Option<crate::gate::LedgerIds>,
+    /// Kernel id of the EDT map, for runs started with --latency: `nbt set` changes the delay.
+    #[serde(default)]
+    pub edt_map: Option<u32>,
+    #[serde(default)]
+    pub latency: Option<crate::latency::Latency>,
     /// When the run's workload started, in seconds since the Unix epoch.
     #[serde(default)]
     pub started_unix: f64,

@@ -51,6 +51,18 @@ jittered=$(in_a nbt run --latency 100ms --jitter 20ms -- nbt-testbin connect-tim
 ok=$(echo "$base $jittered" | awk '{ lo=$5-$2; hi=$6-$1; print (lo >= 77 && hi <= 124 && $6-$5 >= 10) ? 1 : 0 }')
 result jitter_20ms $ok "base $base, jittered avg/min/max $jittered"
 
+# A live change: the run starts at 50 ms, `nbt set` makes it 150 ms before it connects.
+in_a nbt run --latency 50ms -- sh -c "sleep 2; nbt-testbin connect-time 192.0.2.2:5000 5" > /tmp/live 2>/dev/null &
+sleep 1
+run=$(nbt ps --json | grep -o 'nbt-[0-9a-f]\{16\}' | head -n 1)
+nbt set "$run" --latency 150ms 2>/dev/null
+wait
+live=$(grep connect_ms /tmp/live | stats)
+# The fastest of 5 connects against the fastest without delay: robust to one slow connect.
+added=$(echo "$base $live" | awk '{ printf "%.2f", $5 - $2 }')
+ok=$(echo "$added" | awk '{ print ($1 >= 145 && $1 <= 155) ? 1 : 0 }')
+result latency_set_live $ok "added ${added} ms after nbt set to 150ms (run $run; avg/min/max $live)"
+
 qdiscs=$($TC -n a qdisc show dev va)
 ok=0; echo "$qdiscs" | grep -q noqueue && ! echo "$qdiscs" | grep -qE "fq|clsact" && ok=1
 result qdiscs_restored $ok "$qdiscs"
