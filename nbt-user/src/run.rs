@@ -172,9 +172,9 @@ pub fn execute(
     let network = account::read(&ebpf).context("reading the byte counters")?;
     let shaped = net::read(&ebpf).context("reading the shaper's counters")?;
     // `nbt set` may have changed the limits during the run: report the last ones.
-    let final_net = RunRecord::find_live(&state_dir, &name)
-        .map(|(_, r)| r.net)
-        .unwrap_or(plan.net);
+    let (final_net, final_latency) = RunRecord::find_live(&state_dir, &name)
+        .map(|(_, r)| (r.net, r.latency))
+        .unwrap_or((plan.net, plan.latency));
     drop(ebpf);
     cgroup.remove()?;
 
@@ -191,5 +191,6 @@ pub fn execute(
         net_limits: final_net,
         shaped: Some(shaped),
         ledger: ledger_summary,
+        latency: final_latency,
     })
 }

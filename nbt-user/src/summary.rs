@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::account::Traffic;
 use crate::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
+use crate::latency::Latency;
 use crate::ledger::{format_amount, LedgerSummary};
 use crate::net::{Direction, NetLimits, ShapedTraffic};
 use crate::supervise::Exit;
@@ -31,6 +32,8 @@ pub struct RunSummary {
     pub shaped: Option<ShapedTraffic>,
     /// The balance and what was charged and refused, for runs with one.
     pub ledger: Option<LedgerSummary>,
+    /// Added delay at the end (`nbt set` may change it), for runs started with --latency.
+    pub latency: Option<Latency>,
 }
 
 fn seconds(usec: u64) -> String {
@@ -197,6 +200,14 @@ impl RunSummary {
                     );
                 }
             }
+        }
+        if let Some(l) = &self.latency {
+            let _ = writeln!(
+                out,
+                "  latency       {} ms ± {} ms added to each outgoing packet (EDT, fq)",
+                l.latency_ns as f64 / 1e6,
+                l.jitter_ns as f64 / 1e6
+            );
         }
         if let Some(l) = &self.ledger {
             let _ = writeln!(
