@@ -22,8 +22,9 @@ echo "NBT-VM-KERNEL $(uname -r) cgroup2: $(cat /cg/cgroup.controllers)"
 
 result() { if [ "$2" = 1 ]; then echo "NBT-VM-TEST $1 PASS $3"; else echo "NBT-VM-TEST $1 FAIL $3"; fi; }
 in_a() { $IP netns exec a "$@"; }
-# Average, min and max of the numbers after "connect_ms".
-stats() { awk '{ s=0; mn=1e9; mx=0; for (i=2;i<=NF;i++) { s+=$i; if ($i<mn) mn=$i; if ($i>mx) mx=$i }; printf "%.2f %.2f %.2f", s/(NF-1), mn, mx }'; }
+# Median, min and max of the numbers after "connect_ms". The median: one slow connect (the
+# first one's ARP, an emulation hiccup) moves it by nothing.
+stats() { tr ' ' '\n' | grep -v connect_ms | sort -n | awk '{ v[NR]=$1 } END { printf "%.2f %.2f %.2f", v[int((NR+1)/2)], v[1], v[NR] }'; }
 
 # cgroup v2 memory.max and memory.swap.max
 out=$(in_a nbt run --memory 64M --swap 0 -- nbt-testbin alloc 200 2>&1); code=$?
@@ -43,13 +44,13 @@ base=$(in_a nbt run -- nbt-testbin connect-time 192.0.2.2:5000 10 2>/dev/null | 
 delayed=$(in_a nbt run --latency 100ms -- nbt-testbin connect-time 192.0.2.2:5000 10 2>/dev/null | grep connect_ms | stats)
 added=$(echo "$base $delayed" | awk '{ printf "%.2f", $4 - $1 }')
 ok=$(echo "$added" | awk '{ print ($1 >= 95 && $1 <= 105) ? 1 : 0 }')
-result latency_100ms $ok "added ${added} ms (base avg/min/max $base, delayed $delayed)"
+result latency_100ms $ok "added ${added} ms (base median/min/max $base, delayed $delayed)"
 
 jittered=$(in_a nbt run --latency 100ms --jitter 20ms -- nbt-testbin connect-time 192.0.2.2:5000 20 2>/dev/null | grep connect_ms | stats)
-# Uniform in 100 ± 20 ms: every connect 80 to 120 ms above the base (a few ms of slack each
-# way), and spread over more than 10 ms of that range.
-ok=$(echo "$base $jittered" | awk '{ lo=$5-$2; hi=$6-$1; print (lo >= 77 && hi <= 124 && $6-$5 >= 10) ? 1 : 0 }')
-result jitter_20ms $ok "base $base, jittered avg/min/max $jittered"
+# Uniform in 100 ± 20 ms: every connect 80 to 120 ms above the fastest base connect (with
+# 10 ms of slack above for the emulator's hiccups), and spread over more than 10 ms.
+ok=$(echo "$base $jittered" | awk '{ lo=$5-$2; hi=$6-$2; print (lo >= 77 && hi <= 130 && $6-$5 >= 10) ? 1 : 0 }')
+result jitter_20ms $ok "base $base, jittered median/min/max $jittered"
 
 # A live change: the run starts at 50 ms, `nbt set` makes it 150 ms before it connects.
 in_a nbt run --latency 50ms -- sh -c "sleep 2; nbt-testbin connect-time 192.0.2.2:5000 5" > /tmp/live 2>/dev/null &
@@ -61,7 +62,7 @@ live=$(grep connect_ms /tmp/live | stats)
 # The fastest of 5 connects against the fastest without delay: robust to one slow connect.
 added=$(echo "$base $live" | awk '{ printf "%.2f", $5 - $2 }')
 ok=$(echo "$added" | awk '{ print ($1 >= 145 && $1 <= 155) ? 1 : 0 }')
-result latency_set_live $ok "added ${added} ms after nbt set to 150ms (run $run; avg/min/max $live)"
+result latency_set_live $ok "added ${added} ms after nbt set to 150ms (run $run; median/min/max $live)"
 
 qdiscs=$($TC -n a qdisc show dev va)
 ok=0; echo "$qdiscs" | grep -q noqueue && ! echo "$qdiscs" | grep -qE "fq|clsact" && ok=1
