@@ -174,8 +174,18 @@ impl NoLeftovers {
         }
     }
 
+    /// New run cgroups whose nbt is gone: a run of another nbt that is still alive (another
+    /// user of the machine, say) is not a leftover of this test.
     fn leftovers(&self) -> Vec<PathBuf> {
-        run_cgroups().difference(&self.before).cloned().collect()
+        let state = nbt::state::state_dir();
+        run_cgroups()
+            .difference(&self.before)
+            .filter(|dir| {
+                let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                nbt::state::RunRecord::find_live(&state, name).is_err()
+            })
+            .cloned()
+            .collect()
     }
 
     /// Checks now (the guard checks again on drop).
