@@ -255,7 +255,15 @@ fn halving_the_rate_of_a_live_run_halves_what_arrives() {
     std::thread::sleep(Duration::from_secs(4));
     let ps = nbt(&["ps", "--json"]);
     let runs: serde_json::Value = serde_json::from_str(&ps.stdout()).unwrap();
-    let name = runs[0]["run"].as_str().expect("a live run").to_string();
+    // This test's run: the one sending to port 5206 (another nbt may be running too).
+    let name = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["command"].to_string().contains(":5206"))
+        .and_then(|r| r["run"].as_str())
+        .expect("this test's live run")
+        .to_string();
     let set = nbt(&["set", &name, "--egress-rate", "10mbit"]);
     assert_eq!(set.status(), 0, "{}", set.stderr());
     let run = sender.join().unwrap();
