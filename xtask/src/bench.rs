@@ -1,0 +1,381 @@
+//! `cargo xtask bench net`: nbt's shaping against the seed's own method (`tc htb`), side by side
+//! in one run, on one veth pair between two namespaces of the bench's own (TEST-NET-1 addresses,
+//! reachable nowhere else). Not a test: it prints a table, and docs/benchmarks.md keeps it.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+const ADDR_A: &str = "192.0.2.1";
+const ADDR_B: &str = "192.0.2.2";
+/// Payload per full TCP segment (timestamps on) and its IP and Ethernet sizes.
+const MSS: f64 = 1448.0;
+const IP_PACKET: f64 = 1500.0;
+const ETHERNET_FRAME: f64 = 1514.0;
+
+struct Netns {
+    a: String,
+    b: String,
+    veth_a: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .context("running ip (iproute2)")?;
+    if !status.success() {
+        bail!("ip {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+impl Netns {
+    fn new() -> Result<Netns> {
+        let id = std::process::id();
+        let netns = Netns {
+            a: format!("nbt-bench-{id}-a"),
+            b: format!("nbt-bench-{id}-b"),
+            veth_a: format!("nbtb{}a", id % 100_000),
+        };
+        let veth_b = format!("nbtb{}b", id % 100_000);
+        ip(&["netns", "add", &netns.a])?;
+        ip(&["netns", "add", &netns.b])?;
+        ip(&[
+            "-n",
+            &netns.a,
+            "link",
+            "add",
+            &netns.veth_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &veth_b,
+            "netns",
+            &netns.b,
+        ])?;
+        ip(&[
+            "-n",
+            &netns.a,
+            "addr",
+            "add",
+            &format!("{ADDR_A}/24"),
+            "dev",
+            &netns.veth_a,
+        ])?;
+        ip(&[
+            "-n",
+            &netns.b,
+            "addr",
+            "add",
+            &format!("{ADDR_B}/24"),
+            "dev",
+            &veth_b,
+        ])?;
+        for (ns, dev) in [(&netns.a, &netns.veth_a), (&netns.b, &veth_b)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(netns)
+    }
+
+    /// Runs `f` on a thread inside namespace `name`: sockets it makes stay there.
+    fn spawn_in<T: Send + 'static>(
+        name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<T>> {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/run/netns/{name}"))?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns(2) on this thread only, with a namespace file we hold open.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        }))
+    }
+
+    fn tc(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", &self.a];
+        all.extend_from_slice(args);
+        let status = Command::new("tc")
+            .args(&all)
+            .status()
+            .context("running tc")?;
+        if !status.success() {
+            bail!("tc {} failed", all.join(" "));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Method {
+    Bare,
+    Htb,
+    Nbt,
+}
+
+struct Row {
+    method: &'static str,
+    rate: &'static str,
+    /// Payload bits per second at the receiver over the steady window.
+    goodput: f64,
+    fraction: Option<f64>,
+    p50: f64,
+    p99: f64,
+    cpu_seconds_per_gb: f64,
+}
+
+/// Busy CPU time of the whole machine, in seconds (user, nice, system, irq, softirq).
+fn busy_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    [0, 1, 2, 5, 6]
+        .iter()
+        .filter_map(|&i| fields.get(i))
+        .sum::<f64>()
+        / hz
+}
+
+/// Accepts one connection and reads it; returns (seconds since first byte, bytes so far) marks.
+fn receive(listener: TcpListener) -> Vec<(f64, u64)> {
+    let Ok((mut stream, _)) = listener.accept() else {
+        return Vec::new();
+    };
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut total, mut start, mut marks) = (0u64, None, Vec::new());
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        let now = Instant::now();
+        total += n as u64;
+        marks.push((
+            now.duration_since(*start.get_or_insert(now)).as_secs_f64(),
+            total,
+        ));
+    }
+    marks
+}
+
+fn echo(listener: TcpListener) {
+    if let Ok((mut stream, _)) = listener.accept() {
+        let _ = stream.set_nodelay(true);
+        let mut buffer = [0u8; 64];
+        while stream.read_exact(&mut buffer).is_ok() {
+            if stream.write_all(&buffer).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn rate_between(marks: &[(f64, u64)], from: f64, to: f64) -> f64 {
+    let at = |t: f64| marks.iter().find(|(time, _)| *time >= t).copied();
+    match (at(from), at(to)) {
+        (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => (b1 - b0) as f64 * 8.0 / (t1 - t0),
+        _ => f64::NAN,
+    }
+}
+
+fn case(
+    netns: &Netns,
+    bin: &Path,
+    method: Method,
+    rate: Option<(&'static str, f64)>,
+    seconds: u64,
+) -> Result<Row> {
+    let (bulk_port, echo_port) = (5301u16, 5302u16);
+    let receiver = Netns::spawn_in(&netns.b, move || {
+        receive(TcpListener::bind((ADDR_B, bulk_port)).expect("bind bulk"))
+    })?;
+    let echoer = Netns::spawn_in(&netns.b, move || {
+        echo(TcpListener::bind((ADDR_B, echo_port)).expect("bind echo"))
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    if let (Method::Htb, Some((r, _))) = (method, rate) {
+        netns.tc(&[
+            "qdisc",
+            "add",
+            "dev",
+            &netns.veth_a,
+            "root",
+            "handle",
+            "1:",
+            "htb",
+            "default",
+            "12",
+        ])?;
+        netns.tc(&[
+            "class",
+            "add",
+            "dev",
+            &netns.veth_a,
+            "parent",
+            "1:",
+            "classid",
+            "1:12",
+            "htb",
+            "rate",
+            r,
+            "ceil",
+            r,
+        ])?;
+    }
+    let workload = [
+        bin.join("nbt-testbin").display().to_string(),
+        "stream-and-ping".into(),
+        format!("{ADDR_B}:{bulk_port}"),
+        format!("{ADDR_B}:{echo_port}"),
+        seconds.to_string(),
+    ];
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net=/run/netns/{}", netns.a));
+    if method == Method::Nbt {
+        command.arg(bin.join("nbt")).arg("run");
+        if let Some((r, _)) = rate {
+            command.args(["--egress-rate", r]);
+        }
+        command.arg("--");
+    }
+    command.args(&workload);
+    let cpu_before = busy_cpu_seconds();
+    let output = command.output().context("running the workload")?;
+    let cpu = busy_cpu_seconds() - cpu_before;
+    if method == Method::Htb {
+        let _ = netns.tc(&["qdisc", "del", "dev", &netns.veth_a, "root"]);
+    }
+    if !output.status.success() {
+        bail!(
+            "the workload failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let marks = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+    let _ = echoer.join();
+    let report = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| -> f64 {
+        let words: Vec<&str> = report.split_whitespace().collect();
+        words
+            .iter()
+            .position(|w| *w == name)
+            .and_then(|i| words.get(i + 1)?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let goodput = rate_between(&marks, 2.0, seconds as f64 - 1.0);
+    let total_bytes = marks.last().map(|m| m.1).unwrap_or(0) as f64;
+    // What each method counts against its limit: htb the Ethernet frame, nbt the IP packet.
+    let unit = if method == Method::Htb {
+        ETHERNET_FRAME
+    } else {
+        IP_PACKET
+    };
+    // The request/response flow shares the limit: its 64-byte requests (plus 52 bytes of IP and
+    // TCP headers, plus 14 of Ethernet for htb) count too. Under a deep queue few of them run.
+    let ping_bits =
+        field("samples") * (64.0 + 52.0 + unit - IP_PACKET) * 8.0 / (seconds as f64 - 1.5);
+    Ok(Row {
+        method: match method {
+            Method::Bare => "bare veth",
+            Method::Htb => "tc htb (seed)",
+            Method::Nbt if rate.is_some() => "nbt",
+            Method::Nbt => "nbt, no limit",
+        },
+        rate: rate.map(|r| r.0).unwrap_or("-"),
+        goodput,
+        fraction: rate.map(|(_, bits)| (goodput * unit / MSS + ping_bits) / bits),
+        p50: field("rtt_ms_p50"),
+        p99: field("rtt_ms_p99"),
+        cpu_seconds_per_gb: cpu / (total_bytes / 1e9),
+    })
+}
+
+pub fn net(workspace: &Path) -> Result<()> {
+    let bin: PathBuf = workspace.join("target/release");
+    for name in ["nbt", "nbt-testbin"] {
+        if !bin.join(name).exists() {
+            bail!("{} is missing", bin.join(name).display());
+        }
+    }
+    let netns = Netns::new()?;
+    let rates: [(&'static str, f64, u64); 4] = [
+        ("512kbit", 512e3, 14),
+        ("10mbit", 10e6, 10),
+        ("100mbit", 100e6, 10),
+        ("1gbit", 1e9, 10),
+    ];
+    let mut rows = Vec::new();
+    for (name, bits, seconds) in rates {
+        for method in [Method::Htb, Method::Nbt] {
+            eprintln!(
+                "xtask bench net: {name} with {}",
+                if method == Method::Htb {
+                    "tc htb"
+                } else {
+                    "nbt"
+                }
+            );
+            rows.push(case(&netns, &bin, method, Some((name, bits)), seconds)?);
+        }
+    }
+    for method in [Method::Bare, Method::Nbt] {
+        eprintln!(
+            "xtask bench net: no limit, {}",
+            if method == Method::Bare {
+                "bare"
+            } else {
+                "nbt"
+            }
+        );
+        rows.push(case(&netns, &bin, method, None, 10)?);
+    }
+    println!("| method | limit | bulk goodput (Mbit/s) | achieved / limit | RTT p50 (ms) | RTT p99 (ms) | busy CPU s per GB |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {} | {:.3} | {} | {:.2} | {:.2} | {:.1} |",
+            row.method,
+            row.rate,
+            row.goodput / 1e6,
+            row.fraction
+                .map(|f| format!("{f:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            row.p50,
+            row.p99,
+            row.cpu_seconds_per_gb
+        );
+    }
+    let (bare, unlimited) = (&rows[rows.len() - 2], &rows[rows.len() - 1]);
+    println!(
+        "\nnbt with no limit: {:.3} of bare veth throughput",
+        unlimited.goodput / bare.goodput
+    );
+    Ok(())
+}
