@@ -48,6 +48,8 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
                     record.cgroups.len()
                 );
                 let _ = fs::remove_file(&path);
+                // The learning updates its workload reported after nbt died (no receipt holds them).
+                let _ = fs::remove_file(path.with_extension("reports"));
                 removed += 1;
             }
             Err(err) => {

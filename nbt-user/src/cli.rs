@@ -15,7 +15,7 @@ Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decima
 rates 512kbit, 10mbit (bits/s) or 64KB/s (bytes/s; `kbps` is refused as ambiguous); loss 5% or
 0.05; amounts 0.25 (at most 6 decimals).
 Exit status: the command's own, or 128+N when signal N killed it; 2 for a usage error;
-125 when nbt itself failed before the command ran; 126 command not executable; 127 not found.";
+125 when nbt itself failed (before the command ran, or writing its receipts); 126 command not executable; 127 not found.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,12 +62,53 @@ pub enum Command {
         #[command(subcommand)]
         action: BalanceAction,
     },
+    /// The receipts of runs and learning updates: list, show, verify, export, the public key
+    Receipts(ReceiptsArgs),
     /// Remove what crashed runs left behind (cgroups, processes), and only that
     Cleanup {
         /// Say what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiptsArgs {
+    /// The receipt store (default: $NBT_RECEIPTS, else /var/lib/nbt/receipts.db)
+    #[arg(long, value_name = "PATH", global = true)]
+    pub receipts: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    pub action: ReceiptsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReceiptsAction {
+    /// One line per receipt: number, time, kind, run, task, outcome, joules, hash
+    List {
+        /// One JSON object per line (as `export --format jsonl`)
+        #[arg(long)]
+        json: bool,
+        /// Only the receipts of this run (nbt-...)
+        #[arg(long, value_name = "RUN")]
+        run: Option<String>,
+    },
+    /// One receipt in full, by number or by 8+ hex digits of its hash
+    Show { id: String },
+    /// Check every hash, link and signature; exit status 1 naming the first bad receipt
+    Verify {
+        /// The public key to check with (PEM, as `nbt receipts pubkey` writes it; default: this
+        /// node's own key, $NBT_KEY or /var/lib/nbt/node.key)
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<std::path::PathBuf>,
+    },
+    /// Every receipt on stdout: `jsonl` (one per line) or `in-toto` (a Statement v1 per line,
+    /// in a DSSE envelope signed by this node's key; model hashes as subjects)
+    Export {
+        #[arg(long, value_name = "FORMAT", value_parser = ["jsonl", "in-toto"])]
+        format: String,
+    },
+    /// This node's public key (SPKI PEM), made with the key at first use
+    Pubkey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,8 +150,6 @@ pub struct NotYetArgs {
     pub no_turbo: bool,
     #[arg(long, hide = true)]
     pub schedule: Option<String>,
-    #[arg(long, hide = true)]
-    pub accept_min_delta: Option<String>,
 }
 
 impl NotYetArgs {
@@ -121,7 +160,6 @@ impl NotYetArgs {
             ("gpu-clock", &self.gpu_clock),
             ("cpu-max-freq", &self.cpu_max_freq),
             ("schedule", &self.schedule),
-            ("accept-min-delta", &self.accept_min_delta),
         ];
         let mut given: Vec<(String, String)> = values
             .into_iter()
@@ -211,6 +249,8 @@ pub struct RunArgs {
     pub ledger: LedgerArgs,
     #[command(flatten)]
     pub not_yet: NotYetArgs,
+    #[command(flatten)]
+    pub receipt: ReceiptArgs,
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -219,10 +259,32 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
+/// Where the run's receipts go and how its learning updates are judged.
+#[derive(Debug, Args)]
+pub struct ReceiptArgs {
+    /// The receipt store this run appends to (default: $NBT_RECEIPTS, else
+    /// /var/lib/nbt/receipts.db); signed with the node key ($NBT_KEY, else /var/lib/nbt/node.key)
+    #[arg(long, value_name = "PATH")]
+    pub receipts: Option<std::path::PathBuf>,
+    /// Accept a learning update the workload reports (through $NBT_REPORT) only if its holdout
+    /// loss drops by more than X (default 0.002, CryoFlux's)
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub accept_min_delta: Option<String>,
+}
+
+impl ReceiptArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.receipts = self.receipts.clone();
+        flags.accept_min_delta = self.accept_min_delta.clone();
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub receipt: ReceiptArgs,
     /// Training samples, fetched over the run's network limits (default 12000: 1.5 MiB;
     /// memory and download grow with it: samples x 33 x 4 bytes)
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -367,6 +429,7 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::Receipts(args) => receipts_command(args),
         Command::Cleanup { dry_run } => {
             if let Err(err) = run::require_privileges() {
                 eprintln!("nbt: {err:#}");
@@ -386,6 +449,7 @@ fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
         .flags(args.profile.clone(), args.not_yet.given());
     args.net.add_to(&mut flags);
     args.ledger.add_to(&mut flags);
+    args.receipt.add_to(&mut flags);
     let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {
@@ -404,9 +468,34 @@ pub fn execute_and_report(
     env: &[(&str, String)],
     json: bool,
 ) -> i32 {
+    match execute_and_print(plan, command, signals, env, json) {
+        Ok(summary) => exit_status(&summary),
+        Err(status) => status,
+    }
+}
+
+/// The status nbt exits with after a run: the workload's, or 125 when its receipt was not written.
+pub fn exit_status(summary: &crate::summary::RunSummary) -> i32 {
+    match &summary.receipt_error {
+        Some(err) => {
+            eprintln!("nbt: the run's receipts were not all written: {err}");
+            EXIT_NBT_FAILED
+        }
+        None => summary.exit.status,
+    }
+}
+
+/// Runs and prints the summary; the summary, or the status to exit with when there is none.
+pub fn execute_and_print(
+    plan: &Plan,
+    command: &[OsString],
+    signals: &libc::sigset_t,
+    env: &[(&str, String)],
+    json: bool,
+) -> Result<crate::summary::RunSummary, i32> {
     if let Err(err) = run::require_privileges() {
         eprintln!("nbt: {err:#}");
-        return EXIT_NBT_FAILED;
+        return Err(EXIT_NBT_FAILED);
     }
     match run::execute(plan, command, signals, env) {
         Ok(summary) => {
@@ -417,15 +506,34 @@ pub fn execute_and_report(
                     serde_json::to_string(&summary).expect("summary serializes")
                 );
             }
-            summary.exit.status
+            Ok(summary)
         }
         Err(RunError::Spawn(err)) => {
             eprintln!("nbt: {err}");
-            err.exit_code()
+            Err(err.exit_code())
         }
         Err(RunError::Nbt(err)) => {
             eprintln!("nbt: {err:#}");
-            EXIT_NBT_FAILED
+            Err(EXIT_NBT_FAILED)
         }
     }
+}
+
+fn receipts_command(args: ReceiptsArgs) -> i32 {
+    use crate::receipt::command;
+    let path = args
+        .receipts
+        .clone()
+        .unwrap_or_else(crate::receipt::store::default_path);
+    let result = match &args.action {
+        ReceiptsAction::List { json, run } => command::list(&path, *json, run.as_deref()),
+        ReceiptsAction::Show { id } => command::show(&path, id),
+        ReceiptsAction::Verify { pubkey } => command::verify(&path, pubkey.as_deref()),
+        ReceiptsAction::Export { format } => command::export(&path, format),
+        ReceiptsAction::Pubkey => command::pubkey(),
+    };
+    result.unwrap_or_else(|err| {
+        eprintln!("nbt receipts: {err:#}");
+        1
+    })
 }

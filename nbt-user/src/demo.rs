@@ -12,11 +12,12 @@ use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 
-use crate::cli::{execute_and_report, DemoArgs};
+use crate::cli::{execute_and_print, exit_status, DemoArgs};
 use crate::gate::Rule;
 use crate::ledger::{format_amount, Prices};
 use crate::net::Direction;
 use crate::plan::Plan;
+use crate::receipt;
 use crate::run::EXIT_NBT_FAILED;
 use crate::summary::RunSummary;
 use crate::train::Dataset;
@@ -47,7 +48,8 @@ fn start_server(what: &str, pace_bytes_per_sec: Option<u64>) -> Result<SocketAdd
 }
 
 pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
-    let flags = args.limits.flags(Some("nbt".into()), Vec::new());
+    let mut flags = args.limits.flags(Some("nbt".into()), Vec::new());
+    args.receipt.add_to(&mut flags);
     let mut plan = match Plan::build(&flags) {
         Ok(plan) => plan,
         Err(err) => {
@@ -128,5 +130,21 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     for pending in &plan.pending {
         eprintln!("  not yet enforced:  {pending}");
     }
-    execute_and_report(&plan, &command, signals, &[], args.json)
+    let summary = match execute_and_print(&plan, &command, signals, &[], args.json) {
+        Ok(summary) => summary,
+        Err(status) => return status,
+    };
+    // The proof: the run's receipts, and the whole store checked with the node's key.
+    eprintln!("\nnbt demo: the receipts of {}:", summary.run);
+    let shown = receipt::command::list(&plan.receipts, false, Some(&summary.run));
+    eprintln!("nbt demo: nbt receipts verify:");
+    let verified = receipt::command::verify(&plan.receipts, None);
+    match (shown, verified) {
+        (Ok(_), Ok(0)) => exit_status(&summary),
+        (Err(err), _) | (_, Err(err)) => {
+            eprintln!("nbt demo: {err:#}");
+            EXIT_NBT_FAILED
+        }
+        (_, Ok(status)) => status,
+    }
 }

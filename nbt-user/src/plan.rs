@@ -95,6 +95,8 @@ pub struct Flags {
     pub price_call: Option<String>,
     pub price_hour: Option<String>,
     pub gate: Option<String>,
+    pub receipts: Option<std::path::PathBuf>,
+    pub accept_min_delta: Option<String>,
     /// Flags of capabilities not built yet, by name (without `--`), with their values.
     pub not_yet: Vec<(String, String)>,
 }
@@ -130,6 +132,10 @@ pub struct Plan {
     pub gate: Vec<Rule>,
     /// Asked for, not enforced: `nbt run` refuses a plan that has any.
     pub pending: Vec<Pending>,
+    /// The receipt store the run appends to.
+    pub receipts: std::path::PathBuf,
+    /// A reported learning update is accepted when its loss drops by more than this.
+    pub accept_min_delta: f64,
 }
 
 /// Why a plan could not be made. Always a usage error: exit status 2.
@@ -218,13 +224,10 @@ impl Profile {
             ("no-turbo", &self.no_turbo),
             ("schedule", &self.schedule),
         ];
-        let mut set: Vec<_> = fields
+        let set: Vec<_> = fields
             .into_iter()
             .filter_map(|(key, value)| Some((key, value.as_ref()?)))
             .collect();
-        if let Some(value) = &self.accept_min_delta {
-            set.push(("accept-min-delta", value));
-        }
         set
     }
 }
@@ -460,6 +463,22 @@ impl Plan {
                 capability: capability_of(key).into(),
             });
         }
+        let accept_min_delta = match pick(
+            &flags.accept_min_delta,
+            "accept-min-delta",
+            &profile.accept_min_delta,
+        )? {
+            None => crate::learning::DEFAULT_ACCEPT_MIN_DELTA,
+            Some((text, name)) => match text.trim().parse::<f64>() {
+                Ok(x) if x.is_finite() => x,
+                _ => {
+                    return Err(PlanError(format!(
+                        "invalid value '{text}' for {name}: a decimal number, the smallest drop \
+                         of the holdout loss that accepts an update (e.g. 0.002)"
+                    )))
+                }
+            },
+        };
         Ok(Plan {
             profile: profile_name,
             limits,
@@ -468,6 +487,11 @@ impl Plan {
             prices,
             gate,
             pending,
+            receipts: flags
+                .receipts
+                .clone()
+                .unwrap_or_else(crate::receipt::store::default_path),
+            accept_min_delta,
         })
     }
 

@@ -10,7 +10,7 @@ use crate::plan::Plan;
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::summary::RunSummary;
 use crate::supervise::{self, SpawnError};
-use crate::{account, gate, latency, loader, net};
+use crate::{account, gate, latency, learning, loader, net, receipt};
 
 /// How often nbt samples what the kernel keeps no peak of (see [`crate::cgroup::SAMPLED`]).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -98,6 +98,21 @@ pub fn execute(
     let state_dir = state::state_dir();
     let _record = RecordGuard(record.write(&state_dir)?);
 
+    // Opened first: a store or key that cannot be written stops the run before anything ran.
+    let mut receipts = receipt::Writer::open(&plan.receipts)?;
+    let reports = learning::ReportFile::create(&state_dir.join("runs"), &name)?;
+    let mut template = receipt::Receipt::new(receipt::Kind::Task, receipts.key_id().to_string());
+    template.run = Some(name.clone());
+    template.command = record.command.clone();
+    template.constraints = receipt::body::constraints(
+        &plan.profile,
+        &plan.limits,
+        &plan.net,
+        plan.latency.as_ref(),
+    );
+    let mut judge = learning::Judge::new(plan.accept_min_delta, template);
+    let mut reports = reports;
+
     // Dropped in reverse order: the BPF links go first, then the cgroups (processes killed first).
     let mut cgroup = RunCgroup::create(&layout, &name, &plan.limits)?;
     let mut ebpf = loader::load()?;
@@ -132,13 +147,20 @@ pub fn execute(
     };
     record.write(&state_dir)?;
 
-    let mut env = vec![("NBT_RUN", name.clone())];
+    let mut env = vec![
+        ("NBT_RUN", name.clone()),
+        (
+            learning::REPORT_ENV,
+            reports.path().to_string_lossy().into_owned(),
+        ),
+    ];
     env.extend(extra_env.iter().cloned());
     let started = Instant::now();
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
     let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || {
         cgroup.sample();
+        judge.take(reports.read_new(false), &mut receipts, task_energy);
         if let Some(log) = blocked.as_mut() {
             log.drain();
         }
@@ -154,6 +176,7 @@ pub fn execute(
         }
     });
     let wall_seconds = started.elapsed().as_secs_f64();
+    judge.take(reports.read_new(true), &mut receipts, task_energy);
     let ledger_summary = match (&ledger, &plan.prices) {
         (Some(ids), Some(prices)) => {
             if prices.hour_micro > 0 {
@@ -178,7 +201,7 @@ pub fn execute(
     drop(ebpf);
     cgroup.remove()?;
 
-    Ok(RunSummary {
+    let mut summary = RunSummary {
         run: name,
         command: record.command.clone(),
         profile: plan.profile.clone(),
@@ -192,5 +215,32 @@ pub fn execute(
         shaped: Some(shaped),
         ledger: ledger_summary,
         latency: final_latency,
-    })
+        tasks: std::mem::take(&mut judge.tasks),
+        refused_reports: std::mem::take(&mut judge.refused),
+        receipt: None,
+        receipt_error: None,
+    };
+    // Last of all, so that the receipt holds everything the run measured.
+    let mut run_receipt = receipt::Receipt::of_run(&summary, run_energy(), String::new());
+    match receipts.write(&mut run_receipt) {
+        Ok(written) => summary.receipt = Some(written),
+        Err(err) => judge.errors.push(format!("the run's receipt: {err:#}")),
+    }
+    if !judge.errors.is_empty() {
+        summary.receipt_error = Some(judge.errors.join("; "));
+    }
+    Ok(summary)
+}
+
+/// What a task spent since the previous report. Energy telemetry is not built yet: say so
+/// rather than invent a figure.
+fn task_energy() -> receipt::Energy {
+    receipt::Energy {
+        joules: Vec::new(),
+        note: Some("not measured: this nbt has no energy telemetry yet".into()),
+    }
+}
+
+fn run_energy() -> receipt::Energy {
+    task_energy()
 }

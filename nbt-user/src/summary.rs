@@ -7,8 +7,10 @@ use serde::Serialize;
 use crate::account::Traffic;
 use crate::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
 use crate::latency::Latency;
+use crate::learning::{RefusedReport, TaskOutcome};
 use crate::ledger::{format_amount, LedgerSummary};
 use crate::net::{Direction, NetLimits, ShapedTraffic};
+use crate::receipt::Written;
 use crate::supervise::Exit;
 use crate::units::format_size;
 
@@ -34,6 +36,14 @@ pub struct RunSummary {
     pub ledger: Option<LedgerSummary>,
     /// Added delay at the end (`nbt set` may change it), for runs started with --latency.
     pub latency: Option<Latency>,
+    /// The learning updates the workload reported through $NBT_REPORT, as judged.
+    pub tasks: Vec<TaskOutcome>,
+    /// Report lines nbt could not use, with why.
+    pub refused_reports: Vec<RefusedReport>,
+    /// The run's own receipt (`None` inside the receipt itself, which cannot name its own hash).
+    pub receipt: Option<Written>,
+    /// Why a receipt could not be written; nbt then exits 125.
+    pub receipt_error: Option<String>,
 }
 
 fn seconds(usec: u64) -> String {
@@ -238,6 +248,44 @@ impl RunSummary {
                     format!(": {}", list.join(", "))
                 }
             );
+        }
+        if !self.tasks.is_empty() || !self.refused_reports.is_empty() {
+            let accepted = self.tasks.iter().filter(|t| t.accepted).count();
+            let joules: Option<f64> = self.tasks.iter().map(|t| t.joules).sum();
+            let _ = writeln!(
+                out,
+                "  updates       {} reported: {accepted} accepted, {} rejected{}{}",
+                self.tasks.len(),
+                self.tasks.len() - accepted,
+                joules
+                    .map(|j| format!(", {j:.1} J"))
+                    .unwrap_or_else(|| ", joules not measured".into()),
+                if self.refused_reports.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} report lines refused", self.refused_reports.len())
+                }
+            );
+            for refused in &self.refused_reports {
+                let _ = writeln!(
+                    out,
+                    "                line {}: {}",
+                    refused.line, refused.why
+                );
+            }
+        }
+        if let Some(r) = &self.receipt {
+            let _ = writeln!(
+                out,
+                "  receipt       {} in {} (sha256 {}), signed by {}",
+                r.seq,
+                r.store.display(),
+                crate::receipt::export::short(&r.receipt_hash),
+                crate::receipt::export::short(&r.key_id)
+            );
+        }
+        if let Some(err) = &self.receipt_error {
+            let _ = writeln!(out, "  receipt       NOT WRITTEN: {err}");
         }
         if !self.exit.forwarded_signals.is_empty() {
             let _ = writeln!(

@@ -288,12 +288,17 @@ impl Dataset {
 }
 
 /// Holdout loss and accuracy after one epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EpochProgress {
     pub epoch: usize,
     pub epochs: usize,
+    /// The holdout loss before this epoch's update.
+    pub base_loss: f64,
     pub holdout_loss: f64,
     pub holdout_accuracy: f64,
+    /// sha256 of the model's parameters before and after this epoch (`sha256:HEX`).
+    pub base_model_hash: String,
+    pub model_hash: String,
 }
 
 /// The outcome of a run. Losses are mean binary cross-entropy on the holdout set,
@@ -349,6 +354,7 @@ pub fn train_with_fresh(
     let mut order: Vec<usize> = (0..data.train_len()).collect();
     let (mut new_loss, mut new_accuracy) = (base_loss, base_accuracy);
     for epoch in 1..=cfg.epochs {
+        let (base_loss, base_model_hash) = (new_loss, model.hash());
         if let Some(extra) = fresh(epoch) {
             let mut extra_order: Vec<usize> = (0..extra.samples()).collect();
             shuffle(&mut extra_order, &mut rng);
@@ -360,8 +366,11 @@ pub fn train_with_fresh(
         progress(EpochProgress {
             epoch,
             epochs: cfg.epochs,
+            base_loss,
             holdout_loss: new_loss,
             holdout_accuracy: new_accuracy,
+            base_model_hash,
+            model_hash: model.hash(),
         });
     }
     Ok(TrainReport {
@@ -393,6 +402,22 @@ struct Mlp {
 }
 
 impl Mlp {
+    /// sha256 of the parameters (little-endian f32: w1, b1, w2, b2), as `sha256:HEX`.
+    fn hash(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        let mut hasher = Sha256::new();
+        for x in self
+            .w1
+            .iter()
+            .chain(&self.b1)
+            .chain(&self.w2)
+            .chain([&self.b2])
+        {
+            hasher.update(x.to_le_bytes());
+        }
+        format!("sha256:{}", crate::receipt::key::hex(&hasher.finalize()))
+    }
+
     /// Weights normal with variance `gain^2 / fan_in` (`out_gain` for the output layer), biases zero.
     fn random(d: usize, h: usize, gain: f32, out_gain: f32, rng: &mut Rng) -> Mlp {
         let mut draw = |n: usize, fan_in: usize, gain: f32| -> Vec<f32> {

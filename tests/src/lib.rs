@@ -156,6 +156,9 @@ pub fn run_cgroups() -> BTreeSet<PathBuf> {
 /// they measure CPU time and rates, and each would see the others' cgroups as leftovers.
 pub struct NoLeftovers {
     before: BTreeSet<PathBuf>,
+    /// nbt's home for this test (`NBT_HOME`: receipts and node key), removed on drop, so tests
+    /// never write into the machine's own receipt store.
+    home: tempfile::TempDir,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -168,10 +171,24 @@ impl NoLeftovers {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let home = tempfile::Builder::new()
+            .prefix("nbt-test-home-")
+            .tempdir()
+            .expect("making a temporary NBT_HOME");
+        // Tests are serialized (above), and every nbt they start inherits this.
+        std::env::set_var("NBT_HOME", home.path());
+        std::env::remove_var("NBT_RECEIPTS");
+        std::env::remove_var("NBT_KEY");
         NoLeftovers {
             before: run_cgroups(),
+            home,
             _serial: serial,
         }
+    }
+
+    /// This test's `NBT_HOME`: `receipts.db` and `node.key` are made there.
+    pub fn home(&self) -> &std::path::Path {
+        self.home.path()
     }
 
     /// New run cgroups whose nbt is gone: a run of another nbt that is still alive (another

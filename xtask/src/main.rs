@@ -30,6 +30,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "util-linux",
         "nsenter: a workload in a test's network namespace, outside the run",
     ),
+    (
+        "python3",
+        "a third party checking receipts without nbt (sqlite3, hashlib, json)",
+    ),
+    ("openssl", "the same third party checking the receipts' ed25519 signatures"),
 ];
 
 #[derive(Parser)]

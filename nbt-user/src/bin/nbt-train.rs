@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use nbt::learning::{report_task, TaskReport, REPORT_ENV};
 use nbt::train::{train_with_fresh, Dataset, EpochProgress, TrainConfig, TrainReport};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -145,7 +146,22 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Prints an epoch's progress and, under `nbt run`, reports it as a learning update ($NBT_REPORT).
 fn print_progress(p: EpochProgress) {
+    let update = TaskReport {
+        task_name: format!("epoch-{}", p.epoch),
+        task_id: None,
+        base_loss: p.base_loss,
+        new_loss: p.holdout_loss,
+        adapter_hash: Some(p.model_hash.clone()),
+        base_model_hash: Some(p.base_model_hash.clone()),
+    };
+    if let Err(e) = report_task(&update) {
+        eprintln!(
+            "nbt-train: reporting epoch {} to ${REPORT_ENV}: {e}",
+            p.epoch
+        );
+    }
     eprintln!(
         "epoch {}/{}: holdout loss {:.4}, accuracy {:.1}%",
         p.epoch,

@@ -1,0 +1,192 @@
+//! `nbt receipts list | show ID | verify [--pubkey FILE] | export --format jsonl|in-toto | pubkey`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+use super::export::{self, short};
+use super::key::{self, NodeKey};
+use super::store::{Row, Store};
+use super::verify;
+
+/// One line per receipt: number, time, kind, run, task, outcome, joules, hash.
+pub fn list(path: &Path, json: bool, run: Option<&str>) -> Result<i32> {
+    let store = Store::open_existing(path)?;
+    let mut rows = store.rows()?;
+    if let Some(run) = run {
+        rows.retain(|r| r.run.as_deref() == Some(run));
+    }
+    if json {
+        for row in &rows {
+            println!("{}", export::jsonl_line(row)?);
+        }
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        eprintln!("no receipts yet in {}", path.display());
+        return Ok(0);
+    }
+    println!(
+        "{:>5}  {:<24}  {:<4}  {:<20}  {:<14}  {:>10}  {:>10}  HASH",
+        "SEQ", "TIME", "KIND", "RUN", "TASK", "OUTCOME", "JOULES"
+    );
+    for row in &rows {
+        let body: Value = serde_json::from_str(&row.body).unwrap_or(Value::Null);
+        let outcome = match (
+            body.get("accepted").and_then(Value::as_bool),
+            body.get("exit_status").and_then(Value::as_i64),
+        ) {
+            (Some(true), _) => "accepted".to_string(),
+            (Some(false), _) => "rejected".to_string(),
+            (None, Some(status)) => format!("exit {status}"),
+            (None, None) => "-".into(),
+        };
+        let joules = body
+            .get("joules_spent")
+            .and_then(Value::as_f64)
+            .map(|j| format!("{j:.1}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:>5}  {:<24}  {:<4}  {:<20}  {:<14}  {:>10}  {:>10}  {}",
+            row.seq,
+            row.timestamp,
+            row.kind,
+            row.run.as_deref().unwrap_or("-"),
+            row.task_name.as_deref().unwrap_or("-"),
+            outcome,
+            joules,
+            short(&row.receipt_hash)
+        );
+    }
+    Ok(0)
+}
+
+/// A receipt by number, or by a prefix (8 hex digits or more) of its hash.
+fn find<'a>(rows: &'a [Row], id: &str) -> Result<&'a Row> {
+    let id = id.trim();
+    if let Ok(seq) = id.parse::<i64>() {
+        return rows
+            .iter()
+            .find(|r| r.seq == seq)
+            .with_context(|| format!("no receipt {seq} (the store holds {})", span(rows)));
+    }
+    let prefix = id.to_ascii_lowercase();
+    if prefix.len() < 8 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("ID '{id}': give a receipt number (as `nbt receipts list` shows) or 8 or more hex digits of its hash");
+    }
+    let found: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.receipt_hash.starts_with(&prefix))
+        .collect();
+    match found.as_slice() {
+        [row] => Ok(row),
+        [] => bail!("no receipt's hash starts with {prefix}"),
+        many => bail!(
+            "{} receipts' hashes start with {prefix}: give more digits",
+            many.len()
+        ),
+    }
+}
+
+fn span(rows: &[Row]) -> String {
+    match (rows.first(), rows.last()) {
+        (Some(a), Some(b)) => format!("receipts {} to {}", a.seq, b.seq),
+        _ => "no receipts".into(),
+    }
+}
+
+pub fn show(path: &Path, id: &str) -> Result<i32> {
+    let store = Store::open_existing(path)?;
+    let rows = store.rows()?;
+    let row = find(&rows, id)?;
+    let body: Value = serde_json::from_str(&row.body)
+        .with_context(|| format!("receipt {}: the body is not JSON", row.seq))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "seq": row.seq,
+            "receipt_hash": row.receipt_hash,
+            "signature": row.signature,
+            "key_id": row.key_id,
+            "receipt": body,
+        }))?
+    );
+    Ok(0)
+}
+
+/// Exit status 0 when everything checks, 1 otherwise (naming the first bad receipt and why).
+pub fn verify(path: &Path, pubkey: Option<&Path>) -> Result<i32> {
+    let public = match pubkey {
+        Some(file) => key::read_public(file)?,
+        None => {
+            let own = key::default_key_path();
+            if !own.exists() {
+                bail!(
+                    "no --pubkey FILE given and no node key at {} to verify with",
+                    own.display()
+                );
+            }
+            NodeKey::load(&own)?.public()
+        }
+    };
+    let store = Store::open_existing(path)?;
+    let result = store
+        .rows()
+        .map_err(|e| verify::Failure {
+            seq: None,
+            why: format!("the receipts table cannot be read as receipts: {e:#}"),
+        })
+        .and_then(|rows| {
+            let head = store.head().map_err(|e| verify::Failure {
+                seq: None,
+                why: format!("the head cannot be read: {e:#}"),
+            })?;
+            verify::verify(&rows, head.as_ref(), &public)
+        });
+    match result {
+        Ok(ok) => {
+            println!(
+                "verified: {} receipts in {}, chain intact, every hash and signature checks with {}{}",
+                ok.receipts,
+                path.display(),
+                key::key_id(&public),
+                ok.last_hash
+                    .map(|h| format!("; last hash {h}"))
+                    .unwrap_or_default()
+            );
+            Ok(0)
+        }
+        Err(failure) => {
+            println!("FAILED: {failure}");
+            Ok(1)
+        }
+    }
+}
+
+pub fn export(path: &Path, format: &str) -> Result<i32> {
+    let store = Store::open_existing(path)?;
+    let rows = store.rows()?;
+    match format {
+        "jsonl" => {
+            for row in &rows {
+                println!("{}", export::jsonl_line(row)?);
+            }
+        }
+        "in-toto" => {
+            let key = NodeKey::load(&key::default_key_path())
+                .context("the in-toto export is signed with the node's key")?;
+            for row in &rows {
+                println!("{}", export::dsse_envelope(row, &key)?);
+            }
+        }
+        other => bail!("--format '{other}': accepted: jsonl, in-toto"),
+    }
+    Ok(0)
+}
+
+pub fn pubkey() -> Result<i32> {
+    let key = NodeKey::load_or_create(&key::default_key_path())?;
+    print!("{}", key::public_pem(&key.public()));
+    Ok(0)
+}
