@@ -392,9 +392,12 @@ fn updates_accepted_or_rejected_by_their_loss_drop() {
         small["base_model_hash"],
         format!("sha256:{}", "cd".repeat(32))
     );
-    // The joules are recorded for rejected updates too: a figure, or the reason there is none.
+    // The joules are recorded for rejected updates too, with their source and its label.
+    assert!(small["joules_spent"].as_f64().unwrap() >= 0.0, "{small}");
+    let source = &small["energy"]["joules"][0];
     assert!(
-        small["joules_spent"].is_number() || small["energy"]["note"].is_string(),
+        (source["source"] == "model" && source["label"] == "model")
+            || (source["source"] == "rapl" && source["label"] == "measured"),
         "{small}"
     );
     let run_receipt = &receipts[3]["receipt"];
@@ -402,6 +405,16 @@ fn updates_accepted_or_rejected_by_their_loss_drop() {
     assert_eq!(run_receipt["exit_status"], 0);
     assert_eq!(run_receipt["summary"]["tasks"].as_array().unwrap().len(), 3);
     assert_eq!(receipts[3]["seq"], 4);
+    // The run's joules: what its tasks were charged, and what ran after the last report.
+    let run_joules = run_receipt["joules_spent"].as_f64().unwrap();
+    let task_joules: f64 = receipts[..3]
+        .iter()
+        .map(|r| r["receipt"]["joules_spent"].as_f64().unwrap())
+        .sum();
+    assert!(
+        run_joules > 0.0 && run_joules >= task_joules - 1e-9,
+        "{run_joules} < {task_joules}"
+    );
 
     // A bad threshold is a usage error naming the flag.
     let bad = run_sh(&["--accept-min-delta", "much"], "true");

@@ -254,6 +254,11 @@ fn read_trimmed(path: &Path) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
 
+/// A limit as a cgroup file takes it: the number, or the file's word for none.
+fn limit_text(value: Option<u64>, none: &str) -> String {
+    value.map_or_else(|| none.to_string(), |v| v.to_string())
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     read_trimmed(path)?.parse().ok()
 }
@@ -408,6 +413,66 @@ impl RunCgroup {
             let current = read_u64(&dir.join("pids.current")).unwrap_or(0);
             self.peaks.pids = self.peaks.pids.max(current);
         }
+    }
+
+    /// Changes the memory limit of a live run (`None`: no limit).
+    pub fn set_memory(&self, bytes: Option<u64>) -> Result<()> {
+        match self.require("memory", "memory")? {
+            (Placement::V2, dir) => write_file(&dir.join("memory.max"), &limit_text(bytes, "max")),
+            (Placement::V1, dir) => {
+                write_file(&dir.join("memory.limit_in_bytes"), &limit_text(bytes, "-1"))
+            }
+        }
+    }
+
+    /// Changes the CPU quota of a live run (`None`: no limit).
+    pub fn set_cpus(&self, millicores: Option<u64>) -> Result<()> {
+        let quota = millicores.map(|m| m * CPU_PERIOD_US / 1000);
+        match self.require("cpu", "cpus")? {
+            (Placement::V2, dir) => write_file(
+                &dir.join("cpu.max"),
+                &format!("{} {CPU_PERIOD_US}", limit_text(quota, "max")),
+            ),
+            (Placement::V1, dir) => {
+                write_file(&dir.join("cpu.cfs_quota_us"), &limit_text(quota, "-1"))
+            }
+        }
+    }
+
+    /// Freezes (or thaws) every process of the run: v2's cgroup.freeze, present without any
+    /// controller.
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        write_file(
+            &self.v2.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )
+    }
+
+    /// Squeezes the run's memory so that it reclaims (`None`: back to no squeeze). v2: memory.high,
+    /// which throttles and reclaims but never OOM-kills; v1 has no such knob, so there it is the
+    /// limit itself (memory.limit_in_bytes; the kernel refuses a value it cannot reclaim down to).
+    /// Returns which file was written.
+    pub fn squeeze_memory(&self, bytes: Option<u64>, limit: Option<u64>) -> Result<&'static str> {
+        match self.require("memory", "memory-squeeze")? {
+            (Placement::V2, dir) => {
+                write_file(&dir.join("memory.high"), &limit_text(bytes, "max"))?;
+                Ok("memory.high")
+            }
+            (Placement::V1, dir) => {
+                write_file(
+                    &dir.join("memory.limit_in_bytes"),
+                    &limit_text(bytes.or(limit), "-1"),
+                )?;
+                Ok("memory.limit_in_bytes (v1)")
+            }
+        }
+    }
+
+    /// The run's CPU time so far, in seconds (v2's cpu.stat, present without any controller).
+    pub fn cpu_seconds(&self) -> f64 {
+        read_keyed(&self.v2.join("cpu.stat"))
+            .get("usage_usec")
+            .map_or(0.0, |usec| *usec as f64 / 1e6)
     }
 
     /// The run's accounting, read from the kernel.

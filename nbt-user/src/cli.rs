@@ -148,8 +148,6 @@ pub struct NotYetArgs {
     pub cpu_max_freq: Option<String>,
     #[arg(long, hide = true)]
     pub no_turbo: bool,
-    #[arg(long, hide = true)]
-    pub schedule: Option<String>,
 }
 
 impl NotYetArgs {
@@ -159,7 +157,6 @@ impl NotYetArgs {
             ("gpu-power-limit", &self.gpu_power_limit),
             ("gpu-clock", &self.gpu_clock),
             ("cpu-max-freq", &self.cpu_max_freq),
-            ("schedule", &self.schedule),
         ];
         let mut given: Vec<(String, String)> = values
             .into_iter()
@@ -251,6 +248,10 @@ pub struct RunArgs {
     pub not_yet: NotYetArgs,
     #[command(flatten)]
     pub receipt: ReceiptArgs,
+    /// Limits that change during the run, and injected faults: a TOML file of steps,
+    /// generators and faults (docs/schedules.md); checked before the run starts
+    #[arg(long, value_name = "FILE")]
+    pub schedule: Option<String>,
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -450,6 +451,7 @@ fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     args.net.add_to(&mut flags);
     args.ledger.add_to(&mut flags);
     args.receipt.add_to(&mut flags);
+    flags.schedule = args.schedule.clone();
     let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {

@@ -65,13 +65,12 @@ pub struct Profile {
 
 /// Settings of the command line and profiles that this version of nbt does not enforce yet, with
 /// the capability each belongs to. Asking for one is refused, never silently dropped.
-pub const NOT_YET: [(&str, &str); 6] = [
+pub const NOT_YET: [(&str, &str); 5] = [
     ("price-kwh", "energy telemetry (it charges measured joules)"),
     ("gpu-power-limit", "hardware caps"),
     ("gpu-clock", "hardware caps"),
     ("cpu-max-freq", "hardware caps"),
     ("no-turbo", "hardware caps"),
-    ("schedule", "schedules and faults"),
 ];
 
 /// Values given on the command line; `None` where the flag was not given.
@@ -97,6 +96,7 @@ pub struct Flags {
     pub gate: Option<String>,
     pub receipts: Option<std::path::PathBuf>,
     pub accept_min_delta: Option<String>,
+    pub schedule: Option<String>,
     /// Flags of capabilities not built yet, by name (without `--`), with their values.
     pub not_yet: Vec<(String, String)>,
 }
@@ -136,6 +136,8 @@ pub struct Plan {
     pub receipts: std::path::PathBuf,
     /// A reported learning update is accepted when its loss drops by more than this.
     pub accept_min_delta: f64,
+    /// Changes and faults over the run's time (`--schedule FILE`).
+    pub schedule: Option<crate::schedule::Schedule>,
 }
 
 /// Why a plan could not be made. Always a usage error: exit status 2.
@@ -216,13 +218,12 @@ impl Profile {
 
     /// The settings of capabilities not built yet, in NOT_YET order.
     fn not_yet(&self) -> Vec<(&'static str, &toml::Value)> {
-        let fields: [(&str, &Option<toml::Value>); 6] = [
+        let fields: [(&str, &Option<toml::Value>); 5] = [
             ("price-kwh", &self.price_kwh),
             ("gpu-power-limit", &self.gpu_power_limit),
             ("gpu-clock", &self.gpu_clock),
             ("cpu-max-freq", &self.cpu_max_freq),
             ("no-turbo", &self.no_turbo),
-            ("schedule", &self.schedule),
         ];
         let set: Vec<_> = fields
             .into_iter()
@@ -479,6 +480,27 @@ impl Plan {
                 }
             },
         };
+        let schedule = match pick(&flags.schedule, "schedule", &profile.schedule)? {
+            None => None,
+            Some((path, name)) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| PlanError(format!("{name}: reading '{path}': {e}")))?;
+                let initial = crate::schedule::parse::Initial {
+                    memory: limits.memory_bytes,
+                    cpus: limits.cpu_millicores,
+                    egress_rate: net.egress.rate_bits_per_sec,
+                    ingress_rate: net.ingress.rate_bits_per_sec,
+                    egress_loss: net.egress.loss,
+                    ingress_loss: net.ingress.loss,
+                    latency_ns: latency.map(|l| l.latency_ns),
+                    has_balance: prices.is_some(),
+                };
+                Some(
+                    crate::schedule::parse(&path, &text, &initial)
+                        .map_err(|e| PlanError(e.to_string()))?,
+                )
+            }
+        };
         Ok(Plan {
             profile: profile_name,
             limits,
@@ -487,6 +509,7 @@ impl Plan {
             prices,
             gate,
             pending,
+            schedule,
             receipts: flags
                 .receipts
                 .clone()

@@ -10,7 +10,7 @@ use crate::plan::Plan;
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::summary::RunSummary;
 use crate::supervise::{self, SpawnError};
-use crate::{account, gate, latency, learning, loader, net, receipt};
+use crate::{account, energy, gate, latency, learning, loader, net, receipt, schedule};
 
 /// How often nbt samples what the kernel keeps no peak of (see [`crate::cgroup::SAMPLED`]).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -158,9 +158,30 @@ pub fn execute(
     let started = Instant::now();
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
+    let mut meter = energy::RunMeter::start(cgroup.cpu_seconds());
+    let mut controls = schedule::apply::Controls {
+        net: net::map_ids(&ebpf)?,
+        edt_map: record.edt_map,
+        ledger: record.ledger,
+        state_dir: state_dir.clone(),
+        run: name.clone(),
+        memory: plan.limits.memory_bytes,
+    };
+    let mut timeline =
+        schedule::apply::Runner::new(plan.schedule.as_ref().map_or(&[][..], |s| &s.actions[..]));
     let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || {
         cgroup.sample();
-        judge.take(reports.read_new(false), &mut receipts, task_energy);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if timeline.due(elapsed_ms) {
+            let shaped = net::read(&ebpf).ok();
+            let counters = schedule::apply::Counters::of(&cgroup.stats(), shaped.as_ref());
+            timeline.run_due(elapsed_ms, &mut controls, &cgroup, counters);
+        }
+        let batch = reports.read_new(false);
+        if !batch.is_empty() {
+            let cpu = cgroup.cpu_seconds();
+            judge.take(batch, &mut receipts, || meter.since_last(cpu));
+        }
         if let Some(log) = blocked.as_mut() {
             log.drain();
         }
@@ -176,7 +197,11 @@ pub fn execute(
         }
     });
     let wall_seconds = started.elapsed().as_secs_f64();
-    judge.take(reports.read_new(true), &mut receipts, task_energy);
+    let cpu = cgroup.cpu_seconds();
+    judge.take(reports.read_new(true), &mut receipts, || {
+        meter.since_last(cpu)
+    });
+    let run_energy = meter.total(cpu);
     let ledger_summary = match (&ledger, &plan.prices) {
         (Some(ids), Some(prices)) => {
             if prices.hour_micro > 0 {
@@ -192,6 +217,21 @@ pub fn execute(
     };
 
     let stats = cgroup.stats();
+    let mut events = std::mem::take(&mut timeline.events);
+    if timeline.not_reached() > 0 {
+        events.push(schedule::apply::Event {
+            t: wall_seconds,
+            kind: schedule::Origin::Step,
+            source: "schedule".into(),
+            what: format!(
+                "{} scheduled changes not reached: the workload ended first",
+                timeline.not_reached()
+            ),
+            error: None,
+            counters: schedule::apply::Counters::of(&stats, None),
+            during: None,
+        });
+    }
     let network = account::read(&ebpf).context("reading the byte counters")?;
     let shaped = net::read(&ebpf).context("reading the shaper's counters")?;
     // `nbt set` may have changed the limits during the run: report the last ones.
@@ -215,13 +255,15 @@ pub fn execute(
         shaped: Some(shaped),
         ledger: ledger_summary,
         latency: final_latency,
+        energy: run_energy,
+        events,
         tasks: std::mem::take(&mut judge.tasks),
         refused_reports: std::mem::take(&mut judge.refused),
         receipt: None,
         receipt_error: None,
     };
     // Last of all, so that the receipt holds everything the run measured.
-    let mut run_receipt = receipt::Receipt::of_run(&summary, run_energy(), String::new());
+    let mut run_receipt = receipt::Receipt::of_run(&summary, summary.energy.clone(), String::new());
     match receipts.write(&mut run_receipt) {
         Ok(written) => summary.receipt = Some(written),
         Err(err) => judge.errors.push(format!("the run's receipt: {err:#}")),
@@ -230,17 +272,4 @@ pub fn execute(
         summary.receipt_error = Some(judge.errors.join("; "));
     }
     Ok(summary)
-}
-
-/// What a task spent since the previous report. Energy telemetry is not built yet: say so
-/// rather than invent a figure.
-fn task_energy() -> receipt::Energy {
-    receipt::Energy {
-        joules: Vec::new(),
-        note: Some("not measured: this nbt has no energy telemetry yet".into()),
-    }
-}
-
-fn run_energy() -> receipt::Energy {
-    task_energy()
 }

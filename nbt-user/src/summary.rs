@@ -10,7 +10,8 @@ use crate::latency::Latency;
 use crate::learning::{RefusedReport, TaskOutcome};
 use crate::ledger::{format_amount, LedgerSummary};
 use crate::net::{Direction, NetLimits, ShapedTraffic};
-use crate::receipt::Written;
+use crate::receipt::{Energy, Written};
+use crate::schedule::apply::Event;
 use crate::supervise::Exit;
 use crate::units::format_size;
 
@@ -36,6 +37,10 @@ pub struct RunSummary {
     pub ledger: Option<LedgerSummary>,
     /// Added delay at the end (`nbt set` may change it), for runs started with --latency.
     pub latency: Option<Latency>,
+    /// The joules the run spent, by source, each labelled `measured` or `model`.
+    pub energy: Energy,
+    /// What the schedule changed and injected, when, and what the kernel saw meanwhile.
+    pub events: Vec<Event>,
     /// The learning updates the workload reported through $NBT_REPORT, as judged.
     pub tasks: Vec<TaskOutcome>,
     /// Report lines nbt could not use, with why.
@@ -247,6 +252,48 @@ impl RunSummary {
                         .collect();
                     format!(": {}", list.join(", "))
                 }
+            );
+        }
+        for (i, e) in self.events.iter().enumerate() {
+            let during = e
+                .during
+                .map(|d| {
+                    format!(
+                        " [meanwhile: cpu {:.2} s, throttled {:.2} s, memory stall {:.2} s, {} drops, {} oom kills]",
+                        d.cpu_usec as f64 / 1e6,
+                        d.cpu_throttled_usec as f64 / 1e6,
+                        d.psi_memory_some_usec as f64 / 1e6,
+                        d.egress_dropped_packets + d.ingress_dropped_packets,
+                        d.oom_kills
+                    )
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {:<13} {:>7.2} s {}: {}{}{}",
+                if i == 0 { "events" } else { "" },
+                e.t,
+                e.source,
+                e.what,
+                e.error
+                    .as_ref()
+                    .map(|err| format!(" FAILED: {err}"))
+                    .unwrap_or_default(),
+                during
+            );
+        }
+        for j in &self.energy.joules {
+            let _ = writeln!(
+                out,
+                "  energy        {:.2} J ({}, {}){}",
+                j.joules,
+                j.source,
+                j.label,
+                self.energy
+                    .note
+                    .as_ref()
+                    .map(|n| format!("\n                {n}"))
+                    .unwrap_or_default()
             );
         }
         if !self.tasks.is_empty() || !self.refused_reports.is_empty() {

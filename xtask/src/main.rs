@@ -34,7 +34,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "python3",
         "a third party checking receipts without nbt (sqlite3, hashlib, json)",
     ),
-    ("openssl", "the same third party checking the receipts' ed25519 signatures"),
+    (
+        "openssl",
+        "the same third party checking the receipts' ed25519 signatures",
+    ),
 ];
 
 #[derive(Parser)]
@@ -63,9 +66,13 @@ enum Task {
     },
     /// Benchmarks (not tests), side by side against a reference; results in docs/benchmarks.md
     Bench {
-        /// `net`: nbt's shaping against the seed's `tc htb` on a veth pair
-        #[arg(value_parser = ["net"])]
+        /// `net`: nbt's shaping against the seed's `tc htb` on a veth pair; `vm`: against the
+        /// seed's `tc htb` + `netem` inside the Debian kernels' VMs
+        #[arg(value_parser = ["net", "vm"])]
         kind: String,
+        /// For `vm`: 6.1, 6.12 or all (default 6.12)
+        #[arg(long)]
+        kernel: Option<String>,
     },
 }
 
@@ -75,7 +82,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Run { args } => run(args),
         Task::Test => test(),
-        Task::Bench { kind } => bench(&kind),
+        Task::Bench { kind, kernel } => bench(&kind, kernel.as_deref()),
         Task::VmTest { kernel } => vm_test(&kernel),
     };
     match result {
@@ -269,7 +276,13 @@ fn test() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench(kind: &str) -> Result<ExitCode> {
+fn bench(kind: &str, kernel: Option<&str>) -> Result<ExitCode> {
+    if kind != "vm" && kernel.is_some() {
+        eprintln!(
+            "xtask bench: --kernel chooses the VM of `bench vm`; `bench {kind}` runs on this host"
+        );
+        return Ok(ExitCode::from(2));
+    }
     setup()?;
     build_release_binaries()?;
     if !is_root() {
@@ -277,7 +290,8 @@ fn bench(kind: &str) -> Result<ExitCode> {
     }
     match kind {
         "net" => bench::net(&workspace_root())?,
-        other => bail!("unknown benchmark '{other}'; accepted: net"),
+        "vm" => vm::bench(&workspace_root(), kernel.unwrap_or("6.12"))?,
+        other => bail!("unknown benchmark '{other}'; accepted: net, vm"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,6 +10,9 @@ use anyhow::{anyhow, bail, Context as _, Result};
 /// The init the VMs run: the tests themselves, one result line each.
 const INIT: &str = include_str!("vm-init.sh");
 
+/// The init of `cargo xtask bench vm`: the seed's tc htb + netem against nbt, figures per method.
+const BENCH_INIT: &str = include_str!("vm-bench.sh");
+
 /// Debian package name patterns of the kernels, by the name `--kernel` takes.
 pub const KERNELS: [(&str, &str); 2] = [
     ("6.1", r"^linux-image-6\.1\.0-[0-9]+-amd64$"),
@@ -63,7 +66,13 @@ fn copy_with_libraries(root: &Path, binary: &Path, to: &str) -> Result<()> {
     .map(|_| ())
 }
 
-fn initramfs(workspace: &Path, kernel_dir: &Path, release: &str, out: &Path) -> Result<()> {
+fn initramfs(
+    workspace: &Path,
+    kernel_dir: &Path,
+    release: &str,
+    out: &Path,
+    init_script: &str,
+) -> Result<()> {
     let root = out.with_extension("root");
     let _ = std::fs::remove_dir_all(&root);
     for dir in [
@@ -99,7 +108,7 @@ fn initramfs(workspace: &Path, kernel_dir: &Path, release: &str, out: &Path) -> 
         root = root.display()
     ))?;
     let init = root.join("init");
-    std::fs::write(&init, INIT)?;
+    std::fs::write(&init, init_script)?;
     sh(&format!("chmod +x '{}'", init.display()))?;
     sh(&format!(
         "cd '{}' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > '{}'",
@@ -137,21 +146,24 @@ fn boot(kernel_dir: &Path, release: &str, initrd: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs the VM tests on each kernel; returns whether all passed.
-pub fn run(workspace: &Path, which: &str) -> Result<bool> {
-    let kernels: Vec<&(&str, &str)> = match which {
+fn kernels(which: &str) -> Result<Vec<&'static (&'static str, &'static str)>> {
+    Ok(match which {
         "all" => KERNELS.iter().collect(),
         name => vec![KERNELS
             .iter()
             .find(|(n, _)| *n == name)
             .ok_or_else(|| anyhow!("unknown kernel '{name}'; accepted: 6.1, 6.12, all"))?],
-    };
+    })
+}
+
+/// Runs the VM tests on each kernel; returns whether all passed.
+pub fn run(workspace: &Path, which: &str) -> Result<bool> {
     let cache = workspace.join("target/vm-cache");
     let mut all_passed = true;
-    for (name, pattern) in kernels {
+    for (name, pattern) in kernels(which)? {
         let (dir, release) = kernel(&cache, pattern)?;
         let initrd = cache.join(format!("initrd-{release}.gz"));
-        initramfs(workspace, &dir, &release, &initrd)?;
+        initramfs(workspace, &dir, &release, &initrd, INIT)?;
         eprintln!("xtask vm-test: booting {release}");
         let console = boot(&dir, &release, &initrd)?;
         let results: Vec<&str> = console
@@ -177,4 +189,87 @@ pub fn run(workspace: &Path, which: &str) -> Result<bool> {
         all_passed &= done && failed == 0 && !results.is_empty();
     }
     Ok(all_passed)
+}
+
+/// One method's figures from the bench VM.
+struct BenchRow {
+    method: String,
+    figures: Vec<(String, String)>,
+}
+
+impl BenchRow {
+    fn get(&self, key: &str) -> &str {
+        self.figures
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("?")
+    }
+}
+
+/// `cargo xtask bench vm`: the seed's tc htb + netem against nbt inside each kernel's VM; prints a
+/// Markdown table for docs/benchmarks.md.
+pub fn bench(workspace: &Path, which: &str) -> Result<()> {
+    let cache = workspace.join("target/vm-cache");
+    for (name, pattern) in kernels(which)? {
+        let (dir, release) = kernel(&cache, pattern)?;
+        let initrd = cache.join(format!("initrd-bench-{release}.gz"));
+        initramfs(workspace, &dir, &release, &initrd, BENCH_INIT)?;
+        eprintln!("xtask bench vm: booting {release} (about 3 minutes under emulation)");
+        let console = boot(&dir, &release, &initrd)?;
+        if !console.contains("NBT-VM-DONE") {
+            let tail: Vec<&str> = console.lines().rev().take(30).collect();
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+            bail!("the {release} bench VM did not finish");
+        }
+        let rows: Vec<BenchRow> = console
+            .lines()
+            .filter_map(|l| l.strip_prefix("NBT-VM-BENCH "))
+            .map(|l| {
+                let mut words = l.split_whitespace();
+                let method = words.next().unwrap_or("?").to_string();
+                let rest: Vec<&str> = words.collect();
+                BenchRow {
+                    method,
+                    figures: rest
+                        .chunks(2)
+                        .map(|p| (p[0].to_string(), p.get(1).unwrap_or(&"?").to_string()))
+                        .collect(),
+                }
+            })
+            .collect();
+        let base = rows
+            .iter()
+            .find(|r| r.method == "base")
+            .map(|r| r.get("connect_ms"))
+            .unwrap_or("?");
+        let mut table = format!(
+            "Kernel {release} (Debian, QEMU TCG, 2 vCPUs), veth pair; target 512kbit, 5% loss, \
+             100 ms; unshaped connect {base} ms\n\n\
+             | method | achieved rate / 512kbit | measured loss | added latency | VM CPU per MiB received |\n\
+             |---|---|---|---|---|\n"
+        );
+        let seed_cpu = rows
+            .iter()
+            .find(|r| r.method == "tc-htb-netem")
+            .and_then(|r| r.get("cpu_s_per_mib").parse::<f64>().ok());
+        for row in rows.iter().filter(|r| r.method != "base") {
+            let cpu = row.get("cpu_s_per_mib");
+            let relative = match (cpu.parse::<f64>().ok(), seed_cpu) {
+                (Some(c), Some(s)) if s > 0.0 => format!(" ({:.2} x the seed's)", c / s),
+                _ => String::new(),
+            };
+            table.push_str(&format!(
+                "| {} | {} | {}% | {} ms | {cpu} s{relative} |\n",
+                row.method,
+                row.get("rate_ratio"),
+                row.get("loss_pct"),
+                row.get("added_ms"),
+            ));
+        }
+        println!("{name}:\n{table}");
+    }
+    Ok(())
 }

@@ -24,6 +24,8 @@
 //!   udp-sendmsg ADDR          one datagram with sendmsg(2)
 //!   thread-connect ADDR       a connect from a second thread
 //!   child-connect ADDR        a connect from a forked child (which execs nbt-testbin again)
+//!   udp-paced ADDR N PPS      N datagrams of 64 bytes at PPS per second (below any rate limit)
+//!   udp-count ADDR SECONDS    count the datagrams arriving on ADDR until SECONDS pass quietly
 //!   raw-send IPV4             one UDP datagram built by hand on a raw socket (IP_HDRINCL)
 //!   keepalive ADDR A B MS     connect, send A bytes, wait MS, send B bytes, half-close
 
@@ -66,6 +68,8 @@ fn main() {
         ),
         "tcp-recv" => tcp_recv(arg(&args, 2), num(&args, 3) as f64, num(&args, 4) as f64),
         "udp-send" => udp_send(arg(&args, 2), num(&args, 3), num(&args, 4)),
+        "udp-paced" => udp_paced(arg(&args, 2), num(&args, 3), num(&args, 4)),
+        "udp-count" => udp_count(arg(&args, 2), num(&args, 3)),
         "await-signal" => await_signal(arg(&args, 2)),
         "sleep" => std::thread::sleep(Duration::from_secs(num(&args, 2))),
         "connect" => println!("connect {}", outcome(connect(arg(&args, 2)))),
@@ -430,6 +434,40 @@ fn udp_send(addr: &str, count: u64, size: u64) {
         }
     }
     println!("sent {count} refused {refused}");
+}
+
+fn udp_paced(addr: &str, count: u64, per_second: u64) {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let start = Instant::now();
+    let mut refused = 0u64;
+    for i in 0..count {
+        let due = start + Duration::from_secs_f64(i as f64 / per_second.max(1) as f64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let mut payload = [0u8; 64];
+        payload[..8].copy_from_slice(&i.to_le_bytes());
+        if socket.send_to(&payload, addr).is_err() {
+            refused += 1;
+        }
+    }
+    println!("sent {count} refused {refused}");
+}
+
+fn udp_count(addr: &str, quiet_seconds: u64) {
+    let socket = std::net::UdpSocket::bind(addr).expect("bind");
+    println!("listening");
+    let mut received = 0u64;
+    let mut buffer = [0u8; 2048];
+    // The first datagram may take a while; after it, SECONDS without one ends the count.
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    while socket.recv(&mut buffer).is_ok() {
+        received += 1;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(quiet_seconds.max(1))))
+            .expect("timeout");
+    }
+    println!("received {received}");
 }
 
 static mut RECEIVED: i32 = 0;

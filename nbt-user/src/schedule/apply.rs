@@ -1,0 +1,237 @@
+//! Applying a schedule's changes to a live run, and the run's event log.
+//!
+//! Network changes go the way `nbt set` goes: into the shaper's maps and the run's record (so
+//! `nbt ps` shows them and a later `nbt set` starts from them). Cgroup changes are written to the
+//! run's own cgroup files.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::{Action, Change, Origin};
+use crate::cgroup::{CgroupStats, RunCgroup};
+use crate::gate::LedgerIds;
+use crate::net::{MapIds, ShapedTraffic};
+use crate::state::RunRecord;
+
+/// What a run can be changed through.
+pub struct Controls {
+    pub net: MapIds,
+    pub edt_map: Option<u32>,
+    pub ledger: Option<LedgerIds>,
+    pub state_dir: PathBuf,
+    pub run: String,
+    /// The memory limit in force, for a v1 squeeze's end.
+    pub memory: Option<u64>,
+}
+
+/// Counters of the run at one moment, or their change over a fault.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Counters {
+    pub cpu_usec: u64,
+    pub cpu_throttled_usec: u64,
+    pub oom_kills: u64,
+    pub psi_cpu_some_usec: u64,
+    pub psi_memory_some_usec: u64,
+    pub psi_memory_full_usec: u64,
+    pub egress_dropped_packets: u64,
+    pub ingress_dropped_packets: u64,
+}
+
+impl Counters {
+    pub fn of(stats: &CgroupStats, shaped: Option<&ShapedTraffic>) -> Counters {
+        let p = stats.pressure.clone().unwrap_or_default();
+        let dropped =
+            |d: &crate::net::DirectionTraffic| d.rate_dropped_packets + d.loss_dropped_packets;
+        Counters {
+            cpu_usec: stats.cpu_usage_usec.unwrap_or(0),
+            cpu_throttled_usec: stats.cpu_throttled_usec.unwrap_or(0),
+            oom_kills: stats.oom_kills.unwrap_or(0),
+            psi_cpu_some_usec: p.cpu_some_usec.unwrap_or(0),
+            psi_memory_some_usec: p.memory_some_usec.unwrap_or(0),
+            psi_memory_full_usec: p.memory_full_usec.unwrap_or(0),
+            egress_dropped_packets: shaped.map_or(0, |s| dropped(&s.egress)),
+            ingress_dropped_packets: shaped.map_or(0, |s| dropped(&s.ingress)),
+        }
+    }
+
+    /// `self − earlier`, field by field.
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        Counters {
+            cpu_usec: self.cpu_usec.saturating_sub(earlier.cpu_usec),
+            cpu_throttled_usec: self
+                .cpu_throttled_usec
+                .saturating_sub(earlier.cpu_throttled_usec),
+            oom_kills: self.oom_kills.saturating_sub(earlier.oom_kills),
+            psi_cpu_some_usec: self
+                .psi_cpu_some_usec
+                .saturating_sub(earlier.psi_cpu_some_usec),
+            psi_memory_some_usec: self
+                .psi_memory_some_usec
+                .saturating_sub(earlier.psi_memory_some_usec),
+            psi_memory_full_usec: self
+                .psi_memory_full_usec
+                .saturating_sub(earlier.psi_memory_full_usec),
+            egress_dropped_packets: self
+                .egress_dropped_packets
+                .saturating_sub(earlier.egress_dropped_packets),
+            ingress_dropped_packets: self
+                .ingress_dropped_packets
+                .saturating_sub(earlier.ingress_dropped_packets),
+        }
+    }
+}
+
+/// One line of a run's event log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    /// Seconds after the workload started.
+    pub t: f64,
+    pub kind: Origin,
+    pub source: String,
+    pub what: String,
+    /// Why the change could not be made, when it could not.
+    pub error: Option<String>,
+    /// The run's counters at this moment.
+    pub counters: Counters,
+    /// For a fault's end: what changed while it lasted.
+    pub during: Option<Counters>,
+}
+
+/// Makes one change. Returns a note on how, where it matters.
+pub fn apply(controls: &Controls, cgroup: &RunCgroup, change: &Change) -> Result<Option<String>> {
+    match change {
+        Change::Memory { bytes } => cgroup.set_memory(*bytes).map(|()| None),
+        Change::Cpus { millicores } => cgroup.set_cpus(*millicores).map(|()| None),
+        Change::Freeze { frozen } => cgroup.freeze(*frozen).map(|()| None),
+        Change::MemoryHigh { bytes } => {
+            let file = cgroup.squeeze_memory(*bytes, controls.memory)?;
+            Ok(Some(format!("through {file}")))
+        }
+        Change::Balance { micro } => {
+            let Some(ids) = &controls.ledger else {
+                bail!("the run has no balance");
+            };
+            let balance = crate::gate::top_up(ids, *micro)?;
+            Ok(Some(format!(
+                "balance now {}",
+                crate::ledger::format_amount(balance)
+            )))
+        }
+        Change::Latency { ns } => {
+            let Some(map) = controls.edt_map else {
+                bail!("the run was started without --latency");
+            };
+            let (_, record) = RunRecord::find_live(&controls.state_dir, &controls.run)?;
+            let latency = crate::latency::Latency {
+                latency_ns: *ns,
+                jitter_ns: record.latency.map_or(0, |l| l.jitter_ns),
+            };
+            crate::latency::set_by_id(map, &latency)?;
+            RunRecord {
+                latency: Some(latency),
+                ..record
+            }
+            .write(&controls.state_dir)?;
+            Ok(None)
+        }
+        Change::EgressRate { .. }
+        | Change::IngressRate { .. }
+        | Change::EgressLoss { .. }
+        | Change::IngressLoss { .. } => {
+            // From the record: `nbt set` may have changed the other limits meanwhile.
+            let (_, record) = RunRecord::find_live(&controls.state_dir, &controls.run)?;
+            let mut net = record.net;
+            match change {
+                Change::EgressRate { bits_per_sec } => {
+                    net.egress.rate_bits_per_sec = *bits_per_sec;
+                }
+                Change::IngressRate { bits_per_sec } => {
+                    net.ingress.rate_bits_per_sec = *bits_per_sec;
+                }
+                Change::EgressLoss { loss } => net.egress.loss = *loss,
+                Change::IngressLoss { loss } => net.ingress.loss = *loss,
+                _ => unreachable!("a network change"),
+            }
+            crate::net::write_limits_by_id(&controls.net, &net)?;
+            RunRecord { net, ..record }.write(&controls.state_dir)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Applies the actions whose time has come, logging each.
+pub struct Runner {
+    pending: std::collections::VecDeque<Action>,
+    pub events: Vec<Event>,
+    /// Counters at each open fault's start, by source.
+    open: Vec<(String, Counters)>,
+}
+
+impl Runner {
+    pub fn new(actions: &[Action]) -> Runner {
+        Runner {
+            pending: actions.iter().cloned().collect(),
+            events: Vec::new(),
+            open: Vec::new(),
+        }
+    }
+
+    /// Whether an action is due at `elapsed_ms`.
+    pub fn due(&self, elapsed_ms: u64) -> bool {
+        self.pending.front().is_some_and(|a| a.at_ms <= elapsed_ms)
+    }
+
+    /// Applies what is due; `counters` reads the run's counters now.
+    pub fn run_due(
+        &mut self,
+        elapsed_ms: u64,
+        controls: &mut Controls,
+        cgroup: &RunCgroup,
+        counters: Counters,
+    ) {
+        while self.pending.front().is_some_and(|a| a.at_ms <= elapsed_ms) {
+            let action = self.pending.pop_front().expect("checked above");
+            let mut notes = Vec::new();
+            let mut errors = Vec::new();
+            for change in &action.changes {
+                match apply(controls, cgroup, change) {
+                    Ok(note) => notes.extend(note),
+                    Err(err) => errors.push(format!("{}: {err:#}", change.describe())),
+                }
+                if let Change::Memory { bytes } = change {
+                    controls.memory = *bytes;
+                }
+            }
+            let during = match action.origin {
+                Origin::FaultStart => {
+                    self.open.push((action.source.clone(), counters));
+                    None
+                }
+                Origin::FaultEnd => self
+                    .open
+                    .iter()
+                    .position(|(s, _)| *s == action.source)
+                    .map(|i| counters.since(&self.open.remove(i).1)),
+                _ => None,
+            };
+            let mut what: Vec<String> = action.changes.iter().map(Change::describe).collect();
+            what.extend(notes);
+            self.events.push(Event {
+                t: elapsed_ms as f64 / 1000.0,
+                kind: action.origin.clone(),
+                source: action.source,
+                what: what.join(", "),
+                error: (!errors.is_empty()).then(|| errors.join("; ")),
+                counters,
+                during,
+            });
+        }
+    }
+
+    /// The actions the run ended before.
+    pub fn not_reached(&self) -> usize {
+        self.pending.len()
+    }
+}

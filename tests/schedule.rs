@@ -1,0 +1,251 @@
+//! `--schedule`: limits that change during a run and injected faults, applied to real runs.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use nbt_integration_tests::{
+    nbt_in_netns, receive_all, run_testbin, testbin, NetnsPair, NoLeftovers, Run, ADDR_B,
+};
+use serde_json::Value;
+
+const PAYLOAD_PER_WIRE: f64 = 1448.0 / 1500.0;
+
+fn write_schedule(guard: &NoLeftovers, name: &str, text: &str) -> String {
+    let path = guard.home().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn events(run: &Run) -> Vec<Value> {
+    run.summary.as_ref().expect("a JSON summary")["events"]
+        .as_array()
+        .expect("events")
+        .clone()
+}
+
+fn event<'a>(events: &'a [Value], source_prefix: &str, what: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|e| {
+            e["source"].as_str().unwrap().starts_with(source_prefix)
+                && e["what"].as_str().unwrap().starts_with(what)
+        })
+        .unwrap_or_else(|| panic!("no event {source_prefix} {what} in {events:#?}"))
+}
+
+#[test]
+fn a_scheduled_halving_of_the_egress_rate_shows_at_the_receiver_within_2_s() {
+    let guard = NoLeftovers::new();
+    let schedule = write_schedule(
+        &guard,
+        "halve.toml",
+        "[[step]]\nat = \"5s\"\negress-rate = \"10mbit\"\n",
+    );
+    let net = NetnsPair::new("sch");
+    let receiver = NetnsPair::in_netns(&net.b, || {
+        receive_all(TcpListener::bind(format!("{ADDR_B}:5211")).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let run = nbt_in_netns(
+        &net.a,
+        &[
+            "run",
+            "--json",
+            "--egress-rate",
+            "20mbit",
+            "--schedule",
+            &schedule,
+            "--",
+            testbin.to_str().unwrap(),
+            "tcp-stream",
+            &format!("{ADDR_B}:5211"),
+            "11",
+        ],
+    );
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let log = events(&run);
+    let step = event(&log, "step (line 1)", "egress rate 10mbit");
+    let t = step["t"].as_f64().unwrap();
+    assert!((5.0..5.3).contains(&t), "the step came at {t} s");
+    assert_eq!(run.u64("/net_limits/egress/rate_bits_per_sec"), 10_000_000);
+    let received = receiver.join().unwrap();
+    let before = received.rate_between(1.5, 4.5) / PAYLOAD_PER_WIRE;
+    let after = received.rate_between(t + 2.0, 10.5) / PAYLOAD_PER_WIRE;
+    assert!(
+        (0.93..=1.05).contains(&(before / 20e6)),
+        "before the step: {before:.0} bit/s"
+    );
+    assert!(
+        (0.93..=1.05).contains(&(after / 10e6)),
+        "from 2 s after the step: {after:.0} bit/s"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn a_2_s_brownout_is_2_s_without_cpu_time() {
+    let guard = NoLeftovers::new();
+    let schedule = write_schedule(
+        &guard,
+        "brownout.toml",
+        "[[fault]]\nkind = \"brownout\"\nstart = \"2s\"\nduration = \"2s\"\n",
+    );
+    // One busy thread for 6 s of wall time: frozen for 2 of them.
+    let run = run_testbin(&["--schedule", &schedule], &["spin", "6"]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let log = events(&run);
+    let start = event(&log, "brownout #1", "frozen");
+    let end = event(&log, "brownout #1", "thawed");
+    let frozen_for = end["t"].as_f64().unwrap() - start["t"].as_f64().unwrap();
+    assert!(
+        (1.9..2.3).contains(&frozen_for),
+        "frozen for {frozen_for} s"
+    );
+    let cpu_meanwhile = end["during"]["cpu_usec"].as_u64().unwrap();
+    assert!(
+        cpu_meanwhile < 50_000,
+        "{cpu_meanwhile} µs of CPU while frozen"
+    );
+    let cpu = run.u64("/cgroup/cpu_usage_usec") as f64 / 1e6;
+    assert!(
+        (3.4..=4.6).contains(&cpu),
+        "{cpu} s of CPU in 6 s with 2 s frozen"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn a_memory_squeeze_shows_as_memory_pressure() {
+    let guard = NoLeftovers::new();
+    // A workload that writes a 64 MiB file (its page cache is charged to the run), then rereads
+    // it: squeezed to 16 MiB, every read must reclaim the page cache the last one filled.
+    let file = Path::new("/var/tmp").join(format!("nbt-squeeze-{}", std::process::id()));
+    let schedule = write_schedule(
+        &guard,
+        "squeeze.toml",
+        "[[fault]]\nkind = \"memory-squeeze\"\nstart = \"2s\"\nduration = \"3s\"\nmemory = \"16M\"\n",
+    );
+    let script = format!(
+        "dd if=/dev/zero of={f} bs=1M count=64 2>/dev/null; end=$(($(date +%s) + 6)); \
+         while [ $(date +%s) -lt $end ]; do cat {f} > /dev/null; done",
+        f = file.display()
+    );
+    let run = nbt_integration_tests::nbt(&[
+        "run",
+        "--json",
+        "--memory",
+        "256M",
+        "--schedule",
+        &schedule,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let log = events(&run);
+    let before = event(&log, "memory-squeeze #1", "memory squeezed to 16.0 MiB");
+    let end = event(&log, "memory-squeeze #1", "memory squeezed to 256.0 MiB");
+    assert!(end["error"].is_null(), "{end}");
+    // Before the squeeze the file sits in the run's page cache: next to no stall.
+    let stalled_before = before["counters"]["psi_memory_some_usec"].as_u64().unwrap();
+    let stalled = end["during"]["psi_memory_some_usec"].as_u64().unwrap();
+    assert!(
+        stalled > 10_000 && stalled > 10 * stalled_before,
+        "{stalled} µs of memory stall in the 3 s squeezed, {stalled_before} µs in the 2 s before: {end}"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn a_balance_shock_charges_the_balance_at_once() {
+    let guard = NoLeftovers::new();
+    let schedule = write_schedule(
+        &guard,
+        "shock.toml",
+        "[[fault]]\nkind = \"balance-shock\"\nstart = \"1s\"\namount = \"0.4\"\n",
+    );
+    let run = run_testbin(
+        &["--balance", "1", "--schedule", &schedule],
+        &["sleep", "2"],
+    );
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let log = events(&run);
+    let shock = event(&log, "balance-shock #1", "balance -0.4");
+    assert!(
+        shock["what"].as_str().unwrap().contains("balance now 0.6"),
+        "{shock}"
+    );
+    assert_eq!(
+        run.summary.as_ref().unwrap()["ledger"]["balance_end_micro"],
+        600_000
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn the_same_seed_gives_the_same_timeline_twice() {
+    let guard = NoLeftovers::new();
+    let schedule = write_schedule(
+        &guard,
+        "walk.toml",
+        "seed = 11\n[[generator]]\nlimit = \"cpus\"\nkind = \"random-walk\"\nevery = \"300ms\"\nuntil = \"2s\"\nmin = 0.2\nmax = 1.0\n",
+    );
+    let timeline = || {
+        let run = run_testbin(&["--schedule", &schedule], &["sleep", "3"]);
+        assert_eq!(run.status(), 0, "{}", run.stderr());
+        events(&run)
+            .iter()
+            .map(|e| e["what"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let (first, second) = (timeline(), timeline());
+    assert_eq!(first.len(), 7, "{first:?}");
+    assert_eq!(first, second);
+    assert!(
+        first
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            > 2,
+        "{first:?}"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn a_bad_schedule_is_refused_before_the_run_with_its_line() {
+    let guard = NoLeftovers::new();
+    let marker = guard.home().join("ran");
+    for (text, wanted) in [
+        ("[[step]]\nat = \"1s\"\nmemroy = \"1G\"\n", "line 3"),
+        (
+            "[[fault]]\nkind = \"brownout\"\nstart = \"1s\"\nduration = \"-2s\"\n",
+            "line 1",
+        ),
+        (
+            "[[step]]\nat = \"1s\"\ncpus = 1\n\n[[step]]\nat = \"1s\"\ncpus = 0.5\n",
+            "step (line 1) and step (line 5) both set cpus",
+        ),
+    ] {
+        let schedule = write_schedule(&guard, "bad.toml", text);
+        let run = nbt_integration_tests::nbt(&[
+            "run",
+            "--schedule",
+            &schedule,
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ]);
+        assert_eq!(run.status(), 2, "{text}: {}", run.stderr());
+        assert!(
+            run.stderr().contains(wanted) && run.stderr().contains("--schedule"),
+            "{text}: {}",
+            run.stderr()
+        );
+        assert!(!marker.exists(), "the workload ran under a bad schedule");
+    }
+}

@@ -1,0 +1,81 @@
+#!/bin/busybox sh
+# The init of `cargo xtask bench vm`: the seed's own method (tc htb 512kbit + netem 100ms 5% loss
+# on the interface, as nbt_network_limit.sh does) against nbt's `nbt` profile network limits
+# (in eBPF on the run's cgroup, fq for the delay), on one veth pair, one after the other.
+# Prints `NBT-VM-BENCH <method> <key> <value>...` lines, then NBT-VM-DONE.
+/bin/busybox --install -s /bin
+export PATH=/usr/local/bin:/bin
+mkdir -p /sbin && ln -s /bin/modprobe /sbin/modprobe
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs run /run; mount -t tmpfs tmp /tmp
+mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
+mkdir -p /cg && mount -t cgroup2 none /cg
+echo "+memory +cpu +pids" > /cg/cgroup.subtree_control
+modprobe veth
+IP=/usr/local/bin/ip; TC=/usr/local/bin/tc
+$IP netns add a; $IP netns add b
+$IP link add va netns a type veth peer name vb netns b
+$IP -n a addr add 192.0.2.1/24 dev va; $IP -n b addr add 192.0.2.2/24 dev vb
+for ns in a b; do $IP -n $ns link set lo up; done
+$IP -n a link set va up; $IP -n b link set vb up
+echo "NBT-VM-KERNEL $(uname -r)"
+
+in_a() { $IP netns exec a "$@"; }
+in_b() { $IP netns exec b "$@"; }
+median() { tr ' ' '\n' | grep -v connect_ms | sort -n | awk '{ v[NR]=$1 } END { printf "%.2f", v[int((NR+1)/2)] }'; }
+# Busy CPU time of the whole VM (user+nice+system+irq+softirq), in clock ticks.
+busy() { awk '/^cpu / { print $2+$3+$4+$7+$8 }' /proc/stat; }
+RATE=512000
+SECONDS_ON=30
+
+# $1: method name; $2...: how to run a workload under it ("" for the seed: the qdisc does it).
+measure() {
+    method=$1; shift
+    # Goodput at the receiver from second 5 to 25, and the CPU the whole VM spent meanwhile.
+    in_b nbt-testbin tcp-recv 192.0.2.2:5001 5 25 > /tmp/recv &
+    sleep 1
+    before=$(busy)
+    in_a "$@" nbt-testbin tcp-stream 192.0.2.2:5001 $SECONDS_ON > /dev/null 2>&1
+    wait
+    after=$(busy)
+    rate=$(awk '/rate_bits_per_sec/ { print $4 }' /tmp/recv)
+    bytes=$(awk '/received/ { print $2 }' /tmp/recv)
+    # Wire bits per goodput bit of a full TCP segment: 1500-byte packets carry 1448 bytes.
+    ratio=$(echo "$rate" | awk -v r=$RATE '{ printf "%.3f", $1 / r * 1500 / 1448 }')
+    cpu=$(echo "$before $after $bytes" | awk '{ printf "%.3f", ($2 - $1) / 100 / ($3 / 1048576) }')
+    # Loss: 1000 datagrams of 64 bytes at 100 a second (77 kbit/s, well below the rate).
+    in_b nbt-testbin udp-count 192.0.2.2:5002 3 > /tmp/count &
+    sleep 1
+    in_a "$@" nbt-testbin udp-paced 192.0.2.2:5002 1000 100 > /dev/null 2>&1
+    wait
+    got=$(awk '/received/ { print $2 }' /tmp/count)
+    loss=$(echo "$got" | awk '{ printf "%.1f", (1000 - $1) / 10 }')
+    # Added delay: the median TCP connect time, against the unshaped one.
+    in_b nbt-testbin listen 192.0.2.2:5003 30 &
+    sleep 1
+    delayed=$(in_a "$@" nbt-testbin connect-time 192.0.2.2:5003 21 2>/dev/null | grep connect_ms | median)
+    kill $! 2>/dev/null; wait
+    added=$(echo "$BASE $delayed" | awk '{ printf "%.1f", $2 - $1 }')
+    echo "NBT-VM-BENCH $method rate_ratio $ratio loss_pct $loss added_ms $added cpu_s_per_mib $cpu received_bytes $bytes"
+}
+
+in_b nbt-testbin listen 192.0.2.2:5003 30 &
+sleep 1
+BASE=$(in_a nbt-testbin connect-time 192.0.2.2:5003 21 2>/dev/null | grep connect_ms | median)
+kill $! 2>/dev/null; wait
+echo "NBT-VM-BENCH base connect_ms $BASE"
+
+# The seed's method, word for word but for the interface.
+modprobe sch_htb; modprobe sch_netem
+$TC -n a qdisc add dev va root handle 1: htb default 12
+$TC -n a class add dev va parent 1: classid 1:12 htb rate 512kbit ceil 512kbit
+$TC -n a qdisc add dev va parent 1:12 handle 10: netem delay 100ms loss 5%
+measure tc-htb-netem
+$TC -n a qdisc del dev va root
+
+measure nbt nbt run --egress-rate 512kbit --loss 5% --latency 100ms --
+# Which of nbt's pieces costs TCP goodput: each of loss and latency alone with the rate.
+measure nbt-rate+latency nbt run --egress-rate 512kbit --latency 100ms --
+measure nbt-rate+loss nbt run --egress-rate 512kbit --loss 5% --
+echo NBT-VM-DONE
+poweroff -f
