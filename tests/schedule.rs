@@ -249,3 +249,61 @@ fn a_bad_schedule_is_refused_before_the_run_with_its_line() {
         assert!(!marker.exists(), "the workload ran under a bad schedule");
     }
 }
+
+#[test]
+fn nbt_fault_freezes_a_live_run_from_outside_and_the_run_logs_it() {
+    let guard = NoLeftovers::new();
+    let testbin = testbin();
+    let sender = {
+        let testbin = testbin.clone();
+        std::thread::spawn(move || {
+            nbt_integration_tests::nbt(&[
+                "run",
+                "--json",
+                "--",
+                testbin.to_str().unwrap(),
+                "spin",
+                "5",
+            ])
+        })
+    };
+    // This test's run: the one spinning (another nbt may be running too), once its workload
+    // started (its programs are loaded by then).
+    let mut name = None;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let ps = nbt_integration_tests::nbt(&["ps", "--json"]);
+        let runs: Value = serde_json::from_str(&ps.stdout()).unwrap_or(Value::Null);
+        name = runs.as_array().and_then(|runs| {
+            runs.iter()
+                .find(|r| {
+                    r["command"].to_string().contains("spin") && r["seconds"].as_f64() > Some(0.0)
+                })
+                .and_then(|r| r["run"].as_str().map(String::from))
+        });
+        if name.is_some() {
+            break;
+        }
+    }
+    let name = name.expect("the spinning run in nbt ps");
+    let bad = nbt_integration_tests::nbt(&["fault", &name, "brownout"]);
+    assert_eq!(bad.status(), 2, "{}", bad.stderr());
+    assert!(bad.stderr().contains("needs duration"), "{}", bad.stderr());
+    let fault = nbt_integration_tests::nbt(&["fault", &name, "brownout", "1500ms"]);
+    assert_eq!(fault.status(), 0, "{}", fault.stderr());
+    let run = sender.join().unwrap();
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let log = events(&run);
+    let end = event(&log, "nbt fault brownout", "thawed");
+    assert!(
+        end["during"]["cpu_usec"].as_u64().unwrap() < 50_000,
+        "{end}"
+    );
+    event(&log, "nbt fault brownout", "frozen");
+    let cpu = run.u64("/cgroup/cpu_usage_usec") as f64 / 1e6;
+    assert!(
+        (3.0..=4.0).contains(&cpu),
+        "{cpu} s of CPU in 5 s with 1.5 s frozen"
+    );
+    guard.assert_clean();
+}

@@ -311,6 +311,67 @@ impl RunCgroup {
         Ok(run)
     }
 
+    /// The cgroups of a live run another nbt made (for `nbt fault`): changed, never removed.
+    pub fn existing(layout: &Layout, name: &str) -> Result<RunCgroup> {
+        let v2 = layout.require_v2()?.join(name);
+        if !v2.is_dir() {
+            bail!("run '{name}' has no cgroup {}", v2.display());
+        }
+        let mut controllers = BTreeMap::new();
+        for controller in CONTROLLERS {
+            match layout.placement(controller) {
+                Some(Placement::V2) => {
+                    controllers.insert(controller, (Placement::V2, v2.clone()));
+                }
+                Some(Placement::V1) => {
+                    controllers.insert(
+                        controller,
+                        (Placement::V1, layout.v1_self[controller].join(name)),
+                    );
+                }
+                None => {}
+            }
+        }
+        Ok(RunCgroup {
+            name: name.to_string(),
+            v2,
+            controllers,
+            created: Vec::new(),
+            peaks: SampledPeaks::default(),
+        })
+    }
+
+    /// The memory limit in force (`None`: none).
+    pub fn current_memory(&self) -> Option<u64> {
+        let (placement, dir) = self.controller("memory")?;
+        let text = match placement {
+            Placement::V2 => read_trimmed(&dir.join("memory.max"))?,
+            Placement::V1 => read_trimmed(&dir.join("memory.limit_in_bytes"))?,
+        };
+        // v1 writes "no limit" as a page-rounded i64::MAX.
+        text.parse::<u64>().ok().filter(|b| *b < 1 << 62)
+    }
+
+    /// The CPU limit in force, in millicores (`None`: none).
+    pub fn current_cpus(&self) -> Option<u64> {
+        let (placement, dir) = self.controller("cpu")?;
+        let (quota, period) = match placement {
+            Placement::V2 => {
+                let text = read_trimmed(&dir.join("cpu.max"))?;
+                let mut parts = text.split_whitespace();
+                (
+                    parts.next()?.parse::<i64>().ok()?,
+                    parts.next()?.parse::<i64>().ok()?,
+                )
+            }
+            Placement::V1 => (
+                read_trimmed(&dir.join("cpu.cfs_quota_us"))?.parse().ok()?,
+                read_trimmed(&dir.join("cpu.cfs_period_us"))?.parse().ok()?,
+            ),
+        };
+        (quota > 0 && period > 0).then(|| (quota * 1000 / period) as u64)
+    }
+
     fn make_dir(&mut self, dir: &Path) -> Result<()> {
         fs::create_dir(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         self.created.push(dir.to_path_buf());

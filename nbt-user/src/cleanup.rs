@@ -50,6 +50,7 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
                 let _ = fs::remove_file(&path);
                 // The learning updates its workload reported after nbt died (no receipt holds them).
                 let _ = fs::remove_file(path.with_extension("reports"));
+                let _ = fs::remove_file(path.with_extension("events"));
                 removed += 1;
             }
             Err(err) => {

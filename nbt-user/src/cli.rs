@@ -62,6 +62,31 @@ pub enum Command {
         #[command(subcommand)]
         action: BalanceAction,
     },
+    /// Inject a fault into a live run now: `nbt fault RUN brownout 5s`; what was in force comes
+    /// back when it ends (or on Ctrl-C)
+    Fault {
+        /// The run's name, as `nbt ps` shows it
+        run: String,
+        /// brownout, network-drop, loss-burst, memory-squeeze, balance-shock
+        kind: String,
+        /// How long it lasts (not for balance-shock)
+        duration: Option<String>,
+        /// brownout: drop the CPU quota to this many cores instead of freezing the run
+        #[arg(long, value_name = "CORES")]
+        cpus: Option<String>,
+        /// network-drop, loss-burst: egress, ingress or both
+        #[arg(long, value_name = "DIR")]
+        direction: Option<String>,
+        /// loss-burst: the loss while it lasts (30%)
+        #[arg(long, value_name = "PCT")]
+        loss: Option<String>,
+        /// memory-squeeze: the memory the run is squeezed to (64M)
+        #[arg(long, value_name = "SIZE")]
+        memory: Option<String>,
+        /// balance-shock: the charge
+        #[arg(long, value_name = "AMOUNT")]
+        amount: Option<String>,
+    },
     /// The receipts of runs and learning updates: list, show, verify, export, the public key
     Receipts(ReceiptsArgs),
     /// Remove what crashed runs left behind (cgroups, processes), and only that
@@ -431,6 +456,54 @@ pub fn main() -> i32 {
             }
         }
         Command::Receipts(args) => receipts_command(args),
+        Command::Fault {
+            run,
+            kind,
+            duration,
+            cpus,
+            direction,
+            loss,
+            memory,
+            amount,
+        } => {
+            if let Err(err) = run::require_privileges() {
+                eprintln!("nbt: {err:#}");
+                return EXIT_NBT_FAILED;
+            }
+            let args = crate::schedule::fault::FaultArgs {
+                kind,
+                duration,
+                cpus,
+                direction,
+                loss,
+                memory,
+                amount,
+            };
+            match crate::schedule::fault::inject(&run, &args, &signals) {
+                Ok(events) => {
+                    let failed = events.iter().any(|e| e.error.is_some());
+                    for e in events {
+                        eprintln!(
+                            "nbt fault: {run} at {:.2} s: {}{}",
+                            e.t,
+                            e.what,
+                            e.error
+                                .map(|err| format!(" FAILED: {err}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    i32::from(failed)
+                }
+                Err(err) => {
+                    eprintln!("nbt fault: {err:#}");
+                    if err.downcast_ref::<crate::plan::PlanError>().is_some() {
+                        2
+                    } else {
+                        1
+                    }
+                }
+            }
+        }
         Command::Cleanup { dry_run } => {
             if let Err(err) = run::require_privileges() {
                 eprintln!("nbt: {err:#}");

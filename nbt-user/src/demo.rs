@@ -23,6 +23,20 @@ use crate::summary::RunSummary;
 use crate::train::Dataset;
 use crate::units;
 
+/// The demo's timeline: a brownout while the data downloads, then the bandwidth steps down while
+/// it trains; the balance runs out on its own (it pays for DEMO_PAID_CALLS calls).
+pub const DEMO_SCHEDULE: &str = r#"
+[[fault]]
+kind = "brownout"
+start = "15s"
+duration = "2s"
+
+[[step]]
+at = "28s"
+ingress-rate = "256kbit"
+egress-rate = "256kbit"
+"#;
+
 /// Samples the demo trains on: 12,000 x 33 f32 = 1.5 MiB, about 25 s at the profile's 512kbit.
 const DEMO_SAMPLES: usize = 12_000;
 /// The demo's balance pays for this many calls of the paid API, at this price each.
@@ -89,6 +103,24 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         prefix: 32,
         port: Some(api.port()),
     }];
+    let initial = crate::schedule::parse::Initial {
+        memory: plan.limits.memory_bytes,
+        cpus: plan.limits.cpu_millicores,
+        egress_rate: plan.net.egress.rate_bits_per_sec,
+        ingress_rate: plan.net.ingress.rate_bits_per_sec,
+        egress_loss: plan.net.egress.loss,
+        ingress_loss: plan.net.ingress.loss,
+        latency_ns: plan.latency.map(|l| l.latency_ns),
+        has_balance: true,
+    };
+    plan.schedule =
+        match crate::schedule::parse("(built-in demo schedule)", DEMO_SCHEDULE, &initial) {
+            Ok(schedule) => Some(schedule),
+            Err(err) => {
+                eprintln!("nbt demo: {err}");
+                return EXIT_NBT_FAILED;
+            }
+        };
 
     let samples = args
         .samples
@@ -126,6 +158,9 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         "                     balance {}, {} per call of the paid API",
         format_amount(DEMO_PAID_CALLS * DEMO_CALL_PRICE_MICRO),
         format_amount(DEMO_CALL_PRICE_MICRO)
+    );
+    eprintln!(
+        "  schedule:          a 2 s brownout (frozen) at 15 s; both rates down to 256kbit at 28 s"
     );
     for pending in &plan.pending {
         eprintln!("  not yet enforced:  {pending}");

@@ -146,28 +146,42 @@ impl Judge {
         }
     }
 
-    /// Judges `batch`, charging each task `energy()` (what was spent since the previous one).
+    /// Judges `batch`, charging its tasks `energy()` (what was spent since the previous batch):
+    /// reports read together (within one 100 ms read) share it equally, which the note says.
     pub fn take(
         &mut self,
         batch: Vec<(usize, Result<TaskReport, String>)>,
         writer: &mut Writer,
-        mut energy: impl FnMut() -> Energy,
+        energy: impl FnOnce() -> Energy,
     ) {
+        let mut reports = Vec::new();
         for (line, report) in batch {
-            let report = match report {
-                Ok(report) => report,
+            match report {
+                Ok(report) => reports.push(report),
                 Err(why) => {
                     eprintln!("nbt: ${REPORT_ENV} line {line} refused: {why}");
                     self.refused.push(RefusedReport { line, why });
-                    continue;
                 }
-            };
-            let mut receipt = report.receipt(
-                self.min_delta,
-                energy(),
-                &self.template,
-                self.tasks.len() + 1,
-            );
+            }
+        }
+        if reports.is_empty() {
+            return;
+        }
+        let spent = energy();
+        let share = reports.len();
+        for report in reports {
+            let mut energy = spent.clone();
+            if share > 1 {
+                for j in &mut energy.joules {
+                    j.joules /= share as f64;
+                }
+                energy.note = Some(format!(
+                    "{}; shared equally by {share} updates reported within one read of $NBT_REPORT",
+                    energy.note.unwrap_or_default()
+                ));
+            }
+            let mut receipt =
+                report.receipt(self.min_delta, energy, &self.template, self.tasks.len() + 1);
             let seq = match writer.write(&mut receipt) {
                 Ok(written) => Some(written.seq),
                 Err(err) => {

@@ -218,6 +218,9 @@ pub fn execute(
 
     let stats = cgroup.stats();
     let mut events = std::mem::take(&mut timeline.events);
+    // Faults injected from outside (`nbt fault`), in time order with the schedule's.
+    events.extend(schedule::fault::take_outside_events(&state_dir, &name));
+    events.sort_by(|a, b| a.t.total_cmp(&b.t));
     if timeline.not_reached() > 0 {
         events.push(schedule::apply::Event {
             t: wall_seconds,

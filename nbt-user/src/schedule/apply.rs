@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Action, Change, Origin};
 use crate::cgroup::{CgroupStats, RunCgroup};
@@ -27,7 +27,7 @@ pub struct Controls {
 }
 
 /// Counters of the run at one moment, or their change over a fault.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
     pub cpu_usec: u64,
     pub cpu_throttled_usec: u64,
@@ -84,7 +84,7 @@ impl Counters {
 }
 
 /// One line of a run's event log.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Seconds after the workload started.
     pub t: f64,
@@ -228,6 +228,20 @@ impl Runner {
                 during,
             });
         }
+    }
+
+    /// Applies everything still pending at once (a fault ended early).
+    pub fn finish_now(
+        &mut self,
+        elapsed_ms: u64,
+        controls: &mut Controls,
+        cgroup: &RunCgroup,
+        counters: Counters,
+    ) {
+        for action in &mut self.pending {
+            action.at_ms = elapsed_ms;
+        }
+        self.run_due(elapsed_ms, controls, cgroup, counters);
     }
 
     /// The actions the run ended before.

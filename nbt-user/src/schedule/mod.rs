@@ -28,6 +28,7 @@
 //! ```
 
 pub mod apply;
+pub mod fault;
 pub mod parse;
 
 use serde::Serialize;
@@ -132,7 +133,7 @@ impl Change {
 }
 
 /// Where a timed change came from.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Origin {
     Step,
