@@ -307,3 +307,60 @@ fn nbt_fault_freezes_a_live_run_from_outside_and_the_run_logs_it() {
     );
     guard.assert_clean();
 }
+
+#[test]
+fn a_failing_workload_is_restarted_and_its_recovery_timed() {
+    let guard = NoLeftovers::new();
+    let flag = guard.home().join("failed-once");
+    // Fails the first time; the second time reports progress and ends well.
+    let script = format!(
+        "if [ -e {f} ]; then sleep 0.3; echo '{{\"task_name\":\"after\",\"base_loss\":1,\"new_loss\":0.5}}' >> \"$NBT_REPORT\"; sleep 0.5; exit 0; \
+         else touch {f}; exit 3; fi",
+        f = flag.display()
+    );
+    let run = nbt_integration_tests::nbt(&[
+        "run",
+        "--json",
+        "--restart",
+        "on-failure:2",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let log = events(&run);
+    let kinds: Vec<&str> = log.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["exit", "restart", "recovered", "exit"], "{log:#?}");
+    assert!(log[0]["what"].as_str().unwrap().contains("exit status 3"));
+    let recovered = log[2]["what"].as_str().unwrap();
+    assert!(recovered.contains("it reported progress"), "{recovered}");
+    let after = log[2]["t"].as_f64().unwrap() - log[1]["t"].as_f64().unwrap();
+    assert!(
+        (0.25..2.0).contains(&after),
+        "recovered {after} s after the restart"
+    );
+
+    // Always failing: two restarts, then its own status.
+    let run = nbt_integration_tests::nbt(&[
+        "run",
+        "--json",
+        "--restart",
+        "on-failure:2",
+        "--",
+        "sh",
+        "-c",
+        "exit 5",
+    ]);
+    assert_eq!(run.status(), 5, "{}", run.stderr());
+    let restarts = events(&run)
+        .iter()
+        .filter(|e| e["kind"] == "restart")
+        .count();
+    assert_eq!(restarts, 2);
+
+    let bad = nbt_integration_tests::nbt(&["run", "--restart", "always", "--", "true"]);
+    assert_eq!(bad.status(), 2);
+    assert!(bad.stderr().contains("--restart"), "{}", bad.stderr());
+    guard.assert_clean();
+}

@@ -277,6 +277,11 @@ pub struct RunArgs {
     /// generators and faults (docs/schedules.md); checked before the run starts
     #[arg(long, value_name = "FILE")]
     pub schedule: Option<String>,
+    /// Start the workload again when it fails (exits non-zero or is killed, not when you stop
+    /// it): `no` (default), `on-failure` (up to 3 times), `on-failure:N`; each restart and the
+    /// time to recover (a progress report, or 10 s up) go into the event log
+    #[arg(long, value_name = "POLICY")]
+    pub restart: Option<String>,
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -525,6 +530,7 @@ fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     args.ledger.add_to(&mut flags);
     args.receipt.add_to(&mut flags);
     flags.schedule = args.schedule.clone();
+    flags.restart = args.restart.clone();
     let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {

@@ -97,6 +97,7 @@ pub struct Flags {
     pub receipts: Option<std::path::PathBuf>,
     pub accept_min_delta: Option<String>,
     pub schedule: Option<String>,
+    pub restart: Option<String>,
     /// Flags of capabilities not built yet, by name (without `--`), with their values.
     pub not_yet: Vec<(String, String)>,
 }
@@ -138,6 +139,8 @@ pub struct Plan {
     pub accept_min_delta: f64,
     /// Changes and faults over the run's time (`--schedule FILE`).
     pub schedule: Option<crate::schedule::Schedule>,
+    /// How many times a failed workload is started again (`--restart on-failure[:N]`).
+    pub restart_max: u32,
 }
 
 /// Why a plan could not be made. Always a usage error: exit status 2.
@@ -501,6 +504,19 @@ impl Plan {
                 )
             }
         };
+        let restart_max = match flags.restart.as_deref().map(str::trim) {
+            None | Some("no") => 0,
+            Some("on-failure") => 3,
+            Some(text) => match text.strip_prefix("on-failure:").map(str::parse::<u32>) {
+                Some(Ok(n)) if n >= 1 => n,
+                _ => {
+                    return Err(PlanError(format!(
+                        "invalid value '{text}' for --restart: accepted: no (the default), \
+                         on-failure (up to 3 restarts), on-failure:N (N >= 1)"
+                    )))
+                }
+            },
+        };
         Ok(Plan {
             profile: profile_name,
             limits,
@@ -510,6 +526,7 @@ impl Plan {
             gate,
             pending,
             schedule,
+            restart_max,
             receipts: flags
                 .receipts
                 .clone()

@@ -21,6 +21,34 @@ pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
 /// Exit status for nbt's own failures before the workload ran (as env(1) and timeout(1) use).
 pub const EXIT_NBT_FAILED: i32 = 125;
 
+/// A restarted workload counts as recovered when it reports progress, or stays up this long.
+pub const RECOVERED_AFTER: Duration = Duration::from_secs(10);
+
+fn lifecycle_event(
+    started: Instant,
+    kind: schedule::Origin,
+    what: String,
+    error: Option<String>,
+) -> schedule::apply::Event {
+    schedule::apply::Event {
+        t: started.elapsed().as_secs_f64(),
+        kind,
+        source: "workload".into(),
+        what,
+        error,
+        counters: schedule::apply::Counters::default(),
+        during: None,
+    }
+}
+
+fn describe_exit(exit: &supervise::Exit) -> String {
+    match (&exit.code, &exit.signal) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by {signal}"),
+        (None, None) => format!("status {}", exit.status),
+    }
+}
+
 /// Refuses to start without the privileges cgroups and BPF need, naming the missing one.
 pub fn require_privileges() -> Result<()> {
     const CAP_SYS_ADMIN: u32 = 21;
@@ -169,33 +197,101 @@ pub fn execute(
     };
     let mut timeline =
         schedule::apply::Runner::new(plan.schedule.as_ref().map_or(&[][..], |s| &s.actions[..]));
-    let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || {
-        cgroup.sample();
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        if timeline.due(elapsed_ms) {
-            let shaped = net::read(&ebpf).ok();
-            let counters = schedule::apply::Counters::of(&cgroup.stats(), shaped.as_ref());
-            timeline.run_due(elapsed_ms, &mut controls, &cgroup, counters);
-        }
-        let batch = reports.read_new(false);
-        if !batch.is_empty() {
-            let cpu = cgroup.cpu_seconds();
-            judge.take(batch, &mut receipts, || meter.since_last(cpu));
-        }
-        if let Some(log) = blocked.as_mut() {
-            log.drain();
-        }
-        if let (Some(ids), Some(prices)) = (&ledger, &plan.prices) {
-            if prices.hour_micro > 0 {
-                let _ = gate::charge_time(ids, prices.hour_micro, started.elapsed().as_secs_f64());
+    let mut pid = pid;
+    let mut restarts = 0u32;
+    // Since when the restarted workload runs, and how many updates had come before.
+    let mut recovering: Option<(Instant, usize)> = None;
+    let mut lifecycle: Vec<schedule::apply::Event> = Vec::new();
+    let exit = loop {
+        let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || {
+            cgroup.sample();
+            if let Some((since, tasks)) = recovering {
+                let reported = judge.tasks.len() > tasks;
+                if reported || since.elapsed() >= RECOVERED_AFTER {
+                    lifecycle.push(lifecycle_event(
+                        started,
+                        schedule::Origin::Recovered,
+                        format!(
+                            "recovered {:.2} s after restart {restarts}: {}",
+                            since.elapsed().as_secs_f64(),
+                            if reported {
+                                "it reported progress".to_string()
+                            } else {
+                                format!("it stayed up {} s", RECOVERED_AFTER.as_secs())
+                            }
+                        ),
+                        None,
+                    ));
+                    recovering = None;
+                }
             }
-            // Host names may move: add the addresses they have now (never removing old ones).
-            if Instant::now() >= next_resolve {
-                let _ = gate::install_rules(&mut ebpf, &plan.gate);
-                next_resolve = Instant::now() + RESOLVE_INTERVAL;
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            if timeline.due(elapsed_ms) {
+                let shaped = net::read(&ebpf).ok();
+                let counters = schedule::apply::Counters::of(&cgroup.stats(), shaped.as_ref());
+                timeline.run_due(elapsed_ms, &mut controls, &cgroup, counters);
+            }
+            let batch = reports.read_new(false);
+            if !batch.is_empty() {
+                let cpu = cgroup.cpu_seconds();
+                judge.take(batch, &mut receipts, || meter.since_last(cpu));
+            }
+            if let Some(log) = blocked.as_mut() {
+                log.drain();
+            }
+            if let (Some(ids), Some(prices)) = (&ledger, &plan.prices) {
+                if prices.hour_micro > 0 {
+                    let _ =
+                        gate::charge_time(ids, prices.hour_micro, started.elapsed().as_secs_f64());
+                }
+                // Host names may move: add the addresses they have now (never removing old ones).
+                if Instant::now() >= next_resolve {
+                    let _ = gate::install_rules(&mut ebpf, &plan.gate);
+                    next_resolve = Instant::now() + RESOLVE_INTERVAL;
+                }
+            }
+        });
+        if plan.restart_max == 0 {
+            break exit;
+        }
+        let counters =
+            schedule::apply::Counters::of(&cgroup.stats(), net::read(&ebpf).ok().as_ref());
+        let mut ended = lifecycle_event(
+            started,
+            schedule::Origin::Exit,
+            format!("the workload ended: {}", describe_exit(&exit)),
+            None,
+        );
+        ended.counters = counters;
+        lifecycle.push(ended);
+        // A stop the user asked for (a signal nbt passed on) is not a failure to repair.
+        let failed = exit.status != 0 && exit.forwarded_signals.is_empty();
+        if !failed || restarts >= plan.restart_max {
+            break exit;
+        }
+        restarts += 1;
+        match supervise::spawn(command, &cgroup.procs_files(), &env) {
+            Ok(next) => {
+                pid = next;
+                lifecycle.push(lifecycle_event(
+                    started,
+                    schedule::Origin::Restart,
+                    format!("restart {restarts} of at most {}", plan.restart_max),
+                    None,
+                ));
+                recovering = Some((Instant::now(), judge.tasks.len()));
+            }
+            Err(err) => {
+                lifecycle.push(lifecycle_event(
+                    started,
+                    schedule::Origin::Restart,
+                    format!("restart {restarts}"),
+                    Some(err.to_string()),
+                ));
+                break exit;
             }
         }
-    });
+    };
     let wall_seconds = started.elapsed().as_secs_f64();
     let cpu = cgroup.cpu_seconds();
     judge.take(reports.read_new(true), &mut receipts, || {
@@ -218,6 +314,7 @@ pub fn execute(
 
     let stats = cgroup.stats();
     let mut events = std::mem::take(&mut timeline.events);
+    events.extend(lifecycle);
     // Faults injected from outside (`nbt fault`), in time order with the schedule's.
     events.extend(schedule::fault::take_outside_events(&state_dir, &name));
     events.sort_by(|a, b| a.t.total_cmp(&b.t));

@@ -142,6 +142,12 @@ pub enum Origin {
     FaultEnd,
     /// A fault with no duration (balance-shock).
     Fault,
+    /// The workload's process ended.
+    Exit,
+    /// nbt started the workload again (`--restart on-failure`).
+    Restart,
+    /// The restarted workload reported progress, or stayed up long enough.
+    Recovered,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
