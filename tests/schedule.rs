@@ -364,3 +364,40 @@ fn a_failing_workload_is_restarted_and_its_recovery_timed() {
     assert!(bad.stderr().contains("--restart"), "{}", bad.stderr());
     guard.assert_clean();
 }
+
+#[test]
+fn a_memory_leak_fault_grows_a_balloon_inside_the_run_and_removes_it() {
+    let guard = NoLeftovers::new();
+    let schedule = write_schedule(
+        &guard,
+        "leak.toml",
+        "[[fault]]\nkind = \"memory-leak\"\nstart = \"500ms\"\nduration = \"1500ms\"\nrate = \"40M/s\"\n",
+    );
+    let run = run_testbin(
+        &["--memory", "512M", "--schedule", &schedule],
+        &["sleep", "3"],
+    );
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let log = events(&run);
+    let start = event(&log, "memory-leak #1", "a balloon leaking 40.0 MiB/s");
+    assert!(start["error"].is_null(), "{start}");
+    event(&log, "memory-leak #1", "the balloon killed");
+    // 1.5 s at 40 MiB/s: about 60 MiB charged to the run, which alone holds a few hundred KiB.
+    let peak = run.u64("/cgroup/memory_peak_bytes") as f64 / (1 << 20) as f64;
+    assert!((40.0..=80.0).contains(&peak), "memory peak {peak:.1} MiB");
+    let bad = write_schedule(
+        &guard,
+        "bad-leak.toml",
+        "[[fault]]\nkind = \"brownout\"\nstart = \"1s\"\nduration = \"1s\"\nrate = \"1M\"\n",
+    );
+    let refused = run_testbin(&["--schedule", &bad], &["sleep", "1"]);
+    assert_eq!(refused.status(), 2);
+    assert!(
+        refused
+            .stderr()
+            .contains("rate does not apply to a brownout fault"),
+        "{}",
+        refused.stderr()
+    );
+    guard.assert_clean();
+}

@@ -67,7 +67,7 @@ pub enum Command {
     Fault {
         /// The run's name, as `nbt ps` shows it
         run: String,
-        /// brownout, network-drop, loss-burst, memory-squeeze, balance-shock
+        /// brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock
         kind: String,
         /// How long it lasts (not for balance-shock)
         duration: Option<String>,
@@ -86,7 +86,14 @@ pub enum Command {
         /// balance-shock: the charge
         #[arg(long, value_name = "AMOUNT")]
         amount: Option<String>,
+        /// memory-leak: how fast the balloon grows (10M, a size per second)
+        #[arg(long, value_name = "SIZE/s")]
+        rate: Option<String>,
     },
+    /// The memory-leak fault's balloon, started by nbt inside a run: allocates and touches
+    /// BYTES_PER_SEC every second until killed
+    #[command(hide = true)]
+    Balloon { bytes_per_sec: u64 },
     /// The receipts of runs and learning updates: list, show, verify, export, the public key
     Receipts(ReceiptsArgs),
     /// Remove what crashed runs left behind (cgroups, processes), and only that
@@ -461,6 +468,7 @@ pub fn main() -> i32 {
             }
         }
         Command::Receipts(args) => receipts_command(args),
+        Command::Balloon { bytes_per_sec } => crate::schedule::fault::balloon(bytes_per_sec),
         Command::Fault {
             run,
             kind,
@@ -470,6 +478,7 @@ pub fn main() -> i32 {
             loss,
             memory,
             amount,
+            rate,
         } => {
             if let Err(err) = run::require_privileges() {
                 eprintln!("nbt: {err:#}");
@@ -483,6 +492,7 @@ pub fn main() -> i32 {
                 loss,
                 memory,
                 amount,
+                rate,
             };
             match crate::schedule::fault::inject(&run, &args, &signals) {
                 Ok(events) => {

@@ -194,6 +194,7 @@ pub fn execute(
         state_dir: state_dir.clone(),
         run: name.clone(),
         memory: plan.limits.memory_bytes,
+        balloon: None,
     };
     let mut timeline =
         schedule::apply::Runner::new(plan.schedule.as_ref().map_or(&[][..], |s| &s.actions[..]));

@@ -24,6 +24,25 @@ pub struct Controls {
     pub run: String,
     /// The memory limit in force, for a v1 squeeze's end.
     pub memory: Option<u64>,
+    /// The memory-leak balloon running in the run, if one is.
+    pub balloon: Option<i32>,
+}
+
+impl Drop for Controls {
+    /// A balloon never outlives what started it.
+    fn drop(&mut self) {
+        if let Some(pid) = self.balloon.take() {
+            stop_balloon(pid);
+        }
+    }
+}
+
+fn stop_balloon(pid: i32) {
+    // SAFETY: signalling and reaping our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
 }
 
 /// Counters of the run at one moment, or their change over a fault.
@@ -100,8 +119,30 @@ pub struct Event {
 }
 
 /// Makes one change. Returns a note on how, where it matters.
-pub fn apply(controls: &Controls, cgroup: &RunCgroup, change: &Change) -> Result<Option<String>> {
+pub fn apply(
+    controls: &mut Controls,
+    cgroup: &RunCgroup,
+    change: &Change,
+) -> Result<Option<String>> {
     match change {
+        Change::Leak { bytes_per_sec } => {
+            if let Some(pid) = controls.balloon.take() {
+                stop_balloon(pid);
+            }
+            if let Some(rate) = bytes_per_sec {
+                let exe = std::env::current_exe()?;
+                let argv = [
+                    exe.into_os_string(),
+                    "balloon".into(),
+                    rate.to_string().into(),
+                ];
+                let pid = crate::supervise::spawn(&argv, &cgroup.procs_files(), &[])
+                    .map_err(|e| anyhow::anyhow!("starting the balloon: {e}"))?;
+                controls.balloon = Some(pid);
+                return Ok(Some(format!("pid {pid}")));
+            }
+            Ok(None)
+        }
         Change::Memory { bytes } => cgroup.set_memory(*bytes).map(|()| None),
         Change::Cpus { millicores } => cgroup.set_cpus(*millicores).map(|()| None),
         Change::Freeze { frozen } => cgroup.freeze(*frozen).map(|()| None),

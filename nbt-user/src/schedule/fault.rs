@@ -27,6 +27,7 @@ pub struct FaultArgs {
     pub loss: Option<String>,
     pub memory: Option<String>,
     pub amount: Option<String>,
+    pub rate: Option<String>,
 }
 
 impl FaultArgs {
@@ -40,6 +41,7 @@ impl FaultArgs {
             ("loss", &self.loss),
             ("memory", &self.memory),
             ("amount", &self.amount),
+            ("rate", &self.rate),
         ] {
             if let Some(value) = value {
                 text.push_str(&format!("{key} = {value:?}\n"));
@@ -104,6 +106,7 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
         state_dir: dir.clone(),
         run: run.to_string(),
         memory: initial.memory,
+        balloon: None,
     };
     let offset = now_unix() - record.started_unix;
     let mut runner = Runner::new(&schedule.actions);
@@ -159,4 +162,20 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
         writeln!(file, "{}", serde_json::to_string(event)?)?;
     }
     Ok(events)
+}
+
+/// The balloon of a memory-leak fault: grows by `bytes_per_sec` every second, each page written
+/// so that it is really charged to the run, until it is killed (or the OOM killer takes it).
+pub fn balloon(bytes_per_sec: u64) -> i32 {
+    const PAGE: usize = 4096;
+    let step = (bytes_per_sec / 10).max(PAGE as u64) as usize;
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let mut chunk = vec![0u8; step];
+        for i in (0..step).step_by(PAGE) {
+            chunk[i] = 1;
+        }
+        held.push(chunk);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

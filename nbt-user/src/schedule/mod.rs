@@ -20,7 +20,8 @@
 //! min = "128kbit"
 //! max = "1mbit"
 //! [[fault]]
-//! kind = "brownout"              # brownout, network-drop, loss-burst, memory-squeeze, balance-shock
+//! kind = "brownout"              # brownout, network-drop, loss-burst, memory-squeeze,
+//!                                # memory-leak, balance-shock
 //! start = "10s"
 //! duration = "2s"
 //! repeat = "20s"                 # optional: every 20 s, `count` times (default 1)
@@ -76,6 +77,10 @@ pub enum Change {
     MemoryHigh {
         bytes: Option<u64>,
     },
+    /// A balloon process inside the run that allocates this much a second; `None`: it is killed.
+    Leak {
+        bytes_per_sec: Option<u64>,
+    },
 }
 
 impl Change {
@@ -92,6 +97,7 @@ impl Change {
             Change::Balance { .. } => "balance",
             Change::Freeze { .. } => "freeze",
             Change::MemoryHigh { .. } => "memory",
+            Change::Leak { .. } => "memory-leak",
         }
     }
 
@@ -128,6 +134,15 @@ impl Change {
                 "memory squeezed to {}",
                 opt(bytes.map(crate::units::format_size))
             ),
+            Change::Leak {
+                bytes_per_sec: Some(rate),
+            } => format!(
+                "a balloon leaking {}/s started in the run",
+                crate::units::format_size(*rate)
+            ),
+            Change::Leak {
+                bytes_per_sec: None,
+            } => "the balloon killed, its memory freed".into(),
         }
     }
 }

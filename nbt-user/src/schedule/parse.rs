@@ -98,6 +98,8 @@ struct FaultToml {
     memory: Option<toml::Value>,
     /// balance-shock: the charge.
     amount: Option<toml::Value>,
+    /// memory-leak: how fast the balloon grows, a size per second (`10M` or `10M/s`).
+    rate: Option<toml::Value>,
 }
 
 fn text(value: &toml::Value) -> String {
@@ -366,6 +368,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
         let (on, instant): (Vec<Change>, bool) = match f.kind.as_str() {
             "brownout" => {
                 unused("direction", f.direction.is_some())?;
+                unused("rate", f.rate.is_some())?;
                 unused("loss", f.loss.is_some())?;
                 unused("memory", f.memory.is_some())?;
                 unused("amount", f.amount.is_some())?;
@@ -377,6 +380,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             }
             "network-drop" | "loss-burst" => {
                 unused("cpus", f.cpus.is_some())?;
+                unused("rate", f.rate.is_some())?;
                 unused("memory", f.memory.is_some())?;
                 unused("amount", f.amount.is_some())?;
                 need_duration()?;
@@ -391,6 +395,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             }
             "memory-squeeze" => {
                 unused("cpus", f.cpus.is_some())?;
+                unused("rate", f.rate.is_some())?;
                 unused("direction", f.direction.is_some())?;
                 unused("loss", f.loss.is_some())?;
                 unused("amount", f.amount.is_some())?;
@@ -401,6 +406,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             }
             "balance-shock" => {
                 unused("cpus", f.cpus.is_some())?;
+                unused("rate", f.rate.is_some())?;
                 unused("direction", f.direction.is_some())?;
                 unused("loss", f.loss.is_some())?;
                 unused("memory", f.memory.is_some())?;
@@ -412,8 +418,22 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
                 let micro = crate::ledger::parse_amount("amount", &text(v)).map_err(|e| err(line, e.to_string()))?;
                 (vec![Change::Balance { micro: -micro }], true)
             }
-            "memory-leak" => return Err(err(line, "kind 'memory-leak' is not built yet; accepted: brownout, network-drop, loss-burst, memory-squeeze, balance-shock".into())),
-            other => return Err(err(line, format!("kind '{other}': accepted: brownout, network-drop, loss-burst, memory-squeeze, balance-shock"))),
+            "memory-leak" => {
+                unused("cpus", f.cpus.is_some())?;
+                unused("direction", f.direction.is_some())?;
+                unused("loss", f.loss.is_some())?;
+                unused("memory", f.memory.is_some())?;
+                unused("amount", f.amount.is_some())?;
+                need_duration()?;
+                let v = f.rate.as_ref().ok_or_else(|| err(line, "a memory-leak fault needs rate, the balloon's growth per second (10M)".into()))?;
+                let t = text(v);
+                let bytes = units::parse_size("rate", t.trim().trim_end_matches("/s")).map_err(|e| err(line, e.to_string()))?;
+                if bytes == 0 {
+                    return Err(err(line, "rate must be above 0".into()));
+                }
+                (vec![Change::Leak { bytes_per_sec: Some(bytes) }], false)
+            }
+            other => return Err(err(line, format!("kind '{other}': accepted: brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock"))),
         };
         for n in 0..count {
             let at = start + n * repeat;
@@ -513,6 +533,9 @@ fn restore(change: &Change, before: &[Action], at: u64, initial: &Initial) -> Ch
         .cloned();
     match change {
         Change::Freeze { .. } => Change::Freeze { frozen: false },
+        Change::Leak { .. } => Change::Leak {
+            bytes_per_sec: None,
+        },
         Change::MemoryHigh { .. } => {
             // Lifted back to the memory limit in force (a memory step sets that one).
             let memory = before
