@@ -401,3 +401,39 @@ fn a_memory_leak_fault_grows_a_balloon_inside_the_run_and_removes_it() {
     );
     guard.assert_clean();
 }
+
+#[test]
+fn a_price_step_changes_what_the_next_call_costs() {
+    let guard = NoLeftovers::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let schedule = write_schedule(
+        &guard,
+        "price.toml",
+        "[[step]]\nat = \"1s\"\nprice-call = \"0.05\"\n",
+    );
+    // 4 connects 600 ms apart: at 0, 0.6 s at 0.01; at 1.2, 1.8 s at 0.05.
+    let run = run_testbin(
+        &[
+            "--balance",
+            "1",
+            "--price-call",
+            "0.01",
+            "--gate",
+            &server,
+            "--schedule",
+            &schedule,
+        ],
+        &["connect-loop", &server, "4", "600"],
+    );
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    event(&events(&run), "step (line 1)", "price per call 0.05");
+    assert_eq!(run.u64("/ledger/calls"), 4);
+    assert_eq!(run.u64("/ledger/charged_calls_micro"), 120_000);
+    guard.assert_clean();
+}

@@ -320,6 +320,30 @@ fn open_array<V: aya::Pod>(id: u32) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
+/// The kernel id of the gate's configuration map (its prices), for a schedule's price steps.
+pub fn config_map_id(ebpf: &Ebpf) -> Result<u32> {
+    map_id(ebpf, GATE_CONFIG_MAP)
+}
+
+/// Changes a live run's prices per call and per byte; the next call or packet pays them.
+pub fn set_prices_by_id(
+    id: u32,
+    call_micro: Option<i64>,
+    egress_pico_per_byte: Option<u64>,
+) -> Result<()> {
+    let mut map = open_array::<GateConfig>(id)?;
+    let mut config_map: Array<&mut MapData, GateConfig> = Array::try_from(&mut map)?;
+    let mut config = config_map.get(&0, 0)?;
+    if let Some(micro) = call_micro {
+        config.price_call_pico = (micro * PICO_PER_MICRO) as u64;
+    }
+    if let Some(pico) = egress_pico_per_byte {
+        config.price_egress_pico_per_byte = pico;
+    }
+    config_map.set(0, config, 0)?;
+    Ok(())
+}
+
 /// Reads a run's ledger by map ids: (credit, time debit, kernel ledger), in pico-units.
 pub fn read_ledger(ids: &LedgerIds) -> Result<(i64, i64, KernelLedger)> {
     let user_map = open_array::<i64>(ids.user_ledger)?;

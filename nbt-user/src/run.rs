@@ -195,6 +195,10 @@ pub fn execute(
         run: name.clone(),
         memory: plan.limits.memory_bytes,
         balloon: None,
+        gate_config: match ledger {
+            Some(_) => Some(gate::config_map_id(&ebpf)?),
+            None => None,
+        },
     };
     let mut timeline =
         schedule::apply::Runner::new(plan.schedule.as_ref().map_or(&[][..], |s| &s.actions[..]));

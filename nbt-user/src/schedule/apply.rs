@@ -26,6 +26,8 @@ pub struct Controls {
     pub memory: Option<u64>,
     /// The memory-leak balloon running in the run, if one is.
     pub balloon: Option<i32>,
+    /// The gate's configuration map (prices), for runs with a balance.
+    pub gate_config: Option<u32>,
 }
 
 impl Drop for Controls {
@@ -125,6 +127,18 @@ pub fn apply(
     change: &Change,
 ) -> Result<Option<String>> {
     match change {
+        Change::PriceCall { micro } => {
+            let Some(id) = controls.gate_config else {
+                bail!("the run has no balance");
+            };
+            crate::gate::set_prices_by_id(id, Some(*micro), None).map(|()| None)
+        }
+        Change::PriceEgress { pico_per_byte } => {
+            let Some(id) = controls.gate_config else {
+                bail!("the run has no balance");
+            };
+            crate::gate::set_prices_by_id(id, None, Some(*pico_per_byte)).map(|()| None)
+        }
         Change::Leak { bytes_per_sec } => {
             if let Some(pid) = controls.balloon.take() {
                 stop_balloon(pid);

@@ -107,6 +107,7 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
         run: run.to_string(),
         memory: initial.memory,
         balloon: None,
+        gate_config: None,
     };
     let offset = now_unix() - record.started_unix;
     let mut runner = Runner::new(&schedule.actions);

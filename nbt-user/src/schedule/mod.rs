@@ -81,6 +81,14 @@ pub enum Change {
     Leak {
         bytes_per_sec: Option<u64>,
     },
+    /// The price of a new connection or datagram to a gated destination, millionths.
+    PriceCall {
+        micro: i64,
+    },
+    /// The price per byte sent to gated destinations, in 10^-12 units.
+    PriceEgress {
+        pico_per_byte: u64,
+    },
 }
 
 impl Change {
@@ -98,6 +106,8 @@ impl Change {
             Change::Freeze { .. } => "freeze",
             Change::MemoryHigh { .. } => "memory",
             Change::Leak { .. } => "memory-leak",
+            Change::PriceCall { .. } => "price-call",
+            Change::PriceEgress { .. } => "price-egress",
         }
     }
 
@@ -143,6 +153,13 @@ impl Change {
             Change::Leak {
                 bytes_per_sec: None,
             } => "the balloon killed, its memory freed".into(),
+            Change::PriceCall { micro } => {
+                format!("price per call {}", crate::ledger::format_amount(*micro))
+            }
+            Change::PriceEgress { pico_per_byte } => format!(
+                "price per GB sent {}",
+                crate::ledger::format_amount((*pico_per_byte * 1000) as i64)
+            ),
         }
     }
 }

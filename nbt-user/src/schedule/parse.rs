@@ -61,6 +61,8 @@ struct StepToml {
     latency: Option<toml::Value>,
     balance_add: Option<toml::Value>,
     balance_charge: Option<toml::Value>,
+    price_call: Option<toml::Value>,
+    price_egress: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,8 +215,32 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
                 });
             }
         }
+        for (key, value) in [
+            ("price-call", &s.price_call),
+            ("price-egress", &s.price_egress),
+        ] {
+            if let Some(v) = value {
+                if !initial.has_balance {
+                    return Err(err(
+                        line,
+                        format!("{key} needs the run started with --balance"),
+                    ));
+                }
+                changes.push(if key == "price-call" {
+                    Change::PriceCall {
+                        micro: crate::ledger::parse_amount(key, &text(v))
+                            .map_err(|e| err(line, e.to_string()))?,
+                    }
+                } else {
+                    Change::PriceEgress {
+                        pico_per_byte: crate::ledger::parse_price_per_gb(key, &text(v))
+                            .map_err(|e| err(line, e.to_string()))?,
+                    }
+                });
+            }
+        }
         if changes.is_empty() {
-            return Err(err(line, "this step changes nothing: give memory, cpus, egress-rate, ingress-rate, loss, latency, balance-add or balance-charge".into()));
+            return Err(err(line, "this step changes nothing: give memory, cpus, egress-rate, ingress-rate, loss, latency, balance-add, balance-charge, price-call or price-egress".into()));
         }
         let source = format!("step (line {line})");
         for change in &changes {
