@@ -477,11 +477,61 @@ impl RunCgroup {
     }
 
     /// Changes the memory limit of a live run (`None`: no limit).
+    /// On v1 with a swap limit, memory+swap ("memsw") keeps the swap allowance it had, written
+    /// before the memory limit when the limit rises (memsw may never be below it).
     pub fn set_memory(&self, bytes: Option<u64>) -> Result<()> {
         match self.require("memory", "memory")? {
             (Placement::V2, dir) => write_file(&dir.join("memory.max"), &limit_text(bytes, "max")),
             (Placement::V1, dir) => {
-                write_file(&dir.join("memory.limit_in_bytes"), &limit_text(bytes, "-1"))
+                let limit = |file: &str| {
+                    read_trimmed(&dir.join(file))
+                        .and_then(|t| t.parse::<u64>().ok())
+                        .filter(|b| *b < 1 << 62)
+                };
+                let memory_file = dir.join("memory.limit_in_bytes");
+                let swap_allowance = match (
+                    limit("memory.memsw.limit_in_bytes"),
+                    limit("memory.limit_in_bytes"),
+                ) {
+                    (Some(memsw), Some(memory)) => Some(memsw.saturating_sub(memory)),
+                    _ => None,
+                };
+                let Some(allowance) = swap_allowance else {
+                    return write_file(&memory_file, &limit_text(bytes, "-1"));
+                };
+                let memsw_file = dir.join("memory.memsw.limit_in_bytes");
+                let memsw = limit_text(bytes.map(|b| b.saturating_add(allowance)), "-1");
+                let rising = bytes.is_none_or(|b| Some(b) > limit("memory.limit_in_bytes"));
+                if rising {
+                    write_file(&memsw_file, &memsw)?;
+                    write_file(&memory_file, &limit_text(bytes, "-1"))
+                } else {
+                    write_file(&memory_file, &limit_text(bytes, "-1"))?;
+                    write_file(&memsw_file, &memsw)
+                }
+            }
+        }
+    }
+
+    /// Changes how much swap a live run may use beyond its memory (`None`: no limit). On v1 this
+    /// is memory+swap, so it needs a memory limit.
+    pub fn set_swap(&self, bytes: Option<u64>) -> Result<()> {
+        match self.require("memory", "swap")? {
+            (Placement::V2, dir) => {
+                write_file(&dir.join("memory.swap.max"), &limit_text(bytes, "max"))
+            }
+            (Placement::V1, dir) => {
+                let file = dir.join("memory.memsw.limit_in_bytes");
+                if !file.exists() {
+                    bail!("swap needs swap accounting in the v1 memory cgroup (memory.memsw.* is missing: boot with swapaccount=1)");
+                }
+                let Some(memory) = self.current_memory() else {
+                    bail!("swap on cgroup v1 is memory+swap: the run needs a memory limit");
+                };
+                write_file(
+                    &file,
+                    &limit_text(bytes.map(|b| memory.saturating_add(b)), "-1"),
+                )
             }
         }
     }

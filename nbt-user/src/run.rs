@@ -233,7 +233,8 @@ pub fn execute(
             let elapsed_ms = started.elapsed().as_millis() as u64;
             if timeline.due(elapsed_ms) {
                 let shaped = net::read(&ebpf).ok();
-                let counters = schedule::apply::Counters::of(&cgroup.stats(), shaped.as_ref());
+                let counters = schedule::apply::Counters::of(&cgroup.stats(), shaped.as_ref())
+                    .with_ledger(ledger.as_ref());
                 timeline.run_due(elapsed_ms, &mut controls, &cgroup, counters);
             }
             let batch = reports.read_new(false);
@@ -260,7 +261,8 @@ pub fn execute(
             break exit;
         }
         let counters =
-            schedule::apply::Counters::of(&cgroup.stats(), net::read(&ebpf).ok().as_ref());
+            schedule::apply::Counters::of(&cgroup.stats(), net::read(&ebpf).ok().as_ref())
+                .with_ledger(ledger.as_ref());
         let mut ended = lifecycle_event(
             started,
             schedule::Origin::Exit,

@@ -259,12 +259,13 @@ impl RunSummary {
                 .during
                 .map(|d| {
                     format!(
-                        " [meanwhile: cpu {:.2} s, throttled {:.2} s, memory stall {:.2} s, {} drops, {} oom kills]",
+                        " [meanwhile: cpu {:.2} s, throttled {:.2} s, memory stall {:.2} s, {} drops, {} oom kills, {} calls blocked]",
                         d.cpu_usec as f64 / 1e6,
                         d.cpu_throttled_usec as f64 / 1e6,
                         d.psi_memory_some_usec as f64 / 1e6,
                         d.egress_dropped_packets + d.ingress_dropped_packets,
-                        d.oom_kills
+                        d.oom_kills,
+                        d.blocked_calls
                     )
                 })
                 .unwrap_or_default();

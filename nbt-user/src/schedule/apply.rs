@@ -58,9 +58,23 @@ pub struct Counters {
     pub psi_memory_full_usec: u64,
     pub egress_dropped_packets: u64,
     pub ingress_dropped_packets: u64,
+    /// Calls the balance gate refused (connect, sendmsg) and packets it dropped.
+    #[serde(default)]
+    pub blocked_calls: u64,
+    #[serde(default)]
+    pub blocked_packets: u64,
 }
 
 impl Counters {
+    /// Adds the gate's counts, for runs with a balance.
+    pub fn with_ledger(mut self, ledger: Option<&LedgerIds>) -> Counters {
+        if let Some((_, _, kernel)) = ledger.and_then(|ids| crate::gate::read_ledger(ids).ok()) {
+            self.blocked_calls = kernel.blocked_calls;
+            self.blocked_packets = kernel.blocked_packets;
+        }
+        self
+    }
+
     pub fn of(stats: &CgroupStats, shaped: Option<&ShapedTraffic>) -> Counters {
         let p = stats.pressure.clone().unwrap_or_default();
         let dropped =
@@ -74,6 +88,8 @@ impl Counters {
             psi_memory_full_usec: p.memory_full_usec.unwrap_or(0),
             egress_dropped_packets: shaped.map_or(0, |s| dropped(&s.egress)),
             ingress_dropped_packets: shaped.map_or(0, |s| dropped(&s.ingress)),
+            blocked_calls: 0,
+            blocked_packets: 0,
         }
     }
 
@@ -100,6 +116,8 @@ impl Counters {
             ingress_dropped_packets: self
                 .ingress_dropped_packets
                 .saturating_sub(earlier.ingress_dropped_packets),
+            blocked_calls: self.blocked_calls.saturating_sub(earlier.blocked_calls),
+            blocked_packets: self.blocked_packets.saturating_sub(earlier.blocked_packets),
         }
     }
 }
@@ -158,6 +176,7 @@ pub fn apply(
             Ok(None)
         }
         Change::Memory { bytes } => cgroup.set_memory(*bytes).map(|()| None),
+        Change::Swap { bytes } => cgroup.set_swap(*bytes).map(|()| None),
         Change::Cpus { millicores } => cgroup.set_cpus(*millicores).map(|()| None),
         Change::Freeze { frozen } => cgroup.freeze(*frozen).map(|()| None),
         Change::MemoryHigh { bytes } => {

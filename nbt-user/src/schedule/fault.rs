@@ -117,7 +117,8 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
         let elapsed = started.elapsed().as_millis() as u64;
         if runner.due(elapsed) {
             let shaped = crate::net::read_by_id(&net_ids).ok();
-            let counters = Counters::of(&cgroup.stats(), shaped.as_ref());
+            let counters =
+                Counters::of(&cgroup.stats(), shaped.as_ref()).with_ledger(record.ledger.as_ref());
             runner.run_due(elapsed, &mut controls, &cgroup, counters);
         }
         if runner.not_reached() == 0 {
@@ -138,7 +139,8 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
                 crate::supervise::signal_name(signal)
             );
             let shaped = crate::net::read_by_id(&net_ids).ok();
-            let counters = Counters::of(&cgroup.stats(), shaped.as_ref());
+            let counters =
+                Counters::of(&cgroup.stats(), shaped.as_ref()).with_ledger(record.ledger.as_ref());
             runner.finish_now(
                 started.elapsed().as_millis() as u64,
                 &mut controls,

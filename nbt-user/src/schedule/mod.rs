@@ -46,6 +46,10 @@ pub enum Change {
     Memory {
         bytes: Option<u64>,
     },
+    /// memory.swap.max (v2) or memory+swap − memory (v1); `None`: no limit.
+    Swap {
+        bytes: Option<u64>,
+    },
     /// CFS quota; `None`: no limit.
     Cpus {
         millicores: Option<u64>,
@@ -96,6 +100,7 @@ impl Change {
     pub fn limit(&self) -> &'static str {
         match self {
             Change::Memory { .. } => "memory",
+            Change::Swap { .. } => "swap",
             Change::Cpus { .. } => "cpus",
             Change::EgressRate { .. } => "egress-rate",
             Change::IngressRate { .. } => "ingress-rate",
@@ -116,6 +121,9 @@ impl Change {
         match self {
             Change::Memory { bytes } => {
                 format!("memory {}", opt(bytes.map(crate::units::format_size)))
+            }
+            Change::Swap { bytes } => {
+                format!("swap {}", opt(bytes.map(crate::units::format_size)))
             }
             Change::Cpus { millicores } => format!(
                 "cpus {}",

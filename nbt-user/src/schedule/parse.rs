@@ -53,6 +53,7 @@ struct File {
 struct StepToml {
     at: toml::Value,
     memory: Option<toml::Value>,
+    swap: Option<toml::Value>,
     cpus: Option<toml::Value>,
     egress_rate: Option<toml::Value>,
     ingress_rate: Option<toml::Value>,
@@ -142,6 +143,13 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             changes.push(Change::Memory {
                 bytes: Some(
                     units::parse_size("memory", &text(v)).map_err(|e| err(line, e.to_string()))?,
+                ),
+            });
+        }
+        if let Some(v) = &s.swap {
+            changes.push(Change::Swap {
+                bytes: Some(
+                    units::parse_size("swap", &text(v)).map_err(|e| err(line, e.to_string()))?,
                 ),
             });
         }
@@ -240,7 +248,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             }
         }
         if changes.is_empty() {
-            return Err(err(line, "this step changes nothing: give memory, cpus, egress-rate, ingress-rate, loss, latency, balance-add, balance-charge, price-call or price-egress".into()));
+            return Err(err(line, "this step changes nothing: give memory, swap, cpus, egress-rate, ingress-rate, loss, latency, balance-add, balance-charge, price-call or price-egress".into()));
         }
         let source = format!("step (line {line})");
         for change in &changes {
