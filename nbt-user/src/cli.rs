@@ -94,6 +94,17 @@ pub enum Command {
     /// BYTES_PER_SEC every second until killed
     #[command(hide = true)]
     Balloon { bytes_per_sec: u64 },
+    /// The joule agent: the joule bucket (/v1/sample, /v1/take), learning updates of live runs
+    /// (/v1/report), and /metrics for Prometheus, over HTTP
+    Agent {
+        /// Where to listen (loopback unless you say otherwise)
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8787")]
+        listen: String,
+        /// The bearer token of the mutating endpoints (default: $NBT_HOME/agent.token,
+        /// made with mode 0600 at first start)
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<std::path::PathBuf>,
+    },
     /// The receipts of runs and learning updates: list, show, verify, export, the public key
     Receipts(ReceiptsArgs),
     /// Remove what crashed runs left behind (cgroups, processes), and only that
@@ -468,6 +479,23 @@ pub fn main() -> i32 {
             }
         }
         Command::Receipts(args) => receipts_command(args),
+        Command::Agent { listen, token_file } => {
+            let addr: std::net::SocketAddr = match listen.parse() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    eprintln!("nbt agent: invalid value '{listen}' for --listen: an address and port (127.0.0.1:8787, [::1]:8787)");
+                    return 2;
+                }
+            };
+            let token_file = token_file.unwrap_or_else(crate::agent::default_token_path);
+            match crate::agent::serve(addr, &token_file) {
+                Ok(()) => 0,
+                Err(err) => {
+                    eprintln!("nbt agent: {err:#}");
+                    1
+                }
+            }
+        }
         Command::Balloon { bytes_per_sec } => crate::schedule::fault::balloon(bytes_per_sec),
         Command::Fault {
             run,

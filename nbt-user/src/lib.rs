@@ -3,6 +3,7 @@
 //! `cli` → `plan` → enforcers (`cgroup`, `account`) → `supervise` → `summary`.
 
 pub mod account;
+pub mod agent;
 pub mod cgroup;
 pub mod cleanup;
 pub mod cli;

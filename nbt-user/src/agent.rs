@@ -1,0 +1,483 @@
+//! `nbt agent`: the joule agent (CryoFlux's JouleAgent) over HTTP, on the same state as the runs.
+//!
+//! - A sampler reads the node's power every 500 ms: RAPL where powercap has it, else the stated
+//!   CPU model (`energy::CpuModel`) driven by the node's busy CPU time. The idle power is learned
+//!   over the first 5 s and then frozen (RAPL; the model's idle is stated); what is above it (net)
+//!   fills the joule bucket.
+//! - `GET /v1/sample`: the bucket, gross/idle/net power, the source and its label.
+//! - `POST /v1/take {"joules": X}`: an atomic withdrawal; 409 with the balance when the bucket
+//!   holds less, never negative.
+//! - `POST /v1/report {"run": RUN, "task_name": ..., "base_loss": ..., "new_loss": ...}`: a
+//!   learning update of a live run, handed to the run through its `$NBT_REPORT` file, so the run
+//!   judges it and writes its receipt like any other.
+//! - `GET /metrics`: Prometheus text: node joules by source, the bucket, and per live run its
+//!   bytes, drops and balance (read from the runs' records and maps, as `nbt ps` reads them).
+//!
+//! Mutating endpoints need `Authorization: Bearer TOKEN`; the token is made at first start in a
+//! 0600 file (`$NBT_HOME/agent.token`) or given with `--token-file`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::energy::CpuModel;
+use crate::learning::TaskReport;
+
+/// How often the agent samples power.
+pub const SAMPLE_PERIOD: Duration = Duration::from_millis(500);
+/// The window over which a metered source's idle power is learned, then frozen.
+pub const IDLE_WINDOW: Duration = Duration::from_secs(5);
+
+/// The bucket and what the sampler last saw.
+#[derive(Debug, Default)]
+pub struct Bucket {
+    pub joules: f64,
+    /// Everything ever deposited and taken, for audits: taken never exceeds deposited.
+    pub deposited: f64,
+    pub taken: f64,
+    pub gross_w: f64,
+    pub idle_w: f64,
+    pub node_joules: f64,
+    pub source: &'static str,
+    pub label: &'static str,
+    pub sampled_unix: f64,
+}
+
+impl Bucket {
+    /// Withdraws `joules` if the bucket holds them: the balance after, or the balance that fell
+    /// short.
+    pub fn take(&mut self, joules: f64) -> Result<f64, f64> {
+        if joules > self.joules {
+            return Err(self.joules);
+        }
+        self.joules -= joules;
+        self.taken += joules;
+        Ok(self.joules)
+    }
+}
+
+struct Agent {
+    bucket: Mutex<Bucket>,
+    token: String,
+}
+
+type Shared = Arc<Agent>;
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Busy CPU seconds of the node (all CPUs), from /proc/stat.
+fn node_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| ticks.get(*i))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    busy as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
+/// Sum of the RAPL package counters (µJ) and their ranges, when powercap has any.
+fn rapl_uj(root: &Path) -> Option<Vec<(u64, u64)>> {
+    let mut zones: Vec<(u64, u64)> = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("intel-rapl:") && n.matches(':').count() == 1)
+        })
+        .filter_map(|dir| {
+            let read = |f: &str| -> Option<u64> {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            Some((read("energy_uj")?, read("max_energy_range_uj")?))
+        })
+        .collect();
+    zones.sort();
+    (!zones.is_empty()).then_some(zones)
+}
+
+fn sampler(agent: Shared) {
+    let model = CpuModel::for_this_host();
+    let powercap = Path::new("/sys/class/powercap");
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let mut last_busy = node_busy_seconds();
+    let mut last_rapl = rapl_uj(powercap);
+    let (mut idle_sum, mut idle_n) = (0.0, 0u32);
+    loop {
+        std::thread::sleep(SAMPLE_PERIOD);
+        let dt = last.elapsed().as_secs_f64().max(1e-3);
+        last = Instant::now();
+        let busy = node_busy_seconds();
+        let utilisation = ((busy - last_busy) / dt / model.cpus as f64).clamp(0.0, 1.0);
+        last_busy = busy;
+        let rapl = rapl_uj(powercap);
+        let (gross_w, source, label) = match (&last_rapl, &rapl) {
+            (Some(before), Some(after)) if before.len() == after.len() => {
+                let uj: u64 = before
+                    .iter()
+                    .zip(after)
+                    .map(|((a, range), (b, _))| crate::energy::counter_delta(*a, *b, *range))
+                    .sum();
+                (uj as f64 / 1e6 / dt, "rapl", "measured")
+            }
+            _ => (
+                model.idle_watts + (model.tdp_watts - model.idle_watts) * utilisation,
+                "model",
+                "model",
+            ),
+        };
+        last_rapl = rapl;
+        let mut bucket = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let idle_w = if source == "model" {
+            model.idle_watts
+        } else if started.elapsed() < IDLE_WINDOW {
+            idle_sum += gross_w;
+            idle_n += 1;
+            idle_sum / f64::from(idle_n)
+        } else {
+            bucket.idle_w
+        };
+        let net = (gross_w - idle_w).max(0.0) * dt;
+        bucket.joules += net;
+        bucket.deposited += net;
+        bucket.node_joules += gross_w * dt;
+        bucket.gross_w = gross_w;
+        bucket.idle_w = idle_w;
+        bucket.source = source;
+        bucket.label = label;
+        bucket.sampled_unix = now_unix();
+    }
+}
+
+/// The bearer token: read from `path`, or made there (0600) when it does not exist.
+pub fn token(path: &Path) -> Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let token = text.trim().to_string();
+        anyhow::ensure!(
+            !token.is_empty(),
+            "the token file {} is empty",
+            path.display()
+        );
+        return Ok(token);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("reading randomness: {e}"))?;
+    let token = crate::receipt::key::hex(&bytes);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("making the token file {}", path.display()))?;
+    writeln!(file, "{token}")?;
+    Ok(token)
+}
+
+pub fn default_token_path() -> PathBuf {
+    crate::receipt::key::home().join("agent.token")
+}
+
+fn error(status: StatusCode, message: String, extra: Value) -> Response {
+    let mut body = json!({ "error": message });
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    (status, Json(body)).into_response()
+}
+
+fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if token == agent.token => Ok(()),
+        Some(_) => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is not this agent's".into(),
+            Value::Null,
+        ))),
+        None => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs Authorization: Bearer TOKEN (the token is in the agent's token file)"
+                .into(),
+            Value::Null,
+        ))),
+    }
+}
+
+/// The JSON object of a request body, or a 400 naming what is wrong.
+fn object(body: &str) -> Result<serde_json::Map<String, Value>, Box<Response>> {
+    match serde_json::from_str::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be a JSON object, not {other}"),
+            Value::Null,
+        ))),
+        Err(e) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+            Value::Null,
+        ))),
+    }
+}
+
+async fn sample(State(agent): State<Shared>) -> Response {
+    let b = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
+    Json(json!({
+        "bucket_j": b.joules,
+        "gross_w": b.gross_w,
+        "idle_w": b.idle_w,
+        "net_w": (b.gross_w - b.idle_w).max(0.0),
+        "source": b.source,
+        "label": b.label,
+        "deposited_j": b.deposited,
+        "taken_j": b.taken,
+        "sampled_unix": b.sampled_unix,
+    }))
+    .into_response()
+}
+
+async fn take(State(agent): State<Shared>, headers: HeaderMap, body: String) -> Response {
+    if let Err(denied) = authorized(&agent, &headers) {
+        return *denied;
+    }
+    let fields = match object(&body) {
+        Ok(fields) => fields,
+        Err(bad) => return *bad,
+    };
+    if let Some(key) = fields.keys().find(|k| *k != "joules") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown field `{key}`: the body is {{\"joules\": X}}"),
+            Value::Null,
+        );
+    }
+    let joules = match fields.get("joules").and_then(Value::as_f64) {
+        Some(j) if j.is_finite() && j > 0.0 => j,
+        Some(j) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("joules must be a positive number, not {j}"),
+                Value::Null,
+            )
+        }
+        None => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the body needs `joules`, a positive number".into(),
+                Value::Null,
+            )
+        }
+    };
+    let mut bucket = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
+    match bucket.take(joules) {
+        Ok(left) => Json(json!({ "granted_j": joules, "bucket_j": left })).into_response(),
+        Err(held) => error(
+            StatusCode::CONFLICT,
+            format!("the bucket holds {held:.3} J, less than the {joules} J asked for"),
+            json!({ "bucket_j": held }),
+        ),
+    }
+}
+
+async fn report(headers: HeaderMap, State(agent): State<Shared>, body: String) -> Response {
+    if let Err(denied) = authorized(&agent, &headers) {
+        return *denied;
+    }
+    let mut fields = match object(&body) {
+        Ok(fields) => fields,
+        Err(bad) => return *bad,
+    };
+    let Some(Value::String(run)) = fields.remove("run") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body needs `run`, the live run's name (nbt-...), beside the task's fields".into(),
+            Value::Null,
+        );
+    };
+    let task = Value::Object(fields).to_string();
+    if let Err(why) = TaskReport::parse(&task) {
+        return error(StatusCode::BAD_REQUEST, why, Value::Null);
+    }
+    let dir = crate::state::state_dir();
+    if let Err(err) = crate::state::RunRecord::find_live(&dir, &run) {
+        return error(StatusCode::NOT_FOUND, format!("{err:#}"), Value::Null);
+    }
+    let path = crate::state::RunRecord::path(&dir, &run).with_extension("reports");
+    let appended = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{task}\n").as_bytes()));
+    match appended {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "run": run, "queued": true })),
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("handing the report to {run}: {e}"),
+            Value::Null,
+        ),
+    }
+}
+
+async fn metrics(State(agent): State<Shared>) -> Response {
+    let (node_joules, source, bucket) = {
+        let b = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        (b.node_joules, b.source, b.joules)
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    type Labels = Vec<(String, String)>;
+    let node: prometheus_client::metrics::family::Family<
+        Labels,
+        prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>,
+    > = Default::default();
+    node.get_or_create(&vec![("source".into(), source.to_string())])
+        .inc_by(node_joules);
+    registry.register(
+        "nbt_node_cpu_joules",
+        "Energy of the node's CPUs since the agent started, by source (rapl: measured; model: estimated)",
+        node.clone(),
+    );
+    let gauge: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64> =
+        Default::default();
+    gauge.set(bucket);
+    registry.register(
+        "nbt_agent_bucket_joules",
+        "Joules in the agent's bucket",
+        gauge,
+    );
+    let bytes: prometheus_client::metrics::family::Family<
+        Labels,
+        prometheus_client::metrics::counter::Counter,
+    > = Default::default();
+    let drops: prometheus_client::metrics::family::Family<
+        Labels,
+        prometheus_client::metrics::counter::Counter,
+    > = Default::default();
+    let balance: prometheus_client::metrics::family::Family<
+        Labels,
+        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    > = Default::default();
+    for run in crate::live::live_runs() {
+        if let Some(shaped) = run.shaped {
+            for (direction, traffic) in [("egress", shaped.egress), ("ingress", shaped.ingress)] {
+                let labels = |extra: Vec<(String, String)>| {
+                    let mut l = vec![
+                        ("run".to_string(), run.run.clone()),
+                        ("direction".to_string(), direction.to_string()),
+                    ];
+                    l.extend(extra);
+                    l
+                };
+                bytes
+                    .get_or_create(&labels(vec![]))
+                    .inc_by(traffic.passed_bytes);
+                drops
+                    .get_or_create(&labels(vec![("reason".into(), "rate".into())]))
+                    .inc_by(traffic.rate_dropped_packets);
+                drops
+                    .get_or_create(&labels(vec![("reason".into(), "loss".into())]))
+                    .inc_by(traffic.loss_dropped_packets);
+            }
+        }
+        if let Some(micro) = run.balance_micro {
+            balance
+                .get_or_create(&vec![("run".into(), run.run.clone())])
+                .set(micro as f64 / 1e6);
+        }
+    }
+    registry.register(
+        "nbt_run_passed_bytes",
+        "Bytes a live run's shaper passed",
+        bytes,
+    );
+    registry.register(
+        "nbt_run_dropped_packets",
+        "Packets a live run's shaper dropped, by reason",
+        drops,
+    );
+    registry.register("nbt_run_balance", "A live run's balance", balance);
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Runs the agent until killed.
+pub fn serve(listen: SocketAddr, token_file: &Path) -> Result<()> {
+    let token = token(token_file)?;
+    let agent = Arc::new(Agent {
+        bucket: Mutex::new(Bucket {
+            source: "model",
+            label: "model",
+            ..Bucket::default()
+        }),
+        token,
+    });
+    let sampled = agent.clone();
+    std::thread::spawn(move || sampler(sampled));
+    let app = Router::new()
+        .route("/v1/sample", get(sample))
+        .route("/v1/take", post(take))
+        .route("/v1/report", post(report))
+        .route("/metrics", get(metrics))
+        .with_state(agent);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the agent's runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--listen {listen}: cannot listen there"))?;
+        eprintln!(
+            "nbt agent: listening on http://{listen} (token in {})",
+            token_file.display()
+        );
+        axum::serve(listener, app).await.context("serving")
+    })
+}
