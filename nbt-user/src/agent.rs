@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::energy::CpuModel;
+use crate::energy::{node_busy_seconds, rapl_counters, CpuModel};
 use crate::learning::TaskReport;
 
 /// How often the agent samples power.
@@ -80,66 +80,22 @@ fn now_unix() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Busy CPU seconds of the node (all CPUs), from /proc/stat.
-fn node_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let busy: u64 = [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|i| ticks.get(*i))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    busy as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
-}
-
-/// Sum of the RAPL package counters (µJ) and their ranges, when powercap has any.
-fn rapl_uj(root: &Path) -> Option<Vec<(u64, u64)>> {
-    let mut zones: Vec<(u64, u64)> = std::fs::read_dir(root)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("intel-rapl:") && n.matches(':').count() == 1)
-        })
-        .filter_map(|dir| {
-            let read = |f: &str| -> Option<u64> {
-                std::fs::read_to_string(dir.join(f))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()
-            };
-            Some((read("energy_uj")?, read("max_energy_range_uj")?))
-        })
-        .collect();
-    zones.sort();
-    (!zones.is_empty()).then_some(zones)
-}
-
 fn sampler(agent: Shared) {
     let model = CpuModel::for_this_host();
     let powercap = Path::new("/sys/class/powercap");
     let started = Instant::now();
     let mut last = Instant::now();
-    let mut last_busy = node_busy_seconds();
-    let mut last_rapl = rapl_uj(powercap);
+    let mut last_busy = node_busy_seconds().unwrap_or(0.0);
+    let mut last_rapl = rapl_counters(powercap);
     let (mut idle_sum, mut idle_n) = (0.0, 0u32);
     loop {
         std::thread::sleep(SAMPLE_PERIOD);
         let dt = last.elapsed().as_secs_f64().max(1e-3);
         last = Instant::now();
-        let busy = node_busy_seconds();
+        let busy = node_busy_seconds().unwrap_or(last_busy);
         let utilisation = ((busy - last_busy) / dt / model.cpus as f64).clamp(0.0, 1.0);
         last_busy = busy;
-        let rapl = rapl_uj(powercap);
+        let rapl = rapl_counters(powercap);
         let (gross_w, source, label) = match (&last_rapl, &rapl) {
             (Some(before), Some(after)) if before.len() == after.len() => {
                 let uj: u64 = before

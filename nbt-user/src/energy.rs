@@ -104,8 +104,19 @@ pub fn counter_delta(before: u64, after: u64, range: u64) -> u64 {
     }
 }
 
+/// The package counters under `powercap` as (µJ now, wrap range), in zone order; `None` when the
+/// machine has no RAPL there.
+pub fn rapl_counters(powercap: &Path) -> Option<Vec<(u64, u64)>> {
+    let zones = rapl_zones(powercap);
+    let counters: Vec<(u64, u64)> = zones
+        .iter()
+        .map(|z| (read_u64(&z.energy).unwrap_or(0), z.range_uj))
+        .collect();
+    (!counters.is_empty()).then_some(counters)
+}
+
 /// Busy CPU time of the whole node so far, seconds (user, nice, system, irq, softirq, steal).
-fn node_busy_seconds() -> Option<f64> {
+pub fn node_busy_seconds() -> Option<f64> {
     let stat = fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let ticks: Vec<u64> = line

@@ -1,27 +1,7 @@
-#!/bin/busybox sh
 # The init of `cargo xtask bench vm`: the seed's own method (tc htb 512kbit + netem 100ms 5% loss
 # on the interface, as nbt_network_limit.sh does) against nbt's `nbt` profile network limits
 # (in eBPF on the run's cgroup, fq for the delay), on one veth pair, one after the other.
 # Prints `NBT-VM-BENCH <method> <key> <value>...` lines, then NBT-VM-DONE.
-/bin/busybox --install -s /bin
-export PATH=/usr/local/bin:/bin
-mkdir -p /sbin && ln -s /bin/modprobe /sbin/modprobe
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs run /run; mount -t tmpfs tmp /tmp
-mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
-mkdir -p /cg && mount -t cgroup2 none /cg
-echo "+memory +cpu +pids" > /cg/cgroup.subtree_control
-modprobe veth
-IP=/usr/local/bin/ip; TC=/usr/local/bin/tc
-$IP netns add a; $IP netns add b
-$IP link add va netns a type veth peer name vb netns b
-$IP -n a addr add 192.0.2.1/24 dev va; $IP -n b addr add 192.0.2.2/24 dev vb
-for ns in a b; do $IP -n $ns link set lo up; done
-$IP -n a link set va up; $IP -n b link set vb up
-echo "NBT-VM-KERNEL $(uname -r)"
-
-in_a() { $IP netns exec a "$@"; }
-in_b() { $IP netns exec b "$@"; }
 median() { tr ' ' '\n' | grep -v connect_ms | sort -n | awk '{ v[NR]=$1 } END { printf "%.2f", v[int((NR+1)/2)] }'; }
 # Busy CPU time of the whole VM (user+nice+system+irq+softirq), in clock ticks.
 busy() { awk '/^cpu / { print $2+$3+$4+$7+$8 }' /proc/stat; }

@@ -1,27 +1,6 @@
-#!/bin/busybox sh
 # The init of nbt's test VMs: a pure cgroup v2 machine with the qdiscs this host lacks (fq,
 # netem). Prints one `NBT-VM-TEST <name> PASS|FAIL <detail>` line per test, then NBT-VM-DONE.
-/bin/busybox --install -s /bin
-export PATH=/usr/local/bin:/bin
-# Module autoloading (qdiscs, cls_bpf) goes through /sbin/modprobe, as on a real system.
-mkdir -p /sbin && ln -s /bin/modprobe /sbin/modprobe
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs run /run; mount -t tmpfs tmp /tmp
-mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
-# cgroup2 off /sys, so that `ip netns exec` (which remounts /sys) keeps it.
-mkdir -p /cg && mount -t cgroup2 none /cg
-echo "+memory +cpu +pids" > /cg/cgroup.subtree_control
-modprobe veth
-IP=/usr/local/bin/ip; TC=/usr/local/bin/tc
-$IP netns add a; $IP netns add b
-$IP link add va netns a type veth peer name vb netns b
-$IP -n a addr add 192.0.2.1/24 dev va; $IP -n b addr add 192.0.2.2/24 dev vb
-for ns in a b; do $IP -n $ns link set lo up; done
-$IP -n a link set va up; $IP -n b link set vb up
-echo "NBT-VM-KERNEL $(uname -r) cgroup2: $(cat /cg/cgroup.controllers)"
-
 result() { if [ "$2" = 1 ]; then echo "NBT-VM-TEST $1 PASS $3"; else echo "NBT-VM-TEST $1 FAIL $3"; fi; }
-in_a() { $IP netns exec a "$@"; }
 # Median, min and max of the numbers after "connect_ms", without the first connect of each
 # run (it waits for the neighbour's ARP reply: up to 40 ms under emulation). The median: one
 # slow connect (an emulation hiccup) moves it by nothing.

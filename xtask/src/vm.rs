@@ -7,11 +7,11 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-/// The init the VMs run: the tests themselves, one result line each.
-const INIT: &str = include_str!("vm-init.sh");
+/// The init the VMs run: the common setup, then the tests themselves, one result line each.
+const INIT: &str = concat!(include_str!("vm-setup.sh"), include_str!("vm-init.sh"));
 
 /// The init of `cargo xtask bench vm`: the seed's tc htb + netem against nbt, figures per method.
-const BENCH_INIT: &str = include_str!("vm-bench.sh");
+const BENCH_INIT: &str = concat!(include_str!("vm-setup.sh"), include_str!("vm-bench.sh"));
 
 /// Debian package name patterns of the kernels, by the name `--kernel` takes.
 pub const KERNELS: [(&str, &str); 2] = [
