@@ -170,6 +170,20 @@ fn take_is_atomic_under_64_clients_and_refuses_what_it_must() {
         n > 0 && n < 100_000,
         "{n} of 100000 granted: the test must see both outcomes"
     );
+
+    // SIGTERM stops it, as it stops any server.
+    let mut agent = agent;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let mut ended = None;
+    for _ in 0..40 {
+        ended = agent.child.try_wait().unwrap();
+        if ended.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ended.is_some(), "nbt agent still runs 2 s after SIGTERM");
 }
 
 #[test]

@@ -488,6 +488,12 @@ pub fn main() -> i32 {
                 }
             };
             let token_file = token_file.unwrap_or_else(crate::agent::default_token_path);
+            // The agent runs until stopped: Ctrl-C and SIGTERM end it as they end any server
+            // (nbt blocked them at start for the runs' own signal handling).
+            // SAFETY: pthread_sigmask on the set block_signals built, before any thread starts.
+            unsafe {
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &signals, std::ptr::null_mut());
+            }
             match crate::agent::serve(addr, &token_file) {
                 Ok(()) => 0,
                 Err(err) => {
