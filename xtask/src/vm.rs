@@ -156,6 +156,29 @@ fn kernels(which: &str) -> Result<Vec<&'static (&'static str, &'static str)>> {
     })
 }
 
+/// Boots like [`boot`], booting again (twice at most) when the kernel died before nbt's init ran:
+/// under software emulation, 6.12 now and then panics early in boot (an int3 while patching its
+/// own code), which says nothing about nbt. Such a retry is printed, never hidden.
+fn boot_retrying(kernel_dir: &Path, release: &str, initrd: &Path) -> Result<String> {
+    let mut console = boot(kernel_dir, release, initrd)?;
+    for attempt in 2..=3 {
+        if console.contains("NBT-VM-KERNEL") {
+            break;
+        }
+        let last = console
+            .lines()
+            .rev()
+            .find(|l| l.contains("panic") || l.contains("Oops"))
+            .unwrap_or("no output");
+        eprintln!(
+            "xtask vm: the {release} kernel died before nbt's init ran ({}); booting again, attempt {attempt} of 3",
+            last.trim()
+        );
+        console = boot(kernel_dir, release, initrd)?;
+    }
+    Ok(console)
+}
+
 /// Runs the VM tests on each kernel; returns whether all passed.
 pub fn run(workspace: &Path, which: &str) -> Result<bool> {
     let cache = workspace.join("target/vm-cache");
@@ -165,7 +188,7 @@ pub fn run(workspace: &Path, which: &str) -> Result<bool> {
         let initrd = cache.join(format!("initrd-{release}.gz"));
         initramfs(workspace, &dir, &release, &initrd, INIT)?;
         eprintln!("xtask vm-test: booting {release}");
-        let console = boot(&dir, &release, &initrd)?;
+        let console = boot_retrying(&dir, &release, &initrd)?;
         let results: Vec<&str> = console
             .lines()
             .filter(|l| l.starts_with("NBT-VM-TEST "))
@@ -216,7 +239,7 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
         let initrd = cache.join(format!("initrd-bench-{release}.gz"));
         initramfs(workspace, &dir, &release, &initrd, BENCH_INIT)?;
         eprintln!("xtask bench vm: booting {release} (about 3 minutes under emulation)");
-        let console = boot(&dir, &release, &initrd)?;
+        let console = boot_retrying(&dir, &release, &initrd)?;
         if !console.contains("NBT-VM-DONE") {
             let tail: Vec<&str> = console.lines().rev().take(30).collect();
             for line in tail.iter().rev() {
