@@ -67,28 +67,8 @@ pub enum Command {
     Fault {
         /// The run's name, as `nbt ps` shows it
         run: String,
-        /// brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock
-        kind: String,
-        /// How long it lasts (not for balance-shock)
-        duration: Option<String>,
-        /// brownout: drop the CPU quota to this many cores instead of freezing the run
-        #[arg(long, value_name = "CORES")]
-        cpus: Option<String>,
-        /// network-drop, loss-burst: egress, ingress or both
-        #[arg(long, value_name = "DIR")]
-        direction: Option<String>,
-        /// loss-burst: the loss while it lasts (30%)
-        #[arg(long, value_name = "PCT")]
-        loss: Option<String>,
-        /// memory-squeeze: the memory the run is squeezed to (64M)
-        #[arg(long, value_name = "SIZE")]
-        memory: Option<String>,
-        /// balance-shock: the charge
-        #[arg(long, value_name = "AMOUNT")]
-        amount: Option<String>,
-        /// memory-leak: how fast the balloon grows (10M, a size per second)
-        #[arg(long, value_name = "SIZE/s")]
-        rate: Option<String>,
+        #[command(flatten)]
+        fault: crate::schedule::fault::FaultArgs,
     },
     /// The memory-leak fault's balloon, started by nbt inside a run: allocates and touches
     /// BYTES_PER_SEC every second until killed
@@ -503,32 +483,12 @@ pub fn main() -> i32 {
             }
         }
         Command::Balloon { bytes_per_sec } => crate::schedule::fault::balloon(bytes_per_sec),
-        Command::Fault {
-            run,
-            kind,
-            duration,
-            cpus,
-            direction,
-            loss,
-            memory,
-            amount,
-            rate,
-        } => {
+        Command::Fault { run, fault } => {
             if let Err(err) = run::require_privileges() {
                 eprintln!("nbt: {err:#}");
                 return EXIT_NBT_FAILED;
             }
-            let args = crate::schedule::fault::FaultArgs {
-                kind,
-                duration,
-                cpus,
-                direction,
-                loss,
-                memory,
-                amount,
-                rate,
-            };
-            match crate::schedule::fault::inject(&run, &args, &signals) {
+            match crate::schedule::fault::inject(&run, &fault, &signals) {
                 Ok(events) => {
                     let failed = events.iter().any(|e| e.error.is_some());
                     for e in events {

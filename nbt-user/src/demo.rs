@@ -103,24 +103,17 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         prefix: 32,
         port: Some(api.port()),
     }];
-    let initial = crate::schedule::parse::Initial {
-        memory: plan.limits.memory_bytes,
-        cpus: plan.limits.cpu_millicores,
-        egress_rate: plan.net.egress.rate_bits_per_sec,
-        ingress_rate: plan.net.ingress.rate_bits_per_sec,
-        egress_loss: plan.net.egress.loss,
-        ingress_loss: plan.net.ingress.loss,
-        latency_ns: plan.latency.map(|l| l.latency_ns),
-        has_balance: true,
+    plan.schedule = match crate::schedule::parse(
+        "(built-in demo schedule)",
+        DEMO_SCHEDULE,
+        &plan.schedule_start(),
+    ) {
+        Ok(schedule) => Some(schedule),
+        Err(err) => {
+            eprintln!("nbt demo: {err}");
+            return EXIT_NBT_FAILED;
+        }
     };
-    plan.schedule =
-        match crate::schedule::parse("(built-in demo schedule)", DEMO_SCHEDULE, &initial) {
-            Ok(schedule) => Some(schedule),
-            Err(err) => {
-                eprintln!("nbt demo: {err}");
-                return EXIT_NBT_FAILED;
-            }
-        };
 
     let samples = args
         .samples

@@ -483,28 +483,31 @@ impl Plan {
                 }
             },
         };
-        let schedule = match pick(&flags.schedule, "schedule", &profile.schedule)? {
-            None => None,
-            Some((path, name)) => {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| PlanError(format!("{name}: reading '{path}': {e}")))?;
-                let initial = crate::schedule::parse::Initial {
-                    memory: limits.memory_bytes,
-                    cpus: limits.cpu_millicores,
-                    egress_rate: net.egress.rate_bits_per_sec,
-                    ingress_rate: net.ingress.rate_bits_per_sec,
-                    egress_loss: net.egress.loss,
-                    ingress_loss: net.ingress.loss,
-                    latency_ns: latency.map(|l| l.latency_ns),
-                    has_balance: prices.is_some(),
-                };
-                Some(
-                    crate::schedule::parse(&path, &text, &initial)
-                        .map_err(|e| PlanError(e.to_string()))?,
-                )
-            }
+        let mut plan = Plan {
+            profile: profile_name,
+            limits,
+            net,
+            latency,
+            prices,
+            gate,
+            pending,
+            schedule: None,
+            restart_max: 0,
+            receipts: flags
+                .receipts
+                .clone()
+                .unwrap_or_else(crate::receipt::store::default_path),
+            accept_min_delta,
         };
-        let restart_max = match flags.restart.as_deref().map(str::trim) {
+        if let Some((path, name)) = pick(&flags.schedule, "schedule", &profile.schedule)? {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| PlanError(format!("{name}: reading '{path}': {e}")))?;
+            plan.schedule = Some(
+                crate::schedule::parse(&path, &text, &plan.schedule_start())
+                    .map_err(|e| PlanError(e.to_string()))?,
+            );
+        }
+        plan.restart_max = match flags.restart.as_deref().map(str::trim) {
             None | Some("no") => 0,
             Some("on-failure") => 3,
             Some(text) => match text.strip_prefix("on-failure:").map(str::parse::<u32>) {
@@ -517,22 +520,22 @@ impl Plan {
                 }
             },
         };
-        Ok(Plan {
-            profile: profile_name,
-            limits,
-            net,
-            latency,
-            prices,
-            gate,
-            pending,
-            schedule,
-            restart_max,
-            receipts: flags
-                .receipts
-                .clone()
-                .unwrap_or_else(crate::receipt::store::default_path),
-            accept_min_delta,
-        })
+        Ok(plan)
+    }
+
+    /// What a schedule for this plan starts from: where a fault ends, its limit goes back to the
+    /// last step before it, else to this.
+    pub fn schedule_start(&self) -> crate::schedule::parse::Initial {
+        crate::schedule::parse::Initial {
+            memory: self.limits.memory_bytes,
+            cpus: self.limits.cpu_millicores,
+            egress_rate: self.net.egress.rate_bits_per_sec,
+            ingress_rate: self.net.ingress.rate_bits_per_sec,
+            egress_loss: self.net.egress.loss,
+            ingress_loss: self.net.ingress.loss,
+            latency_ns: self.latency.map(|l| l.latency_ns),
+            has_balance: self.prices.is_some(),
+        }
     }
 
     /// The refusal `nbt run` gives for a plan with pending settings.

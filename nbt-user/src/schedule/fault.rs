@@ -18,15 +18,29 @@ use crate::plan::PlanError;
 use crate::state::{state_dir, RunRecord};
 
 /// The options of `nbt fault`, as text (the schedule parser checks them).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct FaultArgs {
+    /// brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock
     pub kind: String,
+    /// How long it lasts (not for balance-shock)
     pub duration: Option<String>,
+    /// brownout: drop the CPU quota to this many cores instead of freezing the run
+    #[arg(long, value_name = "CORES")]
     pub cpus: Option<String>,
+    /// network-drop, loss-burst: egress, ingress or both
+    #[arg(long, value_name = "DIR")]
     pub direction: Option<String>,
+    /// loss-burst: the loss while it lasts (30%)
+    #[arg(long, value_name = "PCT")]
     pub loss: Option<String>,
+    /// memory-squeeze: the memory the run is squeezed to (64M)
+    #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
+    /// balance-shock: the charge
+    #[arg(long, value_name = "AMOUNT")]
     pub amount: Option<String>,
+    /// memory-leak: how fast the balloon grows (10M, a size per second)
+    #[arg(long, value_name = "SIZE/s")]
     pub rate: Option<String>,
 }
 
