@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbt_integration_tests::{nbt, nbt_bin, NoLeftovers};
+use nbt_integration_tests::{nbt, nbt_bin, run_testbin, NoLeftovers};
 use serde_json::Value;
 
 /// The agent as a child process, killed on drop.
@@ -20,6 +20,10 @@ struct Agent {
 
 impl Agent {
     fn start(guard: &NoLeftovers) -> Agent {
+        Agent::start_with(guard, &[])
+    }
+
+    fn start_with(guard: &NoLeftovers, extra: &[&str]) -> Agent {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -28,6 +32,7 @@ impl Agent {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(nbt_bin())
             .args(["agent", "--listen", &addr])
+            .args(extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -72,11 +77,30 @@ fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     (status, body)
+}
+
+/// The body of a chunked HTTP/1.1 response (Prometheus sends them).
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    body
 }
 
 fn json(body: &str) -> Value {
@@ -243,5 +267,187 @@ fn a_report_through_the_agent_becomes_a_receipt_of_the_live_run() {
     );
     assert!(text.contains("nbt_node_cpu_joules_total{source="), "{text}");
     assert!(text.contains("nbt_agent_bucket_joules "), "{text}");
+    guard.assert_clean();
+}
+
+/// The agent's attribution of a finished run, once the agent has read the run's last exits.
+fn run_attribution(agent: &Agent, run: &str) -> (Value, Value) {
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+    assert_eq!(status, 200, "{body}");
+    let all = json(&body);
+    let seen = all["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run"] == run)
+        .unwrap_or_else(|| panic!("{run} not in the agent's runs: {all}"))
+        .clone();
+    (seen, all)
+}
+
+fn cgroup_cpu_seconds(run: &nbt_integration_tests::Run) -> f64 {
+    run.f64("/cgroup/cpu_usage_usec") / 1e6
+}
+
+#[test]
+fn energy_follows_cpu_quotas_two_to_one_and_adds_up() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
+    let runs: Vec<_> = ["0.6", "0.3"]
+        .into_iter()
+        .map(|cpus| std::thread::spawn(move || run_testbin(&["--cpus", cpus], &["spin", "6"])))
+        .collect();
+    let runs: Vec<_> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+    let mut joules = Vec::new();
+    for run in &runs {
+        assert_eq!(run.status(), 0, "{}", run.stderr());
+        let name = run.summary.as_ref().unwrap()["run"].as_str().unwrap();
+        let (seen, all) = run_attribution(&agent, name);
+        // The sched_switch program's CPU time of the run against the cgroup's own account.
+        let traced = seen["cpu_seconds"].as_f64().unwrap();
+        let cgroup = cgroup_cpu_seconds(run);
+        assert!(
+            (traced / cgroup - 1.0).abs() < 0.02,
+            "{name}: sched_switch saw {traced:.3} CPU s, the cgroup {cgroup:.3}"
+        );
+        eprintln!("{name}: sched_switch {traced:.3} CPU s, cgroup {cgroup:.3} CPU s, {seen}");
+        joules.push(seen["joules"].as_f64().unwrap());
+        // Conservation: what processes were given adds up to the active energy.
+        let active = all["active_j"].as_f64().unwrap();
+        let attributed = all["attributed_j"].as_f64().unwrap();
+        assert!(active > 0.0, "{all}");
+        assert!(
+            (attributed - active).abs() <= 0.01 * active,
+            "attributed {attributed} J of {active} J active"
+        );
+        assert_eq!(all["source"], "model");
+        assert_eq!(all["lost_exit_records"], 0);
+    }
+    let ratio = joules[0] / joules[1];
+    eprintln!("joules {joules:?}, ratio {ratio:.4}");
+    assert!(
+        (ratio - 2.0).abs() <= 0.1,
+        "--cpus 0.6 against 0.3: {:.3} J / {:.3} J = {ratio:.3}",
+        joules[0],
+        joules[1]
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn a_thousand_processes_of_5ms_are_all_accounted_for() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
+    let run = run_testbin(&[], &["short-lived", "1000", "5"]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let name = run.summary.as_ref().unwrap()["run"].as_str().unwrap();
+    let (seen, all) = run_attribution(&agent, name);
+    // 1,000 children and the parent that forked them, each reported by its exit record.
+    assert_eq!(seen["exited_processes"], 1001, "{seen}");
+    let traced = seen["cpu_seconds"].as_f64().unwrap();
+    let cgroup = cgroup_cpu_seconds(&run);
+    eprintln!("sched_switch {traced:.3} CPU s, cgroup {cgroup:.3} CPU s, {seen}");
+    assert!(
+        traced >= 5.0,
+        "1,000 x 5 ms of CPU, sched_switch saw {traced:.3} s"
+    );
+    assert!(
+        (traced / cgroup - 1.0).abs() < 0.02,
+        "sched_switch saw {traced:.3} CPU s, the cgroup {cgroup:.3}"
+    );
+    assert!(seen["joules"].as_f64().unwrap() > 0.0, "{seen}");
+    assert_eq!(all["lost_exit_records"], 0, "{all}");
+    guard.assert_clean();
+}
+
+/// Prometheus as a child process on loopback, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn scraping(target: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nbt\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running prometheus (Debian's package; `cargo xtask setup` installs it)");
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// The samples of an instant query, once there are some (up to 30 s).
+    fn query(&self, query: &str) -> Vec<Value> {
+        let path = format!("/api/v1/query?query={query}");
+        for _ in 0..60 {
+            if let Ok(stream) = TcpStream::connect(&self.addr) {
+                drop(stream);
+                let (status, body) = http(&self.addr, "GET", &path, None, "");
+                if status == 200 {
+                    let result = json(&body)["data"]["result"].as_array().cloned();
+                    if let Some(result) = result.filter(|r| !r.is_empty()) {
+                        return result;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("prometheus at {} has no samples for {query}", self.addr);
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_the_metrics() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
+    let prometheus = Prometheus::scraping(&agent.addr);
+    // up == 1: the scrape succeeded and the exposition parsed.
+    let up = prometheus.query("up%7Bjob%3D%22nbt%22%7D");
+    assert_eq!(up[0]["value"][1], "1", "{up:?}");
+    let node = prometheus.query("nbt_node_cpu_joules_total");
+    assert_eq!(node[0]["metric"]["source"], "model", "{node:?}");
+    let processes = prometheus.query("nbt_process_cpu_joules_total");
+    assert!(
+        processes
+            .iter()
+            .any(|p| p["metric"]["comm"] == "nbt" && p["metric"]["pid"].is_string()),
+        "no nbt process among {} series",
+        processes.len()
+    );
+    drop(prometheus);
     guard.assert_clean();
 }

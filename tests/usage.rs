@@ -86,6 +86,36 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
 }
 
 #[test]
+fn bad_agent_options_exit_2_naming_the_flag() {
+    for (args, expected) in [
+        (
+            vec!["--interval", "5"],
+            "invalid value '5' for --interval: a unit is required",
+        ),
+        (
+            vec!["--interval", "10ms"],
+            "invalid value '10ms' for --interval: out of range",
+        ),
+        (
+            vec!["--listen", "8787"],
+            "invalid value '8787' for --listen",
+        ),
+        (vec!["--cpu-tdp", "0"], "invalid value '0' for --cpu-tdp"),
+        (
+            vec!["--cpu-tdp", "100", "--cpu-idle", "120"],
+            "invalid value '120' for --cpu-idle: not below the TDP (100 W)",
+        ),
+    ] {
+        let mut all = vec!["agent"];
+        all.extend(args.iter().copied());
+        let run = nbt(&all);
+        assert_eq!(run.status(), 2, "{all:?}: {}", run.stderr());
+        assert!(run.stderr().contains(expected), "{all:?}: {}", run.stderr());
+        assert_eq!(run.stderr().lines().count(), 1, "{all:?}: {}", run.stderr());
+    }
+}
+
+#[test]
 fn a_missing_command_is_a_usage_error() {
     let run = nbt(&["run", "--memory", "1G"]);
     assert_eq!(run.status(), 2);

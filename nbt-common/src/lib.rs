@@ -5,4 +5,5 @@
 pub mod account;
 pub mod edt;
 pub mod gate;
+pub mod sched;
 pub mod shaper;

@@ -10,6 +10,7 @@ mod account;
 mod edt;
 mod gate;
 mod pacing;
+mod sched;
 mod shaper;
 
 /// `*target += value`, atomically with respect to other CPUs and nested program runs.

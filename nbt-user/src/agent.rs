@@ -1,17 +1,21 @@
 //! `nbt agent`: the joule agent (CryoFlux's JouleAgent) over HTTP, on the same state as the runs.
 //!
-//! - A sampler reads the node's power every 500 ms: RAPL where powercap has it, else the stated
-//!   CPU model (`energy::CpuModel`) driven by the node's busy CPU time. The idle power is learned
-//!   over the first 5 s and then frozen (RAPL; the model's idle is stated); what is above it (net)
-//!   fills the joule bucket.
+//! - A sampler reads the node's power every `--interval` (1 s): RAPL where powercap has it, else
+//!   the stated CPU model (`energy::CpuModel`) driven by the node's busy CPU time. The idle power
+//!   is learned over the first 5 s and then frozen (RAPL; the model's idle is stated); what is
+//!   above it (net, the active energy) fills the joule bucket and is attributed to processes by
+//!   their CPU time as the kernel's sched_switch program saw it (`sched`, `attribution`).
 //! - `GET /v1/sample`: the bucket, gross/idle/net power, the source and its label.
 //! - `POST /v1/take {"joules": X}`: an atomic withdrawal; 409 with the balance when the bucket
 //!   holds less, never negative.
 //! - `POST /v1/report {"run": RUN, "task_name": ..., "base_loss": ..., "new_loss": ...}`: a
 //!   learning update of a live run, handed to the run through its `$NBT_REPORT` file, so the run
 //!   judges it and writes its receipt like any other.
-//! - `GET /metrics`: Prometheus text: node joules by source, the bucket, and per live run its
-//!   bytes, drops and balance (read from the runs' records and maps, as `nbt ps` reads them).
+//! - `GET /v1/attribution`: active energy, what each live process and each run (live or recent)
+//!   was given, and what the tracker could not see.
+//! - `GET /metrics`: Prometheus text: node joules by source, per-process and per-run joules, the
+//!   bucket, and per live run its bytes, drops and balance (read from the runs' records and maps,
+//!   as `nbt ps` reads them).
 //!
 //! Mutating endpoints need `Authorization: Bearer TOKEN`; the token is made at first start in a
 //! 0600 file (`$NBT_HOME/agent.token`) or given with `--token-file`.
@@ -33,9 +37,12 @@ use serde_json::{json, Value};
 
 use crate::energy::{node_busy_seconds, rapl_counters, CpuModel};
 use crate::learning::TaskReport;
+use crate::sched::ProcessTracker;
 
-/// How often the agent samples power.
-pub const SAMPLE_PERIOD: Duration = Duration::from_millis(500);
+/// How often the agent drains the kernel's process-exit records between samples.
+const EXIT_DRAIN_PERIOD: Duration = Duration::from_millis(100);
+/// Runs remembered after they end, for `/v1/attribution` and `/metrics`.
+const ENDED_RUNS_KEPT: usize = 256;
 /// The window over which a metered source's idle power is learned, then frozen.
 pub const IDLE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -67,8 +74,118 @@ impl Bucket {
     }
 }
 
+/// `nbt agent`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Where to listen (loopback unless you say otherwise)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8787")]
+    pub listen: String,
+    /// The bearer token of the mutating endpoints (default: $NBT_HOME/agent.token, made with
+    /// mode 0600 at first start)
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// How often power is sampled and attributed to processes
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub interval: String,
+    /// The model's CPU power at full load, whole node, watts (used only where no meter exists;
+    /// default 10 W per logical CPU)
+    #[arg(long, value_name = "WATTS")]
+    pub cpu_tdp: Option<f64>,
+    /// The model's CPU power when idle, whole node, watts (default 30% of --cpu-tdp)
+    #[arg(long, value_name = "WATTS")]
+    pub cpu_idle: Option<f64>,
+}
+
+/// The options, checked.
+pub struct AgentOptions {
+    pub listen: SocketAddr,
+    pub token_file: PathBuf,
+    pub interval: Duration,
+    pub model: CpuModel,
+}
+
+impl AgentArgs {
+    pub fn check(self) -> Result<AgentOptions, crate::units::UsageError> {
+        let usage = |flag: &str, value: &str, problem: String, accepted: &'static str| {
+            crate::units::UsageError {
+                flag: flag.into(),
+                value: value.into(),
+                problem,
+                accepted,
+            }
+        };
+        let listen = self.listen.parse().map_err(|_| {
+            usage(
+                "--listen",
+                &self.listen,
+                "not an address and port".into(),
+                "an address and port: 127.0.0.1:8787, [::1]:8787",
+            )
+        })?;
+        let interval = crate::units::parse_duration("--interval", &self.interval)?;
+        if interval < Duration::from_millis(100) || interval > Duration::from_secs(3600) {
+            return Err(usage(
+                "--interval",
+                &self.interval,
+                "out of range".into(),
+                "a duration from 100ms to 1h",
+            ));
+        }
+        let mut model = CpuModel::for_this_host();
+        if let Some(tdp) = self.cpu_tdp {
+            if !(tdp.is_finite() && tdp > 0.0) {
+                return Err(usage(
+                    "--cpu-tdp",
+                    &tdp.to_string(),
+                    "not a power above 0".into(),
+                    "watts above 0, for the whole node",
+                ));
+            }
+            model.tdp_watts = tdp;
+            model.idle_watts = tdp * crate::energy::MODEL_IDLE_SHARE;
+        }
+        if let Some(idle) = self.cpu_idle {
+            if !(idle.is_finite() && idle >= 0.0 && idle < model.tdp_watts) {
+                return Err(usage(
+                    "--cpu-idle",
+                    &idle.to_string(),
+                    format!("not below the TDP ({} W)", model.tdp_watts),
+                    "watts from 0 to below the TDP, for the whole node",
+                ));
+            }
+            model.idle_watts = idle;
+        }
+        Ok(AgentOptions {
+            listen,
+            token_file: self.token_file.unwrap_or_else(default_token_path),
+            interval,
+            model,
+        })
+    }
+}
+
+/// A run the agent has seen, live or ended.
+#[derive(Debug, Clone)]
+struct SeenRun {
+    cgroup_id: u64,
+    live: bool,
+    /// Order of first sighting, to forget the oldest ended runs first.
+    order: u64,
+}
+
+/// What the sampler attributed, and what it could not see.
+#[derive(Default)]
+struct Telemetry {
+    attribution: crate::attribution::Attribution,
+    runs: std::collections::BTreeMap<String, SeenRun>,
+    tracker: Option<String>,
+    losses: crate::sched::TrackerLosses,
+    intervals: u64,
+}
+
 struct Agent {
     bucket: Mutex<Bucket>,
+    telemetry: Mutex<Telemetry>,
     token: String,
 }
 
@@ -80,8 +197,76 @@ fn now_unix() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn sampler(agent: Shared) {
-    let model = CpuModel::for_this_host();
+/// Sleeps until `deadline`, draining exit records meanwhile.
+fn wait_draining(deadline: Instant, tracker: &mut Option<ProcessTracker>) {
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::sleep((deadline - now).min(EXIT_DRAIN_PERIOD));
+        if let Some(tracker) = tracker {
+            tracker.drain_exits();
+        }
+    }
+}
+
+/// Every live run's name and the cgroup v2 id its processes are charged to.
+fn live_run_cgroups() -> Vec<(String, u64)> {
+    crate::state::RunRecord::read_all(&crate::state::state_dir())
+        .into_iter()
+        .filter_map(|(_, record)| record.ok())
+        .filter(|record| record.supervisor_alive())
+        .filter_map(|record| {
+            let id = record
+                .cgroups
+                .iter()
+                .find_map(|dir| crate::sched::cgroup_id(dir))?;
+            Some((record.name, id))
+        })
+        .collect()
+}
+
+fn note_runs(runs: &mut std::collections::BTreeMap<String, SeenRun>, live: Vec<(String, u64)>) {
+    let next = runs.values().map(|r| r.order + 1).max().unwrap_or(0);
+    for run in runs.values_mut() {
+        run.live = false;
+    }
+    for (i, (name, cgroup_id)) in live.into_iter().enumerate() {
+        runs.entry(name)
+            .and_modify(|r| r.live = true)
+            .or_insert(SeenRun {
+                cgroup_id,
+                live: true,
+                order: next + i as u64,
+            });
+    }
+    while runs.len() > ENDED_RUNS_KEPT {
+        let Some(oldest) = runs
+            .iter()
+            .filter(|(_, r)| !r.live)
+            .min_by_key(|(_, r)| r.order)
+            .map(|(name, _)| name.clone())
+        else {
+            break;
+        };
+        runs.remove(&oldest);
+    }
+}
+
+fn sampler(agent: Shared, interval: Duration, model: CpuModel) {
+    let mut tracker = match ProcessTracker::attach() {
+        Ok(tracker) => Some(tracker),
+        Err(err) => {
+            eprintln!("nbt agent: per-process attribution is off: {err:#}");
+            agent
+                .telemetry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .tracker = Some(format!("{err:#}"));
+            None
+        }
+    };
     let powercap = Path::new("/sys/class/powercap");
     let started = Instant::now();
     let mut last = Instant::now();
@@ -89,7 +274,7 @@ fn sampler(agent: Shared) {
     let mut last_rapl = rapl_counters(powercap);
     let (mut idle_sum, mut idle_n) = (0.0, 0u32);
     loop {
-        std::thread::sleep(SAMPLE_PERIOD);
+        wait_draining(last + interval, &mut tracker);
         let dt = last.elapsed().as_secs_f64().max(1e-3);
         last = Instant::now();
         let busy = node_busy_seconds().unwrap_or(last_busy);
@@ -112,25 +297,46 @@ fn sampler(agent: Shared) {
             ),
         };
         last_rapl = rapl;
-        let mut bucket = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let idle_w = if source == "model" {
-            model.idle_watts
-        } else if started.elapsed() < IDLE_WINDOW {
-            idle_sum += gross_w;
-            idle_n += 1;
-            idle_sum / f64::from(idle_n)
-        } else {
-            bucket.idle_w
+        let deltas = match tracker.as_mut().map(ProcessTracker::take) {
+            Some(Ok(deltas)) => deltas,
+            Some(Err(err)) => {
+                eprintln!("nbt agent: reading the process map: {err:#}");
+                Vec::new()
+            }
+            None => Vec::new(),
         };
-        let net = (gross_w - idle_w).max(0.0) * dt;
-        bucket.joules += net;
-        bucket.deposited += net;
-        bucket.node_joules += gross_w * dt;
-        bucket.gross_w = gross_w;
-        bucket.idle_w = idle_w;
-        bucket.source = source;
-        bucket.label = label;
-        bucket.sampled_unix = now_unix();
+        let live_runs = live_run_cgroups();
+        let net = {
+            let mut bucket = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let idle_w = if source == "model" {
+                model.idle_watts
+            } else if started.elapsed() < IDLE_WINDOW {
+                idle_sum += gross_w;
+                idle_n += 1;
+                idle_sum / f64::from(idle_n)
+            } else {
+                bucket.idle_w
+            };
+            let net = (gross_w - idle_w).max(0.0) * dt;
+            bucket.joules += net;
+            bucket.deposited += net;
+            bucket.node_joules += gross_w * dt;
+            bucket.gross_w = gross_w;
+            bucket.idle_w = idle_w;
+            bucket.source = source;
+            bucket.label = label;
+            bucket.sampled_unix = now_unix();
+            net
+        };
+        let mut telemetry = agent.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+        if tracker.is_some() {
+            telemetry.attribution.interval(net, &deltas);
+        }
+        if let Some(tracker) = &tracker {
+            telemetry.losses = tracker.losses();
+        }
+        note_runs(&mut telemetry.runs, live_runs);
+        telemetry.intervals += 1;
     }
 }
 
@@ -312,17 +518,145 @@ async fn report(headers: HeaderMap, State(agent): State<Shared>, body: String) -
     }
 }
 
+async fn attribution(State(agent): State<Shared>) -> Response {
+    let (source, label) = {
+        let b = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        (b.source, b.label)
+    };
+    let t = agent.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+    let a = &t.attribution;
+    let runs: Vec<Value> = t
+        .runs
+        .iter()
+        .map(|(name, run)| {
+            let energy = a.cgroups.get(&run.cgroup_id).copied().unwrap_or_default();
+            json!({
+                "run": name,
+                "live": run.live,
+                "cgroup_id": run.cgroup_id,
+                "cpu_seconds": energy.cpu_seconds,
+                "joules": energy.joules,
+                "exited_processes": energy.exited_processes,
+            })
+        })
+        .collect();
+    let cgroups: Vec<Value> = a
+        .cgroups
+        .iter()
+        .map(|(id, c)| {
+            json!({
+                "cgroup_id": id,
+                "cpu_seconds": c.cpu_seconds,
+                "joules": c.joules,
+                "exited_processes": c.exited_processes,
+            })
+        })
+        .collect();
+    Json(json!({
+        "source": source,
+        "label": label,
+        "method": "active energy split by on-CPU time per process (sched_switch)",
+        "tracker": t.tracker.clone().unwrap_or_else(|| "attached".into()),
+        "intervals": t.intervals,
+        "active_j": a.active_joules,
+        "attributed_j": a.attributed_joules(),
+        "unattributed_j": a.unattributed_joules,
+        "lost_exit_records": t.losses.lost_exits,
+        "lost_map_full": t.losses.map_full,
+        "processes": a.processes.values().collect::<Vec<_>>(),
+        "runs": runs,
+        "cgroups": cgroups,
+    }))
+    .into_response()
+}
+
+type Labels = Vec<(String, String)>;
+type FloatCounter = prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>;
+type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
+type Family<M> = prometheus_client::metrics::family::Family<Labels, M>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The attribution's figures as Prometheus families, in the names Kepler users know.
+fn register_attribution(
+    registry: &mut prometheus_client::registry::Registry,
+    agent: &Agent,
+    source: &str,
+) {
+    let t = agent.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+    let a = &t.attribution;
+    let active: Family<FloatCounter> = Default::default();
+    active
+        .get_or_create(&labels(&[("source", source)]))
+        .inc_by(a.active_joules);
+    registry.register(
+        "nbt_node_cpu_active_joules",
+        "Energy of the node's CPUs above idle since the agent started: what is attributed",
+        active,
+    );
+    let process_joules: Family<FloatCounter> = Default::default();
+    let process_seconds: Family<FloatCounter> = Default::default();
+    for p in a.processes.values() {
+        let l = labels(&[
+            ("pid", &p.pid.to_string()),
+            ("comm", &p.comm),
+            ("source", source),
+        ]);
+        process_joules.get_or_create(&l).inc_by(p.joules);
+        process_seconds.get_or_create(&l).inc_by(p.cpu_seconds);
+    }
+    registry.register(
+        "nbt_process_cpu_joules",
+        "Active CPU energy attributed to a live process by its on-CPU time",
+        process_joules,
+    );
+    registry.register(
+        "nbt_process_cpu_seconds",
+        "On-CPU time of a live process since the agent started, from sched_switch",
+        process_seconds,
+    );
+    let run_joules: Family<FloatCounter> = Default::default();
+    let run_seconds: Family<FloatCounter> = Default::default();
+    for (name, run) in t.runs.iter().filter(|(_, r)| r.live) {
+        let energy = a.cgroups.get(&run.cgroup_id).copied().unwrap_or_default();
+        let l = labels(&[("run", name), ("source", source)]);
+        run_joules.get_or_create(&l).inc_by(energy.joules);
+        run_seconds.get_or_create(&l).inc_by(energy.cpu_seconds);
+    }
+    registry.register(
+        "nbt_run_cpu_joules",
+        "Active CPU energy attributed to a live run's processes, exited ones included",
+        run_joules,
+    );
+    registry.register(
+        "nbt_run_cpu_seconds",
+        "On-CPU time of a live run's processes, exited ones included",
+        run_seconds,
+    );
+    let lost: Family<prometheus_client::metrics::counter::Counter> = Default::default();
+    lost.get_or_create(&labels(&[("what", "exit_records")]))
+        .inc_by(t.losses.lost_exits);
+    lost.get_or_create(&labels(&[("what", "map_full")]))
+        .inc_by(t.losses.map_full);
+    registry.register(
+        "nbt_agent_tracker_lost",
+        "What the process tracker could not see: exit records dropped, charges refused by a full map",
+        lost,
+    );
+}
+
 async fn metrics(State(agent): State<Shared>) -> Response {
     let (node_joules, source, bucket) = {
         let b = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
         (b.node_joules, b.source, b.joules)
     };
     let mut registry = prometheus_client::registry::Registry::default();
-    type Labels = Vec<(String, String)>;
-    let node: prometheus_client::metrics::family::Family<
-        Labels,
-        prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>,
-    > = Default::default();
+    let node: Family<FloatCounter> = Default::default();
     node.get_or_create(&vec![("source".into(), source.to_string())])
         .inc_by(node_joules);
     registry.register(
@@ -330,26 +664,17 @@ async fn metrics(State(agent): State<Shared>) -> Response {
         "Energy of the node's CPUs since the agent started, by source (rapl: measured; model: estimated)",
         node.clone(),
     );
-    let gauge: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64> =
-        Default::default();
+    register_attribution(&mut registry, &agent, source);
+    let gauge: FloatGauge = Default::default();
     gauge.set(bucket);
     registry.register(
         "nbt_agent_bucket_joules",
         "Joules in the agent's bucket",
         gauge,
     );
-    let bytes: prometheus_client::metrics::family::Family<
-        Labels,
-        prometheus_client::metrics::counter::Counter,
-    > = Default::default();
-    let drops: prometheus_client::metrics::family::Family<
-        Labels,
-        prometheus_client::metrics::counter::Counter,
-    > = Default::default();
-    let balance: prometheus_client::metrics::family::Family<
-        Labels,
-        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
-    > = Default::default();
+    let bytes: Family<prometheus_client::metrics::counter::Counter> = Default::default();
+    let drops: Family<prometheus_client::metrics::counter::Counter> = Default::default();
+    let balance: Family<FloatGauge> = Default::default();
     for run in crate::live::live_runs() {
         if let Some(shaped) = run.shaped {
             for (direction, traffic) in [("egress", shaped.egress), ("ingress", shaped.ingress)] {
@@ -404,7 +729,14 @@ async fn metrics(State(agent): State<Shared>) -> Response {
 }
 
 /// Runs the agent until killed.
-pub fn serve(listen: SocketAddr, token_file: &Path) -> Result<()> {
+pub fn serve(options: AgentOptions) -> Result<()> {
+    let AgentOptions {
+        listen,
+        token_file,
+        interval,
+        model,
+    } = options;
+    let token_file = token_file.as_path();
     let token = token(token_file)?;
     let agent = Arc::new(Agent {
         bucket: Mutex::new(Bucket {
@@ -412,14 +744,16 @@ pub fn serve(listen: SocketAddr, token_file: &Path) -> Result<()> {
             label: "model",
             ..Bucket::default()
         }),
+        telemetry: Mutex::new(Telemetry::default()),
         token,
     });
     let sampled = agent.clone();
-    std::thread::spawn(move || sampler(sampled));
+    std::thread::spawn(move || sampler(sampled, interval, model));
     let app = Router::new()
         .route("/v1/sample", get(sample))
         .route("/v1/take", post(take))
         .route("/v1/report", post(report))
+        .route("/v1/attribution", get(attribution))
         .route("/metrics", get(metrics))
         .with_state(agent);
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -76,15 +76,7 @@ pub enum Command {
     Balloon { bytes_per_sec: u64 },
     /// The joule agent: the joule bucket (/v1/sample, /v1/take), learning updates of live runs
     /// (/v1/report), and /metrics for Prometheus, over HTTP
-    Agent {
-        /// Where to listen (loopback unless you say otherwise)
-        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8787")]
-        listen: String,
-        /// The bearer token of the mutating endpoints (default: $NBT_HOME/agent.token,
-        /// made with mode 0600 at first start)
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<std::path::PathBuf>,
-    },
+    Agent(crate::agent::AgentArgs),
     /// The receipts of runs and learning updates: list, show, verify, export, the public key
     Receipts(ReceiptsArgs),
     /// Remove what crashed runs left behind (cgroups, processes), and only that
@@ -459,22 +451,21 @@ pub fn main() -> i32 {
             }
         }
         Command::Receipts(args) => receipts_command(args),
-        Command::Agent { listen, token_file } => {
-            let addr: std::net::SocketAddr = match listen.parse() {
-                Ok(addr) => addr,
-                Err(_) => {
-                    eprintln!("nbt agent: invalid value '{listen}' for --listen: an address and port (127.0.0.1:8787, [::1]:8787)");
+        Command::Agent(args) => {
+            let options = match args.check() {
+                Ok(options) => options,
+                Err(err) => {
+                    eprintln!("nbt agent: {err}");
                     return 2;
                 }
             };
-            let token_file = token_file.unwrap_or_else(crate::agent::default_token_path);
             // The agent runs until stopped: Ctrl-C and SIGTERM end it as they end any server
             // (nbt blocked them at start for the runs' own signal handling).
             // SAFETY: pthread_sigmask on the set block_signals built, before any thread starts.
             unsafe {
                 libc::pthread_sigmask(libc::SIG_UNBLOCK, &signals, std::ptr::null_mut());
             }
-            match crate::agent::serve(addr, &token_file) {
+            match crate::agent::serve(options) {
                 Ok(()) => 0,
                 Err(err) => {
                     eprintln!("nbt agent: {err:#}");

@@ -7,8 +7,8 @@
 //! - `model`: where no meter exists (VMs, this development machine), a busy CPU is taken to draw
 //!   (TDP − idle) / CPUs above idle: the run's CPU time times that is its active energy.
 //!
-//! Per-process attribution from kernel telemetry, NVML and the agent come with the telemetry
-//! work (issue 8); this module is what a run's receipts use until then.
+//! A run is charged through its cgroup's own CPU time (the kernel's account of the same thing
+//! the agent's sched_switch program sees per process, `sched` and `attribution`).
 
 use std::fs;
 use std::path::{Path, PathBuf};

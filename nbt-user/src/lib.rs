@@ -4,6 +4,7 @@
 
 pub mod account;
 pub mod agent;
+pub mod attribution;
 pub mod cgroup;
 pub mod cleanup;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod probe;
 pub mod qdisc;
 pub mod receipt;
 pub mod run;
+pub mod sched;
 pub mod schedule;
 pub mod state;
 pub mod summary;

@@ -38,6 +38,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "openssl",
         "the same third party checking the receipts' ed25519 signatures",
     ),
+    (
+        "prometheus",
+        "a real Prometheus server scraping the agent's /metrics in a test",
+    ),
 ];
 
 #[derive(Parser)]

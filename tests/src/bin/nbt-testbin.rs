@@ -58,6 +58,7 @@ fn main() {
     match arg(&args, 1) {
         "alloc" => alloc(num(&args, 2)),
         "spin" => spin(Duration::from_secs(num(&args, 2))),
+        "short-lived" => short_lived(num(&args, 2), Duration::from_millis(num(&args, 3))),
         "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
         "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
         "tcp-stream" => tcp_stream(arg(&args, 2), Duration::from_secs(num(&args, 3))),
@@ -273,6 +274,39 @@ fn spin(duration: Duration) {
         }
     }
     println!("{}", x & 1);
+}
+
+/// Forks `count` children one after another; each spins until it has used `cpu` of CPU time,
+/// then exits.
+fn short_lived(count: u64, cpu: Duration) {
+    for _ in 0..count {
+        // SAFETY: the child only spins and calls _exit; no locks are held across the fork.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut x = 0u64;
+            while process_cpu_time() < cpu {
+                for i in 0..1000u64 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+                }
+            }
+            std::hint::black_box(x);
+            unsafe { libc::_exit(0) };
+        }
+        assert!(pid > 0, "fork failed");
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+    println!("forked {count}");
+}
+
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn forkbomb(deadline: Instant) {

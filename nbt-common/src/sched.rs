@@ -1,0 +1,60 @@
+//! CPU time per process (tgid), kept by the `sched` raw tracepoint programs.
+//!
+//! The kernel side charges each stretch of time a CPU spent running a task to the task's process,
+//! in [`PROCESS_CPU_MAP`] (a hash keyed by tgid). When a process's main thread exits, its final
+//! figure goes out through [`PROCESS_EXITS_MAP`] (a perf event array) and its entry is removed,
+//! so short-lived processes are reported even when they live and die between two reads.
+
+/// Name of the hash map tgid (u32) → [`ProcessCpu`].
+pub const PROCESS_CPU_MAP: &str = "PROCESS_CPU";
+/// Name of the perf event array carrying [`ProcessExit`] records.
+pub const PROCESS_EXITS_MAP: &str = "PROCESS_EXITS";
+/// Name of the per-CPU array of [`SchedStats`] (one slot).
+pub const SCHED_STATS_MAP: &str = "SCHED_STATS";
+
+/// Most processes tracked at once; a process that finds the map full is counted in
+/// [`SchedStats::map_full`] and its time is lost (user space reports the count).
+pub const MAX_PROCESSES: u32 = 65_536;
+
+pub const COMM_LEN: usize = 16;
+
+/// One process's CPU time so far.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessCpu {
+    /// On-CPU nanoseconds of all its threads.
+    pub cpu_ns: u64,
+    /// The cgroup v2 id of the thread last charged (a process moved between cgroups is charged
+    /// to the new one from then on).
+    pub cgroup_id: u64,
+    /// The command name, from its first sighting or its last exec.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// The last figure of a process whose main thread exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub cpu_ns: u64,
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Counters of the programs themselves, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedStats {
+    /// Switches charged.
+    pub switches: u64,
+    /// Charges lost because [`PROCESS_CPU_MAP`] was full.
+    pub map_full: u64,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ProcessCpu {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ProcessExit {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SchedStats {}

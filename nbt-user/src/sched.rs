@@ -1,0 +1,216 @@
+//! `sched`: CPU time per process from the kernel (`nbt-ebpf/src/sched.rs`), as deltas per
+//! interval for attribution.
+//!
+//! The programs are raw tracepoints, attached node-wide for as long as the [`ProcessTracker`]
+//! lives (dropping it detaches them). Each [`ProcessTracker::take`] returns, per process, the CPU
+//! time it spent since the previous call: processes that exited in between come from the perf
+//! event array (their final figure), the others from the hash map.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::maps::perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::RawTracePoint;
+use aya::Ebpf;
+use nbt_common::sched::{
+    ProcessCpu, ProcessExit, SchedStats, PROCESS_CPU_MAP, PROCESS_EXITS_MAP, SCHED_STATS_MAP,
+};
+
+use crate::loader;
+
+/// One process's CPU time over an interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuDelta {
+    pub tgid: u32,
+    pub cgroup_id: u64,
+    pub comm: String,
+    pub ns: u64,
+    pub end: End,
+}
+
+/// Whether a delta is a process's last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Running,
+    /// Its main thread exited: the kernel's exit record.
+    Exited,
+    /// Its entry outlived it (threads that ran after the main thread's exit) and was swept.
+    Swept,
+}
+
+/// Counts of what the tracker could not see, for the agent's honesty metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrackerLosses {
+    /// Exit records the perf buffers dropped (full).
+    pub lost_exits: u64,
+    /// Charges the kernel dropped because the process map was full.
+    pub map_full: u64,
+}
+
+pub struct ProcessTracker {
+    ebpf: Ebpf,
+    exits: Vec<PerfEventArrayBuffer<MapData>>,
+    pending_exits: Vec<ProcessExit>,
+    /// The figure each live process had at the last read.
+    seen: HashMap<u32, u64>,
+    /// Processes whose exit record came while the map still holds an entry for them (the tail of
+    /// their exit); swept once idle and gone from /proc.
+    exited: HashSet<u32>,
+    lost_exits: u64,
+}
+
+fn comm(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+impl ProcessTracker {
+    /// Loads and attaches the three sched programs node-wide.
+    pub fn attach() -> Result<ProcessTracker> {
+        let mut ebpf = loader::load()?;
+        for (name, tracepoint) in [
+            ("sched_process_exit", "sched_process_exit"),
+            ("sched_process_exec", "sched_process_exec"),
+            ("sched_switch", "sched_switch"),
+        ] {
+            let program: &mut RawTracePoint = loader::program(&mut ebpf, name)?;
+            program
+                .load()
+                .with_context(|| format!("the kernel refused to load BPF program {name}"))?;
+            program
+                .attach(tracepoint)
+                .with_context(|| format!("attaching {name} to raw tracepoint {tracepoint}"))?;
+        }
+        let map = ebpf
+            .take_map(PROCESS_EXITS_MAP)
+            .ok_or_else(|| anyhow!("BPF map {PROCESS_EXITS_MAP} missing from nbt's object"))?;
+        let mut events = PerfEventArray::try_from(map)?;
+        let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        // 64 pages (256 KiB) per CPU hold about 5,000 exits; they are drained every 100 ms.
+        let exits = cpus
+            .into_iter()
+            .map(|cpu| events.open(cpu, Some(64)))
+            .collect::<Result<_, _>>()?;
+        Ok(ProcessTracker {
+            ebpf,
+            exits,
+            pending_exits: Vec::new(),
+            seen: HashMap::new(),
+            exited: HashSet::new(),
+            lost_exits: 0,
+        })
+    }
+
+    /// Moves exit records out of the perf buffers; call often (every 100 ms) so bursts of short
+    /// processes do not overflow them.
+    pub fn drain_exits(&mut self) {
+        let (pending, lost) = (&mut self.pending_exits, &mut self.lost_exits);
+        for buffer in &mut self.exits {
+            buffer.for_each(|event| match event {
+                PerfEvent::Sample { head, tail } => {
+                    let mut bytes = head.to_vec();
+                    bytes.extend_from_slice(tail);
+                    if bytes.len() >= std::mem::size_of::<ProcessExit>() {
+                        // SAFETY: the kernel wrote a ProcessExit, a plain #[repr(C)] value.
+                        pending.push(unsafe {
+                            std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessExit>())
+                        });
+                    }
+                }
+                PerfEvent::Lost { count } => *lost += count,
+            });
+        }
+    }
+
+    /// Every process's CPU time since the previous call.
+    pub fn take(&mut self) -> Result<Vec<CpuDelta>> {
+        self.drain_exits();
+        let mut deltas = Vec::new();
+        for exit in std::mem::take(&mut self.pending_exits) {
+            let before = self.seen.remove(&exit.tgid).unwrap_or(0);
+            self.exited.insert(exit.tgid);
+            deltas.push(CpuDelta {
+                tgid: exit.tgid,
+                cgroup_id: exit.cgroup_id,
+                comm: comm(&exit.comm),
+                ns: exit.cpu_ns.saturating_sub(before),
+                end: End::Exited,
+            });
+        }
+        let map = self
+            .ebpf
+            .map_mut(PROCESS_CPU_MAP)
+            .ok_or_else(|| anyhow!("BPF map {PROCESS_CPU_MAP} missing from nbt's object"))?;
+        let mut processes = BpfHashMap::<_, u32, ProcessCpu>::try_from(map)?;
+        let entries: Vec<(u32, ProcessCpu)> = processes.iter().filter_map(|e| e.ok()).collect();
+        let mut present = HashSet::with_capacity(entries.len());
+        for (tgid, cpu) in entries {
+            present.insert(tgid);
+            let before = self.seen.get(&tgid).copied().unwrap_or(0);
+            // Less than before: the tgid was reused by a new process since the last read.
+            let ns = if cpu.cpu_ns >= before {
+                cpu.cpu_ns - before
+            } else {
+                cpu.cpu_ns
+            };
+            // An entry whose process is gone: the tail of an exit (threads that ran after the
+            // main thread's exit), or a process whose main thread left before its other threads.
+            let gone = ns == 0
+                && self.exited.contains(&tgid)
+                && !Path::new(&format!("/proc/{tgid}")).exists();
+            if gone {
+                let _ = processes.remove(&tgid);
+                self.seen.remove(&tgid);
+            } else {
+                self.seen.insert(tgid, cpu.cpu_ns);
+            }
+            if ns > 0 || gone {
+                deltas.push(CpuDelta {
+                    tgid,
+                    cgroup_id: cpu.cgroup_id,
+                    comm: comm(&cpu.comm),
+                    ns,
+                    end: if gone { End::Swept } else { End::Running },
+                });
+            }
+        }
+        // Entries the kernel removed whose exit record has not been read yet stay in `seen`
+        // until it arrives.
+        self.seen.retain(|tgid, _| {
+            present.contains(tgid) || Path::new(&format!("/proc/{tgid}")).exists()
+        });
+        self.exited.retain(|tgid| present.contains(tgid));
+        Ok(deltas)
+    }
+
+    pub fn losses(&self) -> TrackerLosses {
+        let map_full = self
+            .ebpf
+            .map(SCHED_STATS_MAP)
+            .and_then(|m| PerCpuArray::<_, SchedStats>::try_from(m).ok())
+            .and_then(|a| a.get(&0, 0).ok())
+            .map_or(0, |per_cpu| per_cpu.iter().map(|s| s.map_full).sum());
+        TrackerLosses {
+            lost_exits: self.lost_exits,
+            map_full,
+        }
+    }
+}
+
+/// The cgroup v2 id of a directory: on cgroup2 the directory's inode number is the id that
+/// `bpf_get_current_cgroup_id()` returns.
+pub fn cgroup_id(dir: &Path) -> Option<u64> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0
+        || fs.f_type as i64 != CGROUP2_SUPER_MAGIC
+    {
+        return None;
+    }
+    std::fs::metadata(dir).ok().map(|m| m.ino())
+}
