@@ -24,8 +24,7 @@ pub const COMM_LEN: usize = 16;
 pub struct ProcessCpu {
     /// On-CPU nanoseconds of all its threads.
     pub cpu_ns: u64,
-    /// The cgroup v2 id of the thread last charged (a process moved between cgroups is charged
-    /// to the new one from then on).
+    /// The cgroup v2 id of the process at its first sighting or its last exec.
     pub cgroup_id: u64,
     /// The command name, from its first sighting or its last exec.
     pub comm: [u8; COMM_LEN],
@@ -46,8 +45,6 @@ pub struct ProcessExit {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedStats {
-    /// Switches charged.
-    pub switches: u64,
     /// Charges lost because [`PROCESS_CPU_MAP`] was full.
     pub map_full: u64,
 }

@@ -65,9 +65,12 @@ fn charge_current() {
 pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if let (Some(entry), Ok(comm)) = (PROCESS_CPU.get_ptr_mut(tgid), bpf_get_current_comm()) {
-        // SAFETY: a pointer into the map value, valid for this program run; a plain store that a
+        // SAFETY: a pointer into the map value, valid for this program run; plain stores that a
         // concurrent reader may see half-done, which only garbles a name for one read.
-        unsafe { (*entry).comm = comm };
+        unsafe {
+            (*entry).comm = comm;
+            (*entry).cgroup_id = bpf_get_current_cgroup_id();
+        }
     }
     0
 }
@@ -100,37 +103,35 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
 
 /// Adds `ns` to the process's entry, making it at first sight. Two CPUs may both find no entry
 /// for a new multi-threaded process: the loser of the insert (EEXIST) adds to the winner's.
+/// The cgroup is read at first sight and at exec, not at every switch (three dependent loads
+/// that are cold after a switch): `nbt run` moves its child before exec, so runs are charged
+/// right; a process moved by another tool without exec stays charged to its first cgroup.
 #[inline(always)]
 fn charge(tgid: u32, ns: u64) {
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if !add_to_existing(tgid, ns, cgroup_id) {
-        let entry = ProcessCpu {
-            cpu_ns: ns,
-            cgroup_id,
-            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
-        };
-        if PROCESS_CPU
-            .insert(tgid, entry, u64::from(BPF_NOEXIST))
-            .is_err()
-            && !add_to_existing(tgid, ns, cgroup_id)
-        {
-            count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
-            return;
-        }
+    if add_to_existing(tgid, ns) {
+        return;
     }
-    count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).switches) });
+    let entry = ProcessCpu {
+        cpu_ns: ns,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    };
+    if PROCESS_CPU
+        .insert(tgid, entry, u64::from(BPF_NOEXIST))
+        .is_err()
+        && !add_to_existing(tgid, ns)
+    {
+        count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
+    }
 }
 
 #[inline(always)]
-fn add_to_existing(tgid: u32, ns: u64, cgroup_id: u64) -> bool {
+fn add_to_existing(tgid: u32, ns: u64) -> bool {
     let Some(entry) = PROCESS_CPU.get_ptr_mut(tgid) else {
         return false;
     };
     // SAFETY: a pointer into the map value, 8-byte aligned, valid for this program run.
-    unsafe {
-        atomic_add(core::ptr::addr_of_mut!((*entry).cpu_ns), ns);
-        (*entry).cgroup_id = cgroup_id;
-    }
+    unsafe { atomic_add(core::ptr::addr_of_mut!((*entry).cpu_ns), ns) };
     true
 }
 

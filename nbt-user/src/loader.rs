@@ -14,8 +14,11 @@ use aya::Ebpf;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nbt"));
 
 /// Loads the object's maps into the kernel. Programs are loaded by the modules that attach them.
+///
+/// Without the kernel's BTF: nbt's programs read no kernel structure (no CO-RE relocations), and
+/// parsing /sys/kernel/btf/vmlinux would cost about 20 MiB of memory at every start.
 pub fn load() -> Result<Ebpf> {
-    Ebpf::load(OBJECT).context(
+    aya::EbpfLoader::new().btf(None).load(OBJECT).context(
         "loading nbt's BPF object into the kernel failed (needs root or CAP_BPF + CAP_NET_ADMIN; \
          `nbt probe` lists what this kernel supports)",
     )

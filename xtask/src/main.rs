@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context as _, Result};
 
 mod bench;
+mod telemetry;
 mod vm;
 use clap::{Parser, Subcommand};
 
@@ -71,8 +72,9 @@ enum Task {
     /// Benchmarks (not tests), side by side against a reference; results in docs/benchmarks.md
     Bench {
         /// `net`: nbt's shaping against the seed's `tc htb` on a veth pair; `vm`: against the
-        /// seed's `tc htb` + `netem` inside the Debian kernels' VMs
-        #[arg(value_parser = ["net", "vm"])]
+        /// seed's `tc htb` + `netem` inside the Debian kernels' VMs; `telemetry`: the cost of
+        /// the sched_switch tracking and the agent's footprint with 1,000 processes
+        #[arg(value_parser = ["net", "vm", "telemetry"])]
         kind: String,
         /// For `vm`: 6.1, 6.12 or all (default 6.12)
         #[arg(long)]
@@ -295,7 +297,8 @@ fn bench(kind: &str, kernel: Option<&str>) -> Result<ExitCode> {
     match kind {
         "net" => bench::net(&workspace_root())?,
         "vm" => vm::bench(&workspace_root(), kernel.unwrap_or("6.12"))?,
-        other => bail!("unknown benchmark '{other}'; accepted: net, vm"),
+        "telemetry" => telemetry::bench(&workspace_root())?,
+        other => bail!("unknown benchmark '{other}'; accepted: net, vm, telemetry"),
     }
     Ok(ExitCode::SUCCESS)
 }

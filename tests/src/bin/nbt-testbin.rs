@@ -58,6 +58,8 @@ fn main() {
     match arg(&args, 1) {
         "alloc" => alloc(num(&args, 2)),
         "spin" => spin(Duration::from_secs(num(&args, 2))),
+        "pingpong" => pingpong(num(&args, 2)),
+        "sleepers" => sleepers(num(&args, 2), Duration::from_secs(num(&args, 3))),
         "short-lived" => short_lived(num(&args, 2), Duration::from_millis(num(&args, 3))),
         "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
         "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
@@ -274,6 +276,64 @@ fn spin(duration: Duration) {
         }
     }
     println!("{}", x & 1);
+}
+
+/// Two processes pass a byte back and forth over two pipes `rounds` times: every round is two
+/// wake-ups and two context switches. Prints the time per round.
+fn pingpong(rounds: u64) {
+    let (mut ping, mut pong) = ([0i32; 2], [0i32; 2]);
+    // SAFETY: pipe writes two descriptors into the arrays we own.
+    unsafe {
+        assert_eq!(libc::pipe(ping.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(pong.as_mut_ptr()), 0);
+    }
+    let mut byte = [0u8; 1];
+    // SAFETY: the child only reads and writes its pipes and calls _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        for _ in 0..rounds {
+            unsafe {
+                libc::read(ping[0], byte.as_mut_ptr().cast(), 1);
+                libc::write(pong[1], byte.as_ptr().cast(), 1);
+            }
+        }
+        unsafe { libc::_exit(0) };
+    }
+    let start = Instant::now();
+    for _ in 0..rounds {
+        unsafe {
+            libc::write(ping[1], byte.as_ptr().cast(), 1);
+            libc::read(pong[0], byte.as_mut_ptr().cast(), 1);
+        }
+    }
+    let elapsed = start.elapsed();
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    println!(
+        "pingpong rounds {rounds} ns_per_round {:.1}",
+        elapsed.as_nanos() as f64 / rounds as f64
+    );
+}
+
+/// `count` processes that each wake every second for a moment, for `duration`.
+fn sleepers(count: u64, duration: Duration) {
+    let end = Instant::now() + duration;
+    let mut children = Vec::new();
+    for _ in 0..count {
+        // SAFETY: the child only sleeps, spins briefly and calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            while Instant::now() < end {
+                std::hint::black_box((0..10_000u64).sum::<u64>());
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            unsafe { libc::_exit(0) };
+        }
+        children.push(pid);
+    }
+    println!("sleepers {count}");
+    for pid in children {
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
 }
 
 /// Forks `count` children one after another; each spins until it has used `cpu` of CPU time,
