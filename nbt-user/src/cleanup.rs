@@ -1,5 +1,6 @@
 //! `nbt cleanup`: remove what crashed runs left behind. A run is left alone while the nbt that
-//! started it lives; a dead one's processes are killed and its cgroups removed.
+//! started it lives; a dead one's processes are killed, its cgroups removed and its hardware caps
+//! put back.
 
 use std::fs;
 
@@ -59,6 +60,10 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
             }
         }
     }
+    // Hardware caps of dead runs go back to the values recorded before they were changed.
+    let (restored, hw_failed) = crate::hwcaps::cleanup(&dir, dry_run);
+    removed += restored;
+    failed += hw_failed;
     if removed == 0 && failed == 0 && live == 0 && !dry_run {
         eprintln!("nbt cleanup: nothing left behind");
     }

@@ -155,32 +155,50 @@ pub struct LimitArgs {
 pub struct NotYetArgs {
     #[arg(long, hide = true)]
     pub price_kwh: Option<String>,
-    #[arg(long, hide = true)]
-    pub gpu_power_limit: Option<String>,
-    #[arg(long, hide = true)]
-    pub gpu_clock: Option<String>,
-    #[arg(long, hide = true)]
-    pub cpu_max_freq: Option<String>,
-    #[arg(long, hide = true)]
-    pub no_turbo: bool,
 }
 
 impl NotYetArgs {
     fn given(&self) -> Vec<(String, String)> {
-        let values = [
-            ("price-kwh", &self.price_kwh),
-            ("gpu-power-limit", &self.gpu_power_limit),
-            ("gpu-clock", &self.gpu_clock),
-            ("cpu-max-freq", &self.cpu_max_freq),
-        ];
-        let mut given: Vec<(String, String)> = values
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.to_string(), v.clone()?)))
-            .collect();
-        if self.no_turbo {
-            given.push(("no-turbo".into(), "true".into()));
-        }
-        given
+        self.price_kwh
+            .iter()
+            .map(|v| ("price-kwh".to_string(), v.clone()))
+            .collect()
+    }
+}
+
+/// Machine-wide hardware caps: applied before the workload starts, put back when the run ends
+/// whatever way it ends (after a crash or power loss: `nbt cleanup`). A cap another live run
+/// holds is refused.
+#[derive(Debug, Args)]
+pub struct HwArgs {
+    /// Cap every CPU's frequency (cpufreq scaling_max_freq): 2.0GHz, 2000MHz
+    #[arg(long, value_name = "FREQ")]
+    pub cpu_max_freq: Option<String>,
+    /// Turn CPU turbo off (intel_pstate no_turbo, else cpufreq boost)
+    #[arg(long)]
+    pub no_turbo: bool,
+    /// GPU power limit in watts (NVML), within the range the GPU reports
+    #[arg(long, value_name = "WATTS")]
+    pub gpu_power_limit: Option<String>,
+    /// Lock the GPU graphics clock at MHZ (NVML); unlocked after the run
+    #[arg(long, value_name = "MHZ")]
+    pub gpu_clock: Option<String>,
+    /// Lock the GPU memory clock at MHZ (NVML, Ampere and newer); unlocked after the run
+    #[arg(long, value_name = "MHZ")]
+    pub gpu_mem_clock: Option<String>,
+    /// The GPUs the GPU caps apply to: all (default) or indices, 0,1
+    #[arg(long, value_name = "0,1|all")]
+    pub gpus: Option<String>,
+}
+
+impl HwArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.cpu_max_freq = self.cpu_max_freq.clone();
+        flags.no_turbo = self.no_turbo;
+        flags.gpu_power_limit = self.gpu_power_limit.clone();
+        flags.gpu_clock = self.gpu_clock.clone();
+        flags.gpu_mem_clock = self.gpu_mem_clock.clone();
+        flags.gpus = self.gpus.clone();
     }
 }
 
@@ -259,6 +277,8 @@ pub struct RunArgs {
     pub net: NetArgs,
     #[command(flatten)]
     pub ledger: LedgerArgs,
+    #[command(flatten)]
+    pub hw: HwArgs,
     #[command(flatten)]
     pub not_yet: NotYetArgs,
     #[command(flatten)]
@@ -524,6 +544,7 @@ fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     args.net.add_to(&mut flags);
     args.ledger.add_to(&mut flags);
     args.receipt.add_to(&mut flags);
+    args.hw.add_to(&mut flags);
     flags.schedule = args.schedule.clone();
     flags.restart = args.restart.clone();
     let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {

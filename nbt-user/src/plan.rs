@@ -65,13 +65,8 @@ pub struct Profile {
 
 /// Settings of the command line and profiles that this version of nbt does not enforce yet, with
 /// the capability each belongs to. Asking for one is refused, never silently dropped.
-pub const NOT_YET: [(&str, &str); 5] = [
-    ("price-kwh", "energy telemetry (it charges measured joules)"),
-    ("gpu-power-limit", "hardware caps"),
-    ("gpu-clock", "hardware caps"),
-    ("cpu-max-freq", "hardware caps"),
-    ("no-turbo", "hardware caps"),
-];
+pub const NOT_YET: [(&str, &str); 1] =
+    [("price-kwh", "energy telemetry (it charges measured joules)")];
 
 /// Values given on the command line; `None` where the flag was not given.
 #[derive(Debug, Default, Clone)]
@@ -100,6 +95,12 @@ pub struct Flags {
     pub restart: Option<String>,
     /// Flags of capabilities not built yet, by name (without `--`), with their values.
     pub not_yet: Vec<(String, String)>,
+    pub cpu_max_freq: Option<String>,
+    pub no_turbo: bool,
+    pub gpu_power_limit: Option<String>,
+    pub gpu_clock: Option<String>,
+    pub gpu_mem_clock: Option<String>,
+    pub gpus: Option<String>,
 }
 
 /// A setting that was asked for but is not enforced by this version, and where it came from.
@@ -141,6 +142,10 @@ pub struct Plan {
     pub schedule: Option<crate::schedule::Schedule>,
     /// How many times a failed workload is started again (`--restart on-failure[:N]`).
     pub restart_max: u32,
+    /// Machine-wide hardware caps, restored when the run ends (the summary reports what was
+    /// set and restored).
+    #[serde(skip)]
+    pub hwcaps: crate::hwcaps::HwRequest,
 }
 
 /// Why a plan could not be made. Always a usage error: exit status 2.
@@ -221,13 +226,7 @@ impl Profile {
 
     /// The settings of capabilities not built yet, in NOT_YET order.
     fn not_yet(&self) -> Vec<(&'static str, &toml::Value)> {
-        let fields: [(&str, &Option<toml::Value>); 5] = [
-            ("price-kwh", &self.price_kwh),
-            ("gpu-power-limit", &self.gpu_power_limit),
-            ("gpu-clock", &self.gpu_clock),
-            ("cpu-max-freq", &self.cpu_max_freq),
-            ("no-turbo", &self.no_turbo),
-        ];
+        let fields: [(&str, &Option<toml::Value>); 1] = [("price-kwh", &self.price_kwh)];
         let set: Vec<_> = fields
             .into_iter()
             .filter_map(|(key, value)| Some((key, value.as_ref()?)))
@@ -483,7 +482,22 @@ impl Plan {
                 }
             },
         };
+        let no_turbo_flag = flags.no_turbo.then(|| "true".to_string());
+        let hwcaps = crate::hwcaps::HwTexts {
+            cpu_max_freq: pick(&flags.cpu_max_freq, "cpu-max-freq", &profile.cpu_max_freq)?,
+            no_turbo: pick(&no_turbo_flag, "no-turbo", &profile.no_turbo)?,
+            gpu_power_limit: pick(
+                &flags.gpu_power_limit,
+                "gpu-power-limit",
+                &profile.gpu_power_limit,
+            )?,
+            gpu_clock: pick(&flags.gpu_clock, "gpu-clock", &profile.gpu_clock)?,
+            gpu_mem_clock: pick(&flags.gpu_mem_clock, "gpu-mem-clock", &None)?,
+            gpus: pick(&flags.gpus, "gpus", &None)?,
+        }
+        .parse()?;
         let mut plan = Plan {
+            hwcaps,
             profile: profile_name,
             limits,
             net,
@@ -539,9 +553,10 @@ impl Plan {
     }
 
     /// The refusal `nbt run` gives for a plan with pending settings.
+    /// Also refuses hardware caps this machine cannot apply (missing hardware, out of range).
     pub fn refuse_pending(&self) -> Result<(), PlanError> {
         if self.pending.is_empty() {
-            return Ok(());
+            return self.hwcaps.check();
         }
         // Latency needs a qdisc some kernels lack: name it, it is the first thing to fix.
         if let Some(latency) = self
@@ -558,6 +573,9 @@ impl Plan {
             }
         }
         let list: Vec<String> = self.pending.iter().map(ToString::to_string).collect();
+        if list.is_empty() {
+            return self.hwcaps.check();
+        }
         Err(PlanError(format!(
             "refusing to run: this version of nbt cannot enforce {}. Remove {} (a profile's \
              limits can be overridden by flags; `--profile none` starts from no limits)",
@@ -599,23 +617,21 @@ mod tests {
         assert_eq!(plan.net.ingress.loss, Loss::None);
         // Latency is enforced where the kernel has fq, else named as not enforced.
         let fq = crate::probe::fq_missing().is_none();
-        let mut expected_pending = vec![
-            ("latency", "100ms"),
-            ("gpu-power-limit", "75"),
-            ("gpu-clock", "1200"),
-            ("cpu-max-freq", "2.0GHz"),
-            ("no-turbo", "true"),
-        ];
+        let mut expected_pending = vec![("latency", "100ms")];
         if fq {
             expected_pending.remove(0);
             assert_eq!(plan.latency.unwrap().latency_ns, 100_000_000);
         }
         assert_eq!(pending, expected_pending);
+        assert_eq!(plan.hwcaps.cpu_max_freq.as_ref().unwrap().value, 2_000_000);
+        assert_eq!(plan.hwcaps.gpu.power_limit_w.as_ref().unwrap().value, 75.0);
+        assert_eq!(plan.hwcaps.gpu.clock_mhz.as_ref().unwrap().value, 1200);
+        assert!(plan.hwcaps.no_turbo.as_ref().unwrap().value);
         let refusal = plan.refuse_pending().unwrap_err().to_string();
         let expected = if !fq {
             "latency 100ms (built-in profile nbt) needs the fq qdisc"
         } else {
-            "gpu-power-limit 75 (built-in profile nbt; needs hardware caps"
+            "cannot enforce "
         };
         assert!(refusal.contains(expected), "{refusal}");
     }

@@ -318,23 +318,31 @@ fn hardware(out: &mut Vec<Feature>) {
             "libnvidia-ml.so.1 not found: no NVIDIA driver on this machine"
         },
     ));
-    let cpufreq = Path::new("/sys/devices/system/cpu/cpu0/cpufreq/scaling_max_freq").exists();
+    let sys = crate::hwcaps::sysfs_root();
+    let cpufreq = sys
+        .join("devices/system/cpu/cpu0/cpufreq/scaling_max_freq")
+        .exists();
     out.push(feature(
         "hardware",
         "cpufreq",
         cpufreq,
-        if cpufreq { "scaling_max_freq" } else { "/sys/devices/system/cpu/cpu0/cpufreq absent: no frequency scaling driver (common in VMs)" },
+        if cpufreq {
+            "scaling_max_freq: --cpu-max-freq works".to_string()
+        } else {
+            format!(
+                "{} absent: no frequency scaling driver (common in VMs); --cpu-max-freq is refused",
+                sys.join("devices/system/cpu/cpu0/cpufreq").display()
+            )
+        },
     ));
-    let turbo = Path::new("/sys/devices/system/cpu/intel_pstate/no_turbo").exists()
-        || Path::new("/sys/devices/system/cpu/cpufreq/boost").exists();
+    let turbo = crate::hwcaps::cpu::turbo_switch(&sys);
     out.push(feature(
         "hardware",
         "turbo control",
-        turbo,
-        if turbo {
-            "intel_pstate no_turbo or cpufreq boost"
-        } else {
-            "neither intel_pstate/no_turbo nor cpufreq/boost exists"
+        turbo.is_ok(),
+        match &turbo {
+            Ok((path, _)) => format!("{}: --no-turbo works", path.display()),
+            Err(why) => format!("{why}; --no-turbo is refused"),
         },
     ));
 }

@@ -183,6 +183,9 @@ pub fn execute(
         ),
     ];
     env.extend(extra_env.iter().cloned());
+    // Last before the workload: the originals are on disk before anything changes, and the
+    // guard puts them back however this function ends (errors and panics included).
+    let mut hardware = crate::hwcaps::apply(&plan.hwcaps, &state_dir, &name)?;
     let started = Instant::now();
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
@@ -347,6 +350,15 @@ pub fn execute(
         .unwrap_or((plan.net, plan.latency));
     drop(ebpf);
     cgroup.remove()?;
+    let hardware = hardware.as_mut().map(|applied| {
+        let restore_errors = applied.restore();
+        crate::summary::HardwareReport {
+            set: applied.set.clone(),
+            original: applied.originals(),
+            restored: restore_errors.is_empty(),
+            restore_errors,
+        }
+    });
 
     let mut summary = RunSummary {
         run: name,
@@ -368,6 +380,7 @@ pub fn execute(
         refused_reports: std::mem::take(&mut judge.refused),
         receipt: None,
         receipt_error: None,
+        hardware,
     };
     // Last of all, so that the receipt holds everything the run measured.
     let mut run_receipt = receipt::Receipt::of_run(&summary, summary.energy.clone(), String::new());

@@ -49,6 +49,16 @@ pub struct RunSummary {
     pub receipt: Option<Written>,
     /// Why a receipt could not be written; nbt then exits 125.
     pub receipt_error: Option<String>,
+    /// Machine-wide hardware caps: what was set, the values before, and whether they are back.
+    pub hardware: Option<HardwareReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HardwareReport {
+    pub set: Vec<String>,
+    pub original: Vec<String>,
+    pub restored: bool,
+    pub restore_errors: Vec<String>,
 }
 
 fn seconds(usec: u64) -> String {
@@ -281,6 +291,21 @@ impl RunSummary {
                     .map(|err| format!(" FAILED: {err}"))
                     .unwrap_or_default(),
                 during
+            );
+        }
+        if let Some(hw) = &self.hardware {
+            let _ = writeln!(
+                out,
+                "  hardware      set {}; {}",
+                hw.set.join(", "),
+                if hw.restored {
+                    format!("restored: {}", hw.original.join(", "))
+                } else {
+                    format!(
+                        "NOT restored ({}); `nbt cleanup` retries",
+                        hw.restore_errors.join("; ")
+                    )
+                }
             );
         }
         for j in &self.energy.joules {

@@ -1,0 +1,515 @@
+//! `hwcaps`: machine-wide hardware caps (the seed's nbt_gpu_limit.sh / nbt_cpu_limit.sh), always
+//! put back.
+//!
+//! Unlike cgroup and BPF limits, these change state the whole machine shares, so:
+//! - every value is read before anything is changed, and written to a state file
+//!   (`$NBT_STATE_DIR/<run>.hwcaps`, fsynced) before the first change;
+//! - the [`Applied`] guard restores them when the run ends, whatever way (normal exit, error,
+//!   signals forwarded to the workload, a panic unwinding); after SIGKILL or power loss
+//!   `nbt cleanup` restores them from the state file;
+//! - a second run asking for a cap another live run holds is refused (checked under a lock).
+//!
+//! `cpu` works on files beneath a sysfs root (`NBT_SYSFS_ROOT`, default /sys), so tests use a
+//! temporary directory standing in for it; `gpu` goes through NVML.
+
+pub mod cpu;
+pub mod gpu;
+
+use std::fs;
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::PlanError;
+
+/// The sysfs tree hardware caps work on.
+pub fn sysfs_root() -> PathBuf {
+    std::env::var_os("NBT_SYSFS_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys"))
+}
+
+/// A setting with the name it was asked by (`--cpu-max-freq`, or a profile key) and its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Asked<T> {
+    pub value: T,
+    pub name: String,
+    pub text: String,
+}
+
+impl<T> Asked<T> {
+    /// "cannot enforce --flag VALUE: why".
+    pub fn cannot(&self, why: impl std::fmt::Display) -> PlanError {
+        PlanError(format!("cannot enforce {} {}: {why}", self.name, self.text))
+    }
+
+    /// "invalid value 'VALUE' for --flag: problem".
+    pub fn invalid(&self, problem: impl std::fmt::Display) -> PlanError {
+        PlanError(format!(
+            "invalid value '{}' for {}: {problem}",
+            self.text, self.name
+        ))
+    }
+}
+
+/// The hardware caps a run asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HwRequest {
+    /// kHz, as cpufreq counts.
+    pub cpu_max_freq: Option<Asked<u64>>,
+    pub no_turbo: Option<Asked<bool>>,
+    pub gpu: gpu::GpuRequest,
+}
+
+impl HwRequest {
+    pub fn is_empty(&self) -> bool {
+        self.cpu_max_freq.is_none()
+            && !self.no_turbo.as_ref().is_some_and(|t| t.value)
+            && self.gpu.is_empty()
+    }
+
+    /// Refuses, before anything is changed, what this machine cannot do or does not allow.
+    pub fn check(&self) -> Result<(), PlanError> {
+        let root = sysfs_root();
+        if let Some(freq) = &self.cpu_max_freq {
+            cpu::check_max_freq(&root, freq)?;
+        }
+        if let Some(turbo) = self.no_turbo.as_ref().filter(|t| t.value) {
+            cpu::turbo_switch(&root).map_err(|why| turbo.cannot(why))?;
+        }
+        self.gpu.check()
+    }
+}
+
+/// One value as it was before nbt changed it, and how to put it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Original {
+    /// A sysfs file and its text.
+    File {
+        path: PathBuf,
+        value: String,
+    },
+    /// A GPU's power limit, milliwatts.
+    GpuPowerLimit {
+        index: u32,
+        milliwatts: u32,
+    },
+    /// A GPU's locked graphics clocks: NVML cannot read whether clocks were locked, so they are
+    /// reset (unlocked), the driver's default.
+    GpuLockedClocks {
+        index: u32,
+    },
+    GpuMemLockedClocks {
+        index: u32,
+    },
+}
+
+impl Original {
+    /// The machine-wide resource it belongs to: two runs cannot both hold one.
+    fn resource(&self) -> String {
+        match self {
+            Original::File { path, .. } => {
+                if path.ends_with("no_turbo") || path.ends_with("boost") {
+                    "turbo".into()
+                } else {
+                    "cpu frequency".into()
+                }
+            }
+            Original::GpuPowerLimit { index, .. } => format!("GPU {index} power limit"),
+            Original::GpuLockedClocks { index } => format!("GPU {index} clocks"),
+            Original::GpuMemLockedClocks { index } => format!("GPU {index} memory clocks"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Original::File { path, value } => format!("{} = {value}", path.display()),
+            Original::GpuPowerLimit { index, milliwatts } => {
+                format!(
+                    "GPU {index} power limit {} W",
+                    f64::from(*milliwatts) / 1000.0
+                )
+            }
+            Original::GpuLockedClocks { index } => format!("GPU {index} clocks unlocked"),
+            Original::GpuMemLockedClocks { index } => format!("GPU {index} memory clocks unlocked"),
+        }
+    }
+
+    fn restore(&self) -> Result<()> {
+        match self {
+            Original::File { path, value } => fs::write(path, value)
+                .with_context(|| format!("writing {value} back to {}", path.display())),
+            gpu_original => gpu::restore(gpu_original),
+        }
+    }
+}
+
+/// What `<run>.hwcaps` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile {
+    pub run: String,
+    pub supervisor_pid: i32,
+    pub supervisor_start_time: u64,
+    pub originals: Vec<Original>,
+}
+
+impl StateFile {
+    pub fn path(state_dir: &Path, run: &str) -> PathBuf {
+        state_dir.join(format!("{run}.hwcaps"))
+    }
+
+    fn alive(&self) -> bool {
+        crate::state::process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
+    }
+
+    /// Every state file in `state_dir`.
+    pub fn read_all(state_dir: &Path) -> Vec<(PathBuf, Result<StateFile>)> {
+        let Ok(entries) = fs::read_dir(state_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "hwcaps"))
+            .map(|p| {
+                let state = fs::read_to_string(&p)
+                    .with_context(|| format!("reading {}", p.display()))
+                    .and_then(|text| {
+                        serde_json::from_str(&text)
+                            .with_context(|| format!("parsing {}", p.display()))
+                    });
+                (p, state)
+            })
+            .collect()
+    }
+
+    /// Puts every value back, in reverse order; the errors, if any.
+    pub fn restore(&self) -> Vec<String> {
+        self.originals
+            .iter()
+            .rev()
+            .filter_map(|o| o.restore().err().map(|e| format!("{e:#}")))
+            .collect()
+    }
+}
+
+/// A change to make: the original to record, then how to apply it.
+pub struct Change {
+    pub original: Original,
+    pub apply: Box<dyn FnOnce() -> Result<()>>,
+    /// What was set, for the summary.
+    pub set: String,
+}
+
+/// The caps in force; dropping it restores them and removes the state file.
+pub struct Applied {
+    state_path: PathBuf,
+    state: StateFile,
+    pub set: Vec<String>,
+    restored: bool,
+}
+
+/// Holds `state_dir/hwcaps.lock` (flock) while alive.
+struct Lock {
+    _file: fs::File,
+}
+
+impl Lock {
+    fn take(state_dir: &Path) -> Result<Lock> {
+        fs::create_dir_all(state_dir)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(state_dir.join("hwcaps.lock"))
+            .context("opening the hardware caps lock")?;
+        // SAFETY: flock on a descriptor we own; released when the file closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking hwcaps.lock");
+        }
+        Ok(Lock { _file: file })
+    }
+}
+
+/// Reads the originals, records them, then applies the caps. A cap another live run holds is
+/// refused before anything changes. If one change fails, those made are put back.
+pub fn apply(request: &HwRequest, state_dir: &Path, run: &str) -> Result<Option<Applied>> {
+    if request.is_empty() {
+        return Ok(None);
+    }
+    let root = sysfs_root();
+    let mut changes = Vec::new();
+    if let Some(freq) = &request.cpu_max_freq {
+        changes.extend(cpu::max_freq_changes(&root, freq.value)?);
+    }
+    if request.no_turbo.as_ref().is_some_and(|t| t.value) {
+        changes.push(cpu::no_turbo_change(&root)?);
+    }
+    changes.extend(gpu::changes(&request.gpu)?);
+
+    let lock = Lock::take(state_dir)?;
+    for (path, state) in StateFile::read_all(state_dir) {
+        let Ok(other) = state else { continue };
+        if !other.alive() {
+            anyhow::bail!(
+                "{} holds the caps of {}, whose nbt (pid {}) is gone: run `nbt cleanup` to put them back first",
+                path.display(),
+                other.run,
+                other.supervisor_pid
+            );
+        }
+        for change in &changes {
+            if let Some(held) = other
+                .originals
+                .iter()
+                .find(|o| o.resource() == change.original.resource())
+            {
+                anyhow::bail!(
+                    "{} is held by {} (nbt pid {}): machine-wide caps cannot be shared; wait for it to end",
+                    held.resource(),
+                    other.run,
+                    other.supervisor_pid
+                );
+            }
+        }
+    }
+    let pid = std::process::id() as i32;
+    let state = StateFile {
+        run: run.to_string(),
+        supervisor_pid: pid,
+        supervisor_start_time: crate::state::process_start_time(pid)
+            .context("reading nbt's own start time from /proc")?,
+        originals: changes.iter().map(|c| c.original.clone()).collect(),
+    };
+    let state_path = StateFile::path(state_dir, run);
+    let mut file = fs::File::create(&state_path)
+        .with_context(|| format!("writing {}", state_path.display()))?;
+    file.write_all(serde_json::to_string_pretty(&state)?.as_bytes())?;
+    file.sync_all()?;
+    drop(lock);
+
+    let mut applied = Applied {
+        state_path,
+        state: StateFile {
+            originals: Vec::new(),
+            ..state.clone()
+        },
+        set: Vec::new(),
+        restored: false,
+    };
+    for change in changes {
+        applied.state.originals.push(change.original);
+        (change.apply)().with_context(|| format!("setting {}", change.set))?;
+        applied.set.push(change.set);
+    }
+    applied.state = state;
+    Ok(Some(applied))
+}
+
+impl Applied {
+    /// Puts everything back now; what could not be, as messages.
+    pub fn restore(&mut self) -> Vec<String> {
+        if self.restored {
+            return Vec::new();
+        }
+        self.restored = true;
+        let errors = self.state.restore();
+        if errors.is_empty() {
+            let _ = fs::remove_file(&self.state_path);
+        }
+        errors
+    }
+
+    pub fn originals(&self) -> Vec<String> {
+        self.state
+            .originals
+            .iter()
+            .map(Original::describe)
+            .collect()
+    }
+}
+
+impl Drop for Applied {
+    fn drop(&mut self) {
+        for error in self.restore() {
+            eprintln!(
+                "nbt: restoring a hardware cap failed: {error}; the original values stay in {}, `nbt cleanup` retries",
+                self.state_path.display()
+            );
+        }
+    }
+}
+
+/// `nbt cleanup`: restores the caps of runs whose nbt is gone.
+pub fn cleanup(state_dir: &Path, dry_run: bool) -> (usize, usize) {
+    let (mut restored, mut failed) = (0, 0);
+    for (path, state) in StateFile::read_all(state_dir) {
+        let state = match state {
+            Ok(state) => state,
+            Err(err) => {
+                eprintln!("nbt cleanup: {err:#}");
+                failed += 1;
+                continue;
+            }
+        };
+        if state.alive() {
+            continue;
+        }
+        let what: Vec<String> = state.originals.iter().map(Original::describe).collect();
+        if dry_run {
+            eprintln!(
+                "nbt cleanup: would restore the hardware caps of {}: {}",
+                state.run,
+                what.join(", ")
+            );
+            continue;
+        }
+        let errors = state.restore();
+        if errors.is_empty() {
+            let _ = fs::remove_file(&path);
+            eprintln!(
+                "nbt cleanup: restored the hardware caps of {}: {}",
+                state.run,
+                what.join(", ")
+            );
+            restored += 1;
+        } else {
+            eprintln!(
+                "nbt cleanup: {}: {}; {} kept",
+                state.run,
+                errors.join("; "),
+                path.display()
+            );
+            failed += 1;
+        }
+    }
+    (restored, failed)
+}
+
+/// The hardware settings as given, by flag or profile key, before parsing.
+#[derive(Debug, Clone, Default)]
+pub struct HwTexts {
+    pub cpu_max_freq: Option<(String, String)>,
+    pub no_turbo: Option<(String, String)>,
+    pub gpu_power_limit: Option<(String, String)>,
+    pub gpu_clock: Option<(String, String)>,
+    pub gpu_mem_clock: Option<(String, String)>,
+    pub gpus: Option<(String, String)>,
+}
+
+const FREQ_FORMS: &str = "a frequency with a unit: 2.0GHz, 2000MHz, 2000000kHz";
+
+impl HwTexts {
+    /// Parses every setting given (text, name) into a request.
+    pub fn parse(self) -> Result<HwRequest, PlanError> {
+        fn asked<T>(
+            given: Option<(String, String)>,
+            parse: impl Fn(&str) -> Result<T, String>,
+        ) -> Result<Option<Asked<T>>, PlanError> {
+            given
+                .map(|(text, name)| {
+                    parse(text.trim())
+                        .map(|value| Asked {
+                            value,
+                            name: name.clone(),
+                            text: text.clone(),
+                        })
+                        .map_err(|why| {
+                            PlanError(format!("invalid value '{text}' for {name}: {why}"))
+                        })
+                })
+                .transpose()
+        }
+        Ok(HwRequest {
+            cpu_max_freq: asked(self.cpu_max_freq, parse_khz)?,
+            no_turbo: asked(self.no_turbo, |t| match t {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err("accepted: true or false".into()),
+            })?,
+            gpu: gpu::GpuRequest {
+                power_limit_w: asked(self.gpu_power_limit, |t| {
+                    let number = t.strip_suffix('W').unwrap_or(t).trim();
+                    match number.parse::<f64>() {
+                        Ok(w) if w.is_finite() && w > 0.0 => Ok(w),
+                        _ => Err("accepted: watts above 0: 75, 75W".into()),
+                    }
+                })?,
+                clock_mhz: asked(self.gpu_clock, parse_mhz)?,
+                mem_clock_mhz: asked(self.gpu_mem_clock, parse_mhz)?,
+                gpus: asked(self.gpus, |t| {
+                    if t == "all" {
+                        return Ok(Vec::new());
+                    }
+                    t.split(',')
+                        .map(|i| i.trim().parse::<u32>())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|_| "accepted: all, or GPU indices: 0 or 0,1".into())
+                })?
+                .filter(|g| !g.value.is_empty()),
+            },
+        })
+    }
+}
+
+fn parse_khz(text: &str) -> Result<u64, String> {
+    let lower = text.to_ascii_lowercase();
+    let end = lower
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(end);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("not a frequency; accepted: {FREQ_FORMS}"))?;
+    let khz = match unit.trim() {
+        "ghz" => number * 1e6,
+        "mhz" => number * 1e3,
+        "khz" => number,
+        "" => return Err(format!("a unit is required; accepted: {FREQ_FORMS}")),
+        _ => return Err(format!("unknown unit; accepted: {FREQ_FORMS}")),
+    };
+    if khz < 1.0 {
+        return Err(format!("must be above 0; accepted: {FREQ_FORMS}"));
+    }
+    Ok(khz.round() as u64)
+}
+
+fn parse_mhz(text: &str) -> Result<u32, String> {
+    let number = text
+        .strip_suffix("MHz")
+        .or_else(|| text.strip_suffix("mhz"))
+        .unwrap_or(text)
+        .trim();
+    match number.parse::<u32>() {
+        Ok(mhz) if mhz > 0 => Ok(mhz),
+        _ => Err("accepted: whole MHz above 0: 1200, 1200MHz".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frequencies_and_gpu_settings_parse_or_name_the_problem() {
+        assert_eq!(parse_khz("2.0GHz"), Ok(2_000_000));
+        assert_eq!(parse_khz("1200MHz"), Ok(1_200_000));
+        assert!(parse_khz("2000")
+            .unwrap_err()
+            .contains("a unit is required"));
+        assert_eq!(parse_mhz("1200"), Ok(1200));
+        assert!(parse_mhz("-5").is_err());
+        let texts = HwTexts {
+            gpu_power_limit: Some(("0".into(), "--gpu-power-limit".into())),
+            ..HwTexts::default()
+        };
+        assert!(texts
+            .parse()
+            .unwrap_err()
+            .0
+            .starts_with("invalid value '0' for --gpu-power-limit"));
+    }
+}
