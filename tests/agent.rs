@@ -358,6 +358,16 @@ fn a_thousand_processes_of_5ms_are_all_accounted_for() {
     );
     assert!(seen["joules"].as_f64().unwrap() > 0.0, "{seen}");
     assert_eq!(all["lost_exit_records"], 0, "{all}");
+    // Without an NVIDIA driver the nvml source says so instead of a figure.
+    if !std::path::Path::new("/dev/nvidia0").exists() {
+        let absent = all["gpu"]["absent"].as_str().unwrap_or_default();
+        assert!(
+            absent.starts_with("no NVIDIA driver on this machine"),
+            "{}",
+            all["gpu"]
+        );
+        assert!(all["gpu"]["gpus"].as_array().unwrap().is_empty());
+    }
     guard.assert_clean();
 }
 

@@ -181,6 +181,40 @@ struct Telemetry {
     tracker: Option<String>,
     losses: crate::sched::TrackerLosses,
     intervals: u64,
+    gpu: GpuTelemetry,
+}
+
+/// The `nvml` source: energy per GPU, split across processes by SM utilisation.
+#[derive(Default)]
+struct GpuTelemetry {
+    /// Why there is no GPU figure (no driver, no GPU); `None` while NVML works.
+    absent: Option<String>,
+    /// Per GPU: joules since start, the last power, how the joules were measured.
+    gpus: std::collections::BTreeMap<u32, (f64, f64, &'static str)>,
+    /// (pid, GPU) → joules.
+    processes: std::collections::BTreeMap<(u32, u32), f64>,
+    /// GPU energy of intervals in which no process used the GPU.
+    unattributed_joules: f64,
+}
+
+impl GpuTelemetry {
+    fn add(&mut self, intervals: Vec<crate::gpu_energy::GpuInterval>) {
+        for gpu in intervals {
+            let entry = self.gpus.entry(gpu.index).or_insert((0.0, 0.0, gpu.method));
+            entry.0 += gpu.joules;
+            entry.1 = gpu.watts;
+            entry.2 = gpu.method;
+            let total: u32 = gpu.processes.iter().map(|(_, util)| util).sum();
+            if total == 0 {
+                self.unattributed_joules += gpu.joules;
+                continue;
+            }
+            for (pid, util) in gpu.processes {
+                *self.processes.entry((pid, gpu.index)).or_default() +=
+                    gpu.joules * f64::from(util) / f64::from(total);
+            }
+        }
+    }
 }
 
 struct Agent {
@@ -267,6 +301,22 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel) {
             None
         }
     };
+    let mut gpu_meter = match crate::gpu_energy::GpuMeter::open() {
+        Ok(meter) => {
+            eprintln!("nbt agent: nvml: {} GPU(s) metered", meter.gpus());
+            Some(meter)
+        }
+        Err(why) => {
+            eprintln!("nbt agent: nvml: {why}; GPU energy is not measured");
+            agent
+                .telemetry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .gpu
+                .absent = Some(why);
+            None
+        }
+    };
     let powercap = Path::new("/sys/class/powercap");
     let started = Instant::now();
     let mut last = Instant::now();
@@ -306,6 +356,7 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel) {
             None => Vec::new(),
         };
         let live_runs = live_run_cgroups();
+        let gpu_intervals = gpu_meter.as_mut().map(|m| m.sample()).unwrap_or_default();
         let net = {
             let mut bucket = agent.bucket.lock().unwrap_or_else(|p| p.into_inner());
             let idle_w = if source == "model" {
@@ -336,6 +387,7 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel) {
             telemetry.losses = tracker.losses();
         }
         note_runs(&mut telemetry.runs, live_runs);
+        telemetry.gpu.add(gpu_intervals);
         telemetry.intervals += 1;
     }
 }
@@ -564,6 +616,18 @@ async fn attribution(State(agent): State<Shared>) -> Response {
         "lost_exit_records": t.losses.lost_exits,
         "lost_map_full": t.losses.map_full,
         "processes": a.processes.values().collect::<Vec<_>>(),
+        "gpu": {
+            "source": "nvml",
+            "absent": t.gpu.absent,
+            "method": "each GPU's energy split by the processes' SM utilisation",
+            "gpus": t.gpu.gpus.iter().map(|(index, (joules, watts, how))| json!({
+                "gpu": index, "joules": joules, "watts": watts, "measured_by": how,
+            })).collect::<Vec<_>>(),
+            "processes": t.gpu.processes.iter().map(|((pid, gpu), joules)| json!({
+                "pid": pid, "gpu": gpu, "joules": joules,
+            })).collect::<Vec<_>>(),
+            "unattributed_j": t.gpu.unattributed_joules,
+        },
         "runs": runs,
         "cgroups": cgroups,
     }))
@@ -637,6 +701,32 @@ fn register_attribution(
         "nbt_run_cpu_seconds",
         "On-CPU time of a live run's processes, exited ones included",
         run_seconds,
+    );
+    let gpu_joules: Family<FloatCounter> = Default::default();
+    for (index, (joules, _, _)) in &t.gpu.gpus {
+        gpu_joules
+            .get_or_create(&labels(&[("gpu", &index.to_string()), ("source", "nvml")]))
+            .inc_by(*joules);
+    }
+    registry.register(
+        "nbt_node_gpu_joules",
+        "Energy of each GPU since the agent started (NVML energy counter, else integrated power)",
+        gpu_joules,
+    );
+    let gpu_process: Family<FloatCounter> = Default::default();
+    for ((pid, gpu), joules) in &t.gpu.processes {
+        gpu_process
+            .get_or_create(&labels(&[
+                ("pid", &pid.to_string()),
+                ("gpu", &gpu.to_string()),
+                ("source", "nvml"),
+            ]))
+            .inc_by(*joules);
+    }
+    registry.register(
+        "nbt_process_gpu_joules",
+        "GPU energy attributed to a process by its SM utilisation share",
+        gpu_process,
     );
     let lost: Family<prometheus_client::metrics::counter::Counter> = Default::default();
     lost.get_or_create(&labels(&[("what", "exit_records")]))

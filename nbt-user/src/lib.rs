@@ -11,6 +11,7 @@ pub mod cli;
 pub mod demo;
 pub mod energy;
 pub mod gate;
+pub mod gpu_energy;
 pub mod hwcaps;
 pub mod latency;
 pub mod learning;

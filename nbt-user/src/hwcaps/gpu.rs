@@ -117,7 +117,7 @@ fn in_range(clock: &Asked<u32>, index: u32, supported: &[u32]) -> Result<(), Pla
 }
 
 /// NVML, or one line saying why not.
-fn init() -> Result<Nvml, String> {
+pub fn init() -> Result<Nvml, String> {
     Nvml::init()
         .or_else(|_| {
             Nvml::builder()
