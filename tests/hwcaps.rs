@@ -257,11 +257,21 @@ fn out_of_range_or_missing_hardware_is_refused_in_one_line() {
             "invalid value 'fast' for --gpu-clock".into(),
         ),
     ];
+    cases.push((
+        sys.root(),
+        vec!["--gpu-memory", "8Mb"],
+        "invalid value '8Mb' for --gpu-memory: a lower-case b means bits".into(),
+    ));
     if gpu_absent {
         cases.push((
             sys.root(),
             vec!["--gpu-power-limit", "75"],
             "cannot enforce --gpu-power-limit 75: no NVIDIA driver on this machine".into(),
+        ));
+        cases.push((
+            sys.root(),
+            vec!["--gpu-memory", "8G"],
+            "cannot enforce --gpu-memory 8G: no NVIDIA driver on this machine".into(),
         ));
     }
     for (root, args, expected) in cases {
@@ -284,7 +294,55 @@ fn out_of_range_or_missing_hardware_is_refused_in_one_line() {
     let text = probe.stdout() + &probe.stderr();
     assert!(text.contains("--cpu-max-freq is refused"), "{text}");
     assert!(text.contains("--no-turbo is refused"), "{text}");
+    assert!(text.contains("CPU temperature"), "{text}");
+    assert!(text.contains("zenpower sensor under"), "{text}");
+    if gpu_absent {
+        assert!(text.contains("--gpu-memory are refused"), "{text}");
+    }
     let probe = output(nbt_with(sys.root(), &["probe"]));
     let text = probe.stdout() + &probe.stderr();
     assert!(text.contains("--cpu-max-freq works"), "{text}");
+}
+
+/// The hottest CPU sensor is sampled through the run and summarised; a GPU that is not there
+/// is named as such, not reported as zero.
+#[test]
+fn cpu_temperature_is_sampled_during_the_run() {
+    let sys = FakeSys::new();
+    let hwmon = sys.root().join("class/hwmon/hwmon3");
+    std::fs::create_dir_all(&hwmon).unwrap();
+    std::fs::write(hwmon.join("name"), "coretemp\n").unwrap();
+    std::fs::write(hwmon.join("temp1_input"), "50000\n").unwrap();
+    std::fs::write(hwmon.join("temp2_input"), "45000\n").unwrap();
+    // Another driver's sensor (a disk, say) is not the CPU's.
+    let other = sys.root().join("class/hwmon/hwmon4");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("name"), "nvme\n").unwrap();
+    std::fs::write(other.join("temp1_input"), "90000\n").unwrap();
+    let script = format!(
+        "sleep 1.5; echo 70000 > {}; sleep 1.5",
+        hwmon.join("temp1_input").display()
+    );
+    let run = output(nbt_with(
+        sys.root(),
+        &["run", "--json", "--", "sh", "-c", &script],
+    ));
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let t = |field: &str| run.f64(&format!("/sensors/cpu_temperature_c/{field}"));
+    assert_eq!((t("min"), t("max")), (50.0, 70.0), "{}", run.stderr());
+    // Sampled every 0.5 s over 3 s: about half the samples at each level.
+    assert!(t("samples") >= 5.0, "{}", t("samples"));
+    assert!(t("avg") > 55.0 && t("avg") < 65.0, "avg {}", t("avg"));
+    assert!(
+        run.stderr().contains("cpu sensors   temperature 50/"),
+        "{}",
+        run.stderr()
+    );
+    if !Path::new("/dev/nvidia0").exists() {
+        let absent = run.summary_str("/sensors/gpu_absent");
+        assert!(
+            absent.starts_with("no NVIDIA driver on this machine"),
+            "{absent}"
+        );
+    }
 }

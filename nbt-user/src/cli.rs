@@ -186,6 +186,15 @@ pub struct HwArgs {
     /// Lock the GPU memory clock at MHZ (NVML, Ampere and newer); unlocked after the run
     #[arg(long, value_name = "MHZ")]
     pub gpu_mem_clock: Option<String>,
+    /// GPU memory the run's processes may hold on each GPU: 8G. NVML cannot cap a process's
+    /// memory, so nbt watches it (NVML's per-process figures, every 0.5 s) and stops the run
+    /// when it is over, and sets for the workload what the CUDA stack honours by itself:
+    /// CUDA_MPS_PINNED_DEVICE_MEM_LIMIT (enforced by the driver, only under MPS),
+    /// PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:F (PyTorch's allocator; not set when
+    /// you set PYTORCH_CUDA_ALLOC_CONF yourself, even empty, as older PyTorch rejects the key),
+    /// XLA_PYTHON_CLIENT_MEM_FRACTION (JAX), NBT_GPU_MEMORY_BYTES and NBT_GPU_MEMORY_FRACTION
+    #[arg(long, value_name = "SIZE", verbatim_doc_comment)]
+    pub gpu_memory: Option<String>,
     /// The GPUs the GPU caps apply to: all (default) or indices, 0,1
     #[arg(long, value_name = "0,1|all")]
     pub gpus: Option<String>,
@@ -198,6 +207,7 @@ impl HwArgs {
         flags.gpu_power_limit = self.gpu_power_limit.clone();
         flags.gpu_clock = self.gpu_clock.clone();
         flags.gpu_mem_clock = self.gpu_mem_clock.clone();
+        flags.gpu_memory = self.gpu_memory.clone();
         flags.gpus = self.gpus.clone();
     }
 }

@@ -100,6 +100,7 @@ pub struct Flags {
     pub gpu_power_limit: Option<String>,
     pub gpu_clock: Option<String>,
     pub gpu_mem_clock: Option<String>,
+    pub gpu_memory: Option<String>,
     pub gpus: Option<String>,
 }
 
@@ -493,6 +494,7 @@ impl Plan {
             )?,
             gpu_clock: pick(&flags.gpu_clock, "gpu-clock", &profile.gpu_clock)?,
             gpu_mem_clock: pick(&flags.gpu_mem_clock, "gpu-mem-clock", &None)?,
+            gpu_memory: pick(&flags.gpu_memory, "gpu-memory", &None)?,
             gpus: pick(&flags.gpus, "gpus", &None)?,
         }
         .parse()?;

@@ -313,9 +313,9 @@ fn hardware(out: &mut Vec<Feature>) {
         "NVML (NVIDIA GPUs)",
         nvml,
         if nvml {
-            "libnvidia-ml.so.1 loads"
+            "libnvidia-ml.so.1 loads: --gpu-power-limit, --gpu-clock, --gpu-mem-clock, --gpu-memory and GPU sensors work"
         } else {
-            "libnvidia-ml.so.1 not found: no NVIDIA driver on this machine"
+            "libnvidia-ml.so.1 not found: no NVIDIA driver on this machine; --gpu-power-limit, --gpu-clock, --gpu-mem-clock and --gpu-memory are refused, GPU sensors not sampled"
         },
     ));
     let sys = crate::hwcaps::sysfs_root();
@@ -333,6 +333,19 @@ fn hardware(out: &mut Vec<Feature>) {
                 "{} absent: no frequency scaling driver (common in VMs); --cpu-max-freq is refused",
                 sys.join("devices/system/cpu/cpu0/cpufreq").display()
             )
+        },
+    ));
+    let temperature = crate::hwcaps::cpu::temperature_c(&sys);
+    out.push(feature(
+        "hardware",
+        "CPU temperature",
+        temperature.is_some(),
+        match temperature {
+            Some(c) => format!("hwmon reads {c:.0} °C now: sampled during runs"),
+            None => format!(
+                "no coretemp, k10temp or zenpower sensor under {}: not sampled",
+                sys.join("class/hwmon").display()
+            ),
         },
     ));
     let turbo = crate::hwcaps::cpu::turbo_switch(&sys);

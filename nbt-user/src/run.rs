@@ -3,9 +3,10 @@
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 
 use crate::cgroup::{Layout, Placement, RunCgroup, CONTROLLERS};
+use crate::hwcaps::watch::{gpu_memory_env, GpuMemoryReport, Watch};
 use crate::plan::Plan;
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::summary::RunSummary;
@@ -186,6 +187,25 @@ pub fn execute(
     // Last before the workload: the originals are on disk before anything changes, and the
     // guard puts them back however this function ends (errors and panics included).
     let mut hardware = crate::hwcaps::apply(&plan.hwcaps, &state_dir, &name)?;
+    let gpu_memory = match &plan.hwcaps.gpu.memory_bytes {
+        Some(cap) => {
+            let totals = plan.hwcaps.gpu.memory_totals().map_err(|e| anyhow!(e.0))?;
+            let caller_set = std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_some();
+            let set = gpu_memory_env(cap.value, &totals, caller_set);
+            env.extend(set.iter().cloned());
+            Some(GpuMemoryReport {
+                cap_bytes: cap.value,
+                env: set.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                exceeded: None,
+            })
+        }
+        None => None,
+    };
+    let mut watch = Watch::start(
+        &crate::hwcaps::sysfs_root(),
+        plan.hwcaps.gpu.chosen(),
+        gpu_memory,
+    );
     let started = Instant::now();
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
@@ -213,6 +233,19 @@ pub fn execute(
     let exit = loop {
         let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || {
             cgroup.sample();
+            let run_pids = || cgroup.pids().into_iter().map(|p| p as u32).collect();
+            if let Some(why) = watch.tick(run_pids) {
+                for pid in cgroup.pids() {
+                    // SAFETY: kill(2) with a pid of the run's own cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                lifecycle.push(lifecycle_event(
+                    started,
+                    schedule::Origin::Stop,
+                    format!("nbt stopped the workload: {why}"),
+                    None,
+                ));
+            }
             if let Some((since, tasks)) = recovering {
                 let reported = judge.tasks.len() > tasks;
                 if reported || since.elapsed() >= RECOVERED_AFTER {
@@ -381,6 +414,7 @@ pub fn execute(
         receipt: None,
         receipt_error: None,
         hardware,
+        sensors: watch.finish(),
     };
     // Last of all, so that the receipt holds everything the run measured.
     let mut run_receipt = receipt::Receipt::of_run(&summary, summary.energy.clone(), String::new());

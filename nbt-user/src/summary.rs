@@ -51,6 +51,8 @@ pub struct RunSummary {
     pub receipt_error: Option<String>,
     /// Machine-wide hardware caps: what was set, the values before, and whether they are back.
     pub hardware: Option<HardwareReport>,
+    /// CPU and GPU sensors sampled during the run, and the `--gpu-memory` watch.
+    pub sensors: crate::hwcaps::watch::SensorReport,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +61,59 @@ pub struct HardwareReport {
     pub original: Vec<String>,
     pub restored: bool,
     pub restore_errors: Vec<String>,
+}
+
+impl RunSummary {
+    fn write_sensors(&self, out: &mut String) {
+        use crate::hwcaps::watch::Series;
+        let show = |label: &str, unit: &str, s: &Option<Series>| {
+            s.map(|s| format!("{label} {:.0}/{:.0}/{:.0} {unit}", s.min, s.avg, s.max))
+        };
+        let sensors = &self.sensors;
+        let cpu = match (&sensors.cpu_temperature_c, &sensors.cpu_temperature_absent) {
+            (Some(_), _) => show("temperature", "°C", &sensors.cpu_temperature_c)
+                .map(|t| format!("{t} (min/avg/max)")),
+            (None, Some(why)) => Some(format!("temperature not measured: {why}")),
+            (None, None) => None,
+        };
+        if let Some(cpu) = cpu {
+            let _ = writeln!(out, "  cpu sensors   {cpu}");
+        }
+        if let Some(why) = &sensors.gpu_absent {
+            let _ = writeln!(out, "  gpu sensors   not measured: {why}");
+        }
+        for gpu in &sensors.gpus {
+            let figures: Vec<String> = [
+                show("temperature", "°C", &gpu.temperature_c),
+                show("power", "W", &gpu.power_w),
+                show("clock", "MHz", &gpu.graphics_clock_mhz),
+                show("memory clock", "MHz", &gpu.memory_clock_mhz),
+                show("utilisation", "%", &gpu.utilization_pct),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let _ = writeln!(
+                out,
+                "  gpu {:<9} {} (min/avg/max); run's memory peak {}",
+                gpu.index,
+                figures.join(", "),
+                crate::units::format_size(gpu.run_memory_peak_bytes)
+            );
+        }
+        if let Some(memory) = &sensors.gpu_memory {
+            let _ = writeln!(
+                out,
+                "  gpu memory    cap {} per GPU, watched; {}",
+                crate::units::format_size(memory.cap_bytes),
+                memory
+                    .exceeded
+                    .as_ref()
+                    .map(|why| format!("EXCEEDED: {why}; nbt stopped the workload"))
+                    .unwrap_or_else(|| "never exceeded".into())
+            );
+        }
+    }
 }
 
 fn seconds(usec: u64) -> String {
@@ -308,6 +363,7 @@ impl RunSummary {
                 }
             );
         }
+        self.write_sensors(&mut out);
         for j in &self.energy.joules {
             let _ = writeln!(
                 out,

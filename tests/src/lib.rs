@@ -91,6 +91,15 @@ impl Run {
             .and_then(Value::as_f64)
             .unwrap_or_else(|| panic!("{pointer} missing in {summary}"))
     }
+
+    pub fn summary_str(&self, pointer: &str) -> String {
+        let summary = self.summary.as_ref().expect("no JSON summary");
+        summary
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{pointer} missing or not a string in {summary}"))
+            .to_string()
+    }
 }
 
 /// Runs `nbt ARGS` to completion. The summary is parsed from the last line of stdout when it is JSON.

@@ -1,10 +1,7 @@
 //! GPU caps through NVML (nvml-wrapper; the library is loaded at run time): a power limit and
 //! locked graphics and memory clocks, on the GPUs chosen by `--gpus`. Ranges come from NVML
 //! (power limit constraints, supported clocks) and are checked before anything is changed.
-//!
-//! Not built: `--gpu-memory` (NVML cannot cap a process's VRAM; the honest version watches it)
-//! and sampling GPU temperature, power and clocks during a run. Both are refused or absent, not
-//! pretended.
+//! `--gpu-memory` changes no GPU setting: see `watch`.
 
 use anyhow::{Context as _, Result};
 use nvml_wrapper::enums::device::GpuLockedClocksSetting;
@@ -18,11 +15,14 @@ pub struct GpuRequest {
     pub power_limit_w: Option<Asked<f64>>,
     pub clock_mhz: Option<Asked<u32>>,
     pub mem_clock_mhz: Option<Asked<u32>>,
+    /// Bytes per GPU the run's processes may hold (watched, not a GPU setting).
+    pub memory_bytes: Option<Asked<u64>>,
     /// `None`: all GPUs.
     pub gpus: Option<Asked<Vec<u32>>>,
 }
 
 impl GpuRequest {
+    /// True when no GPU setting is to change (`--gpu-memory` changes none).
     pub fn is_empty(&self) -> bool {
         self.power_limit_w.is_none() && self.clock_mhz.is_none() && self.mem_clock_mhz.is_none()
     }
@@ -43,13 +43,18 @@ impl GpuRequest {
                     .as_ref()
                     .and_then(|a| named(&a.name, &a.text))
             })
+            .or_else(|| {
+                self.memory_bytes
+                    .as_ref()
+                    .and_then(|a| named(&a.name, &a.text))
+            })
     }
 
     pub fn check(&self) -> Result<(), PlanError> {
         let Some((name, text)) = self.first() else {
             if let Some(gpus) = &self.gpus {
                 return Err(PlanError(format!(
-                    "{} {} chooses the GPUs of --gpu-power-limit, --gpu-clock or --gpu-mem-clock; none was given",
+                    "{} {} chooses the GPUs of --gpu-power-limit, --gpu-clock, --gpu-mem-clock or --gpu-memory; none was given",
                     gpus.name, gpus.text
                 )));
             }
@@ -86,7 +91,38 @@ impl GpuRequest {
                 in_range(clock, index, &memory_clocks)?;
             }
         }
+        self.memory_totals()?;
         Ok(())
+    }
+
+    /// Each chosen GPU's total memory, when `--gpu-memory` is asked for; refuses a cap of
+    /// nothing or of more than a GPU has.
+    pub fn memory_totals(&self) -> Result<Vec<(u32, u64)>, PlanError> {
+        let Some(memory) = &self.memory_bytes else {
+            return Ok(Vec::new());
+        };
+        let nvml = init().map_err(|why| memory.cannot(why))?;
+        let mut totals = Vec::new();
+        for index in self.indices(&nvml).map_err(|why| memory.cannot(why))? {
+            let total = nvml
+                .device_by_index(index)
+                .and_then(|d| d.memory_info())
+                .map_err(|e| memory.cannot(format!("GPU {index}: {e}")))?
+                .total;
+            if memory.value == 0 || memory.value > total {
+                return Err(memory.invalid(format!(
+                    "GPU {index} has {}; accepted: more than 0, at most that",
+                    crate::units::format_size(total)
+                )));
+            }
+            totals.push((index, total));
+        }
+        Ok(totals)
+    }
+
+    /// The GPUs chosen by `--gpus`, as asked (`None`: all).
+    pub fn chosen(&self) -> Option<&[u32]> {
+        self.gpus.as_ref().map(|g| &g.value[..])
     }
 
     fn indices(&self, nvml: &Nvml) -> Result<Vec<u32>, String> {

@@ -14,6 +14,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod watch;
 
 use std::fs;
 use std::io::Write as _;
@@ -397,6 +398,7 @@ pub struct HwTexts {
     pub gpu_power_limit: Option<(String, String)>,
     pub gpu_clock: Option<(String, String)>,
     pub gpu_mem_clock: Option<(String, String)>,
+    pub gpu_memory: Option<(String, String)>,
     pub gpus: Option<(String, String)>,
 }
 
@@ -440,6 +442,10 @@ impl HwTexts {
                 })?,
                 clock_mhz: asked(self.gpu_clock, parse_mhz)?,
                 mem_clock_mhz: asked(self.gpu_mem_clock, parse_mhz)?,
+                memory_bytes: asked(self.gpu_memory, |t| {
+                    crate::units::parse_size("", t)
+                        .map_err(|e| format!("{}; accepted: {}", e.problem, e.accepted))
+                })?,
                 gpus: asked(self.gpus, |t| {
                     if t == "all" {
                         return Ok(Vec::new());

@@ -188,6 +188,9 @@ pub enum Origin {
     Restart,
     /// The restarted workload reported progress, or stayed up long enough.
     Recovered,
+    /// nbt stopped the workload: it went over a limit nbt watches rather than enforces
+    /// (`--gpu-memory`).
+    Stop,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
