@@ -186,7 +186,9 @@ impl RunMeter {
                 .zip(from.rapl_uj.iter().zip(&to.rapl_uj))
                 .map(|(z, (a, b))| counter_delta(*a, *b, z.range_uj))
                 .sum();
-            let node_busy = (to.node_busy_seconds - from.node_busy_seconds).max(0.0);
+            // /proc/stat counts in ticks (10 ms at HZ=100), the run's cgroup in microseconds: over
+            // a short interval the node can seem less busy than the run, which it cannot be.
+            let node_busy = (to.node_busy_seconds - from.node_busy_seconds).max(run_cpu);
             let share = if node_busy > 0.0 {
                 (run_cpu / node_busy).min(1.0)
             } else {

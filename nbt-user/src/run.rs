@@ -206,10 +206,12 @@ pub fn execute(
         plan.hwcaps.gpu.chosen(),
         gpu_memory,
     );
+    // Read before the spawn: a short workload can be done before the next line runs, and a
+    // meter started after it would see none of its CPU time.
+    let mut meter = energy::RunMeter::start(cgroup.cpu_seconds());
     let started = Instant::now();
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
-    let mut meter = energy::RunMeter::start(cgroup.cpu_seconds());
     let mut controls = schedule::apply::Controls {
         net: net::map_ids(&ebpf)?,
         edt_map: record.edt_map,
