@@ -108,6 +108,25 @@ fn traffic_outside_the_run_is_untouched() {
     guard.assert_clean();
 }
 
+/// Raises the socket's receive buffer past `net.core.rmem_max` (SO_RCVBUFFORCE, as root) to
+/// 64 MiB, enough for 50,000 small datagrams: a receiver thread descheduled on a busy machine
+/// must not lose datagrams that the shaper passed, or the loss measured is not the shaper's.
+fn hold_every_datagram(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 64 << 20;
+    // SAFETY: setsockopt with a pointer to a local int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
 /// Receives the numbered datagrams of `nbt-testbin udp-send` in namespace `ns` until 2 s pass
 /// without one; which of the `count` arrived.
 fn receive_numbered(ns: &str, port: u16, count: u64) -> std::thread::JoinHandle<Vec<bool>> {
@@ -116,6 +135,7 @@ fn receive_numbered(ns: &str, port: u16, count: u64) -> std::thread::JoinHandle<
         socket
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
+        hold_every_datagram(&socket);
         let mut buffer = [0u8; 2048];
         let mut received = vec![false; count as usize];
         while let Ok(n) = socket.recv(&mut buffer) {

@@ -52,6 +52,9 @@ pub struct ShaperState {
     pub tat_ns: u64,
     /// Gilbert-Elliott state: 0 good, 1 bad.
     pub bad_state: u64,
+    /// The cost (ns of the rate) of the last packet that passed: the bucket held this much more
+    /// just before it. Read by `pacing`, which runs on the ACK that closely follows a send.
+    pub last_cost_ns: u64,
 }
 
 /// Counters of one direction on one CPU. Bytes are IP bytes as they go on the wire: a GSO

@@ -195,11 +195,32 @@ fn echo(listener: TcpListener) {
     }
 }
 
+/// Bits per second between `from` and `to`: the least-squares slope of bytes received against
+/// time over every read in the window. TCP here delivers 64 KiB TSO bursts, which at 512kbit
+/// come once a second: a rate from the window's two end reads moves by a whole burst (9% of
+/// 11 s at 512kbit) depending on where the edges fall; the slope over all reads does not.
 fn rate_between(marks: &[(f64, u64)], from: f64, to: f64) -> f64 {
-    let at = |t: f64| marks.iter().find(|(time, _)| *time >= t).copied();
-    match (at(from), at(to)) {
-        (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => (b1 - b0) as f64 * 8.0 / (t1 - t0),
-        _ => f64::NAN,
+    let window: Vec<(f64, f64)> = marks
+        .iter()
+        .filter(|(t, _)| *t >= from && *t <= to)
+        .map(|&(t, b)| (t, b as f64))
+        .collect();
+    if window.len() < 2 {
+        return f64::NAN;
+    }
+    let n = window.len() as f64;
+    let (mean_t, mean_b) = window
+        .iter()
+        .fold((0.0, 0.0), |(st, sb), (t, b)| (st + t / n, sb + b / n));
+    let (mut cov, mut var) = (0.0, 0.0);
+    for (t, b) in &window {
+        cov += (t - mean_t) * (b - mean_b);
+        var += (t - mean_t) * (t - mean_t);
+    }
+    if var > 0.0 {
+        cov / var * 8.0
+    } else {
+        f64::NAN
     }
 }
 
@@ -297,10 +318,11 @@ fn case(
     } else {
         IP_PACKET
     };
-    // The request/response flow shares the limit: its 64-byte requests (plus 52 bytes of IP and
-    // TCP headers, plus 14 of Ethernet for htb) count too. Under a deep queue few of them run.
-    let ping_bits =
-        field("samples") * (64.0 + 52.0 + unit - IP_PACKET) * 8.0 / (seconds as f64 - 1.5);
+    // The request/response flow shares the limit: its 64-byte requests and every segment it sent
+    // (52 bytes of IP and TCP headers each, plus 14 of Ethernet for htb; pure ACKs included)
+    // count too. It runs from 0.5 s to 1 s before the end. Under a deep queue few requests run.
+    let ping_bits = (field("samples") * 64.0 + field("segments") * (52.0 + unit - IP_PACKET)) * 8.0
+        / (seconds as f64 - 1.5);
     Ok(Row {
         method: match method {
             Method::Bare => "bare veth",
@@ -317,7 +339,7 @@ fn case(
     })
 }
 
-pub fn net(workspace: &Path) -> Result<()> {
+pub fn net(workspace: &Path, repeat: u32) -> Result<()> {
     let bin: PathBuf = workspace.join("target/release");
     for name in ["nbt", "nbt-testbin"] {
         if !bin.join(name).exists() {
@@ -327,22 +349,24 @@ pub fn net(workspace: &Path) -> Result<()> {
     let netns = Netns::new()?;
     let rates: [(&'static str, f64, u64); 4] = [
         ("512kbit", 512e3, 14),
-        ("10mbit", 10e6, 10),
-        ("100mbit", 100e6, 10),
+        ("10mbit", 10e6, 20),
+        ("100mbit", 100e6, 20),
         ("1gbit", 1e9, 10),
     ];
     let mut rows = Vec::new();
     for (name, bits, seconds) in rates {
-        for method in [Method::Htb, Method::Nbt] {
-            eprintln!(
-                "xtask bench net: {name} with {}",
-                if method == Method::Htb {
-                    "tc htb"
-                } else {
-                    "nbt"
-                }
-            );
-            rows.push(case(&netns, &bin, method, Some((name, bits)), seconds)?);
+        for pass in 1..=repeat {
+            for method in [Method::Htb, Method::Nbt] {
+                eprintln!(
+                    "xtask bench net: {name} with {} ({pass} of {repeat})",
+                    if method == Method::Htb {
+                        "tc htb"
+                    } else {
+                        "nbt"
+                    }
+                );
+                rows.push(case(&netns, &bin, method, Some((name, bits)), seconds)?);
+            }
         }
     }
     for method in [Method::Bare, Method::Nbt] {
@@ -365,11 +389,31 @@ pub fn net(workspace: &Path) -> Result<()> {
             row.rate,
             row.goodput / 1e6,
             row.fraction
-                .map(|f| format!("{f:.3}"))
+                .map(|f| format!("{f:.4}"))
                 .unwrap_or_else(|| "-".into()),
             row.p50,
             row.p99,
             row.cpu_seconds_per_gb
+        );
+    }
+    println!("\n| limit | htb mean error | htb worst error | nbt mean error | nbt worst error | passes |");
+    println!("|---|---|---|---|---|---|");
+    for (name, _, _) in rates {
+        let errors = |method: &str| -> Vec<f64> {
+            rows.iter()
+                .filter(|r| r.rate == name && r.method == method)
+                .filter_map(|r| r.fraction.map(|f| (f - 1.0).abs() * 100.0))
+                .collect()
+        };
+        let (htb, nbt) = (errors("tc htb (seed)"), errors("nbt"));
+        let mean = |e: &[f64]| e.iter().sum::<f64>() / e.len().max(1) as f64;
+        let worst = |e: &[f64]| e.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "| {name} | {:.2}% | {:.2}% | {:.2}% | {:.2}% | {repeat} |",
+            mean(&htb),
+            worst(&htb),
+            mean(&nbt),
+            worst(&nbt)
         );
     }
     let (bare, unlimited) = (&rows[rows.len() - 2], &rows[rows.len() - 1]);

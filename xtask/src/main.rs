@@ -79,6 +79,10 @@ enum Task {
         /// For `vm`: 6.1, 6.12 or all (default 6.12)
         #[arg(long)]
         kernel: Option<String>,
+        /// For `net`: how many times each limited case runs (htb and nbt alternate), so that
+        /// the accuracy comparison does not rest on one sample of each
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        repeat: u32,
     },
 }
 
@@ -88,7 +92,11 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Run { args } => run(args),
         Task::Test => test(),
-        Task::Bench { kind, kernel } => bench(&kind, kernel.as_deref()),
+        Task::Bench {
+            kind,
+            kernel,
+            repeat,
+        } => bench(&kind, kernel.as_deref(), repeat),
         Task::VmTest { kernel } => vm_test(&kernel),
     };
     match result {
@@ -282,11 +290,15 @@ fn test() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench(kind: &str, kernel: Option<&str>) -> Result<ExitCode> {
+fn bench(kind: &str, kernel: Option<&str>, repeat: u32) -> Result<ExitCode> {
     if kind != "vm" && kernel.is_some() {
         eprintln!(
             "xtask bench: --kernel chooses the VM of `bench vm`; `bench {kind}` runs on this host"
         );
+        return Ok(ExitCode::from(2));
+    }
+    if kind != "net" && repeat != 1 {
+        eprintln!("xtask bench: --repeat applies to `bench net` only");
         return Ok(ExitCode::from(2));
     }
     setup()?;
@@ -295,7 +307,7 @@ fn bench(kind: &str, kernel: Option<&str>) -> Result<ExitCode> {
         bail!("the benchmarks make network namespaces and load BPF programs: run them as root");
     }
     match kind {
-        "net" => bench::net(&workspace_root())?,
+        "net" => bench::net(&workspace_root(), repeat)?,
         "vm" => vm::bench(&workspace_root(), kernel.unwrap_or("6.12"))?,
         "telemetry" => telemetry::bench(&workspace_root())?,
         other => bail!("unknown benchmark '{other}'; accepted: net, vm, telemetry"),

@@ -464,6 +464,8 @@ fn stream_and_ping(bulk: &str, echo: &str, duration: Duration) {
         rtts.push(start.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Every segment the request/response flow sent, pure ACKs included: they share the limit.
+    let segments = segments_sent(&stream);
     sender.join().expect("bulk sender");
     rtts.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| {
@@ -472,11 +474,33 @@ fn stream_and_ping(bulk: &str, echo: &str, duration: Duration) {
             .unwrap_or(f64::NAN)
     };
     println!(
-        "rtt_ms_p50 {:.3} rtt_ms_p99 {:.3} samples {}",
+        "rtt_ms_p50 {:.3} rtt_ms_p99 {:.3} samples {} segments {segments}",
         at(0.5),
         at(0.99),
         rtts.len()
     );
+}
+
+/// `tcpi_segs_out` of a TCP socket (data and pure ACKs), read from the kernel's `struct
+/// tcp_info` at its fixed offset (136 bytes, since Linux 4.2; glibc's copy of the struct ends
+/// before it).
+fn segments_sent(stream: &std::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    const SEGS_OUT: usize = 136;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the buffer and its length are valid; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert!(rc == 0 && len as usize >= SEGS_OUT + 4, "TCP_INFO");
+    u32::from_ne_bytes(info[SEGS_OUT..SEGS_OUT + 4].try_into().unwrap())
 }
 
 fn tcp_recv(addr: &str, from: f64, to: f64) {
