@@ -4,6 +4,8 @@
 //! These tests use the real kernel (cgroups, BPF, sockets) and must run as root, one at a time
 //! (`cargo xtask test` does both): they measure CPU time, which parallel tests would disturb.
 
+pub mod rate;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -372,18 +374,15 @@ pub struct Received {
 }
 
 impl Received {
-    /// Payload bits per second between `from` and `to` seconds after the first byte.
+    /// Payload bits per second between `from` and `to` seconds after the first byte (see
+    /// [`rate::slope_bits_per_sec`]).
     pub fn rate_between(&self, from: f64, to: f64) -> f64 {
-        let at = |t: f64| -> (f64, u64) {
-            *self
-                .marks
-                .iter()
-                .find(|(time, _)| *time >= t)
-                .unwrap_or_else(|| panic!("the transfer ended before {t} s"))
-        };
-        let (t0, b0) = at(from);
-        let (t1, b1) = at(to);
-        (b1 - b0) as f64 * 8.0 / (t1 - t0)
+        let last = self.marks.last().map_or(0.0, |m| m.0);
+        assert!(
+            last >= to,
+            "the transfer ended at {last:.1} s, before {to} s"
+        );
+        rate::slope_bits_per_sec(&self.marks, from, to)
     }
 }
 

@@ -2,6 +2,9 @@
 //! in one run, on one veth pair between two namespaces of the bench's own (TEST-NET-1 addresses,
 //! reachable nowhere else). Not a test: it prints a table, and docs/benchmarks.md keeps it.
 
+#[path = "../../tests/src/rate.rs"]
+mod rate;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -195,35 +198,6 @@ fn echo(listener: TcpListener) {
     }
 }
 
-/// Bits per second between `from` and `to`: the least-squares slope of bytes received against
-/// time over every read in the window. TCP here delivers 64 KiB TSO bursts, which at 512kbit
-/// come once a second: a rate from the window's two end reads moves by a whole burst (9% of
-/// 11 s at 512kbit) depending on where the edges fall; the slope over all reads does not.
-fn rate_between(marks: &[(f64, u64)], from: f64, to: f64) -> f64 {
-    let window: Vec<(f64, f64)> = marks
-        .iter()
-        .filter(|(t, _)| *t >= from && *t <= to)
-        .map(|&(t, b)| (t, b as f64))
-        .collect();
-    if window.len() < 2 {
-        return f64::NAN;
-    }
-    let n = window.len() as f64;
-    let (mean_t, mean_b) = window
-        .iter()
-        .fold((0.0, 0.0), |(st, sb), (t, b)| (st + t / n, sb + b / n));
-    let (mut cov, mut var) = (0.0, 0.0);
-    for (t, b) in &window {
-        cov += (t - mean_t) * (b - mean_b);
-        var += (t - mean_t) * (t - mean_t);
-    }
-    if var > 0.0 {
-        cov / var * 8.0
-    } else {
-        f64::NAN
-    }
-}
-
 fn case(
     netns: &Netns,
     bin: &Path,
@@ -310,7 +284,7 @@ fn case(
             .and_then(|i| words.get(i + 1)?.parse().ok())
             .unwrap_or(f64::NAN)
     };
-    let goodput = rate_between(&marks, 2.0, seconds as f64 - 1.0);
+    let goodput = rate::slope_bits_per_sec(&marks, 2.0, seconds as f64 - 1.0);
     let total_bytes = marks.last().map(|m| m.1).unwrap_or(0) as f64;
     // What each method counts against its limit: htb the Ethernet frame, nbt the IP packet.
     let unit = if method == Method::Htb {
