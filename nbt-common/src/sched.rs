@@ -2,12 +2,12 @@
 //!
 //! The kernel side charges each stretch of time a CPU spent running a task to the task's process,
 //! in [`PROCESS_CPU_MAP`] (a hash keyed by tgid). When a process's main thread exits, its final
-//! figure goes out through [`PROCESS_EXITS_MAP`] (a perf event array) and its entry is removed,
+//! figure goes out through [`PROCESS_EXITS_MAP`] (a ring buffer) and its entry is removed,
 //! so short-lived processes are reported even when they live and die between two reads.
 
 /// Name of the hash map tgid (u32) → [`ProcessCpu`].
 pub const PROCESS_CPU_MAP: &str = "PROCESS_CPU";
-/// Name of the perf event array carrying [`ProcessExit`] records.
+/// Name of the ring buffer carrying [`ProcessExit`] records.
 pub const PROCESS_EXITS_MAP: &str = "PROCESS_EXITS";
 /// Name of the per-CPU array of [`SchedStats`] (one slot).
 pub const SCHED_STATS_MAP: &str = "SCHED_STATS";
@@ -47,6 +47,8 @@ pub struct ProcessExit {
 pub struct SchedStats {
     /// Charges lost because [`PROCESS_CPU_MAP`] was full.
     pub map_full: u64,
+    /// Exit records lost because [`PROCESS_EXITS_MAP`] was full.
+    pub lost_exits: u64,
 }
 
 #[cfg(feature = "user")]

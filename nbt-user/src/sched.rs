@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
-use aya::maps::perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer};
+use aya::maps::RingBuf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::RawTracePoint;
 use aya::Ebpf;
@@ -44,7 +44,7 @@ pub enum End {
 /// Counts of what the tracker could not see, for the agent's honesty metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TrackerLosses {
-    /// Exit records the perf buffers dropped (full).
+    /// Exit records the ring buffer had no room for.
     pub lost_exits: u64,
     /// Charges the kernel dropped because the process map was full.
     pub map_full: u64,
@@ -52,14 +52,13 @@ pub struct TrackerLosses {
 
 pub struct ProcessTracker {
     ebpf: Ebpf,
-    exits: Vec<PerfEventArrayBuffer<MapData>>,
+    exits: RingBuf<MapData>,
     pending_exits: Vec<ProcessExit>,
     /// The figure each live process had at the last read.
     seen: HashMap<u32, u64>,
     /// Processes whose exit record came while the map still holds an entry for them (the tail of
     /// their exit); swept once idle and gone from /proc.
     exited: HashSet<u32>,
-    lost_exits: u64,
 }
 
 fn comm(bytes: &[u8]) -> String {
@@ -87,41 +86,26 @@ impl ProcessTracker {
         let map = ebpf
             .take_map(PROCESS_EXITS_MAP)
             .ok_or_else(|| anyhow!("BPF map {PROCESS_EXITS_MAP} missing from nbt's object"))?;
-        let mut events = PerfEventArray::try_from(map)?;
-        let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        // 64 pages (256 KiB) per CPU hold about 5,000 exits; they are drained every 100 ms.
-        let exits = cpus
-            .into_iter()
-            .map(|cpu| events.open(cpu, Some(64)))
-            .collect::<Result<_, _>>()?;
+        let exits = RingBuf::try_from(map)?;
         Ok(ProcessTracker {
             ebpf,
             exits,
             pending_exits: Vec::new(),
             seen: HashMap::new(),
             exited: HashSet::new(),
-            lost_exits: 0,
         })
     }
 
-    /// Moves exit records out of the perf buffers; call often (every 100 ms) so bursts of short
-    /// processes do not overflow them.
+    /// Moves exit records out of the ring buffer; call often (every 100 ms) so bursts of short
+    /// processes do not fill it. The kernel writes them without waking anyone: this is the reader.
     pub fn drain_exits(&mut self) {
-        let (pending, lost) = (&mut self.pending_exits, &mut self.lost_exits);
-        for buffer in &mut self.exits {
-            buffer.for_each(|event| match event {
-                PerfEvent::Sample { head, tail } => {
-                    let mut bytes = head.to_vec();
-                    bytes.extend_from_slice(tail);
-                    if bytes.len() >= std::mem::size_of::<ProcessExit>() {
-                        // SAFETY: the kernel wrote a ProcessExit, a plain #[repr(C)] value.
-                        pending.push(unsafe {
-                            std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessExit>())
-                        });
-                    }
-                }
-                PerfEvent::Lost { count } => *lost += count,
-            });
+        while let Some(record) = self.exits.next() {
+            if record.len() >= std::mem::size_of::<ProcessExit>() {
+                // SAFETY: the kernel wrote a ProcessExit, a plain #[repr(C)] value.
+                self.pending_exits.push(unsafe {
+                    std::ptr::read_unaligned(record.as_ptr().cast::<ProcessExit>())
+                });
+            }
         }
     }
 
@@ -187,15 +171,15 @@ impl ProcessTracker {
     }
 
     pub fn losses(&self) -> TrackerLosses {
-        let map_full = self
+        let per_cpu: Vec<SchedStats> = self
             .ebpf
             .map(SCHED_STATS_MAP)
             .and_then(|m| PerCpuArray::<_, SchedStats>::try_from(m).ok())
             .and_then(|a| a.get(&0, 0).ok())
-            .map_or(0, |per_cpu| per_cpu.iter().map(|s| s.map_full).sum());
+            .map_or_else(Vec::new, |values| values.iter().copied().collect());
         TrackerLosses {
-            lost_exits: self.lost_exits,
-            map_full,
+            lost_exits: per_cpu.iter().map(|s| s.lost_exits).sum(),
+            map_full: per_cpu.iter().map(|s| s.map_full).sum(),
         }
     }
 }
