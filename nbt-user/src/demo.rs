@@ -158,6 +158,9 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     for pending in &plan.pending {
         eprintln!("  not yet enforced:  {pending}");
     }
+    for refused in plan.hwcaps.set_aside_unavailable() {
+        eprintln!("  not enforced here: {refused}");
+    }
     let summary = match execute_and_print(&plan, &command, signals, &[], args.json) {
         Ok(summary) => summary,
         Err(status) => return status,

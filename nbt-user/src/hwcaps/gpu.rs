@@ -27,27 +27,23 @@ impl GpuRequest {
         self.power_limit_w.is_none() && self.clock_mhz.is_none() && self.mem_clock_mhz.is_none()
     }
 
+    /// Every setting asked for, as (name, text), in the order refusals name them.
+    pub fn asked(&self) -> Vec<(String, String)> {
+        let named = |name: &String, text: &String| (name.clone(), text.clone());
+        [
+            self.power_limit_w.as_ref().map(|a| named(&a.name, &a.text)),
+            self.clock_mhz.as_ref().map(|a| named(&a.name, &a.text)),
+            self.mem_clock_mhz.as_ref().map(|a| named(&a.name, &a.text)),
+            self.memory_bytes.as_ref().map(|a| named(&a.name, &a.text)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
     /// The first setting asked for, to name in a refusal.
     fn first(&self) -> Option<(String, String)> {
-        let named = |name: &String, text: &String| Some((name.clone(), text.clone()));
-        self.power_limit_w
-            .as_ref()
-            .and_then(|a| named(&a.name, &a.text))
-            .or_else(|| {
-                self.clock_mhz
-                    .as_ref()
-                    .and_then(|a| named(&a.name, &a.text))
-            })
-            .or_else(|| {
-                self.mem_clock_mhz
-                    .as_ref()
-                    .and_then(|a| named(&a.name, &a.text))
-            })
-            .or_else(|| {
-                self.memory_bytes
-                    .as_ref()
-                    .and_then(|a| named(&a.name, &a.text))
-            })
+        self.asked().into_iter().next()
     }
 
     pub fn check(&self) -> Result<(), PlanError> {

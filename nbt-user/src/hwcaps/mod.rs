@@ -83,6 +83,39 @@ impl HwRequest {
         }
         self.gpu.check()
     }
+
+    /// Takes out of the request each cap this machine cannot apply, with the reason `check`
+    /// would refuse it for (the GPU caps go or stay together). For the demo, which shows the
+    /// `nbt` profile on whatever machine it is run: it lists what it could not enforce instead
+    /// of refusing to start. `nbt run` refuses instead.
+    pub fn set_aside_unavailable(&mut self) -> Vec<PlanError> {
+        let root = sysfs_root();
+        let mut set_aside = Vec::new();
+        if let Some(freq) = &self.cpu_max_freq {
+            if let Err(err) = cpu::check_max_freq(&root, freq) {
+                set_aside.push(err);
+                self.cpu_max_freq = None;
+            }
+        }
+        if let Some(turbo) = self.no_turbo.as_ref().filter(|t| t.value) {
+            if let Err(why) = cpu::turbo_switch(&root) {
+                set_aside.push(turbo.cannot(why));
+                self.no_turbo = None;
+            }
+        }
+        if let Err(err) = self.gpu.check() {
+            let others: Vec<String> = (self.gpu.asked().iter().skip(1))
+                .map(|(name, text)| format!("{name} {text}"))
+                .collect();
+            set_aside.push(if others.is_empty() {
+                err
+            } else {
+                PlanError(format!("{err}; so also {}", others.join(", ")))
+            });
+            self.gpu = gpu::GpuRequest::default();
+        }
+        set_aside
+    }
 }
 
 /// One value as it was before nbt changed it, and how to put it back.

@@ -1,0 +1,38 @@
+//! `nbt demo`, what the README's `cargo xtask run` runs, end to end: the `nbt` profile's limits,
+//! the training workload fetching its data through the shaped link, the paid API gated, the
+//! receipts verified. Its hardware caps (2.0 GHz, no turbo, 75 W, 1200 MHz) meet a machine that
+//! may have none of that hardware: the demo names each one it cannot enforce and goes on.
+
+use std::process::Command;
+
+use nbt_integration_tests::{nbt_bin, NoLeftovers};
+
+#[test]
+fn the_demo_runs_and_names_the_caps_this_machine_cannot_enforce() {
+    let guard = NoLeftovers::new();
+    // An empty sysfs: no cpufreq and no turbo switch, whatever this machine has.
+    let sysfs = tempfile::tempdir().unwrap();
+    let out = Command::new(nbt_bin())
+        .env("NBT_SYSFS_ROOT", sysfs.path())
+        .arg("demo")
+        .output()
+        .expect("running nbt demo");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for expected in [
+        "not enforced here: cannot enforce cpu-max-freq (built-in profile nbt) 2.0GHz: this machine has no cpufreq",
+        "not enforced here: cannot enforce no-turbo (built-in profile nbt) true: neither",
+        "updates       5 reported",
+        "brownout #1 (line 2): thawed",
+        "step (line 7): egress rate 256kbit, ingress rate 256kbit",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+    // Set aside, so nothing was set: the summary has no `hardware` line.
+    assert!(!stderr.contains("  hardware      set"), "{stderr}");
+    assert!(stdout.contains("chain intact"), "{stdout}\n{stderr}");
+    guard.assert_clean();
+}
