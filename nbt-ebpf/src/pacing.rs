@@ -22,6 +22,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
+use nbt_common::shaper::{ShaperConfig, ShaperState};
 
 const SOL_SOCKET: i32 = 1;
 const SO_MAX_PACING_RATE: i32 = 47;
@@ -56,10 +57,7 @@ const GAIN_ABOVE_PPM: u64 = 2_500_000;
 /// ACK that runs this follows its segment within microseconds on a short path, and after a
 /// 64 KiB packet the level would read a third while the sender is at the rate.
 #[inline(always)]
-fn pacing_factor_ppm() -> u64 {
-    let Some((config, state)) = egress_bucket() else {
-        return PPM;
-    };
+fn pacing_factor_ppm(config: &ShaperConfig, state: *mut ShaperState) -> u64 {
     let depth = config.burst_ns;
     if depth == 0 {
         return PPM;
@@ -92,9 +90,8 @@ pub fn pace(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_RTT_CB => {
-            set_cap(&ctx);
             // The limit was lifted (`nbt set`): the cap is gone, so are the callbacks.
-            if egress_rate() == 0 {
+            if set_cap(&ctx) == 0 {
                 let _ =
                     ctx.set_cb_flags(ctx.cb_flags() as i32 & !(BPF_SOCK_OPS_RTT_CB_FLAG as i32));
             }
@@ -106,22 +103,32 @@ pub fn pace(ctx: SockOpsContext) -> u32 {
 
 /// TCP paces payload bytes; the bucket counts IP bytes. A segment of `mss` payload bytes costs
 /// `mss + 52` on the wire, so the cap is the rate scaled by `mss / (mss + 52)`, then by a factor
-/// that follows the bucket's level (see [`pacing_factor_ppm`]).
+/// that follows the bucket's level (see [`pacing_factor_ppm`]). Returns the egress rate it
+/// capped to, 0 when unlimited.
 #[inline(always)]
-fn set_cap(ctx: &SockOpsContext) {
-    let rate = egress_rate();
-    let mut cap = if rate == 0 {
-        UNLIMITED
-    } else {
-        // SAFETY: reading a field of the context the kernel handed us.
-        let mss = u64::from(unsafe { (*ctx.ops).mss_cache }).max(536);
-        let paced = rate * mss / (mss + SEGMENT_HEADERS) * pacing_factor_ppm() / PPM;
+fn set_cap(ctx: &SockOpsContext) -> u64 {
+    let Some((config, state)) = egress_bucket() else {
+        set_pacing_rate(ctx, UNLIMITED);
+        return 0;
+    };
+    let rate = config.rate_bytes_per_sec;
+    // SAFETY: reading a field of the context the kernel handed us.
+    let mss = u64::from(unsafe { (*ctx.ops).mss_cache }).max(536);
+    let paced = rate * mss / (mss + SEGMENT_HEADERS) * pacing_factor_ppm(config, state) / PPM;
+    set_pacing_rate(
+        ctx,
         if paced >= u64::from(UNLIMITED) {
             UNLIMITED - 1
         } else {
             paced.max(1) as u32
-        }
-    };
+        },
+    );
+    rate
+}
+
+/// `SO_MAX_PACING_RATE`, bytes per second; `UNLIMITED` lifts the cap.
+#[inline(always)]
+fn set_pacing_rate(ctx: &SockOpsContext, mut cap: u32) {
     // SAFETY: the helper reads `size_of::<u32>()` bytes from `cap`, a local.
     unsafe {
         bpf_setsockopt(

@@ -7,9 +7,8 @@
 //! CO-RE needed, one layout-free program for every kernel). The idle task (tgid 0) is not
 //! charged. sched_process_exec refreshes a process's command name; sched_process_exit, on the
 //! main thread, sends the process's final figure to user space through a ring buffer and removes
-//! its entry. What its
-//! other threads still run after that (microseconds while they die) makes a new entry that user
-//! space sweeps once the process is gone from /proc.
+//! its entry. What its other threads still run after that (microseconds while they die) makes a
+//! new entry that user space sweeps once the process is gone from /proc.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},

@@ -76,7 +76,7 @@ pub fn egress_rate() -> u64 {
 #[inline(always)]
 pub fn egress_bucket() -> Option<(&'static ShaperConfig, *mut ShaperState)> {
     let config = SHAPER_CONFIG.get(EGRESS)?;
-    if config.rate_bytes_per_sec == 0 || config.burst_ns == 0 {
+    if config.rate_bytes_per_sec == 0 {
         return None;
     }
     Some((config, SHAPER_STATE.get_ptr_mut(EGRESS)?))

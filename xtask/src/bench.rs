@@ -134,6 +134,17 @@ enum Method {
     Nbt,
 }
 
+impl Method {
+    /// As the progress lines name it.
+    fn label(self) -> &'static str {
+        match self {
+            Method::Bare => "bare",
+            Method::Htb => "tc htb",
+            Method::Nbt => "nbt",
+        }
+    }
+}
+
 struct Row {
     method: &'static str,
     rate: &'static str,
@@ -333,25 +344,14 @@ pub fn net(workspace: &Path, repeat: u32) -> Result<()> {
             for method in [Method::Htb, Method::Nbt] {
                 eprintln!(
                     "xtask bench net: {name} with {} ({pass} of {repeat})",
-                    if method == Method::Htb {
-                        "tc htb"
-                    } else {
-                        "nbt"
-                    }
+                    method.label()
                 );
                 rows.push(case(&netns, &bin, method, Some((name, bits)), seconds)?);
             }
         }
     }
     for method in [Method::Bare, Method::Nbt] {
-        eprintln!(
-            "xtask bench net: no limit, {}",
-            if method == Method::Bare {
-                "bare"
-            } else {
-                "nbt"
-            }
-        );
+        eprintln!("xtask bench net: no limit, {}", method.label());
         rows.push(case(&netns, &bin, method, None, 10)?);
     }
     println!("| method | limit | bulk goodput (Mbit/s) | achieved / limit | RTT p50 (ms) | RTT p99 (ms) | busy CPU s per GB |");

@@ -74,14 +74,10 @@ impl HwRequest {
 
     /// Refuses, before anything is changed, what this machine cannot do or does not allow.
     pub fn check(&self) -> Result<(), PlanError> {
-        let root = sysfs_root();
-        if let Some(freq) = &self.cpu_max_freq {
-            cpu::check_max_freq(&root, freq)?;
+        match self.refusals().into_iter().next() {
+            Some((_, refusal)) => Err(refusal),
+            None => Ok(()),
         }
-        if let Some(turbo) = self.no_turbo.as_ref().filter(|t| t.value) {
-            cpu::turbo_switch(&root).map_err(|why| turbo.cannot(why))?;
-        }
-        self.gpu.check()
     }
 
     /// Takes out of the request each cap this machine cannot apply, with the reason `check`
@@ -89,33 +85,61 @@ impl HwRequest {
     /// `nbt` profile on whatever machine it is run: it lists what it could not enforce instead
     /// of refusing to start. `nbt run` refuses instead.
     pub fn set_aside_unavailable(&mut self) -> Vec<PlanError> {
+        let refusals = self.refusals();
+        refusals
+            .into_iter()
+            .map(|(cap, refusal)| match cap {
+                Cap::CpuMaxFreq => {
+                    self.cpu_max_freq = None;
+                    refusal
+                }
+                Cap::NoTurbo => {
+                    self.no_turbo = None;
+                    refusal
+                }
+                Cap::Gpu => {
+                    let others: Vec<String> = (self.gpu.asked().iter().skip(1))
+                        .map(|(name, text)| format!("{name} {text}"))
+                        .collect();
+                    self.gpu = gpu::GpuRequest::default();
+                    if others.is_empty() {
+                        refusal
+                    } else {
+                        PlanError(format!("{refusal}; so also {}", others.join(", ")))
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Every cap asked for that this machine cannot apply, with its refusal, in the order
+    /// `check` names them.
+    fn refusals(&self) -> Vec<(Cap, PlanError)> {
         let root = sysfs_root();
-        let mut set_aside = Vec::new();
+        let mut refusals = Vec::new();
         if let Some(freq) = &self.cpu_max_freq {
-            if let Err(err) = cpu::check_max_freq(&root, freq) {
-                set_aside.push(err);
-                self.cpu_max_freq = None;
+            if let Err(refusal) = cpu::check_max_freq(&root, freq) {
+                refusals.push((Cap::CpuMaxFreq, refusal));
             }
         }
         if let Some(turbo) = self.no_turbo.as_ref().filter(|t| t.value) {
             if let Err(why) = cpu::turbo_switch(&root) {
-                set_aside.push(turbo.cannot(why));
-                self.no_turbo = None;
+                refusals.push((Cap::NoTurbo, turbo.cannot(why)));
             }
         }
-        if let Err(err) = self.gpu.check() {
-            let others: Vec<String> = (self.gpu.asked().iter().skip(1))
-                .map(|(name, text)| format!("{name} {text}"))
-                .collect();
-            set_aside.push(if others.is_empty() {
-                err
-            } else {
-                PlanError(format!("{err}; so also {}", others.join(", ")))
-            });
-            self.gpu = gpu::GpuRequest::default();
+        if let Err(refusal) = self.gpu.check() {
+            refusals.push((Cap::Gpu, refusal));
         }
-        set_aside
+        refusals
     }
+}
+
+/// The parts of a [`HwRequest`] that are refused, or set aside, one at a time.
+#[derive(Debug, Clone, Copy)]
+enum Cap {
+    CpuMaxFreq,
+    NoTurbo,
+    Gpu,
 }
 
 /// One value as it was before nbt changed it, and how to put it back.
