@@ -77,19 +77,25 @@ impl NodeKey {
         let pem = signing
             .to_pkcs8_pem(LineEnding::LF)
             .map_err(|e| anyhow::anyhow!("encoding the node key: {e}"))?;
-        // create_new: two runs making the key at once must not overwrite each other's.
-        let file = fs::OpenOptions::new()
+        // Written whole under a name of this process's own, then linked into place: two runs
+        // making the key at once must not overwrite each other's, and neither may read the
+        // other's half-written file (a plain create_new let the loser read it while it was empty).
+        let mut tag = [0u8; 8];
+        getrandom::fill(&mut tag).map_err(|e| anyhow::anyhow!("reading randomness: {e}"))?;
+        let staged = path.with_extension(format!("new-{}", hex(&tag)));
+        let written = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path);
-        match file {
-            Ok(mut file) => {
-                file.write_all(pem.as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .with_context(|| format!("writing the node key {}", path.display()))?;
-                Ok(NodeKey { signing })
-            }
+            .open(&staged)
+            .and_then(|mut file| {
+                file.write_all(pem.as_bytes())?;
+                file.sync_all()
+            })
+            .and_then(|()| fs::hard_link(&staged, path));
+        let _ = fs::remove_file(&staged);
+        match written {
+            Ok(()) => Ok(NodeKey { signing }),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(path),
             Err(e) => Err(e).with_context(|| format!("making the node key {}", path.display())),
         }
@@ -162,6 +168,26 @@ mod tests {
         let pub_path = dir.path().join("node.pub");
         fs::write(&pub_path, public_pem(&made.public())).unwrap();
         assert_eq!(read_public(&pub_path).unwrap(), made.public());
+    }
+
+    #[test]
+    fn runs_making_the_key_at_once_all_get_the_same_whole_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("node.key");
+            let keys: Vec<VerifyingKey> = std::thread::scope(|scope| {
+                let makers: Vec<_> = (0..8)
+                    .map(|_| scope.spawn(|| NodeKey::load_or_create(&path).map(|k| k.public())))
+                    .collect();
+                makers
+                    .into_iter()
+                    .map(|m| m.join().unwrap().unwrap())
+                    .collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]));
+            // Nothing staged is left beside the key.
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        }
     }
 
     #[test]
