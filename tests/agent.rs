@@ -304,14 +304,14 @@ fn energy_follows_cpu_quotas_two_to_one_and_adds_up() {
         assert_eq!(run.status(), 0, "{}", run.stderr());
         let name = run.summary.as_ref().unwrap()["run"].as_str().unwrap();
         let (seen, all) = run_attribution(&agent, name);
-        // The sched_switch program's CPU time of the run against the cgroup's own account.
+        // The run's CPU time as the agent read it against the cgroup's own account.
         let traced = seen["cpu_seconds"].as_f64().unwrap();
         let cgroup = cgroup_cpu_seconds(run);
         assert!(
             (traced / cgroup - 1.0).abs() < 0.02,
-            "{name}: sched_switch saw {traced:.3} CPU s, the cgroup {cgroup:.3}"
+            "{name}: the agent saw {traced:.3} CPU s, the cgroup {cgroup:.3}"
         );
-        eprintln!("{name}: sched_switch {traced:.3} CPU s, cgroup {cgroup:.3} CPU s, {seen}");
+        eprintln!("{name}: agent {traced:.3} CPU s, cgroup {cgroup:.3} CPU s, {seen}");
         joules.push(seen["joules"].as_f64().unwrap());
         // Conservation: what processes were given adds up to the active energy.
         let active = all["active_j"].as_f64().unwrap();
@@ -347,14 +347,14 @@ fn a_thousand_processes_of_5ms_are_all_accounted_for() {
     assert_eq!(seen["exited_processes"], 1001, "{seen}");
     let traced = seen["cpu_seconds"].as_f64().unwrap();
     let cgroup = cgroup_cpu_seconds(&run);
-    eprintln!("sched_switch {traced:.3} CPU s, cgroup {cgroup:.3} CPU s, {seen}");
+    eprintln!("agent {traced:.3} CPU s, cgroup {cgroup:.3} CPU s, {seen}");
     assert!(
         traced >= 5.0,
-        "1,000 x 5 ms of CPU, sched_switch saw {traced:.3} s"
+        "1,000 x 5 ms of CPU, the agent saw {traced:.3} s"
     );
     assert!(
         (traced / cgroup - 1.0).abs() < 0.02,
-        "sched_switch saw {traced:.3} CPU s, the cgroup {cgroup:.3}"
+        "the agent saw {traced:.3} CPU s, the cgroup {cgroup:.3}"
     );
     assert!(seen["joules"].as_f64().unwrap() > 0.0, "{seen}");
     assert_eq!(all["lost_exit_records"], 0, "{all}");
@@ -368,6 +368,67 @@ fn a_thousand_processes_of_5ms_are_all_accounted_for() {
         );
         assert!(all["gpu"]["gpus"].as_array().unwrap().is_empty());
     }
+    guard.assert_clean();
+}
+
+/// The on-CPU nanoseconds the scheduler has counted for a thread (`/proc/PID/schedstat`).
+fn scheduler_runtime_seconds(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+    text.split_whitespace()
+        .next()
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1e9
+}
+
+#[test]
+fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
+    for _ in 0..100 {
+        let (_, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+        if body.contains("\"tracker\":\"attached\"") && !body.contains("\"intervals\":0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut spinner = Command::new(nbt_integration_tests::testbin())
+        .args(["spin", "5"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = spinner.id();
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = scheduler_runtime_seconds(pid);
+    let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+    let after = scheduler_runtime_seconds(pid);
+    let _ = spinner.kill();
+    let _ = spinner.wait();
+    assert_eq!(status, 200, "{body}");
+    let all = json(&body);
+    let traced = all["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("pid {pid} not among the agent's processes: {all}"))
+        ["cpu_seconds"]
+        .as_f64()
+        .unwrap();
+    eprintln!("live: agent {traced:.3} CPU s, scheduler {before:.3} to {after:.3} CPU s");
+    // Charged only at exit, it would be 0 here. The agent's figure is as of its last interval
+    // and the thread's last sample (10 ms): behind the scheduler's (here 0.1 to 0.4 s with
+    // 200 ms intervals), never ahead of it.
+    assert!(before > 1.0, "the spinner ran only {before:.3} s");
+    assert!(
+        traced <= after + 1e-3,
+        "agent {traced:.3} s, scheduler {after:.3} s"
+    );
+    assert!(
+        traced >= before - 0.6,
+        "agent {traced:.3} s, scheduler {before:.3} s: more than three intervals behind"
+    );
     guard.assert_clean();
 }
 
@@ -444,20 +505,30 @@ impl Drop for Prometheus {
 fn a_real_prometheus_scrapes_the_metrics() {
     let guard = NoLeftovers::new();
     let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
+    // A busy process, so that one known series exists (a process appears once a sample finds
+    // it running).
+    let mut spinner = Command::new(nbt_integration_tests::testbin())
+        .args(["spin", "30"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = spinner.id().to_string();
     let prometheus = Prometheus::scraping(&agent.addr);
     // up == 1: the scrape succeeded and the exposition parsed.
     let up = prometheus.query("up%7Bjob%3D%22nbt%22%7D");
     assert_eq!(up[0]["value"][1], "1", "{up:?}");
     let node = prometheus.query("nbt_node_cpu_joules_total");
     assert_eq!(node[0]["metric"]["source"], "model", "{node:?}");
-    let processes = prometheus.query("nbt_process_cpu_joules_total");
-    assert!(
-        processes
-            .iter()
-            .any(|p| p["metric"]["comm"] == "nbt" && p["metric"]["pid"].is_string()),
-        "no nbt process among {} series",
-        processes.len()
+    let query = format!("nbt_process_cpu_joules_total%7Bpid%3D%22{pid}%22%7D");
+    let processes = prometheus.query(&query);
+    let _ = spinner.kill();
+    let _ = spinner.wait();
+    assert_eq!(
+        processes[0]["metric"]["comm"], "nbt-testbin",
+        "{processes:?}"
     );
+    let joules: f64 = processes[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(joules > 0.0, "{processes:?}");
     drop(prometheus);
     guard.assert_clean();
 }

@@ -1,7 +1,7 @@
-//! CPU time per process (tgid), kept by the `sched` raw tracepoint programs.
+//! CPU time per process (tgid), kept by the `sched` programs.
 //!
-//! The kernel side charges each stretch of time a CPU spent running a task to the task's process,
-//! in [`PROCESS_CPU_MAP`] (a hash keyed by tgid). When a process's main thread exits, its final
+//! The kernel side charges what each thread ran (the scheduler's own runtime, read at samples and
+//! at exit) to the thread's process, in [`PROCESS_CPU_MAP`] (a hash keyed by tgid). When a process's main thread exits, its final
 //! figure goes out through [`PROCESS_EXITS_MAP`] (a ring buffer) and its entry is removed,
 //! so short-lived processes are reported even when they live and die between two reads.
 
@@ -11,12 +11,36 @@ pub const PROCESS_CPU_MAP: &str = "PROCESS_CPU";
 pub const PROCESS_EXITS_MAP: &str = "PROCESS_EXITS";
 /// Name of the per-CPU array of [`SchedStats`] (one slot).
 pub const SCHED_STATS_MAP: &str = "SCHED_STATS";
+/// Name of the one-slot array holding the [`TaskLayout`] user space found in the kernel's BTF.
+pub const TASK_LAYOUT_MAP: &str = "TASK_LAYOUT";
+/// The name of the perf event program that samples each CPU.
+pub const SAMPLE_PROGRAM: &str = "sched_sample";
+/// How often each CPU is sampled (cpu-clock period, ns): 100 times a second.
+pub const SAMPLE_PERIOD_NS: u64 = 10_000_000;
 
 /// Most processes tracked at once; a process that finds the map full is counted in
 /// [`SchedStats::map_full`] and its time is lost (user space reports the count).
 pub const MAX_PROCESSES: u32 = 65_536;
 
+/// Most threads whose charged runtime is kept at once; a thread that finds the map full is
+/// counted in [`SchedStats::map_full`] and its time is not charged.
+pub const MAX_THREADS: u32 = 262_144;
+
 pub const COMM_LEN: usize = 16;
+
+/// Where, in this kernel's `struct task_struct`, the programs find what they read (byte offsets
+/// from the kernel's BTF), and since when user space tracks. All zero: not set yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// `se.sum_exec_runtime`: the thread's on-CPU nanoseconds, kept by the scheduler.
+    pub sum_exec_runtime: u64,
+    /// `start_time`: when the thread was created (ns, CLOCK_MONOTONIC).
+    pub start_time: u64,
+    /// CLOCK_MONOTONIC when tracking began: threads created before it are charged only for what
+    /// they run after their first sample.
+    pub tracking_since_ns: u64,
+}
 
 /// One process's CPU time so far.
 #[repr(C)]
@@ -57,3 +81,5 @@ unsafe impl aya::Pod for ProcessCpu {}
 unsafe impl aya::Pod for ProcessExit {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SchedStats {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TaskLayout {}

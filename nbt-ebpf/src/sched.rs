@@ -1,25 +1,39 @@
-//! `sched`: on-CPU time per process, from the scheduler's own tracepoints (raw tracepoints: this
-//! kernel has no tp_btf).
+//! `sched`: on-CPU time per process, read from the scheduler's own account of each thread
+//! (`task_struct.se.sum_exec_runtime`), not timed here.
 //!
-//! sched_switch fires in `__schedule()` before the switch, so the current task is still `prev`:
-//! the time since the previous switch on this CPU is `prev`'s, and is charged to its process
-//! (tgid) through the `bpf_get_current_*` helpers, without reading `task_struct` (no BTF or
-//! CO-RE needed, one layout-free program for every kernel). The idle task (tgid 0) is not
-//! charged. sched_process_exec refreshes a process's command name; sched_process_exit, on the
-//! main thread, sends the process's final figure to user space through a ring buffer and removes
-//! its entry. What its other threads still run after that (microseconds while they die) makes a
-//! new entry that user space sweeps once the process is gone from /proc.
+//! Nothing runs on a context switch. A perf event program on the software cpu-clock samples each
+//! CPU (100 times a second, set by user space): it reads the interrupted thread's runtime and
+//! charges its process (tgid) with what the thread ran since it was last charged. When a thread
+//! exits, sched_process_exit charges its last stretch the same way, so a process that lived and
+//! died between two samples is still counted in full. The figures are the kernel's nanoseconds;
+//! sampling only decides *when* they are read: a thread's charge lags until it is next sampled
+//! running, or exits.
+//!
+//! Why not a sched_switch program: it runs twice per round of a pipe ping-pong, and on the
+//! development VM a raw tracepoint that returns at once already slowed such a ping-pong by
+//! 5.5% (a full one by 9.3%); these programs cost the same whatever the switch rate.
+//!
+//! `task_struct` offsets differ between kernels and builds; user space reads them from the
+//! kernel's BTF and writes them into [`TASK_LAYOUT`] before attaching (the programs do nothing
+//! until then). sched_process_exec refreshes a process's command name; sched_process_exit, on
+//! the main thread, sends the process's final figure to user space through a ring buffer and
+//! removes its entry. What its other threads still run after that (microseconds while they die)
+//! makes a new entry that user space sweeps once the process is gone from /proc.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_probe_read_kernel,
     },
-    macros::{map, raw_tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
-    programs::RawTracePointContext,
+    macros::{map, perf_event, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{PerfEventContext, RawTracePointContext},
+    EbpfContext as _,
 };
-use nbt_common::sched::{ProcessCpu, ProcessExit, SchedStats, COMM_LEN, MAX_PROCESSES};
+use nbt_common::sched::{
+    ProcessCpu, ProcessExit, SchedStats, TaskLayout, COMM_LEN, MAX_PROCESSES, MAX_THREADS,
+};
 
 use crate::atomic_add;
 
@@ -29,10 +43,12 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map(name = "PROCESS_CPU")]
 static PROCESS_CPU: HashMap<u32, ProcessCpu> =
     HashMap::with_max_entries(MAX_PROCESSES, BPF_F_NO_PREALLOC);
-/// When the running task on this CPU was switched in (ns, CLOCK_MONOTONIC); 0 until the first
-/// switch seen.
-#[map(name = "SWITCHED_IN")]
-static SWITCHED_IN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Per thread (tid): its runtime as far as it has been charged.
+#[map(name = "THREAD_CHARGED")]
+static THREAD_CHARGED: HashMap<u32, u64> =
+    HashMap::with_max_entries(MAX_THREADS, BPF_F_NO_PREALLOC);
+#[map(name = "TASK_LAYOUT")]
+static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
 /// 256 KiB: about 4,600 exit records, drained by the agent every 100 ms. Written without a
 /// wakeup: a perf buffer woke its reader through an interrupt on every record, and on this VM an
 /// exit with one cost 15 us.
@@ -41,32 +57,76 @@ static PROCESS_EXITS: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
 #[map(name = "SCHED_STATS")]
 static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
 
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(_ctx: RawTracePointContext) -> i32 {
-    charge_current();
+#[perf_event]
+pub fn sched_sample(_ctx: PerfEventContext) -> u32 {
+    charge_current_thread();
     0
 }
 
-/// Charges the current task's process for the time since it was switched in (or since the last
-/// charge), and restarts the clock.
+/// Charges the current thread's process with what the thread ran since its last charge.
 #[inline(always)]
-fn charge_current() {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(since) = SWITCHED_IN.get_ptr_mut(0) else {
+fn charge_current_thread() {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    if tgid == 0 {
+        return; // the idle task
+    }
+    let Some(layout) = TASK_LAYOUT.get(0).copied() else {
         return;
     };
-    // SAFETY: a per-CPU slot; these programs run with preemption off and do not nest on a CPU.
-    let start = unsafe { core::ptr::replace(since, now) };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if start == 0 || tgid == 0 {
-        return;
+    if layout.sum_exec_runtime == 0 {
+        return; // user space has not said where the runtime is yet
     }
-    charge(tgid, now.saturating_sub(start));
+    // SAFETY: a helper without arguments; the pointer is only read through probe_read.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // SAFETY: bpf_probe_read_kernel checks the address; the offsets come from this kernel's BTF.
+    let Ok(runtime) = (unsafe {
+        bpf_probe_read_kernel(task.add(layout.sum_exec_runtime as usize).cast::<u64>())
+    }) else {
+        return;
+    };
+    let charged = match THREAD_CHARGED.get_ptr_mut(tid) {
+        // SAFETY: a pointer into the map value, valid for this program run. Only programs running
+        // in this thread's context write its entry; a sample interrupting its exit program could
+        // store a stale figure, which the exit then removes.
+        Some(entry) => unsafe { core::ptr::replace(entry, runtime) },
+        None => {
+            // First sight. A thread started before tracking began has run for others before:
+            // only what it runs from now on is charged.
+            let started = unsafe {
+                bpf_probe_read_kernel(task.add(layout.start_time as usize).cast::<u64>())
+            }
+            .unwrap_or(0);
+            if THREAD_CHARGED.insert(tid, runtime, 0).is_err() {
+                // Charging it without an entry would charge its whole runtime at every sample.
+                count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
+                runtime
+            } else if started < layout.tracking_since_ns {
+                runtime
+            } else {
+                0
+            }
+        }
+    };
+    if runtime > charged {
+        charge(tgid, runtime - charged);
+    }
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
-pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    // sched_process_exec(p, old_pid, bprm): a thread other than the main one that calls exec
+    // takes the process's pid; its charged figure moves with it.
+    let old_tid = unsafe { *(ctx.as_ptr() as *const u64).add(1) } as u32;
+    if old_tid != tid {
+        // SAFETY: a u64 copied out of the map.
+        if let Some(charged) = unsafe { THREAD_CHARGED.get(old_tid) }.copied() {
+            let _ = THREAD_CHARGED.insert(tid, charged, 0);
+            let _ = THREAD_CHARGED.remove(old_tid);
+        }
+    }
     if let (Some(entry), Ok(comm)) = (PROCESS_CPU.get_ptr_mut(tgid), bpf_get_current_comm()) {
         // SAFETY: a pointer into the map value, valid for this program run; plain stores that a
         // concurrent reader may see half-done, which only garbles a name for one read.
@@ -80,12 +140,12 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    // A process can live and die without ever being switched out (a short child on an idle
-    // CPU): charge it up to now, so its exit record holds its whole time.
-    charge_current();
+    // The thread's last stretch, from its last sample (or its start) to now.
+    charge_current_thread();
     let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid != pid_tgid as u32 {
+    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    let _ = THREAD_CHARGED.remove(tid);
+    if tgid != tid {
         return 0; // a thread other than the main one: its time stays with the process
     }
     // SAFETY: the lookup's value is a plain #[repr(C)] struct, copied out.
@@ -111,9 +171,9 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
 
 /// Adds `ns` to the process's entry, making it at first sight. Two CPUs may both find no entry
 /// for a new multi-threaded process: the loser of the insert (EEXIST) adds to the winner's.
-/// The cgroup is read at first sight and at exec, not at every switch (three dependent loads
-/// that are cold after a switch): `nbt run` moves its child before exec, so runs are charged
-/// right; a process moved by another tool without exec stays charged to its first cgroup.
+/// The cgroup is read at first sight and at exec: `nbt run` moves its child before exec, so runs
+/// are charged right; a process moved by another tool without exec stays charged to its first
+/// cgroup.
 #[inline(always)]
 fn charge(tgid: u32, ns: u64) {
     if add_to_existing(tgid, ns) {
@@ -146,7 +206,8 @@ fn add_to_existing(tgid: u32, ns: u64) -> bool {
 #[inline(always)]
 fn count(field: impl Fn(*mut SchedStats) -> *mut u64) {
     if let Some(stats) = SCHED_STATS.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; sched programs do not nest on one CPU.
+        // SAFETY: this CPU's slot. A sample may interrupt an exit program on this CPU and lose
+        // one increment of a loss counter; no figure depends on it.
         unsafe { *field(stats) += 1 };
     }
 }

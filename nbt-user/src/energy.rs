@@ -8,7 +8,7 @@
 //!   (TDP − idle) / CPUs above idle: the run's CPU time times that is its active energy.
 //!
 //! A run is charged through its cgroup's own CPU time (the kernel's account of the same thing
-//! the agent's sched_switch program sees per process, `sched` and `attribution`).
+//! the agent's sampler reads per process, `sched` and `attribution`).
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@
 pub mod account;
 pub mod agent;
 pub mod attribution;
+pub mod btf;
 pub mod cgroup;
 pub mod cleanup;
 pub mod cli;

@@ -136,9 +136,13 @@ fn bpf(out: &mut Vec<Feature>) {
         (
             ProgramType::RawTracePoint,
             "raw_tracepoint",
-            "sched_switch CPU-time telemetry",
+            "exec/exit CPU-time telemetry",
         ),
-        (ProgramType::PerfEvent, "perf_event", "hardware counters"),
+        (
+            ProgramType::PerfEvent,
+            "perf_event",
+            "sampling CPU time (cpu-clock)",
+        ),
     ];
     for (program_type, name, used_for) in programs {
         let (available, detail) = match is_program_supported(program_type) {
@@ -179,7 +183,7 @@ fn bpf(out: &mut Vec<Feature>) {
         if btf {
             "/sys/kernel/btf/vmlinux"
         } else {
-            "/sys/kernel/btf/vmlinux absent (CONFIG_DEBUG_INFO_BTF off)"
+            "/sys/kernel/btf/vmlinux absent (CONFIG_DEBUG_INFO_BTF off): the agent cannot track CPU time per process"
         },
     ));
 }

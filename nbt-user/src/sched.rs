@@ -1,24 +1,29 @@
 //! `sched`: CPU time per process from the kernel (`nbt-ebpf/src/sched.rs`), as deltas per
 //! interval for attribution.
 //!
-//! The programs are raw tracepoints, attached node-wide for as long as the [`ProcessTracker`]
+//! The programs (a perf event program sampling every CPU's cpu-clock 100 times a second, and the
+//! exec and exit raw tracepoints) are attached node-wide for as long as the [`ProcessTracker`]
 //! lives (dropping it detaches them). Each [`ProcessTracker::take`] returns, per process, the CPU
-//! time it spent since the previous call: processes that exited in between come from the perf
-//! event array (their final figure), the others from the hash map.
+//! time it spent since the previous call: processes that exited in between come from the ring
+//! buffer (their final figure), the others from the hash map.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
+use aya::maps::Array;
 use aya::maps::RingBuf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::RawTracePoint;
+use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+use aya::programs::{PerfEvent, RawTracePoint};
 use aya::Ebpf;
 use nbt_common::sched::{
-    ProcessCpu, ProcessExit, SchedStats, PROCESS_CPU_MAP, PROCESS_EXITS_MAP, SCHED_STATS_MAP,
+    ProcessCpu, ProcessExit, SchedStats, TaskLayout, PROCESS_CPU_MAP, PROCESS_EXITS_MAP,
+    SAMPLE_PERIOD_NS, SAMPLE_PROGRAM, SCHED_STATS_MAP, TASK_LAYOUT_MAP,
 };
 
+use crate::btf::Btf;
 use crate::loader;
 
 /// One process's CPU time over an interval.
@@ -67,13 +72,19 @@ fn comm(bytes: &[u8]) -> String {
 }
 
 impl ProcessTracker {
-    /// Loads and attaches the three sched programs node-wide.
+    /// Loads and attaches the sched programs node-wide: the layout first, then the exit and
+    /// exec tracepoints, then the samplers (a thread sampled before the exit program is attached
+    /// could leave its entry behind).
     pub fn attach() -> Result<ProcessTracker> {
+        let layout = task_layout(&Btf::kernel()?)?;
         let mut ebpf = loader::load()?;
+        let map = ebpf
+            .map_mut(TASK_LAYOUT_MAP)
+            .ok_or_else(|| anyhow!("BPF map {TASK_LAYOUT_MAP} missing from nbt's object"))?;
+        Array::<_, TaskLayout>::try_from(map)?.set(0, layout, 0)?;
         for (name, tracepoint) in [
             ("sched_process_exit", "sched_process_exit"),
             ("sched_process_exec", "sched_process_exec"),
-            ("sched_switch", "sched_switch"),
         ] {
             let program: &mut RawTracePoint = loader::program(&mut ebpf, name)?;
             program
@@ -82,6 +93,22 @@ impl ProcessTracker {
             program
                 .attach(tracepoint)
                 .with_context(|| format!("attaching {name} to raw tracepoint {tracepoint}"))?;
+        }
+        let sampler: &mut PerfEvent = loader::program(&mut ebpf, SAMPLE_PROGRAM)?;
+        sampler
+            .load()
+            .with_context(|| format!("the kernel refused to load BPF program {SAMPLE_PROGRAM}"))?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        for cpu in cpus {
+            sampler
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(SAMPLE_PERIOD_NS),
+                    false,
+                )
+                .with_context(|| format!("sampling CPU {cpu} (perf_event_open cpu-clock)"))?;
         }
         let map = ebpf
             .take_map(PROCESS_EXITS_MAP)
@@ -182,6 +209,29 @@ impl ProcessTracker {
             map_full: per_cpu.iter().map(|s| s.map_full).sum(),
         }
     }
+}
+
+/// Where this kernel keeps a thread's runtime and start time, and now (CLOCK_MONOTONIC, the
+/// clock of both `start_time` and `bpf_ktime_get_ns`).
+fn task_layout(btf: &Btf) -> Result<TaskLayout> {
+    let context = "the CPU-time tracker reads the scheduler's runtime of each thread";
+    let sum_exec_runtime = btf
+        .offset_of("task_struct", &["se", "sum_exec_runtime"])
+        .context(context)?;
+    let start_time = btf
+        .offset_of("task_struct", &["start_time"])
+        .context(context)?;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    Ok(TaskLayout {
+        sum_exec_runtime,
+        start_time,
+        tracking_since_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64,
+    })
 }
 
 /// The cgroup v2 id of a directory: on cgroup2 the directory's inode number is the id that

@@ -73,7 +73,7 @@ enum Task {
     Bench {
         /// `net`: nbt's shaping against the seed's `tc htb` on a veth pair; `vm`: against the
         /// seed's `tc htb` + `netem` inside the Debian kernels' VMs; `telemetry`: the cost of
-        /// the sched_switch tracking and the agent's footprint with 1,000 processes
+        /// the CPU-time tracking and the agent's footprint with 1,000 processes
         #[arg(value_parser = ["net", "vm", "telemetry"])]
         kind: String,
         /// For `vm`: 6.1, 6.12 or all (default 6.12)

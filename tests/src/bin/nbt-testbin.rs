@@ -14,6 +14,8 @@
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
 //!   await-signal FILE         write our pid to FILE, wait for a signal, write its name, exit 42
 //!   sleep SECONDS             sleep
+//!   sleepers N SECONDS [MS]   fork N children that each spin MS of CPU, then wake once a
+//!                             second for a few microseconds until SECONDS have passed
 //!
 //! The gate's bypass modes each try one way out and print `<mode> ok` or `<mode> <errno name>`:
 //!   connect ADDR              a TCP connect (ADDR may be [v6]:port, also ::ffff:a.b.c.d)
@@ -59,7 +61,11 @@ fn main() {
         "alloc" => alloc(num(&args, 2)),
         "spin" => spin(Duration::from_secs(num(&args, 2))),
         "pingpong" => pingpong(num(&args, 2)),
-        "sleepers" => sleepers(num(&args, 2), Duration::from_secs(num(&args, 3))),
+        "sleepers" => sleepers(
+            num(&args, 2),
+            Duration::from_secs(num(&args, 3)),
+            Duration::from_millis(args.get(4).map_or(0, |_| num(&args, 4))),
+        ),
         "short-lived" => short_lived(num(&args, 2), Duration::from_millis(num(&args, 3))),
         "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
         "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
@@ -315,13 +321,22 @@ fn pingpong(rounds: u64) {
 }
 
 /// `count` processes that each wake every second for a moment, for `duration`.
-fn sleepers(count: u64, duration: Duration) {
+fn sleepers(count: u64, duration: Duration, warm_up: Duration) {
     let end = Instant::now() + duration;
     let mut children = Vec::new();
     for _ in 0..count {
-        // SAFETY: the child only sleeps, spins briefly and calls _exit.
+        // SAFETY: the child only spins, sleeps and calls _exit.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
+            // First a stretch of CPU (longer than the agent's 10 ms sampling period, so each
+            // child is seen), then a few microseconds a second.
+            let mut x = 0u64;
+            while process_cpu_time() < warm_up {
+                for i in 0..1000u64 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+                }
+            }
+            std::hint::black_box(x);
             while Instant::now() < end {
                 std::hint::black_box((0..10_000u64).sum::<u64>());
                 std::thread::sleep(Duration::from_secs(1));
