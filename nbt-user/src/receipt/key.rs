@@ -39,6 +39,15 @@ impl NodeKey {
             Err(err) if !path.exists() => {
                 Self::create(path).with_context(|| format!("{err:#}; making a new node key"))
             }
+            // Absent when read, present now: another run made it in between.
+            Err(err)
+                if err
+                    .root_cause()
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                Self::load(path)
+            }
             Err(err) => Err(err),
         }
     }
