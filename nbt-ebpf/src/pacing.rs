@@ -7,6 +7,10 @@
 //! bucket in `shaper` stays the limit for everything else: UDP, raw sockets, and several TCP
 //! flows at once, whose sum the bucket holds to the rate.
 //!
+//! With the cap goes a clamp of the congestion window: twice the rate's bandwidth-delay product
+//! plus a sixteenth of the bucket (at least 10 segments), which also bounds the size of TSO
+//! packets (see `set_cap`).
+//!
 //! The cap is set when a connection is established and again on every RTT sample, so a change
 //! of the rate (`nbt set`) reaches open connections within one round trip. A connection
 //! established while the run had no egress limit is left alone (no per-ACK callback: the
@@ -26,6 +30,12 @@ use nbt_common::shaper::{ShaperConfig, ShaperState};
 
 const SOL_SOCKET: i32 = 1;
 const SO_MAX_PACING_RATE: i32 = 47;
+const SOL_TCP: i32 = 6;
+const TCP_BPF_SNDCWND_CLAMP: i32 = 1002;
+const MIN_CWND: u64 = 10;
+/// The largest clamp the helper takes; it also sets ssthresh to it, which is then "infinite"
+/// (`TCP_INFINITE_SSTHRESH`), as on a new socket.
+const UNCLAMPED: i32 = i32::MAX;
 /// `SO_MAX_PACING_RATE` takes a u32 of bytes per second; all ones lifts the cap.
 const UNLIMITED: u32 = u32::MAX;
 /// IP (20) + TCP (20) + timestamps option (12): the headers of a usual segment.
@@ -33,29 +43,35 @@ const SEGMENT_HEADERS: u64 = 52;
 
 /// The bucket level the pacing aims for, and how hard it steers toward it below and above that
 /// level (all in millionths).
-const TARGET_FILL_PPM: u64 = 900_000;
+const TARGET_FILL_PPM: u64 = 600_000;
 const GAIN_PPM: u64 = 500_000;
 const GAIN_ABOVE_PPM: u64 = 2_500_000;
+/// Below the target, the gain is at least `depth / SETTLE_NS`: the time constant of the level
+/// is at most 200 ms.
+const SETTLE_NS: u64 = 200_000_000;
+/// The pacing never drops under a quarter of the rate.
+const MIN_FACTOR_PPM: u64 = 250_000;
 
 /// The pacing factor, in millionths of the rate: a proportional controller on the bucket's
-/// level, `1 + GAIN x (level - TARGET)`: 0.55 with an empty bucket, 1 at the target, 1.25 with a
+/// level, `1 + GAIN x (level - TARGET)`: 0.7 with an empty bucket, 1 at the target, 2 with a
 /// full one (the steeper gain above).
 ///
 /// A fixed cap serves the rate badly either way: at the rate, any other traffic of the run (a
 /// second flow, DNS, a heartbeat) drains the bucket until it drops TCP segments; a margin under
 /// it loses that margin. Here the pacing settles where the flow and everything else together
-/// send exactly the rate, with the level at `TARGET - others / GAIN` (0.88 when the others send
+/// send exactly the rate, with the level at `TARGET - others / GAIN` (0.58 when the others send
 /// 1% of the rate). The loop acts on every ACK; the pacer applies the cap to the next segment.
 ///
-/// Why the target is high: with an RTT under 512 us TCP builds 64 KiB TSO packets, two thirds of
-/// the 96 KiB default bucket, and a packet passes only when the bucket holds its cost; a target
-/// of 0.6 dropped 52 of them in 20 s at 10mbit and the flow reached 0.55 to 0.67 of the rate.
-/// Why it is steep above: tokens beyond a full bucket are lost, so when the sender falls behind
-/// (a late pacing timer, the thread not scheduled) it must catch up before the bucket fills.
+/// Why 0.6: tokens beyond a full bucket are lost for good, so the part above the target is how
+/// long the sender may fall behind (a late pacing timer, the thread not scheduled) without
+/// losing any of the rate: 16 ms of the default 40 ms bucket. Below it, the bucket must still
+/// hold the next packet, which the congestion window clamp (`clamp_cwnd`) keeps to 10 segments
+/// plus two round trips' worth (without it, TCP builds 64 KiB TSO packets on a path under
+/// 512 us: a target of 0.6 then dropped 52 of them in 20 s at 10mbit). Why it is steep above:
+/// after a stall the sender must catch up before the bucket fills.
 ///
 /// The level is read as it was before the last packet passed (`last_cost_ns` added back): the
-/// ACK that runs this follows its segment within microseconds on a short path, and after a
-/// 64 KiB packet the level would read a third while the sender is at the rate.
+/// ACK that runs this follows its segment within microseconds on a short path.
 #[inline(always)]
 fn pacing_factor_ppm(config: &ShaperConfig, state: *mut ShaperState) -> u64 {
     let depth = config.burst_ns;
@@ -75,7 +91,11 @@ fn pacing_factor_ppm(config: &ShaperConfig, state: *mut ShaperState) -> u64 {
     if level >= TARGET_FILL_PPM {
         PPM + GAIN_ABOVE_PPM * (level - TARGET_FILL_PPM) / PPM
     } else {
-        PPM - GAIN_PPM * (TARGET_FILL_PPM - level) / PPM
+        // A deep bucket (seconds at a low rate) gets a stronger gain, so that the level settles
+        // within SETTLE_NS whatever the depth.
+        let gain = (depth * PPM / SETTLE_NS).max(GAIN_PPM);
+        PPM.saturating_sub(gain * (TARGET_FILL_PPM - level) / PPM)
+            .max(MIN_FACTOR_PPM)
     }
 }
 
@@ -109,12 +129,25 @@ pub fn pace(ctx: SockOpsContext) -> u32 {
 fn set_cap(ctx: &SockOpsContext) -> u64 {
     let Some((config, state)) = egress_bucket() else {
         set_pacing_rate(ctx, UNLIMITED);
+        clamp_cwnd(ctx, UNCLAMPED);
         return 0;
     };
     let rate = config.rate_bytes_per_sec;
     // SAFETY: reading a field of the context the kernel handed us.
     let mss = u64::from(unsafe { (*ctx.ops).mss_cache }).max(536);
     let paced = rate * mss / (mss + SEGMENT_HEADERS) * pacing_factor_ppm(config, state) / PPM;
+    // SAFETY: as above; srtt_us is tp->srtt_us, eight times the smoothed RTT in us.
+    let srtt_us = u64::from(unsafe { (*ctx.ops).srtt_us }) >> 3;
+    // The window TCP needs at the rate is one round trip's worth; twice that, plus a floor,
+    // leaves room for the RTT to grow between two ACKs. Without a clamp, BBR's window followed
+    // its bandwidth estimate (Gbit/s on a veth, from TSO bursts), its TSO packets grew and shrank
+    // with it (9 to 64 KiB), the bucket's level at the controller's target moved with them, and
+    // the first 12 s of a 10mbit flow ran 0.13% under the rate while the bucket refilled. The
+    // floor keeps a TSO packet under a sixteenth of the bucket, but not under 10 segments: at
+    // 1gbit (a 5 MB bucket) packets stay at 64 KiB, and so does the CPU cost per byte.
+    let bdp = rate * srtt_us / 1_000_000 / mss;
+    let floor = (rate * config.burst_ns / 1_000_000_000 / 16 / mss).max(MIN_CWND);
+    clamp_cwnd(ctx, (2 * bdp + floor).min(UNCLAMPED as u64) as i32);
     set_pacing_rate(
         ctx,
         if paced >= u64::from(UNLIMITED) {
@@ -124,6 +157,21 @@ fn set_cap(ctx: &SockOpsContext) -> u64 {
         },
     );
     rate
+}
+
+/// `snd_cwnd_clamp` (and `snd_ssthresh`, which the helper sets with it), in segments.
+#[inline(always)]
+fn clamp_cwnd(ctx: &SockOpsContext, mut clamp: i32) {
+    // SAFETY: the helper reads `size_of::<i32>()` bytes from `clamp`, a local.
+    unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_TCP,
+            TCP_BPF_SNDCWND_CLAMP,
+            (&mut clamp as *mut i32).cast(),
+            core::mem::size_of::<i32>() as i32,
+        );
+    }
 }
 
 /// `SO_MAX_PACING_RATE`, bytes per second; `UNLIMITED` lifts the cap.

@@ -219,14 +219,14 @@ unsafe fn police(config: &ShaperConfig, state: *mut ShaperState, bytes: u64) -> 
     low_or_pass(clock, burst, now)
 }
 
-/// For a packet that passed, with the clock at `tat` before it: low when under half the depth
-/// was left. The level before the packet, not after: a paced TCP flow whose RTT is under 512 us
-/// sends 64 KiB TSO packets (two thirds of a 96 KiB bucket), and judged after each of them it
-/// was told to slow down on a fifth of its packets at 10mbit while sending under the rate; its
-/// congestion window shrank and the flow fell short of the limit.
+/// For a packet that passed, with the clock at `tat` before it: low when under a quarter of the
+/// depth was left, well below where paced TCP keeps it (0.6). The level before the packet, not
+/// after: judged after each large packet, a paced flow at 10mbit was told to slow down on a fifth
+/// of its packets while sending under the rate; its congestion window shrank and the flow fell
+/// short of the limit.
 #[inline(always)]
 fn low_or_pass(tat: u64, burst: u64, now: u64) -> Verdict {
-    if tat + burst / 2 > now {
+    if tat + burst / 4 > now {
         Verdict::PassLow
     } else {
         Verdict::Pass

@@ -221,7 +221,7 @@ pub struct NetArgs {
     /// Incoming bandwidth of the run (packets over it are dropped on arrival)
     #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
     pub ingress_rate: Option<String>,
-    /// Bucket depth of the rate limits (default: egress 10 ms at the rate, ingress 250 ms; at least 96 KiB)
+    /// Bucket depth of the rate limits (default: egress 40 ms at the rate, ingress 250 ms; at least 96 KiB)
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub burst: Option<String>,
     /// Packet loss probability (5% or 0.05), each packet independently

@@ -305,9 +305,11 @@ fn case(
     };
     // The request/response flow shares the limit: its 64-byte requests and every segment it sent
     // (52 bytes of IP and TCP headers each, plus 14 of Ethernet for htb; pure ACKs included)
-    // count too. It runs from 0.5 s to 1 s before the end. Under a deep queue few requests run.
+    // count too, over the time it ran (from 0.5 s to about 0.5 s before the end, which covers
+    // the window; a fixed 1.5 s less than the run overstated it by 4% at 512kbit, where it is a
+    // fifth of the limit). Under a deep queue few requests run.
     let ping_bits = (field("samples") * 64.0 + field("segments") * (52.0 + unit - IP_PACKET)) * 8.0
-        / (seconds as f64 - 1.5);
+        / field("ping_seconds");
     Ok(Row {
         method: match method {
             Method::Bare => "bare veth",
@@ -363,7 +365,7 @@ pub fn net(workspace: &Path, repeat: u32) -> Result<()> {
             row.rate,
             row.goodput / 1e6,
             row.fraction
-                .map(|f| format!("{f:.4}"))
+                .map(|f| format!("{f:.5}"))
                 .unwrap_or_else(|| "-".into()),
             row.p50,
             row.p99,
@@ -383,7 +385,7 @@ pub fn net(workspace: &Path, repeat: u32) -> Result<()> {
         let mean = |e: &[f64]| e.iter().sum::<f64>() / e.len().max(1) as f64;
         let worst = |e: &[f64]| e.iter().cloned().fold(0.0, f64::max);
         println!(
-            "| {name} | {:.2}% | {:.2}% | {:.2}% | {:.2}% | {repeat} |",
+            "| {name} | {:.3}% | {:.3}% | {:.3}% | {:.3}% | {repeat} |",
             mean(&htb),
             worst(&htb),
             mean(&nbt),

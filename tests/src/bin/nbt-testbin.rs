@@ -8,7 +8,8 @@
 //!   tcp-stream ADDR SECONDS   connect to ADDR and send as fast as the socket takes it for SECONDS
 //!   stream-and-ping BULK ECHO SECONDS  tcp-stream to BULK and, beside it, a 64-byte request
 //!                             every 10 ms to the echo server ECHO; prints the round trips'
-//!                             p50 and p99 in ms (the queueing delay a bulk flow causes)
+//!                             p50 and p99 in ms (the queueing delay a bulk flow causes),
+//!                             its count, its segments sent and how long it ran
 //!   tcp-recv ADDR FROM TO     accept one connection on ADDR, read it to the end, print the
 //!                             payload rate between FROM and TO seconds after the first byte
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
@@ -468,7 +469,8 @@ fn stream_and_ping(bulk: &str, echo: &str, duration: Duration) {
     std::thread::sleep(Duration::from_millis(500));
     let mut stream = std::net::TcpStream::connect(echo).expect("connect echo");
     stream.set_nodelay(true).expect("nodelay");
-    let end = Instant::now() + duration - Duration::from_millis(1000);
+    let began = Instant::now();
+    let end = began + duration - Duration::from_millis(1000);
     let mut rtts = Vec::new();
     let (request, mut reply) = ([5u8; 64], [0u8; 64]);
     while Instant::now() < end {
@@ -481,6 +483,7 @@ fn stream_and_ping(bulk: &str, echo: &str, duration: Duration) {
     }
     // Every segment the request/response flow sent, pure ACKs included: they share the limit.
     let segments = segments_sent(&stream);
+    let ping_seconds = began.elapsed().as_secs_f64();
     sender.join().expect("bulk sender");
     rtts.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| {
@@ -489,7 +492,7 @@ fn stream_and_ping(bulk: &str, echo: &str, duration: Duration) {
             .unwrap_or(f64::NAN)
     };
     println!(
-        "rtt_ms_p50 {:.3} rtt_ms_p99 {:.3} samples {} segments {segments}",
+        "rtt_ms_p50 {:.3} rtt_ms_p99 {:.3} samples {} segments {segments} ping_seconds {ping_seconds:.3}",
         at(0.5),
         at(0.99),
         rtts.len()
