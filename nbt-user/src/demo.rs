@@ -156,7 +156,7 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         "  schedule:          a 2 s brownout (frozen) at 15 s; both rates down to 256kbit at 28 s"
     );
     for pending in &plan.pending {
-        eprintln!("  not yet enforced:  {pending}");
+        eprintln!("  not enforced:      {pending}");
     }
     for refused in plan.hwcaps.set_aside_unavailable() {
         eprintln!("  not enforced here: {refused}");

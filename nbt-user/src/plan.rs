@@ -117,7 +117,7 @@ impl fmt::Display for Pending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {} ({}; needs {}, not implemented yet)",
+            "{} {} ({}; needs {})",
             self.setting, self.value, self.origin, self.capability
         )
     }
@@ -394,7 +394,7 @@ impl Plan {
                         } else {
                             origin.clone()
                         },
-                        capability: "the fq qdisc, which this kernel lacks".into(),
+                        capability: "the fq qdisc, which this kernel lacks (nbt probe)".into(),
                     });
                     None
                 } else {
@@ -453,7 +453,7 @@ impl Plan {
                 setting: format!("--{key}"),
                 value: value.clone(),
                 origin: "flag".into(),
-                capability: capability_of(key).into(),
+                capability: format!("{}, not implemented yet", capability_of(key)),
             });
         }
         for (key, value) in profile.not_yet() {
@@ -464,7 +464,7 @@ impl Plan {
                 setting: key.to_string(),
                 value: value_text(key, &origin, value)?,
                 origin: origin.clone(),
-                capability: capability_of(key).into(),
+                capability: format!("{}, not implemented yet", capability_of(key)),
             });
         }
         let accept_min_delta = match pick(
