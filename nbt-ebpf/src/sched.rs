@@ -59,13 +59,14 @@ static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0
 
 #[perf_event]
 pub fn sched_sample(_ctx: PerfEventContext) -> u32 {
-    charge_current_thread();
+    charge_current_thread(false);
     0
 }
 
-/// Charges the current thread's process with what the thread ran since its last charge.
+/// Charges the current thread's process with what the thread ran since its last charge. An
+/// exiting thread seen for the first time gets no entry: its exit would only remove it again.
 #[inline(always)]
-fn charge_current_thread() {
+fn charge_current_thread(exiting: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
     if tgid == 0 {
@@ -97,7 +98,7 @@ fn charge_current_thread() {
                 bpf_probe_read_kernel(task.add(layout.start_time as usize).cast::<u64>())
             }
             .unwrap_or(0);
-            if THREAD_CHARGED.insert(tid, runtime, 0).is_err() {
+            if !exiting && THREAD_CHARGED.insert(tid, runtime, 0).is_err() {
                 // Charging it without an entry would charge its whole runtime at every sample.
                 count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
                 runtime
@@ -141,7 +142,7 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     // The thread's last stretch, from its last sample (or its start) to now.
-    charge_current_thread();
+    charge_current_thread(true);
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
     let _ = THREAD_CHARGED.remove(tid);
