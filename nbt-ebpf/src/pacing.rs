@@ -53,22 +53,25 @@ const SETTLE_NS: u64 = 200_000_000;
 const MIN_FACTOR_PPM: u64 = 250_000;
 
 /// The pacing factor, in millionths of the rate: a proportional controller on the bucket's
-/// level, `1 + GAIN x (level - TARGET)`: 0.7 with an empty bucket, 1 at the target, 2 with a
-/// full one (the steeper gain above).
+/// level, `1 + GAIN x (level - TARGET)`: 1 at the target, 2 with a full bucket, and with an empty
+/// one 0.7 at most (less for a bucket deeper than 100 ms, whose gain below is stronger; never
+/// under 0.25).
 ///
 /// A fixed cap serves the rate badly either way: at the rate, any other traffic of the run (a
 /// second flow, DNS, a heartbeat) drains the bucket until it drops TCP segments; a margin under
 /// it loses that margin. Here the pacing settles where the flow and everything else together
 /// send exactly the rate, with the level at `TARGET - others / GAIN` (0.58 when the others send
-/// 1% of the rate). The loop acts on every ACK; the pacer applies the cap to the next segment.
+/// 1% of the rate and the gain is 0.5). The loop acts on every ACK; the pacer applies the cap to
+/// the next segment.
 ///
 /// Why 0.6: tokens beyond a full bucket are lost for good, so the part above the target is how
 /// long the sender may fall behind (a late pacing timer, the thread not scheduled) without
 /// losing any of the rate: 16 ms of the default 40 ms bucket. Below it, the bucket must still
-/// hold the next packet, which the congestion window clamp (`clamp_cwnd`) keeps to 10 segments
-/// plus two round trips' worth (without it, TCP builds 64 KiB TSO packets on a path under
-/// 512 us: a target of 0.6 then dropped 52 of them in 20 s at 10mbit). Why it is steep above:
-/// after a stall the sender must catch up before the bucket fills.
+/// hold the next packet, which the congestion window clamp (`clamp_cwnd`) keeps to a sixteenth
+/// of the bucket (at least 10 segments) plus two round trips' worth (without it, TCP builds
+/// 64 KiB TSO packets on a path under 512 us: a target of 0.6 then dropped 52 of them in 20 s
+/// at 10mbit). Why it is steep above: after a stall the sender must catch up before the bucket
+/// fills.
 ///
 /// The level is read as it was before the last packet passed (`last_cost_ns` added back): the
 /// ACK that runs this follows its segment within microseconds on a short path.
@@ -161,29 +164,26 @@ fn set_cap(ctx: &SockOpsContext) -> u64 {
 
 /// `snd_cwnd_clamp` (and `snd_ssthresh`, which the helper sets with it), in segments.
 #[inline(always)]
-fn clamp_cwnd(ctx: &SockOpsContext, mut clamp: i32) {
-    // SAFETY: the helper reads `size_of::<i32>()` bytes from `clamp`, a local.
-    unsafe {
-        bpf_setsockopt(
-            ctx.ops.cast(),
-            SOL_TCP,
-            TCP_BPF_SNDCWND_CLAMP,
-            (&mut clamp as *mut i32).cast(),
-            core::mem::size_of::<i32>() as i32,
-        );
-    }
+fn clamp_cwnd(ctx: &SockOpsContext, clamp: i32) {
+    set_option(ctx, SOL_TCP, TCP_BPF_SNDCWND_CLAMP, clamp as u32);
 }
 
 /// `SO_MAX_PACING_RATE`, bytes per second; `UNLIMITED` lifts the cap.
 #[inline(always)]
-fn set_pacing_rate(ctx: &SockOpsContext, mut cap: u32) {
-    // SAFETY: the helper reads `size_of::<u32>()` bytes from `cap`, a local.
+fn set_pacing_rate(ctx: &SockOpsContext, cap: u32) {
+    set_option(ctx, SOL_SOCKET, SO_MAX_PACING_RATE, cap);
+}
+
+/// A socket option of four bytes (both options here take an int's bits).
+#[inline(always)]
+fn set_option(ctx: &SockOpsContext, level: i32, name: i32, mut value: u32) {
+    // SAFETY: the helper reads `size_of::<u32>()` bytes from `value`, a local.
     unsafe {
         bpf_setsockopt(
             ctx.ops.cast(),
-            SOL_SOCKET,
-            SO_MAX_PACING_RATE,
-            (&mut cap as *mut u32).cast(),
+            level,
+            name,
+            (&mut value as *mut u32).cast(),
             core::mem::size_of::<u32>() as i32,
         );
     }
