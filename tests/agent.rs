@@ -276,14 +276,21 @@ fn run_attribution(agent: &Agent, run: &str) -> (Value, Value) {
     let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
     assert_eq!(status, 200, "{body}");
     let all = json(&body);
-    let seen = all["runs"]
+    let seen = entry(&all, "runs", "run", run).clone();
+    (seen, all)
+}
+
+/// The element of `all[list]` whose `key` is `value`; the test fails naming it when none is.
+fn entry<'a, T: std::fmt::Display>(all: &'a Value, list: &str, key: &str, value: T) -> &'a Value
+where
+    Value: PartialEq<T>,
+{
+    all[list]
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["run"] == run)
-        .unwrap_or_else(|| panic!("{run} not in the agent's runs: {all}"))
-        .clone();
-    (seen, all)
+        .find(|e| e[key] == value)
+        .unwrap_or_else(|| panic!("no {key} {value} among the agent's {list}: {all}"))
 }
 
 fn cgroup_cpu_seconds(run: &nbt_integration_tests::Run) -> f64 {
@@ -407,13 +414,7 @@ fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
     let _ = spinner.wait();
     assert_eq!(status, 200, "{body}");
     let all = json(&body);
-    let traced = all["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pid"] == pid)
-        .unwrap_or_else(|| panic!("pid {pid} not among the agent's processes: {all}"))
-        ["cpu_seconds"]
+    let traced = entry(&all, "processes", "pid", pid)["cpu_seconds"]
         .as_f64()
         .unwrap();
     eprintln!("live: agent {traced:.3} CPU s, scheduler {before:.3} to {after:.3} CPU s");
