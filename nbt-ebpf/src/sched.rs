@@ -2,12 +2,20 @@
 //! (`task_struct.se.sum_exec_runtime`), not timed here.
 //!
 //! Nothing runs on a context switch. A perf event program on the software cpu-clock samples each
-//! CPU (100 times a second, set by user space): it reads the interrupted thread's runtime and
+//! CPU (99 times a second, set by user space): it reads the interrupted thread's runtime and
 //! charges its process (tgid) with what the thread ran since it was last charged. When a thread
 //! exits, sched_process_exit charges its last stretch the same way, so a process that lived and
 //! died between two samples is still counted in full. The figures are the kernel's nanoseconds;
 //! sampling only decides *when* they are read: a thread's charge lags until it is next sampled
 //! running, or exits.
+//!
+//! Where a PMU exists, user space puts a cycle and an instruction counter per CPU into
+//! [`CPU_CYCLES`] and [`CPU_INSTRUCTIONS`], and each sample charges the interrupted process with
+//! what its CPU counted since the previous sample there. That is `perf record`'s estimate: the
+//! counts are exact per CPU, and the split among processes is right on average (a process
+//! running a third of the time is interrupted by a third of the samples). The exit program does
+//! not read the counters: it always runs in the exiting process, so it would charge that process
+//! with what ran before it.
 //!
 //! Why not a sched_switch program: it runs twice per round of a pipe ping-pong, and on the
 //! development VM a raw tracepoint that returns at once already slowed such a ping-pong by
@@ -21,18 +29,19 @@
 //! makes a new entry that user space sweeps once the process is gone from /proc.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP},
+    bindings::{bpf_perf_event_value, BPF_F_CURRENT_CPU, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_perf_event_read_value, bpf_probe_read_kernel,
     },
     macros::{map, perf_event, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerfEventArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
     EbpfContext as _,
 };
 use nbt_common::sched::{
-    ProcessCpu, ProcessExit, SchedStats, TaskLayout, COMM_LEN, MAX_PROCESSES, MAX_THREADS,
+    CounterReading, ProcessCpu, ProcessExit, SchedStats, TaskLayout, COMM_LEN, COUNT_CYCLES,
+    COUNT_INSTRUCTIONS, CYCLES, INSTRUCTIONS, MAX_PROCESSES, MAX_THREADS,
 };
 
 use crate::atomic_add;
@@ -54,29 +63,120 @@ static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
 /// exit with one cost 15 us.
 #[map(name = "PROCESS_EXITS")]
 static PROCESS_EXITS: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
+/// Each CPU's cycle and instruction counters (index: CPU; sized to the CPUs by the loader),
+/// filled by user space where a PMU exists.
+#[map(name = "CPU_CYCLES")]
+static CPU_CYCLES: PerfEventArray<u32> = PerfEventArray::new(0);
+#[map(name = "CPU_INSTRUCTIONS")]
+static CPU_INSTRUCTIONS: PerfEventArray<u32> = PerfEventArray::new(0);
+#[map(name = "COUNTER_LAST")]
+static COUNTER_LAST: PerCpuArray<CounterReading> = PerCpuArray::with_max_entries(2, 0);
 #[map(name = "SCHED_STATS")]
 static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
 
 #[perf_event]
 pub fn sched_sample(_ctx: PerfEventContext) -> u32 {
-    charge_current_thread(false);
+    let Some(layout) = TASK_LAYOUT.get(0).copied() else {
+        return 0;
+    };
+    if layout.sum_exec_runtime == 0 {
+        return 0; // user space has not said where the runtime is yet
+    }
+    // Read even when the CPU is idle, so the next process sampled here is not charged with the
+    // idle task's counts.
+    let mut charge = Charge::default();
+    if layout.counters & COUNT_CYCLES != 0 {
+        charge.cycles = counted_since_last_sample(&CPU_CYCLES, CYCLES);
+    }
+    if layout.counters & COUNT_INSTRUCTIONS != 0 {
+        charge.instructions = counted_since_last_sample(&CPU_INSTRUCTIONS, INSTRUCTIONS);
+    }
+    charge.ns = runtime_since_last_charge(&layout, false);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid != 0 && !charge.is_empty() {
+        charge_process(tgid, &charge);
+    }
     0
 }
 
-/// Charges the current thread's process with what the thread ran since its last charge. An
-/// exiting thread seen for the first time gets no entry: its exit would only remove it again.
-#[inline(always)]
-fn charge_current_thread(exiting: bool) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    if tgid == 0 {
-        return; // the idle task
+/// What one sample or exit adds to a process.
+#[derive(Default)]
+struct Charge {
+    ns: u64,
+    cycles: u64,
+    instructions: u64,
+}
+
+impl Charge {
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        self.ns == 0 && self.cycles == 0 && self.instructions == 0
     }
-    let Some(layout) = TASK_LAYOUT.get(0).copied() else {
-        return;
+}
+
+/// What this CPU's counter in `array` counted since the previous sample on this CPU, scaled up
+/// when the PMU multiplexed it (ran it for only part of the period): count × enabled/running,
+/// as perf does. The first reading on a CPU only sets the baseline.
+#[inline(always)]
+fn counted_since_last_sample(array: &PerfEventArray<u32>, slot: u32) -> u64 {
+    let mut now = bpf_perf_event_value {
+        counter: 0,
+        enabled: 0,
+        running: 0,
     };
-    if layout.sum_exec_runtime == 0 {
-        return; // user space has not said where the runtime is yet
+    // SAFETY: the map pointer is the static's own (PerfEventArray is a transparent map
+    // definition); the helper writes at most `size` bytes into `now`.
+    let read = unsafe {
+        bpf_perf_event_read_value(
+            core::ptr::from_ref(array).cast_mut().cast(),
+            u64::from(BPF_F_CURRENT_CPU),
+            &mut now,
+            core::mem::size_of::<bpf_perf_event_value>() as u32,
+        )
+    };
+    let Some(last) = COUNTER_LAST.get_ptr_mut(slot) else {
+        return 0;
+    };
+    if read != 0 {
+        count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).counter_misses) });
+        return 0;
+    }
+    let now = CounterReading {
+        counter: now.counter,
+        enabled: now.enabled,
+        running: now.running,
+    };
+    // SAFETY: this CPU's slot; only this program writes it, and it does not nest on a CPU.
+    let before = unsafe { core::ptr::replace(last, now) };
+    if before.enabled == 0 || now.counter < before.counter {
+        return 0;
+    }
+    let counted = now.counter - before.counter;
+    let enabled = now.enabled.saturating_sub(before.enabled);
+    let running = now.running.saturating_sub(before.running);
+    if running == 0 {
+        if counted > 0 || enabled > 0 {
+            count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).counter_misses) });
+        }
+        return 0;
+    }
+    // Both under 2^32 (a period of under 4.3 s, a count under 4.3 billion), so the product fits
+    // in 64 bits; the check is written so for want of 128-bit arithmetic here. Otherwise the
+    // count is left unscaled.
+    if running >= enabled || (counted | enabled) >> 32 != 0 {
+        return counted;
+    }
+    counted * enabled / running
+}
+
+/// The current thread's runtime since its last charge. An exiting thread seen for the first
+/// time gets no entry: its exit would only remove it again.
+#[inline(always)]
+fn runtime_since_last_charge(layout: &TaskLayout, exiting: bool) -> u64 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    if pid_tgid >> 32 == 0 {
+        return 0; // the idle task
     }
     // SAFETY: a helper without arguments; the pointer is only read through probe_read.
     let task = unsafe { bpf_get_current_task() } as *const u8;
@@ -84,7 +184,7 @@ fn charge_current_thread(exiting: bool) {
     let Ok(runtime) = (unsafe {
         bpf_probe_read_kernel(task.add(layout.sum_exec_runtime as usize).cast::<u64>())
     }) else {
-        return;
+        return 0;
     };
     let charged = match THREAD_CHARGED.get_ptr_mut(tid) {
         // SAFETY: a pointer into the map value, valid for this program run. Only programs running
@@ -109,9 +209,7 @@ fn charge_current_thread(exiting: bool) {
             }
         }
     };
-    if runtime > charged {
-        charge(tgid, runtime - charged);
-    }
+    runtime.saturating_sub(charged)
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
@@ -141,10 +239,25 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    // The thread's last stretch, from its last sample (or its start) to now.
-    charge_current_thread(true);
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    // The thread's last stretch, from its last sample (or its start) to now. The counters are
+    // left to the samplers: charging an exiting process with all its CPU counted since the last
+    // sample would give it what the processes before it ran.
+    if let Some(layout) = TASK_LAYOUT.get(0).copied() {
+        if layout.sum_exec_runtime != 0 {
+            let ns = runtime_since_last_charge(&layout, true);
+            if ns > 0 {
+                charge_process(
+                    tgid,
+                    &Charge {
+                        ns,
+                        ..Charge::default()
+                    },
+                );
+            }
+        }
+    }
     let _ = THREAD_CHARGED.remove(tid);
     if tgid != tid {
         return 0; // a thread other than the main one: its time stays with the process
@@ -157,6 +270,8 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
         tgid,
         _pad: 0,
         cpu_ns: cpu.cpu_ns,
+        cycles: cpu.cycles,
+        instructions: cpu.instructions,
         cgroup_id: cpu.cgroup_id,
         comm: cpu.comm,
     };
@@ -176,31 +291,42 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
 /// are charged right; a process moved by another tool without exec stays charged to its first
 /// cgroup.
 #[inline(always)]
-fn charge(tgid: u32, ns: u64) {
-    if add_to_existing(tgid, ns) {
+fn charge_process(tgid: u32, charge: &Charge) {
+    if add_to_existing(tgid, charge) {
         return;
     }
     let entry = ProcessCpu {
-        cpu_ns: ns,
+        cpu_ns: charge.ns,
+        cycles: charge.cycles,
+        instructions: charge.instructions,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     };
     if PROCESS_CPU
         .insert(tgid, entry, u64::from(BPF_NOEXIST))
         .is_err()
-        && !add_to_existing(tgid, ns)
+        && !add_to_existing(tgid, charge)
     {
         count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
     }
 }
 
 #[inline(always)]
-fn add_to_existing(tgid: u32, ns: u64) -> bool {
+fn add_to_existing(tgid: u32, charge: &Charge) -> bool {
     let Some(entry) = PROCESS_CPU.get_ptr_mut(tgid) else {
         return false;
     };
-    // SAFETY: a pointer into the map value, 8-byte aligned, valid for this program run.
-    unsafe { atomic_add(core::ptr::addr_of_mut!((*entry).cpu_ns), ns) };
+    // SAFETY: pointers into the map value, 8-byte aligned, valid for this program run.
+    unsafe {
+        atomic_add(core::ptr::addr_of_mut!((*entry).cpu_ns), charge.ns);
+        if charge.cycles != 0 || charge.instructions != 0 {
+            atomic_add(core::ptr::addr_of_mut!((*entry).cycles), charge.cycles);
+            atomic_add(
+                core::ptr::addr_of_mut!((*entry).instructions),
+                charge.instructions,
+            );
+        }
+    }
     true
 }
 

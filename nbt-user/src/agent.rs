@@ -35,6 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use crate::counters::{AttributeBy, Counted};
 use crate::energy::{node_busy_seconds, rapl_counters, CpuModel};
 use crate::learning::TaskReport;
 use crate::sched::ProcessTracker;
@@ -94,6 +95,9 @@ pub struct AgentArgs {
     /// The model's CPU power when idle, whole node, watts (default 30% of --cpu-tdp)
     #[arg(long, value_name = "WATTS")]
     pub cpu_idle: Option<f64>,
+    /// What active CPU energy is split by among processes
+    #[arg(long, value_enum, value_name = "RATIO", default_value = "auto")]
+    pub attribute_by: AttributeBy,
 }
 
 /// The options, checked.
@@ -102,6 +106,7 @@ pub struct AgentOptions {
     pub token_file: PathBuf,
     pub interval: Duration,
     pub model: CpuModel,
+    pub attribute_by: AttributeBy,
 }
 
 impl AgentArgs {
@@ -155,11 +160,22 @@ impl AgentArgs {
             }
             model.idle_watts = idle;
         }
+        if self.attribute_by == AttributeBy::Cycles {
+            if let Some(why) = crate::counters::pmu_missing() {
+                return Err(usage(
+                    "--attribute-by",
+                    "cycles",
+                    why,
+                    "auto or cpu-time on this machine (no hardware cycle counter)",
+                ));
+            }
+        }
         Ok(AgentOptions {
             listen,
             token_file: self.token_file.unwrap_or_else(default_token_path),
             interval,
             model,
+            attribute_by: self.attribute_by,
         })
     }
 }
@@ -179,6 +195,10 @@ struct Telemetry {
     attribution: crate::attribution::Attribution,
     runs: std::collections::BTreeMap<String, SeenRun>,
     tracker: Option<String>,
+    /// What the samplers count besides CPU time, and so what energy is split by.
+    counted: Option<Counted>,
+    /// Why energy is split by CPU time (no PMU, or told so).
+    counters_absent: Option<String>,
     losses: crate::sched::TrackerLosses,
     intervals: u64,
     gpu: GpuTelemetry,
@@ -288,9 +308,23 @@ fn note_runs(runs: &mut std::collections::BTreeMap<String, SeenRun>, live: Vec<(
     }
 }
 
-fn sampler(agent: Shared, interval: Duration, model: CpuModel) {
-    let mut tracker = match ProcessTracker::attach() {
-        Ok(tracker) => Some(tracker),
+fn sampler(agent: Shared, interval: Duration, model: CpuModel, attribute_by: AttributeBy) {
+    let mut tracker = match ProcessTracker::attach(attribute_by) {
+        Ok(tracker) => {
+            let mut telemetry = agent.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+            match (tracker.counted(), tracker.counters_absent()) {
+                (Some(counted), _) => {
+                    eprintln!("nbt agent: attribution by {}", counted.ratio());
+                    telemetry.counted = Some(counted);
+                }
+                (None, why) => {
+                    let why = why.unwrap_or("no counters");
+                    eprintln!("nbt agent: attribution by CPU time: {why}");
+                    telemetry.counters_absent = Some(why.to_string());
+                }
+            }
+            Some(tracker)
+        }
         Err(err) => {
             eprintln!("nbt agent: per-process attribution is off: {err:#}");
             agent
@@ -381,7 +415,8 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel) {
         };
         let mut telemetry = agent.telemetry.lock().unwrap_or_else(|p| p.into_inner());
         if tracker.is_some() {
-            telemetry.attribution.interval(net, &deltas);
+            let by_counts = telemetry.counted.is_some();
+            telemetry.attribution.interval(net, &deltas, by_counts);
         }
         if let Some(tracker) = &tracker {
             telemetry.losses = tracker.losses();
@@ -587,6 +622,8 @@ async fn attribution(State(agent): State<Shared>) -> Response {
                 "live": run.live,
                 "cgroup_id": run.cgroup_id,
                 "cpu_seconds": energy.cpu_seconds,
+                "cycles": energy.cycles,
+                "instructions": energy.instructions,
                 "joules": energy.joules,
                 "exited_processes": energy.exited_processes,
             })
@@ -599,6 +636,8 @@ async fn attribution(State(agent): State<Shared>) -> Response {
             json!({
                 "cgroup_id": id,
                 "cpu_seconds": c.cpu_seconds,
+                "cycles": c.cycles,
+                "instructions": c.instructions,
                 "joules": c.joules,
                 "exited_processes": c.exited_processes,
             })
@@ -607,7 +646,15 @@ async fn attribution(State(agent): State<Shared>) -> Response {
     Json(json!({
         "source": source,
         "label": label,
-        "method": "active energy split by on-CPU time per process (the scheduler's runtime, read at 100 Hz samples and at exit)",
+        "ratio": t.counted.map_or("cpu_time", Counted::ratio),
+        "method": match t.counted {
+            None => "active energy split by on-CPU time per process (the scheduler's runtime, read at 99 Hz samples and at exit)",
+            Some(Counted::Pmu) => "active energy split by cycles per process (each CPU's cycle counter, charged at 99 Hz samples to the process each sample interrupts)",
+            Some(Counted::CpuClock) => "active energy split by sampled cpu-clock per process (the software cpu-clock in place of cycles, charged at 99 Hz samples to the process each sample interrupts): a check of the counter path, equal to sampled CPU time",
+        },
+        "counters_absent": t.counters_absent,
+        "intervals_by_cpu_time": a.intervals_by_cpu_time,
+        "lost_counter_periods": t.losses.counter_misses,
         "tracker": t.tracker.clone().unwrap_or_else(|| "attached".into()),
         "intervals": t.intervals,
         "active_j": a.active_joules,
@@ -636,6 +683,7 @@ async fn attribution(State(agent): State<Shared>) -> Response {
 
 type Labels = Vec<(String, String)>;
 type FloatCounter = prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>;
+type IntCounter = prometheus_client::metrics::counter::Counter;
 type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
 type Family<M> = prometheus_client::metrics::family::Family<Labels, M>;
 
@@ -684,6 +732,49 @@ fn register_attribution(
         "On-CPU time of a live process since the agent started, from the scheduler's runtime",
         process_seconds,
     );
+    // Counts only where counted: a process without a series was not counted, not idle.
+    if let Some(counted) = t.counted {
+        let process_cycles: Family<IntCounter> = Default::default();
+        let process_instructions: Family<IntCounter> = Default::default();
+        let run_cycles: Family<IntCounter> = Default::default();
+        for p in a.processes.values() {
+            let l = labels(&[
+                ("pid", &p.pid.to_string()),
+                ("comm", &p.comm),
+                ("counter", counted.ratio()),
+            ]);
+            if let Some(cycles) = p.cycles {
+                process_cycles.get_or_create(&l).inc_by(cycles);
+            }
+            if let Some(instructions) = p.instructions {
+                process_instructions.get_or_create(&l).inc_by(instructions);
+            }
+        }
+        for (name, run) in t.runs.iter().filter(|(_, r)| r.live) {
+            if let Some(cycles) = a.cgroups.get(&run.cgroup_id).and_then(|c| c.cycles) {
+                run_cycles
+                    .get_or_create(&labels(&[("run", name), ("counter", counted.ratio())]))
+                    .inc_by(cycles);
+            }
+        }
+        registry.register(
+            "nbt_process_cpu_cycles",
+            "CPU cycles of a live process since the agent started, sampled at 99 Hz per CPU",
+            process_cycles,
+        );
+        registry.register(
+            "nbt_run_cpu_cycles",
+            "CPU cycles of a live run's processes, exited ones included, sampled at 99 Hz per CPU",
+            run_cycles,
+        );
+        if counted == Counted::Pmu {
+            registry.register(
+                "nbt_process_cpu_instructions",
+                "Instructions of a live process since the agent started, sampled at 99 Hz per CPU",
+                process_instructions,
+            );
+        }
+    }
     let run_joules: Family<FloatCounter> = Default::default();
     let run_seconds: Family<FloatCounter> = Default::default();
     for (name, run) in t.runs.iter().filter(|(_, r)| r.live) {
@@ -728,14 +819,16 @@ fn register_attribution(
         "GPU energy attributed to a process by its SM utilisation share",
         gpu_process,
     );
-    let lost: Family<prometheus_client::metrics::counter::Counter> = Default::default();
+    let lost: Family<IntCounter> = Default::default();
     lost.get_or_create(&labels(&[("what", "exit_records")]))
         .inc_by(t.losses.lost_exits);
     lost.get_or_create(&labels(&[("what", "map_full")]))
         .inc_by(t.losses.map_full);
+    lost.get_or_create(&labels(&[("what", "counter_periods")]))
+        .inc_by(t.losses.counter_misses);
     registry.register(
         "nbt_agent_tracker_lost",
-        "What the process tracker could not see: exit records dropped, charges refused by a full map",
+        "What the process tracker could not see: exit records dropped, charges refused by a full map, counter periods unread",
         lost,
     );
 }
@@ -833,6 +926,7 @@ pub fn serve(options: AgentOptions) -> Result<()> {
         token_file,
         interval,
         model,
+        attribute_by,
     } = options;
     let token_file = token_file.as_path();
     let token = token(token_file)?;
@@ -846,7 +940,7 @@ pub fn serve(options: AgentOptions) -> Result<()> {
         token,
     });
     let sampled = agent.clone();
-    std::thread::spawn(move || sampler(sampled, interval, model));
+    std::thread::spawn(move || sampler(sampled, interval, model, attribute_by));
     let app = Router::new()
         .route("/v1/sample", get(sample))
         .route("/v1/take", post(take))

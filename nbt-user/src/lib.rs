@@ -9,6 +9,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod cleanup;
 pub mod cli;
+pub mod counters;
 pub mod demo;
 pub mod energy;
 pub mod gate;

@@ -287,16 +287,14 @@ fn qdiscs(out: &mut Vec<Feature>) {
 }
 
 fn hardware(out: &mut Vec<Feature>) {
-    let pmu = Path::new("/sys/bus/event_source/devices/cpu").exists()
-        || Path::new("/sys/bus/event_source/devices/cpu_core").exists();
+    let missing = crate::counters::pmu_missing();
     out.push(feature(
         "hardware",
         "hardware PMU (cycles, instructions)",
-        pmu,
-        if pmu {
-            "perf event source 'cpu'"
-        } else {
-            "no 'cpu' perf event source (a VM without PMU passthrough): attribution uses CPU time"
+        missing.is_none(),
+        match missing {
+            None => "a cycle counter opens on CPU 0: the agent splits energy by cycles".into(),
+            Some(why) => format!("{why}: the agent splits energy by CPU time"),
         },
     ));
     let rapl_perf = Path::new("/sys/bus/event_source/devices/power").exists();

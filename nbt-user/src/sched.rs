@@ -1,7 +1,7 @@
 //! `sched`: CPU time per process from the kernel (`nbt-ebpf/src/sched.rs`), as deltas per
 //! interval for attribution.
 //!
-//! The programs (a perf event program sampling every CPU's cpu-clock 100 times a second, and the
+//! The programs (a perf event program sampling every CPU's cpu-clock 99 times a second, and the
 //! exec and exit raw tracepoints) are attached node-wide for as long as the [`ProcessTracker`]
 //! lives (dropping it detaches them). Each [`ProcessTracker::take`] returns, per process, the CPU
 //! time it spent since the previous call: processes that exited in between come from the ring
@@ -19,9 +19,12 @@ use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, S
 use aya::programs::{PerfEvent, RawTracePoint};
 use aya::Ebpf;
 use nbt_common::sched::{
-    ProcessCpu, ProcessExit, SchedStats, TaskLayout, PROCESS_CPU_MAP, PROCESS_EXITS_MAP,
-    SAMPLE_PERIOD_NS, SAMPLE_PROGRAM, SCHED_STATS_MAP, TASK_LAYOUT_MAP,
+    ProcessCpu, ProcessExit, SchedStats, TaskLayout, COUNT_CYCLES, COUNT_INSTRUCTIONS,
+    CPU_CYCLES_MAP, CPU_INSTRUCTIONS_MAP, PROCESS_CPU_MAP, PROCESS_EXITS_MAP, SAMPLE_PERIOD_NS,
+    SAMPLE_PROGRAM, SCHED_STATS_MAP, TASK_LAYOUT_MAP,
 };
+
+use crate::counters::{AttributeBy, Counted, CpuCounters};
 
 use crate::btf::Btf;
 use crate::loader;
@@ -33,7 +36,41 @@ pub struct CpuDelta {
     pub cgroup_id: u64,
     pub comm: String,
     pub ns: u64,
+    /// Sampled counts, where the tracker has counters (`None`: not counted).
+    pub cycles: Option<u64>,
+    pub instructions: Option<u64>,
     pub end: End,
+}
+
+/// A process's figures as the kernel keeps them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    ns: u64,
+    cycles: u64,
+    instructions: u64,
+}
+
+impl Totals {
+    fn of(cpu: &ProcessCpu) -> Totals {
+        Totals {
+            ns: cpu.cpu_ns,
+            cycles: cpu.cycles,
+            instructions: cpu.instructions,
+        }
+    }
+
+    /// What was added since `before`. Less than before: the tgid was reused by a new process
+    /// since the last read, and all of it is new.
+    fn since(self, before: Totals) -> Totals {
+        if self.ns < before.ns || self.cycles < before.cycles {
+            return self;
+        }
+        Totals {
+            ns: self.ns - before.ns,
+            cycles: self.cycles - before.cycles,
+            instructions: self.instructions.saturating_sub(before.instructions),
+        }
+    }
 }
 
 /// Whether a delta is a process's last.
@@ -53,14 +90,20 @@ pub struct TrackerLosses {
     pub lost_exits: u64,
     /// Charges the kernel dropped because the process map was full.
     pub map_full: u64,
+    /// Counter readings that failed, or sample periods in which a counter never ran.
+    pub counter_misses: u64,
 }
 
 pub struct ProcessTracker {
     ebpf: Ebpf,
     exits: RingBuf<MapData>,
     pending_exits: Vec<ProcessExit>,
-    /// The figure each live process had at the last read.
-    seen: HashMap<u32, u64>,
+    /// The figures each live process had at the last read.
+    seen: HashMap<u32, Totals>,
+    /// The per-CPU counters the samplers read, if any (kept open while attached).
+    counters: Option<crate::counters::CpuCounters>,
+    /// Why attribution uses CPU time, when it does.
+    counters_absent: Option<String>,
     /// Processes whose exit record came while the map still holds an entry for them (the tail of
     /// their exit); swept once idle and gone from /proc.
     exited: HashSet<u32>,
@@ -72,12 +115,43 @@ fn comm(bytes: &[u8]) -> String {
 }
 
 impl ProcessTracker {
-    /// Loads and attaches the sched programs node-wide: the layout first, then the exit and
-    /// exec tracepoints, then the samplers (a thread sampled before the exit program is attached
-    /// could leave its entry behind).
-    pub fn attach() -> Result<ProcessTracker> {
-        let layout = task_layout(&Btf::kernel()?)?;
+    /// Loads and attaches the sched programs node-wide: the counters and the layout first, then
+    /// the exit and exec tracepoints, then the samplers (a thread sampled before the exit program
+    /// is attached could leave its entry behind). `Cycles` where no PMU exists is an error;
+    /// `Auto` then falls back to CPU time and [`ProcessTracker::counters_absent`] says why.
+    pub fn attach(attribute_by: AttributeBy) -> Result<ProcessTracker> {
+        let mut layout = task_layout(&Btf::kernel()?)?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        let (counters, counters_absent) = match attribute_by {
+            AttributeBy::CpuTime => (None, Some("--attribute-by cpu-time".to_string())),
+            AttributeBy::SampledCpuClock => {
+                (Some(CpuCounters::open(Counted::CpuClock, &cpus)?), None)
+            }
+            AttributeBy::Cycles => (
+                Some(
+                    CpuCounters::open(Counted::Pmu, &cpus)
+                        .context("--attribute-by cycles needs a hardware PMU")?,
+                ),
+                None,
+            ),
+            AttributeBy::Auto => match CpuCounters::open(Counted::Pmu, &cpus) {
+                Ok(counters) => (Some(counters), None),
+                Err(err) => (None, Some(format!("{err:#}"))),
+            },
+        };
         let mut ebpf = loader::load()?;
+        if let Some(counters) = &counters {
+            let map = |name: &str| {
+                ebpf.map(name)
+                    .ok_or_else(|| anyhow!("BPF map {name} missing from nbt's object"))
+            };
+            counters.install(map(CPU_CYCLES_MAP)?, map(CPU_INSTRUCTIONS_MAP)?)?;
+            layout.counters = COUNT_CYCLES;
+            if counters.counts_instructions() {
+                layout.counters |= COUNT_INSTRUCTIONS;
+            }
+        }
         let map = ebpf
             .map_mut(TASK_LAYOUT_MAP)
             .ok_or_else(|| anyhow!("BPF map {TASK_LAYOUT_MAP} missing from nbt's object"))?;
@@ -98,8 +172,6 @@ impl ProcessTracker {
         sampler
             .load()
             .with_context(|| format!("the kernel refused to load BPF program {SAMPLE_PROGRAM}"))?;
-        let cpus =
-            aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
         for cpu in cpus {
             sampler
                 .attach(
@@ -119,8 +191,35 @@ impl ProcessTracker {
             exits,
             pending_exits: Vec::new(),
             seen: HashMap::new(),
+            counters,
+            counters_absent,
             exited: HashSet::new(),
         })
+    }
+
+    /// What the samplers count besides CPU time, if anything.
+    pub fn counted(&self) -> Option<Counted> {
+        self.counters.as_ref().map(|c| c.counted)
+    }
+
+    /// Why the samplers count nothing but CPU time (no PMU, or told so).
+    pub fn counters_absent(&self) -> Option<&str> {
+        self.counters_absent.as_deref()
+    }
+
+    fn delta(&self, tgid: u32, cgroup_id: u64, comm: &[u8], t: Totals, end: End) -> CpuDelta {
+        let counters = self.counters.as_ref();
+        CpuDelta {
+            tgid,
+            cgroup_id,
+            comm: self::comm(comm),
+            ns: t.ns,
+            cycles: counters.map(|_| t.cycles),
+            instructions: counters
+                .filter(|c| c.counts_instructions())
+                .map(|_| t.instructions),
+            end,
+        }
     }
 
     /// Moves exit records out of the ring buffer; call often (every 100 ms) so bursts of short
@@ -141,15 +240,20 @@ impl ProcessTracker {
         self.drain_exits();
         let mut deltas = Vec::new();
         for exit in std::mem::take(&mut self.pending_exits) {
-            let before = self.seen.remove(&exit.tgid).unwrap_or(0);
+            let before = self.seen.remove(&exit.tgid).unwrap_or_default();
             self.exited.insert(exit.tgid);
-            deltas.push(CpuDelta {
-                tgid: exit.tgid,
-                cgroup_id: exit.cgroup_id,
-                comm: comm(&exit.comm),
-                ns: exit.cpu_ns.saturating_sub(before),
-                end: End::Exited,
-            });
+            let totals = Totals {
+                ns: exit.cpu_ns,
+                cycles: exit.cycles,
+                instructions: exit.instructions,
+            };
+            deltas.push(self.delta(
+                exit.tgid,
+                exit.cgroup_id,
+                &exit.comm,
+                totals.since(before),
+                End::Exited,
+            ));
         }
         let map = self
             .ebpf
@@ -158,15 +262,12 @@ impl ProcessTracker {
         let mut processes = BpfHashMap::<_, u32, ProcessCpu>::try_from(map)?;
         let entries: Vec<(u32, ProcessCpu)> = processes.iter().filter_map(|e| e.ok()).collect();
         let mut present = HashSet::with_capacity(entries.len());
+        let mut found = Vec::new();
         for (tgid, cpu) in entries {
             present.insert(tgid);
-            let before = self.seen.get(&tgid).copied().unwrap_or(0);
-            // Less than before: the tgid was reused by a new process since the last read.
-            let ns = if cpu.cpu_ns >= before {
-                cpu.cpu_ns - before
-            } else {
-                cpu.cpu_ns
-            };
+            let before = self.seen.get(&tgid).copied().unwrap_or_default();
+            let added = Totals::of(&cpu).since(before);
+            let ns = added.ns;
             // An entry whose process is gone: the tail of an exit (threads that ran after the
             // main thread's exit), or a process whose main thread left before its other threads.
             let gone = ns == 0
@@ -176,16 +277,11 @@ impl ProcessTracker {
                 let _ = processes.remove(&tgid);
                 self.seen.remove(&tgid);
             } else {
-                self.seen.insert(tgid, cpu.cpu_ns);
+                self.seen.insert(tgid, Totals::of(&cpu));
             }
-            if ns > 0 || gone {
-                deltas.push(CpuDelta {
-                    tgid,
-                    cgroup_id: cpu.cgroup_id,
-                    comm: comm(&cpu.comm),
-                    ns,
-                    end: if gone { End::Swept } else { End::Running },
-                });
+            if added != Totals::default() || gone {
+                let end = if gone { End::Swept } else { End::Running };
+                found.push((tgid, cpu.cgroup_id, cpu.comm, added, end));
             }
         }
         // Entries the kernel removed whose exit record has not been read yet stay in `seen`
@@ -194,6 +290,9 @@ impl ProcessTracker {
             present.contains(tgid) || Path::new(&format!("/proc/{tgid}")).exists()
         });
         self.exited.retain(|tgid| present.contains(tgid));
+        for (tgid, cgroup_id, comm, added, end) in found {
+            deltas.push(self.delta(tgid, cgroup_id, &comm, added, end));
+        }
         Ok(deltas)
     }
 
@@ -207,6 +306,7 @@ impl ProcessTracker {
         TrackerLosses {
             lost_exits: per_cpu.iter().map(|s| s.lost_exits).sum(),
             map_full: per_cpu.iter().map(|s| s.map_full).sum(),
+            counter_misses: per_cpu.iter().map(|s| s.counter_misses).sum(),
         }
     }
 }
@@ -231,6 +331,7 @@ fn task_layout(btf: &Btf) -> Result<TaskLayout> {
         sum_exec_runtime,
         start_time,
         tracking_since_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64,
+        counters: 0,
     })
 }
 

@@ -1,7 +1,7 @@
 //! `cargo xtask bench telemetry`: what nbt's process tracking costs.
 //!
 //! 1. A pipe ping-pong between two processes (two context switches per round) with and without
-//!    the agent's sched programs attached (the 100 Hz sampler and the exec/exit tracepoints),
+//!    the agent's sched programs attached (the 99 Hz sampler and the exec/exit tracepoints),
 //!    alternating, nine runs each (medians); pinned to one CPU (every round is two switches on
 //!    that CPU) and unpinned (wake-ups cross CPUs).
 //! 2. The agent's own CPU time and memory while it tracks 1,000 processes at a 1 s interval.

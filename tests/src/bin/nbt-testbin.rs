@@ -1,7 +1,7 @@
 //! Workloads for nbt's integration tests. Each mode does one thing a test measures.
 //!
 //!   alloc MIB                 allocate MIB MiB and write every page, then exit 0
-//!   spin SECONDS              burn CPU in one thread for SECONDS of wall time
+//!   spin SECONDS [THREADS]    burn CPU in one thread (or THREADS) for SECONDS of wall time
 //!   forkbomb SECONDS          every process forks as fast as it can until SECONDS have passed
 //!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
 //!                             the kernel's count of payload bytes sent, retransmissions included
@@ -60,7 +60,15 @@ fn main() {
     }
     match arg(&args, 1) {
         "alloc" => alloc(num(&args, 2)),
-        "spin" => spin(Duration::from_secs(num(&args, 2))),
+        "spin" => {
+            let threads = args.get(3).map_or(1, |_| num(&args, 3));
+            let duration = Duration::from_secs(num(&args, 2));
+            let others: Vec<_> = (1..threads)
+                .map(|_| std::thread::spawn(move || spin(duration)))
+                .collect();
+            spin(duration);
+            others.into_iter().for_each(|t| t.join().unwrap());
+        }
         "pingpong" => pingpong(num(&args, 2)),
         "sleepers" => sleepers(
             num(&args, 2),
