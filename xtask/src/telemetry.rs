@@ -3,7 +3,9 @@
 //! 1. A pipe ping-pong between two processes (two context switches per round) with and without
 //!    the agent's sched programs attached (the 99 Hz sampler and the exec/exit tracepoints),
 //!    alternating, nine runs each (medians); pinned to one CPU (every round is two switches on
-//!    that CPU) and unpinned (wake-ups cross CPUs).
+//!    that CPU) and unpinned (wake-ups cross CPUs). Tracking CPU time only, and with the
+//!    per-CPU counters read at every sample (cycles where a PMU exists, else the cpu-clock that
+//!    stands in for them).
 //! 2. The agent's own CPU time and memory while it tracks 1,000 processes at a 1 s interval.
 //!
 //! Not a test: it prints tables, and docs/benchmarks.md keeps them.
@@ -30,11 +32,12 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(nbt: &Path, home: &Path) -> Result<Agent> {
+    fn start(nbt: &Path, home: &Path, attribute_by: &str) -> Result<Agent> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(nbt)
             .args(["agent", "--listen", &addr, "--interval", "1s"])
+            .args(["--attribute-by", attribute_by])
             .env("NBT_HOME", home)
             .stderr(Stdio::null())
             .spawn()
@@ -128,30 +131,45 @@ pub fn bench(workspace: &Path) -> Result<()> {
     let home = workspace.join("target/bench-telemetry-home");
     std::fs::create_dir_all(&home)?;
 
-    println!("| ping-pong (2 switches per round) | without tracking (µs/round) | with tracking (µs/round) | slowdown |");
-    println!("|---|---|---|---|");
+    let pmu = Command::new(&nbt)
+        .arg("probe")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim_start().starts_with("yes") && l.contains("hardware PMU (cycles"))
+        })
+        .unwrap_or(false);
+    let counters = if pmu { "cycles" } else { "sampled-cpu-clock" };
+    println!("| ping-pong (2 switches per round) | without tracking (µs/round) | CPU time (µs/round) | slowdown | with counters: {counters} (µs/round) | slowdown |");
+    println!("|---|---|---|---|---|---|");
     for pinned in [true, false] {
-        let (mut off, mut on) = (Vec::new(), Vec::new());
+        let (mut off, mut on, mut counted) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..REPEATS {
             off.push(pingpong(&testbin, pinned)?);
-            let agent = Agent::start(&nbt, &home)?;
+            let agent = Agent::start(&nbt, &home, "cpu-time")?;
             on.push(pingpong(&testbin, pinned)?);
             drop(agent);
+            let agent = Agent::start(&nbt, &home, counters)?;
+            counted.push(pingpong(&testbin, pinned)?);
+            drop(agent);
         }
-        let (off, on) = (median(off), median(on));
+        let (off, on, counted) = (median(off), median(on), median(counted));
         println!(
-            "| {} | {:.2} | {:.2} | {:+.1}% |",
+            "| {} | {:.2} | {:.2} | {:+.1}% | {:.2} | {:+.1}% |",
             if pinned { "both on CPU 0" } else { "unpinned" },
             off / 1000.0,
             on / 1000.0,
-            (on / off - 1.0) * 100.0
+            (on / off - 1.0) * 100.0,
+            counted / 1000.0,
+            (counted / off - 1.0) * 100.0
         );
     }
 
     // The agent first: a process enters its map when a sample finds it running, so each sleeper
     // spins 40 ms (four sampling periods: one that is never sampled is e^-4 = 2% likely) at
     // its start, then wakes for microseconds a second.
-    let agent = Agent::start(&nbt, &home)?;
+    let agent = Agent::start(&nbt, &home, "auto")?;
     let mut sleepers = Command::new(&testbin)
         .args([
             "sleepers",
