@@ -14,7 +14,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{Map, MapData};
-use perf_event::events::{Hardware, Software};
+use perf_event::events::{Event, Hardware, Software};
 use perf_event::{Builder, Counter};
 
 /// What the agent divides active energy by.
@@ -57,14 +57,10 @@ pub struct CpuCounters {
     instructions: Vec<(u32, Counter)>,
 }
 
-fn open_on(cpu: u32, counted: Counted, instructions: bool) -> std::io::Result<Counter> {
-    let mut builder = match (counted, instructions) {
-        (Counted::Pmu, false) => Builder::new(Hardware::CPU_CYCLES),
-        (Counted::Pmu, true) => Builder::new(Hardware::INSTRUCTIONS),
-        (Counted::CpuClock, _) => Builder::new(Software::CPU_CLOCK),
-    };
+/// A counter of `event` on `cpu`, all processes, counting.
+fn open_on(cpu: u32, event: impl Event) -> std::io::Result<Counter> {
     // Kernel time too: a system call's cycles are its caller's energy.
-    let mut counter = builder
+    let mut counter = Builder::new(event)
         .one_cpu(cpu as usize)
         .any_pid()
         .exclude_kernel(false)
@@ -75,12 +71,12 @@ fn open_on(cpu: u32, counted: Counted, instructions: bool) -> std::io::Result<Co
 
 /// Why a PMU cycle counter cannot be opened here, or `None` when it can.
 pub fn pmu_missing() -> Option<String> {
-    open_on(0, Counted::Pmu, false)
+    open_on(0, Hardware::CPU_CYCLES)
         .err()
-        .map(|err| describe(&err))
+        .map(|err| describe(0, &err))
 }
 
-fn describe(err: &std::io::Error) -> String {
+fn describe(cpu: u32, err: &std::io::Error) -> String {
     let hint = match err.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) => {
             " (no hardware PMU: a VM without PMU passthrough?)"
@@ -90,7 +86,7 @@ fn describe(err: &std::io::Error) -> String {
         }
         _ => "",
     };
-    format!("perf_event_open(cycles, CPU 0): {err}{hint}")
+    format!("perf_event_open(cycles, CPU {cpu}): {err}{hint}")
 }
 
 impl CpuCounters {
@@ -102,11 +98,15 @@ impl CpuCounters {
             instructions: Vec::new(),
         };
         for &cpu in cpus {
-            let cycles = open_on(cpu, counted, false)
-                .map_err(|err| anyhow!(describe(&err).replace("CPU 0", &format!("CPU {cpu}"))))?;
-            counters.cycles.push((cpu, cycles));
+            let cycles = match counted {
+                Counted::Pmu => open_on(cpu, Hardware::CPU_CYCLES),
+                Counted::CpuClock => open_on(cpu, Software::CPU_CLOCK),
+            };
+            counters
+                .cycles
+                .push((cpu, cycles.map_err(|err| anyhow!(describe(cpu, &err)))?));
             if counted == Counted::Pmu {
-                let instructions = open_on(cpu, counted, true)
+                let instructions = open_on(cpu, Hardware::INSTRUCTIONS)
                     .with_context(|| format!("perf_event_open(instructions, CPU {cpu})"))?;
                 counters.instructions.push((cpu, instructions));
             }
