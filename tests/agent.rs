@@ -389,7 +389,7 @@ fn energy_follows_cpu_quotas_two_to_one_and_adds_up() {
 /// machine without a PMU: the sampled counts must come out as the CPU time the scheduler
 /// counted, and energy split as that time is.
 ///
-/// Three runs share the CPUs (a filler and two spinners of 4 s and 2 s), so no CPU is idle:
+/// Three runs share the CPUs (a filler and two spinners of 6 s and 3 s), so no CPU is idle:
 /// this VM does not sample an idle vCPU, and the cpu-clock's idle time would go to the next
 /// process sampled (a halted CPU counts no cycles, so real counters do not have that problem).
 /// No CPU quotas either: periodic samples alias with the 100 ms quota periods (on this VM a run
@@ -406,9 +406,9 @@ fn the_counter_path_charges_sampled_counts_and_splits_energy_by_them() {
     let runs = runs_at_once(
         &agent,
         &[
-            (&[], &["spin", "4"]),
-            (&[], &["spin", "2"]),
-            (&[], &["spin", "5", &filler]),
+            (&[], &["spin", "6"]),
+            (&[], &["spin", "3"]),
+            (&[], &["spin", "7", &filler]),
         ],
     );
     for (seen, all, cgroup) in &runs {
@@ -418,7 +418,8 @@ fn the_counter_path_charges_sampled_counts_and_splits_energy_by_them() {
             seen["instructions"].is_null(),
             "cpu-clock counts no instructions: {seen}"
         );
-        // Each 10 ms sample charges the period's nanoseconds to the process it interrupts.
+        // Each sample (10.1 ms apart) charges the period's nanoseconds to the process it
+        // interrupts.
         let sampled = seen["cycles"].as_f64().unwrap() / 1e9;
         eprintln!("sampled cpu-clock {sampled:.3} s against the cgroup's {cgroup:.3} CPU s");
         assert!(
@@ -446,13 +447,6 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
     let pmu = nbt(&["probe"]).stdout().lines().any(|l| {
         l.contains("hardware PMU (cycles, instructions)") && l.trim_start().starts_with("yes")
     });
-    let refused = nbt(&[
-        "agent",
-        "--listen",
-        "127.0.0.1:1",
-        "--attribute-by",
-        "cycles",
-    ]);
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
     let mut spinner = Command::new(nbt_integration_tests::testbin())
         .args(["spin", "2"])
@@ -472,6 +466,14 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
         assert!(process["cycles"].as_u64().unwrap() > 0, "{process}");
         assert!(process["instructions"].as_u64().unwrap() > 0, "{process}");
     } else {
+        // Refused before it listens (where it is accepted, the agent would serve for good).
+        let refused = nbt(&[
+            "agent",
+            "--listen",
+            "127.0.0.1:1",
+            "--attribute-by",
+            "cycles",
+        ]);
         assert_eq!(refused.status(), 2, "{}", refused.stderr());
         assert!(
             refused.stderr().contains(
@@ -567,7 +569,7 @@ fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
         .unwrap();
     eprintln!("live: agent {traced:.3} CPU s, scheduler {before:.3} to {after:.3} CPU s");
     // Charged only at exit, it would be 0 here. The agent's figure is as of its last interval
-    // and the thread's last sample (10 ms): behind the scheduler's (here 0.1 to 0.4 s with
+    // and the thread's last sample (10.1 ms): behind the scheduler's (here 0.1 to 0.4 s with
     // 200 ms intervals), never ahead of it.
     assert!(before > 1.0, "the spinner ran only {before:.3} s");
     assert!(

@@ -58,6 +58,9 @@ pub struct TaskLayout {
     pub sum_exec_runtime: u64,
     /// `start_time`: when the thread was created (ns, CLOCK_MONOTONIC).
     pub start_time: u64,
+    /// `flags` (an unsigned int): [`PF_EXITING`] is set there from the start of the thread's
+    /// exit, before its exit tracepoint.
+    pub flags: u64,
     /// CLOCK_MONOTONIC when tracking began: threads created before it are charged only for what
     /// they run after their first sample.
     pub tracking_since_ns: u64,
@@ -65,6 +68,10 @@ pub struct TaskLayout {
     /// [`CPU_INSTRUCTIONS_MAP`] user space filled with a counter for every CPU; 0: CPU time only.
     pub counters: u64,
 }
+
+/// `task_struct.flags`: the thread is exiting (include/linux/sched.h, the same value since
+/// Linux 2.6).
+pub const PF_EXITING: u32 = 0x0000_0004;
 
 /// A counter as `bpf_perf_event_read_value` gives it: the count, and how long the counter was
 /// enabled and how long it actually ran (less when the PMU multiplexed it with other events).

@@ -41,7 +41,7 @@ use aya_ebpf::{
 };
 use nbt_common::sched::{
     CounterReading, ProcessCpu, ProcessExit, SchedStats, TaskLayout, COMM_LEN, COUNT_CYCLES,
-    COUNT_INSTRUCTIONS, CYCLES, INSTRUCTIONS, MAX_PROCESSES, MAX_THREADS,
+    COUNT_INSTRUCTIONS, CYCLES, INSTRUCTIONS, MAX_PROCESSES, MAX_THREADS, PF_EXITING,
 };
 
 use crate::atomic_add;
@@ -191,6 +191,12 @@ fn runtime_since_last_charge(layout: &TaskLayout, exiting: bool) -> u64 {
         // in this thread's context write its entry; a sample interrupting its exit program could
         // store a stale figure, which the exit then removes.
         Some(entry) => unsafe { core::ptr::replace(entry, runtime) },
+        None if !exiting && is_exiting(task, layout) => {
+            // Past its exit tracepoint (which charged it and removed its entry) or about to
+            // reach it (which will charge it): an entry made now would charge its whole
+            // runtime a second time, and outlive it.
+            return 0;
+        }
         None => {
             // First sight. A thread started before tracking began has run for others before:
             // only what it runs from now on is charged.
@@ -210,6 +216,13 @@ fn runtime_since_last_charge(layout: &TaskLayout, exiting: bool) -> u64 {
         }
     };
     runtime.saturating_sub(charged)
+}
+
+#[inline(always)]
+fn is_exiting(task: *const u8, layout: &TaskLayout) -> bool {
+    // SAFETY: bpf_probe_read_kernel checks the address; the offset comes from this kernel's BTF.
+    unsafe { bpf_probe_read_kernel(task.add(layout.flags as usize).cast::<u32>()) }
+        .is_ok_and(|flags| flags & PF_EXITING != 0)
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
@@ -285,7 +298,7 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Adds `ns` to the process's entry, making it at first sight. Two CPUs may both find no entry
+/// Adds `charge` to the process's entry, making it at first sight. Two CPUs may both find no entry
 /// for a new multi-threaded process: the loser of the insert (EEXIST) adds to the winner's.
 /// The cgroup is read at first sight and at exec: `nbt run` moves its child before exec, so runs
 /// are charged right; a process moved by another tool without exec stays charged to its first

@@ -166,7 +166,7 @@ impl AgentArgs {
                     "--attribute-by",
                     "cycles",
                     why,
-                    "auto or cpu-time on this machine (no hardware cycle counter)",
+                    "auto or cpu-time here (no cycle counter could be opened)",
                 ));
             }
         }
@@ -199,6 +199,8 @@ struct Telemetry {
     counted: Option<Counted>,
     /// Why energy is split by CPU time (no PMU, or told so).
     counters_absent: Option<String>,
+    /// Why a PMU's instructions are not counted while its cycles are.
+    instructions_absent: Option<String>,
     losses: crate::sched::TrackerLosses,
     intervals: u64,
     gpu: GpuTelemetry,
@@ -315,6 +317,10 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel, attribute_by: Att
             match (tracker.counted(), tracker.counters_absent()) {
                 (Some(counted), _) => {
                     eprintln!("nbt agent: attribution by {}", counted.ratio());
+                    if let Some(why) = tracker.instructions_absent() {
+                        eprintln!("nbt agent: instructions are not counted: {why}");
+                        telemetry.instructions_absent = Some(why.to_string());
+                    }
                     telemetry.counted = Some(counted);
                 }
                 (None, why) => {
@@ -327,11 +333,9 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel, attribute_by: Att
         }
         Err(err) => {
             eprintln!("nbt agent: per-process attribution is off: {err:#}");
-            agent
-                .telemetry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .tracker = Some(format!("{err:#}"));
+            let mut telemetry = agent.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+            telemetry.tracker = Some(format!("{err:#}"));
+            telemetry.counters_absent = Some(format!("{err:#}"));
             None
         }
     };
@@ -646,15 +650,16 @@ async fn attribution(State(agent): State<Shared>) -> Response {
     Json(json!({
         "source": source,
         "label": label,
-        "ratio": t.counted.map_or("cpu_time", Counted::ratio),
+        "ratio": if t.tracker.is_some() { None } else { Some(t.counted.map_or("cpu_time", Counted::ratio)) },
         "method": match t.counted {
             None => "active energy split by on-CPU time per process (the scheduler's runtime, read at 99 Hz samples and at exit)",
             Some(Counted::Pmu) => "active energy split by cycles per process (each CPU's cycle counter, charged at 99 Hz samples to the process each sample interrupts)",
             Some(Counted::CpuClock) => "active energy split by sampled cpu-clock per process (the software cpu-clock in place of cycles, charged at 99 Hz samples to the process each sample interrupts): a check of the counter path, equal to sampled CPU time",
         },
         "counters_absent": t.counters_absent,
-        "intervals_by_cpu_time": a.intervals_by_cpu_time,
-        "lost_counter_periods": t.losses.counter_misses,
+        "instructions_absent": t.instructions_absent,
+        "intervals_by_cpu_time": t.counted.map(|_| a.intervals_by_cpu_time),
+        "lost_counter_periods": t.counted.map(|_| t.losses.counter_misses),
         "tracker": t.tracker.clone().unwrap_or_else(|| "attached".into()),
         "intervals": t.intervals,
         "active_j": a.active_joules,

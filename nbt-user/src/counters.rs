@@ -55,6 +55,8 @@ pub struct CpuCounters {
     pub counted: Counted,
     cycles: Vec<(u32, Counter)>,
     instructions: Vec<(u32, Counter)>,
+    /// Why a PMU's instructions are not counted (the cycles still are).
+    pub instructions_absent: Option<String>,
 }
 
 /// A counter of `event` on `cpu`, all processes, counting.
@@ -73,10 +75,10 @@ fn open_on(cpu: u32, event: impl Event) -> std::io::Result<Counter> {
 pub fn pmu_missing() -> Option<String> {
     open_on(0, Hardware::CPU_CYCLES)
         .err()
-        .map(|err| describe(0, &err))
+        .map(|err| describe("cycles", 0, &err))
 }
 
-fn describe(cpu: u32, err: &std::io::Error) -> String {
+fn describe(event: &str, cpu: u32, err: &std::io::Error) -> String {
     let hint = match err.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) => {
             " (no hardware PMU: a VM without PMU passthrough?)"
@@ -86,29 +88,35 @@ fn describe(cpu: u32, err: &std::io::Error) -> String {
         }
         _ => "",
     };
-    format!("perf_event_open(cycles, CPU {cpu}): {err}{hint}")
+    format!("perf_event_open({event}, CPU {cpu}): {err}{hint}")
 }
 
 impl CpuCounters {
-    /// Opens the counters on `cpus`.
+    /// Opens the counters on `cpus`: cycles (or the cpu-clock) on every one, or an error;
+    /// a PMU's instructions on every one, or on none, with the reason kept.
     pub fn open(counted: Counted, cpus: &[u32]) -> Result<CpuCounters> {
         let mut counters = CpuCounters {
             counted,
             cycles: Vec::with_capacity(cpus.len()),
             instructions: Vec::new(),
+            instructions_absent: None,
         };
         for &cpu in cpus {
             let cycles = match counted {
-                Counted::Pmu => open_on(cpu, Hardware::CPU_CYCLES),
-                Counted::CpuClock => open_on(cpu, Software::CPU_CLOCK),
+                Counted::Pmu => open_on(cpu, Hardware::CPU_CYCLES)
+                    .map_err(|err| anyhow!(describe("cycles", cpu, &err))),
+                Counted::CpuClock => open_on(cpu, Software::CPU_CLOCK)
+                    .map_err(|err| anyhow!(describe("cpu-clock", cpu, &err))),
             };
-            counters
-                .cycles
-                .push((cpu, cycles.map_err(|err| anyhow!(describe(cpu, &err)))?));
-            if counted == Counted::Pmu {
-                let instructions = open_on(cpu, Hardware::INSTRUCTIONS)
-                    .with_context(|| format!("perf_event_open(instructions, CPU {cpu})"))?;
-                counters.instructions.push((cpu, instructions));
+            counters.cycles.push((cpu, cycles?));
+            if counted == Counted::Pmu && counters.instructions_absent.is_none() {
+                match open_on(cpu, Hardware::INSTRUCTIONS) {
+                    Ok(instructions) => counters.instructions.push((cpu, instructions)),
+                    Err(err) => {
+                        counters.instructions.clear();
+                        counters.instructions_absent = Some(describe("instructions", cpu, &err));
+                    }
+                }
             }
         }
         Ok(counters)

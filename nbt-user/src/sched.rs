@@ -4,7 +4,7 @@
 //! The programs (a perf event program sampling every CPU's cpu-clock 99 times a second, and the
 //! exec and exit raw tracepoints) are attached node-wide for as long as the [`ProcessTracker`]
 //! lives (dropping it detaches them). Each [`ProcessTracker::take`] returns, per process, the CPU
-//! time it spent since the previous call: processes that exited in between come from the ring
+//! time it spent (and, with counters, the cycles and instructions sampled) since the previous call: processes that exited in between come from the ring
 //! buffer (their final figure), the others from the hash map.
 
 use std::collections::{HashMap, HashSet};
@@ -202,6 +202,13 @@ impl ProcessTracker {
         self.counters.as_ref().map(|c| c.counted)
     }
 
+    /// Why a PMU's instructions are not counted while its cycles are.
+    pub fn instructions_absent(&self) -> Option<&str> {
+        self.counters
+            .as_ref()
+            .and_then(|c| c.instructions_absent.as_deref())
+    }
+
     /// Why the samplers count nothing but CPU time (no PMU, or told so).
     pub fn counters_absent(&self) -> Option<&str> {
         self.counters_absent.as_deref()
@@ -235,7 +242,8 @@ impl ProcessTracker {
         }
     }
 
-    /// Every process's CPU time since the previous call.
+    /// Every process's CPU time since the previous call, and its sampled counts where the
+    /// samplers read counters.
     pub fn take(&mut self) -> Result<Vec<CpuDelta>> {
         self.drain_exits();
         let mut deltas = Vec::new();
@@ -321,6 +329,7 @@ fn task_layout(btf: &Btf) -> Result<TaskLayout> {
     let start_time = btf
         .offset_of("task_struct", &["start_time"])
         .context(context)?;
+    let flags = btf.offset_of("task_struct", &["flags"]).context(context)?;
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -330,6 +339,7 @@ fn task_layout(btf: &Btf) -> Result<TaskLayout> {
     Ok(TaskLayout {
         sum_exec_runtime,
         start_time,
+        flags,
         tracking_since_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64,
         counters: 0,
     })

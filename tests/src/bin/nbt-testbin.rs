@@ -337,7 +337,7 @@ fn sleepers(count: u64, duration: Duration, warm_up: Duration) {
         // SAFETY: the child only spins, sleeps and calls _exit.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            // First a stretch of CPU (longer than the agent's 10 ms sampling period, so each
+            // First a stretch of CPU (longer than the agent's 10.1 ms sampling period, so each
             // child is seen), then a few microseconds a second.
             let mut x = 0u64;
             while process_cpu_time() < warm_up {
