@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbt_integration_tests::{nbt, nbt_bin, run_testbin, NoLeftovers};
+use nbt_integration_tests::{nbt, nbt_command, run_testbin, NoLeftovers};
 use serde_json::Value;
 
 /// The agent as a child process, killed on drop.
@@ -30,7 +30,7 @@ impl Agent {
             .unwrap()
             .port();
         let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(nbt_bin())
+        let child = nbt_command()
             .args(["agent", "--listen", &addr])
             .args(extra)
             .stderr(Stdio::null())

@@ -3,16 +3,14 @@
 //! receipts verified. Its hardware caps (2.0 GHz, no turbo, 75 W, 1200 MHz) meet a machine that
 //! may have none of that hardware: the demo names each one it cannot enforce and goes on.
 
-use std::process::Command;
-
-use nbt_integration_tests::{nbt_bin, NoLeftovers};
+use nbt_integration_tests::{nbt_command, NoLeftovers};
 
 #[test]
 fn the_demo_runs_and_names_the_caps_this_machine_cannot_enforce() {
     let guard = NoLeftovers::new();
     // An empty sysfs: no cpufreq and no turbo switch, whatever this machine has.
     let sysfs = tempfile::tempdir().unwrap();
-    let out = Command::new(nbt_bin())
+    let out = nbt_command()
         .env("NBT_SYSFS_ROOT", sysfs.path())
         .arg("demo")
         .output()

@@ -4,10 +4,12 @@
 
 use std::io::Read;
 use std::net::{TcpListener, UdpSocket};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use nbt_integration_tests::{nbt, nbt_bin, run_testbin, testbin, NoLeftovers};
+use nbt_integration_tests::{
+    nbt, nbt_command, run_testbin, run_testbin_with_env, testbin, NoLeftovers,
+};
 
 /// A TCP listener that accepts and closes connections until the test ends.
 fn accepting(addr: &str) -> String {
@@ -74,7 +76,7 @@ fn a_top_up_reopens_the_gate() {
     let guard = NoLeftovers::new();
     let server = accepting("127.0.0.1:0");
     let testbin = testbin();
-    let child = Command::new(nbt_bin())
+    let child = nbt_command()
         .args([
             "run",
             "--json",
@@ -126,9 +128,7 @@ const NEGATIVE: [&str; 4] = ["--balance", "0", "--price-hour", "1000000"];
 fn run_negative(gate: &str, workload: &[&str]) -> nbt_integration_tests::Run {
     let mut limits = NEGATIVE.to_vec();
     limits.extend(["--gate", gate]);
-    std::env::set_var("NBT_TESTBIN_DELAY_MS", "400");
-    let run = run_testbin(&limits, workload);
-    std::env::remove_var("NBT_TESTBIN_DELAY_MS");
+    let run = run_testbin_with_env(&limits, workload, &[("NBT_TESTBIN_DELAY_MS", "400")]);
     let end = run.summary.as_ref().unwrap()["ledger"]["balance_end_micro"]
         .as_i64()
         .unwrap();
@@ -204,7 +204,7 @@ fn other_destinations_and_other_processes_are_untouched() {
     );
     // While a run is blocked from `gated`, this process (outside it) still reaches it.
     let testbin = testbin();
-    let mut blocked = Command::new(nbt_bin())
+    let mut blocked = nbt_command()
         .args(["run", "--balance", "0", "--gate", &gated, "--"])
         .arg(&testbin)
         .args(["connect-loop", &gated, "10", "100"])

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use nbt_integration_tests::{nbt_bin, NoLeftovers, Run};
+use nbt_integration_tests::{nbt_command, NoLeftovers, Run};
 
 const CPUS: usize = 2;
 
@@ -56,7 +56,7 @@ impl FakeSys {
 }
 
 fn nbt_with(root: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(nbt_bin());
+    let mut command = nbt_command();
     command.env("NBT_SYSFS_ROOT", root).args(args);
     command
 }

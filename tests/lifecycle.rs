@@ -1,10 +1,10 @@
 //! Exit statuses, signal forwarding, and removal of everything a run made, also after a crash.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use nbt_integration_tests::{nbt, nbt_bin, run_cgroups, run_testbin, testbin, NoLeftovers};
+use nbt_integration_tests::{nbt, nbt_command, run_cgroups, run_testbin, testbin, NoLeftovers};
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -22,7 +22,7 @@ fn temp_file(name: &str) -> PathBuf {
 
 /// Starts `nbt run -- nbt-testbin await-signal FILE` and waits until the workload is ready.
 fn start_awaiting(file: &PathBuf) -> Child {
-    let child = Command::new(nbt_bin())
+    let child = nbt_command()
         .args(["run", "--json", "--"])
         .arg(testbin())
         .arg("await-signal")

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use nbt_integration_tests::{nbt, nbt_bin, NoLeftovers};
+use nbt_integration_tests::{nbt, nbt_command, NoLeftovers};
 use rusqlite::{params, Connection};
 use serde_json::Value;
 
@@ -29,7 +29,7 @@ fn run_sh(extra: &[&str], script: &str) -> nbt_integration_tests::Run {
 }
 
 fn verify(store: &Path) -> (i32, String) {
-    let out = Command::new(nbt_bin())
+    let out = nbt_command()
         .args(["receipts", "--receipts"])
         .arg(store)
         .arg("verify")
@@ -47,7 +47,7 @@ fn verify(store: &Path) -> (i32, String) {
 
 /// The receipts as `nbt receipts list --json` gives them.
 fn listed(store: &Path) -> Vec<Value> {
-    let out = Command::new(nbt_bin())
+    let out = nbt_command()
         .args(["receipts", "--receipts"])
         .arg(store)
         .args(["list", "--json"])
@@ -256,10 +256,7 @@ fn another_key_does_not_verify_and_a_third_party_can_check_without_nbt() {
     let guard = NoLeftovers::new();
     let store = store_of_six(&guard);
     let pubkey = guard.home().join("node.pub");
-    let out = Command::new(nbt_bin())
-        .args(["receipts", "pubkey"])
-        .output()
-        .unwrap();
+    let out = nbt_command().args(["receipts", "pubkey"]).output().unwrap();
     assert!(out.status.success());
     std::fs::write(&pubkey, &out.stdout).unwrap();
     let key_mode = std::os::unix::fs::PermissionsExt::mode(
@@ -270,7 +267,7 @@ fn another_key_does_not_verify_and_a_third_party_can_check_without_nbt() {
     assert_eq!(key_mode & 0o777, 0o600);
 
     let check = |key: &Path| {
-        Command::new(nbt_bin())
+        nbt_command()
             .args(["receipts", "--receipts"])
             .arg(&store)
             .args(["verify", "--pubkey"])
@@ -281,7 +278,7 @@ fn another_key_does_not_verify_and_a_third_party_can_check_without_nbt() {
     assert!(check(&pubkey).status.success());
     // Another node's key: a second NBT_KEY makes one.
     let other = guard.home().join("other.pub");
-    let out = Command::new(nbt_bin())
+    let out = nbt_command()
         .env("NBT_KEY", guard.home().join("other.key"))
         .args(["receipts", "pubkey"])
         .output()
@@ -484,7 +481,7 @@ fn kill_9_while_writing_receipts_never_breaks_the_store() {
             .wrapping_add(1442695040888963407);
         // Between 0 and 1.2 times a whole run: most kills land mid-run, some after the end.
         let delay = span.mul_f64((seed >> 33) as f64 / (1u64 << 31) as f64 * 1.2);
-        let mut child = Command::new(nbt_bin())
+        let mut child = nbt_command()
             .args(["run", "--json", "--", "sh", "-c", &script])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -502,7 +499,7 @@ fn kill_9_while_writing_receipts_never_breaks_the_store() {
             _ => killed += 1,
         }
         // The killed nbt's workload goes on in its cgroup: nbt cleanup is the way to end it.
-        let cleaned = Command::new(nbt_bin()).arg("cleanup").output().unwrap();
+        let cleaned = nbt_command().arg("cleanup").output().unwrap();
         assert!(
             cleaned.status.success(),
             "{}",

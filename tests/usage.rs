@@ -1,9 +1,8 @@
 //! Usage errors and environment errors: one clear line, naming the flag or the cause.
 
 use std::os::unix::process::CommandExt;
-use std::process::Command;
 
-use nbt_integration_tests::{nbt, nbt_bin, NoLeftovers};
+use nbt_integration_tests::{nbt, nbt_command, NoLeftovers};
 
 fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or("")
@@ -124,7 +123,7 @@ fn a_missing_command_is_a_usage_error() {
 
 #[test]
 fn not_root_is_refused_in_one_line() {
-    let output = Command::new(nbt_bin())
+    let output = nbt_command()
         .args(["run", "--", "true"])
         .uid(65534)
         .gid(65534)
@@ -144,7 +143,7 @@ fn no_cgroup2_mounted_is_refused_naming_it() {
     let layout = nbt::cgroup::Layout::detect().unwrap();
     let mount_point = layout.v2_self.clone().unwrap();
     let mount_point = std::ffi::CString::new(mount_point.to_str().unwrap()).unwrap();
-    let mut command = Command::new(nbt_bin());
+    let mut command = nbt_command();
     command.args(["run", "--", "true"]);
     // SAFETY: between fork and exec, only syscalls: a private mount namespace for nbt, without
     // the cgroup2 mount. The test's own namespace is untouched.

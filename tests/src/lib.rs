@@ -104,11 +104,41 @@ impl Run {
     }
 }
 
+/// The `NBT_HOME` of the test that holds the [`NoLeftovers`] guard, if one does.
+static GUARDED_HOME: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Where a test without a guard points nbt's home: under a file, so that nothing can be made
+/// there, not even by root. Such tests (usage errors, say) must not write receipts or keys.
+const NO_HOME: &str = "/dev/null/nbt-test-without-a-guard";
+
+/// `nbt` as a command, in the environment of the current test: the guard's `NBT_HOME`, and no
+/// `NBT_RECEIPTS` or `NBT_KEY` from the caller's shell. Given to each child rather than set in
+/// this process's environment, which tests on other threads read at the same time.
+pub fn nbt_command() -> Command {
+    let home = GUARDED_HOME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(NO_HOME));
+    let mut command = Command::new(nbt_bin());
+    command
+        .env("NBT_HOME", home)
+        .env_remove("NBT_RECEIPTS")
+        .env_remove("NBT_KEY");
+    command
+}
+
 /// Runs `nbt ARGS` to completion. The summary is parsed from the last line of stdout when it is JSON.
 pub fn nbt(args: &[&str]) -> Run {
+    nbt_with_env(args, &[])
+}
+
+/// [`nbt`], with `env` added to nbt's environment (and so to its workload's).
+pub fn nbt_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     Run::from_output(
-        Command::new(nbt_bin())
+        nbt_command()
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .expect("running nbt"),
     )
@@ -126,13 +156,18 @@ impl Run {
 
 /// `nbt run --json LIMITS -- nbt-testbin MODE ARGS`.
 pub fn run_testbin(limits: &[&str], workload: &[&str]) -> Run {
+    run_testbin_with_env(limits, workload, &[])
+}
+
+/// [`run_testbin`], with `env` added to the environment of nbt and its workload.
+pub fn run_testbin_with_env(limits: &[&str], workload: &[&str], env: &[(&str, &str)]) -> Run {
     let testbin = testbin();
     let mut args = vec!["run", "--json"];
     args.extend_from_slice(limits);
     args.push("--");
     args.push(testbin.to_str().unwrap());
     args.extend_from_slice(workload);
-    nbt(&args)
+    nbt_with_env(&args, env)
 }
 
 /// The directories beneath which nbt makes run cgroups on this machine (one per hierarchy).
@@ -186,10 +221,10 @@ impl NoLeftovers {
             .prefix("nbt-test-home-")
             .tempdir()
             .expect("making a temporary NBT_HOME");
-        // Tests are serialized (above), and every nbt they start inherits this.
-        std::env::set_var("NBT_HOME", home.path());
-        std::env::remove_var("NBT_RECEIPTS");
-        std::env::remove_var("NBT_KEY");
+        // Tests are serialized (above); every nbt they start through nbt_command gets it.
+        *GUARDED_HOME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(home.path().to_path_buf());
         NoLeftovers {
             before: run_cgroups(),
             home,
@@ -234,6 +269,9 @@ impl Default for NoLeftovers {
 
 impl Drop for NoLeftovers {
     fn drop(&mut self) {
+        *GUARDED_HOME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         let left = self.leftovers();
         if left.is_empty() {
             return;
@@ -343,7 +381,7 @@ pub fn nbt_in_netns(name: &str, args: &[&str]) -> Run {
     use std::os::unix::process::CommandExt;
     let ns = NetnsPair::open(name);
     let fd = ns.as_raw_fd();
-    let mut command = Command::new(nbt_bin());
+    let mut command = nbt_command();
     command.args(args);
     // SAFETY: between fork and exec, one syscall on a descriptor we hold open.
     unsafe {
