@@ -308,6 +308,8 @@ fn out_of_range_or_missing_hardware_is_refused_in_one_line() {
 /// is named as such, not reported as zero.
 #[test]
 fn cpu_temperature_is_sampled_during_the_run() {
+    // A run writes its receipt: into this test's own home.
+    let guard = NoLeftovers::new();
     let sys = FakeSys::new();
     let hwmon = sys.root().join("class/hwmon/hwmon3");
     std::fs::create_dir_all(&hwmon).unwrap();
@@ -345,4 +347,5 @@ fn cpu_temperature_is_sampled_during_the_run() {
             "{absent}"
         );
     }
+    guard.assert_clean();
 }
