@@ -76,12 +76,9 @@ static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0
 
 #[perf_event]
 pub fn sched_sample(_ctx: PerfEventContext) -> u32 {
-    let Some(layout) = TASK_LAYOUT.get(0).copied() else {
+    let Some(layout) = task_layout() else {
         return 0;
     };
-    if layout.sum_exec_runtime == 0 {
-        return 0; // user space has not said where the runtime is yet
-    }
     // Read even when the CPU is idle, so the next process sampled here is not charged with the
     // idle task's counts.
     let mut charge = Charge::default();
@@ -91,12 +88,22 @@ pub fn sched_sample(_ctx: PerfEventContext) -> u32 {
     if layout.counters & COUNT_INSTRUCTIONS != 0 {
         charge.instructions = counted_since_last_sample(&CPU_INSTRUCTIONS, INSTRUCTIONS);
     }
-    charge.ns = runtime_since_last_charge(&layout, false);
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    charge.ns = runtime_since_last_charge(&layout, pid_tgid, false);
+    let tgid = (pid_tgid >> 32) as u32;
     if tgid != 0 && !charge.is_empty() {
         charge_process(tgid, &charge);
     }
     0
+}
+
+/// Where the programs find what they read, once user space has said so.
+#[inline(always)]
+fn task_layout() -> Option<TaskLayout> {
+    TASK_LAYOUT
+        .get(0)
+        .copied()
+        .filter(|layout| layout.sum_exec_runtime != 0)
 }
 
 /// What one sample or exit adds to a process.
@@ -172,8 +179,7 @@ fn counted_since_last_sample(array: &PerfEventArray<u32>, slot: u32) -> u64 {
 /// The current thread's runtime since its last charge. An exiting thread seen for the first
 /// time gets no entry: its exit would only remove it again.
 #[inline(always)]
-fn runtime_since_last_charge(layout: &TaskLayout, exiting: bool) -> u64 {
-    let pid_tgid = bpf_get_current_pid_tgid();
+fn runtime_since_last_charge(layout: &TaskLayout, pid_tgid: u64, exiting: bool) -> u64 {
     let tid = pid_tgid as u32;
     if pid_tgid >> 32 == 0 {
         return 0; // the idle task
@@ -257,18 +263,16 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     // The thread's last stretch, from its last sample (or its start) to now. The counters are
     // left to the samplers: charging an exiting process with all its CPU counted since the last
     // sample would give it what the processes before it ran.
-    if let Some(layout) = TASK_LAYOUT.get(0).copied() {
-        if layout.sum_exec_runtime != 0 {
-            let ns = runtime_since_last_charge(&layout, true);
-            if ns > 0 {
-                charge_process(
-                    tgid,
-                    &Charge {
-                        ns,
-                        ..Charge::default()
-                    },
-                );
-            }
+    if let Some(layout) = task_layout() {
+        let ns = runtime_since_last_charge(&layout, pid_tgid, true);
+        if ns > 0 {
+            charge_process(
+                tgid,
+                &Charge {
+                    ns,
+                    ..Charge::default()
+                },
+            );
         }
     }
     let _ = THREAD_CHARGED.remove(tid);

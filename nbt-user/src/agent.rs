@@ -716,16 +716,26 @@ fn register_attribution(
         "Energy of the node's CPUs above idle since the agent started: what is attributed",
         active,
     );
+    // Counts only where counted: a process or run without a series was not counted, not idle.
+    let counter = t.counted.map(Counted::ratio);
     let process_joules: Family<FloatCounter> = Default::default();
     let process_seconds: Family<FloatCounter> = Default::default();
+    let process_cycles: Family<IntCounter> = Default::default();
+    let process_instructions: Family<IntCounter> = Default::default();
     for p in a.processes.values() {
-        let l = labels(&[
-            ("pid", &p.pid.to_string()),
-            ("comm", &p.comm),
-            ("source", source),
-        ]);
+        let pid = p.pid.to_string();
+        let l = labels(&[("pid", &pid), ("comm", &p.comm), ("source", source)]);
         process_joules.get_or_create(&l).inc_by(p.joules);
         process_seconds.get_or_create(&l).inc_by(p.cpu_seconds);
+        if let Some(counter) = counter {
+            let l = labels(&[("pid", &pid), ("comm", &p.comm), ("counter", counter)]);
+            if let Some(cycles) = p.cycles {
+                process_cycles.get_or_create(&l).inc_by(cycles);
+            }
+            if let Some(instructions) = p.instructions {
+                process_instructions.get_or_create(&l).inc_by(instructions);
+            }
+        }
     }
     registry.register(
         "nbt_process_cpu_joules",
@@ -737,31 +747,21 @@ fn register_attribution(
         "On-CPU time of a live process since the agent started, from the scheduler's runtime",
         process_seconds,
     );
-    // Counts only where counted: a process without a series was not counted, not idle.
+    let run_joules: Family<FloatCounter> = Default::default();
+    let run_seconds: Family<FloatCounter> = Default::default();
+    let run_cycles: Family<IntCounter> = Default::default();
+    for (name, run) in t.runs.iter().filter(|(_, r)| r.live) {
+        let energy = a.cgroups.get(&run.cgroup_id).copied().unwrap_or_default();
+        let l = labels(&[("run", name), ("source", source)]);
+        run_joules.get_or_create(&l).inc_by(energy.joules);
+        run_seconds.get_or_create(&l).inc_by(energy.cpu_seconds);
+        if let (Some(counter), Some(cycles)) = (counter, energy.cycles) {
+            run_cycles
+                .get_or_create(&labels(&[("run", name), ("counter", counter)]))
+                .inc_by(cycles);
+        }
+    }
     if let Some(counted) = t.counted {
-        let process_cycles: Family<IntCounter> = Default::default();
-        let process_instructions: Family<IntCounter> = Default::default();
-        let run_cycles: Family<IntCounter> = Default::default();
-        for p in a.processes.values() {
-            let l = labels(&[
-                ("pid", &p.pid.to_string()),
-                ("comm", &p.comm),
-                ("counter", counted.ratio()),
-            ]);
-            if let Some(cycles) = p.cycles {
-                process_cycles.get_or_create(&l).inc_by(cycles);
-            }
-            if let Some(instructions) = p.instructions {
-                process_instructions.get_or_create(&l).inc_by(instructions);
-            }
-        }
-        for (name, run) in t.runs.iter().filter(|(_, r)| r.live) {
-            if let Some(cycles) = a.cgroups.get(&run.cgroup_id).and_then(|c| c.cycles) {
-                run_cycles
-                    .get_or_create(&labels(&[("run", name), ("counter", counted.ratio())]))
-                    .inc_by(cycles);
-            }
-        }
         registry.register(
             "nbt_process_cpu_cycles",
             "CPU cycles of a live process since the agent started, sampled at 99 Hz per CPU",
@@ -779,14 +779,6 @@ fn register_attribution(
                 process_instructions,
             );
         }
-    }
-    let run_joules: Family<FloatCounter> = Default::default();
-    let run_seconds: Family<FloatCounter> = Default::default();
-    for (name, run) in t.runs.iter().filter(|(_, r)| r.live) {
-        let energy = a.cgroups.get(&run.cgroup_id).copied().unwrap_or_default();
-        let l = labels(&[("run", name), ("source", source)]);
-        run_joules.get_or_create(&l).inc_by(energy.joules);
-        run_seconds.get_or_create(&l).inc_by(energy.cpu_seconds);
     }
     registry.register(
         "nbt_run_cpu_joules",
