@@ -63,6 +63,44 @@ impl Drop for Agent {
 }
 
 /// One HTTP/1.1 request; the status and the body.
+/// `nbt-testbin spin SECONDS` outside any run, killed and reaped on drop (also when a test
+/// fails).
+struct Spinner(Child);
+
+impl Spinner {
+    fn start(seconds: &str) -> Spinner {
+        Spinner(
+            Command::new(nbt_integration_tests::testbin())
+                .args(["spin", seconds])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until the agent's tracker is attached and has finished an interval.
+fn wait_until_attached(agent: &Agent) {
+    for _ in 0..100 {
+        let (_, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+        if body.contains("\"tracker\":\"attached\"") && !body.contains("\"intervals\":0") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     let auth = token
@@ -447,20 +485,14 @@ fn the_counter_path_charges_sampled_counts_and_splits_energy_by_them() {
 #[test]
 fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
     let guard = NoLeftovers::new();
-    let pmu = nbt(&["probe"]).stdout().lines().any(|l| {
-        l.contains("hardware PMU (cycles, instructions)") && l.trim_start().starts_with("yes")
-    });
+    let pmu = nbt::counters::pmu_missing().is_none();
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
-    let mut spinner = Command::new(nbt_integration_tests::testbin())
-        .args(["spin", "2"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = spinner.id();
+    wait_until_attached(&agent);
+    let spinner = Spinner::start("2");
+    let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(1500));
     let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
-    let _ = spinner.kill();
-    let _ = spinner.wait();
+    drop(spinner);
     assert_eq!(status, 200, "{body}");
     let all = json(&body);
     let process = entry(&all, "processes", "pid", pid);
@@ -546,25 +578,14 @@ fn scheduler_runtime_seconds(pid: u32) -> f64 {
 fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
     let guard = NoLeftovers::new();
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
-    for _ in 0..100 {
-        let (_, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
-        if body.contains("\"tracker\":\"attached\"") && !body.contains("\"intervals\":0") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut spinner = Command::new(nbt_integration_tests::testbin())
-        .args(["spin", "5"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = spinner.id();
+    wait_until_attached(&agent);
+    let spinner = Spinner::start("5");
+    let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(2500));
     let before = scheduler_runtime_seconds(pid);
     let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
     let after = scheduler_runtime_seconds(pid);
-    let _ = spinner.kill();
-    let _ = spinner.wait();
+    drop(spinner);
     assert_eq!(status, 200, "{body}");
     let all = json(&body);
     let traced = entry(&all, "processes", "pid", pid)["cpu_seconds"]
@@ -661,12 +682,8 @@ fn a_real_prometheus_scrapes_the_metrics() {
     let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
     // A busy process, so that one known series exists (a process appears once a sample finds
     // it running).
-    let mut spinner = Command::new(nbt_integration_tests::testbin())
-        .args(["spin", "30"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = spinner.id().to_string();
+    let spinner = Spinner::start("30");
+    let pid = spinner.pid().to_string();
     let prometheus = Prometheus::scraping(&agent.addr);
     // up == 1: the scrape succeeded and the exposition parsed.
     let up = prometheus.query("up%7Bjob%3D%22nbt%22%7D");
@@ -675,8 +692,7 @@ fn a_real_prometheus_scrapes_the_metrics() {
     assert_eq!(node[0]["metric"]["source"], "model", "{node:?}");
     let query = format!("nbt_process_cpu_joules_total%7Bpid%3D%22{pid}%22%7D");
     let processes = prometheus.query(&query);
-    let _ = spinner.kill();
-    let _ = spinner.wait();
+    drop(spinner);
     assert_eq!(
         processes[0]["metric"]["comm"], "nbt-testbin",
         "{processes:?}"
