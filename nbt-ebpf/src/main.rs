@@ -9,7 +9,6 @@
 mod account;
 mod edt;
 mod gate;
-mod pacing;
 mod sched;
 mod shaper;
 

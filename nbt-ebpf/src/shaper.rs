@@ -9,6 +9,9 @@
 //!   a UDP sender gets ENOBUFS). 0 would hand the sender EPERM, which a firewall means, so it is
 //!   never returned here. Ingress has no back-off: 0 drops, silently, like a lossy link.
 
+// The sock_ops program that paces the run's TCP sockets to this bucket.
+mod pacing;
+
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{cgroup_skb, map},

@@ -1,3 +1,3 @@
 fn main() {
-    std::process::exit(nbt::cli::main());
+    std::process::exit(nbt::cmd::main());
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbt_integration_tests::{nbt, nbt_command, run_testbin, NoLeftovers};
+use nbt_integration_tests::{nbt, nbt_command, run_testbin, wait_for_live_run, NoLeftovers};
 use serde_json::Value;
 
 /// The agent as a child process, killed on drop.
@@ -253,24 +253,8 @@ fn a_report_through_the_agent_becomes_a_receipt_of_the_live_run() {
     let guard = NoLeftovers::new();
     let agent = Agent::start(&guard);
     let run = std::thread::spawn(|| nbt(&["run", "--json", "--", "sleep", "3"]));
-    let mut name = None;
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let runs: Value =
-            serde_json::from_str(&nbt(&["ps", "--json"]).stdout()).unwrap_or(Value::Null);
-        name = runs.as_array().and_then(|runs| {
-            runs.iter()
-                .find(|r| {
-                    r["command"].to_string().contains("\"sleep\",\"3\"")
-                        && r["seconds"].as_f64() > Some(0.0)
-                })
-                .and_then(|r| r["run"].as_str().map(String::from))
-        });
-        if name.is_some() {
-            break;
-        }
-    }
-    let name = name.expect("the run in nbt ps");
+    let name = wait_for_live_run(|r| r["command"].to_string().contains("\"sleep\",\"3\""))
+        .expect("the run in nbt ps");
     let post = |body: String| http(&agent.addr, "POST", "/v1/report", Some(&agent.token), &body);
     let (status, body) = post(format!(
         r#"{{"run":"{name}","task_name":"via-agent","base_loss":0.9,"new_loss":0.7}}"#
@@ -485,7 +469,7 @@ fn the_counter_path_charges_sampled_counts_and_splits_energy_by_them() {
 #[test]
 fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
     let guard = NoLeftovers::new();
-    let pmu = nbt::counters::pmu_missing().is_none();
+    let pmu = nbt::telemetry::counters::pmu_missing().is_none();
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
     wait_until_attached(&agent);
     let spinner = Spinner::start("2");

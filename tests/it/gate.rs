@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    nbt, nbt_command, run_testbin, run_testbin_with_env, testbin, NoLeftovers,
+    live_runs, nbt, nbt_command, run_testbin, run_testbin_with_env, testbin, NoLeftovers,
 };
 
 /// A TCP listener that accepts and closes connections until the test ends.
@@ -95,10 +95,13 @@ fn a_top_up_reopens_the_gate() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let ps = nbt(&["ps", "--json"]);
-    let runs: serde_json::Value = serde_json::from_str(&ps.stdout()).unwrap();
-    let name = runs[0]["run"].as_str().unwrap().to_string();
-    assert_eq!(runs[0]["balance_micro"], 0, "{runs}");
+    let runs = live_runs();
+    let run = runs
+        .iter()
+        .find(|r| r["command"].to_string().contains("connect-loop"))
+        .expect("this test's live run");
+    let name = run["run"].as_str().unwrap().to_string();
+    assert_eq!(run["balance_micro"], 0, "{runs:?}");
     let top_up = nbt(&["balance", &name, "add", "0.03"]);
     assert_eq!(top_up.status(), 0, "{}", top_up.stderr());
     assert!(

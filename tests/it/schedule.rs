@@ -267,25 +267,8 @@ fn nbt_fault_freezes_a_live_run_from_outside_and_the_run_logs_it() {
             ])
         })
     };
-    // This test's run: the one spinning (another nbt may be running too), once its workload
-    // started (its programs are loaded by then).
-    let mut name = None;
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let ps = nbt_integration_tests::nbt(&["ps", "--json"]);
-        let runs: Value = serde_json::from_str(&ps.stdout()).unwrap_or(Value::Null);
-        name = runs.as_array().and_then(|runs| {
-            runs.iter()
-                .find(|r| {
-                    r["command"].to_string().contains("spin") && r["seconds"].as_f64() > Some(0.0)
-                })
-                .and_then(|r| r["run"].as_str().map(String::from))
-        });
-        if name.is_some() {
-            break;
-        }
-    }
-    let name = name.expect("the spinning run in nbt ps");
+    let name = nbt_integration_tests::wait_for_live_run(|r| r["command"].to_string().contains("spin"))
+        .expect("the spinning run in nbt ps");
     let bad = nbt_integration_tests::nbt(&["fault", &name, "brownout"]);
     assert_eq!(bad.status(), 2, "{}", bad.stderr());
     assert!(bad.stderr().contains("needs duration"), "{}", bad.stderr());

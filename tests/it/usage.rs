@@ -61,7 +61,7 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
             vec!["--profile", "nbt"],
             // Refused here either way: for the missing qdisc where the kernel lacks it, else
             // for the hardware caps this machine lacks (cpufreq, turbo control, a GPU).
-            if nbt::probe::fq_missing().is_some() {
+            if nbt::plan::probe::fq_missing().is_some() {
                 "latency 100ms (built-in profile nbt) needs the fq qdisc"
             } else {
                 "cannot enforce "
@@ -140,7 +140,7 @@ fn not_root_is_refused_in_one_line() {
 #[test]
 fn no_cgroup2_mounted_is_refused_naming_it() {
     let guard = NoLeftovers::new();
-    let layout = nbt::cgroup::Layout::detect().unwrap();
+    let layout = nbt::enforce::cgroup::Layout::detect().unwrap();
     let mount_point = layout.v2_self.clone().unwrap();
     let mount_point = std::ffi::CString::new(mount_point.to_str().unwrap()).unwrap();
     let mut command = nbt_command();

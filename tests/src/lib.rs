@@ -154,6 +154,29 @@ impl Run {
     }
 }
 
+/// The live runs, as `nbt ps --json` lists them (none when it fails).
+pub fn live_runs() -> Vec<Value> {
+    serde_json::from_str::<Value>(&nbt(&["ps", "--json"]).stdout())
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// The name of the live run that `matches` picks (another nbt may be running too), once its
+/// workload has started, when its programs are loaded; polled every 100 ms for up to 5 s.
+pub fn wait_for_live_run(matches: impl Fn(&Value) -> bool) -> Option<String> {
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let found = live_runs()
+            .into_iter()
+            .find(|r| matches(r) && r["seconds"].as_f64() > Some(0.0));
+        if let Some(run) = found {
+            return run["run"].as_str().map(String::from);
+        }
+    }
+    None
+}
+
 /// `nbt run --json LIMITS -- nbt-testbin MODE ARGS`.
 pub fn run_testbin(limits: &[&str], workload: &[&str]) -> Run {
     run_testbin_with_env(limits, workload, &[])
@@ -172,7 +195,7 @@ pub fn run_testbin_with_env(limits: &[&str], workload: &[&str], env: &[(&str, &s
 
 /// The directories beneath which nbt makes run cgroups on this machine (one per hierarchy).
 pub fn cgroup_parents() -> Vec<PathBuf> {
-    let layout = nbt::cgroup::Layout::detect().expect("cgroup layout");
+    let layout = nbt::enforce::cgroup::Layout::detect().expect("cgroup layout");
     layout
         .run_dirs("x")
         .expect("cgroup v2")
@@ -255,7 +278,7 @@ impl NoLeftovers {
     pub fn assert_clean(&self) {
         let left = self.leftovers();
         if !left.is_empty() {
-            let _ = nbt::cgroup::kill_and_remove(&left);
+            let _ = nbt::enforce::cgroup::kill_and_remove(&left);
             panic!("nbt left cgroups behind: {left:?}");
         }
     }
@@ -276,7 +299,7 @@ impl Drop for NoLeftovers {
         if left.is_empty() {
             return;
         }
-        let _ = nbt::cgroup::kill_and_remove(&left);
+        let _ = nbt::enforce::cgroup::kill_and_remove(&left);
         if !std::thread::panicking() {
             panic!("nbt left cgroups behind: {left:?}");
         }

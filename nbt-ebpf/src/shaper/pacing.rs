@@ -16,7 +16,7 @@
 //! established while the run had no egress limit is left alone (no per-ACK callback: the
 //! unlimited case costs nothing here); a limit set later reaches it through the bucket only.
 
-use crate::shaper::{egress_bucket, egress_rate, PPM};
+use super::{egress_bucket, egress_rate, PPM};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,

@@ -35,10 +35,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::counters::{AttributeBy, Counted};
-use crate::energy::{node_busy_seconds, rapl_counters, CpuModel};
+use crate::telemetry::counters::{AttributeBy, Counted};
+use crate::telemetry::energy::{node_busy_seconds, rapl_counters, CpuModel};
 use crate::learning::TaskReport;
-use crate::sched::ProcessTracker;
+use crate::telemetry::sched::ProcessTracker;
 
 /// How often the agent drains the kernel's process-exit records between samples.
 const EXIT_DRAIN_PERIOD: Duration = Duration::from_millis(100);
@@ -147,7 +147,7 @@ impl AgentArgs {
                 ));
             }
             model.tdp_watts = tdp;
-            model.idle_watts = tdp * crate::energy::MODEL_IDLE_SHARE;
+            model.idle_watts = tdp * crate::telemetry::energy::MODEL_IDLE_SHARE;
         }
         if let Some(idle) = self.cpu_idle {
             if !(idle.is_finite() && idle >= 0.0 && idle < model.tdp_watts) {
@@ -161,7 +161,7 @@ impl AgentArgs {
             model.idle_watts = idle;
         }
         if self.attribute_by == AttributeBy::Cycles {
-            if let Some(why) = crate::counters::pmu_missing() {
+            if let Some(why) = crate::telemetry::counters::pmu_missing() {
                 return Err(usage(
                     "--attribute-by",
                     "cycles",
@@ -192,7 +192,7 @@ struct SeenRun {
 /// What the sampler attributed, and what it could not see.
 #[derive(Default)]
 struct Telemetry {
-    attribution: crate::attribution::Attribution,
+    attribution: crate::telemetry::attribution::Attribution,
     runs: std::collections::BTreeMap<String, SeenRun>,
     tracker: Option<String>,
     /// What the samplers count besides CPU time, and so what energy is split by.
@@ -201,7 +201,7 @@ struct Telemetry {
     counters_absent: Option<String>,
     /// Why a PMU's instructions are not counted while its cycles are.
     instructions_absent: Option<String>,
-    losses: crate::sched::TrackerLosses,
+    losses: crate::telemetry::sched::TrackerLosses,
     intervals: u64,
     gpu: GpuTelemetry,
 }
@@ -220,7 +220,7 @@ struct GpuTelemetry {
 }
 
 impl GpuTelemetry {
-    fn add(&mut self, intervals: Vec<crate::gpu_energy::GpuInterval>) {
+    fn add(&mut self, intervals: Vec<crate::telemetry::gpu::GpuInterval>) {
         for gpu in intervals {
             let entry = self.gpus.entry(gpu.index).or_insert((0.0, 0.0, gpu.method));
             entry.0 += gpu.joules;
@@ -277,7 +277,7 @@ fn live_run_cgroups() -> Vec<(String, u64)> {
             let id = record
                 .cgroups
                 .iter()
-                .find_map(|dir| crate::sched::cgroup_id(dir))?;
+                .find_map(|dir| crate::telemetry::sched::cgroup_id(dir))?;
             Some((record.name, id))
         })
         .collect()
@@ -339,7 +339,7 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel, attribute_by: Att
             None
         }
     };
-    let mut gpu_meter = match crate::gpu_energy::GpuMeter::open() {
+    let mut gpu_meter = match crate::telemetry::gpu::GpuMeter::open() {
         Ok(meter) => {
             eprintln!("nbt agent: nvml: {} GPU(s) metered", meter.gpus());
             Some(meter)
@@ -374,7 +374,7 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel, attribute_by: Att
                 let uj: u64 = before
                     .iter()
                     .zip(after)
-                    .map(|((a, range), (b, _))| crate::energy::counter_delta(*a, *b, *range))
+                    .map(|((a, range), (b, _))| crate::telemetry::energy::counter_delta(*a, *b, *range))
                     .sum();
                 (uj as f64 / 1e6 / dt, "rapl", "measured")
             }
@@ -855,7 +855,7 @@ async fn metrics(State(agent): State<Shared>) -> Response {
     let bytes: Family<prometheus_client::metrics::counter::Counter> = Default::default();
     let drops: Family<prometheus_client::metrics::counter::Counter> = Default::default();
     let balance: Family<FloatGauge> = Default::default();
-    for run in crate::live::live_runs() {
+    for run in crate::state::live::live_runs() {
         if let Some(shaped) = run.shaped {
             for (direction, traffic) in [("egress", shaped.egress), ("ingress", shaped.ingress)] {
                 let labels = |extra: Vec<(String, String)>| {

@@ -1,14 +1,16 @@
 //! The command line (DESIGN.md, "The command line"). Values stay text here; `plan` parses them so
 //! that flags and profile files share one parser and one kind of error.
 
+pub mod receipts;
+
 use std::ffi::OsString;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::net::Direction;
+use crate::enforce::shaper::Direction;
 use crate::plan::{Flags, Plan};
 use crate::run::{self, RunError, EXIT_NBT_FAILED};
-use crate::supervise;
+use crate::sys::supervise;
 
 const AFTER_HELP: &str = "\
 Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decimal (0.5);
@@ -384,14 +386,14 @@ pub fn main() -> i32 {
         Command::Run(args) => run_command(*args, &signals),
         Command::Demo(args) => crate::demo::demo(args, &signals),
         Command::Probe { json } => {
-            let features = crate::probe::probe();
+            let features = crate::plan::probe::probe();
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&features).expect("features serialize")
                 );
             } else {
-                crate::probe::print_human(&features);
+                crate::plan::probe::print_human(&features);
             }
             0
         }
@@ -400,14 +402,14 @@ pub fn main() -> i32 {
                 eprintln!("nbt: {err:#}");
                 return EXIT_NBT_FAILED;
             }
-            let runs = crate::live::live_runs();
+            let runs = crate::state::live::live_runs();
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&runs).expect("runs serialize")
                 );
             } else {
-                crate::live::print_ps(&runs);
+                crate::state::live::print_ps(&runs);
             }
             0
         }
@@ -431,7 +433,7 @@ pub fn main() -> i32 {
                 eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --latency or --jitter");
                 return 2;
             }
-            match crate::live::set(&run, &net) {
+            match crate::state::live::set(&run, &net) {
                 Ok(limits) => {
                     eprintln!(
                         "nbt set: {run}: egress {}; ingress {}",
@@ -454,7 +456,7 @@ pub fn main() -> i32 {
             run,
             action: BalanceAction::Add { amount },
         } => {
-            let micro = match crate::ledger::parse_amount("AMOUNT", &amount) {
+            let micro = match crate::enforce::ledger::parse_amount("AMOUNT", &amount) {
                 Ok(micro) => micro,
                 Err(err) => {
                     eprintln!("nbt balance: {err}");
@@ -465,12 +467,12 @@ pub fn main() -> i32 {
                 eprintln!("nbt: {err:#}");
                 return EXIT_NBT_FAILED;
             }
-            match crate::live::top_up(&run, micro) {
+            match crate::state::live::top_up(&run, micro) {
                 Ok(balance) => {
                     eprintln!(
                         "nbt balance: {run}: added {}, balance now {}",
-                        crate::ledger::format_amount(micro),
-                        crate::ledger::format_amount(balance)
+                        crate::enforce::ledger::format_amount(micro),
+                        crate::enforce::ledger::format_amount(balance)
                     );
                     0
                 }
@@ -539,7 +541,7 @@ pub fn main() -> i32 {
                 eprintln!("nbt: {err:#}");
                 return EXIT_NBT_FAILED;
             }
-            crate::cleanup::cleanup(dry_run).unwrap_or_else(|err| {
+            crate::state::cleanup::cleanup(dry_run).unwrap_or_else(|err| {
                 eprintln!("nbt cleanup: {err:#}");
                 1
             })
@@ -582,7 +584,7 @@ pub fn execute_and_report(
 }
 
 /// The status nbt exits with after a run: the workload's, or 125 when its receipt was not written.
-pub fn exit_status(summary: &crate::summary::RunSummary) -> i32 {
+pub fn exit_status(summary: &crate::run::summary::RunSummary) -> i32 {
     match &summary.receipt_error {
         Some(err) => {
             eprintln!("nbt: the run's receipts were not all written: {err}");
@@ -599,7 +601,7 @@ pub fn execute_and_print(
     signals: &libc::sigset_t,
     env: &[(&str, String)],
     json: bool,
-) -> Result<crate::summary::RunSummary, i32> {
+) -> Result<crate::run::summary::RunSummary, i32> {
     if let Err(err) = run::require_privileges() {
         eprintln!("nbt: {err:#}");
         return Err(EXIT_NBT_FAILED);
@@ -627,17 +629,16 @@ pub fn execute_and_print(
 }
 
 fn receipts_command(args: ReceiptsArgs) -> i32 {
-    use crate::receipt::command;
     let path = args
         .receipts
         .clone()
         .unwrap_or_else(crate::receipt::store::default_path);
     let result = match &args.action {
-        ReceiptsAction::List { json, run } => command::list(&path, *json, run.as_deref()),
-        ReceiptsAction::Show { id } => command::show(&path, id),
-        ReceiptsAction::Verify { pubkey } => command::verify(&path, pubkey.as_deref()),
-        ReceiptsAction::Export { format } => command::export(&path, format),
-        ReceiptsAction::Pubkey => command::pubkey(),
+        ReceiptsAction::List { json, run } => receipts::list(&path, *json, run.as_deref()),
+        ReceiptsAction::Show { id } => receipts::show(&path, id),
+        ReceiptsAction::Verify { pubkey } => receipts::verify(&path, pubkey.as_deref()),
+        ReceiptsAction::Export { format } => receipts::export(&path, format),
+        ReceiptsAction::Pubkey => receipts::pubkey(),
     };
     result.unwrap_or_else(|err| {
         eprintln!("nbt receipts: {err:#}");

@@ -5,10 +5,10 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
-use super::export::{self, short};
-use super::key::{self, NodeKey};
-use super::store::{Row, Store};
-use super::verify;
+use crate::receipt::export::{self, short};
+use crate::receipt::key::{self, NodeKey};
+use crate::receipt::store::{Row, Store};
+use crate::receipt::verify;
 
 /// One line per receipt: number, time, kind, run, task, outcome, joules, hash.
 pub fn list(path: &Path, json: bool, run: Option<&str>) -> Result<i32> {

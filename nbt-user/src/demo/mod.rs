@@ -8,19 +8,20 @@
 //! - a "paid API" it asks for fresh samples before each epoch, behind the balance gate: the
 //!   balance pays for a few calls, then the gate closes and training goes on with cached data.
 
+pub mod train;
+
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 
-use crate::cli::{execute_and_print, exit_status, DemoArgs};
-use crate::gate::Rule;
-use crate::ledger::{format_amount, Prices};
-use crate::net::Direction;
+use crate::cmd::{execute_and_print, exit_status, DemoArgs};
+use crate::enforce::gate::Rule;
+use crate::enforce::ledger::{format_amount, Prices};
+use crate::enforce::shaper::Direction;
 use crate::plan::Plan;
-use crate::receipt;
 use crate::run::EXIT_NBT_FAILED;
-use crate::summary::RunSummary;
-use crate::train::Dataset;
+use crate::run::summary::RunSummary;
+use crate::demo::train::Dataset;
 use crate::units;
 
 /// The demo's timeline: a brownout while the data downloads, then the bandwidth steps down while
@@ -167,9 +168,9 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     };
     // The proof: the run's receipts, and the whole store checked with the node's key.
     eprintln!("\nnbt demo: the receipts of {}:", summary.run);
-    let shown = receipt::command::list(&plan.receipts, false, Some(&summary.run));
+    let shown = crate::cmd::receipts::list(&plan.receipts, false, Some(&summary.run));
     eprintln!("nbt demo: nbt receipts verify:");
-    let verified = receipt::command::verify(&plan.receipts, None);
+    let verified = crate::cmd::receipts::verify(&plan.receipts, None);
     match (shown, verified) {
         (Ok(_), Ok(0)) => exit_status(&summary),
         (Err(err), _) | (_, Err(err)) => {

@@ -9,7 +9,7 @@ use aya::Ebpf;
 use nbt_common::account::{TrafficCounters, ACCOUNT_MAP, EGRESS, INGRESS};
 use serde::Serialize;
 
-use crate::loader;
+use crate::sys::loader;
 
 /// Loads the two counting programs and attaches them to `cgroup_dir` (a cgroup v2 directory).
 /// Other programs may be attached to the same cgroup beside them.

@@ -14,7 +14,7 @@ use aya::Ebpf;
 use nbt_common::edt::{EdtConfig, EDT_CONFIG_MAP};
 use serde::{Deserialize, Serialize};
 
-use crate::{loader, qdisc};
+use crate::sys::{loader, netlink};
 
 /// fq drops packets scheduled further ahead than its horizon (10 s by default).
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
@@ -35,12 +35,12 @@ pub struct LatencyGuard {
 impl Drop for LatencyGuard {
     fn drop(&mut self) {
         for (ifindex, name) in &self.ifindexes {
-            if let Err(err) = qdisc::delete_root(*ifindex) {
+            if let Err(err) = netlink::delete_root(*ifindex) {
                 eprintln!("nbt: taking fq off {name}: {err}");
             }
         }
         for (ifindex, name) in &self.clsact {
-            if let Err(err) = qdisc::delete_clsact(*ifindex) {
+            if let Err(err) = netlink::delete_clsact(*ifindex) {
                 eprintln!("nbt: taking the clsact qdisc off {name}: {err}");
             }
         }
@@ -79,14 +79,14 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, latency: &Latency) -> Result<L
         ifindexes: Vec::new(),
         clsact: Vec::new(),
     };
-    let interfaces = qdisc::interfaces();
+    let interfaces = netlink::interfaces();
     if interfaces.is_empty() {
         bail!(
             "--latency: this network namespace has no interface but loopback to delay traffic on"
         );
     }
     for (ifindex, name) in &interfaces {
-        match qdisc::add_root(*ifindex, "fq") {
+        match netlink::add_root(*ifindex, "fq") {
             Ok(()) => guard.ifindexes.push((*ifindex, name.clone())),
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => bail!(
                 "--latency needs the fq qdisc at the root of {name}, which has a root qdisc of its \

@@ -18,8 +18,8 @@ use nbt_common::gate::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::{format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
-use crate::loader;
+use crate::enforce::ledger::{format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
+use crate::sys::loader;
 use crate::units::UsageError;
 
 pub const GATE_FORMS: &str = "all (every destination but loopback), host[:port], IPv4 or IPv6 \

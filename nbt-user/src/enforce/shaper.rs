@@ -15,7 +15,7 @@ use nbt_common::shaper::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::loader;
+use crate::sys::loader;
 use crate::units::{self, format_rate, format_size, UsageError};
 
 /// The largest IP packet a usual link carries; the floor for rates and bursts.

@@ -1,16 +1,18 @@
 //! The plan of a run: every limit parsed and checked once, from a profile and the flags, before
 //! anything on the machine is touched. What nbt cannot enforce yet is listed, never dropped.
 
+pub mod probe;
+
 use std::fmt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::Limits;
-use crate::gate::{self, Rule};
-use crate::latency::{self, Latency};
-use crate::ledger::{self, Prices};
-use crate::net::{self, Loss, NetLimits};
+use crate::enforce::cgroup::Limits;
+use crate::enforce::gate::{self, Rule};
+use crate::enforce::edt::{self, Latency};
+use crate::enforce::ledger::{self, Prices};
+use crate::enforce::shaper::{self, Loss, NetLimits};
 use crate::units::{self, UsageError};
 
 /// The seed's numbers (shared/seeds/000: 6 GB memory, 500 MB swap, 512 kbit, 5% loss, 100 ms,
@@ -146,7 +148,7 @@ pub struct Plan {
     /// Machine-wide hardware caps, restored when the run ends (the summary reports what was
     /// set and restored).
     #[serde(skip)]
-    pub hwcaps: crate::hwcaps::HwRequest,
+    pub hwcaps: crate::enforce::hwcaps::HwRequest,
 }
 
 /// Why a plan could not be made. Always a usage error: exit status 2.
@@ -302,13 +304,13 @@ impl Plan {
         ] {
             if let Some((text, name)) = pick(flag, key, value)? {
                 let rate = units::parse_rate(&name, &text)?;
-                net::check_rate(&name, &text, rate)?;
+                shaper::check_rate(&name, &text, rate)?;
                 direction.rate_bits_per_sec = Some(rate);
             }
         }
         if let Some((text, name)) = pick(&flags.burst, "burst", &profile.burst)? {
             let bytes = units::parse_size(&name, &text)?;
-            net::check_burst(&name, &text, bytes)?;
+            shaper::check_burst(&name, &text, bytes)?;
             if net.egress.rate_bits_per_sec.is_none() && net.ingress.rate_bits_per_sec.is_none() {
                 return Err(PlanError(format!("{name} sets the depth of a rate limit: it needs --egress-rate or --ingress-rate")));
             }
@@ -322,7 +324,7 @@ impl Plan {
                 .map(|(text, name)| units::parse_percent(&name, &text))
                 .transpose()?
                 .map(Loss::uniform),
-            (loss, Some((text, name))) => match (net::parse_loss_model(&name, &text)?, loss) {
+            (loss, Some((text, name))) => match (shaper::parse_loss_model(&name, &text)?, loss) {
                 (None, Some((text, name))) => Some(Loss::uniform(units::parse_percent(&name, &text)?)),
                 (None, None) => {
                     return Err(PlanError(format!("{name} uniform needs --loss PERCENT, the probability of each packet's loss")))
@@ -379,12 +381,12 @@ impl Plan {
                     Some((text, name)) => units::parse_duration(name, text)?,
                     None => std::time::Duration::ZERO,
                 };
-                if latency + jitter > latency::MAX_DELAY {
+                if latency + jitter > edt::MAX_DELAY {
                     return Err(PlanError(format!(
                         "{name} {text}: latency plus jitter above 10 s, the fq qdisc's horizon (it drops packets scheduled later)"
                     )));
                 }
-                if crate::probe::fq_missing().is_some() {
+                if crate::plan::probe::fq_missing().is_some() {
                     // Named, not enforced: `nbt run` refuses it naming the missing qdisc.
                     pending.push(Pending {
                         setting: name.trim_end_matches(&format!(" ({origin})")).to_string(),
@@ -484,7 +486,7 @@ impl Plan {
             },
         };
         let no_turbo_flag = flags.no_turbo.then(|| "true".to_string());
-        let hwcaps = crate::hwcaps::HwTexts {
+        let hwcaps = crate::enforce::hwcaps::HwTexts {
             cpu_max_freq: pick(&flags.cpu_max_freq, "cpu-max-freq", &profile.cpu_max_freq)?,
             no_turbo: pick(&no_turbo_flag, "no-turbo", &profile.no_turbo)?,
             gpu_power_limit: pick(
@@ -566,7 +568,7 @@ impl Plan {
             .iter()
             .find(|p| p.setting.ends_with("latency") || p.setting.ends_with("jitter"))
         {
-            if let Some(missing) = crate::probe::fq_missing() {
+            if let Some(missing) = crate::plan::probe::fq_missing() {
                 return Err(PlanError(format!(
                     "refusing to run: {} {} ({}) needs the fq qdisc (sch_fq) for earliest-departure-time pacing, \
                      and {missing}; see `nbt probe`",
@@ -618,7 +620,7 @@ mod tests {
         assert_eq!(plan.net.egress.loss, Loss::Uniform { probability: 0.05 });
         assert_eq!(plan.net.ingress.loss, Loss::None);
         // Latency is enforced where the kernel has fq, else named as not enforced.
-        let fq = crate::probe::fq_missing().is_none();
+        let fq = crate::plan::probe::fq_missing().is_none();
         let mut expected_pending = vec![("latency", "100ms")];
         if fq {
             expected_pending.remove(0);

@@ -9,7 +9,7 @@ use aya::programs::ProgramType;
 use aya::sys::{is_map_supported, is_program_supported};
 use serde::Serialize;
 
-use crate::cgroup::{Layout, Placement, CONTROLLERS};
+use crate::enforce::cgroup::{Layout, Placement, CONTROLLERS};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Feature {
@@ -287,7 +287,7 @@ fn qdiscs(out: &mut Vec<Feature>) {
 }
 
 fn hardware(out: &mut Vec<Feature>) {
-    let missing = crate::counters::pmu_missing();
+    let missing = crate::telemetry::counters::pmu_missing();
     out.push(feature(
         "hardware",
         "hardware PMU (cycles, instructions)",
@@ -320,7 +320,7 @@ fn hardware(out: &mut Vec<Feature>) {
             "libnvidia-ml.so.1 not found: no NVIDIA driver on this machine; --gpu-power-limit, --gpu-clock, --gpu-mem-clock and --gpu-memory are refused, GPU sensors not sampled"
         },
     ));
-    let sys = crate::hwcaps::sysfs_root();
+    let sys = crate::enforce::hwcaps::sysfs_root();
     let cpufreq = sys
         .join("devices/system/cpu/cpu0/cpufreq/scaling_max_freq")
         .exists();
@@ -337,7 +337,7 @@ fn hardware(out: &mut Vec<Feature>) {
             )
         },
     ));
-    let temperature = crate::hwcaps::cpu::temperature_c(&sys);
+    let temperature = crate::enforce::hwcaps::cpu::temperature_c(&sys);
     out.push(feature(
         "hardware",
         "CPU temperature",
@@ -350,7 +350,7 @@ fn hardware(out: &mut Vec<Feature>) {
             ),
         },
     ));
-    let turbo = crate::hwcaps::cpu::turbo_switch(&sys);
+    let turbo = crate::enforce::hwcaps::cpu::turbo_switch(&sys);
     out.push(feature(
         "hardware",
         "turbo control",

@@ -4,10 +4,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::cgroup::Limits;
-use crate::latency::Latency;
-use crate::net::NetLimits;
-use crate::summary::RunSummary;
+use crate::enforce::cgroup::Limits;
+use crate::enforce::edt::Latency;
+use crate::enforce::shaper::NetLimits;
+use crate::run::summary::RunSummary;
 
 /// The `format` of the receipts this version writes; verify reads only these.
 pub const FORMAT: &str = "nbt.receipt/v1";

@@ -4,7 +4,6 @@
 
 pub mod body;
 pub mod canonical;
-pub mod command;
 pub mod export;
 pub mod key;
 pub mod store;

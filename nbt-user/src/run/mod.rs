@@ -1,19 +1,24 @@
 //! `nbt run`: plan → cgroups → BPF → child → wait → summary → remove everything.
 
+pub mod summary;
+
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 
-use crate::cgroup::{Layout, Placement, RunCgroup, CONTROLLERS};
-use crate::hwcaps::watch::{gpu_memory_env, GpuMemoryReport, Watch};
+use crate::enforce::cgroup::{Layout, Placement, RunCgroup, CONTROLLERS};
+use crate::enforce::hwcaps::watch::{gpu_memory_env, GpuMemoryReport, Watch};
 use crate::plan::Plan;
 use crate::state::{self, RecordGuard, RunRecord};
-use crate::summary::RunSummary;
-use crate::supervise::{self, SpawnError};
-use crate::{account, energy, gate, latency, learning, loader, net, receipt, schedule};
+use crate::run::summary::RunSummary;
+use crate::sys::supervise::{self, SpawnError};
+use crate::enforce::{account, edt, gate, shaper};
+use crate::sys::loader;
+use crate::telemetry::energy;
+use crate::{learning, receipt, schedule};
 
-/// How often nbt samples what the kernel keeps no peak of (see [`crate::cgroup::SAMPLED`]).
+/// How often nbt samples what the kernel keeps no peak of (see [`crate::enforce::cgroup::SAMPLED`]).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often the gate's host names are resolved again while a run lives.
@@ -147,10 +152,10 @@ pub fn execute(
     let mut ebpf = loader::load()?;
     account::attach(&mut ebpf, &cgroup.v2)?;
     // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
-    net::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
+    shaper::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
     // Dropped after the programs: fq goes back to the kernel's default on every interface.
     let _latency = match &plan.latency {
-        Some(latency) => Some(latency::attach(&mut ebpf, &cgroup.v2, latency)?),
+        Some(latency) => Some(edt::attach(&mut ebpf, &cgroup.v2, latency)?),
         None => None,
     };
     let ledger = match &plan.prices {
@@ -162,9 +167,9 @@ pub fn execute(
         None => None,
     };
     let record = RunRecord {
-        maps: Some(net::map_ids(&ebpf)?),
+        maps: Some(shaper::map_ids(&ebpf)?),
         edt_map: match plan.latency {
-            Some(_) => Some(latency::map_id(&ebpf)?),
+            Some(_) => Some(edt::map_id(&ebpf)?),
             None => None,
         },
         ledger,
@@ -186,7 +191,7 @@ pub fn execute(
     env.extend(extra_env.iter().cloned());
     // Last before the workload: the originals are on disk before anything changes, and the
     // guard puts them back however this function ends (errors and panics included).
-    let mut hardware = crate::hwcaps::apply(&plan.hwcaps, &state_dir, &name)?;
+    let mut hardware = crate::enforce::hwcaps::apply(&plan.hwcaps, &state_dir, &name)?;
     let gpu_memory = match &plan.hwcaps.gpu.memory_bytes {
         Some(cap) => {
             let totals = plan.hwcaps.gpu.memory_totals().map_err(|e| anyhow!(e.0))?;
@@ -202,7 +207,7 @@ pub fn execute(
         None => None,
     };
     let mut watch = Watch::start(
-        &crate::hwcaps::sysfs_root(),
+        &crate::enforce::hwcaps::sysfs_root(),
         plan.hwcaps.gpu.chosen(),
         gpu_memory,
     );
@@ -213,7 +218,7 @@ pub fn execute(
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
     let mut controls = schedule::apply::Controls {
-        net: net::map_ids(&ebpf)?,
+        net: shaper::map_ids(&ebpf)?,
         edt_map: record.edt_map,
         ledger: record.ledger,
         state_dir: state_dir.clone(),
@@ -270,7 +275,7 @@ pub fn execute(
             }
             let elapsed_ms = started.elapsed().as_millis() as u64;
             if timeline.due(elapsed_ms) {
-                let shaped = net::read(&ebpf).ok();
+                let shaped = shaper::read(&ebpf).ok();
                 let counters = schedule::apply::Counters::of(&cgroup.stats(), shaped.as_ref())
                     .with_ledger(ledger.as_ref());
                 timeline.run_due(elapsed_ms, &mut controls, &cgroup, counters);
@@ -299,7 +304,7 @@ pub fn execute(
             break exit;
         }
         let counters =
-            schedule::apply::Counters::of(&cgroup.stats(), net::read(&ebpf).ok().as_ref())
+            schedule::apply::Counters::of(&cgroup.stats(), shaper::read(&ebpf).ok().as_ref())
                 .with_ledger(ledger.as_ref());
         let mut ended = lifecycle_event(
             started,
@@ -378,7 +383,7 @@ pub fn execute(
         });
     }
     let network = account::read(&ebpf).context("reading the byte counters")?;
-    let shaped = net::read(&ebpf).context("reading the shaper's counters")?;
+    let shaped = shaper::read(&ebpf).context("reading the shaper's counters")?;
     // `nbt set` may have changed the limits during the run: report the last ones.
     let (final_net, final_latency) = RunRecord::find_live(&state_dir, &name)
         .map(|(_, r)| (r.net, r.latency))
@@ -387,7 +392,7 @@ pub fn execute(
     cgroup.remove()?;
     let hardware = hardware.as_mut().map(|applied| {
         let restore_errors = applied.restore();
-        crate::summary::HardwareReport {
+        crate::run::summary::HardwareReport {
             set: applied.set.clone(),
             original: applied.originals(),
             restored: restore_errors.is_empty(),

@@ -4,15 +4,15 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::account::Traffic;
-use crate::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
-use crate::latency::Latency;
+use crate::enforce::account::Traffic;
+use crate::enforce::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
+use crate::enforce::edt::Latency;
 use crate::learning::{RefusedReport, TaskOutcome};
-use crate::ledger::{format_amount, LedgerSummary};
-use crate::net::{Direction, NetLimits, ShapedTraffic};
+use crate::enforce::ledger::{format_amount, LedgerSummary};
+use crate::enforce::shaper::{Direction, NetLimits, ShapedTraffic};
 use crate::receipt::{Energy, Written};
 use crate::schedule::apply::Event;
-use crate::supervise::Exit;
+use crate::sys::supervise::Exit;
 use crate::units::format_size;
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,7 +52,7 @@ pub struct RunSummary {
     /// Machine-wide hardware caps: what was set, the values before, and whether they are back.
     pub hardware: Option<HardwareReport>,
     /// CPU and GPU sensors sampled during the run, and the `--gpu-memory` watch.
-    pub sensors: crate::hwcaps::watch::SensorReport,
+    pub sensors: crate::enforce::hwcaps::watch::SensorReport,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,7 +65,7 @@ pub struct HardwareReport {
 
 impl RunSummary {
     fn write_sensors(&self, out: &mut String) {
-        use crate::hwcaps::watch::Series;
+        use crate::enforce::hwcaps::watch::Series;
         let show = |label: &str, unit: &str, s: &Option<Series>| {
             s.map(|s| format!("{label} {:.0}/{:.0}/{:.0} {unit}", s.min, s.avg, s.max))
         };

@@ -10,9 +10,9 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Change, Origin};
-use crate::cgroup::{CgroupStats, RunCgroup};
-use crate::gate::LedgerIds;
-use crate::net::{MapIds, ShapedTraffic};
+use crate::enforce::cgroup::{CgroupStats, RunCgroup};
+use crate::enforce::gate::LedgerIds;
+use crate::enforce::shaper::{MapIds, ShapedTraffic};
 use crate::state::RunRecord;
 
 /// What a run can be changed through.
@@ -68,7 +68,7 @@ pub struct Counters {
 impl Counters {
     /// Adds the gate's counts, for runs with a balance.
     pub fn with_ledger(mut self, ledger: Option<&LedgerIds>) -> Counters {
-        if let Some((_, _, kernel)) = ledger.and_then(|ids| crate::gate::read_ledger(ids).ok()) {
+        if let Some((_, _, kernel)) = ledger.and_then(|ids| crate::enforce::gate::read_ledger(ids).ok()) {
             self.blocked_calls = kernel.blocked_calls;
             self.blocked_packets = kernel.blocked_packets;
         }
@@ -78,7 +78,7 @@ impl Counters {
     pub fn of(stats: &CgroupStats, shaped: Option<&ShapedTraffic>) -> Counters {
         let p = stats.pressure.clone().unwrap_or_default();
         let dropped =
-            |d: &crate::net::DirectionTraffic| d.rate_dropped_packets + d.loss_dropped_packets;
+            |d: &crate::enforce::shaper::DirectionTraffic| d.rate_dropped_packets + d.loss_dropped_packets;
         Counters {
             cpu_usec: stats.cpu_usage_usec.unwrap_or(0),
             cpu_throttled_usec: stats.cpu_throttled_usec.unwrap_or(0),
@@ -149,13 +149,13 @@ pub fn apply(
             let Some(id) = controls.gate_config else {
                 bail!("the run has no balance");
             };
-            crate::gate::set_prices_by_id(id, Some(*micro), None).map(|()| None)
+            crate::enforce::gate::set_prices_by_id(id, Some(*micro), None).map(|()| None)
         }
         Change::PriceEgress { pico_per_byte } => {
             let Some(id) = controls.gate_config else {
                 bail!("the run has no balance");
             };
-            crate::gate::set_prices_by_id(id, None, Some(*pico_per_byte)).map(|()| None)
+            crate::enforce::gate::set_prices_by_id(id, None, Some(*pico_per_byte)).map(|()| None)
         }
         Change::Leak { bytes_per_sec } => {
             if let Some(pid) = controls.balloon.take() {
@@ -168,7 +168,7 @@ pub fn apply(
                     "balloon".into(),
                     rate.to_string().into(),
                 ];
-                let pid = crate::supervise::spawn(&argv, &cgroup.procs_files(), &[])
+                let pid = crate::sys::supervise::spawn(&argv, &cgroup.procs_files(), &[])
                     .map_err(|e| anyhow::anyhow!("starting the balloon: {e}"))?;
                 controls.balloon = Some(pid);
                 return Ok(Some(format!("pid {pid}")));
@@ -187,10 +187,10 @@ pub fn apply(
             let Some(ids) = &controls.ledger else {
                 bail!("the run has no balance");
             };
-            let balance = crate::gate::top_up(ids, *micro)?;
+            let balance = crate::enforce::gate::top_up(ids, *micro)?;
             Ok(Some(format!(
                 "balance now {}",
-                crate::ledger::format_amount(balance)
+                crate::enforce::ledger::format_amount(balance)
             )))
         }
         Change::Latency { ns } => {
@@ -198,11 +198,11 @@ pub fn apply(
                 bail!("the run was started without --latency");
             };
             let (_, record) = RunRecord::find_live(&controls.state_dir, &controls.run)?;
-            let latency = crate::latency::Latency {
+            let latency = crate::enforce::edt::Latency {
                 latency_ns: *ns,
                 jitter_ns: record.latency.map_or(0, |l| l.jitter_ns),
             };
-            crate::latency::set_by_id(map, &latency)?;
+            crate::enforce::edt::set_by_id(map, &latency)?;
             RunRecord {
                 latency: Some(latency),
                 ..record
@@ -228,7 +228,7 @@ pub fn apply(
                 Change::IngressLoss { loss } => net.ingress.loss = *loss,
                 _ => unreachable!("a network change"),
             }
-            crate::net::write_limits_by_id(&controls.net, &net)?;
+            crate::enforce::shaper::write_limits_by_id(&controls.net, &net)?;
             RunRecord { net, ..record }.write(&controls.state_dir)?;
             Ok(None)
         }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 
 use super::apply::{Controls, Counters, Event, Runner};
 use super::parse::Initial;
-use crate::cgroup::{Layout, RunCgroup};
+use crate::enforce::cgroup::{Layout, RunCgroup};
 use crate::plan::PlanError;
 use crate::state::{state_dir, RunRecord};
 
@@ -130,7 +130,7 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
     loop {
         let elapsed = started.elapsed().as_millis() as u64;
         if runner.due(elapsed) {
-            let shaped = crate::net::read_by_id(&net_ids).ok();
+            let shaped = crate::enforce::shaper::read_by_id(&net_ids).ok();
             let counters =
                 Counters::of(&cgroup.stats(), shaped.as_ref()).with_ledger(record.ledger.as_ref());
             runner.run_due(elapsed, &mut controls, &cgroup, counters);
@@ -150,9 +150,9 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
         if signal > 0 && signal != libc::SIGCHLD {
             eprintln!(
                 "nbt fault: {} received: ending the fault now",
-                crate::supervise::signal_name(signal)
+                crate::sys::supervise::signal_name(signal)
             );
-            let shaped = crate::net::read_by_id(&net_ids).ok();
+            let shaped = crate::enforce::shaper::read_by_id(&net_ids).ok();
             let counters =
                 Counters::of(&cgroup.stats(), shaped.as_ref()).with_ledger(record.ledger.as_ref());
             runner.finish_now(

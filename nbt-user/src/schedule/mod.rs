@@ -34,7 +34,7 @@ pub mod parse;
 
 use serde::Serialize;
 
-use crate::net::Loss;
+use crate::enforce::shaper::Loss;
 
 pub use parse::{parse, ScheduleError};
 
@@ -141,10 +141,10 @@ impl Change {
             Change::IngressLoss { loss } => format!("ingress loss {:.1}%", loss.mean() * 100.0),
             Change::Latency { ns } => format!("latency {} ms", *ns as f64 / 1e6),
             Change::Balance { micro } if *micro >= 0 => {
-                format!("balance +{}", crate::ledger::format_amount(*micro))
+                format!("balance +{}", crate::enforce::ledger::format_amount(*micro))
             }
             Change::Balance { micro } => {
-                format!("balance -{}", crate::ledger::format_amount(-micro))
+                format!("balance -{}", crate::enforce::ledger::format_amount(-micro))
             }
             Change::Freeze { frozen: true } => "frozen".into(),
             Change::Freeze { frozen: false } => "thawed".into(),
@@ -162,11 +162,11 @@ impl Change {
                 bytes_per_sec: None,
             } => "the balloon killed, its memory freed".into(),
             Change::PriceCall { micro } => {
-                format!("price per call {}", crate::ledger::format_amount(*micro))
+                format!("price per call {}", crate::enforce::ledger::format_amount(*micro))
             }
             Change::PriceEgress { pico_per_byte } => format!(
                 "price per GB sent {}",
-                crate::ledger::format_amount((*pico_per_byte * 1000) as i64)
+                crate::enforce::ledger::format_amount((*pico_per_byte * 1000) as i64)
             ),
         }
     }

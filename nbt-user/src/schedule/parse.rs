@@ -6,7 +6,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Action, Change, Origin, Schedule};
-use crate::net::Loss;
+use crate::enforce::shaper::Loss;
 use crate::units;
 
 /// What the run starts with: where a fault ends, the limit goes back to this (or to the last
@@ -167,7 +167,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             if let Some(v) = value {
                 let rate =
                     units::parse_rate(key, &text(v)).map_err(|e| err(line, e.to_string()))?;
-                crate::net::check_rate(key, &text(v), rate)
+                crate::enforce::shaper::check_rate(key, &text(v), rate)
                     .map_err(|e| err(line, e.to_string()))?;
                 changes.push(if egress {
                     Change::EgressRate {
@@ -216,7 +216,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
                         format!("{key} needs the run started with --balance"),
                     ));
                 }
-                let micro = crate::ledger::parse_amount(key, &text(v))
+                let micro = crate::enforce::ledger::parse_amount(key, &text(v))
                     .map_err(|e| err(line, e.to_string()))?;
                 changes.push(Change::Balance {
                     micro: sign * micro,
@@ -236,12 +236,12 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
                 }
                 changes.push(if key == "price-call" {
                     Change::PriceCall {
-                        micro: crate::ledger::parse_amount(key, &text(v))
+                        micro: crate::enforce::ledger::parse_amount(key, &text(v))
                             .map_err(|e| err(line, e.to_string()))?,
                     }
                 } else {
                     Change::PriceEgress {
-                        pico_per_byte: crate::ledger::parse_price_per_gb(key, &text(v))
+                        pico_per_byte: crate::enforce::ledger::parse_price_per_gb(key, &text(v))
                             .map_err(|e| err(line, e.to_string()))?,
                     }
                 });
@@ -449,7 +449,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
                     return Err(err(line, "a balance-shock needs the run started with --balance".into()));
                 }
                 let v = f.amount.as_ref().ok_or_else(|| err(line, "a balance-shock fault needs amount, the charge".into()))?;
-                let micro = crate::ledger::parse_amount("amount", &text(v)).map_err(|e| err(line, e.to_string()))?;
+                let micro = crate::enforce::ledger::parse_amount("amount", &text(v)).map_err(|e| err(line, e.to_string()))?;
                 (vec![Change::Balance { micro: -micro }], true)
             }
             "memory-leak" => {

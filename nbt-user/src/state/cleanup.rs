@@ -6,7 +6,7 @@ use std::fs;
 
 use anyhow::Result;
 
-use crate::cgroup::kill_and_remove;
+use crate::enforce::cgroup::kill_and_remove;
 use crate::state::{state_dir, RunRecord};
 
 /// Cleans up after dead runs; returns how many runs were removed and what failed.
@@ -61,7 +61,7 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
         }
     }
     // Hardware caps of dead runs go back to the values recorded before they were changed.
-    let (restored, hw_failed) = crate::hwcaps::cleanup(&dir, dry_run);
+    let (restored, hw_failed) = crate::enforce::hwcaps::cleanup(&dir, dry_run);
     removed += restored;
     failed += hw_failed;
     if removed == 0 && failed == 0 && live == 0 && !dry_run {

@@ -5,8 +5,8 @@
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::cli::NetArgs;
-use crate::net::{self, Direction, NetLimits, ShapedTraffic};
+use crate::cmd::NetArgs;
+use crate::enforce::shaper::{self, Direction, NetLimits, ShapedTraffic};
 use crate::plan::{Flags, Plan, PlanError};
 use crate::state::{state_dir, RunRecord};
 use crate::units;
@@ -38,16 +38,16 @@ pub fn live_runs() -> Vec<LiveRun> {
         .filter(|record| record.supervisor_alive())
         .map(|record| LiveRun {
             balance_micro: record.ledger.as_ref().and_then(|ids| {
-                let (credit, time, kernel) = crate::gate::read_ledger(ids).ok()?;
+                let (credit, time, kernel) = crate::enforce::gate::read_ledger(ids).ok()?;
                 Some(
-                    crate::gate::balance_pico(credit, time, &kernel)
-                        / crate::ledger::PICO_PER_MICRO,
+                    crate::enforce::gate::balance_pico(credit, time, &kernel)
+                        / crate::enforce::ledger::PICO_PER_MICRO,
                 )
             }),
             shaped: record
                 .maps
                 .as_ref()
-                .and_then(|ids| net::read_by_id(ids).ok()),
+                .and_then(|ids| shaper::read_by_id(ids).ok()),
             seconds: if record.started_unix > 0.0 {
                 now_unix() - record.started_unix
             } else {
@@ -75,7 +75,7 @@ pub fn print_ps(runs: &[LiveRun]) {
             run.command.join(" ")
         );
         if let Some(balance) = run.balance_micro {
-            println!("  balance  {}", crate::ledger::format_amount(balance));
+            println!("  balance  {}", crate::enforce::ledger::format_amount(balance));
         }
         for (name, limits, traffic, direction) in [
             (
@@ -117,7 +117,7 @@ pub fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, 
     }
     if let Some(text) = &args.burst {
         let bytes = units::parse_size("--burst", text)?;
-        net::check_burst("--burst", text, bytes)?;
+        shaper::check_burst("--burst", text, bytes)?;
         next.egress.burst_bytes = Some(bytes);
         next.ingress.burst_bytes = Some(bytes);
     }
@@ -156,21 +156,21 @@ pub fn set(run: &str, args: &NetArgs) -> Result<NetLimits> {
                         None => Ok(now),
                     }
                 };
-            let next = crate::latency::Latency {
+            let next = crate::enforce::edt::Latency {
                 latency_ns: duration("--latency", latency, current.latency_ns)?,
                 jitter_ns: duration("--jitter", jitter, current.jitter_ns)?,
             };
-            if next.latency_ns + next.jitter_ns > crate::latency::MAX_DELAY.as_nanos() as u64 {
+            if next.latency_ns + next.jitter_ns > crate::enforce::edt::MAX_DELAY.as_nanos() as u64 {
                 bail!(PlanError(
                     "--latency plus --jitter above 10 s, the fq qdisc's horizon".into()
                 ));
             }
-            crate::latency::set_by_id(map, &next)?;
+            crate::enforce::edt::set_by_id(map, &next)?;
             Some(next)
         }
     };
     let next = changed_limits(&record.net, args)?;
-    net::write_limits_by_id(&ids, &next)?;
+    shaper::write_limits_by_id(&ids, &next)?;
     RunRecord {
         net: next,
         latency,
@@ -186,5 +186,5 @@ pub fn top_up(run: &str, micro: i64) -> Result<i64> {
     let Some(ids) = record.ledger else {
         bail!("run '{run}' has no balance (it was started without --balance)");
     };
-    crate::gate::top_up(&ids, micro)
+    crate::enforce::gate::top_up(&ids, micro)
 }

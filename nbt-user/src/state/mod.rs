@@ -1,6 +1,9 @@
 //! Records of live runs, so that `nbt cleanup` can remove what a crashed nbt left behind, and only
 //! that. A record is written before a run makes anything and removed after it removed everything.
 
+pub mod cleanup;
+pub mod live;
+
 use std::fs;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -46,18 +49,18 @@ pub struct RunRecord {
     pub command: Vec<String>,
     /// The run's network limits as last set (at start, or by `nbt set`).
     #[serde(default)]
-    pub net: crate::net::NetLimits,
+    pub net: crate::enforce::shaper::NetLimits,
     /// Kernel ids of the run's BPF maps, once loaded: `nbt set` and `nbt ps` open them by id.
     #[serde(default)]
-    pub maps: Option<crate::net::MapIds>,
+    pub maps: Option<crate::enforce::shaper::MapIds>,
     /// Kernel ids of the ledger maps, for runs with a balance: `nbt balance` tops them up.
     #[serde(default)]
-    pub ledger: Option<crate::gate::LedgerIds>,
+    pub ledger: Option<crate::enforce::gate::LedgerIds>,
     /// Kernel id of the EDT map, for runs started with --latency: `nbt set` changes the delay.
     #[serde(default)]
     pub edt_map: Option<u32>,
     #[serde(default)]
-    pub latency: Option<crate::latency::Latency>,
+    pub latency: Option<crate::enforce::edt::Latency>,
     /// When the run's workload started, in seconds since the Unix epoch.
     #[serde(default)]
     pub started_unix: f64,

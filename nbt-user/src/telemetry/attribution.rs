@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::sched::{CpuDelta, End};
+use crate::telemetry::sched::{CpuDelta, End};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ProcessEnergy {

@@ -30,7 +30,7 @@ pub struct GpuMeter {
 
 impl GpuMeter {
     pub fn open() -> Result<GpuMeter, String> {
-        let nvml = crate::hwcaps::gpu::init()?;
+        let nvml = crate::enforce::hwcaps::gpu::init()?;
         let count = nvml.device_count().map_err(|e| e.to_string())?;
         if count == 0 {
             return Err("NVML sees no GPU".into());

@@ -24,10 +24,10 @@ use nbt_common::sched::{
     SAMPLE_PROGRAM, SCHED_STATS_MAP, TASK_LAYOUT_MAP,
 };
 
-use crate::counters::{AttributeBy, Counted, CpuCounters};
+use crate::telemetry::counters::{AttributeBy, Counted, CpuCounters};
 
-use crate::btf::Btf;
-use crate::loader;
+use crate::telemetry::btf::Btf;
+use crate::sys::loader;
 
 /// One process's CPU time over an interval.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,7 +101,7 @@ pub struct ProcessTracker {
     /// The figures each live process had at the last read.
     seen: HashMap<u32, Totals>,
     /// The per-CPU counters the samplers read, if any (kept open while attached).
-    counters: Option<crate::counters::CpuCounters>,
+    counters: Option<crate::telemetry::counters::CpuCounters>,
     /// Why attribution uses CPU time, when it does.
     counters_absent: Option<String>,
     /// Processes whose exit record came while the map still holds an entry for them (the tail of

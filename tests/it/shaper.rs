@@ -5,7 +5,8 @@ use std::net::{TcpListener, UdpSocket};
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    nbt, nbt_in_netns, receive_all, testbin, NetnsPair, NoLeftovers, ADDR_A, ADDR_B,
+    nbt, nbt_in_netns, receive_all, testbin, wait_for_live_run, NetnsPair, NoLeftovers, ADDR_A,
+    ADDR_B,
 };
 
 /// A full TCP segment on this veth: 1448 bytes of payload in 1500 bytes of IP packet (20 IP, 20
@@ -273,17 +274,9 @@ fn halving_the_rate_of_a_live_run_halves_what_arrives() {
         })
     };
     std::thread::sleep(Duration::from_secs(4));
-    let ps = nbt(&["ps", "--json"]);
-    let runs: serde_json::Value = serde_json::from_str(&ps.stdout()).unwrap();
     // This test's run: the one sending to port 5206 (another nbt may be running too).
-    let name = runs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["command"].to_string().contains(":5206"))
-        .and_then(|r| r["run"].as_str())
-        .expect("this test's live run")
-        .to_string();
+    let name = wait_for_live_run(|r| r["command"].to_string().contains(":5206"))
+        .expect("this test's live run");
     let set = nbt(&["set", &name, "--egress-rate", "10mbit"]);
     assert_eq!(set.status(), 0, "{}", set.stderr());
     let run = sender.join().unwrap();
@@ -371,12 +364,12 @@ fn root_qdiscs_are_put_on_and_taken_off_over_netlink() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let results = NetnsPair::in_netns(&net.a, || {
-        let (ifindex, name) = nbt::qdisc::interfaces()
+        let (ifindex, name) = nbt::sys::netlink::interfaces()
             .into_iter()
             .next()
             .expect("the veth");
-        let added = nbt::qdisc::add_root(ifindex, "pfifo");
-        let again = nbt::qdisc::add_root(ifindex, "pfifo");
+        let added = nbt::sys::netlink::add_root(ifindex, "pfifo");
+        let again = nbt::sys::netlink::add_root(ifindex, "pfifo");
         (ifindex, name, added, again)
     })
     .join()
@@ -386,7 +379,7 @@ fn root_qdiscs_are_put_on_and_taken_off_over_netlink() {
     added.expect("adding a root pfifo");
     assert!(shown(&net.a).contains("qdisc pfifo"), "{}", shown(&net.a));
     assert_eq!(again.unwrap_err().raw_os_error(), Some(libc::EEXIST));
-    NetnsPair::in_netns(&net.a, move || nbt::qdisc::delete_root(ifindex))
+    NetnsPair::in_netns(&net.a, move || nbt::sys::netlink::delete_root(ifindex))
         .join()
         .unwrap()
         .expect("deleting the root qdisc");

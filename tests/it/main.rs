@@ -1,0 +1,18 @@
+//! nbt's integration tests, one binary, one module per capability (as aya's own `test/` does).
+//! They use the real kernel: BPF programs loaded into it, cgroups, network namespaces with veth
+//! pairs, loopback servers. Run as root, one test at a time (`cargo xtask test`): the CPU tests
+//! measure CPU time, which parallel tests would disturb.
+
+mod account;
+mod agent;
+mod cpu;
+mod demo;
+mod gate;
+mod hwcaps;
+mod lifecycle;
+mod memory;
+mod pids;
+mod receipt;
+mod schedule;
+mod shaper;
+mod usage;
