@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::receipt::{Energy, Kind, Receipt, Writer};
+use crate::receipt::{Kind, Receipt, Writer};
+use crate::telemetry::energy::Energy;
 
 /// CryoFlux's threshold: an update is accepted when the holdout loss drops by more than this.
 pub const DEFAULT_ACCEPT_MIN_DELTA: f64 = 0.002;

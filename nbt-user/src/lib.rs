@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cmd;
 pub mod demo;
 pub mod enforce;
+pub mod error;
 pub mod learning;
 pub mod plan;
 pub mod receipt;

@@ -3,29 +3,10 @@
 //! Every parser names what it accepts, so a bad value can be reported as: the flag, the value, and
 //! the accepted forms (DESIGN.md: "Units, unambiguous").
 
-use std::fmt;
 use std::time::Duration;
 
-/// A value that does not parse, or is out of range. Shown to the user; nbt exits with status 2.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageError {
-    pub flag: String,
-    pub value: String,
-    pub problem: String,
-    pub accepted: &'static str,
-}
+use crate::error::UsageError;
 
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid value '{}' for {}: {}; accepted: {}",
-            self.value, self.flag, self.problem, self.accepted
-        )
-    }
-}
-
-impl std::error::Error for UsageError {}
 
 pub const SIZE_FORMS: &str = "a byte count with a unit: 512K, 512M, 6G, 1T (powers of 1024; also \
      KiB/MiB/GiB/TiB), 500MB, 6GB (powers of 1000), or 0";

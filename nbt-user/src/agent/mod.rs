@@ -110,9 +110,9 @@ pub struct AgentOptions {
 }
 
 impl AgentArgs {
-    pub fn check(self) -> Result<AgentOptions, crate::units::UsageError> {
+    pub fn check(self) -> Result<AgentOptions, crate::error::UsageError> {
         let usage = |flag: &str, value: &str, problem: String, accepted: &'static str| {
-            crate::units::UsageError {
+            crate::error::UsageError {
                 flag: flag.into(),
                 value: value.into(),
                 problem,
@@ -247,11 +247,6 @@ struct Agent {
 
 type Shared = Arc<Agent>;
 
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
 
 /// Sleeps until `deadline`, draining exit records meanwhile.
 fn wait_draining(deadline: Instant, tracker: &mut Option<ProcessTracker>) {
@@ -414,7 +409,7 @@ fn sampler(agent: Shared, interval: Duration, model: CpuModel, attribute_by: Att
             bucket.idle_w = idle_w;
             bucket.source = source;
             bucket.label = label;
-            bucket.sampled_unix = now_unix();
+            bucket.sampled_unix = crate::sys::proc::now_unix();
             net
         };
         let mut telemetry = agent.telemetry.lock().unwrap_or_else(|p| p.into_inner());

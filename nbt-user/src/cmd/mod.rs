@@ -444,7 +444,7 @@ pub fn main() -> i32 {
                 }
                 Err(err) => {
                     eprintln!("nbt set: {err:#}");
-                    if err.downcast_ref::<crate::plan::PlanError>().is_some() {
+                    if err.downcast_ref::<crate::error::PlanError>().is_some() {
                         2
                     } else {
                         1
@@ -528,7 +528,7 @@ pub fn main() -> i32 {
                 }
                 Err(err) => {
                     eprintln!("nbt fault: {err:#}");
-                    if err.downcast_ref::<crate::plan::PlanError>().is_some() {
+                    if err.downcast_ref::<crate::error::PlanError>().is_some() {
                         2
                     } else {
                         1

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::enforce::ledger::{format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
 use crate::sys::loader;
-use crate::units::UsageError;
+use crate::error::UsageError;
 
 pub const GATE_FORMS: &str = "all (every destination but loopback), host[:port], IPv4 or IPv6 \
      address, CIDR (10.0.0.0/8, 2001:db8::/32), CIDR:port (10.0.0.0/8:443), [IPv6]:port or \

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::units::UsageError;
+use crate::error::UsageError;
 
 pub const PICO_PER_MICRO: i64 = 1_000_000;
 /// The largest balance or top-up: i64 pico-units hold 9.2 million units; keep a margin.

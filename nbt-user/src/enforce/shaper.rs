@@ -16,7 +16,8 @@ use nbt_common::shaper::{
 use serde::{Deserialize, Serialize};
 
 use crate::sys::loader;
-use crate::units::{self, format_rate, format_size, UsageError};
+use crate::error::UsageError;
+use crate::units::{self, format_rate, format_size};
 
 /// The largest IP packet a usual link carries; the floor for rates and bursts.
 pub const MTU: u64 = 1500;

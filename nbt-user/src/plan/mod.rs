@@ -13,7 +13,8 @@ use crate::enforce::gate::{self, Rule};
 use crate::enforce::edt::{self, Latency};
 use crate::enforce::ledger::{self, Prices};
 use crate::enforce::shaper::{self, Loss, NetLimits};
-use crate::units::{self, UsageError};
+use crate::error::PlanError;
+use crate::units;
 
 /// The seed's numbers (shared/seeds/000: 6 GB memory, 500 MB swap, 512 kbit, 5% loss, 100 ms,
 /// 75 W, 1200 MHz, 2.0 GHz with turbo off).
@@ -149,24 +150,6 @@ pub struct Plan {
     /// set and restored).
     #[serde(skip)]
     pub hwcaps: crate::enforce::hwcaps::HwRequest,
-}
-
-/// Why a plan could not be made. Always a usage error: exit status 2.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlanError(pub String);
-
-impl fmt::Display for PlanError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for PlanError {}
-
-impl From<UsageError> for PlanError {
-    fn from(e: UsageError) -> Self {
-        PlanError(e.to_string())
-    }
 }
 
 /// Smallest memory limit accepted: below it no process can even be exec'd reliably.

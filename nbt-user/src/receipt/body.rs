@@ -4,10 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::enforce::cgroup::Limits;
-use crate::enforce::edt::Latency;
-use crate::enforce::shaper::NetLimits;
-use crate::run::summary::RunSummary;
+pub use crate::telemetry::energy::Energy;
 
 /// The `format` of the receipts this version writes; verify reads only these.
 pub const FORMAT: &str = "nbt.receipt/v1";
@@ -53,29 +50,6 @@ impl Host {
     }
 }
 
-/// Joules from one source, and whether they were metered or estimated.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Joules {
-    /// `rapl`, `nvml`, `model`
-    pub source: String,
-    /// `measured` or `model`
-    pub label: String,
-    pub joules: f64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Energy {
-    pub joules: Vec<Joules>,
-    /// Why a figure is missing or how it was made, in words.
-    pub note: Option<String>,
-}
-
-impl Energy {
-    pub fn total(&self) -> Option<f64> {
-        (!self.joules.is_empty()).then(|| self.joules.iter().map(|j| j.joules).sum())
-    }
-}
-
 /// What the kernel saw the workload go through.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Scarcity {
@@ -102,37 +76,6 @@ pub struct Scarcity {
     /// Amounts in millionths (the ledger's unit).
     pub balance_start_micro: Option<i64>,
     pub balance_end_micro: Option<i64>,
-}
-
-impl Scarcity {
-    pub fn of(summary: &RunSummary) -> Scarcity {
-        let c = &summary.cgroup;
-        let p = c.pressure.clone().unwrap_or_default();
-        let shaped = summary.shaped.unwrap_or_default();
-        Scarcity {
-            oom_kills: c.oom_kills,
-            cpu_throttled_usec: c.cpu_throttled_usec,
-            cpu_throttled_periods: c.cpu_throttled_periods,
-            forks_refused: c.forks_refused,
-            psi_cpu_some_usec: p.cpu_some_usec,
-            psi_memory_some_usec: p.memory_some_usec,
-            psi_memory_full_usec: p.memory_full_usec,
-            psi_io_some_usec: p.io_some_usec,
-            psi_io_full_usec: p.io_full_usec,
-            egress_rate_dropped_packets: shaped.egress.rate_dropped_packets,
-            egress_loss_dropped_packets: shaped.egress.loss_dropped_packets,
-            ingress_rate_dropped_packets: shaped.ingress.rate_dropped_packets,
-            ingress_loss_dropped_packets: shaped.ingress.loss_dropped_packets,
-            egress_rate_dropped_bytes: shaped.egress.rate_dropped_bytes,
-            egress_loss_dropped_bytes: shaped.egress.loss_dropped_bytes,
-            ingress_rate_dropped_bytes: shaped.ingress.rate_dropped_bytes,
-            ingress_loss_dropped_bytes: shaped.ingress.loss_dropped_bytes,
-            blocked_calls: summary.ledger.as_ref().map(|l| l.blocked_calls),
-            blocked_packets: summary.ledger.as_ref().map(|l| l.blocked_packets),
-            balance_start_micro: summary.ledger.as_ref().map(|l| l.balance_start_micro),
-            balance_end_micro: summary.ledger.as_ref().map(|l| l.balance_end_micro),
-        }
-    }
 }
 
 /// One receipt's body: the bytes hashed and signed are this, in the canonical encoding.
@@ -206,45 +149,6 @@ impl Receipt {
             key_id,
         }
     }
-
-    /// The receipt of a finished run.
-    pub fn of_run(summary: &RunSummary, energy: Energy, key_id: String) -> Receipt {
-        Receipt {
-            run: Some(summary.run.clone()),
-            command: summary.command.clone(),
-            exit_status: Some(summary.exit.status),
-            constraints: constraints_of(summary),
-            scarcity: Some(Scarcity::of(summary)),
-            joules_spent: energy.total(),
-            energy,
-            summary: serde_json::to_value(summary).ok(),
-            ..Receipt::new(Kind::Run, key_id)
-        }
-    }
-}
-
-/// The limits a summary says were in force (at the end), as one object.
-pub fn constraints_of(summary: &RunSummary) -> Value {
-    constraints(
-        &summary.profile,
-        &summary.limits,
-        &summary.net_limits,
-        summary.latency.as_ref(),
-    )
-}
-
-pub fn constraints(
-    profile: &str,
-    limits: &Limits,
-    net: &NetLimits,
-    latency: Option<&Latency>,
-) -> Value {
-    serde_json::json!({
-        "profile": profile,
-        "limits": limits,
-        "network": net,
-        "latency": latency,
-    })
 }
 
 /// Now, as `2026-11-22T11:25:26.123Z`.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Serialize;
 
-pub use body::{Energy, Joules, Kind, Receipt};
+pub use body::{Kind, Receipt};
 use key::NodeKey;
 use store::Store;
 

@@ -1,5 +1,6 @@
 //! `nbt run`: plan → cgroups → BPF → child → wait → summary → remove everything.
 
+pub mod run_receipt;
 pub mod summary;
 
 use std::ffi::OsString;
@@ -115,7 +116,7 @@ pub fn execute(
     let record = RunRecord {
         name: name.clone(),
         supervisor_pid: std::process::id() as i32,
-        supervisor_start_time: state::process_start_time(std::process::id() as i32)
+        supervisor_start_time: crate::sys::proc::process_start_time(std::process::id() as i32)
             .context("reading nbt's own start time from /proc")?,
         cgroups: layout.run_dirs(&name)?,
         command: command
@@ -138,7 +139,7 @@ pub fn execute(
     let mut template = receipt::Receipt::new(receipt::Kind::Task, receipts.key_id().to_string());
     template.run = Some(name.clone());
     template.command = record.command.clone();
-    template.constraints = receipt::body::constraints(
+    template.constraints = run_receipt::constraints(
         &plan.profile,
         &plan.limits,
         &plan.net,
@@ -173,10 +174,7 @@ pub fn execute(
             None => None,
         },
         ledger,
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
+        started_unix: crate::sys::proc::now_unix(),
         ..record
     };
     record.write(&state_dir)?;
@@ -424,7 +422,7 @@ pub fn execute(
         sensors: watch.finish(),
     };
     // Last of all, so that the receipt holds everything the run measured.
-    let mut run_receipt = receipt::Receipt::of_run(&summary, summary.energy.clone(), String::new());
+    let mut run_receipt = run_receipt::of_run(&summary, summary.energy.clone(), String::new());
     match receipts.write(&mut run_receipt) {
         Ok(written) => summary.receipt = Some(written),
         Err(err) => judge.errors.push(format!("the run's receipt: {err:#}")),

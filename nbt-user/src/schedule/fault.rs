@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use super::apply::{Controls, Counters, Event, Runner};
 use super::parse::Initial;
 use crate::enforce::cgroup::{Layout, RunCgroup};
-use crate::plan::PlanError;
+use crate::error::PlanError;
 use crate::state::{state_dir, RunRecord};
 
 /// The options of `nbt fault`, as text (the schedule parser checks them).
@@ -82,11 +82,6 @@ pub fn take_outside_events(dir: &Path, run: &str) -> Vec<Event> {
     events
 }
 
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
 
 /// Injects the fault; returns its events. A bad fault is a [`PlanError`] (a usage error).
 pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<Vec<Event>> {
@@ -123,7 +118,7 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
         balloon: None,
         gate_config: None,
     };
-    let offset = now_unix() - record.started_unix;
+    let offset = crate::sys::proc::now_unix() - record.started_unix;
     let mut runner = Runner::new(&schedule.actions);
     let started = Instant::now();
     let end_ms = schedule.span_ms();

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::cmd::NetArgs;
 use crate::enforce::shaper::{self, Direction, NetLimits, ShapedTraffic};
-use crate::plan::{Flags, Plan, PlanError};
+use crate::error::PlanError;
+use crate::plan::{Flags, Plan};
 use crate::state::{state_dir, RunRecord};
 use crate::units;
 
@@ -23,12 +24,6 @@ pub struct LiveRun {
     pub balance_micro: Option<i64>,
 }
 
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
 
 /// Every live run, with its current limits and counters.
 pub fn live_runs() -> Vec<LiveRun> {
@@ -49,7 +44,7 @@ pub fn live_runs() -> Vec<LiveRun> {
                 .as_ref()
                 .and_then(|ids| shaper::read_by_id(ids).ok()),
             seconds: if record.started_unix > 0.0 {
-                now_unix() - record.started_unix
+                crate::sys::proc::now_unix() - record.started_unix
             } else {
                 0.0
             },

@@ -30,15 +30,6 @@ pub fn new_run_name() -> Result<String> {
     ))
 }
 
-/// The start time of a process in clock ticks since boot (field 22 of /proc/PID/stat): with the
-/// pid it names one process, even after the pid is reused.
-pub fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub name: String,
@@ -98,7 +89,7 @@ impl RunRecord {
 
     /// Whether the nbt that wrote this record still runs.
     pub fn supervisor_alive(&self) -> bool {
-        process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
+        crate::sys::proc::process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
     }
 
     pub fn read_all(dir: &Path) -> Vec<(PathBuf, Result<RunRecord>)> {

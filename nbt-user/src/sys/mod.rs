@@ -3,4 +3,5 @@
 
 pub mod loader;
 pub mod netlink;
+pub mod proc;
 pub mod supervise;

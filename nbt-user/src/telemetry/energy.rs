@@ -13,7 +13,31 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::receipt::{Energy, Joules};
+use serde::{Deserialize, Serialize};
+
+
+/// Joules from one source, and whether they were metered or estimated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Joules {
+    /// `rapl`, `nvml`, `model`
+    pub source: String,
+    /// `measured` or `model`
+    pub label: String,
+    pub joules: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Energy {
+    pub joules: Vec<Joules>,
+    /// Why a figure is missing or how it was made, in words.
+    pub note: Option<String>,
+}
+
+impl Energy {
+    pub fn total(&self) -> Option<f64> {
+        (!self.joules.is_empty()).then(|| self.joules.iter().map(|j| j.joules).sum())
+    }
+}
 
 /// Default model TDP per logical CPU, and the share of it drawn when idle.
 pub const MODEL_TDP_WATTS_PER_CPU: f64 = 10.0;

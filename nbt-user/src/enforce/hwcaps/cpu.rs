@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 
 use super::{Asked, Change, Original};
-use crate::plan::PlanError;
+use crate::error::PlanError;
 
 /// `cpuN/cpufreq` directories beneath `root`, in CPU order.
 fn cpufreq_dirs(root: &Path) -> Vec<(u32, PathBuf)> {

@@ -8,7 +8,7 @@ use nvml_wrapper::enums::device::GpuLockedClocksSetting;
 use nvml_wrapper::Nvml;
 
 use super::{Asked, Change, Original};
-use crate::plan::PlanError;
+use crate::error::PlanError;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuRequest {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::PlanError;
+use crate::error::PlanError;
 
 /// The sysfs tree hardware caps work on.
 pub fn sysfs_root() -> PathBuf {
@@ -221,7 +221,7 @@ impl StateFile {
     }
 
     fn alive(&self) -> bool {
-        crate::state::process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
+        crate::sys::proc::process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
     }
 
     /// Every state file in `state_dir`.
@@ -338,7 +338,7 @@ pub fn apply(request: &HwRequest, state_dir: &Path, run: &str) -> Result<Option<
     let state = StateFile {
         run: run.to_string(),
         supervisor_pid: pid,
-        supervisor_start_time: crate::state::process_start_time(pid)
+        supervisor_start_time: crate::sys::proc::process_start_time(pid)
             .context("reading nbt's own start time from /proc")?,
         originals: changes.iter().map(|c| c.original.clone()).collect(),
     };
