@@ -75,31 +75,6 @@ impl Bucket {
     }
 }
 
-/// `nbt agent`'s options.
-#[derive(Debug, Clone, clap::Args)]
-pub struct AgentArgs {
-    /// Where to listen (loopback unless you say otherwise)
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8787")]
-    pub listen: String,
-    /// The bearer token of the mutating endpoints (default: $NBT_HOME/agent.token, made with
-    /// mode 0600 at first start)
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// How often power is sampled and attributed to processes
-    #[arg(long, value_name = "DURATION", default_value = "1s")]
-    pub interval: String,
-    /// The model's CPU power at full load, whole node, watts (used only where no meter exists;
-    /// default 10 W per logical CPU)
-    #[arg(long, value_name = "WATTS")]
-    pub cpu_tdp: Option<f64>,
-    /// The model's CPU power when idle, whole node, watts (default 30% of --cpu-tdp)
-    #[arg(long, value_name = "WATTS")]
-    pub cpu_idle: Option<f64>,
-    /// What active CPU energy is split by among processes
-    #[arg(long, value_enum, value_name = "RATIO", default_value = "auto")]
-    pub attribute_by: AttributeBy,
-}
-
 /// The options, checked.
 pub struct AgentOptions {
     pub listen: SocketAddr,
@@ -107,77 +82,6 @@ pub struct AgentOptions {
     pub interval: Duration,
     pub model: CpuModel,
     pub attribute_by: AttributeBy,
-}
-
-impl AgentArgs {
-    pub fn check(self) -> Result<AgentOptions, crate::error::UsageError> {
-        let usage = |flag: &str, value: &str, problem: String, accepted: &'static str| {
-            crate::error::UsageError {
-                flag: flag.into(),
-                value: value.into(),
-                problem,
-                accepted,
-            }
-        };
-        let listen = self.listen.parse().map_err(|_| {
-            usage(
-                "--listen",
-                &self.listen,
-                "not an address and port".into(),
-                "an address and port: 127.0.0.1:8787, [::1]:8787",
-            )
-        })?;
-        let interval = crate::units::parse_duration("--interval", &self.interval)?;
-        if interval < Duration::from_millis(100) || interval > Duration::from_secs(3600) {
-            return Err(usage(
-                "--interval",
-                &self.interval,
-                "out of range".into(),
-                "a duration from 100ms to 1h",
-            ));
-        }
-        let mut model = CpuModel::for_this_host();
-        if let Some(tdp) = self.cpu_tdp {
-            if !(tdp.is_finite() && tdp > 0.0) {
-                return Err(usage(
-                    "--cpu-tdp",
-                    &tdp.to_string(),
-                    "not a power above 0".into(),
-                    "watts above 0, for the whole node",
-                ));
-            }
-            model.tdp_watts = tdp;
-            model.idle_watts = tdp * crate::telemetry::energy::MODEL_IDLE_SHARE;
-        }
-        if let Some(idle) = self.cpu_idle {
-            if !(idle.is_finite() && idle >= 0.0 && idle < model.tdp_watts) {
-                return Err(usage(
-                    "--cpu-idle",
-                    &idle.to_string(),
-                    format!("not below the TDP ({} W)", model.tdp_watts),
-                    "watts from 0 to below the TDP, for the whole node",
-                ));
-            }
-            model.idle_watts = idle;
-        }
-        if self.attribute_by == AttributeBy::Cycles {
-            if let Some(why) = crate::telemetry::counters::pmu_missing() {
-                return Err(usage(
-                    "--attribute-by",
-                    "cycles",
-                    why,
-                    "auto or cpu-time here (no cycle counter could be opened)",
-                ));
-            }
-        }
-        Ok(AgentOptions {
-            listen,
-            token_file: self.token_file.unwrap_or_else(default_token_path),
-            interval,
-            model,
-            attribute_by: self.attribute_by,
-        })
-    }
 }
 
 /// A run the agent has seen, live or ended.

@@ -1,381 +1,21 @@
-//! The command line (DESIGN.md, "The command line"). Values stay text here; `plan` parses them so
-//! that flags and profile files share one parser and one kind of error.
+//! The command line: the only code that reads argv, writes to stdout and picks nbt's exit status.
+//! One file per group of subcommands; `args` is the grammar they share.
 
+pub mod agent;
+pub mod args;
+pub mod demo;
+pub mod live;
 pub mod receipts;
+pub mod run;
 
-use std::ffi::OsString;
+use clap::Parser;
 
-use clap::{Args, Parser, Subcommand};
-
-use crate::enforce::shaper::Direction;
-use crate::plan::{Flags, Plan};
-use crate::run::{self, RunError, EXIT_NBT_FAILED};
 use crate::sys::supervise;
+use args::{BalanceAction, Cli, Command};
 
-const AFTER_HELP: &str = "\
-Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decimal (0.5);
-rates 512kbit, 10mbit (bits/s) or 64KB/s (bytes/s; `kbps` is refused as ambiguous); loss 5% or
-0.05; amounts 0.25 (at most 6 decimals).
-Exit status: the command's own, or 128+N when signal N killed it; 2 for a usage error;
-125 when nbt itself failed (before the command ran, or writing its receipts); 126 command not executable; 127 not found.";
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "nbt",
-    version,
-    about = "Run a workload under deliberately imposed scarcity, enforced in the kernel, and measure what it cost",
-    after_help = AFTER_HELP
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run COMMAND under scarcity, print a summary
-    #[command(after_help = AFTER_HELP)]
-    Run(Box<RunArgs>),
-    /// The built-in scenario: nbt's training workload under the `nbt` profile
-    Demo(DemoArgs),
-    /// List what this kernel and machine support, feature by feature
-    Probe {
-        /// One JSON array on stdout
-        #[arg(long)]
-        json: bool,
-    },
-    /// List live runs with their network limits and counters
-    Ps {
-        /// One JSON array on stdout
-        #[arg(long)]
-        json: bool,
-    },
-    /// Change a live run's network limits; the next packet sees them
-    Set {
-        /// The run's name, as `nbt ps` shows it (nbt-...)
-        run: String,
-        #[command(flatten)]
-        net: NetArgs,
-    },
-    /// Top up a live run's balance: `nbt balance RUN add AMOUNT`; the gate reopens at once
-    Balance {
-        /// The run's name, as `nbt ps` shows it
-        run: String,
-        #[command(subcommand)]
-        action: BalanceAction,
-    },
-    /// Inject a fault into a live run now: `nbt fault RUN brownout 5s`; what was in force comes
-    /// back when it ends (or on Ctrl-C)
-    Fault {
-        /// The run's name, as `nbt ps` shows it
-        run: String,
-        #[command(flatten)]
-        fault: crate::schedule::fault::FaultArgs,
-    },
-    /// The memory-leak fault's balloon, started by nbt inside a run: allocates and touches
-    /// BYTES_PER_SEC every second until killed
-    #[command(hide = true)]
-    Balloon { bytes_per_sec: u64 },
-    /// The joule agent: the joule bucket (/v1/sample, /v1/take), learning updates of live runs
-    /// (/v1/report), and /metrics for Prometheus, over HTTP
-    Agent(crate::agent::AgentArgs),
-    /// The receipts of runs and learning updates: list, show, verify, export, the public key
-    Receipts(ReceiptsArgs),
-    /// Remove what crashed runs left behind (cgroups, processes), and only that
-    Cleanup {
-        /// Say what would be removed, remove nothing
-        #[arg(long)]
-        dry_run: bool,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct ReceiptsArgs {
-    /// The receipt store (default: $NBT_RECEIPTS, else /var/lib/nbt/receipts.db)
-    #[arg(long, value_name = "PATH", global = true)]
-    pub receipts: Option<std::path::PathBuf>,
-    #[command(subcommand)]
-    pub action: ReceiptsAction,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ReceiptsAction {
-    /// One line per receipt: number, time, kind, run, task, outcome, joules, hash
-    List {
-        /// One JSON object per line (as `export --format jsonl`)
-        #[arg(long)]
-        json: bool,
-        /// Only the receipts of this run (nbt-...)
-        #[arg(long, value_name = "RUN")]
-        run: Option<String>,
-    },
-    /// One receipt in full, by number or by 8+ hex digits of its hash
-    Show { id: String },
-    /// Check every hash, link and signature; exit status 1 naming the first bad receipt
-    Verify {
-        /// The public key to check with (PEM, as `nbt receipts pubkey` writes it; default: this
-        /// node's own key, $NBT_KEY or /var/lib/nbt/node.key)
-        #[arg(long, value_name = "FILE")]
-        pubkey: Option<std::path::PathBuf>,
-    },
-    /// Every receipt on stdout: `jsonl` (one per line) or `in-toto` (a Statement v1 per line,
-    /// in a DSSE envelope signed by this node's key; model hashes as subjects)
-    Export {
-        #[arg(long, value_name = "FORMAT", value_parser = ["jsonl", "in-toto"])]
-        format: String,
-    },
-    /// This node's public key (SPKI PEM), made with the key at first use
-    Pubkey,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BalanceAction {
-    /// Add AMOUNT to the balance
-    Add { amount: String },
-}
-
-#[derive(Debug, Args)]
-pub struct LimitArgs {
-    /// Memory limit (e.g. 6G, 512M); the workload is OOM-killed beyond it
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
-    pub memory: Option<String>,
-    /// Swap the workload may use beyond --memory (0: none)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
-    pub swap: Option<String>,
-    /// CPU time as a number of cores (0.5 = half of one core), enforced by CFS quota
-    #[arg(long, value_name = "CORES", allow_negative_numbers = true)]
-    pub cpus: Option<String>,
-    /// Most processes and threads the workload may have at once
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    pub pids: Option<String>,
-}
-
-/// Flags of the DESIGN.md contract whose capability is not built yet. They are parsed so that
-/// asking for one gets a clear refusal rather than "unexpected argument"; hidden from --help
-/// until they work.
-#[derive(Debug, Args)]
-pub struct NotYetArgs {
-    #[arg(long, hide = true)]
-    pub price_kwh: Option<String>,
-}
-
-impl NotYetArgs {
-    fn given(&self) -> Vec<(String, String)> {
-        self.price_kwh
-            .iter()
-            .map(|v| ("price-kwh".to_string(), v.clone()))
-            .collect()
-    }
-}
-
-/// Machine-wide hardware caps: applied before the workload starts, put back when the run ends
-/// whatever way it ends (after a crash or power loss: `nbt cleanup`). A cap another live run
-/// holds is refused.
-#[derive(Debug, Args)]
-pub struct HwArgs {
-    /// Cap every CPU's frequency (cpufreq scaling_max_freq): 2.0GHz, 2000MHz
-    #[arg(long, value_name = "FREQ")]
-    pub cpu_max_freq: Option<String>,
-    /// Turn CPU turbo off (intel_pstate no_turbo, else cpufreq boost)
-    #[arg(long)]
-    pub no_turbo: bool,
-    /// GPU power limit in watts (NVML), within the range the GPU reports
-    #[arg(long, value_name = "WATTS")]
-    pub gpu_power_limit: Option<String>,
-    /// Lock the GPU graphics clock at MHZ (NVML); unlocked after the run
-    #[arg(long, value_name = "MHZ")]
-    pub gpu_clock: Option<String>,
-    /// Lock the GPU memory clock at MHZ (NVML, Ampere and newer); unlocked after the run
-    #[arg(long, value_name = "MHZ")]
-    pub gpu_mem_clock: Option<String>,
-    /// GPU memory the run's processes may hold on each GPU: 8G. NVML cannot cap a process's
-    /// memory, so nbt watches it (NVML's per-process figures, every 0.5 s) and stops the run
-    /// when it is over, and sets for the workload what the CUDA stack honours by itself:
-    /// CUDA_MPS_PINNED_DEVICE_MEM_LIMIT (enforced by the driver, only under MPS),
-    /// PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:F (PyTorch's allocator; not set when
-    /// you set PYTORCH_CUDA_ALLOC_CONF yourself, even empty, as older PyTorch rejects the key),
-    /// XLA_PYTHON_CLIENT_MEM_FRACTION (JAX), NBT_GPU_MEMORY_BYTES and NBT_GPU_MEMORY_FRACTION
-    #[arg(long, value_name = "SIZE", verbatim_doc_comment)]
-    pub gpu_memory: Option<String>,
-    /// The GPUs the GPU caps apply to: all (default) or indices, 0,1
-    #[arg(long, value_name = "0,1|all")]
-    pub gpus: Option<String>,
-}
-
-impl HwArgs {
-    pub fn add_to(&self, flags: &mut Flags) {
-        flags.cpu_max_freq = self.cpu_max_freq.clone();
-        flags.no_turbo = self.no_turbo;
-        flags.gpu_power_limit = self.gpu_power_limit.clone();
-        flags.gpu_clock = self.gpu_clock.clone();
-        flags.gpu_mem_clock = self.gpu_mem_clock.clone();
-        flags.gpu_memory = self.gpu_memory.clone();
-        flags.gpus = self.gpus.clone();
-    }
-}
-
-/// Network limits, enforced on the run's own sockets only.
-#[derive(Debug, Args)]
-pub struct NetArgs {
-    /// Outgoing bandwidth of the run: bits/s as tc writes them (512kbit, 10mbit) or bytes/s (64KB/s)
-    #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
-    pub egress_rate: Option<String>,
-    /// Incoming bandwidth of the run (packets over it are dropped on arrival)
-    #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
-    pub ingress_rate: Option<String>,
-    /// Bucket depth of the rate limits (default: egress 40 ms at the rate, ingress 250 ms; at least 96 KiB)
-    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
-    pub burst: Option<String>,
-    /// Packet loss probability (5% or 0.05), each packet independently
-    #[arg(long, value_name = "PCT", allow_negative_numbers = true)]
-    pub loss: Option<String>,
-    /// `uniform` (with --loss) or bursty loss `gemodel:P[,R[,1-H[,1-K]]]`, as netem's gemodel
-    #[arg(long, value_name = "MODEL")]
-    pub loss_model: Option<String>,
-    /// Where loss applies: egress (default, as netem on an interface), ingress, both
-    #[arg(long, value_name = "DIR")]
-    pub loss_direction: Option<String>,
-    /// Added delay of the run's outgoing packets (100ms), by earliest departure time: needs the
-    /// fq qdisc, which nbt puts at the root of the namespace's interfaces for the run
-    #[arg(long, value_name = "DURATION")]
-    pub latency: Option<String>,
-    /// Spread of the added delay: uniform in latency ± jitter
-    #[arg(long, value_name = "DURATION")]
-    pub jitter: Option<String>,
-}
-
-/// The simulated balance and the destinations it pays for.
-#[derive(Debug, Args)]
-pub struct LedgerArgs {
-    /// Starting balance (0.50, 5): while it is above zero new connections and datagrams to gated
-    /// destinations pass and are charged, at zero they fail with EPERM; once it is negative the
-    /// packets of connections already open are dropped too
-    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
-    pub balance: Option<String>,
-    /// Charged per byte sent to gated destinations, in the kernel (0.09/GB)
-    #[arg(long, value_name = "AMOUNT/GB", allow_negative_numbers = true)]
-    pub price_egress: Option<String>,
-    /// Charged per new connection or datagram to a gated destination, in the kernel
-    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
-    pub price_call: Option<String>,
-    /// Charged per hour of wall time, by nbt
-    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
-    pub price_hour: Option<String>,
-    /// Destinations the balance pays for: all (default with --balance: all but loopback),
-    /// host[:port], CIDR[:port], [IPv6]:port; comma-separated
-    #[arg(long, value_name = "DEST[,DEST...]")]
-    pub gate: Option<String>,
-}
-
-impl LedgerArgs {
-    pub fn add_to(&self, flags: &mut Flags) {
-        flags.balance = self.balance.clone();
-        flags.price_egress = self.price_egress.clone();
-        flags.price_call = self.price_call.clone();
-        flags.price_hour = self.price_hour.clone();
-        flags.gate = self.gate.clone();
-    }
-}
-
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Starting limits: `nbt` (the seed's numbers), `none` (the default), or a TOML file whose
-    /// keys are these flags' names; flags override it
-    #[arg(long, value_name = "NAME|FILE")]
-    pub profile: Option<String>,
-    #[command(flatten)]
-    pub limits: LimitArgs,
-    #[command(flatten)]
-    pub net: NetArgs,
-    #[command(flatten)]
-    pub ledger: LedgerArgs,
-    #[command(flatten)]
-    pub hw: HwArgs,
-    #[command(flatten)]
-    pub not_yet: NotYetArgs,
-    #[command(flatten)]
-    pub receipt: ReceiptArgs,
-    /// Limits that change during the run, and injected faults: a TOML file of steps,
-    /// generators and faults (docs/schedules.md); checked before the run starts
-    #[arg(long, value_name = "FILE")]
-    pub schedule: Option<String>,
-    /// Start the workload again when it fails (exits non-zero or is killed, not when you stop
-    /// it): `no` (default), `on-failure` (up to 3 times), `on-failure:N`; each restart and the
-    /// time to recover (a progress report, or 10 s up) go into the event log
-    #[arg(long, value_name = "POLICY")]
-    pub restart: Option<String>,
-    /// Print the summary as one JSON object on stdout (human text always goes to stderr)
-    #[arg(long)]
-    pub json: bool,
-    /// The workload and its arguments, after `--`
-    #[arg(required = true, last = true, value_name = "COMMAND")]
-    pub command: Vec<OsString>,
-}
-
-/// Where the run's receipts go and how its learning updates are judged.
-#[derive(Debug, Args)]
-pub struct ReceiptArgs {
-    /// The receipt store this run appends to (default: $NBT_RECEIPTS, else
-    /// /var/lib/nbt/receipts.db); signed with the node key ($NBT_KEY, else /var/lib/nbt/node.key)
-    #[arg(long, value_name = "PATH")]
-    pub receipts: Option<std::path::PathBuf>,
-    /// Accept a learning update the workload reports (through $NBT_REPORT) only if its holdout
-    /// loss drops by more than X (default 0.002, CryoFlux's)
-    #[arg(long, value_name = "X", allow_negative_numbers = true)]
-    pub accept_min_delta: Option<String>,
-}
-
-impl ReceiptArgs {
-    pub fn add_to(&self, flags: &mut Flags) {
-        flags.receipts = self.receipts.clone();
-        flags.accept_min_delta = self.accept_min_delta.clone();
-    }
-}
-
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    #[command(flatten)]
-    pub limits: LimitArgs,
-    #[command(flatten)]
-    pub receipt: ReceiptArgs,
-    /// Training samples, fetched over the run's network limits (default 12000: 1.5 MiB;
-    /// memory and download grow with it: samples x 33 x 4 bytes)
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    pub samples: Option<String>,
-    /// Training epochs
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    pub epochs: Option<String>,
-    /// Print the summary as one JSON object on stdout
-    #[arg(long)]
-    pub json: bool,
-}
-
-impl LimitArgs {
-    pub fn flags(&self, profile: Option<String>, not_yet: Vec<(String, String)>) -> Flags {
-        Flags {
-            profile,
-            memory: self.memory.clone(),
-            swap: self.swap.clone(),
-            cpus: self.cpus.clone(),
-            pids: self.pids.clone(),
-            not_yet,
-            ..Flags::default()
-        }
-    }
-}
-
-impl NetArgs {
-    pub fn add_to(&self, flags: &mut Flags) {
-        flags.egress_rate = self.egress_rate.clone();
-        flags.ingress_rate = self.ingress_rate.clone();
-        flags.burst = self.burst.clone();
-        flags.loss = self.loss.clone();
-        flags.loss_model = self.loss_model.clone();
-        flags.loss_direction = self.loss_direction.clone();
-        flags.latency = self.latency.clone();
-        flags.jitter = self.jitter.clone();
-    }
-}
+/// The status nbt exits with when it failed itself: before the command ran, or writing its
+/// receipts.
+pub const EXIT_NBT_FAILED: i32 = 125;
 
 /// Parses the command line and runs it; returns the exit status.
 pub fn main() -> i32 {
@@ -383,265 +23,91 @@ pub fn main() -> i32 {
     let signals = supervise::block_signals();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run_command(*args, &signals),
-        Command::Demo(args) => crate::demo::demo(args, &signals),
-        Command::Probe { json } => {
-            let features = crate::plan::probe::probe();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&features).expect("features serialize")
-                );
-            } else {
-                crate::plan::probe::print_human(&features);
-            }
-            0
-        }
-        Command::Ps { json } => {
-            if let Err(err) = run::require_privileges() {
-                eprintln!("nbt: {err:#}");
-                return EXIT_NBT_FAILED;
-            }
-            let runs = crate::state::live::live_runs();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&runs).expect("runs serialize")
-                );
-            } else {
-                crate::state::live::print_ps(&runs);
-            }
-            0
-        }
-        Command::Set { run, net } => {
-            if let Err(err) = run::require_privileges() {
-                eprintln!("nbt: {err:#}");
-                return EXIT_NBT_FAILED;
-            }
-            if [
-                &net.egress_rate,
-                &net.ingress_rate,
-                &net.burst,
-                &net.loss,
-                &net.loss_model,
-                &net.latency,
-                &net.jitter,
-            ]
-            .iter()
-            .all(|v| v.is_none())
-            {
-                eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --latency or --jitter");
-                return 2;
-            }
-            match crate::state::live::set(&run, &net) {
-                Ok(limits) => {
-                    eprintln!(
-                        "nbt set: {run}: egress {}; ingress {}",
-                        limits.egress.describe(Direction::Egress),
-                        limits.ingress.describe(Direction::Ingress)
-                    );
-                    0
-                }
-                Err(err) => {
-                    eprintln!("nbt set: {err:#}");
-                    if err.downcast_ref::<crate::error::PlanError>().is_some() {
-                        2
-                    } else {
-                        1
-                    }
-                }
-            }
-        }
+        Command::Run(args) => run::run_command(*args, &signals),
+        Command::Demo(args) => demo::demo(args, &signals),
+        Command::Probe { json } => probe(json),
+        Command::Ps { json } => live::ps(json),
+        Command::Set { run, net } => live::set(&run, &net),
         Command::Balance {
             run,
             action: BalanceAction::Add { amount },
-        } => {
-            let micro = match crate::enforce::ledger::parse_amount("AMOUNT", &amount) {
-                Ok(micro) => micro,
-                Err(err) => {
-                    eprintln!("nbt balance: {err}");
-                    return 2;
-                }
-            };
-            if let Err(err) = run::require_privileges() {
-                eprintln!("nbt: {err:#}");
-                return EXIT_NBT_FAILED;
-            }
-            match crate::state::live::top_up(&run, micro) {
-                Ok(balance) => {
-                    eprintln!(
-                        "nbt balance: {run}: added {}, balance now {}",
-                        crate::enforce::ledger::format_amount(micro),
-                        crate::enforce::ledger::format_amount(balance)
-                    );
-                    0
-                }
-                Err(err) => {
-                    eprintln!("nbt balance: {err:#}");
-                    1
-                }
-            }
-        }
-        Command::Receipts(args) => receipts_command(args),
-        Command::Agent(args) => {
-            let options = match args.check() {
-                Ok(options) => options,
-                Err(err) => {
-                    eprintln!("nbt agent: {err}");
-                    return 2;
-                }
-            };
-            // The agent runs until stopped: Ctrl-C and SIGTERM end it as they end any server
-            // (nbt blocked them at start for the runs' own signal handling).
-            // SAFETY: pthread_sigmask on the set block_signals built, before any thread starts.
-            unsafe {
-                libc::pthread_sigmask(libc::SIG_UNBLOCK, &signals, std::ptr::null_mut());
-            }
-            match crate::agent::serve(options) {
-                Ok(()) => 0,
-                Err(err) => {
-                    eprintln!("nbt agent: {err:#}");
-                    1
-                }
-            }
-        }
+        } => live::top_up(&run, &amount),
+        Command::Receipts(args) => receipts::command(args),
+        Command::Agent(args) => agent::agent(args, &signals),
         Command::Balloon { bytes_per_sec } => crate::schedule::fault::balloon(bytes_per_sec),
-        Command::Fault { run, fault } => {
-            if let Err(err) = run::require_privileges() {
-                eprintln!("nbt: {err:#}");
-                return EXIT_NBT_FAILED;
-            }
-            match crate::schedule::fault::inject(&run, &fault, &signals) {
-                Ok(events) => {
-                    let failed = events.iter().any(|e| e.error.is_some());
-                    for e in events {
-                        eprintln!(
-                            "nbt fault: {run} at {:.2} s: {}{}",
-                            e.t,
-                            e.what,
-                            e.error
-                                .map(|err| format!(" FAILED: {err}"))
-                                .unwrap_or_default()
-                        );
-                    }
-                    i32::from(failed)
-                }
-                Err(err) => {
-                    eprintln!("nbt fault: {err:#}");
-                    if err.downcast_ref::<crate::error::PlanError>().is_some() {
-                        2
-                    } else {
-                        1
-                    }
-                }
-            }
-        }
-        Command::Cleanup { dry_run } => {
-            if let Err(err) = run::require_privileges() {
-                eprintln!("nbt: {err:#}");
-                return EXIT_NBT_FAILED;
-            }
-            crate::state::cleanup::cleanup(dry_run).unwrap_or_else(|err| {
-                eprintln!("nbt cleanup: {err:#}");
-                1
-            })
-        }
+        Command::Fault { run, fault } => live::fault(&run, &fault, &signals),
+        Command::Cleanup { dry_run } => cleanup(dry_run),
     }
 }
 
-fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
-    let mut flags = args
-        .limits
-        .flags(args.profile.clone(), args.not_yet.given());
-    args.net.add_to(&mut flags);
-    args.ledger.add_to(&mut flags);
-    args.receipt.add_to(&mut flags);
-    args.hw.add_to(&mut flags);
-    flags.schedule = args.schedule.clone();
-    flags.restart = args.restart.clone();
-    let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
-        Ok(plan) => plan,
-        Err(err) => {
-            eprintln!("nbt: {err}");
-            return 2;
+/// `nbt probe [--json]`.
+fn probe(json: bool) -> i32 {
+    let features = crate::plan::probe::probe();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&features).expect("features serialize")
+        );
+        return 0;
+    }
+    let mut group = "";
+    for f in &features {
+        if f.group != group {
+            group = f.group;
+            println!("{group}:");
         }
-    };
-    execute_and_report(&plan, &args.command, signals, &[], args.json)
+        let mark = if f.available { "yes" } else { "no " };
+        println!("  {mark}  {:<38} {}", f.name, f.detail);
+    }
+    0
 }
 
-/// Runs and prints the summary (human to stderr, JSON to stdout when asked); returns the status.
-pub fn execute_and_report(
-    plan: &Plan,
-    command: &[OsString],
-    signals: &libc::sigset_t,
-    env: &[(&str, String)],
-    json: bool,
-) -> i32 {
-    match execute_and_print(plan, command, signals, env, json) {
-        Ok(summary) => exit_status(&summary),
-        Err(status) => status,
+/// `nbt cleanup [--dry-run]`.
+fn cleanup(dry_run: bool) -> i32 {
+    if let Err(status) = privileged() {
+        return status;
     }
-}
-
-/// The status nbt exits with after a run: the workload's, or 125 when its receipt was not written.
-pub fn exit_status(summary: &crate::run::summary::RunSummary) -> i32 {
-    match &summary.receipt_error {
-        Some(err) => {
-            eprintln!("nbt: the run's receipts were not all written: {err}");
-            EXIT_NBT_FAILED
-        }
-        None => summary.exit.status,
-    }
-}
-
-/// Runs and prints the summary; the summary, or the status to exit with when there is none.
-pub fn execute_and_print(
-    plan: &Plan,
-    command: &[OsString],
-    signals: &libc::sigset_t,
-    env: &[(&str, String)],
-    json: bool,
-) -> Result<crate::run::summary::RunSummary, i32> {
-    if let Err(err) = run::require_privileges() {
-        eprintln!("nbt: {err:#}");
-        return Err(EXIT_NBT_FAILED);
-    }
-    match run::execute(plan, command, signals, env) {
-        Ok(summary) => {
-            eprint!("{}", summary.human());
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&summary).expect("summary serializes")
-                );
-            }
-            Ok(summary)
-        }
-        Err(RunError::Spawn(err)) => {
-            eprintln!("nbt: {err}");
-            Err(err.exit_code())
-        }
-        Err(RunError::Nbt(err)) => {
-            eprintln!("nbt: {err:#}");
-            Err(EXIT_NBT_FAILED)
-        }
-    }
-}
-
-fn receipts_command(args: ReceiptsArgs) -> i32 {
-    let path = args
-        .receipts
-        .clone()
-        .unwrap_or_else(crate::receipt::store::default_path);
-    let result = match &args.action {
-        ReceiptsAction::List { json, run } => receipts::list(&path, *json, run.as_deref()),
-        ReceiptsAction::Show { id } => receipts::show(&path, id),
-        ReceiptsAction::Verify { pubkey } => receipts::verify(&path, pubkey.as_deref()),
-        ReceiptsAction::Export { format } => receipts::export(&path, format),
-        ReceiptsAction::Pubkey => receipts::pubkey(),
-    };
-    result.unwrap_or_else(|err| {
-        eprintln!("nbt receipts: {err:#}");
+    crate::state::cleanup::cleanup(dry_run).unwrap_or_else(|err| {
+        eprintln!("nbt cleanup: {err:#}");
         1
     })
+}
+
+/// Refuses to go on without the privileges cgroups and BPF need, naming the missing one; the
+/// status to exit with then.
+pub fn privileged() -> Result<(), i32> {
+    require_privileges().map_err(|err| {
+        eprintln!("nbt: {err:#}");
+        EXIT_NBT_FAILED
+    })
+}
+
+fn require_privileges() -> anyhow::Result<()> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    if effective & (1 << CAP_SYS_ADMIN) != 0 {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "nbt must run as root: making cgroups and loading BPF programs need CAP_SYS_ADMIN \
+         (and CAP_BPF, CAP_NET_ADMIN); run it with sudo"
+    )
+}
+
+/// Exit status 2 for a usage error (a bad value), else 1.
+pub fn usage_or_failure(err: &anyhow::Error) -> i32 {
+    if err.downcast_ref::<crate::error::PlanError>().is_some() {
+        2
+    } else {
+        1
+    }
 }

@@ -10,6 +10,8 @@ use crate::receipt::key::{self, NodeKey};
 use crate::receipt::store::{Row, Store};
 use crate::receipt::verify;
 
+use super::args::{ReceiptsAction, ReceiptsArgs};
+
 /// One line per receipt: number, time, kind, run, task, outcome, joules, hash.
 pub fn list(path: &Path, json: bool, run: Option<&str>) -> Result<i32> {
     let store = Store::open_existing(path)?;
@@ -189,4 +191,22 @@ pub fn pubkey() -> Result<i32> {
     let key = NodeKey::load_or_create(&key::default_key_path())?;
     print!("{}", key::public_pem(&key.public()));
     Ok(0)
+}
+
+pub fn command(args: ReceiptsArgs) -> i32 {
+    let path = args
+        .receipts
+        .clone()
+        .unwrap_or_else(crate::receipt::store::default_path);
+    let result = match &args.action {
+        ReceiptsAction::List { json, run } => list(&path, *json, run.as_deref()),
+        ReceiptsAction::Show { id } => show(&path, id),
+        ReceiptsAction::Verify { pubkey } => verify(&path, pubkey.as_deref()),
+        ReceiptsAction::Export { format } => export(&path, format),
+        ReceiptsAction::Pubkey => pubkey(),
+    };
+    result.unwrap_or_else(|err| {
+        eprintln!("nbt receipts: {err:#}");
+        1
+    })
 }

@@ -14,15 +14,13 @@ use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 
-use crate::cmd::{execute_and_print, exit_status, DemoArgs};
 use crate::enforce::gate::Rule;
 use crate::enforce::ledger::{format_amount, Prices};
 use crate::enforce::shaper::Direction;
-use crate::plan::Plan;
-use crate::run::EXIT_NBT_FAILED;
+use crate::plan::{Flags, Plan};
 use crate::run::summary::RunSummary;
-use crate::demo::train::Dataset;
 use crate::units;
+use train::Dataset;
 
 /// The demo's timeline: a brownout while the data downloads, then the bandwidth steps down while
 /// it trains; the balance runs out on its own (it pays for DEMO_PAID_CALLS calls).
@@ -43,6 +41,7 @@ const DEMO_SAMPLES: usize = 12_000;
 /// The demo's balance pays for this many calls of the paid API, at this price each.
 const DEMO_PAID_CALLS: i64 = 3;
 const DEMO_CALL_PRICE_MICRO: i64 = 10_000;
+const DEMO_BALANCE_MICRO: i64 = DEMO_PAID_CALLS * DEMO_CALL_PRICE_MICRO;
 
 /// The training binary, installed beside `nbt`.
 fn trainer() -> Option<PathBuf> {
@@ -62,20 +61,33 @@ fn start_server(what: &str, pace_bytes_per_sec: Option<u64>) -> Result<SocketAdd
     Ok(addr)
 }
 
-pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
-    let mut flags = args.limits.flags(Some("nbt".into()), Vec::new());
-    args.receipt.add_to(&mut flags);
-    let mut plan = match Plan::build(&flags) {
-        Ok(plan) => plan,
-        Err(err) => {
-            eprintln!("nbt demo: {err}");
-            return 2;
-        }
-    };
-    let Some(trainer) = trainer() else {
-        eprintln!("nbt demo: the training workload nbt-train was not found beside the nbt binary (build it with `cargo build`)");
-        return EXIT_NBT_FAILED;
-    };
+/// Why the scenario could not be set up: a bad value (exit status 2) or a failure of nbt's own.
+pub enum SetupError {
+    Usage(String),
+    Failed(String),
+}
+
+/// The demo run, ready to start: its plan (the `nbt` profile, the demo's gate, prices and
+/// schedule) and the trainer's command line, with the two servers already listening.
+pub struct Scenario {
+    pub plan: Plan,
+    pub command: Vec<OsString>,
+    pub data: SocketAddr,
+    pub api: SocketAddr,
+    /// The profile's caps this machine cannot apply (no cpufreq, no GPU...), taken out of the
+    /// plan and named instead.
+    pub set_aside: Vec<String>,
+}
+
+/// Builds the plan from `flags` (the `nbt` profile under them), starts the servers and makes
+/// the trainer's command line; `samples` and `epochs` as given on the command line.
+pub fn prepare(
+    flags: &Flags,
+    samples: Option<&str>,
+    epochs: Option<&str>,
+) -> Result<Scenario, SetupError> {
+    let mut plan = Plan::build(flags).map_err(|err| SetupError::Usage(err.to_string()))?;
+    let trainer = trainer().ok_or_else(|| SetupError::Failed("the training workload nbt-train was not found beside the nbt binary (build it with `cargo build`)".into()))?;
     // The data server paces itself at the run's ingress rate, as a server that knows its
     // client's link would: on loopback TCP sends 64 KiB segments, and a policer that drops one
     // loses 64 KiB at once, which sends TCP into timeouts (see docs/running.md).
@@ -89,13 +101,10 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         start_server("paid API", None),
     ) {
         (Ok(data), Ok(api)) => (data, api),
-        (Err(err), _) | (_, Err(err)) => {
-            eprintln!("nbt demo: {err}");
-            return EXIT_NBT_FAILED;
-        }
+        (Err(err), _) | (_, Err(err)) => return Err(SetupError::Failed(err)),
     };
     plan.prices = Some(Prices {
-        balance_micro: DEMO_PAID_CALLS * DEMO_CALL_PRICE_MICRO,
+        balance_micro: DEMO_BALANCE_MICRO,
         call_micro: DEMO_CALL_PRICE_MICRO,
         ..Prices::default()
     });
@@ -104,22 +113,37 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         prefix: 32,
         port: Some(api.port()),
     }];
-    plan.schedule = match crate::schedule::parse(
+    let schedule = crate::schedule::parse(
         "(built-in demo schedule)",
         DEMO_SCHEDULE,
         &plan.schedule_start(),
-    ) {
-        Ok(schedule) => Some(schedule),
-        Err(err) => {
-            eprintln!("nbt demo: {err}");
-            return EXIT_NBT_FAILED;
-        }
-    };
+    )
+    .map_err(|err| SetupError::Failed(err.to_string()))?;
+    plan.schedule = Some(schedule);
+    let command = trainer_command(trainer, data, api, samples, epochs)?;
+    let set_aside = plan
+        .hwcaps
+        .set_aside_unavailable()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    Ok(Scenario {
+        plan,
+        command,
+        data,
+        api,
+        set_aside,
+    })
+}
 
-    let samples = args
-        .samples
-        .clone()
-        .unwrap_or_else(|| DEMO_SAMPLES.to_string());
+fn trainer_command(
+    trainer: PathBuf,
+    data: SocketAddr,
+    api: SocketAddr,
+    samples: Option<&str>,
+    epochs: Option<&str>,
+) -> Result<Vec<OsString>, SetupError> {
+    let samples = samples.map_or_else(|| DEMO_SAMPLES.to_string(), str::to_string);
     let mut command: Vec<OsString> = vec![
         trainer.into(),
         "--data-server".into(),
@@ -127,56 +151,40 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         "--api".into(),
         api.to_string().into(),
     ];
-    for (flag, value) in [("--samples", &Some(samples)), ("--epochs", &args.epochs)] {
+    for (flag, value) in [("--samples", Some(samples.as_str())), ("--epochs", epochs)] {
         if let Some(value) = value {
-            if let Err(err) = units::parse_count(flag, value) {
-                eprintln!("nbt demo: {err}");
-                return 2;
-            }
+            units::parse_count(flag, value).map_err(|err| SetupError::Usage(err.to_string()))?;
             command.push(flag.into());
             command.push(value.trim().into());
         }
     }
+    Ok(command)
+}
 
-    eprintln!("nbt demo: training a small model under the `nbt` profile; data from {data}, fresh samples from the paid API {api}");
-    eprintln!(
-        "  enforced:          {}",
-        RunSummary::limits_text(&plan.limits)
+/// What the demo imposes, for the lines printed before it starts.
+pub fn describe(scenario: &Scenario) -> Vec<String> {
+    let plan = &scenario.plan;
+    let mut lines = vec![
+        format!("nbt demo: training a small model under the `nbt` profile; data from {}, fresh samples from the paid API {}", scenario.data, scenario.api),
+        format!("  enforced:          {}", RunSummary::limits_text(&plan.limits)),
+        format!(
+            "                     egress {}; ingress {}",
+            plan.net.egress.describe(Direction::Egress),
+            plan.net.ingress.describe(Direction::Ingress)
+        ),
+        format!(
+            "                     balance {}, {} per call of the paid API",
+            format_amount(DEMO_BALANCE_MICRO),
+            format_amount(DEMO_CALL_PRICE_MICRO)
+        ),
+        "  schedule:          a 2 s brownout (frozen) at 15 s; both rates down to 256kbit at 28 s".to_string(),
+    ];
+    lines.extend(plan.pending.iter().map(|p| format!("  not enforced:      {p}")));
+    lines.extend(
+        scenario
+            .set_aside
+            .iter()
+            .map(|r| format!("  not enforced here: {r}")),
     );
-    eprintln!(
-        "                     egress {}; ingress {}",
-        plan.net.egress.describe(Direction::Egress),
-        plan.net.ingress.describe(Direction::Ingress)
-    );
-    eprintln!(
-        "                     balance {}, {} per call of the paid API",
-        format_amount(DEMO_PAID_CALLS * DEMO_CALL_PRICE_MICRO),
-        format_amount(DEMO_CALL_PRICE_MICRO)
-    );
-    eprintln!(
-        "  schedule:          a 2 s brownout (frozen) at 15 s; both rates down to 256kbit at 28 s"
-    );
-    for pending in &plan.pending {
-        eprintln!("  not enforced:      {pending}");
-    }
-    for refused in plan.hwcaps.set_aside_unavailable() {
-        eprintln!("  not enforced here: {refused}");
-    }
-    let summary = match execute_and_print(&plan, &command, signals, &[], args.json) {
-        Ok(summary) => summary,
-        Err(status) => return status,
-    };
-    // The proof: the run's receipts, and the whole store checked with the node's key.
-    eprintln!("\nnbt demo: the receipts of {}:", summary.run);
-    let shown = crate::cmd::receipts::list(&plan.receipts, false, Some(&summary.run));
-    eprintln!("nbt demo: nbt receipts verify:");
-    let verified = crate::cmd::receipts::verify(&plan.receipts, None);
-    match (shown, verified) {
-        (Ok(_), Ok(0)) => exit_status(&summary),
-        (Err(err), _) | (_, Err(err)) => {
-            eprintln!("nbt demo: {err:#}");
-            EXIT_NBT_FAILED
-        }
-        (_, Ok(status)) => status,
-    }
+    lines
 }

@@ -376,15 +376,3 @@ fn nvml_library() -> bool {
         true
     }
 }
-
-pub fn print_human(features: &[Feature]) {
-    let mut group = "";
-    for f in features {
-        if f.group != group {
-            group = f.group;
-            println!("{group}:");
-        }
-        let mark = if f.available { "yes" } else { "no " };
-        println!("  {mark}  {:<38} {}", f.name, f.detail);
-    }
-}

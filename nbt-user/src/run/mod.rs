@@ -56,28 +56,6 @@ fn describe_exit(exit: &supervise::Exit) -> String {
     }
 }
 
-/// Refuses to start without the privileges cgroups and BPF need, naming the missing one.
-pub fn require_privileges() -> Result<()> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(());
-    }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    if effective & (1 << CAP_SYS_ADMIN) != 0 {
-        return Ok(());
-    }
-    anyhow::bail!(
-        "nbt must run as root: making cgroups and loading BPF programs need CAP_SYS_ADMIN \
-         (and CAP_BPF, CAP_NET_ADMIN); run it with sudo"
-    )
-}
-
 /// Where each controller lives, for the summary: "hybrid (memory, cpu, pids in v1)".
 fn describe_layout(layout: &Layout) -> String {
     let v1: Vec<&str> = CONTROLLERS
@@ -216,10 +194,8 @@ pub fn execute(
     let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
     let mut controls = schedule::apply::Controls {
-        net: shaper::map_ids(&ebpf)?,
         edt_map: record.edt_map,
         ledger: record.ledger,
-        state_dir: state_dir.clone(),
         run: name.clone(),
         memory: plan.limits.memory_bytes,
         balloon: None,

@@ -4,23 +4,20 @@
 //! `nbt ps` shows them and a later `nbt set` starts from them). Cgroup changes are written to the
 //! run's own cgroup files.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Action, Change, Origin};
 use crate::enforce::cgroup::{CgroupStats, RunCgroup};
 use crate::enforce::gate::LedgerIds;
-use crate::enforce::shaper::{MapIds, ShapedTraffic};
-use crate::state::RunRecord;
+use crate::enforce::shaper::ShapedTraffic;
+use crate::enforce::edt::Latency;
+use crate::state::live::change_network;
 
 /// What a run can be changed through.
 pub struct Controls {
-    pub net: MapIds,
     pub edt_map: Option<u32>,
     pub ledger: Option<LedgerIds>,
-    pub state_dir: PathBuf,
     pub run: String,
     /// The memory limit in force, for a v1 squeeze's end.
     pub memory: Option<u64>,
@@ -194,20 +191,16 @@ pub fn apply(
             )))
         }
         Change::Latency { ns } => {
-            let Some(map) = controls.edt_map else {
+            if controls.edt_map.is_none() {
                 bail!("the run was started without --latency");
-            };
-            let (_, record) = RunRecord::find_live(&controls.state_dir, &controls.run)?;
-            let latency = crate::enforce::edt::Latency {
-                latency_ns: *ns,
-                jitter_ns: record.latency.map_or(0, |l| l.jitter_ns),
-            };
-            crate::enforce::edt::set_by_id(map, &latency)?;
-            RunRecord {
-                latency: Some(latency),
-                ..record
             }
-            .write(&controls.state_dir)?;
+            change_network(&controls.run, |setting| {
+                setting.latency = Some(Latency {
+                    latency_ns: *ns,
+                    jitter_ns: setting.latency.map_or(0, |l| l.jitter_ns),
+                });
+                Ok(())
+            })?;
             Ok(None)
         }
         Change::EgressRate { .. }
@@ -215,21 +208,21 @@ pub fn apply(
         | Change::EgressLoss { .. }
         | Change::IngressLoss { .. } => {
             // From the record: `nbt set` may have changed the other limits meanwhile.
-            let (_, record) = RunRecord::find_live(&controls.state_dir, &controls.run)?;
-            let mut net = record.net;
-            match change {
-                Change::EgressRate { bits_per_sec } => {
-                    net.egress.rate_bits_per_sec = *bits_per_sec;
+            change_network(&controls.run, |setting| {
+                let net = &mut setting.net;
+                match change {
+                    Change::EgressRate { bits_per_sec } => {
+                        net.egress.rate_bits_per_sec = *bits_per_sec;
+                    }
+                    Change::IngressRate { bits_per_sec } => {
+                        net.ingress.rate_bits_per_sec = *bits_per_sec;
+                    }
+                    Change::EgressLoss { loss } => net.egress.loss = *loss,
+                    Change::IngressLoss { loss } => net.ingress.loss = *loss,
+                    _ => unreachable!("a network change"),
                 }
-                Change::IngressRate { bits_per_sec } => {
-                    net.ingress.rate_bits_per_sec = *bits_per_sec;
-                }
-                Change::EgressLoss { loss } => net.egress.loss = *loss,
-                Change::IngressLoss { loss } => net.ingress.loss = *loss,
-                _ => unreachable!("a network change"),
-            }
-            crate::enforce::shaper::write_limits_by_id(&controls.net, &net)?;
-            RunRecord { net, ..record }.write(&controls.state_dir)?;
+                Ok(())
+            })?;
             Ok(None)
         }
     }

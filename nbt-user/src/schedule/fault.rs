@@ -17,54 +17,6 @@ use crate::enforce::cgroup::{Layout, RunCgroup};
 use crate::error::PlanError;
 use crate::state::{state_dir, RunRecord};
 
-/// The options of `nbt fault`, as text (the schedule parser checks them).
-#[derive(Debug, Default, Clone, clap::Args)]
-pub struct FaultArgs {
-    /// brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock
-    pub kind: String,
-    /// How long it lasts (not for balance-shock)
-    pub duration: Option<String>,
-    /// brownout: drop the CPU quota to this many cores instead of freezing the run
-    #[arg(long, value_name = "CORES")]
-    pub cpus: Option<String>,
-    /// network-drop, loss-burst: egress, ingress or both
-    #[arg(long, value_name = "DIR")]
-    pub direction: Option<String>,
-    /// loss-burst: the loss while it lasts (30%)
-    #[arg(long, value_name = "PCT")]
-    pub loss: Option<String>,
-    /// memory-squeeze: the memory the run is squeezed to (64M)
-    #[arg(long, value_name = "SIZE")]
-    pub memory: Option<String>,
-    /// balance-shock: the charge
-    #[arg(long, value_name = "AMOUNT")]
-    pub amount: Option<String>,
-    /// memory-leak: how fast the balloon grows (10M, a size per second)
-    #[arg(long, value_name = "SIZE/s")]
-    pub rate: Option<String>,
-}
-
-impl FaultArgs {
-    /// The fault as one `[[fault]]` of a schedule, starting at once.
-    fn as_schedule(&self) -> String {
-        let mut text = format!("[[fault]]\nkind = {:?}\nstart = \"0s\"\n", self.kind);
-        for (key, value) in [
-            ("duration", &self.duration),
-            ("cpus", &self.cpus),
-            ("direction", &self.direction),
-            ("loss", &self.loss),
-            ("memory", &self.memory),
-            ("amount", &self.amount),
-            ("rate", &self.rate),
-        ] {
-            if let Some(value) = value {
-                text.push_str(&format!("{key} = {value:?}\n"));
-            }
-        }
-        text
-    }
-}
-
 /// The file a run's outside events are appended to.
 pub fn events_path(dir: &Path, run: &str) -> PathBuf {
     RunRecord::path(dir, run).with_extension("events")
@@ -84,7 +36,7 @@ pub fn take_outside_events(dir: &Path, run: &str) -> Vec<Event> {
 
 
 /// Injects the fault; returns its events. A bad fault is a [`PlanError`] (a usage error).
-pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<Vec<Event>> {
+pub fn inject(run: &str, kind: &str, as_schedule: &str, signals: &libc::sigset_t) -> Result<Vec<Event>> {
     let dir = state_dir();
     let (_, record) = RunRecord::find_live(&dir, run)?;
     let Some(net_ids) = record.maps else {
@@ -102,17 +54,15 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
         latency_ns: record.latency.map(|l| l.latency_ns),
         has_balance: record.ledger.is_some(),
     };
-    let schedule = super::parse("(nbt fault)", &args.as_schedule(), &initial).map_err(|e| {
+    let schedule = super::parse("(nbt fault)", as_schedule, &initial).map_err(|e| {
         PlanError(
             e.0.replace("--schedule (nbt fault), line 1: ", "")
                 .replace("--schedule (nbt fault): ", ""),
         )
     })?;
     let mut controls = Controls {
-        net: net_ids,
         edt_map: record.edt_map,
         ledger: record.ledger,
-        state_dir: dir.clone(),
         run: run.to_string(),
         memory: initial.memory,
         balloon: None,
@@ -162,7 +112,7 @@ pub fn inject(run: &str, args: &FaultArgs, signals: &libc::sigset_t) -> Result<V
     let mut events = runner.events;
     for event in &mut events {
         event.t += offset;
-        event.source = format!("nbt fault {}", args.kind);
+        event.source = format!("nbt fault {kind}");
     }
     let path = events_path(&dir, run);
     let mut file = fs::OpenOptions::new()

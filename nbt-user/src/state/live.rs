@@ -1,16 +1,14 @@
-//! `nbt ps` and `nbt set`: look at and change live runs from another process. A run's record
-//! (`state`) names its BPF maps by kernel id; `set` writes the shaper's configuration map, which
-//! the programs read per packet, so a change applies at once and nothing is reattached.
+//! Live runs, seen and changed from another process (`nbt ps`, `nbt set`, `nbt balance`) or from
+//! the run's own schedule. A run's record names its BPF maps by kernel id; a change writes the
+//! maps the programs read per packet, so it applies at once and nothing is reattached.
 
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::cmd::NetArgs;
-use crate::enforce::shaper::{self, Direction, NetLimits, ShapedTraffic};
+use crate::enforce::edt::{self, Latency, MAX_DELAY};
+use crate::enforce::shaper::{self, NetLimits, ShapedTraffic};
 use crate::error::PlanError;
-use crate::plan::{Flags, Plan};
 use crate::state::{state_dir, RunRecord};
-use crate::units;
 
 #[derive(Debug, Serialize)]
 pub struct LiveRun {
@@ -56,119 +54,54 @@ pub fn live_runs() -> Vec<LiveRun> {
         .collect()
 }
 
-pub fn print_ps(runs: &[LiveRun]) {
-    if runs.is_empty() {
-        eprintln!("nbt ps: no live runs");
-        return;
-    }
-    for run in runs {
-        println!(
-            "{}  nbt pid {}  {:.0} s  {}",
-            run.run,
-            run.nbt_pid,
-            run.seconds,
-            run.command.join(" ")
-        );
-        if let Some(balance) = run.balance_micro {
-            println!("  balance  {}", crate::enforce::ledger::format_amount(balance));
-        }
-        for (name, limits, traffic, direction) in [
-            (
-                "egress",
-                &run.net_limits.egress,
-                run.shaped.map(|s| s.egress),
-                Direction::Egress,
-            ),
-            (
-                "ingress",
-                &run.net_limits.ingress,
-                run.shaped.map(|s| s.ingress),
-                Direction::Ingress,
-            ),
-        ] {
-            println!("  {name:<8} limit {}", limits.describe(direction));
-            if let Some(traffic) = traffic {
-                println!("           {}", traffic.describe(run.seconds));
-            }
-        }
-    }
+/// A live run's network limits and added delay: what `nbt set` and a schedule change.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NetSetting {
+    pub net: NetLimits,
+    pub latency: Option<Latency>,
 }
 
-/// The network limits `args` asks for, each flag given replacing the run's current setting
-/// (`--loss 0` removes loss). A burst set before stays with a new rate; else the new rate gets
-/// its default burst.
-pub fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, PlanError> {
-    // --burst is checked here: the plan would want a rate beside it, and the run has its own.
-    let mut flags = Flags::default();
-    args.add_to(&mut flags);
-    (flags.burst, flags.latency, flags.jitter) = (None, None, None);
-    let asked = Plan::build(&flags)?.net;
-    let mut next = *current;
-    if args.egress_rate.is_some() {
-        next.egress.rate_bits_per_sec = asked.egress.rate_bits_per_sec;
-    }
-    if args.ingress_rate.is_some() {
-        next.ingress.rate_bits_per_sec = asked.ingress.rate_bits_per_sec;
-    }
-    if let Some(text) = &args.burst {
-        let bytes = units::parse_size("--burst", text)?;
-        shaper::check_burst("--burst", text, bytes)?;
-        next.egress.burst_bytes = Some(bytes);
-        next.ingress.burst_bytes = Some(bytes);
-    }
-    if args.loss.is_some() || args.loss_model.is_some() {
-        let direction = args.loss_direction.as_deref().unwrap_or("egress");
-        if direction == "egress" || direction == "both" {
-            next.egress.loss = asked.egress.loss;
-        }
-        if direction == "ingress" || direction == "both" {
-            next.ingress.loss = asked.ingress.loss;
-        }
-    }
-    Ok(next)
-}
-
-/// `nbt set RUN ...`: writes the new limits into the live run's maps and its record.
-pub fn set(run: &str, args: &NetArgs) -> Result<NetLimits> {
+/// Changes a live run's network setting from another process or from the run's schedule:
+/// `change` gets the setting in force, read from the run's record (`nbt set` or the schedule may
+/// have changed it since the run started), and edits it. The new limits go into the run's maps,
+/// which the programs read per packet, so they apply at once; then into its record, so that
+/// `nbt ps` shows them and the next change starts from them. A delay cannot be given to a run
+/// started without one: fq is not on its interfaces.
+pub fn change_network(
+    run: &str,
+    change: impl FnOnce(&mut NetSetting) -> Result<()>,
+) -> Result<NetSetting> {
     let dir = state_dir();
     let (_, record) = RunRecord::find_live(&dir, run)?;
     let Some(ids) = record.maps else {
         bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");
     };
-    let latency = match (&args.latency, &args.jitter) {
-        (None, None) => record.latency,
-        (latency, jitter) => {
-            let (Some(map), Some(current)) = (record.edt_map, record.latency) else {
-                bail!(
-                    "run '{run}' was started without --latency, so fq is not on its interfaces; \
-                     start it with --latency (0ms will do) to change the delay while it runs"
-                );
-            };
-            let duration =
-                |flag: &str, text: &Option<String>, now: u64| -> Result<u64, PlanError> {
-                    match text {
-                        Some(text) => Ok(units::parse_duration(flag, text)?.as_nanos() as u64),
-                        None => Ok(now),
-                    }
-                };
-            let next = crate::enforce::edt::Latency {
-                latency_ns: duration("--latency", latency, current.latency_ns)?,
-                jitter_ns: duration("--jitter", jitter, current.jitter_ns)?,
-            };
-            if next.latency_ns + next.jitter_ns > crate::enforce::edt::MAX_DELAY.as_nanos() as u64 {
-                bail!(PlanError(
-                    "--latency plus --jitter above 10 s, the fq qdisc's horizon".into()
-                ));
-            }
-            crate::enforce::edt::set_by_id(map, &next)?;
-            Some(next)
-        }
+    let before = NetSetting {
+        net: record.net,
+        latency: record.latency,
     };
-    let next = changed_limits(&record.net, args)?;
-    shaper::write_limits_by_id(&ids, &next)?;
+    let mut next = before;
+    change(&mut next)?;
+    if next.latency != before.latency {
+        let (Some(map), Some(latency)) = (record.edt_map, next.latency) else {
+            bail!(
+                "run '{run}' was started without --latency, so fq is not on its interfaces; \
+                 start it with --latency (0ms will do) to change the delay while it runs"
+            );
+        };
+        if latency.latency_ns + latency.jitter_ns > MAX_DELAY.as_nanos() as u64 {
+            bail!(PlanError(
+                "--latency plus --jitter above 10 s, the fq qdisc's horizon".into()
+            ));
+        }
+        edt::set_by_id(map, &latency)?;
+    }
+    if next.net != before.net {
+        shaper::write_limits_by_id(&ids, &next.net)?;
+    }
     RunRecord {
-        net: next,
-        latency,
+        net: next.net,
+        latency: next.latency,
         ..record
     }
     .write(&dir)?;

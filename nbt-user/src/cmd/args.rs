@@ -1,0 +1,447 @@
+//! The command line's grammar: every subcommand, flag and help text (clap). Values stay text
+//! here; `plan` parses them, so that flags and profile files share one parser and one kind of
+//! error.
+
+use std::ffi::OsString;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::plan::Flags;
+
+const AFTER_HELP: &str = "\
+Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decimal (0.5);
+rates 512kbit, 10mbit (bits/s) or 64KB/s (bytes/s; `kbps` is refused as ambiguous); loss 5% or
+0.05; amounts 0.25 (at most 6 decimals).
+Exit status: the command's own, or 128+N when signal N killed it; 2 for a usage error;
+125 when nbt itself failed (before the command ran, or writing its receipts); 126 command not executable; 127 not found.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nbt",
+    version,
+    about = "Run a workload under deliberately imposed scarcity, enforced in the kernel, and measure what it cost",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run COMMAND under scarcity, print a summary
+    #[command(after_help = AFTER_HELP)]
+    Run(Box<RunArgs>),
+    /// The built-in scenario: nbt's training workload under the `nbt` profile
+    Demo(DemoArgs),
+    /// List what this kernel and machine support, feature by feature
+    Probe {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// List live runs with their network limits and counters
+    Ps {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a live run's network limits; the next packet sees them
+    Set {
+        /// The run's name, as `nbt ps` shows it (nbt-...)
+        run: String,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Top up a live run's balance: `nbt balance RUN add AMOUNT`; the gate reopens at once
+    Balance {
+        /// The run's name, as `nbt ps` shows it
+        run: String,
+        #[command(subcommand)]
+        action: BalanceAction,
+    },
+    /// Inject a fault into a live run now: `nbt fault RUN brownout 5s`; what was in force comes
+    /// back when it ends (or on Ctrl-C)
+    Fault {
+        /// The run's name, as `nbt ps` shows it
+        run: String,
+        #[command(flatten)]
+        fault: FaultArgs,
+    },
+    /// The memory-leak fault's balloon, started by nbt inside a run: allocates and touches
+    /// BYTES_PER_SEC every second until killed
+    #[command(hide = true)]
+    Balloon { bytes_per_sec: u64 },
+    /// The joule agent: the joule bucket (/v1/sample, /v1/take), learning updates of live runs
+    /// (/v1/report), and /metrics for Prometheus, over HTTP
+    Agent(AgentArgs),
+    /// The receipts of runs and learning updates: list, show, verify, export, the public key
+    Receipts(ReceiptsArgs),
+    /// Remove what crashed runs left behind (cgroups, processes), and only that
+    Cleanup {
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiptsArgs {
+    /// The receipt store (default: $NBT_RECEIPTS, else /var/lib/nbt/receipts.db)
+    #[arg(long, value_name = "PATH", global = true)]
+    pub receipts: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    pub action: ReceiptsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReceiptsAction {
+    /// One line per receipt: number, time, kind, run, task, outcome, joules, hash
+    List {
+        /// One JSON object per line (as `export --format jsonl`)
+        #[arg(long)]
+        json: bool,
+        /// Only the receipts of this run (nbt-...)
+        #[arg(long, value_name = "RUN")]
+        run: Option<String>,
+    },
+    /// One receipt in full, by number or by 8+ hex digits of its hash
+    Show { id: String },
+    /// Check every hash, link and signature; exit status 1 naming the first bad receipt
+    Verify {
+        /// The public key to check with (PEM, as `nbt receipts pubkey` writes it; default: this
+        /// node's own key, $NBT_KEY or /var/lib/nbt/node.key)
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<std::path::PathBuf>,
+    },
+    /// Every receipt on stdout: `jsonl` (one per line) or `in-toto` (a Statement v1 per line,
+    /// in a DSSE envelope signed by this node's key; model hashes as subjects)
+    Export {
+        #[arg(long, value_name = "FORMAT", value_parser = ["jsonl", "in-toto"])]
+        format: String,
+    },
+    /// This node's public key (SPKI PEM), made with the key at first use
+    Pubkey,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BalanceAction {
+    /// Add AMOUNT to the balance
+    Add { amount: String },
+}
+
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Memory limit (e.g. 6G, 512M); the workload is OOM-killed beyond it
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
+    pub memory: Option<String>,
+    /// Swap the workload may use beyond --memory (0: none)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
+    pub swap: Option<String>,
+    /// CPU time as a number of cores (0.5 = half of one core), enforced by CFS quota
+    #[arg(long, value_name = "CORES", allow_negative_numbers = true)]
+    pub cpus: Option<String>,
+    /// Most processes and threads the workload may have at once
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub pids: Option<String>,
+}
+
+/// Flags of the DESIGN.md contract whose capability is not built yet. They are parsed so that
+/// asking for one gets a clear refusal rather than "unexpected argument"; hidden from --help
+/// until they work.
+#[derive(Debug, Args)]
+pub struct NotYetArgs {
+    #[arg(long, hide = true)]
+    pub price_kwh: Option<String>,
+}
+
+impl NotYetArgs {
+    pub fn given(&self) -> Vec<(String, String)> {
+        self.price_kwh
+            .iter()
+            .map(|v| ("price-kwh".to_string(), v.clone()))
+            .collect()
+    }
+}
+
+/// Machine-wide hardware caps: applied before the workload starts, put back when the run ends
+/// whatever way it ends (after a crash or power loss: `nbt cleanup`). A cap another live run
+/// holds is refused.
+#[derive(Debug, Args)]
+pub struct HwArgs {
+    /// Cap every CPU's frequency (cpufreq scaling_max_freq): 2.0GHz, 2000MHz
+    #[arg(long, value_name = "FREQ")]
+    pub cpu_max_freq: Option<String>,
+    /// Turn CPU turbo off (intel_pstate no_turbo, else cpufreq boost)
+    #[arg(long)]
+    pub no_turbo: bool,
+    /// GPU power limit in watts (NVML), within the range the GPU reports
+    #[arg(long, value_name = "WATTS")]
+    pub gpu_power_limit: Option<String>,
+    /// Lock the GPU graphics clock at MHZ (NVML); unlocked after the run
+    #[arg(long, value_name = "MHZ")]
+    pub gpu_clock: Option<String>,
+    /// Lock the GPU memory clock at MHZ (NVML, Ampere and newer); unlocked after the run
+    #[arg(long, value_name = "MHZ")]
+    pub gpu_mem_clock: Option<String>,
+    /// GPU memory the run's processes may hold on each GPU: 8G. NVML cannot cap a process's
+    /// memory, so nbt watches it (NVML's per-process figures, every 0.5 s) and stops the run
+    /// when it is over, and sets for the workload what the CUDA stack honours by itself:
+    /// CUDA_MPS_PINNED_DEVICE_MEM_LIMIT (enforced by the driver, only under MPS),
+    /// PYTORCH_CUDA_ALLOC_CONF=per_process_memory_fraction:F (PyTorch's allocator; not set when
+    /// you set PYTORCH_CUDA_ALLOC_CONF yourself, even empty, as older PyTorch rejects the key),
+    /// XLA_PYTHON_CLIENT_MEM_FRACTION (JAX), NBT_GPU_MEMORY_BYTES and NBT_GPU_MEMORY_FRACTION
+    #[arg(long, value_name = "SIZE", verbatim_doc_comment)]
+    pub gpu_memory: Option<String>,
+    /// The GPUs the GPU caps apply to: all (default) or indices, 0,1
+    #[arg(long, value_name = "0,1|all")]
+    pub gpus: Option<String>,
+}
+
+impl HwArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.cpu_max_freq = self.cpu_max_freq.clone();
+        flags.no_turbo = self.no_turbo;
+        flags.gpu_power_limit = self.gpu_power_limit.clone();
+        flags.gpu_clock = self.gpu_clock.clone();
+        flags.gpu_mem_clock = self.gpu_mem_clock.clone();
+        flags.gpu_memory = self.gpu_memory.clone();
+        flags.gpus = self.gpus.clone();
+    }
+}
+
+/// Network limits, enforced on the run's own sockets only.
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// Outgoing bandwidth of the run: bits/s as tc writes them (512kbit, 10mbit) or bytes/s (64KB/s)
+    #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
+    pub egress_rate: Option<String>,
+    /// Incoming bandwidth of the run (packets over it are dropped on arrival)
+    #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
+    pub ingress_rate: Option<String>,
+    /// Bucket depth of the rate limits (default: egress 40 ms at the rate, ingress 250 ms; at least 96 KiB)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
+    pub burst: Option<String>,
+    /// Packet loss probability (5% or 0.05), each packet independently
+    #[arg(long, value_name = "PCT", allow_negative_numbers = true)]
+    pub loss: Option<String>,
+    /// `uniform` (with --loss) or bursty loss `gemodel:P[,R[,1-H[,1-K]]]`, as netem's gemodel
+    #[arg(long, value_name = "MODEL")]
+    pub loss_model: Option<String>,
+    /// Where loss applies: egress (default, as netem on an interface), ingress, both
+    #[arg(long, value_name = "DIR")]
+    pub loss_direction: Option<String>,
+    /// Added delay of the run's outgoing packets (100ms), by earliest departure time: needs the
+    /// fq qdisc, which nbt puts at the root of the namespace's interfaces for the run
+    #[arg(long, value_name = "DURATION")]
+    pub latency: Option<String>,
+    /// Spread of the added delay: uniform in latency ± jitter
+    #[arg(long, value_name = "DURATION")]
+    pub jitter: Option<String>,
+}
+
+/// The simulated balance and the destinations it pays for.
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// Starting balance (0.50, 5): while it is above zero new connections and datagrams to gated
+    /// destinations pass and are charged, at zero they fail with EPERM; once it is negative the
+    /// packets of connections already open are dropped too
+    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
+    pub balance: Option<String>,
+    /// Charged per byte sent to gated destinations, in the kernel (0.09/GB)
+    #[arg(long, value_name = "AMOUNT/GB", allow_negative_numbers = true)]
+    pub price_egress: Option<String>,
+    /// Charged per new connection or datagram to a gated destination, in the kernel
+    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
+    pub price_call: Option<String>,
+    /// Charged per hour of wall time, by nbt
+    #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
+    pub price_hour: Option<String>,
+    /// Destinations the balance pays for: all (default with --balance: all but loopback),
+    /// host[:port], CIDR[:port], [IPv6]:port; comma-separated
+    #[arg(long, value_name = "DEST[,DEST...]")]
+    pub gate: Option<String>,
+}
+
+impl LedgerArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.balance = self.balance.clone();
+        flags.price_egress = self.price_egress.clone();
+        flags.price_call = self.price_call.clone();
+        flags.price_hour = self.price_hour.clone();
+        flags.gate = self.gate.clone();
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Starting limits: `nbt` (the seed's numbers), `none` (the default), or a TOML file whose
+    /// keys are these flags' names; flags override it
+    #[arg(long, value_name = "NAME|FILE")]
+    pub profile: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub net: NetArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    #[command(flatten)]
+    pub hw: HwArgs,
+    #[command(flatten)]
+    pub not_yet: NotYetArgs,
+    #[command(flatten)]
+    pub receipt: ReceiptArgs,
+    /// Limits that change during the run, and injected faults: a TOML file of steps,
+    /// generators and faults (docs/schedules.md); checked before the run starts
+    #[arg(long, value_name = "FILE")]
+    pub schedule: Option<String>,
+    /// Start the workload again when it fails (exits non-zero or is killed, not when you stop
+    /// it): `no` (default), `on-failure` (up to 3 times), `on-failure:N`; each restart and the
+    /// time to recover (a progress report, or 10 s up) go into the event log
+    #[arg(long, value_name = "POLICY")]
+    pub restart: Option<String>,
+    /// Print the summary as one JSON object on stdout (human text always goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// The workload and its arguments, after `--`
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Where the run's receipts go and how its learning updates are judged.
+#[derive(Debug, Args)]
+pub struct ReceiptArgs {
+    /// The receipt store this run appends to (default: $NBT_RECEIPTS, else
+    /// /var/lib/nbt/receipts.db); signed with the node key ($NBT_KEY, else /var/lib/nbt/node.key)
+    #[arg(long, value_name = "PATH")]
+    pub receipts: Option<std::path::PathBuf>,
+    /// Accept a learning update the workload reports (through $NBT_REPORT) only if its holdout
+    /// loss drops by more than X (default 0.002, CryoFlux's)
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub accept_min_delta: Option<String>,
+}
+
+impl ReceiptArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.receipts = self.receipts.clone();
+        flags.accept_min_delta = self.accept_min_delta.clone();
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub receipt: ReceiptArgs,
+    /// Training samples, fetched over the run's network limits (default 12000: 1.5 MiB;
+    /// memory and download grow with it: samples x 33 x 4 bytes)
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub samples: Option<String>,
+    /// Training epochs
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub epochs: Option<String>,
+    /// Print the summary as one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LimitArgs {
+    pub fn flags(&self, profile: Option<String>, not_yet: Vec<(String, String)>) -> Flags {
+        Flags {
+            profile,
+            memory: self.memory.clone(),
+            swap: self.swap.clone(),
+            cpus: self.cpus.clone(),
+            pids: self.pids.clone(),
+            not_yet,
+            ..Flags::default()
+        }
+    }
+}
+
+impl NetArgs {
+    pub fn add_to(&self, flags: &mut Flags) {
+        flags.egress_rate = self.egress_rate.clone();
+        flags.ingress_rate = self.ingress_rate.clone();
+        flags.burst = self.burst.clone();
+        flags.loss = self.loss.clone();
+        flags.loss_model = self.loss_model.clone();
+        flags.loss_direction = self.loss_direction.clone();
+        flags.latency = self.latency.clone();
+        flags.jitter = self.jitter.clone();
+    }
+}
+
+/// `nbt agent`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Where to listen (loopback unless you say otherwise)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8787")]
+    pub listen: String,
+    /// The bearer token of the mutating endpoints (default: $NBT_HOME/agent.token, made with
+    /// mode 0600 at first start)
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// How often power is sampled and attributed to processes
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub interval: String,
+    /// The model's CPU power at full load, whole node, watts (used only where no meter exists;
+    /// default 10 W per logical CPU)
+    #[arg(long, value_name = "WATTS")]
+    pub cpu_tdp: Option<f64>,
+    /// The model's CPU power when idle, whole node, watts (default 30% of --cpu-tdp)
+    #[arg(long, value_name = "WATTS")]
+    pub cpu_idle: Option<f64>,
+    /// What active CPU energy is split by among processes
+    #[arg(long, value_enum, value_name = "RATIO", default_value = "auto")]
+    pub attribute_by: crate::telemetry::counters::AttributeBy,
+}
+
+/// The options of `nbt fault`, as text (the schedule parser checks them).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct FaultArgs {
+    /// brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock
+    pub kind: String,
+    /// How long it lasts (not for balance-shock)
+    pub duration: Option<String>,
+    /// brownout: drop the CPU quota to this many cores instead of freezing the run
+    #[arg(long, value_name = "CORES")]
+    pub cpus: Option<String>,
+    /// network-drop, loss-burst: egress, ingress or both
+    #[arg(long, value_name = "DIR")]
+    pub direction: Option<String>,
+    /// loss-burst: the loss while it lasts (30%)
+    #[arg(long, value_name = "PCT")]
+    pub loss: Option<String>,
+    /// memory-squeeze: the memory the run is squeezed to (64M)
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// balance-shock: the charge
+    #[arg(long, value_name = "AMOUNT")]
+    pub amount: Option<String>,
+    /// memory-leak: how fast the balloon grows (10M, a size per second)
+    #[arg(long, value_name = "SIZE/s")]
+    pub rate: Option<String>,
+}
+
+impl FaultArgs {
+    /// The fault as one `[[fault]]` of a schedule, starting at once.
+    pub fn as_schedule(&self) -> String {
+        let mut text = format!("[[fault]]\nkind = {:?}\nstart = \"0s\"\n", self.kind);
+        for (key, value) in [
+            ("duration", &self.duration),
+            ("cpus", &self.cpus),
+            ("direction", &self.direction),
+            ("loss", &self.loss),
+            ("memory", &self.memory),
+            ("amount", &self.amount),
+            ("rate", &self.rate),
+        ] {
+            if let Some(value) = value {
+                text.push_str(&format!("{key} = {value:?}\n"));
+            }
+        }
+        text
+    }
+}

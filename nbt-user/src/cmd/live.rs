@@ -1,0 +1,218 @@
+//! The commands on live runs: `nbt ps`, `nbt set`, `nbt balance`, `nbt fault`.
+
+use anyhow::Result;
+
+use super::args::{FaultArgs, NetArgs};
+use super::{privileged, usage_or_failure};
+use crate::enforce::edt::Latency;
+use crate::enforce::ledger::{format_amount, parse_amount};
+use crate::enforce::shaper::{self, Direction, NetLimits};
+use crate::error::PlanError;
+use crate::plan::{Flags, Plan};
+use crate::state::live::{self, LiveRun, NetSetting};
+use crate::units;
+
+/// `nbt ps [--json]`.
+pub fn ps(json: bool) -> i32 {
+    if let Err(status) = privileged() {
+        return status;
+    }
+    let runs = live::live_runs();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&runs).expect("runs serialize")
+        );
+    } else {
+        print_ps(&runs);
+    }
+    0
+}
+
+fn print_ps(runs: &[LiveRun]) {
+    if runs.is_empty() {
+        eprintln!("nbt ps: no live runs");
+        return;
+    }
+    for run in runs {
+        println!(
+            "{}  nbt pid {}  {:.0} s  {}",
+            run.run,
+            run.nbt_pid,
+            run.seconds,
+            run.command.join(" ")
+        );
+        if let Some(balance) = run.balance_micro {
+            println!("  balance  {}", format_amount(balance));
+        }
+        for (name, limits, traffic, direction) in [
+            (
+                "egress",
+                &run.net_limits.egress,
+                run.shaped.map(|s| s.egress),
+                Direction::Egress,
+            ),
+            (
+                "ingress",
+                &run.net_limits.ingress,
+                run.shaped.map(|s| s.ingress),
+                Direction::Ingress,
+            ),
+        ] {
+            println!("  {name:<8} limit {}", limits.describe(direction));
+            if let Some(traffic) = traffic {
+                println!("           {}", traffic.describe(run.seconds));
+            }
+        }
+    }
+}
+
+/// `nbt set RUN [limits]`.
+pub fn set(run: &str, net: &NetArgs) -> i32 {
+    if let Err(status) = privileged() {
+        return status;
+    }
+    if [
+        &net.egress_rate,
+        &net.ingress_rate,
+        &net.burst,
+        &net.loss,
+        &net.loss_model,
+        &net.latency,
+        &net.jitter,
+    ]
+    .iter()
+    .all(|v| v.is_none())
+    {
+        eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --latency or --jitter");
+        return 2;
+    }
+    match live::change_network(run, |setting| change(run, setting, net)) {
+        Ok(setting) => {
+            eprintln!(
+                "nbt set: {run}: egress {}; ingress {}",
+                setting.net.egress.describe(Direction::Egress),
+                setting.net.ingress.describe(Direction::Ingress)
+            );
+            0
+        }
+        Err(err) => {
+            eprintln!("nbt set: {err:#}");
+            usage_or_failure(&err)
+        }
+    }
+}
+
+/// The setting `args` asks for: the delay first (a bad duration is refused before any limit).
+fn change(run: &str, setting: &mut NetSetting, args: &NetArgs) -> Result<()> {
+    if args.latency.is_some() || args.jitter.is_some() {
+        let Some(current) = setting.latency else {
+            anyhow::bail!(
+                "run '{run}' was started without --latency, so fq is not on its interfaces; \
+                 start it with --latency (0ms will do) to change the delay while it runs"
+            );
+        };
+        let duration = |flag: &str, text: &Option<String>, now: u64| -> Result<u64, PlanError> {
+            match text {
+                Some(text) => Ok(units::parse_duration(flag, text)?.as_nanos() as u64),
+                None => Ok(now),
+            }
+        };
+        let next = Latency {
+            latency_ns: duration("--latency", &args.latency, current.latency_ns)?,
+            jitter_ns: duration("--jitter", &args.jitter, current.jitter_ns)?,
+        };
+        setting.latency = Some(next);
+    }
+    setting.net = changed_limits(&setting.net, args)?;
+    Ok(())
+}
+
+/// The network limits `args` asks for, each flag given replacing the run's current setting
+/// (`--loss 0` removes loss). A burst set before stays with a new rate; else the new rate gets
+/// its default burst.
+fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, PlanError> {
+    // --burst is checked here: the plan would want a rate beside it, and the run has its own.
+    let mut flags = Flags::default();
+    args.add_to(&mut flags);
+    (flags.burst, flags.latency, flags.jitter) = (None, None, None);
+    let asked = Plan::build(&flags)?.net;
+    let mut next = *current;
+    if args.egress_rate.is_some() {
+        next.egress.rate_bits_per_sec = asked.egress.rate_bits_per_sec;
+    }
+    if args.ingress_rate.is_some() {
+        next.ingress.rate_bits_per_sec = asked.ingress.rate_bits_per_sec;
+    }
+    if let Some(text) = &args.burst {
+        let bytes = units::parse_size("--burst", text)?;
+        shaper::check_burst("--burst", text, bytes)?;
+        next.egress.burst_bytes = Some(bytes);
+        next.ingress.burst_bytes = Some(bytes);
+    }
+    if args.loss.is_some() || args.loss_model.is_some() {
+        let direction = args.loss_direction.as_deref().unwrap_or("egress");
+        if direction == "egress" || direction == "both" {
+            next.egress.loss = asked.egress.loss;
+        }
+        if direction == "ingress" || direction == "both" {
+            next.ingress.loss = asked.ingress.loss;
+        }
+    }
+    Ok(next)
+}
+
+/// `nbt balance RUN add AMOUNT`.
+pub fn top_up(run: &str, amount: &str) -> i32 {
+    let micro = match parse_amount("AMOUNT", amount) {
+        Ok(micro) => micro,
+        Err(err) => {
+            eprintln!("nbt balance: {err}");
+            return 2;
+        }
+    };
+    if let Err(status) = privileged() {
+        return status;
+    }
+    match live::top_up(run, micro) {
+        Ok(balance) => {
+            eprintln!(
+                "nbt balance: {run}: added {}, balance now {}",
+                format_amount(micro),
+                format_amount(balance)
+            );
+            0
+        }
+        Err(err) => {
+            eprintln!("nbt balance: {err:#}");
+            1
+        }
+    }
+}
+
+/// `nbt fault RUN KIND [DURATION]`.
+pub fn fault(run: &str, fault: &FaultArgs, signals: &libc::sigset_t) -> i32 {
+    if let Err(status) = privileged() {
+        return status;
+    }
+    match crate::schedule::fault::inject(run, &fault.kind, &fault.as_schedule(), signals) {
+        Ok(events) => {
+            let failed = events.iter().any(|e| e.error.is_some());
+            for e in events {
+                eprintln!(
+                    "nbt fault: {run} at {:.2} s: {}{}",
+                    e.t,
+                    e.what,
+                    e.error
+                        .map(|err| format!(" FAILED: {err}"))
+                        .unwrap_or_default()
+                );
+            }
+            i32::from(failed)
+        }
+        Err(err) => {
+            eprintln!("nbt fault: {err:#}");
+            usage_or_failure(&err)
+        }
+    }
+}
