@@ -213,8 +213,7 @@ pub struct ReportFile {
 
 impl ReportFile {
     /// Makes an empty report file for run `name` in `dir` (beside the run's record).
-    pub fn create(dir: &Path, name: &str) -> Result<ReportFile> {
-        let path = dir.join(format!("{name}.reports"));
+    pub fn create(path: PathBuf) -> Result<ReportFile> {
         fs::File::create(&path)
             .with_context(|| format!("making the report file {}", path.display()))?;
         Ok(ReportFile {

@@ -489,7 +489,7 @@ async fn report(headers: HeaderMap, State(agent): State<Shared>, body: String) -
     if let Err(err) = crate::state::RunRecord::find_live(&dir, &run) {
         return error(StatusCode::NOT_FOUND, format!("{err:#}"), Value::Null);
     }
-    let path = crate::state::RunRecord::path(&dir, &run).with_extension("reports");
+    let path = crate::state::RunFiles::of(&dir, &run).reports;
     let appended = std::fs::OpenOptions::new()
         .append(true)
         .open(&path)

@@ -113,7 +113,7 @@ pub fn execute(
 
     // Opened first: a store or key that cannot be written stops the run before anything ran.
     let mut receipts = receipt::Writer::open(&plan.receipts)?;
-    let reports = learning::ReportFile::create(&state_dir.join("runs"), &name)?;
+    let reports = learning::ReportFile::create(state::RunFiles::of(&state_dir, &name).reports)?;
     let mut template = receipt::Receipt::new(receipt::Kind::Task, receipts.key_id().to_string());
     template.run = Some(name.clone());
     template.command = record.command.clone();
@@ -167,7 +167,7 @@ pub fn execute(
     env.extend(extra_env.iter().cloned());
     // Last before the workload: the originals are on disk before anything changes, and the
     // guard puts them back however this function ends (errors and panics included).
-    let mut hardware = crate::enforce::hwcaps::apply(&plan.hwcaps, &state_dir, &name)?;
+    let mut hardware = state::hwcaps::hold(&plan.hwcaps, &state_dir, &name)?;
     let gpu_memory = match &plan.hwcaps.gpu.memory_bytes {
         Some(cap) => {
             let totals = plan.hwcaps.gpu.memory_totals().map_err(|e| anyhow!(e.0))?;

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -15,16 +15,11 @@ use super::apply::{Controls, Counters, Event, Runner};
 use super::parse::Initial;
 use crate::enforce::cgroup::{Layout, RunCgroup};
 use crate::error::PlanError;
-use crate::state::{state_dir, RunRecord};
-
-/// The file a run's outside events are appended to.
-pub fn events_path(dir: &Path, run: &str) -> PathBuf {
-    RunRecord::path(dir, run).with_extension("events")
-}
+use crate::state::{state_dir, RunFiles, RunRecord};
 
 /// The events `nbt fault` appended for `run`, removing the file.
 pub fn take_outside_events(dir: &Path, run: &str) -> Vec<Event> {
-    let path = events_path(dir, run);
+    let path = RunFiles::of(dir, run).events;
     let events = fs::read_to_string(&path)
         .unwrap_or_default()
         .lines()
@@ -114,7 +109,7 @@ pub fn inject(run: &str, kind: &str, as_schedule: &str, signals: &libc::sigset_t
         event.t += offset;
         event.source = format!("nbt fault {kind}");
     }
-    let path = events_path(&dir, run);
+    let path = RunFiles::of(&dir, run).events;
     let mut file = fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -1,75 +1,140 @@
 //! `nbt cleanup`: remove what crashed runs left behind. A run is left alone while the nbt that
-//! started it lives; a dead one's processes are killed, its cgroups removed and its hardware caps
-//! put back.
+//! started it lives; a dead one's processes are killed, its cgroups removed, its hardware caps
+//! put back and its files deleted. One pass over the runs, whichever records each left.
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use super::hwcaps::HwcapsRecord;
+use super::{state_dir, RunFiles, RunRecord};
 use crate::enforce::cgroup::kill_and_remove;
-use crate::state::{state_dir, RunRecord};
 
-/// Cleans up after dead runs; returns how many runs were removed and what failed.
-pub fn cleanup(dry_run: bool) -> Result<i32> {
-    let dir = state_dir();
-    let mut removed = 0;
-    let mut failed = 0;
-    let mut live = 0;
-    for (path, record) in RunRecord::read_all(&dir) {
-        let record = match record {
-            Ok(r) => r,
-            Err(err) => {
-                eprintln!("nbt cleanup: skipping unreadable record: {err:#}");
-                failed += 1;
-                continue;
-            }
-        };
-        if record.supervisor_alive() {
-            eprintln!(
-                "nbt cleanup: {} is live (nbt pid {}): left alone",
-                record.name, record.supervisor_pid
-            );
-            live += 1;
-            continue;
-        }
-        if dry_run {
-            eprintln!(
-                "nbt cleanup: would remove {} ({} cgroups)",
-                record.name,
-                record.cgroups.len()
-            );
-            continue;
-        }
-        match remove_run(&record) {
-            Ok(killed) => {
-                eprintln!(
-                    "nbt cleanup: removed {} (nbt pid {} is gone): {} cgroups, {killed} processes killed",
-                    record.name,
-                    record.supervisor_pid,
-                    record.cgroups.len()
-                );
-                let _ = fs::remove_file(&path);
-                // The learning updates its workload reported after nbt died (no receipt holds them).
-                let _ = fs::remove_file(path.with_extension("reports"));
-                let _ = fs::remove_file(path.with_extension("events"));
-                removed += 1;
-            }
-            Err(err) => {
-                eprintln!("nbt cleanup: {}: {err:#}", record.name);
-                failed += 1;
-            }
-        }
-    }
-    // Hardware caps of dead runs go back to the values recorded before they were changed.
-    let (restored, hw_failed) = crate::enforce::hwcaps::cleanup(&dir, dry_run);
-    removed += restored;
-    failed += hw_failed;
-    if removed == 0 && failed == 0 && live == 0 && !dry_run {
-        eprintln!("nbt cleanup: nothing left behind");
-    }
-    Ok(if failed > 0 { 1 } else { 0 })
+/// What one run left: its record, the record of the hardware caps it held, or both.
+#[derive(Default)]
+struct Leftovers {
+    record: Option<RunRecord>,
+    hwcaps: Option<(PathBuf, HwcapsRecord)>,
 }
 
-fn remove_run(record: &RunRecord) -> Result<usize> {
-    kill_and_remove(&record.cgroups)
+#[derive(Default)]
+struct Tally {
+    removed: usize,
+    failed: usize,
+    live: usize,
+}
+
+/// Cleans up after dead runs; the exit status: 1 when something could not be removed.
+pub fn cleanup(dry_run: bool) -> Result<i32> {
+    let dir = state_dir();
+    let mut tally = Tally::default();
+    let mut runs: BTreeMap<String, Leftovers> = BTreeMap::new();
+    for (_, record) in RunRecord::read_all(&dir) {
+        match record {
+            Ok(r) => {
+                let name = r.name.clone();
+                runs.entry(name).or_default().record = Some(r);
+            }
+            Err(err) => {
+                eprintln!("nbt cleanup: skipping unreadable record: {err:#}");
+                tally.failed += 1;
+            }
+        }
+    }
+    for (path, record) in HwcapsRecord::read_all(&dir) {
+        match record {
+            Ok(r) => {
+                let name = r.run.clone();
+                runs.entry(name).or_default().hwcaps = Some((path, r));
+            }
+            Err(err) => {
+                eprintln!("nbt cleanup: {err:#}");
+                tally.failed += 1;
+            }
+        }
+    }
+    for (name, left) in runs {
+        if let Some(record) = left.record {
+            remove_run(&RunFiles::of(&dir, &name), &record, dry_run, &mut tally);
+        }
+        // Hardware caps of dead runs go back to the values recorded before they were changed.
+        if let Some((path, hwcaps)) = left.hwcaps {
+            restore_caps(&path, &hwcaps, dry_run, &mut tally);
+        }
+    }
+    if tally.removed == 0 && tally.failed == 0 && tally.live == 0 && !dry_run {
+        eprintln!("nbt cleanup: nothing left behind");
+    }
+    Ok(if tally.failed > 0 { 1 } else { 0 })
+}
+
+fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut Tally) {
+    if record.supervisor_alive() {
+        eprintln!(
+            "nbt cleanup: {} is live (nbt pid {}): left alone",
+            record.name, record.supervisor_pid
+        );
+        tally.live += 1;
+        return;
+    }
+    if dry_run {
+        eprintln!(
+            "nbt cleanup: would remove {} ({} cgroups)",
+            record.name,
+            record.cgroups.len()
+        );
+        return;
+    }
+    match kill_and_remove(&record.cgroups) {
+        Ok(killed) => {
+            eprintln!(
+                "nbt cleanup: removed {} (nbt pid {} is gone): {} cgroups, {killed} processes killed",
+                record.name,
+                record.supervisor_pid,
+                record.cgroups.len()
+            );
+            let _ = fs::remove_file(&files.record);
+            // The learning updates its workload reported after nbt died (no receipt holds them).
+            let _ = fs::remove_file(&files.reports);
+            let _ = fs::remove_file(&files.events);
+            tally.removed += 1;
+        }
+        Err(err) => {
+            eprintln!("nbt cleanup: {}: {err:#}", record.name);
+            tally.failed += 1;
+        }
+    }
+}
+
+fn restore_caps(path: &Path, hwcaps: &HwcapsRecord, dry_run: bool, tally: &mut Tally) {
+    if hwcaps.alive() {
+        return;
+    }
+    let what = hwcaps.describe().join(", ");
+    if dry_run {
+        eprintln!(
+            "nbt cleanup: would restore the hardware caps of {}: {what}",
+            hwcaps.run
+        );
+        return;
+    }
+    let errors = hwcaps.restore();
+    if errors.is_empty() {
+        let _ = fs::remove_file(path);
+        eprintln!(
+            "nbt cleanup: restored the hardware caps of {}: {what}",
+            hwcaps.run
+        );
+        tally.removed += 1;
+    } else {
+        eprintln!(
+            "nbt cleanup: {}: {}; {} kept",
+            hwcaps.run,
+            errors.join("; "),
+            path.display()
+        );
+        tally.failed += 1;
+    }
 }

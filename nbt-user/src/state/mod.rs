@@ -2,6 +2,7 @@
 //! that. A record is written before a run makes anything and removed after it removed everything.
 
 pub mod cleanup;
+pub mod hwcaps;
 pub mod live;
 
 use std::fs;
@@ -28,6 +29,36 @@ pub fn new_run_name() -> Result<String> {
         "nbt-{}",
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ))
+}
+
+/// Every file nbt keeps for one run, named here and nowhere else. The record and the files
+/// beside it live in `runs/`; the hardware caps' record at the top, where the lock is.
+pub struct RunFiles {
+    /// The run's record (`RunRecord`), from before it makes anything to after it removed all.
+    pub record: PathBuf,
+    /// The learning updates its workload reports (`$NBT_REPORT`).
+    pub reports: PathBuf,
+    /// Events of faults injected from outside (`nbt fault`), merged into its log at the end.
+    pub events: PathBuf,
+    /// The hardware caps it holds, with the values to put back (`hwcaps`).
+    pub hwcaps: PathBuf,
+}
+
+impl RunFiles {
+    pub fn of(dir: &Path, run: &str) -> RunFiles {
+        let runs = dir.join("runs");
+        RunFiles {
+            record: runs.join(format!("{run}.json")),
+            reports: runs.join(format!("{run}.reports")),
+            events: runs.join(format!("{run}.events")),
+            hwcaps: dir.join(format!("{run}.hwcaps")),
+        }
+    }
+}
+
+/// Whether the nbt with this pid and start time still runs (a pid alone may have been reused).
+pub fn supervisor_alive(pid: i32, start_time: u64) -> bool {
+    crate::sys::proc::process_start_time(pid) == Some(start_time)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,7 +90,7 @@ pub struct RunRecord {
 
 impl RunRecord {
     pub fn path(dir: &Path, name: &str) -> PathBuf {
-        dir.join("runs").join(format!("{name}.json"))
+        RunFiles::of(dir, name).record
     }
 
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
@@ -89,7 +120,7 @@ impl RunRecord {
 
     /// Whether the nbt that wrote this record still runs.
     pub fn supervisor_alive(&self) -> bool {
-        crate::sys::proc::process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
+        supervisor_alive(self.supervisor_pid, self.supervisor_start_time)
     }
 
     pub fn read_all(dir: &Path) -> Vec<(PathBuf, Result<RunRecord>)> {

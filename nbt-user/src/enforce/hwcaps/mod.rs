@@ -2,11 +2,11 @@
 //! put back.
 //!
 //! Unlike cgroup and BPF limits, these change state the whole machine shares, so:
-//! - every value is read before anything is changed, and written to a state file
-//!   (`$NBT_STATE_DIR/<run>.hwcaps`, fsynced) before the first change;
-//! - the [`Applied`] guard restores them when the run ends, whatever way (normal exit, error,
-//!   signals forwarded to the workload, a panic unwinding); after SIGKILL or power loss
-//!   `nbt cleanup` restores them from the state file;
+//! - every value is read before anything is changed ([`changes`]), and recorded by the run
+//!   (`state::hwcaps`, fsynced) before the first change;
+//! - the run's guard restores them when it ends, whatever way (normal exit, error, signals
+//!   forwarded to the workload, a panic unwinding); after SIGKILL or power loss `nbt cleanup`
+//!   restores them from the record;
 //! - a second run asking for a cap another live run holds is refused (checked under a lock).
 //!
 //! `cpu` works on files beneath a sysfs root (`NBT_SYSFS_ROOT`, default /sys), so tests use a
@@ -17,9 +17,7 @@ pub mod gpu;
 pub mod watch;
 
 use std::fs;
-use std::io::Write as _;
-use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -168,7 +166,7 @@ pub enum Original {
 
 impl Original {
     /// The machine-wide resource it belongs to: two runs cannot both hold one.
-    fn resource(&self) -> String {
+    pub fn resource(&self) -> String {
         match self {
             Original::File { path, .. } => {
                 if path.ends_with("no_turbo") || path.ends_with("boost") {
@@ -183,7 +181,7 @@ impl Original {
         }
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             Original::File { path, value } => format!("{} = {value}", path.display()),
             Original::GpuPowerLimit { index, milliwatts } => {
@@ -197,60 +195,12 @@ impl Original {
         }
     }
 
-    fn restore(&self) -> Result<()> {
+    pub fn restore(&self) -> Result<()> {
         match self {
             Original::File { path, value } => fs::write(path, value)
                 .with_context(|| format!("writing {value} back to {}", path.display())),
             gpu_original => gpu::restore(gpu_original),
         }
-    }
-}
-
-/// What `<run>.hwcaps` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StateFile {
-    pub run: String,
-    pub supervisor_pid: i32,
-    pub supervisor_start_time: u64,
-    pub originals: Vec<Original>,
-}
-
-impl StateFile {
-    pub fn path(state_dir: &Path, run: &str) -> PathBuf {
-        state_dir.join(format!("{run}.hwcaps"))
-    }
-
-    fn alive(&self) -> bool {
-        crate::sys::proc::process_start_time(self.supervisor_pid) == Some(self.supervisor_start_time)
-    }
-
-    /// Every state file in `state_dir`.
-    pub fn read_all(state_dir: &Path) -> Vec<(PathBuf, Result<StateFile>)> {
-        let Ok(entries) = fs::read_dir(state_dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "hwcaps"))
-            .map(|p| {
-                let state = fs::read_to_string(&p)
-                    .with_context(|| format!("reading {}", p.display()))
-                    .and_then(|text| {
-                        serde_json::from_str(&text)
-                            .with_context(|| format!("parsing {}", p.display()))
-                    });
-                (p, state)
-            })
-            .collect()
-    }
-
-    /// Puts every value back, in reverse order; the errors, if any.
-    pub fn restore(&self) -> Vec<String> {
-        self.originals
-            .iter()
-            .rev()
-            .filter_map(|o| o.restore().err().map(|e| format!("{e:#}")))
-            .collect()
     }
 }
 
@@ -262,42 +212,8 @@ pub struct Change {
     pub set: String,
 }
 
-/// The caps in force; dropping it restores them and removes the state file.
-pub struct Applied {
-    state_path: PathBuf,
-    state: StateFile,
-    pub set: Vec<String>,
-    restored: bool,
-}
-
-/// Holds `state_dir/hwcaps.lock` (flock) while alive.
-struct Lock {
-    _file: fs::File,
-}
-
-impl Lock {
-    fn take(state_dir: &Path) -> Result<Lock> {
-        fs::create_dir_all(state_dir)?;
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(state_dir.join("hwcaps.lock"))
-            .context("opening the hardware caps lock")?;
-        // SAFETY: flock on a descriptor we own; released when the file closes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("locking hwcaps.lock");
-        }
-        Ok(Lock { _file: file })
-    }
-}
-
-/// Reads the originals, records them, then applies the caps. A cap another live run holds is
-/// refused before anything changes. If one change fails, those made are put back.
-pub fn apply(request: &HwRequest, state_dir: &Path, run: &str) -> Result<Option<Applied>> {
-    if request.is_empty() {
-        return Ok(None);
-    }
+/// The changes `request` asks for, each with the value it replaces. Nothing is changed yet.
+pub fn changes(request: &HwRequest) -> Result<Vec<Change>> {
     let root = sysfs_root();
     let mut changes = Vec::new();
     if let Some(freq) = &request.cpu_max_freq {
@@ -307,144 +223,7 @@ pub fn apply(request: &HwRequest, state_dir: &Path, run: &str) -> Result<Option<
         changes.push(cpu::no_turbo_change(&root)?);
     }
     changes.extend(gpu::changes(&request.gpu)?);
-
-    let lock = Lock::take(state_dir)?;
-    for (path, state) in StateFile::read_all(state_dir) {
-        let Ok(other) = state else { continue };
-        if !other.alive() {
-            anyhow::bail!(
-                "{} holds the caps of {}, whose nbt (pid {}) is gone: run `nbt cleanup` to put them back first",
-                path.display(),
-                other.run,
-                other.supervisor_pid
-            );
-        }
-        for change in &changes {
-            if let Some(held) = other
-                .originals
-                .iter()
-                .find(|o| o.resource() == change.original.resource())
-            {
-                anyhow::bail!(
-                    "{} is held by {} (nbt pid {}): machine-wide caps cannot be shared; wait for it to end",
-                    held.resource(),
-                    other.run,
-                    other.supervisor_pid
-                );
-            }
-        }
-    }
-    let pid = std::process::id() as i32;
-    let state = StateFile {
-        run: run.to_string(),
-        supervisor_pid: pid,
-        supervisor_start_time: crate::sys::proc::process_start_time(pid)
-            .context("reading nbt's own start time from /proc")?,
-        originals: changes.iter().map(|c| c.original.clone()).collect(),
-    };
-    let state_path = StateFile::path(state_dir, run);
-    let mut file = fs::File::create(&state_path)
-        .with_context(|| format!("writing {}", state_path.display()))?;
-    file.write_all(serde_json::to_string_pretty(&state)?.as_bytes())?;
-    file.sync_all()?;
-    drop(lock);
-
-    let mut applied = Applied {
-        state_path,
-        state: StateFile {
-            originals: Vec::new(),
-            ..state.clone()
-        },
-        set: Vec::new(),
-        restored: false,
-    };
-    for change in changes {
-        applied.state.originals.push(change.original);
-        (change.apply)().with_context(|| format!("setting {}", change.set))?;
-        applied.set.push(change.set);
-    }
-    applied.state = state;
-    Ok(Some(applied))
-}
-
-impl Applied {
-    /// Puts everything back now; what could not be, as messages.
-    pub fn restore(&mut self) -> Vec<String> {
-        if self.restored {
-            return Vec::new();
-        }
-        self.restored = true;
-        let errors = self.state.restore();
-        if errors.is_empty() {
-            let _ = fs::remove_file(&self.state_path);
-        }
-        errors
-    }
-
-    pub fn originals(&self) -> Vec<String> {
-        self.state
-            .originals
-            .iter()
-            .map(Original::describe)
-            .collect()
-    }
-}
-
-impl Drop for Applied {
-    fn drop(&mut self) {
-        for error in self.restore() {
-            eprintln!(
-                "nbt: restoring a hardware cap failed: {error}; the original values stay in {}, `nbt cleanup` retries",
-                self.state_path.display()
-            );
-        }
-    }
-}
-
-/// `nbt cleanup`: restores the caps of runs whose nbt is gone.
-pub fn cleanup(state_dir: &Path, dry_run: bool) -> (usize, usize) {
-    let (mut restored, mut failed) = (0, 0);
-    for (path, state) in StateFile::read_all(state_dir) {
-        let state = match state {
-            Ok(state) => state,
-            Err(err) => {
-                eprintln!("nbt cleanup: {err:#}");
-                failed += 1;
-                continue;
-            }
-        };
-        if state.alive() {
-            continue;
-        }
-        let what: Vec<String> = state.originals.iter().map(Original::describe).collect();
-        if dry_run {
-            eprintln!(
-                "nbt cleanup: would restore the hardware caps of {}: {}",
-                state.run,
-                what.join(", ")
-            );
-            continue;
-        }
-        let errors = state.restore();
-        if errors.is_empty() {
-            let _ = fs::remove_file(&path);
-            eprintln!(
-                "nbt cleanup: restored the hardware caps of {}: {}",
-                state.run,
-                what.join(", ")
-            );
-            restored += 1;
-        } else {
-            eprintln!(
-                "nbt cleanup: {}: {}; {} kept",
-                state.run,
-                errors.join("; "),
-                path.display()
-            );
-            failed += 1;
-        }
-    }
-    (restored, failed)
+    Ok(changes)
 }
 
 /// The hardware settings as given, by flag or profile key, before parsing.
