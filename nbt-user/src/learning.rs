@@ -319,7 +319,7 @@ mod tests {
     #[test]
     fn lines_read_as_they_are_completed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut file = ReportFile::create(dir.path(), "nbt-x").unwrap();
+        let mut file = ReportFile::create(dir.path().join("nbt-x.reports")).unwrap();
         let append = |text: &str| {
             fs::OpenOptions::new()
                 .append(true)

@@ -1,12 +1,12 @@
 //! The command line: the only code that reads argv, writes to stdout and picks nbt's exit status.
 //! One file per group of subcommands; `args` is the grammar they share.
 
-pub mod agent;
-pub mod args;
-pub mod demo;
-pub mod live;
-pub mod receipts;
-pub mod run;
+pub(crate) mod agent;
+pub(crate) mod args;
+pub(crate) mod demo;
+pub(crate) mod live;
+pub(crate) mod receipts;
+pub(crate) mod run;
 
 use clap::Parser;
 
@@ -14,7 +14,7 @@ use crate::sys::supervise;
 use args::{BalanceAction, Cli, Command};
 
 /// The status nbt exits with when it failed itself: before the command ran, or writing its
-/// receipts.
+/// receipts (as env(1) and timeout(1) use it).
 pub const EXIT_NBT_FAILED: i32 = 125;
 
 /// Parses the command line and runs it; returns the exit status.

@@ -1,9 +1,9 @@
 //! The enforcers: each applies one kind of limit to a run and reads back what it did.
 
-pub mod account;
+pub(crate) mod account;
 pub mod cgroup;
-pub mod edt;
-pub mod gate;
-pub mod hwcaps;
-pub mod ledger;
-pub mod shaper;
+pub(crate) mod edt;
+pub(crate) mod gate;
+pub(crate) mod hwcaps;
+pub(crate) mod ledger;
+pub(crate) mod shaper;

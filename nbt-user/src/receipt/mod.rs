@@ -2,12 +2,12 @@
 //! and chained by hash to the one before, so that a third party holding the store and the public
 //! key can check that none was altered, removed, inserted or reordered (docs/receipts.md).
 
-pub mod body;
-pub mod canonical;
-pub mod export;
-pub mod key;
-pub mod store;
-pub mod verify;
+pub(crate) mod body;
+pub(crate) mod canonical;
+pub(crate) mod export;
+pub(crate) mod key;
+pub(crate) mod store;
+pub(crate) mod verify;
 
 use std::path::{Path, PathBuf};
 

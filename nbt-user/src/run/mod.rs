@@ -1,7 +1,7 @@
 //! `nbt run`: plan → cgroups → BPF → child → wait → summary → remove everything.
 
-pub mod run_receipt;
-pub mod summary;
+pub(crate) mod run_receipt;
+pub(crate) mod summary;
 
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
@@ -24,9 +24,6 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often the gate's host names are resolved again while a run lives.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Exit status for nbt's own failures before the workload ran (as env(1) and timeout(1) use).
-pub const EXIT_NBT_FAILED: i32 = 125;
 
 /// A restarted workload counts as recovered when it reports progress, or stays up this long.
 pub const RECOVERED_AFTER: Duration = Duration::from_secs(10);

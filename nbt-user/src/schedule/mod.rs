@@ -28,15 +28,15 @@
 //! count = 3
 //! ```
 
-pub mod apply;
-pub mod fault;
-pub mod parse;
+pub(crate) mod apply;
+pub(crate) mod fault;
+pub(crate) mod parse;
 
 use serde::Serialize;
 
 use crate::enforce::shaper::Loss;
 
-pub use parse::{parse, ScheduleError};
+pub use parse::parse;
 
 /// One thing a schedule changes.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -1,9 +1,9 @@
 //! Records of live runs, so that `nbt cleanup` can remove what a crashed nbt left behind, and only
 //! that. A record is written before a run makes anything and removed after it removed everything.
 
-pub mod cleanup;
-pub mod hwcaps;
-pub mod live;
+pub(crate) mod cleanup;
+pub(crate) mod hwcaps;
+pub(crate) mod live;
 
 use std::fs;
 use std::io::Read as _;

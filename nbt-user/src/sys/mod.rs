@@ -1,7 +1,7 @@
 //! What nbt needs from the operating system, with no knowledge of runs: loading the BPF object,
 //! rtnetlink, starting and waiting for processes.
 
-pub mod loader;
+pub(crate) mod loader;
 pub mod netlink;
-pub mod proc;
-pub mod supervise;
+pub(crate) mod proc;
+pub(crate) mod supervise;

@@ -1,9 +1,9 @@
 //! What the node and its processes consumed: CPU time and counters per process, energy by source,
 //! and the attribution of energy to processes.
 
-pub mod attribution;
-pub mod btf;
+pub(crate) mod attribution;
+pub(crate) mod btf;
 pub mod counters;
-pub mod energy;
-pub mod gpu;
-pub mod sched;
+pub(crate) mod energy;
+pub(crate) mod gpu;
+pub(crate) mod sched;

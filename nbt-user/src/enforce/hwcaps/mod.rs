@@ -12,9 +12,9 @@
 //! `cpu` works on files beneath a sysfs root (`NBT_SYSFS_ROOT`, default /sys), so tests use a
 //! temporary directory standing in for it; `gpu` goes through NVML.
 
-pub mod cpu;
-pub mod gpu;
-pub mod watch;
+pub(crate) mod cpu;
+pub(crate) mod gpu;
+pub(crate) mod watch;
 
 use std::fs;
 use std::path::PathBuf;
