@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Action, Change, Origin};
 use crate::enforce::cgroup::{CgroupStats, RunCgroup};
+use crate::enforce::edt::Latency;
 use crate::enforce::gate::LedgerIds;
 use crate::enforce::shaper::ShapedTraffic;
-use crate::enforce::edt::Latency;
 use crate::state::live::change_network;
 
 /// What a run can be changed through.
@@ -65,7 +65,9 @@ pub struct Counters {
 impl Counters {
     /// Adds the gate's counts, for runs with a balance.
     pub fn with_ledger(mut self, ledger: Option<&LedgerIds>) -> Counters {
-        if let Some((_, _, kernel)) = ledger.and_then(|ids| crate::enforce::gate::read_ledger(ids).ok()) {
+        if let Some((_, _, kernel)) =
+            ledger.and_then(|ids| crate::enforce::gate::read_ledger(ids).ok())
+        {
             self.blocked_calls = kernel.blocked_calls;
             self.blocked_packets = kernel.blocked_packets;
         }
@@ -74,8 +76,9 @@ impl Counters {
 
     pub fn of(stats: &CgroupStats, shaped: Option<&ShapedTraffic>) -> Counters {
         let p = stats.pressure.clone().unwrap_or_default();
-        let dropped =
-            |d: &crate::enforce::shaper::DirectionTraffic| d.rate_dropped_packets + d.loss_dropped_packets;
+        let dropped = |d: &crate::enforce::shaper::DirectionTraffic| {
+            d.rate_dropped_packets + d.loss_dropped_packets
+        };
         Counters {
             cpu_usec: stats.cpu_usage_usec.unwrap_or(0),
             cpu_throttled_usec: stats.cpu_throttled_usec.unwrap_or(0),
@@ -190,42 +193,46 @@ pub fn apply(
                 crate::enforce::ledger::format_amount(balance)
             )))
         }
-        Change::Latency { ns } => {
-            if controls.edt_map.is_none() {
-                bail!("the run was started without --latency");
-            }
-            change_network(&controls.run, |setting| {
-                setting.latency = Some(Latency {
-                    latency_ns: *ns,
-                    jitter_ns: setting.latency.map_or(0, |l| l.jitter_ns),
-                });
-                Ok(())
-            })?;
-            Ok(None)
-        }
-        Change::EgressRate { .. }
+        Change::Latency { .. }
+        | Change::EgressRate { .. }
         | Change::IngressRate { .. }
         | Change::EgressLoss { .. }
-        | Change::IngressLoss { .. } => {
-            // From the record: `nbt set` may have changed the other limits meanwhile.
-            change_network(&controls.run, |setting| {
-                let net = &mut setting.net;
-                match change {
-                    Change::EgressRate { bits_per_sec } => {
-                        net.egress.rate_bits_per_sec = *bits_per_sec;
-                    }
-                    Change::IngressRate { bits_per_sec } => {
-                        net.ingress.rate_bits_per_sec = *bits_per_sec;
-                    }
-                    Change::EgressLoss { loss } => net.egress.loss = *loss,
-                    Change::IngressLoss { loss } => net.ingress.loss = *loss,
-                    _ => unreachable!("a network change"),
-                }
-                Ok(())
-            })?;
-            Ok(None)
-        }
+        | Change::IngressLoss { .. } => apply_network(controls, change).map(|()| None),
     }
+}
+
+/// A change of the run's network limits or delay, through the path `nbt set` takes.
+fn apply_network(controls: &Controls, change: &Change) -> Result<()> {
+    if let Change::Latency { ns } = change {
+        if controls.edt_map.is_none() {
+            bail!("the run was started without --latency");
+        }
+        change_network(&controls.run, |setting| {
+            setting.latency = Some(Latency {
+                latency_ns: *ns,
+                jitter_ns: setting.latency.map_or(0, |l| l.jitter_ns),
+            });
+            Ok(())
+        })?;
+        return Ok(());
+    }
+    // From the record: `nbt set` may have changed the other limits meanwhile.
+    change_network(&controls.run, |setting| {
+        let net = &mut setting.net;
+        match change {
+            Change::EgressRate { bits_per_sec } => {
+                net.egress.rate_bits_per_sec = *bits_per_sec;
+            }
+            Change::IngressRate { bits_per_sec } => {
+                net.ingress.rate_bits_per_sec = *bits_per_sec;
+            }
+            Change::EgressLoss { loss } => net.egress.loss = *loss,
+            Change::IngressLoss { loss } => net.ingress.loss = *loss,
+            _ => unreachable!("a network change"),
+        }
+        Ok(())
+    })?;
+    Ok(())
 }
 
 /// Applies the actions whose time has come, logging each.

@@ -29,9 +29,13 @@ pub fn take_outside_events(dir: &Path, run: &str) -> Vec<Event> {
     events
 }
 
-
 /// Injects the fault; returns its events. A bad fault is a [`PlanError`] (a usage error).
-pub fn inject(run: &str, kind: &str, as_schedule: &str, signals: &libc::sigset_t) -> Result<Vec<Event>> {
+pub fn inject(
+    run: &str,
+    kind: &str,
+    as_schedule: &str,
+    signals: &libc::sigset_t,
+) -> Result<Vec<Event>> {
     let dir = state_dir();
     let (_, record) = RunRecord::find_live(&dir, run)?;
     let Some(net_ids) = record.maps else {
@@ -39,16 +43,7 @@ pub fn inject(run: &str, kind: &str, as_schedule: &str, signals: &libc::sigset_t
     };
     let layout = Layout::detect()?;
     let mut cgroup = RunCgroup::existing(&layout, run)?;
-    let initial = Initial {
-        memory: cgroup.current_memory(),
-        cpus: cgroup.current_cpus(),
-        egress_rate: record.net.egress.rate_bits_per_sec,
-        ingress_rate: record.net.ingress.rate_bits_per_sec,
-        egress_loss: record.net.egress.loss,
-        ingress_loss: record.net.ingress.loss,
-        latency_ns: record.latency.map(|l| l.latency_ns),
-        has_balance: record.ledger.is_some(),
-    };
+    let initial = initial_of(&cgroup, &record);
     let schedule = super::parse("(nbt fault)", as_schedule, &initial).map_err(|e| {
         PlanError(
             e.0.replace("--schedule (nbt fault), line 1: ", "")
@@ -64,19 +59,63 @@ pub fn inject(run: &str, kind: &str, as_schedule: &str, signals: &libc::sigset_t
         gate_config: None,
     };
     let offset = crate::sys::proc::now_unix() - record.started_unix;
+    let ledger = record.ledger;
     let mut runner = Runner::new(&schedule.actions);
+    run_until_put_back(
+        &mut runner,
+        schedule.span_ms(),
+        signals,
+        |runner, elapsed, early| {
+            let shaped = crate::enforce::shaper::read_by_id(&net_ids).ok();
+            let counters =
+                Counters::of(&cgroup.stats(), shaped.as_ref()).with_ledger(ledger.as_ref());
+            if early {
+                runner.finish_now(elapsed, &mut controls, &cgroup, counters);
+            } else {
+                runner.run_due(elapsed, &mut controls, &cgroup, counters);
+            }
+        },
+    );
+    let mut events = runner.events;
+    for event in &mut events {
+        event.t += offset;
+        event.source = format!("nbt fault {kind}");
+    }
+    append_events(&RunFiles::of(&dir, run).events, &events)?;
+    Ok(events)
+}
+
+/// What was in force in the run when the fault starts, which its end puts back.
+fn initial_of(cgroup: &RunCgroup, record: &RunRecord) -> Initial {
+    Initial {
+        memory: cgroup.current_memory(),
+        cpus: cgroup.current_cpus(),
+        egress_rate: record.net.egress.rate_bits_per_sec,
+        ingress_rate: record.net.ingress.rate_bits_per_sec,
+        egress_loss: record.net.egress.loss,
+        ingress_loss: record.net.ingress.loss,
+        latency_ns: record.latency.map(|l| l.latency_ns),
+        has_balance: record.ledger.is_some(),
+    }
+}
+
+/// Applies the fault's actions as they fall due, until its end or a signal (Ctrl-C): either
+/// way what was in force is put back before this returns. `step(runner, elapsed_ms, early)`
+/// applies what is due, or everything left when `early`.
+fn run_until_put_back(
+    runner: &mut Runner,
+    end_ms: u64,
+    signals: &libc::sigset_t,
+    mut step: impl FnMut(&mut Runner, u64, bool),
+) {
     let started = Instant::now();
-    let end_ms = schedule.span_ms();
     loop {
         let elapsed = started.elapsed().as_millis() as u64;
         if runner.due(elapsed) {
-            let shaped = crate::enforce::shaper::read_by_id(&net_ids).ok();
-            let counters =
-                Counters::of(&cgroup.stats(), shaped.as_ref()).with_ledger(record.ledger.as_ref());
-            runner.run_due(elapsed, &mut controls, &cgroup, counters);
+            step(runner, elapsed, false);
         }
         if runner.not_reached() == 0 {
-            break;
+            return;
         }
         // Wait for the end, or for a signal: either way the fault is put back now.
         let left =
@@ -92,33 +131,23 @@ pub fn inject(run: &str, kind: &str, as_schedule: &str, signals: &libc::sigset_t
                 "nbt fault: {} received: ending the fault now",
                 crate::sys::supervise::signal_name(signal)
             );
-            let shaped = crate::enforce::shaper::read_by_id(&net_ids).ok();
-            let counters =
-                Counters::of(&cgroup.stats(), shaped.as_ref()).with_ledger(record.ledger.as_ref());
-            runner.finish_now(
-                started.elapsed().as_millis() as u64,
-                &mut controls,
-                &cgroup,
-                counters,
-            );
-            break;
+            step(runner, started.elapsed().as_millis() as u64, true);
+            return;
         }
     }
-    let mut events = runner.events;
-    for event in &mut events {
-        event.t += offset;
-        event.source = format!("nbt fault {kind}");
-    }
-    let path = RunFiles::of(&dir, run).events;
+}
+
+/// Appends the fault's events to the run's events file; the run merges them into its log.
+fn append_events(path: &Path, events: &[Event]) -> Result<()> {
     let mut file = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("recording the fault in {}", path.display()))?;
-    for event in &events {
+    for event in events {
         writeln!(file, "{}", serde_json::to_string(event)?)?;
     }
-    Ok(events)
+    Ok(())
 }
 
 /// The balloon of a memory-leak fault: grows by `bytes_per_sec` every second, each page written
