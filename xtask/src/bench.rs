@@ -19,6 +19,9 @@ const ADDR_B: &str = "192.0.2.2";
 const MSS: f64 = 1448.0;
 const IP_PACKET: f64 = 1500.0;
 const ETHERNET_FRAME: f64 = 1514.0;
+/// The ports of the bulk flow and of the request/response flow, on the receiving side.
+const BULK_PORT: u16 = 5301;
+const ECHO_PORT: u16 = 5302;
 
 struct Netns {
     a: String,
@@ -96,11 +99,8 @@ impl Netns {
         let ns = std::fs::File::open(format!("/run/netns/{name}"))?;
         Ok(std::thread::spawn(move || {
             // SAFETY: setns(2) on this thread only, with a namespace file we hold open.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
+            let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns");
             f()
         }))
     }
@@ -116,6 +116,37 @@ impl Netns {
             bail!("tc {} failed", all.join(" "));
         }
         Ok(())
+    }
+
+    /// Limits the veth's egress in namespace a to `rate` with one htb class, as the seed did.
+    fn add_htb(&self, rate: &str) -> Result<()> {
+        self.tc(&[
+            "qdisc",
+            "add",
+            "dev",
+            &self.veth_a,
+            "root",
+            "handle",
+            "1:",
+            "htb",
+            "default",
+            "12",
+        ])?;
+        self.tc(&[
+            "class",
+            "add",
+            "dev",
+            &self.veth_a,
+            "parent",
+            "1:",
+            "classid",
+            "1:12",
+            "htb",
+            "rate",
+            rate,
+            "ceil",
+            rate,
+        ])
     }
 }
 
@@ -209,6 +240,7 @@ fn echo(listener: TcpListener) {
     }
 }
 
+/// One method at one rate (or none): the workload's bulk goodput, RTTs and CPU cost.
 fn case(
     netns: &Netns,
     bin: &Path,
@@ -216,60 +248,17 @@ fn case(
     rate: Option<(&'static str, f64)>,
     seconds: u64,
 ) -> Result<Row> {
-    let (bulk_port, echo_port) = (5301u16, 5302u16);
     let receiver = Netns::spawn_in(&netns.b, move || {
-        receive(TcpListener::bind((ADDR_B, bulk_port)).expect("bind bulk"))
+        receive(TcpListener::bind((ADDR_B, BULK_PORT)).expect("bind bulk"))
     })?;
     let echoer = Netns::spawn_in(&netns.b, move || {
-        echo(TcpListener::bind((ADDR_B, echo_port)).expect("bind echo"))
+        echo(TcpListener::bind((ADDR_B, ECHO_PORT)).expect("bind echo"))
     })?;
     std::thread::sleep(Duration::from_millis(300));
     if let (Method::Htb, Some((r, _))) = (method, rate) {
-        netns.tc(&[
-            "qdisc",
-            "add",
-            "dev",
-            &netns.veth_a,
-            "root",
-            "handle",
-            "1:",
-            "htb",
-            "default",
-            "12",
-        ])?;
-        netns.tc(&[
-            "class",
-            "add",
-            "dev",
-            &netns.veth_a,
-            "parent",
-            "1:",
-            "classid",
-            "1:12",
-            "htb",
-            "rate",
-            r,
-            "ceil",
-            r,
-        ])?;
+        netns.add_htb(r)?;
     }
-    let workload = [
-        bin.join("nbt-testbin").display().to_string(),
-        "stream-and-ping".into(),
-        format!("{ADDR_B}:{bulk_port}"),
-        format!("{ADDR_B}:{echo_port}"),
-        seconds.to_string(),
-    ];
-    let mut command = Command::new("nsenter");
-    command.arg(format!("--net=/run/netns/{}", netns.a));
-    if method == Method::Nbt {
-        command.arg(bin.join("nbt")).arg("run");
-        if let Some((r, _)) = rate {
-            command.args(["--egress-rate", r]);
-        }
-        command.arg("--");
-    }
-    command.args(&workload);
+    let mut command = workload(netns, bin, method, rate, seconds);
     let cpu_before = busy_cpu_seconds();
     let output = command.output().context("running the workload")?;
     let cpu = busy_cpu_seconds() - cpu_before;
@@ -287,15 +276,59 @@ fn case(
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
     let _ = echoer.join();
     let report = String::from_utf8_lossy(&output.stdout);
-    let field = |name: &str| -> f64 {
-        let words: Vec<&str> = report.split_whitespace().collect();
-        words
-            .iter()
-            .position(|w| *w == name)
-            .and_then(|i| words.get(i + 1)?.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let goodput = rate::slope_bits_per_sec(&marks, 2.0, seconds as f64 - 1.0);
+    Ok(row(method, rate, seconds, &marks, &report, cpu))
+}
+
+/// The testbin's stream-and-ping in namespace a: under `nbt run` (with the rate, if any) for
+/// nbt, bare otherwise.
+fn workload(
+    netns: &Netns,
+    bin: &Path,
+    method: Method,
+    rate: Option<(&'static str, f64)>,
+    seconds: u64,
+) -> Command {
+    let workload = [
+        bin.join("nbt-testbin").display().to_string(),
+        "stream-and-ping".into(),
+        format!("{ADDR_B}:{BULK_PORT}"),
+        format!("{ADDR_B}:{ECHO_PORT}"),
+        seconds.to_string(),
+    ];
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net=/run/netns/{}", netns.a));
+    if method == Method::Nbt {
+        command.arg(bin.join("nbt")).arg("run");
+        if let Some((r, _)) = rate {
+            command.args(["--egress-rate", r]);
+        }
+        command.arg("--");
+    }
+    command.args(&workload);
+    command
+}
+
+/// The number after the word `name` in the workload's report (NaN when there is none).
+fn report_field(report: &str, name: &str) -> f64 {
+    let words: Vec<&str> = report.split_whitespace().collect();
+    words
+        .iter()
+        .position(|w| *w == name)
+        .and_then(|i| words.get(i + 1)?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// A case's row: the receiver's `marks`, the workload's `report` and the `cpu` seconds spent.
+fn row(
+    method: Method,
+    rate: Option<(&'static str, f64)>,
+    seconds: u64,
+    marks: &[(f64, u64)],
+    report: &str,
+    cpu: f64,
+) -> Row {
+    let field = |name: &str| report_field(report, name);
+    let goodput = rate::slope_bits_per_sec(marks, 2.0, seconds as f64 - 1.0);
     let total_bytes = marks.last().map(|m| m.1).unwrap_or(0) as f64;
     // What each method counts against its limit: htb the Ethernet frame, nbt the IP packet.
     let unit = if method == Method::Htb {
@@ -310,7 +343,7 @@ fn case(
     // fifth of the limit). Under a deep queue few requests run.
     let ping_bits = (field("samples") * 64.0 + field("segments") * (52.0 + unit - IP_PACKET)) * 8.0
         / field("ping_seconds");
-    Ok(Row {
+    Row {
         method: match method {
             Method::Bare => "bare veth",
             Method::Htb => "tc htb (seed)",
@@ -323,7 +356,7 @@ fn case(
         p50: field("rtt_ms_p50"),
         p99: field("rtt_ms_p99"),
         cpu_seconds_per_gb: cpu / (total_bytes / 1e9),
-    })
+    }
 }
 
 pub fn net(workspace: &Path, repeat: u32) -> Result<()> {

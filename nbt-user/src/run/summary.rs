@@ -7,13 +7,13 @@ use serde::Serialize;
 use crate::enforce::account::Traffic;
 use crate::enforce::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
 use crate::enforce::edt::Latency;
-use crate::learning::{RefusedReport, TaskOutcome};
 use crate::enforce::ledger::{format_amount, LedgerSummary};
 use crate::enforce::shaper::{Direction, NetLimits, ShapedTraffic};
+use crate::learning::{RefusedReport, TaskOutcome};
 use crate::receipt::Written;
-use crate::telemetry::energy::Energy;
 use crate::schedule::apply::Event;
 use crate::sys::supervise::Exit;
+use crate::telemetry::energy::Energy;
 use crate::units::format_size;
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,14 +99,14 @@ impl RunSummary {
                 "  gpu {:<9} {} (min/avg/max); run's memory peak {}",
                 gpu.index,
                 figures.join(", "),
-                crate::units::format_size(gpu.run_memory_peak_bytes)
+                format_size(gpu.run_memory_peak_bytes)
             );
         }
         if let Some(memory) = &sensors.gpu_memory {
             let _ = writeln!(
                 out,
                 "  gpu memory    cap {} per GPU, watched; {}",
-                crate::units::format_size(memory.cap_bytes),
+                format_size(memory.cap_bytes),
                 memory
                     .exceeded
                     .as_ref()
@@ -155,6 +155,27 @@ impl RunSummary {
     /// The human summary, several lines, for stderr.
     pub fn human(&self) -> String {
         let mut out = String::new();
+        self.write_outcome(&mut out);
+        self.write_cpu(&mut out);
+        self.write_memory(&mut out);
+        self.write_processes(&mut out);
+        self.write_stalls(&mut out);
+        self.write_network(&mut out);
+        self.write_shaping(&mut out);
+        self.write_latency(&mut out);
+        self.write_ledger(&mut out);
+        self.write_events(&mut out);
+        self.write_hardware(&mut out);
+        self.write_sensors(&mut out);
+        self.write_energy(&mut out);
+        self.write_updates(&mut out);
+        self.write_receipt(&mut out);
+        self.write_signals(&mut out);
+        out
+    }
+
+    /// How the workload ended, what it was, its limits and its wall time.
+    fn write_outcome(&self, out: &mut String) {
         let c = &self.cgroup;
         let how = match (&self.exit.code, &self.exit.signal) {
             (Some(code), _) => format!("exit status {code}"),
@@ -177,6 +198,11 @@ impl RunSummary {
             self.cgroup_mode
         );
         let _ = writeln!(out, "  wall time     {:.2} s", self.wall_seconds);
+    }
+
+    /// CPU time, and how much of it the CPU cap throttled.
+    fn write_cpu(&self, out: &mut String) {
+        let c = &self.cgroup;
         if let Some(usage) = c.cpu_usage_usec {
             let _ = writeln!(
                 out,
@@ -198,6 +224,11 @@ impl RunSummary {
                 opt(c.cpu_throttled_usec, seconds)
             );
         }
+    }
+
+    /// Memory and swap peaks, and OOM kills.
+    fn write_memory(&self, out: &mut String) {
+        let c = &self.cgroup;
         let of_limit = |limit: Option<u64>| {
             limit
                 .map(|l| format!(" of {}", format_size(l)))
@@ -219,6 +250,11 @@ impl RunSummary {
             "  oom kills     {}",
             opt(c.oom_kills, |n| n.to_string())
         );
+    }
+
+    /// The processes' peak and the forks refused, where the kernel counts them.
+    fn write_processes(&self, out: &mut String) {
+        let c = &self.cgroup;
         if c.pids_peak.is_some() {
             let _ = writeln!(
                 out,
@@ -235,7 +271,11 @@ impl RunSummary {
                 opt(c.forks_refused, |n| n.to_string())
             );
         }
-        if let Some(p) = &c.pressure {
+    }
+
+    /// Pressure stall totals (PSI).
+    fn write_stalls(&self, out: &mut String) {
+        if let Some(p) = &self.cgroup.pressure {
             let _ = writeln!(
                 out,
                 "  stalls (PSI)  cpu some {} full {}; memory some {} full {}; io some {} full {}",
@@ -247,6 +287,10 @@ impl RunSummary {
                 opt(p.io_full_usec, seconds)
             );
         }
+    }
+
+    /// The IP packets counted in the kernel, both ways.
+    fn write_network(&self, out: &mut String) {
         if let Some(n) = &self.network {
             let _ = writeln!(
                 out,
@@ -257,6 +301,10 @@ impl RunSummary {
                 format_size(n.egress.bytes)
             );
         }
+    }
+
+    /// Each direction's limits and what the shaper passed and dropped, for limited runs.
+    fn write_shaping(&self, out: &mut String) {
         if let Some(shaped) = &self.shaped {
             if !self.net_limits.is_unlimited() {
                 for (name, limits, traffic, direction) in [
@@ -282,6 +330,10 @@ impl RunSummary {
                 }
             }
         }
+    }
+
+    /// The delay added to outgoing packets, for runs started with --latency.
+    fn write_latency(&self, out: &mut String) {
         if let Some(l) = &self.latency {
             let _ = writeln!(
                 out,
@@ -290,6 +342,10 @@ impl RunSummary {
                 l.jitter_ns as f64 / 1e6
             );
         }
+    }
+
+    /// The balance, what was charged, and what the gate blocked, for runs with a balance.
+    fn write_ledger(&self, out: &mut String) {
         if let Some(l) = &self.ledger {
             let _ = writeln!(
                 out,
@@ -320,6 +376,10 @@ impl RunSummary {
                 }
             );
         }
+    }
+
+    /// The schedule's events, one a line, with what the kernel saw while a fault lasted.
+    fn write_events(&self, out: &mut String) {
         for (i, e) in self.events.iter().enumerate() {
             let during = e
                 .during
@@ -349,6 +409,10 @@ impl RunSummary {
                 during
             );
         }
+    }
+
+    /// The machine-wide hardware caps, and whether they are back.
+    fn write_hardware(&self, out: &mut String) {
         if let Some(hw) = &self.hardware {
             let _ = writeln!(
                 out,
@@ -364,7 +428,10 @@ impl RunSummary {
                 }
             );
         }
-        self.write_sensors(&mut out);
+    }
+
+    /// The joules, by source.
+    fn write_energy(&self, out: &mut String) {
         for j in &self.energy.joules {
             let _ = writeln!(
                 out,
@@ -379,6 +446,10 @@ impl RunSummary {
                     .unwrap_or_default()
             );
         }
+    }
+
+    /// The learning updates reported, as judged, and the report lines refused.
+    fn write_updates(&self, out: &mut String) {
         if !self.tasks.is_empty() || !self.refused_reports.is_empty() {
             let accepted = self.tasks.iter().filter(|t| t.accepted).count();
             let joules: Option<f64> = self.tasks.iter().map(|t| t.joules).sum();
@@ -404,6 +475,10 @@ impl RunSummary {
                 );
             }
         }
+    }
+
+    /// Where the run's receipt went, or why it could not be written.
+    fn write_receipt(&self, out: &mut String) {
         if let Some(r) = &self.receipt {
             let _ = writeln!(
                 out,
@@ -417,6 +492,10 @@ impl RunSummary {
         if let Some(err) = &self.receipt_error {
             let _ = writeln!(out, "  receipt       NOT WRITTEN: {err}");
         }
+    }
+
+    /// The signals passed on to the workload.
+    fn write_signals(&self, out: &mut String) {
         if !self.exit.forwarded_signals.is_empty() {
             let _ = writeln!(
                 out,
@@ -424,6 +503,5 @@ impl RunSummary {
                 self.exit.forwarded_signals.join(", ")
             );
         }
-        out
     }
 }

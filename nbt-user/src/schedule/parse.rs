@@ -121,257 +121,516 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             e.to_string().trim_end().replace('\n', " ")
         ))
     })?;
-    let line_of = |offset: usize| text_in[..offset.min(text_in.len())].matches('\n').count() + 1;
-    let err = |line: usize, what: String| {
-        ScheduleError(format!("--schedule {source}, line {line}: {what}"))
+    let reader = Reader {
+        source,
+        text: text_in,
+        initial,
     };
-    let duration =
-        |line: usize, key: &str, value: &toml::Value| -> Result<Duration, ScheduleError> {
-            units::parse_duration(key, &text(value)).map_err(|e| err(line, e.to_string()))
-        };
     let seed = file.seed.unwrap_or(0);
-    let mut actions: Vec<Action> = Vec::new();
-    // Who touches which limit when, for the conflict check: (limit, from, to, source).
-    let mut claims: Vec<(&'static str, u64, u64, String)> = Vec::new();
-
+    let mut timeline = Timeline::default();
     for step in &file.step {
-        let line = line_of(step.span().start);
+        reader.step(step, &mut timeline)?;
+    }
+    for (index, generator) in file.generator.iter().enumerate() {
+        reader.generator(seed, index, generator, &mut timeline)?;
+    }
+    // Faults last: their end puts back what steps and generators had set by their start.
+    let mut before = timeline.actions.clone();
+    before.sort_by_key(|a| a.at_ms);
+    for fault in &file.fault {
+        reader.fault(fault, &before, &mut timeline)?;
+    }
+    reader.check_overlaps(timeline.claims)?;
+    let mut actions = timeline.actions;
+    // Stable: at one time, steps before fault ends before fault starts, in file order.
+    actions.sort_by_key(|a| a.at_ms);
+    Ok(Schedule { seed, actions })
+}
+
+/// That `source` changes `limit` from `from` to `to` (ms), for the overlap check.
+struct Claim {
+    limit: &'static str,
+    from: u64,
+    to: u64,
+    source: String,
+}
+
+/// What the tables read so far add up to: the actions, and who touches which limit when.
+#[derive(Default)]
+struct Timeline {
+    actions: Vec<Action>,
+    claims: Vec<Claim>,
+}
+
+impl Timeline {
+    fn claim(&mut self, limit: &'static str, from: u64, to: u64, source: &str) {
+        self.claims.push(Claim {
+            limit,
+            from,
+            to,
+            source: source.to_string(),
+        });
+    }
+
+    fn push(&mut self, at_ms: u64, changes: Vec<Change>, origin: Origin, source: String) {
+        self.actions.push(Action {
+            at_ms,
+            changes,
+            origin,
+            source,
+        });
+    }
+}
+
+/// What reading any table needs: the file's name and text (for messages and their lines) and
+/// the state the run starts with.
+struct Reader<'a> {
+    source: &'a str,
+    text: &'a str,
+    initial: &'a Initial,
+}
+
+/// A table's values, each checked and in its unit, or an error with the table's line.
+impl Reader<'_> {
+    /// The line (from 1) of byte `offset`: the newlines before it, counted from the start.
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    fn err(&self, line: usize, what: String) -> ScheduleError {
+        ScheduleError(format!("--schedule {}, line {line}: {what}", self.source))
+    }
+
+    /// `result`, with its error put at `line`.
+    fn at_line<T, E: std::fmt::Display>(
+        &self,
+        line: usize,
+        result: Result<T, E>,
+    ) -> Result<T, ScheduleError> {
+        result.map_err(|e| self.err(line, e.to_string()))
+    }
+
+    fn duration(
+        &self,
+        line: usize,
+        key: &str,
+        value: &toml::Value,
+    ) -> Result<Duration, ScheduleError> {
+        self.at_line(line, units::parse_duration(key, &text(value)))
+    }
+
+    /// A duration in whole milliseconds.
+    fn millis(&self, line: usize, key: &str, value: &toml::Value) -> Result<u64, ScheduleError> {
+        Ok(self.duration(line, key, value)?.as_millis() as u64)
+    }
+
+    fn size(&self, line: usize, key: &str, value: &toml::Value) -> Result<u64, ScheduleError> {
+        self.at_line(line, units::parse_size(key, &text(value)))
+    }
+
+    fn cpus(&self, line: usize, key: &str, value: &toml::Value) -> Result<u64, ScheduleError> {
+        self.at_line(line, units::parse_cpus(key, &text(value)))
+    }
+
+    fn percent(&self, line: usize, key: &str, value: &toml::Value) -> Result<f64, ScheduleError> {
+        self.at_line(line, units::parse_percent(key, &text(value)))
+    }
+
+    /// A rate the shaper can keep to.
+    fn rate(&self, line: usize, key: &str, value: &toml::Value) -> Result<u64, ScheduleError> {
+        let rate = self.at_line(line, units::parse_rate(key, &text(value)))?;
+        self.at_line(
+            line,
+            crate::enforce::shaper::check_rate(key, &text(value), rate),
+        )?;
+        Ok(rate)
+    }
+
+    fn amount(&self, line: usize, key: &str, value: &toml::Value) -> Result<i64, ScheduleError> {
+        self.at_line(
+            line,
+            crate::enforce::ledger::parse_amount(key, &text(value)),
+        )
+    }
+
+    /// Refuses `key` for a run started without a balance.
+    fn need_balance(&self, line: usize, key: &str) -> Result<(), ScheduleError> {
+        if self.initial.has_balance {
+            Ok(())
+        } else {
+            Err(self.err(line, format!("{key} needs the run started with --balance")))
+        }
+    }
+
+    /// `loss` on the interfaces `direction` names (`default` when none).
+    fn loss_changes(
+        &self,
+        line: usize,
+        direction: Option<&str>,
+        default: &str,
+        loss: Loss,
+    ) -> Result<Vec<Change>, ScheduleError> {
+        Ok(match direction.unwrap_or(default) {
+            "egress" => vec![Change::EgressLoss { loss }],
+            "ingress" => vec![Change::IngressLoss { loss }],
+            "both" => vec![Change::EgressLoss { loss }, Change::IngressLoss { loss }],
+            other => {
+                return Err(self.err(
+                    line,
+                    format!("direction '{other}': accepted: egress, ingress, both"),
+                ))
+            }
+        })
+    }
+
+    /// Two changes of one limit at overlapping times would undo each other: refused.
+    fn check_overlaps(&self, mut claims: Vec<Claim>) -> Result<(), ScheduleError> {
+        claims.retain(|c| c.limit != "balance");
+        claims.sort_by_key(|c| (c.limit, c.from));
+        for pair in claims.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if a.limit == b.limit && b.from <= a.to {
+                return Err(ScheduleError(format!(
+                    "--schedule {}: {} and {} both set {} at {:.1} s: they overlap; move one",
+                    self.source,
+                    a.source,
+                    b.source,
+                    a.limit,
+                    b.from as f64 / 1000.0
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[[step]]` tables: changes at one moment.
+impl Reader<'_> {
+    fn step(&self, step: &Spanned<StepToml>, timeline: &mut Timeline) -> Result<(), ScheduleError> {
+        let line = self.line_of(step.span().start);
         let s = step.get_ref();
-        let at = duration(line, "at", &s.at)?.as_millis() as u64;
+        let at = self.millis(line, "at", &s.at)?;
         let mut changes = Vec::new();
+        self.resource_changes(line, s, &mut changes)?;
+        self.network_changes(line, s, &mut changes)?;
+        self.ledger_changes(line, s, &mut changes)?;
+        if changes.is_empty() {
+            return Err(self.err(line, "this step changes nothing: give memory, swap, cpus, egress-rate, ingress-rate, loss, latency, balance-add, balance-charge, price-call or price-egress".into()));
+        }
+        let source = format!("step (line {line})");
+        for change in &changes {
+            timeline.claim(change.limit(), at, at, &source);
+        }
+        timeline.push(at, changes, Origin::Step, source);
+        Ok(())
+    }
+
+    /// memory, swap and cpus.
+    fn resource_changes(
+        &self,
+        line: usize,
+        s: &StepToml,
+        changes: &mut Vec<Change>,
+    ) -> Result<(), ScheduleError> {
         if let Some(v) = &s.memory {
             changes.push(Change::Memory {
-                bytes: Some(
-                    units::parse_size("memory", &text(v)).map_err(|e| err(line, e.to_string()))?,
-                ),
+                bytes: Some(self.size(line, "memory", v)?),
             });
         }
         if let Some(v) = &s.swap {
             changes.push(Change::Swap {
-                bytes: Some(
-                    units::parse_size("swap", &text(v)).map_err(|e| err(line, e.to_string()))?,
-                ),
+                bytes: Some(self.size(line, "swap", v)?),
             });
         }
         if let Some(v) = &s.cpus {
             changes.push(Change::Cpus {
-                millicores: Some(
-                    units::parse_cpus("cpus", &text(v)).map_err(|e| err(line, e.to_string()))?,
-                ),
+                millicores: Some(self.cpus(line, "cpus", v)?),
             });
         }
-        for (key, value, egress) in [
-            ("egress-rate", &s.egress_rate, true),
-            ("ingress-rate", &s.ingress_rate, false),
-        ] {
-            if let Some(v) = value {
-                let rate =
-                    units::parse_rate(key, &text(v)).map_err(|e| err(line, e.to_string()))?;
-                crate::enforce::shaper::check_rate(key, &text(v), rate)
-                    .map_err(|e| err(line, e.to_string()))?;
-                changes.push(if egress {
-                    Change::EgressRate {
-                        bits_per_sec: Some(rate),
-                    }
-                } else {
-                    Change::IngressRate {
-                        bits_per_sec: Some(rate),
-                    }
-                });
-            }
+        Ok(())
+    }
+
+    /// egress-rate, ingress-rate, loss (with loss-direction) and latency.
+    fn network_changes(
+        &self,
+        line: usize,
+        s: &StepToml,
+        changes: &mut Vec<Change>,
+    ) -> Result<(), ScheduleError> {
+        if let Some(v) = &s.egress_rate {
+            changes.push(Change::EgressRate {
+                bits_per_sec: Some(self.rate(line, "egress-rate", v)?),
+            });
+        }
+        if let Some(v) = &s.ingress_rate {
+            changes.push(Change::IngressRate {
+                bits_per_sec: Some(self.rate(line, "ingress-rate", v)?),
+            });
         }
         if let Some(v) = &s.loss {
-            let loss = Loss::uniform(
-                units::parse_percent("loss", &text(v)).map_err(|e| err(line, e.to_string()))?,
-            );
-            changes.extend(loss_changes(
-                line,
-                s.loss_direction.as_deref(),
-                "egress",
-                loss,
-                &err,
-            )?);
+            let loss = Loss::uniform(self.percent(line, "loss", v)?);
+            changes.extend(self.loss_changes(line, s.loss_direction.as_deref(), "egress", loss)?);
         } else if s.loss_direction.is_some() {
-            return Err(err(
+            return Err(self.err(
                 line,
                 "loss-direction says where `loss` applies: the step has no loss".into(),
             ));
         }
         if let Some(v) = &s.latency {
-            if initial.latency_ns.is_none() {
-                return Err(err(line, "a latency step needs the run started with --latency (0ms will do), which puts fq on its interfaces".into()));
+            if self.initial.latency_ns.is_none() {
+                return Err(self.err(line, "a latency step needs the run started with --latency (0ms will do), which puts fq on its interfaces".into()));
             }
             changes.push(Change::Latency {
-                ns: duration(line, "latency", v)?.as_nanos() as u64,
+                ns: self.duration(line, "latency", v)?.as_nanos() as u64,
             });
         }
+        Ok(())
+    }
+
+    /// balance-add, balance-charge, price-call and price-egress: runs with a balance only.
+    fn ledger_changes(
+        &self,
+        line: usize,
+        s: &StepToml,
+        changes: &mut Vec<Change>,
+    ) -> Result<(), ScheduleError> {
         for (key, value, sign) in [
             ("balance-add", &s.balance_add, 1),
             ("balance-charge", &s.balance_charge, -1),
         ] {
             if let Some(v) = value {
-                if !initial.has_balance {
-                    return Err(err(
-                        line,
-                        format!("{key} needs the run started with --balance"),
-                    ));
-                }
-                let micro = crate::enforce::ledger::parse_amount(key, &text(v))
-                    .map_err(|e| err(line, e.to_string()))?;
+                self.need_balance(line, key)?;
                 changes.push(Change::Balance {
-                    micro: sign * micro,
+                    micro: sign * self.amount(line, key, v)?,
                 });
             }
         }
-        for (key, value) in [
-            ("price-call", &s.price_call),
-            ("price-egress", &s.price_egress),
-        ] {
-            if let Some(v) = value {
-                if !initial.has_balance {
-                    return Err(err(
-                        line,
-                        format!("{key} needs the run started with --balance"),
-                    ));
-                }
-                changes.push(if key == "price-call" {
-                    Change::PriceCall {
-                        micro: crate::enforce::ledger::parse_amount(key, &text(v))
-                            .map_err(|e| err(line, e.to_string()))?,
-                    }
-                } else {
-                    Change::PriceEgress {
-                        pico_per_byte: crate::enforce::ledger::parse_price_per_gb(key, &text(v))
-                            .map_err(|e| err(line, e.to_string()))?,
-                    }
-                });
-            }
+        if let Some(v) = &s.price_call {
+            self.need_balance(line, "price-call")?;
+            changes.push(Change::PriceCall {
+                micro: self.amount(line, "price-call", v)?,
+            });
         }
-        if changes.is_empty() {
-            return Err(err(line, "this step changes nothing: give memory, swap, cpus, egress-rate, ingress-rate, loss, latency, balance-add, balance-charge, price-call or price-egress".into()));
+        if let Some(v) = &s.price_egress {
+            self.need_balance(line, "price-egress")?;
+            changes.push(Change::PriceEgress {
+                pico_per_byte: self.at_line(
+                    line,
+                    crate::enforce::ledger::parse_price_per_gb("price-egress", &text(v)),
+                )?,
+            });
         }
-        let source = format!("step (line {line})");
-        for change in &changes {
-            claims.push((change.limit(), at, at, source.clone()));
+        Ok(())
+    }
+}
+
+/// A generator's checked settings: when it ticks, between which bounds (in the limit's own
+/// unit, as numbers), and how it moves.
+struct Wave {
+    every: u64,
+    from: u64,
+    until: u64,
+    min: f64,
+    max: f64,
+    /// The sine's period (periodic), or 0 (random walk).
+    period_ms: f64,
+    /// random-walk: the largest move per interval, as a fraction of max − min.
+    step: f64,
+}
+
+impl Wave {
+    /// The value at each tick from `from` to `until`, with its time.
+    fn values(&self, mut rng: SplitMix) -> Vec<(u64, f64)> {
+        let (min, max) = (self.min, self.max);
+        let mut value = (min + max) / 2.0;
+        let mut values = Vec::new();
+        let mut t = self.from;
+        while t <= self.until {
+            value = if self.period_ms > 0.0 {
+                let phase = (t - self.from) as f64 / self.period_ms * std::f64::consts::TAU;
+                (min + max) / 2.0 + (max - min) / 2.0 * phase.sin()
+            } else {
+                (value + (rng.unit() * 2.0 - 1.0) * self.step * (max - min)).clamp(min, max)
+            };
+            values.push((t, value));
+            t += self.every;
         }
-        actions.push(Action {
-            at_ms: at,
-            changes,
-            origin: Origin::Step,
-            source,
-        });
+        values
+    }
+}
+
+/// `[[generator]]` tables: a limit driven along a random walk or a sine.
+impl Reader<'_> {
+    fn generator(
+        &self,
+        seed: u64,
+        index: usize,
+        generator: &Spanned<GeneratorToml>,
+        timeline: &mut Timeline,
+    ) -> Result<(), ScheduleError> {
+        let line = self.line_of(generator.span().start);
+        let g = generator.get_ref();
+        let wave = self.wave(line, g)?;
+        let rng = SplitMix(seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let source = format!("generator {} (line {line})", g.limit);
+        timeline.claim(limit_name(&g.limit), wave.from, wave.until, &source);
+        for (t, value) in wave.values(rng) {
+            let change = generated_change(&g.limit, value);
+            timeline.push(t, vec![change], Origin::Generator, source.clone());
+        }
+        Ok(())
     }
 
-    for (index, generator) in file.generator.iter().enumerate() {
-        let line = line_of(generator.span().start);
-        let g = generator.get_ref();
-        let every = duration(line, "every", &g.every)?.as_millis() as u64;
+    /// Checks a generator's settings, in the order they are refused in.
+    fn wave(&self, line: usize, g: &GeneratorToml) -> Result<Wave, ScheduleError> {
+        let every = self.millis(line, "every", &g.every)?;
         if every == 0 {
-            return Err(err(line, "every must be longer than 0".into()));
+            return Err(self.err(line, "every must be longer than 0".into()));
         }
         let from = match &g.from {
-            Some(v) => duration(line, "from", v)?.as_millis() as u64,
+            Some(v) => self.millis(line, "from", v)?,
             None => 0,
         };
-        let until = duration(line, "until", &g.until)?.as_millis() as u64;
+        let until = self.millis(line, "until", &g.until)?;
         if until <= from {
-            return Err(err(
+            return Err(self.err(
                 line,
                 format!("until ({until} ms) must come after from ({from} ms)"),
             ));
         }
-        // The bounds in the limit's own unit, as numbers.
-        let bound = |key: &str, v: &toml::Value| -> Result<f64, ScheduleError> {
-            let t = text(v);
-            let r = match g.limit.as_str() {
-                "egress-rate" | "ingress-rate" => units::parse_rate(key, &t).map(|x| x as f64),
-                "cpus" => units::parse_cpus(key, &t).map(|x| x as f64),
-                "loss" => units::parse_percent(key, &t),
-                other => {
-                    return Err(err(line, format!("limit '{other}': a generator drives egress-rate, ingress-rate, cpus or loss")))
-                }
-            };
-            r.map_err(|e| err(line, e.to_string()))
-        };
-        let (min, max) = (bound("min", &g.min)?, bound("max", &g.max)?);
+        let min = self.bound(line, &g.limit, "min", &g.min)?;
+        let max = self.bound(line, &g.limit, "max", &g.max)?;
         if min > max {
-            return Err(err(line, "min is above max".into()));
+            return Err(self.err(line, "min is above max".into()));
         }
-        let mut rng = SplitMix(seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut value = (min + max) / 2.0;
-        let period_ms = match (g.kind.as_str(), &g.period) {
-            ("periodic", Some(p)) => duration(line, "period", p)?.as_millis() as f64,
-            ("periodic", None) => {
-                return Err(err(line, "a periodic generator needs period".into()))
-            }
-            ("random-walk", Some(_)) => {
-                return Err(err(line, "period is for kind = \"periodic\"".into()))
-            }
-            ("random-walk", None) => 0.0,
-            (other, _) => {
-                return Err(err(
-                    line,
-                    format!("kind '{other}': accepted: random-walk, periodic"),
-                ))
-            }
-        };
+        let period_ms = self.period_ms(line, g)?;
         let step = g.step.unwrap_or(0.2);
         if !(0.0..=1.0).contains(&step) {
-            return Err(err(
+            return Err(self.err(
                 line,
                 format!("step {step}: a fraction of max - min, 0 to 1"),
             ));
         }
-        let source = format!("generator {} (line {line})", g.limit);
-        claims.push((limit_name(&g.limit), from, until, source.clone()));
-        let mut t = from;
-        while t <= until {
-            value = if period_ms > 0.0 {
-                let phase = (t - from) as f64 / period_ms * std::f64::consts::TAU;
-                (min + max) / 2.0 + (max - min) / 2.0 * phase.sin()
-            } else {
-                (value + (rng.unit() * 2.0 - 1.0) * step * (max - min)).clamp(min, max)
-            };
-            let change = match g.limit.as_str() {
-                "egress-rate" => Change::EgressRate {
-                    bits_per_sec: Some(value.round() as u64),
-                },
-                "ingress-rate" => Change::IngressRate {
-                    bits_per_sec: Some(value.round() as u64),
-                },
-                "cpus" => Change::Cpus {
-                    millicores: Some(value.round().max(1.0) as u64),
-                },
-                _ => Change::EgressLoss {
-                    loss: Loss::uniform((value * 1e6).round() / 1e6),
-                },
-            };
-            actions.push(Action {
-                at_ms: t,
-                changes: vec![change],
-                origin: Origin::Generator,
-                source: source.clone(),
-            });
-            t += every;
-        }
+        Ok(Wave {
+            every,
+            from,
+            until,
+            min,
+            max,
+            period_ms,
+            step,
+        })
     }
 
-    // Faults last: their end puts back what steps and generators had set by their start.
-    let mut before = actions.clone();
-    before.sort_by_key(|a| a.at_ms);
-    for fault in &file.fault {
-        let line = line_of(fault.span().start);
+    /// A generator's min or max in its limit's own unit, as a number.
+    fn bound(
+        &self,
+        line: usize,
+        limit: &str,
+        key: &str,
+        value: &toml::Value,
+    ) -> Result<f64, ScheduleError> {
+        let t = text(value);
+        let r = match limit {
+            "egress-rate" | "ingress-rate" => units::parse_rate(key, &t).map(|x| x as f64),
+            "cpus" => units::parse_cpus(key, &t).map(|x| x as f64),
+            "loss" => units::parse_percent(key, &t),
+            other => {
+                let what = format!(
+                    "limit '{other}': a generator drives egress-rate, ingress-rate, cpus or loss"
+                );
+                return Err(self.err(line, what));
+            }
+        };
+        self.at_line(line, r)
+    }
+
+    /// The sine's period for kind = "periodic", 0 for kind = "random-walk".
+    fn period_ms(&self, line: usize, g: &GeneratorToml) -> Result<f64, ScheduleError> {
+        Ok(match (g.kind.as_str(), &g.period) {
+            ("periodic", Some(p)) => self.duration(line, "period", p)?.as_millis() as f64,
+            ("periodic", None) => {
+                return Err(self.err(line, "a periodic generator needs period".into()))
+            }
+            ("random-walk", Some(_)) => {
+                return Err(self.err(line, "period is for kind = \"periodic\"".into()))
+            }
+            ("random-walk", None) => 0.0,
+            (other, _) => {
+                return Err(self.err(
+                    line,
+                    format!("kind '{other}': accepted: random-walk, periodic"),
+                ))
+            }
+        })
+    }
+}
+
+/// A generator's change of `limit` to `value` (in the limit's unit).
+fn generated_change(limit: &str, value: f64) -> Change {
+    match limit {
+        "egress-rate" => Change::EgressRate {
+            bits_per_sec: Some(value.round() as u64),
+        },
+        "ingress-rate" => Change::IngressRate {
+            bits_per_sec: Some(value.round() as u64),
+        },
+        "cpus" => Change::Cpus {
+            millicores: Some(value.round().max(1.0) as u64),
+        },
+        _ => Change::EgressLoss {
+            loss: Loss::uniform((value * 1e6).round() / 1e6),
+        },
+    }
+}
+
+/// When a fault strikes: its first start, its length (none for an instant one), and how many
+/// times, how far apart (ms).
+struct Timing {
+    start: u64,
+    length: Option<u64>,
+    count: u64,
+    repeat: u64,
+}
+
+/// `[[fault]]` tables: a change for a while (or at one moment), once or repeated.
+impl Reader<'_> {
+    /// Reads a fault; `before` (in time order) holds the steps' and generators' actions, whose
+    /// values the fault's end puts back.
+    fn fault(
+        &self,
+        fault: &Spanned<FaultToml>,
+        before: &[Action],
+        timeline: &mut Timeline,
+    ) -> Result<(), ScheduleError> {
+        let line = self.line_of(fault.span().start);
         let f = fault.get_ref();
-        let start = duration(line, "start", &f.start)?.as_millis() as u64;
+        let timing = self.timing(line, f)?;
+        let table = FaultTable {
+            reader: self,
+            line,
+            f,
+            length: timing.length,
+        };
+        let (on, instant) = table.changes()?;
+        table.emit(&timing, &on, instant, before, timeline);
+        Ok(())
+    }
+
+    fn timing(&self, line: usize, f: &FaultToml) -> Result<Timing, ScheduleError> {
+        let start = self.millis(line, "start", &f.start)?;
         let length = match &f.duration {
-            Some(v) => Some(duration(line, "duration", v)?.as_millis() as u64),
+            Some(v) => Some(self.millis(line, "duration", v)?),
             None => None,
         };
         let count = f.count.unwrap_or(1);
         let repeat = match &f.repeat {
-            Some(v) => duration(line, "repeat", v)?.as_millis() as u64,
+            Some(v) => self.millis(line, "repeat", v)?,
             None if count > 1 => {
-                return Err(err(
+                return Err(self.err(
                     line,
                     "count needs repeat, the time between the fault's starts".into(),
                 ))
@@ -379,149 +638,192 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
             None => 0,
         };
         if count == 0 {
-            return Err(err(line, "count must be at least 1".into()));
+            return Err(self.err(line, "count must be at least 1".into()));
         }
         if let (Some(length), true) = (length, repeat > 0) {
             if repeat <= length {
-                return Err(err(line, format!("repeat ({repeat} ms) must be longer than duration ({length} ms): the fault would overlap itself")));
+                return Err(self.err(line, format!("repeat ({repeat} ms) must be longer than duration ({length} ms): the fault would overlap itself")));
             }
         }
-        let unused = |key: &str, given: bool| -> Result<(), ScheduleError> {
-            if given {
-                Err(err(
-                    line,
-                    format!("{key} does not apply to a {} fault", f.kind),
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        let need_duration =
-            || length.ok_or_else(|| err(line, format!("a {} fault needs duration", f.kind)));
-        // The fault's change and, for the end, the limits it touches.
-        let (on, instant): (Vec<Change>, bool) = match f.kind.as_str() {
-            "brownout" => {
-                unused("direction", f.direction.is_some())?;
-                unused("rate", f.rate.is_some())?;
-                unused("loss", f.loss.is_some())?;
-                unused("memory", f.memory.is_some())?;
-                unused("amount", f.amount.is_some())?;
-                need_duration()?;
-                match &f.cpus {
-                    Some(v) => (vec![Change::Cpus { millicores: Some(units::parse_cpus("cpus", &text(v)).map_err(|e| err(line, e.to_string()))?) }], false),
-                    None => (vec![Change::Freeze { frozen: true }], false),
-                }
-            }
-            "network-drop" | "loss-burst" => {
-                unused("cpus", f.cpus.is_some())?;
-                unused("rate", f.rate.is_some())?;
-                unused("memory", f.memory.is_some())?;
-                unused("amount", f.amount.is_some())?;
-                need_duration()?;
-                let (loss, default_direction) = if f.kind == "network-drop" {
-                    unused("loss", f.loss.is_some())?;
-                    (Loss::uniform(1.0), "both")
-                } else {
-                    let v = f.loss.as_ref().ok_or_else(|| err(line, "a loss-burst fault needs loss".into()))?;
-                    (Loss::uniform(units::parse_percent("loss", &text(v)).map_err(|e| err(line, e.to_string()))?), "egress")
-                };
-                (loss_changes(line, f.direction.as_deref(), default_direction, loss, &err)?, false)
-            }
-            "memory-squeeze" => {
-                unused("cpus", f.cpus.is_some())?;
-                unused("rate", f.rate.is_some())?;
-                unused("direction", f.direction.is_some())?;
-                unused("loss", f.loss.is_some())?;
-                unused("amount", f.amount.is_some())?;
-                need_duration()?;
-                let v = f.memory.as_ref().ok_or_else(|| err(line, "a memory-squeeze fault needs memory, the size to squeeze the run to".into()))?;
-                let bytes = units::parse_size("memory", &text(v)).map_err(|e| err(line, e.to_string()))?;
-                (vec![Change::MemoryHigh { bytes: Some(bytes) }], false)
-            }
-            "balance-shock" => {
-                unused("cpus", f.cpus.is_some())?;
-                unused("rate", f.rate.is_some())?;
-                unused("direction", f.direction.is_some())?;
-                unused("loss", f.loss.is_some())?;
-                unused("memory", f.memory.is_some())?;
-                unused("duration", f.duration.is_some())?;
-                if !initial.has_balance {
-                    return Err(err(line, "a balance-shock needs the run started with --balance".into()));
-                }
-                let v = f.amount.as_ref().ok_or_else(|| err(line, "a balance-shock fault needs amount, the charge".into()))?;
-                let micro = crate::enforce::ledger::parse_amount("amount", &text(v)).map_err(|e| err(line, e.to_string()))?;
-                (vec![Change::Balance { micro: -micro }], true)
-            }
-            "memory-leak" => {
-                unused("cpus", f.cpus.is_some())?;
-                unused("direction", f.direction.is_some())?;
-                unused("loss", f.loss.is_some())?;
-                unused("memory", f.memory.is_some())?;
-                unused("amount", f.amount.is_some())?;
-                need_duration()?;
-                let v = f.rate.as_ref().ok_or_else(|| err(line, "a memory-leak fault needs rate, the balloon's growth per second (10M)".into()))?;
-                let t = text(v);
-                let bytes = units::parse_size("rate", t.trim().trim_end_matches("/s")).map_err(|e| err(line, e.to_string()))?;
-                if bytes == 0 {
-                    return Err(err(line, "rate must be above 0".into()));
-                }
-                (vec![Change::Leak { bytes_per_sec: Some(bytes) }], false)
-            }
-            other => return Err(err(line, format!("kind '{other}': accepted: brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock"))),
-        };
-        for n in 0..count {
-            let at = start + n * repeat;
-            let name = format!("{} #{} (line {line})", f.kind, n + 1);
-            if instant {
-                actions.push(Action {
-                    at_ms: at,
-                    changes: on.clone(),
-                    origin: Origin::Fault,
-                    source: name,
-                });
-                continue;
-            }
-            let end = at + length.unwrap_or(0);
-            for change in &on {
-                claims.push((change.limit(), at, end, name.clone()));
-            }
-            let off: Vec<Change> = on
-                .iter()
-                .map(|c| restore(c, &before, at, initial))
-                .collect();
-            actions.push(Action {
-                at_ms: at,
-                changes: on.clone(),
-                origin: Origin::FaultStart,
-                source: name.clone(),
-            });
-            actions.push(Action {
-                at_ms: end,
-                changes: off,
-                origin: Origin::FaultEnd,
-                source: name,
-            });
+        Ok(Timing {
+            start,
+            length,
+            count,
+            repeat,
+        })
+    }
+}
+
+/// One fault table being read: its line, its keys and its duration, if it has one.
+struct FaultTable<'a> {
+    reader: &'a Reader<'a>,
+    line: usize,
+    f: &'a FaultToml,
+    length: Option<u64>,
+}
+
+impl FaultTable<'_> {
+    fn err(&self, what: String) -> ScheduleError {
+        self.reader.err(self.line, what)
+    }
+
+    /// Refuses `key`, when `given`, as foreign to this kind of fault.
+    fn unused(&self, key: &str, given: bool) -> Result<(), ScheduleError> {
+        if given {
+            Err(self.err(format!("{key} does not apply to a {} fault", self.f.kind)))
+        } else {
+            Ok(())
         }
     }
 
-    // Two changes of one limit at overlapping times would undo each other: refused.
-    claims.retain(|c| c.0 != "balance");
-    claims.sort_by_key(|c| (c.0, c.1));
-    for pair in claims.windows(2) {
-        let (a, b) = (&pair[0], &pair[1]);
-        if a.0 == b.0 && b.1 <= a.2 {
-            return Err(ScheduleError(format!(
-                "--schedule {source}: {} and {} both set {} at {:.1} s: they overlap; move one",
-                a.3,
-                b.3,
-                a.0,
-                b.1 as f64 / 1000.0
-            )));
+    fn need_duration(&self) -> Result<u64, ScheduleError> {
+        self.length
+            .ok_or_else(|| self.err(format!("a {} fault needs duration", self.f.kind)))
+    }
+
+    /// The fault's change and whether it is instant (no end to put back).
+    fn changes(&self) -> Result<(Vec<Change>, bool), ScheduleError> {
+        Ok(match self.f.kind.as_str() {
+            "brownout" => (self.brownout()?, false),
+            "network-drop" | "loss-burst" => (self.network()?, false),
+            "memory-squeeze" => (self.memory_squeeze()?, false),
+            "balance-shock" => (self.balance_shock()?, true),
+            "memory-leak" => (self.memory_leak()?, false),
+            other => {
+                return Err(self.err(format!(
+                    "kind '{other}': accepted: brownout, network-drop, loss-burst, \
+                     memory-squeeze, memory-leak, balance-shock"
+                )))
+            }
+        })
+    }
+
+    fn brownout(&self) -> Result<Vec<Change>, ScheduleError> {
+        let f = self.f;
+        self.unused("direction", f.direction.is_some())?;
+        self.unused("rate", f.rate.is_some())?;
+        self.unused("loss", f.loss.is_some())?;
+        self.unused("memory", f.memory.is_some())?;
+        self.unused("amount", f.amount.is_some())?;
+        self.need_duration()?;
+        Ok(match &f.cpus {
+            Some(v) => vec![Change::Cpus {
+                millicores: Some(self.reader.cpus(self.line, "cpus", v)?),
+            }],
+            None => vec![Change::Freeze { frozen: true }],
+        })
+    }
+
+    /// network-drop (all packets lost) and loss-burst (some).
+    fn network(&self) -> Result<Vec<Change>, ScheduleError> {
+        let f = self.f;
+        self.unused("cpus", f.cpus.is_some())?;
+        self.unused("rate", f.rate.is_some())?;
+        self.unused("memory", f.memory.is_some())?;
+        self.unused("amount", f.amount.is_some())?;
+        self.need_duration()?;
+        let (loss, default_direction) = if f.kind == "network-drop" {
+            self.unused("loss", f.loss.is_some())?;
+            (Loss::uniform(1.0), "both")
+        } else {
+            let v = f
+                .loss
+                .as_ref()
+                .ok_or_else(|| self.err("a loss-burst fault needs loss".into()))?;
+            (
+                Loss::uniform(self.reader.percent(self.line, "loss", v)?),
+                "egress",
+            )
+        };
+        self.reader
+            .loss_changes(self.line, f.direction.as_deref(), default_direction, loss)
+    }
+
+    fn memory_squeeze(&self) -> Result<Vec<Change>, ScheduleError> {
+        let f = self.f;
+        self.unused("cpus", f.cpus.is_some())?;
+        self.unused("rate", f.rate.is_some())?;
+        self.unused("direction", f.direction.is_some())?;
+        self.unused("loss", f.loss.is_some())?;
+        self.unused("amount", f.amount.is_some())?;
+        self.need_duration()?;
+        let v = f.memory.as_ref().ok_or_else(|| {
+            self.err("a memory-squeeze fault needs memory, the size to squeeze the run to".into())
+        })?;
+        let bytes = self.reader.size(self.line, "memory", v)?;
+        Ok(vec![Change::MemoryHigh { bytes: Some(bytes) }])
+    }
+
+    fn balance_shock(&self) -> Result<Vec<Change>, ScheduleError> {
+        let f = self.f;
+        self.unused("cpus", f.cpus.is_some())?;
+        self.unused("rate", f.rate.is_some())?;
+        self.unused("direction", f.direction.is_some())?;
+        self.unused("loss", f.loss.is_some())?;
+        self.unused("memory", f.memory.is_some())?;
+        self.unused("duration", f.duration.is_some())?;
+        if !self.reader.initial.has_balance {
+            return Err(self.err("a balance-shock needs the run started with --balance".into()));
+        }
+        let v = f
+            .amount
+            .as_ref()
+            .ok_or_else(|| self.err("a balance-shock fault needs amount, the charge".into()))?;
+        let micro = self.reader.amount(self.line, "amount", v)?;
+        Ok(vec![Change::Balance { micro: -micro }])
+    }
+
+    fn memory_leak(&self) -> Result<Vec<Change>, ScheduleError> {
+        let f = self.f;
+        self.unused("cpus", f.cpus.is_some())?;
+        self.unused("direction", f.direction.is_some())?;
+        self.unused("loss", f.loss.is_some())?;
+        self.unused("memory", f.memory.is_some())?;
+        self.unused("amount", f.amount.is_some())?;
+        self.need_duration()?;
+        let v = f.rate.as_ref().ok_or_else(|| {
+            self.err("a memory-leak fault needs rate, the balloon's growth per second (10M)".into())
+        })?;
+        let t = text(v);
+        let bytes = self.reader.at_line(
+            self.line,
+            units::parse_size("rate", t.trim().trim_end_matches("/s")),
+        )?;
+        if bytes == 0 {
+            return Err(self.err("rate must be above 0".into()));
+        }
+        Ok(vec![Change::Leak {
+            bytes_per_sec: Some(bytes),
+        }])
+    }
+
+    /// The fault's actions, each time it strikes: `on` at its start and, unless `instant`,
+    /// what `before` had in force then at its end.
+    fn emit(
+        &self,
+        timing: &Timing,
+        on: &[Change],
+        instant: bool,
+        before: &[Action],
+        timeline: &mut Timeline,
+    ) {
+        let (f, line, initial) = (self.f, self.line, self.reader.initial);
+        for n in 0..timing.count {
+            let at = timing.start + n * timing.repeat;
+            let name = format!("{} #{} (line {line})", f.kind, n + 1);
+            if instant {
+                timeline.push(at, on.to_vec(), Origin::Fault, name);
+                continue;
+            }
+            let end = at + timing.length.unwrap_or(0);
+            for change in on {
+                timeline.claim(change.limit(), at, end, &name);
+            }
+            let off: Vec<Change> = on.iter().map(|c| restore(c, before, at, initial)).collect();
+            timeline.push(at, on.to_vec(), Origin::FaultStart, name.clone());
+            timeline.push(end, off, Origin::FaultEnd, name);
         }
     }
-    // Stable: at one time, steps before fault ends before fault starts, in file order.
-    actions.sort_by_key(|a| a.at_ms);
-    Ok(Schedule { seed, actions })
 }
 
 /// The limit name a generator's `limit` claims.
@@ -532,26 +834,6 @@ fn limit_name(limit: &str) -> &'static str {
         "cpus" => "cpus",
         _ => "egress loss",
     }
-}
-
-fn loss_changes(
-    line: usize,
-    direction: Option<&str>,
-    default: &str,
-    loss: Loss,
-    err: &impl Fn(usize, String) -> ScheduleError,
-) -> Result<Vec<Change>, ScheduleError> {
-    Ok(match direction.unwrap_or(default) {
-        "egress" => vec![Change::EgressLoss { loss }],
-        "ingress" => vec![Change::IngressLoss { loss }],
-        "both" => vec![Change::EgressLoss { loss }, Change::IngressLoss { loss }],
-        other => {
-            return Err(err(
-                line,
-                format!("direction '{other}': accepted: egress, ingress, both"),
-            ))
-        }
-    })
 }
 
 /// What puts `change`'s limit back after a fault starting at `at`: the last value steps and
