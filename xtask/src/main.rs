@@ -10,6 +10,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context as _, Result};
 
 mod bench;
+mod layers;
 mod telemetry;
 mod vm;
 use clap::{Parser, Subcommand};
@@ -63,6 +64,12 @@ enum Task {
     },
     /// Set up if needed, build, and run every test (unit, integration, and the VM tests) as root
     Test,
+    /// Check that nbt-user's modules import only from lower layers and in no circle
+    /// (docs/layout.md); `--graph` prints every module's imports
+    Layers {
+        #[arg(long)]
+        graph: bool,
+    },
     /// Kernel-feature tests in QEMU VMs booted from Debian's 6.1 and 6.12 kernels
     VmTest {
         /// 6.1, 6.12 or all
@@ -98,6 +105,7 @@ fn main() -> ExitCode {
             repeat,
         } => bench(&kind, kernel.as_deref(), repeat),
         Task::VmTest { kernel } => vm_test(&kernel),
+        Task::Layers { graph } => Ok(check_layers(graph)),
     };
     match result {
         Ok(code) => code,
@@ -335,5 +343,27 @@ fn vm_test(kernel: &str) -> Result<ExitCode> {
     } else {
         eprintln!("xtask vm-test: some VM tests failed (see above)");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+fn check_layers(graph: bool) -> ExitCode {
+    let src = workspace_root().join("nbt-user/src");
+    if graph {
+        for (module, deps) in layers::imports(&src) {
+            let deps: Vec<String> = deps.into_iter().collect();
+            println!("{module} -> {}", deps.join(", "));
+        }
+    }
+    let found = layers::violations(&src);
+    for violation in &found {
+        eprintln!("xtask layers: {violation}");
+    }
+    if found.is_empty() {
+        eprintln!(
+            "xtask layers: every import goes to a lower layer or within its folder; no circle"
+        );
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
