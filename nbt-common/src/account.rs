@@ -29,4 +29,6 @@ impl TrafficCounters {
 }
 
 #[cfg(feature = "user")]
+// SAFETY: TrafficCounters is #[repr(C)], two u64s with no padding: every bit pattern is a valid
+// value.
 unsafe impl aya::Pod for TrafficCounters {}

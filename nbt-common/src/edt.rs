@@ -17,4 +17,6 @@ pub struct EdtConfig {
 }
 
 #[cfg(feature = "user")]
+// SAFETY: EdtConfig is #[repr(C)], made only of integers (u64, u32, the explicit u32 `_pad`, two
+// u64s), with no implicit padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for EdtConfig {}

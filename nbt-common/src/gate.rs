@@ -93,9 +93,20 @@ pub struct BlockedEvent {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: V4Key is #[repr(C)], two byte arrays (alignment 1), with no padding: every bit
+    // pattern is a valid value.
     unsafe impl aya::Pod for V4Key {}
+    // SAFETY: V6Key is #[repr(C)], two byte arrays (alignment 1), with no padding: every bit
+    // pattern is a valid value.
     unsafe impl aya::Pod for V6Key {}
+    // SAFETY: GateConfig is #[repr(C)], two u32s then two u64s, with no padding: every bit
+    // pattern is a valid value.
     unsafe impl aya::Pod for GateConfig {}
+    // SAFETY: KernelLedger is #[repr(C)], six u64s, with no padding: every bit pattern is a valid
+    // value.
     unsafe impl aya::Pod for KernelLedger {}
+    // SAFETY: BlockedEvent is #[repr(C)], made only of integers (an i64, four u32s, two 16-byte
+    // arrays: 56 bytes, a multiple of its alignment 8), with no padding: every bit pattern is a
+    // valid value.
     unsafe impl aya::Pod for BlockedEvent {}
 }

@@ -126,12 +126,23 @@ pub struct SchedStats {
 }
 
 #[cfg(feature = "user")]
+// SAFETY: ProcessCpu is #[repr(C)], four u64s then a 16-byte array (48 bytes, a multiple of its
+// alignment 8), with no padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for ProcessCpu {}
 #[cfg(feature = "user")]
+// SAFETY: ProcessExit is #[repr(C)], a u32, the explicit u32 `_pad`, four u64s and a 16-byte
+// array (56 bytes, a multiple of its alignment 8), with no implicit padding: every bit pattern is
+// a valid value.
 unsafe impl aya::Pod for ProcessExit {}
 #[cfg(feature = "user")]
+// SAFETY: SchedStats is #[repr(C)], three u64s, with no padding: every bit pattern is a valid
+// value.
 unsafe impl aya::Pod for SchedStats {}
 #[cfg(feature = "user")]
+// SAFETY: TaskLayout is #[repr(C)], five u64s, with no padding: every bit pattern is a valid
+// value.
 unsafe impl aya::Pod for TaskLayout {}
 #[cfg(feature = "user")]
+// SAFETY: CounterReading is #[repr(C)], three u64s, with no padding: every bit pattern is a valid
+// value.
 unsafe impl aya::Pod for CounterReading {}

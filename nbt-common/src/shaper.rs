@@ -85,8 +85,14 @@ impl ShaperStats {
 }
 
 #[cfg(feature = "user")]
+// SAFETY: ShaperConfig is #[repr(C)], made only of integers (two u64s, a u32, the explicit u32
+// `_pad`, four u64s), with no implicit padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for ShaperConfig {}
 #[cfg(feature = "user")]
+// SAFETY: ShaperState is #[repr(C)], three u64s, with no padding: every bit pattern is a valid
+// value.
 unsafe impl aya::Pod for ShaperState {}
 #[cfg(feature = "user")]
+// SAFETY: ShaperStats is #[repr(C)], seven u64s, with no padding: every bit pattern is a valid
+// value.
 unsafe impl aya::Pod for ShaperStats {}

@@ -272,5 +272,5 @@ fn report<C: EbpfContext>(ctx: &C, dest: &Dest, kind: u32, balance: i64, pid: u3
     event.family = if dest.v4 { 4 } else { 6 };
     event.addr = dest.addr;
     event.port = u32::from(u16::from_be_bytes(dest.port));
-    GATE_EVENTS.output(ctx, &event, 0);
+    GATE_EVENTS.output(ctx, event, 0);
 }

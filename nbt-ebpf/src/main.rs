@@ -19,7 +19,9 @@ mod shaper;
 #[inline(always)]
 pub unsafe fn atomic_add(target: *mut u64, value: u64) {
     use core::intrinsics::{atomic_xadd, AtomicOrdering};
-    atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(target, value);
+    // SAFETY: the caller guarantees `target` is valid for reads and writes and 8-byte aligned,
+    // which is all the atomic add needs.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(target, value) };
 }
 
 #[cfg(not(test))]

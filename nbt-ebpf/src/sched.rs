@@ -136,15 +136,16 @@ fn counted_since_last_sample(array: &PerfEventArray<u32>, slot: u32) -> u64 {
     let read = unsafe {
         bpf_perf_event_read_value(
             core::ptr::from_ref(array).cast_mut().cast(),
-            u64::from(BPF_F_CURRENT_CPU),
+            BPF_F_CURRENT_CPU,
             &mut now,
-            core::mem::size_of::<bpf_perf_event_value>() as u32,
+            size_of::<bpf_perf_event_value>() as u32,
         )
     };
     let Some(last) = COUNTER_LAST.get_ptr_mut(slot) else {
         return 0;
     };
     if read != 0 {
+        // SAFETY: `count` passes a pointer to its map slot; this only takes a field's address.
         count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).counter_misses) });
         return 0;
     }
@@ -163,6 +164,7 @@ fn counted_since_last_sample(array: &PerfEventArray<u32>, slot: u32) -> u64 {
     let running = now.running.saturating_sub(before.running);
     if running == 0 {
         if counted > 0 || enabled > 0 {
+            // SAFETY: `count` passes a pointer to its map slot; this only takes a field's address.
             count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).counter_misses) });
         }
         return 0;
@@ -206,12 +208,16 @@ fn runtime_since_last_charge(layout: &TaskLayout, pid_tgid: u64, exiting: bool) 
         None => {
             // First sight. A thread started before tracking began has run for others before:
             // only what it runs from now on is charged.
+            // SAFETY: bpf_probe_read_kernel checks the address; the offset comes from this
+            // kernel's BTF.
             let started = unsafe {
                 bpf_probe_read_kernel(task.add(layout.start_time as usize).cast::<u64>())
             }
             .unwrap_or(0);
             if !exiting && THREAD_CHARGED.insert(tid, runtime, 0).is_err() {
                 // Charging it without an entry would charge its whole runtime at every sample.
+                // SAFETY: `count` passes a pointer to its map slot; this only takes a field's
+                // address.
                 count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
                 runtime
             } else if started < layout.tracking_since_ns {
@@ -237,6 +243,8 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
     // sched_process_exec(p, old_pid, bprm): a thread other than the main one that calls exec
     // takes the process's pid; its charged figure moves with it.
+    // SAFETY: this raw tracepoint's context is its arguments, an array of u64s, and `old_pid` is
+    // the second; the kernel checks at load and attach that reads stay within the arguments.
     let old_tid = unsafe { *(ctx.as_ptr() as *const u64).add(1) } as u32;
     if old_tid != tid {
         // SAFETY: a u64 copied out of the map.
@@ -296,6 +304,7 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
         .output::<ProcessExit>(&exit, u64::from(BPF_RB_NO_WAKEUP))
         .is_err()
     {
+        // SAFETY: `count` passes a pointer to its map slot; this only takes a field's address.
         count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).lost_exits) });
     }
     let _ = PROCESS_CPU.remove(tgid);
@@ -316,6 +325,7 @@ fn charge_process(tgid: u32, charge: &Charge) {
         cpu_ns: charge.ns,
         cycles: charge.cycles,
         instructions: charge.instructions,
+        // SAFETY: a helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     };
@@ -324,6 +334,7 @@ fn charge_process(tgid: u32, charge: &Charge) {
         .is_err()
         && !add_to_existing(tgid, charge)
     {
+        // SAFETY: `count` passes a pointer to its map slot; this only takes a field's address.
         count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
     }
 }

@@ -158,12 +158,17 @@ fn chance(p: u64) -> bool {
 /// decides the loss, then the state moves for the next packet. The state is one word that every
 /// CPU reads and writes plainly: two CPUs deciding a move at once both move it the same way or
 /// one move is lost, which changes a burst's length by one packet at most.
+///
+/// # Safety
+/// `state` must point into a map value valid for this program run.
 #[inline(always)]
 unsafe fn lost(config: &ShaperConfig, state: *mut ShaperState) -> bool {
     match config.loss_model {
         LOSS_UNIFORM => chance(config.loss_good),
         LOSS_GILBERT_ELLIOTT => {
-            let bad = core::ptr::read_volatile(&(*state).bad_state) != 0;
+            // SAFETY: the caller guarantees `state` points into a map value valid for this
+            // program run; `bad_state` is an aligned u64 in it.
+            let bad = unsafe { core::ptr::read_volatile(&(*state).bad_state) } != 0;
             let lost = chance(if bad {
                 config.loss_bad
             } else {
@@ -175,7 +180,8 @@ unsafe fn lost(config: &ShaperConfig, state: *mut ShaperState) -> bool {
                 config.good_to_bad
             });
             if moves {
-                core::ptr::write_volatile(&mut (*state).bad_state, u64::from(!bad));
+                // SAFETY: as for the read above.
+                unsafe { core::ptr::write_volatile(&mut (*state).bad_state, u64::from(!bad)) };
             }
             lost
         }
@@ -193,32 +199,46 @@ unsafe fn lost(config: &ShaperConfig, state: *mut ShaperState) -> bool {
 /// Many CPUs: the clock only ever moves by atomic adds of the costs of packets that passed, so
 /// every byte let through is paid for. Two CPUs may both read the clock before either adds and
 /// both pass; the bucket then briefly runs into debt by one packet, which the next packets repay.
+///
+/// # Safety
+/// `state` must point into a map value valid for this program run.
 #[inline(always)]
 unsafe fn police(config: &ShaperConfig, state: *mut ShaperState, bytes: u64) -> Verdict {
     let rate = config.rate_bytes_per_sec;
     if rate == 0 {
         return Verdict::Pass;
     }
-    let now = bpf_ktime_get_ns();
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let cost = bytes * NSEC_PER_SEC / rate;
     let burst = config.burst_ns;
-    let tat = core::ptr::addr_of_mut!((*state).tat_ns);
-    let clock = core::ptr::read_volatile(tat);
+    // SAFETY: the caller guarantees `state` points into a map value valid for this program run;
+    // this only takes the address of a field in it.
+    let tat = unsafe { core::ptr::addr_of_mut!((*state).tat_ns) };
+    // SAFETY: `tat` points to an aligned u64 in that map value.
+    let clock = unsafe { core::ptr::read_volatile(tat) };
 
     let full = now.saturating_sub(burst);
     if clock < full {
         // Idle time beyond the depth is forgotten. A plain store: an add another CPU made since
         // our read is overwritten, at most one packet per CPU, and only when the bucket was full.
-        core::ptr::write_volatile(tat, full + cost);
-        core::ptr::write_volatile(core::ptr::addr_of_mut!((*state).last_cost_ns), cost);
+        // SAFETY: `tat` and `last_cost_ns` are aligned u64s in the map value `state` points to.
+        unsafe {
+            core::ptr::write_volatile(tat, full + cost);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*state).last_cost_ns), cost);
+        }
         return Verdict::Pass;
     }
     let need = if cost < burst { cost } else { burst };
     if clock + need > now {
         return Verdict::DropRate;
     }
-    atomic_add(tat, cost);
-    core::ptr::write_volatile(core::ptr::addr_of_mut!((*state).last_cost_ns), cost);
+    // SAFETY: `tat` and `last_cost_ns` are 8-byte aligned u64s in the map value `state` points
+    // to, as `atomic_add` requires.
+    unsafe {
+        atomic_add(tat, cost);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*state).last_cost_ns), cost);
+    }
     low_or_pass(clock, burst, now)
 }
 

@@ -232,7 +232,7 @@ fn an_open_connection_is_cut_off_when_the_balance_runs_out() {
         let (mut stream, _) = listener.accept().unwrap();
         let until = std::time::Instant::now() + Duration::from_millis(2500);
         let mut total = 0usize;
-        let mut buffer = [0u8; 65536];
+        let mut buffer = vec![0u8; 65536];
         while std::time::Instant::now() < until {
             stream
                 .set_read_timeout(Some(

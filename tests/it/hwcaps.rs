@@ -149,6 +149,7 @@ fn sigterm_ends_the_run_and_the_caps_come_back() {
     let sys = FakeSys::new();
     let child = spawn_holding(&sys, "1200MHz", "30");
     wait_for_cap(&sys, "1200000");
+    // SAFETY: kill(2) of our own child, which we have not waited for yet: the pid is still its.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");

@@ -122,7 +122,7 @@ fn hold_every_datagram(socket: &UdpSocket) {
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());

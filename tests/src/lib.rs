@@ -47,8 +47,8 @@ pub fn testbin() -> PathBuf {
 }
 
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "nbt's integration tests make cgroups and load BPF programs: run them as root (`cargo xtask test`)"
@@ -256,7 +256,7 @@ impl NoLeftovers {
     }
 
     /// This test's `NBT_HOME`: `receipts.db` and `node.key` are made there.
-    pub fn home(&self) -> &std::path::Path {
+    pub fn home(&self) -> &Path {
         self.home.path()
     }
 
@@ -381,8 +381,8 @@ impl NetnsPair {
         let ns = Self::open(name);
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
-            // SAFETY: setns(2) on this thread only, with a namespace file we opened.
             assert_eq!(
+                // SAFETY: setns(2) on this thread only, with a namespace file we opened.
                 unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
                 0,
                 "setns"

@@ -139,7 +139,7 @@ impl Dataset {
 
     /// Bytes held: features and labels, both f32, i.e. `samples * (features + 1) * 4`.
     pub fn bytes(&self) -> usize {
-        (self.x.len() + self.y.len()) * std::mem::size_of::<f32>()
+        (self.x.len() + self.y.len()) * size_of::<f32>()
     }
 
     /// The wire form of the dataset: samples and features as u64 LE, then every feature and
@@ -159,7 +159,7 @@ impl Dataset {
     }
 
     /// Reads what [`Dataset::write_to`] wrote, checking the shape against `cfg`.
-    pub fn read_from(input: &mut impl std::io::Read, cfg: &TrainConfig) -> anyhow::Result<Dataset> {
+    pub fn read_from(input: &mut impl std::io::Read, cfg: &TrainConfig) -> Result<Dataset> {
         let mut word = [0u8; 8];
         input.read_exact(&mut word)?;
         let samples = u64::from_le_bytes(word) as usize;
@@ -197,7 +197,7 @@ impl Dataset {
         cfg: &TrainConfig,
         offset: usize,
         count: usize,
-    ) -> anyhow::Result<Dataset> {
+    ) -> Result<Dataset> {
         use std::io::Write as _;
         let mut stream = std::net::TcpStream::connect(addr)
             .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
@@ -217,7 +217,7 @@ impl Dataset {
 
     /// Asks the data server at `addr` for the dataset of `cfg` (one request line:
     /// `samples features seed`) and reads it.
-    pub fn fetch(addr: &str, cfg: &TrainConfig) -> anyhow::Result<Dataset> {
+    pub fn fetch(addr: &str, cfg: &TrainConfig) -> Result<Dataset> {
         use std::io::Write as _;
         let mut stream = std::net::TcpStream::connect(addr)
             .map_err(|e| anyhow::anyhow!("connecting to the data server {addr}: {e}"))?;
@@ -241,7 +241,7 @@ impl Dataset {
                         libc::SOL_SOCKET,
                         libc::SO_MAX_PACING_RATE,
                         (&rate as *const u32).cast(),
-                        std::mem::size_of::<u32>() as libc::socklen_t,
+                        size_of::<u32>() as libc::socklen_t,
                     );
                 }
             }

@@ -19,8 +19,8 @@ use nbt_common::gate::{
 use serde::{Deserialize, Serialize};
 
 use crate::enforce::ledger::{format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
-use crate::sys::loader;
 use crate::error::UsageError;
+use crate::sys::loader;
 
 pub const GATE_FORMS: &str = "all (every destination but loopback), host[:port], IPv4 or IPv6 \
      address, CIDR (10.0.0.0/8, 2001:db8::/32), CIDR:port (10.0.0.0/8:443), [IPv6]:port or \
@@ -429,7 +429,7 @@ impl BlockedLog {
                 if let PerfEvent::Sample { head, tail } = event {
                     let mut bytes = head.to_vec();
                     bytes.extend_from_slice(tail);
-                    if bytes.len() >= std::mem::size_of::<BlockedEvent>() {
+                    if bytes.len() >= size_of::<BlockedEvent>() {
                         // SAFETY: the kernel wrote a BlockedEvent, a plain #[repr(C)] value.
                         new.push(unsafe {
                             std::ptr::read_unaligned(bytes.as_ptr().cast::<BlockedEvent>())

@@ -189,8 +189,10 @@ pub fn wait(
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_nsec: timeout.subsec_nanos() as libc::c_long,
         };
-        // SAFETY: sigtimedwait with a valid set, an out-parameter and a timeout.
+        // SAFETY: siginfo_t is plain C data, for which all-zero bytes are a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sigtimedwait with a valid set, an out-parameter and a timeout, all of which
+        // outlive the call.
         let signal = unsafe { libc::sigtimedwait(signals, &mut info, &timeout) };
         if signal > 0 && signal != libc::SIGCHLD && info.si_code <= 0 {
             // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.

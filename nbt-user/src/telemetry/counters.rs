@@ -169,7 +169,7 @@ fn put_fd(map: &MapData, index: u32, fd: i32) -> std::io::Result<()> {
             libc::SYS_bpf,
             BPF_MAP_UPDATE_ELEM,
             std::ptr::from_ref(&attr),
-            std::mem::size_of::<MapElemAttr>(),
+            size_of::<MapElemAttr>(),
         )
     };
     if rc == 0 {

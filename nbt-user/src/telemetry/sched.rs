@@ -26,8 +26,8 @@ use nbt_common::sched::{
 
 use crate::telemetry::counters::{AttributeBy, Counted, CpuCounters};
 
-use crate::telemetry::btf::Btf;
 use crate::sys::loader;
+use crate::telemetry::btf::Btf;
 
 /// One process's CPU time over an interval.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,7 +101,7 @@ pub struct ProcessTracker {
     /// The figures each live process had at the last read.
     seen: HashMap<u32, Totals>,
     /// The per-CPU counters the samplers read, if any (kept open while attached).
-    counters: Option<crate::telemetry::counters::CpuCounters>,
+    counters: Option<CpuCounters>,
     /// Why attribution uses CPU time, when it does.
     counters_absent: Option<String>,
     /// Processes whose exit record came while the map still holds an entry for them (the tail of
@@ -233,7 +233,7 @@ impl ProcessTracker {
     /// processes do not fill it. The kernel writes them without waking anyone: this is the reader.
     pub fn drain_exits(&mut self) {
         while let Some(record) = self.exits.next() {
-            if record.len() >= std::mem::size_of::<ProcessExit>() {
+            if record.len() >= size_of::<ProcessExit>() {
                 // SAFETY: the kernel wrote a ProcessExit, a plain #[repr(C)] value.
                 self.pending_exits.push(unsafe {
                     std::ptr::read_unaligned(record.as_ptr().cast::<ProcessExit>())
@@ -350,8 +350,10 @@ fn task_layout(btf: &Btf) -> Result<TaskLayout> {
 pub fn cgroup_id(dir: &Path) -> Option<u64> {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    // SAFETY: statfs is plain C data, for which all-zero bytes are a valid value.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes into the struct we own; the path is NUL-terminated and outlives the
+    // call.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0
         || fs.f_type as i64 != CGROUP2_SUPER_MAGIC
     {

@@ -201,7 +201,7 @@ fn udp_sendmsg(addr: &str) -> std::io::Result<usize> {
         };
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_name = (&mut name as *mut libc::sockaddr_in).cast();
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         match libc::sendmsg(socket.as_raw_fd(), &msg, 0) {
@@ -240,7 +240,7 @@ fn raw_send(ip: &str) -> std::io::Result<usize> {
             packet.len(),
             0,
             (&to as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
         );
         let result = if sent < 0 {
             Err(std::io::Error::last_os_error())
@@ -307,21 +307,27 @@ fn pingpong(rounds: u64) {
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         for _ in 0..rounds {
+            // SAFETY: one byte read into and written from `byte`, a one-byte buffer we own, on
+            // the pipes' open descriptors.
             unsafe {
                 libc::read(ping[0], byte.as_mut_ptr().cast(), 1);
                 libc::write(pong[1], byte.as_ptr().cast(), 1);
             }
         }
+        // SAFETY: _exit(2) ends the forked child without running the parent's exit handlers.
         unsafe { libc::_exit(0) };
     }
     let start = Instant::now();
     for _ in 0..rounds {
+        // SAFETY: one byte written from and read into `byte`, a one-byte buffer we own, on the
+        // pipes' open descriptors.
         unsafe {
             libc::write(ping[1], byte.as_ptr().cast(), 1);
             libc::read(pong[0], byte.as_mut_ptr().cast(), 1);
         }
     }
     let elapsed = start.elapsed();
+    // SAFETY: waitpid(2) on our own child; a null status pointer is allowed.
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
     println!(
         "pingpong rounds {rounds} ns_per_round {:.1}",
@@ -350,12 +356,14 @@ fn sleepers(count: u64, duration: Duration, warm_up: Duration) {
                 std::hint::black_box((0..10_000u64).sum::<u64>());
                 std::thread::sleep(Duration::from_secs(1));
             }
+            // SAFETY: _exit(2) ends the forked child without running the parent's exit handlers.
             unsafe { libc::_exit(0) };
         }
         children.push(pid);
     }
     println!("sleepers {count}");
     for pid in children {
+        // SAFETY: waitpid(2) on our own child; a null status pointer is allowed.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
     }
 }
@@ -374,10 +382,12 @@ fn short_lived(count: u64, cpu: Duration) {
                 }
             }
             std::hint::black_box(x);
+            // SAFETY: _exit(2) ends the forked child without running the parent's exit handlers.
             unsafe { libc::_exit(0) };
         }
         assert!(pid > 0, "fork failed");
         let mut status = 0;
+        // SAFETY: waitpid(2) on our own child, into a status we own.
         unsafe { libc::waitpid(pid, &mut status, 0) };
     }
     println!("forked {count}");
@@ -436,7 +446,7 @@ fn tcp_send(addr: &str, bytes: u64) {
     // SAFETY: getsockopt(TCP_INFO) into a zeroed tcp_info of the size we pass.
     let info = unsafe {
         let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let rc = libc::getsockopt(
             fd,
