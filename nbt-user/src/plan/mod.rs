@@ -9,8 +9,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::enforce::cgroup::Limits;
-use crate::enforce::gate::{self, Rule};
 use crate::enforce::edt::{self, Latency};
+use crate::enforce::gate::{self, Rule};
 use crate::enforce::ledger::{self, Prices};
 use crate::enforce::shaper::{self, Loss, NetLimits};
 use crate::error::PlanError;
@@ -229,29 +229,38 @@ fn capability_of(setting: &str) -> &'static str {
         .unwrap_or("the learning-update protocol")
 }
 
-impl Plan {
-    /// Builds the plan: the profile first, each flag given overriding its setting.
-    pub fn build(flags: &Flags) -> Result<Plan, PlanError> {
-        let (profile_name, profile) = Profile::load(flags.profile.as_deref().unwrap_or("none"))?;
-        let origin = if profile_name == "nbt" || profile_name == "none" {
-            format!("built-in profile {profile_name}")
-        } else {
-            format!("profile {profile_name}")
-        };
+/// Where a plan's settings come from: the flags, else the profile, named by `origin`.
+struct Sources<'a> {
+    flags: &'a Flags,
+    profile: &'a Profile,
+    /// "built-in profile nbt", "profile FILE".
+    origin: String,
+}
 
-        // The text of each setting and the name to report it by: the flag, or the profile key.
-        let pick =
-            |flag: &Option<String>, key: &str, value: &Option<toml::Value>| match (flag, value) {
-                (Some(text), _) => Ok(Some((text.clone(), format!("--{key}")))),
-                (None, Some(v)) => Ok(Some((
-                    value_text(key, &origin, v)?,
-                    format!("{key} ({origin})"),
-                ))),
-                (None, None) => Ok::<_, PlanError>(None),
-            };
+impl Sources<'_> {
+    /// The text of a setting and the name to report it by: the flag, or the profile key.
+    fn pick(
+        &self,
+        flag: &Option<String>,
+        key: &str,
+        value: &Option<toml::Value>,
+    ) -> Result<Option<(String, String)>, PlanError> {
+        let origin = &self.origin;
+        match (flag, value) {
+            (Some(text), _) => Ok(Some((text.clone(), format!("--{key}")))),
+            (None, Some(v)) => Ok(Some((
+                value_text(key, origin, v)?,
+                format!("{key} ({origin})"),
+            ))),
+            (None, None) => Ok(None),
+        }
+    }
 
+    /// --memory, --swap, --cpus, --pids.
+    fn limits(&self) -> Result<Limits, PlanError> {
+        let (flags, profile) = (self.flags, self.profile);
         let mut limits = Limits::default();
-        if let Some((text, name)) = pick(&flags.memory, "memory", &profile.memory)? {
+        if let Some((text, name)) = self.pick(&flags.memory, "memory", &profile.memory)? {
             let bytes = units::parse_size(&name, &text)?;
             if bytes < MIN_MEMORY {
                 return Err(PlanError(format!(
@@ -260,16 +269,21 @@ impl Plan {
             }
             limits.memory_bytes = Some(bytes);
         }
-        if let Some((text, name)) = pick(&flags.swap, "swap", &profile.swap)? {
+        if let Some((text, name)) = self.pick(&flags.swap, "swap", &profile.swap)? {
             limits.swap_bytes = Some(units::parse_size(&name, &text)?);
         }
-        if let Some((text, name)) = pick(&flags.cpus, "cpus", &profile.cpus)? {
+        if let Some((text, name)) = self.pick(&flags.cpus, "cpus", &profile.cpus)? {
             limits.cpu_millicores = Some(units::parse_cpus(&name, &text)?);
         }
-        if let Some((text, name)) = pick(&flags.pids, "pids", &profile.pids)? {
+        if let Some((text, name)) = self.pick(&flags.pids, "pids", &profile.pids)? {
             limits.pids = Some(units::parse_count(&name, &text)?);
         }
+        Ok(limits)
+    }
 
+    /// The rates, their burst, and the loss with where it applies.
+    fn network(&self) -> Result<NetLimits, PlanError> {
+        let (flags, profile) = (self.flags, self.profile);
         let mut net = NetLimits::default();
         for (flag, key, value, direction) in [
             (
@@ -285,13 +299,13 @@ impl Plan {
                 &mut net.ingress,
             ),
         ] {
-            if let Some((text, name)) = pick(flag, key, value)? {
+            if let Some((text, name)) = self.pick(flag, key, value)? {
                 let rate = units::parse_rate(&name, &text)?;
                 shaper::check_rate(&name, &text, rate)?;
                 direction.rate_bits_per_sec = Some(rate);
             }
         }
-        if let Some((text, name)) = pick(&flags.burst, "burst", &profile.burst)? {
+        if let Some((text, name)) = self.pick(&flags.burst, "burst", &profile.burst)? {
             let bytes = units::parse_size(&name, &text)?;
             shaper::check_burst(&name, &text, bytes)?;
             if net.egress.rate_bits_per_sec.is_none() && net.ingress.rate_bits_per_sec.is_none() {
@@ -300,8 +314,16 @@ impl Plan {
             net.egress.burst_bytes = Some(bytes);
             net.ingress.burst_bytes = Some(bytes);
         }
-        let loss = pick(&flags.loss, "loss", &profile.loss)?;
-        let model = pick(&flags.loss_model, "loss-model", &profile.loss_model)?;
+        let loss = self.loss()?;
+        self.loss_direction(&mut net, loss)?;
+        Ok(net)
+    }
+
+    /// --loss and --loss-model: the loss of each packet, if any.
+    fn loss(&self) -> Result<Option<Loss>, PlanError> {
+        let (flags, profile) = (self.flags, self.profile);
+        let loss = self.pick(&flags.loss, "loss", &profile.loss)?;
+        let model = self.pick(&flags.loss_model, "loss-model", &profile.loss_model)?;
         let loss = match (loss, model) {
             (loss, None) => loss
                 .map(|(text, name)| units::parse_percent(&name, &text))
@@ -320,10 +342,15 @@ impl Plan {
                 }
             },
         };
-        let direction = pick(
-            &flags.loss_direction,
+        Ok(loss)
+    }
+
+    /// --loss-direction: puts `loss` on the directions it names.
+    fn loss_direction(&self, net: &mut NetLimits, loss: Option<Loss>) -> Result<(), PlanError> {
+        let direction = self.pick(
+            &self.flags.loss_direction,
             "loss-direction",
-            &profile.loss_direction,
+            &self.profile.loss_direction,
         )?;
         if let Some(loss) = loss {
             let (egress, ingress) = match direction.as_ref().map(|(t, n)| (t.trim(), n)) {
@@ -347,10 +374,14 @@ impl Plan {
                 "{name} says where --loss applies: it needs --loss or --loss-model"
             )));
         }
+        Ok(())
+    }
 
-        let mut pending = Vec::new();
-        let latency = pick(&flags.latency, "latency", &profile.latency)?;
-        let jitter = pick(&flags.jitter, "jitter", &profile.jitter)?;
+    /// --latency and --jitter. Without the fq qdisc, the latency goes to `pending` instead.
+    fn latency(&self, pending: &mut Vec<Pending>) -> Result<Option<Latency>, PlanError> {
+        let (flags, profile, origin) = (self.flags, self.profile, &self.origin);
+        let latency = self.pick(&flags.latency, "latency", &profile.latency)?;
+        let jitter = self.pick(&flags.jitter, "jitter", &profile.jitter)?;
         let latency = match (latency, jitter) {
             (None, None) => None,
             (None, Some((_, name))) => {
@@ -369,7 +400,7 @@ impl Plan {
                         "{name} {text}: latency plus jitter above 10 s, the fq qdisc's horizon (it drops packets scheduled later)"
                     )));
                 }
-                if crate::plan::probe::fq_missing().is_some() {
+                if probe::fq_missing().is_some() {
                     // Named, not enforced: `nbt run` refuses it naming the missing qdisc.
                     pending.push(Pending {
                         setting: name.trim_end_matches(&format!(" ({origin})")).to_string(),
@@ -390,12 +421,17 @@ impl Plan {
                 }
             }
         };
+        Ok(latency)
+    }
 
-        let balance = pick(&flags.balance, "balance", &profile.balance)?;
-        let price_call = pick(&flags.price_call, "price-call", &profile.price_call)?;
-        let price_egress = pick(&flags.price_egress, "price-egress", &profile.price_egress)?;
-        let price_hour = pick(&flags.price_hour, "price-hour", &profile.price_hour)?;
-        let gate_text = pick(&flags.gate, "gate", &profile.gate)?;
+    /// --balance, the prices and --gate: the ledger's prices and the gate's rules.
+    fn ledger(&self) -> Result<(Option<Prices>, Vec<Rule>), PlanError> {
+        let (flags, profile) = (self.flags, self.profile);
+        let balance = self.pick(&flags.balance, "balance", &profile.balance)?;
+        let price_call = self.pick(&flags.price_call, "price-call", &profile.price_call)?;
+        let price_egress = self.pick(&flags.price_egress, "price-egress", &profile.price_egress)?;
+        let price_hour = self.pick(&flags.price_hour, "price-hour", &profile.price_hour)?;
+        let gate_text = self.pick(&flags.gate, "gate", &profile.gate)?;
         let (prices, gate) = match balance {
             None => {
                 let needs = [&price_call, &price_egress, &price_hour, &gate_text];
@@ -432,7 +468,12 @@ impl Plan {
                 (Some(prices), gate)
             }
         };
+        Ok((prices, gate))
+    }
 
+    /// Settings of capabilities not built yet, flags first, onto `pending`.
+    fn not_yet(&self, pending: &mut Vec<Pending>) -> Result<(), PlanError> {
+        let (flags, profile, origin) = (self.flags, self.profile, &self.origin);
         for (key, value) in &flags.not_yet {
             pending.push(Pending {
                 setting: format!("--{key}"),
@@ -447,15 +488,20 @@ impl Plan {
             }
             pending.push(Pending {
                 setting: key.to_string(),
-                value: value_text(key, &origin, value)?,
+                value: value_text(key, origin, value)?,
                 origin: origin.clone(),
                 capability: format!("{}, not implemented yet", capability_of(key)),
             });
         }
-        let accept_min_delta = match pick(
-            &flags.accept_min_delta,
+        Ok(())
+    }
+
+    /// --accept-min-delta: the drop of the holdout loss that accepts a learning update.
+    fn accept_min_delta(&self) -> Result<f64, PlanError> {
+        let accept_min_delta = match self.pick(
+            &self.flags.accept_min_delta,
             "accept-min-delta",
-            &profile.accept_min_delta,
+            &self.profile.accept_min_delta,
         )? {
             None => crate::learning::DEFAULT_ACCEPT_MIN_DELTA,
             Some((text, name)) => match text.trim().parse::<f64>() {
@@ -468,21 +514,87 @@ impl Plan {
                 }
             },
         };
+        Ok(accept_min_delta)
+    }
+
+    /// The machine-wide hardware caps: CPU frequency and turbo, GPU power, clocks and memory.
+    fn hardware(&self) -> Result<crate::enforce::hwcaps::HwRequest, PlanError> {
+        let (flags, profile) = (self.flags, self.profile);
         let no_turbo_flag = flags.no_turbo.then(|| "true".to_string());
-        let hwcaps = crate::enforce::hwcaps::HwTexts {
-            cpu_max_freq: pick(&flags.cpu_max_freq, "cpu-max-freq", &profile.cpu_max_freq)?,
-            no_turbo: pick(&no_turbo_flag, "no-turbo", &profile.no_turbo)?,
-            gpu_power_limit: pick(
+        crate::enforce::hwcaps::HwTexts {
+            cpu_max_freq: self.pick(&flags.cpu_max_freq, "cpu-max-freq", &profile.cpu_max_freq)?,
+            no_turbo: self.pick(&no_turbo_flag, "no-turbo", &profile.no_turbo)?,
+            gpu_power_limit: self.pick(
                 &flags.gpu_power_limit,
                 "gpu-power-limit",
                 &profile.gpu_power_limit,
             )?,
-            gpu_clock: pick(&flags.gpu_clock, "gpu-clock", &profile.gpu_clock)?,
-            gpu_mem_clock: pick(&flags.gpu_mem_clock, "gpu-mem-clock", &None)?,
-            gpu_memory: pick(&flags.gpu_memory, "gpu-memory", &None)?,
-            gpus: pick(&flags.gpus, "gpus", &None)?,
+            gpu_clock: self.pick(&flags.gpu_clock, "gpu-clock", &profile.gpu_clock)?,
+            gpu_mem_clock: self.pick(&flags.gpu_mem_clock, "gpu-mem-clock", &None)?,
+            gpu_memory: self.pick(&flags.gpu_memory, "gpu-memory", &None)?,
+            gpus: self.pick(&flags.gpus, "gpus", &None)?,
         }
-        .parse()?;
+        .parse()
+    }
+
+    /// --schedule FILE, read and parsed against what `plan` starts from.
+    fn schedule(&self, plan: &Plan) -> Result<Option<crate::schedule::Schedule>, PlanError> {
+        let Some((path, name)) =
+            self.pick(&self.flags.schedule, "schedule", &self.profile.schedule)?
+        else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| PlanError(format!("{name}: reading '{path}': {e}")))?;
+        Ok(Some(
+            crate::schedule::parse(&path, &text, &plan.schedule_start())
+                .map_err(|e| PlanError(e.to_string()))?,
+        ))
+    }
+}
+
+/// --restart: how many times a failed workload is started again.
+fn restart_max(flags: &Flags) -> Result<u32, PlanError> {
+    let restart_max = match flags.restart.as_deref().map(str::trim) {
+        None | Some("no") => 0,
+        Some("on-failure") => 3,
+        Some(text) => match text.strip_prefix("on-failure:").map(str::parse::<u32>) {
+            Some(Ok(n)) if n >= 1 => n,
+            _ => {
+                return Err(PlanError(format!(
+                    "invalid value '{text}' for --restart: accepted: no (the default), \
+                     on-failure (up to 3 restarts), on-failure:N (N >= 1)"
+                )))
+            }
+        },
+    };
+    Ok(restart_max)
+}
+
+impl Plan {
+    /// Builds the plan: the profile first, each flag given overriding its setting. The groups are
+    /// read in this order, each setting checked as it is read: the first error is the first met.
+    pub fn build(flags: &Flags) -> Result<Plan, PlanError> {
+        let (profile_name, profile) = Profile::load(flags.profile.as_deref().unwrap_or("none"))?;
+        let origin = if profile_name == "nbt" || profile_name == "none" {
+            format!("built-in profile {profile_name}")
+        } else {
+            format!("profile {profile_name}")
+        };
+        let sources = Sources {
+            flags,
+            profile: &profile,
+            origin,
+        };
+
+        let limits = sources.limits()?;
+        let net = sources.network()?;
+        let mut pending = Vec::new();
+        let latency = sources.latency(&mut pending)?;
+        let (prices, gate) = sources.ledger()?;
+        sources.not_yet(&mut pending)?;
+        let accept_min_delta = sources.accept_min_delta()?;
+        let hwcaps = sources.hardware()?;
         let mut plan = Plan {
             hwcaps,
             profile: profile_name,
@@ -500,27 +612,8 @@ impl Plan {
                 .unwrap_or_else(crate::receipt::store::default_path),
             accept_min_delta,
         };
-        if let Some((path, name)) = pick(&flags.schedule, "schedule", &profile.schedule)? {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| PlanError(format!("{name}: reading '{path}': {e}")))?;
-            plan.schedule = Some(
-                crate::schedule::parse(&path, &text, &plan.schedule_start())
-                    .map_err(|e| PlanError(e.to_string()))?,
-            );
-        }
-        plan.restart_max = match flags.restart.as_deref().map(str::trim) {
-            None | Some("no") => 0,
-            Some("on-failure") => 3,
-            Some(text) => match text.strip_prefix("on-failure:").map(str::parse::<u32>) {
-                Some(Ok(n)) if n >= 1 => n,
-                _ => {
-                    return Err(PlanError(format!(
-                        "invalid value '{text}' for --restart: accepted: no (the default), \
-                         on-failure (up to 3 restarts), on-failure:N (N >= 1)"
-                    )))
-                }
-            },
-        };
+        plan.schedule = sources.schedule(&plan)?;
+        plan.restart_max = restart_max(flags)?;
         Ok(plan)
     }
 
@@ -551,7 +644,7 @@ impl Plan {
             .iter()
             .find(|p| p.setting.ends_with("latency") || p.setting.ends_with("jitter"))
         {
-            if let Some(missing) = crate::plan::probe::fq_missing() {
+            if let Some(missing) = probe::fq_missing() {
                 return Err(PlanError(format!(
                     "refusing to run: {} {} ({}) needs the fq qdisc (sch_fq) for earliest-departure-time pacing, \
                      and {missing}; see `nbt probe`",
@@ -603,7 +696,7 @@ mod tests {
         assert_eq!(plan.net.egress.loss, Loss::Uniform { probability: 0.05 });
         assert_eq!(plan.net.ingress.loss, Loss::None);
         // Latency is enforced where the kernel has fq, else named as not enforced.
-        let fq = crate::plan::probe::fq_missing().is_none();
+        let fq = probe::fq_missing().is_none();
         let mut expected_pending = vec![("latency", "100ms")];
         if fq {
             expected_pending.remove(0);

@@ -4,19 +4,25 @@ pub(crate) mod run_receipt;
 pub(crate) mod summary;
 
 use std::ffi::OsString;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
+use aya::Ebpf;
 
-use crate::enforce::cgroup::{Layout, Placement, RunCgroup, CONTROLLERS};
+use crate::enforce::account::Traffic;
+use crate::enforce::cgroup::{CgroupStats, Layout, Placement, RunCgroup, CONTROLLERS};
+use crate::enforce::edt::Latency;
 use crate::enforce::hwcaps::watch::{gpu_memory_env, GpuMemoryReport, Watch};
-use crate::plan::Plan;
-use crate::state::{self, RecordGuard, RunRecord};
-use crate::run::summary::RunSummary;
-use crate::sys::supervise::{self, SpawnError};
+use crate::enforce::ledger::LedgerSummary;
+use crate::enforce::shaper::{NetLimits, ShapedTraffic};
 use crate::enforce::{account, edt, gate, shaper};
+use crate::plan::Plan;
+use crate::run::summary::{HardwareReport, RunSummary};
+use crate::state::{self, RecordGuard, RunRecord};
 use crate::sys::loader;
-use crate::telemetry::energy;
+use crate::sys::supervise::{self, SpawnError};
+use crate::telemetry::energy::{self, Energy};
 use crate::{learning, receipt, schedule};
 
 /// How often nbt samples what the kernel keeps no peak of (see [`crate::enforce::cgroup::SAMPLED`]).
@@ -80,6 +86,9 @@ impl From<anyhow::Error> for RunError {
 
 /// Runs `command` under `plan`. `signals` comes from [`supervise::block_signals`], called before
 /// any thread was started. Returns the summary; everything the run made is gone when it returns.
+///
+/// The guards are locals of this function or fields of `Books`, `Armed` and `Running`, whose
+/// fields are declared in the order they drop: what was made last goes first, however it ends.
 pub fn execute(
     plan: &Plan,
     command: &[OsString],
@@ -88,12 +97,72 @@ pub fn execute(
 ) -> Result<RunSummary, RunError> {
     let layout = Layout::detect()?;
     let name = state::new_run_name()?;
-    let record = RunRecord {
-        name: name.clone(),
+    let record = first_record(plan, command, &layout, &name)?;
+    let state_dir = state::state_dir();
+    let _record = RecordGuard(record.write(&state_dir)?);
+
+    // Opened first: a store or key that cannot be written stops the run before anything ran.
+    let mut books = Books::open(plan, &state_dir, &name, &record.command)?;
+    // Dropped in reverse order: the BPF links go first, then the cgroups (see `Armed`).
+    let mut armed = Armed::attach(plan, &layout, &name)?;
+    let record = armed.record(plan, record)?;
+    record.write(&state_dir)?;
+
+    let mut env = workload_env(&name, &books.reports, extra_env);
+    // Last before the workload: the originals are on disk before anything changes, and the
+    // guard puts them back however this function ends (errors and panics included).
+    let mut hardware = state::hwcaps::hold(&plan.hwcaps, &state_dir, &name)?;
+    let gpu_memory = gpu_memory(plan, &mut env)?;
+    let mut running = Running::start(plan, command, &env, &armed, &record, gpu_memory)?;
+    let exit = supervise_loop(
+        plan,
+        command,
+        signals,
+        &env,
+        &mut books,
+        &mut armed,
+        &mut running,
+    );
+
+    let ended = measure(
+        &state_dir,
+        &name,
+        plan,
+        exit,
+        &mut books,
+        &mut armed,
+        &mut running,
+    )?;
+    // The programs go first (`armed.ebpf` is moved out and dropped), then the cgroups; the rest
+    // of `armed` (the fq guard) stays until the receipt is written.
+    let hardware = take_down(armed.ebpf, &mut armed.cgroup, &mut hardware)?;
+    let mut summary = summarize(
+        plan,
+        &layout,
+        record,
+        ended,
+        hardware,
+        &mut books.judge,
+        running.watch,
+    );
+    // Last of all, so that the receipt holds everything the run measured.
+    write_receipt(&mut summary, &mut books);
+    Ok(summary)
+}
+
+/// The run's record as written before anything is made: no maps yet, no start time.
+fn first_record(
+    plan: &Plan,
+    command: &[OsString],
+    layout: &Layout,
+    name: &str,
+) -> Result<RunRecord> {
+    Ok(RunRecord {
+        name: name.to_string(),
         supervisor_pid: std::process::id() as i32,
         supervisor_start_time: crate::sys::proc::process_start_time(std::process::id() as i32)
             .context("reading nbt's own start time from /proc")?,
-        cgroups: layout.run_dirs(&name)?,
+        cgroups: layout.run_dirs(name)?,
         command: command
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -104,68 +173,121 @@ pub fn execute(
         edt_map: None,
         latency: plan.latency,
         started_unix: 0.0,
-    };
-    let state_dir = state::state_dir();
-    let _record = RecordGuard(record.write(&state_dir)?);
+    })
+}
 
-    // Opened first: a store or key that cannot be written stops the run before anything ran.
-    let mut receipts = receipt::Writer::open(&plan.receipts)?;
-    let reports = learning::ReportFile::create(state::RunFiles::of(&state_dir, &name).reports)?;
-    let mut template = receipt::Receipt::new(receipt::Kind::Task, receipts.key_id().to_string());
-    template.run = Some(name.clone());
-    template.command = record.command.clone();
-    template.constraints = run_receipt::constraints(
-        &plan.profile,
-        &plan.limits,
-        &plan.net,
-        plan.latency.as_ref(),
-    );
-    let mut judge = learning::Judge::new(plan.accept_min_delta, template);
-    let mut reports = reports;
+/// The receipt store, the workload's report file and the judge of its reports.
+///
+/// Fields drop in declaration order, the reverse of the order they are made in (as the locals
+/// they replace did): the report file (removed on drop) first, the receipt writer last.
+struct Books {
+    reports: learning::ReportFile,
+    judge: learning::Judge,
+    receipts: receipt::Writer,
+}
 
-    // Dropped in reverse order: the BPF links go first, then the cgroups (processes killed first).
-    let mut cgroup = RunCgroup::create(&layout, &name, &plan.limits)?;
-    let mut ebpf = loader::load()?;
-    account::attach(&mut ebpf, &cgroup.v2)?;
-    // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
-    shaper::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
-    // Dropped after the programs: fq goes back to the kernel's default on every interface.
-    let _latency = match &plan.latency {
-        Some(latency) => Some(edt::attach(&mut ebpf, &cgroup.v2, latency)?),
-        None => None,
-    };
-    let ledger = match &plan.prices {
-        Some(prices) => Some(gate::attach(&mut ebpf, &cgroup.v2, prices, &plan.gate)?),
-        None => None,
-    };
-    let mut blocked = match ledger {
-        Some(_) => Some(gate::BlockedLog::open(&mut ebpf)?),
-        None => None,
-    };
-    let record = RunRecord {
-        maps: Some(shaper::map_ids(&ebpf)?),
-        edt_map: match plan.latency {
-            Some(_) => Some(edt::map_id(&ebpf)?),
+impl Books {
+    fn open(plan: &Plan, state_dir: &Path, name: &str, command: &[String]) -> Result<Books> {
+        let receipts = receipt::Writer::open(&plan.receipts)?;
+        let reports = learning::ReportFile::create(state::RunFiles::of(state_dir, name).reports)?;
+        let mut template =
+            receipt::Receipt::new(receipt::Kind::Task, receipts.key_id().to_string());
+        template.run = Some(name.to_string());
+        template.command = command.to_vec();
+        template.constraints = run_receipt::constraints(
+            &plan.profile,
+            &plan.limits,
+            &plan.net,
+            plan.latency.as_ref(),
+        );
+        let judge = learning::Judge::new(plan.accept_min_delta, template);
+        Ok(Books {
+            reports,
+            judge,
+            receipts,
+        })
+    }
+}
+
+/// What is attached to the run's cgroup.
+///
+/// Fields drop in declaration order, the reverse of the order they were made in: the gate's
+/// log, the fq guard, the BPF programs, then the cgroups.
+struct Armed {
+    blocked: Option<gate::BlockedLog>,
+    ledger: Option<gate::LedgerIds>,
+    /// When the run ends normally, dropped after the programs (see `take_down`): fq goes back to
+    /// the kernel's default on every interface.
+    _latency: Option<edt::LatencyGuard>,
+    ebpf: Ebpf,
+    cgroup: RunCgroup,
+}
+
+impl Armed {
+    fn attach(plan: &Plan, layout: &Layout, name: &str) -> Result<Armed> {
+        // Dropped in reverse order: the BPF links go first, then the cgroups (processes killed first).
+        let cgroup = RunCgroup::create(layout, name, &plan.limits)?;
+        let mut ebpf = loader::load()?;
+        account::attach(&mut ebpf, &cgroup.v2)?;
+        // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
+        shaper::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
+        // Dropped after the programs: fq goes back to the kernel's default on every interface.
+        let latency = match &plan.latency {
+            Some(latency) => Some(edt::attach(&mut ebpf, &cgroup.v2, latency)?),
             None => None,
-        },
-        ledger,
-        started_unix: crate::sys::proc::now_unix(),
-        ..record
-    };
-    record.write(&state_dir)?;
+        };
+        let ledger = match &plan.prices {
+            Some(prices) => Some(gate::attach(&mut ebpf, &cgroup.v2, prices, &plan.gate)?),
+            None => None,
+        };
+        let blocked = match ledger {
+            Some(_) => Some(gate::BlockedLog::open(&mut ebpf)?),
+            None => None,
+        };
+        Ok(Armed {
+            blocked,
+            ledger,
+            _latency: latency,
+            ebpf,
+            cgroup,
+        })
+    }
 
+    /// `record` with the maps `nbt set` and `nbt cleanup` need, and the start time.
+    fn record(&self, plan: &Plan, record: RunRecord) -> Result<RunRecord> {
+        Ok(RunRecord {
+            maps: Some(shaper::map_ids(&self.ebpf)?),
+            edt_map: match plan.latency {
+                Some(_) => Some(edt::map_id(&self.ebpf)?),
+                None => None,
+            },
+            ledger: self.ledger,
+            started_unix: crate::sys::proc::now_unix(),
+            ..record
+        })
+    }
+}
+
+/// The workload's environment: the run's name, where to report, and what the caller adds.
+fn workload_env<'a>(
+    name: &str,
+    reports: &learning::ReportFile,
+    extra_env: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
     let mut env = vec![
-        ("NBT_RUN", name.clone()),
+        ("NBT_RUN", name.to_string()),
         (
             learning::REPORT_ENV,
             reports.path().to_string_lossy().into_owned(),
         ),
     ];
     env.extend(extra_env.iter().cloned());
-    // Last before the workload: the originals are on disk before anything changes, and the
-    // guard puts them back however this function ends (errors and panics included).
-    let mut hardware = state::hwcaps::hold(&plan.hwcaps, &state_dir, &name)?;
-    let gpu_memory = match &plan.hwcaps.gpu.memory_bytes {
+    env
+}
+
+/// With `--gpu-memory`: adds the allocator settings to `env`, and what the summary reports.
+fn gpu_memory(plan: &Plan, env: &mut Vec<(&str, String)>) -> Result<Option<GpuMemoryReport>> {
+    Ok(match &plan.hwcaps.gpu.memory_bytes {
         Some(cap) => {
             let totals = plan.hwcaps.gpu.memory_totals().map_err(|e| anyhow!(e.0))?;
             let caller_set = std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_some();
@@ -178,230 +300,408 @@ pub fn execute(
             })
         }
         None => None,
-    };
-    let mut watch = Watch::start(
-        &crate::enforce::hwcaps::sysfs_root(),
-        plan.hwcaps.gpu.chosen(),
-        gpu_memory,
-    );
-    // Read before the spawn: a short workload can be done before the next line runs, and a
-    // meter started after it would see none of its CPU time.
-    let mut meter = energy::RunMeter::start(cgroup.cpu_seconds());
-    let started = Instant::now();
-    let pid = supervise::spawn(command, &cgroup.procs_files(), &env).map_err(RunError::Spawn)?;
-    let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
-    let mut controls = schedule::apply::Controls {
-        edt_map: record.edt_map,
-        ledger: record.ledger,
-        run: name.clone(),
-        memory: plan.limits.memory_bytes,
-        balloon: None,
-        gate_config: match ledger {
-            Some(_) => Some(gate::config_map_id(&ebpf)?),
-            None => None,
-        },
-    };
-    let mut timeline =
-        schedule::apply::Runner::new(plan.schedule.as_ref().map_or(&[][..], |s| &s.actions[..]));
-    let mut pid = pid;
-    let mut restarts = 0u32;
-    // Since when the restarted workload runs, and how many updates had come before.
-    let mut recovering: Option<(Instant, usize)> = None;
-    let mut lifecycle: Vec<schedule::apply::Event> = Vec::new();
-    let exit = loop {
-        let exit = supervise::wait(pid, signals, SAMPLE_INTERVAL, || {
-            cgroup.sample();
-            let run_pids = || cgroup.pids().into_iter().map(|p| p as u32).collect();
-            if let Some(why) = watch.tick(run_pids) {
-                for pid in cgroup.pids() {
-                    // SAFETY: kill(2) with a pid of the run's own cgroup.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                lifecycle.push(lifecycle_event(
-                    started,
-                    schedule::Origin::Stop,
-                    format!("nbt stopped the workload: {why}"),
-                    None,
-                ));
-            }
-            if let Some((since, tasks)) = recovering {
-                let reported = judge.tasks.len() > tasks;
-                if reported || since.elapsed() >= RECOVERED_AFTER {
-                    lifecycle.push(lifecycle_event(
-                        started,
-                        schedule::Origin::Recovered,
-                        format!(
-                            "recovered {:.2} s after restart {restarts}: {}",
-                            since.elapsed().as_secs_f64(),
-                            if reported {
-                                "it reported progress".to_string()
-                            } else {
-                                format!("it stayed up {} s", RECOVERED_AFTER.as_secs())
-                            }
-                        ),
-                        None,
-                    ));
-                    recovering = None;
-                }
-            }
-            let elapsed_ms = started.elapsed().as_millis() as u64;
-            if timeline.due(elapsed_ms) {
-                let shaped = shaper::read(&ebpf).ok();
-                let counters = schedule::apply::Counters::of(&cgroup.stats(), shaped.as_ref())
-                    .with_ledger(ledger.as_ref());
-                timeline.run_due(elapsed_ms, &mut controls, &cgroup, counters);
-            }
-            let batch = reports.read_new(false);
-            if !batch.is_empty() {
-                let cpu = cgroup.cpu_seconds();
-                judge.take(batch, &mut receipts, || meter.since_last(cpu));
-            }
-            if let Some(log) = blocked.as_mut() {
-                log.drain();
-            }
-            if let (Some(ids), Some(prices)) = (&ledger, &plan.prices) {
-                if prices.hour_micro > 0 {
-                    let _ =
-                        gate::charge_time(ids, prices.hour_micro, started.elapsed().as_secs_f64());
-                }
-                // Host names may move: add the addresses they have now (never removing old ones).
-                if Instant::now() >= next_resolve {
-                    let _ = gate::install_rules(&mut ebpf, &plan.gate);
-                    next_resolve = Instant::now() + RESOLVE_INTERVAL;
-                }
-            }
+    })
+}
+
+/// The workload while it runs, and what watches it.
+///
+/// Fields drop in declaration order, the reverse of the order they were made in: the schedule's
+/// controls (and any balloon) before the sensors' watch.
+struct Running {
+    lifecycle: Vec<schedule::apply::Event>,
+    /// Since when the restarted workload runs, and how many updates had come before.
+    recovering: Option<(Instant, usize)>,
+    restarts: u32,
+    timeline: schedule::apply::Runner,
+    controls: schedule::apply::Controls,
+    next_resolve: Instant,
+    pid: i32,
+    started: Instant,
+    meter: energy::RunMeter,
+    watch: Watch,
+}
+
+impl Running {
+    /// Starts the watch, the meter and the workload.
+    fn start(
+        plan: &Plan,
+        command: &[OsString],
+        env: &[(&str, String)],
+        armed: &Armed,
+        record: &RunRecord,
+        gpu_memory: Option<GpuMemoryReport>,
+    ) -> Result<Running, RunError> {
+        let watch = Watch::start(
+            &crate::enforce::hwcaps::sysfs_root(),
+            plan.hwcaps.gpu.chosen(),
+            gpu_memory,
+        );
+        // Read before the spawn: a short workload can be done before the next line runs, and a
+        // meter started after it would see none of its CPU time.
+        let meter = energy::RunMeter::start(armed.cgroup.cpu_seconds());
+        let started = Instant::now();
+        let pid =
+            supervise::spawn(command, &armed.cgroup.procs_files(), env).map_err(RunError::Spawn)?;
+        let next_resolve = Instant::now() + RESOLVE_INTERVAL;
+        let controls = schedule::apply::Controls {
+            edt_map: record.edt_map,
+            ledger: record.ledger,
+            run: record.name.clone(),
+            memory: plan.limits.memory_bytes,
+            balloon: None,
+            gate_config: match armed.ledger {
+                Some(_) => Some(gate::config_map_id(&armed.ebpf)?),
+                None => None,
+            },
+        };
+        let timeline = schedule::apply::Runner::new(
+            plan.schedule.as_ref().map_or(&[][..], |s| &s.actions[..]),
+        );
+        Ok(Running {
+            lifecycle: Vec::new(),
+            recovering: None,
+            restarts: 0,
+            timeline,
+            controls,
+            next_resolve,
+            pid,
+            started,
+            meter,
+            watch,
+        })
+    }
+}
+
+/// Waits for the workload, sampling meanwhile, and starts it again while the plan allows.
+/// Returns how the last one ended.
+fn supervise_loop(
+    plan: &Plan,
+    command: &[OsString],
+    signals: &libc::sigset_t,
+    env: &[(&str, String)],
+    books: &mut Books,
+    armed: &mut Armed,
+    running: &mut Running,
+) -> supervise::Exit {
+    loop {
+        let exit = supervise::wait(running.pid, signals, SAMPLE_INTERVAL, || {
+            on_sample(plan, books, armed, running)
         });
         if plan.restart_max == 0 {
-            break exit;
+            return exit;
         }
-        let counters =
-            schedule::apply::Counters::of(&cgroup.stats(), shaper::read(&ebpf).ok().as_ref())
-                .with_ledger(ledger.as_ref());
-        let mut ended = lifecycle_event(
-            started,
-            schedule::Origin::Exit,
-            format!("the workload ended: {}", describe_exit(&exit)),
+        if !restarted(plan, command, env, &books.judge, armed, running, &exit) {
+            return exit;
+        }
+    }
+}
+
+/// Every [`SAMPLE_INTERVAL`] while the workload runs: samples, watches the sensors, applies the
+/// schedule, judges new reports and keeps the gate up to date.
+fn on_sample(plan: &Plan, books: &mut Books, armed: &mut Armed, running: &mut Running) {
+    armed.cgroup.sample();
+    let run_pids = || armed.cgroup.pids().into_iter().map(|p| p as u32).collect();
+    if let Some(why) = running.watch.tick(run_pids) {
+        for pid in armed.cgroup.pids() {
+            // SAFETY: kill(2) with a pid of the run's own cgroup.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        running.lifecycle.push(lifecycle_event(
+            running.started,
+            schedule::Origin::Stop,
+            format!("nbt stopped the workload: {why}"),
             None,
-        );
-        ended.counters = counters;
-        lifecycle.push(ended);
-        // A stop the user asked for (a signal nbt passed on) is not a failure to repair.
-        let failed = exit.status != 0 && exit.forwarded_signals.is_empty();
-        if !failed || restarts >= plan.restart_max {
-            break exit;
+        ));
+    }
+    note_recovery(&books.judge, running);
+    let elapsed_ms = running.started.elapsed().as_millis() as u64;
+    if running.timeline.due(elapsed_ms) {
+        let shaped = shaper::read(&armed.ebpf).ok();
+        let counters = schedule::apply::Counters::of(&armed.cgroup.stats(), shaped.as_ref())
+            .with_ledger(armed.ledger.as_ref());
+        running
+            .timeline
+            .run_due(elapsed_ms, &mut running.controls, &armed.cgroup, counters);
+    }
+    let batch = books.reports.read_new(false);
+    if !batch.is_empty() {
+        let cpu = armed.cgroup.cpu_seconds();
+        books
+            .judge
+            .take(batch, &mut books.receipts, || running.meter.since_last(cpu));
+    }
+    if let Some(log) = armed.blocked.as_mut() {
+        log.drain();
+    }
+    if let (Some(ids), Some(prices)) = (&armed.ledger, &plan.prices) {
+        if prices.hour_micro > 0 {
+            let _ = gate::charge_time(
+                ids,
+                prices.hour_micro,
+                running.started.elapsed().as_secs_f64(),
+            );
         }
-        restarts += 1;
-        match supervise::spawn(command, &cgroup.procs_files(), &env) {
-            Ok(next) => {
-                pid = next;
-                lifecycle.push(lifecycle_event(
-                    started,
-                    schedule::Origin::Restart,
-                    format!("restart {restarts} of at most {}", plan.restart_max),
-                    None,
-                ));
-                recovering = Some((Instant::now(), judge.tasks.len()));
-            }
-            Err(err) => {
-                lifecycle.push(lifecycle_event(
-                    started,
-                    schedule::Origin::Restart,
-                    format!("restart {restarts}"),
-                    Some(err.to_string()),
-                ));
-                break exit;
-            }
+        // Host names may move: add the addresses they have now (never removing old ones).
+        if Instant::now() >= running.next_resolve {
+            let _ = gate::install_rules(&mut armed.ebpf, &plan.gate);
+            running.next_resolve = Instant::now() + RESOLVE_INTERVAL;
         }
-    };
-    let wall_seconds = started.elapsed().as_secs_f64();
-    let cpu = cgroup.cpu_seconds();
-    judge.take(reports.read_new(true), &mut receipts, || {
-        meter.since_last(cpu)
-    });
-    let run_energy = meter.total(cpu);
-    let ledger_summary = match (&ledger, &plan.prices) {
+    }
+}
+
+/// A restarted workload that reported progress, or stayed up long enough, has recovered.
+fn note_recovery(judge: &learning::Judge, running: &mut Running) {
+    let restarts = running.restarts;
+    if let Some((since, tasks)) = running.recovering {
+        let reported = judge.tasks.len() > tasks;
+        if reported || since.elapsed() >= RECOVERED_AFTER {
+            running.lifecycle.push(lifecycle_event(
+                running.started,
+                schedule::Origin::Recovered,
+                format!(
+                    "recovered {:.2} s after restart {restarts}: {}",
+                    since.elapsed().as_secs_f64(),
+                    if reported {
+                        "it reported progress".to_string()
+                    } else {
+                        format!("it stayed up {} s", RECOVERED_AFTER.as_secs())
+                    }
+                ),
+                None,
+            ));
+            running.recovering = None;
+        }
+    }
+}
+
+/// Notes how the workload ended and, when it failed and restarts are left, starts it again.
+/// Returns whether a new workload runs.
+fn restarted(
+    plan: &Plan,
+    command: &[OsString],
+    env: &[(&str, String)],
+    judge: &learning::Judge,
+    armed: &mut Armed,
+    running: &mut Running,
+    exit: &supervise::Exit,
+) -> bool {
+    let counters = schedule::apply::Counters::of(
+        &armed.cgroup.stats(),
+        shaper::read(&armed.ebpf).ok().as_ref(),
+    )
+    .with_ledger(armed.ledger.as_ref());
+    let mut ended = lifecycle_event(
+        running.started,
+        schedule::Origin::Exit,
+        format!("the workload ended: {}", describe_exit(exit)),
+        None,
+    );
+    ended.counters = counters;
+    running.lifecycle.push(ended);
+    // A stop the user asked for (a signal nbt passed on) is not a failure to repair.
+    let failed = exit.status != 0 && exit.forwarded_signals.is_empty();
+    if !failed || running.restarts >= plan.restart_max {
+        return false;
+    }
+    running.restarts += 1;
+    let restarts = running.restarts;
+    match supervise::spawn(command, &armed.cgroup.procs_files(), env) {
+        Ok(next) => {
+            running.pid = next;
+            running.lifecycle.push(lifecycle_event(
+                running.started,
+                schedule::Origin::Restart,
+                format!("restart {restarts} of at most {}", plan.restart_max),
+                None,
+            ));
+            running.recovering = Some((Instant::now(), judge.tasks.len()));
+            true
+        }
+        Err(err) => {
+            running.lifecycle.push(lifecycle_event(
+                running.started,
+                schedule::Origin::Restart,
+                format!("restart {restarts}"),
+                Some(err.to_string()),
+            ));
+            false
+        }
+    }
+}
+
+/// What the run measured once the workload was gone, read before anything is taken down.
+struct Ended {
+    exit: supervise::Exit,
+    wall_seconds: f64,
+    energy: Energy,
+    ledger: Option<LedgerSummary>,
+    stats: CgroupStats,
+    events: Vec<schedule::apply::Event>,
+    network: Traffic,
+    shaped: ShapedTraffic,
+    net: NetLimits,
+    latency: Option<Latency>,
+}
+
+/// Judges the last reports and reads what the run measured, in the order the summary needs.
+fn measure(
+    state_dir: &Path,
+    name: &str,
+    plan: &Plan,
+    exit: supervise::Exit,
+    books: &mut Books,
+    armed: &mut Armed,
+    running: &mut Running,
+) -> Result<Ended> {
+    let wall_seconds = running.started.elapsed().as_secs_f64();
+    let cpu = armed.cgroup.cpu_seconds();
+    books
+        .judge
+        .take(books.reports.read_new(true), &mut books.receipts, || {
+            running.meter.since_last(cpu)
+        });
+    let energy = running.meter.total(cpu);
+    let ledger = settle_ledger(plan, armed, wall_seconds)?;
+
+    let stats = armed.cgroup.stats();
+    let events = collect_events(state_dir, name, running, wall_seconds, &stats);
+    let network = account::read(&armed.ebpf).context("reading the byte counters")?;
+    let shaped = shaper::read(&armed.ebpf).context("reading the shaper's counters")?;
+    // `nbt set` may have changed the limits during the run: report the last ones.
+    let (net, latency) = RunRecord::find_live(state_dir, name)
+        .map(|(_, r)| (r.net, r.latency))
+        .unwrap_or((plan.net, plan.latency));
+    Ok(Ended {
+        exit,
+        wall_seconds,
+        energy,
+        ledger,
+        stats,
+        events,
+        network,
+        shaped,
+        net,
+        latency,
+    })
+}
+
+/// For runs with a balance: charges the run's time and reads the ledger's end.
+fn settle_ledger(
+    plan: &Plan,
+    armed: &mut Armed,
+    wall_seconds: f64,
+) -> Result<Option<LedgerSummary>> {
+    Ok(match (&armed.ledger, &plan.prices) {
         (Some(ids), Some(prices)) => {
             if prices.hour_micro > 0 {
                 gate::charge_time(ids, prices.hour_micro, wall_seconds)?;
             }
-            let counts = blocked
+            let counts = armed
+                .blocked
                 .take()
                 .map(|log| log.into_counts())
                 .unwrap_or_default();
             Some(gate::summarize(ids, prices, counts)?)
         }
         _ => None,
-    };
+    })
+}
 
-    let stats = cgroup.stats();
-    let mut events = std::mem::take(&mut timeline.events);
-    events.extend(lifecycle);
+/// The schedule's events, the workload's and those injected from outside, in time order.
+fn collect_events(
+    state_dir: &Path,
+    name: &str,
+    running: &mut Running,
+    wall_seconds: f64,
+    stats: &CgroupStats,
+) -> Vec<schedule::apply::Event> {
+    let mut events = std::mem::take(&mut running.timeline.events);
+    events.extend(std::mem::take(&mut running.lifecycle));
     // Faults injected from outside (`nbt fault`), in time order with the schedule's.
-    events.extend(schedule::fault::take_outside_events(&state_dir, &name));
+    events.extend(schedule::fault::take_outside_events(state_dir, name));
     events.sort_by(|a, b| a.t.total_cmp(&b.t));
-    if timeline.not_reached() > 0 {
+    if running.timeline.not_reached() > 0 {
         events.push(schedule::apply::Event {
             t: wall_seconds,
             kind: schedule::Origin::Step,
             source: "schedule".into(),
             what: format!(
                 "{} scheduled changes not reached: the workload ended first",
-                timeline.not_reached()
+                running.timeline.not_reached()
             ),
             error: None,
-            counters: schedule::apply::Counters::of(&stats, None),
+            counters: schedule::apply::Counters::of(stats, None),
             during: None,
         });
     }
-    let network = account::read(&ebpf).context("reading the byte counters")?;
-    let shaped = shaper::read(&ebpf).context("reading the shaper's counters")?;
-    // `nbt set` may have changed the limits during the run: report the last ones.
-    let (final_net, final_latency) = RunRecord::find_live(&state_dir, &name)
-        .map(|(_, r)| (r.net, r.latency))
-        .unwrap_or((plan.net, plan.latency));
+    events
+}
+
+/// Detaches the programs, removes the cgroups and puts the hardware caps back, in that order.
+fn take_down(
+    ebpf: Ebpf,
+    cgroup: &mut RunCgroup,
+    hardware: &mut Option<state::hwcaps::Held>,
+) -> Result<Option<HardwareReport>> {
     drop(ebpf);
     cgroup.remove()?;
-    let hardware = hardware.as_mut().map(|applied| {
+    Ok(hardware.as_mut().map(|applied| {
         let restore_errors = applied.restore();
-        crate::run::summary::HardwareReport {
+        HardwareReport {
             set: applied.set.clone(),
             original: applied.originals(),
             restored: restore_errors.is_empty(),
             restore_errors,
         }
-    });
+    }))
+}
 
-    let mut summary = RunSummary {
-        run: name,
-        command: record.command.clone(),
+/// The run's summary, without its receipt yet.
+fn summarize(
+    plan: &Plan,
+    layout: &Layout,
+    record: RunRecord,
+    ended: Ended,
+    hardware: Option<HardwareReport>,
+    judge: &mut learning::Judge,
+    watch: Watch,
+) -> RunSummary {
+    RunSummary {
+        run: record.name,
+        command: record.command,
         profile: plan.profile.clone(),
         limits: plan.limits.clone(),
-        cgroup_mode: describe_layout(&layout),
-        exit,
-        wall_seconds,
-        cgroup: stats,
-        network: Some(network),
-        net_limits: final_net,
-        shaped: Some(shaped),
-        ledger: ledger_summary,
-        latency: final_latency,
-        energy: run_energy,
-        events,
+        cgroup_mode: describe_layout(layout),
+        exit: ended.exit,
+        wall_seconds: ended.wall_seconds,
+        cgroup: ended.stats,
+        network: Some(ended.network),
+        net_limits: ended.net,
+        shaped: Some(ended.shaped),
+        ledger: ended.ledger,
+        latency: ended.latency,
+        energy: ended.energy,
+        events: ended.events,
         tasks: std::mem::take(&mut judge.tasks),
         refused_reports: std::mem::take(&mut judge.refused),
         receipt: None,
         receipt_error: None,
         hardware,
         sensors: watch.finish(),
-    };
-    // Last of all, so that the receipt holds everything the run measured.
-    let mut run_receipt = run_receipt::of_run(&summary, summary.energy.clone(), String::new());
-    match receipts.write(&mut run_receipt) {
+    }
+}
+
+/// Writes the run's receipt and notes in the summary where it went, or why receipts are missing.
+fn write_receipt(summary: &mut RunSummary, books: &mut Books) {
+    let mut run_receipt = run_receipt::of_run(summary, summary.energy.clone(), String::new());
+    match books.receipts.write(&mut run_receipt) {
         Ok(written) => summary.receipt = Some(written),
-        Err(err) => judge.errors.push(format!("the run's receipt: {err:#}")),
+        Err(err) => books
+            .judge
+            .errors
+            .push(format!("the run's receipt: {err:#}")),
     }
-    if !judge.errors.is_empty() {
-        summary.receipt_error = Some(judge.errors.join("; "));
+    if !books.judge.errors.is_empty() {
+        summary.receipt_error = Some(books.judge.errors.join("; "));
     }
-    Ok(summary)
 }
