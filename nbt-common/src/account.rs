@@ -16,6 +16,7 @@ pub const ACCOUNT_MAP: &str = "ACCOUNT";
 /// Packets and bytes seen in one direction on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct TrafficCounters {
     pub packets: u64,
     pub bytes: u64,

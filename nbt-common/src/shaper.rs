@@ -61,6 +61,7 @@ pub struct ShaperState {
 /// super-packet counts every segment's headers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ShaperStats {
     pub passed_packets: u64,
     pub passed_bytes: u64,

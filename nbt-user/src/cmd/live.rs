@@ -61,7 +61,10 @@ fn print_ps(runs: &[LiveRun]) {
         ] {
             println!("  {name:<8} limit {}", limits.describe(direction));
             if let Some(traffic) = traffic {
-                println!("           {}", traffic.describe(run.seconds));
+                println!(
+                    "           {}",
+                    shaper::describe_traffic(&traffic, run.seconds)
+                );
             }
         }
     }

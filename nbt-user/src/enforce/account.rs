@@ -38,29 +38,14 @@ pub fn read(ebpf: &Ebpf) -> Result<Traffic> {
         Ok(total)
     };
     Ok(Traffic {
-        ingress: sum(INGRESS)?.into(),
-        egress: sum(EGRESS)?.into(),
+        ingress: sum(INGRESS)?,
+        egress: sum(EGRESS)?,
     })
-}
-
-/// Packets and bytes (IP packets, headers included) in one direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-impl From<TrafficCounters> for Counters {
-    fn from(c: TrafficCounters) -> Self {
-        Counters {
-            packets: c.packets,
-            bytes: c.bytes,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Traffic {
-    pub ingress: Counters,
-    pub egress: Counters,
+    /// Packets and bytes (IP packets, headers included) in each direction.
+    pub ingress: TrafficCounters,
+    pub egress: TrafficCounters,
 }

@@ -15,8 +15,8 @@ use nbt_common::shaper::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::sys::loader;
 use crate::error::UsageError;
+use crate::sys::loader;
 use crate::units::{self, format_rate, format_size};
 
 /// The largest IP packet a usual link carries; the floor for rates and bursts.
@@ -350,8 +350,8 @@ fn sum_stats(map: &PerCpuArray<&MapData, ShaperStats>, index: u32) -> Result<Sha
 
 fn traffic_from(map: &PerCpuArray<&MapData, ShaperStats>) -> Result<ShapedTraffic> {
     Ok(ShapedTraffic {
-        egress: sum_stats(map, EGRESS)?.into(),
-        ingress: sum_stats(map, INGRESS)?.into(),
+        egress: sum_stats(map, EGRESS)?,
+        ingress: sum_stats(map, INGRESS)?,
     })
 }
 
@@ -377,51 +377,24 @@ pub fn read_by_id(ids: &MapIds) -> Result<ShapedTraffic> {
     traffic_from(&stats)
 }
 
-/// One direction's fate of packets, as the shaper counted them (wire bytes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct DirectionTraffic {
-    pub passed_packets: u64,
-    pub passed_bytes: u64,
-    pub marked_packets: u64,
-    pub rate_dropped_packets: u64,
-    pub rate_dropped_bytes: u64,
-    pub loss_dropped_packets: u64,
-    pub loss_dropped_bytes: u64,
-}
-
-impl From<ShaperStats> for DirectionTraffic {
-    fn from(s: ShaperStats) -> Self {
-        DirectionTraffic {
-            passed_packets: s.passed_packets,
-            passed_bytes: s.passed_bytes,
-            marked_packets: s.marked_packets,
-            rate_dropped_packets: s.rate_dropped_packets,
-            rate_dropped_bytes: s.rate_dropped_bytes,
-            loss_dropped_packets: s.loss_dropped_packets,
-            loss_dropped_bytes: s.loss_dropped_bytes,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ShapedTraffic {
-    pub egress: DirectionTraffic,
-    pub ingress: DirectionTraffic,
+    pub egress: ShaperStats,
+    pub ingress: ShaperStats,
 }
 
-impl DirectionTraffic {
-    pub fn describe(&self, seconds: f64) -> String {
-        format!(
-            "passed {} packets, {} ({}/s average); dropped for rate {} packets, {}; lost {} packets, {}",
-            self.passed_packets,
-            format_size(self.passed_bytes),
-            format_rate((self.passed_bytes as f64 * 8.0 / seconds.max(1e-9)) as u64),
-            self.rate_dropped_packets,
-            format_size(self.rate_dropped_bytes),
-            self.loss_dropped_packets,
-            format_size(self.loss_dropped_bytes),
-        )
-    }
+/// One direction's fate of packets over `seconds`, in words.
+pub fn describe_traffic(traffic: &ShaperStats, seconds: f64) -> String {
+    format!(
+        "passed {} packets, {} ({}/s average); dropped for rate {} packets, {}; lost {} packets, {}",
+        traffic.passed_packets,
+        format_size(traffic.passed_bytes),
+        format_rate((traffic.passed_bytes as f64 * 8.0 / seconds.max(1e-9)) as u64),
+        traffic.rate_dropped_packets,
+        format_size(traffic.rate_dropped_bytes),
+        traffic.loss_dropped_packets,
+        format_size(traffic.loss_dropped_bytes),
+    )
 }
 
 #[cfg(test)]

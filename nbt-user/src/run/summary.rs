@@ -8,7 +8,7 @@ use crate::enforce::account::Traffic;
 use crate::enforce::cgroup::{CgroupStats, Limits, CPU_PERIOD_US};
 use crate::enforce::edt::Latency;
 use crate::enforce::ledger::{format_amount, LedgerSummary};
-use crate::enforce::shaper::{Direction, NetLimits, ShapedTraffic};
+use crate::enforce::shaper::{describe_traffic, Direction, NetLimits, ShapedTraffic};
 use crate::learning::{RefusedReport, TaskOutcome};
 use crate::receipt::Written;
 use crate::schedule::apply::Event;
@@ -325,7 +325,7 @@ impl RunSummary {
                     let _ = writeln!(
                         out,
                         "                {}",
-                        traffic.describe(self.wall_seconds)
+                        describe_traffic(traffic, self.wall_seconds)
                     );
                 }
             }

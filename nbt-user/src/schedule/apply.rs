@@ -76,7 +76,7 @@ impl Counters {
 
     pub fn of(stats: &CgroupStats, shaped: Option<&ShapedTraffic>) -> Counters {
         let p = stats.pressure.clone().unwrap_or_default();
-        let dropped = |d: &crate::enforce::shaper::DirectionTraffic| {
+        let dropped = |d: &nbt_common::shaper::ShaperStats| {
             d.rate_dropped_packets + d.loss_dropped_packets
         };
         Counters {
