@@ -1,4 +1,4 @@
-//! nbt's kernel programs. One module per hook family (DESIGN.md); each module owns its maps.
+//! nbt's kernel programs. One module per hook family (docs/layout.md); each module owns its maps.
 #![no_std]
 #![no_main]
 // The BPF target has no atomic read-modify-write in `core::sync::atomic`; the intrinsic lowers to

@@ -1,12 +1,11 @@
 //! Parsing of the units nbt accepts on the command line and in profiles.
 //!
 //! Every parser names what it accepts, so a bad value can be reported as: the flag, the value, and
-//! the accepted forms (DESIGN.md: "Units, unambiguous").
+//! the accepted forms (docs/running.md, "`nbt run`").
 
 use std::time::Duration;
 
 use crate::error::UsageError;
-
 
 pub const SIZE_FORMS: &str = "a byte count with a unit: 512K, 512M, 6G, 1T (powers of 1024; also \
      KiB/MiB/GiB/TiB), 500MB, 6GB (powers of 1000), or 0";

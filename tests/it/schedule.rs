@@ -267,8 +267,9 @@ fn nbt_fault_freezes_a_live_run_from_outside_and_the_run_logs_it() {
             ])
         })
     };
-    let name = nbt_integration_tests::wait_for_live_run(|r| r["command"].to_string().contains("spin"))
-        .expect("the spinning run in nbt ps");
+    let name =
+        nbt_integration_tests::wait_for_live_run(|r| r["command"].to_string().contains("spin"))
+            .expect("the spinning run in nbt ps");
     let bad = nbt_integration_tests::nbt(&["fault", &name, "brownout"]);
     assert_eq!(bad.status(), 2, "{}", bad.stderr());
     assert!(bad.stderr().contains("needs duration"), "{}", bad.stderr());

@@ -15,7 +15,6 @@ use crate::telemetry::counters::Counted;
 
 use super::{Agent, Shared};
 
-
 fn error(status: StatusCode, message: String, extra: Value) -> Response {
     let mut body = json!({ "error": message });
     if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {

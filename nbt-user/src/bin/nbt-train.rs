@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use nbt::learning::{report_task, TaskReport, REPORT_ENV};
 use nbt::demo::train::{train_with_fresh, Dataset, EpochProgress, TrainConfig, TrainReport};
+use nbt::learning::{report_task, TaskReport, REPORT_ENV};
 
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -34,13 +34,11 @@ pub fn agent(args: AgentArgs, signals: &libc::sigset_t) -> i32 {
 
 /// The options, checked: a bad one is a usage error.
 fn check(args: AgentArgs) -> Result<AgentOptions, UsageError> {
-    let usage = |flag: &str, value: &str, problem: String, accepted: &'static str| {
-        UsageError {
-            flag: flag.into(),
-            value: value.into(),
-            problem,
-            accepted,
-        }
+    let usage = |flag: &str, value: &str, problem: String, accepted: &'static str| UsageError {
+        flag: flag.into(),
+        value: value.into(),
+        problem,
+        accepted,
     };
     let listen = args.listen.parse().map_err(|_| {
         usage(

@@ -146,7 +146,7 @@ pub struct LimitArgs {
     pub pids: Option<String>,
 }
 
-/// Flags of the DESIGN.md contract whose capability is not built yet. They are parsed so that
+/// Flags of nbt's command-line contract whose capability is not built yet. They are parsed so that
 /// asking for one gets a clear refusal rather than "unexpected argument"; hidden from --help
 /// until they work.
 #[derive(Debug, Args)]

@@ -179,7 +179,11 @@ pub fn describe(scenario: &Scenario) -> Vec<String> {
         ),
         "  schedule:          a 2 s brownout (frozen) at 15 s; both rates down to 256kbit at 28 s".to_string(),
     ];
-    lines.extend(plan.pending.iter().map(|p| format!("  not enforced:      {p}")));
+    lines.extend(
+        plan.pending
+            .iter()
+            .map(|p| format!("  not enforced:      {p}")),
+    );
     lines.extend(
         scenario
             .set_aside

@@ -1,7 +1,7 @@
 //! Cgroups: find the hierarchies, make a run's cgroups beneath nbt's own, set the limits, read the
 //! accounting, and remove everything at the end.
 //!
-//! Two layouts are handled (DESIGN.md, "Cgroups"):
+//! Two layouts are handled (docs/running.md, "Cgroup layouts"):
 //! - unified: cgroup v2 with its controllers; one directory per run holds limits and BPF programs.
 //! - hybrid: a v2 tree without controllers (BPF attaches there) plus v1 hierarchies that carry the
 //!   memory, cpu and pids controllers. A run gets one directory in each, and the child joins all.

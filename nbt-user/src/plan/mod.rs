@@ -16,8 +16,8 @@ use crate::enforce::shaper::{self, Loss, NetLimits};
 use crate::error::PlanError;
 use crate::units;
 
-/// The seed's numbers (shared/seeds/000: 6 GB memory, 500 MB swap, 512 kbit, 5% loss, 100 ms,
-/// 75 W, 1200 MHz, 2.0 GHz with turbo off).
+/// The seed's numbers, those of the Negative-Balance Training scripts nbt grew from (6 GB memory,
+/// 500 MB swap, 512 kbit, 5% loss, 100 ms, 75 W, 1200 MHz, 2.0 GHz with turbo off).
 pub const NBT_PROFILE: &str = r#"
 description = "Negative-Balance Training: the seed's scarcity"
 memory = "6G"

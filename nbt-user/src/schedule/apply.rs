@@ -76,9 +76,8 @@ impl Counters {
 
     pub fn of(stats: &CgroupStats, shaped: Option<&ShapedTraffic>) -> Counters {
         let p = stats.pressure.clone().unwrap_or_default();
-        let dropped = |d: &nbt_common::shaper::ShaperStats| {
-            d.rate_dropped_packets + d.loss_dropped_packets
-        };
+        let dropped =
+            |d: &nbt_common::shaper::ShaperStats| d.rate_dropped_packets + d.loss_dropped_packets;
         Counters {
             cpu_usec: stats.cpu_usage_usec.unwrap_or(0),
             cpu_throttled_usec: stats.cpu_throttled_usec.unwrap_or(0),

@@ -162,7 +162,10 @@ impl Change {
                 bytes_per_sec: None,
             } => "the balloon killed, its memory freed".into(),
             Change::PriceCall { micro } => {
-                format!("price per call {}", crate::enforce::ledger::format_amount(*micro))
+                format!(
+                    "price per call {}",
+                    crate::enforce::ledger::format_amount(*micro)
+                )
             }
             Change::PriceEgress { pico_per_byte } => format!(
                 "price per GB sent {}",

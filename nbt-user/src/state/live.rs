@@ -22,7 +22,6 @@ pub struct LiveRun {
     pub balance_micro: Option<i64>,
 }
 
-
 /// Every live run, with its current limits and counters.
 pub fn live_runs() -> Vec<LiveRun> {
     RunRecord::read_all(&state_dir())

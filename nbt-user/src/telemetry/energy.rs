@@ -1,5 +1,5 @@
-//! The joules a run spent, by source, each figure labelled `measured` or `model` (DESIGN.md,
-//! "Energy figures are honest").
+//! The joules a run spent, by source, each figure labelled `measured` or `model`: a figure says
+//! where it came from (docs/running.md, "Attribution").
 //!
 //! - `rapl`: the package energy counters of powercap (`/sys/class/powercap/intel-rapl:N`), read
 //!   at the start and at each report, with the counter's wrap handled; the run is charged its
@@ -14,7 +14,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
 
 /// Joules from one source, and whether they were metered or estimated.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
