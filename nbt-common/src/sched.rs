@@ -1,9 +1,12 @@
 //! CPU time per process (tgid), kept by the `sched` programs.
 //!
 //! The kernel side charges what each thread ran (the scheduler's own runtime, read at samples and
-//! at exit) to the thread's process, in [`PROCESS_CPU_MAP`] (a hash keyed by tgid). When a process's main thread exits, its final
-//! figure goes out through [`PROCESS_EXITS_MAP`] (a ring buffer) and its entry is removed,
-//! so short-lived processes are reported even when they live and die between two reads.
+//! at exit) to the thread's process, in [`PROCESS_CPU_MAP`] (a hash keyed by tgid). When a
+//! process's main thread exits, its figure goes out through [`PROCESS_EXITS_MAP`] (a ring buffer)
+//! and its entry is removed, so short-lived processes are reported even when they live and die
+//! between two reads. A thread still runs after its exit tracepoint (unmapping its memory,
+//! closing its files: about 0.2 ms for a small process); that last stretch is read when the
+//! kernel frees the thread, and goes out as a late record ([`ProcessExit::late`]).
 //!
 //! Where user space found a hardware PMU, each sample also reads its CPU's cycle and instruction
 //! counters and charges what they counted since that CPU's previous sample to the process it
@@ -13,6 +16,9 @@
 pub const PROCESS_CPU_MAP: &str = "PROCESS_CPU";
 /// Name of the ring buffer carrying [`ProcessExit`] records.
 pub const PROCESS_EXITS_MAP: &str = "PROCESS_EXITS";
+/// Name of the hash map tid (u32) → [`ExitedThread`]: threads past their exit tracepoint, not
+/// yet freed.
+pub const EXITED_THREADS_MAP: &str = "EXITED_THREADS";
 /// Name of the per-CPU array of [`SchedStats`] (one slot).
 pub const SCHED_STATS_MAP: &str = "SCHED_STATS";
 /// Name of the one-slot array holding the [`TaskLayout`] user space found in the kernel's BTF.
@@ -61,6 +67,8 @@ pub struct TaskLayout {
     /// `flags` (an unsigned int): [`PF_EXITING`] is set there from the start of the thread's
     /// exit, before its exit tracepoint.
     pub flags: u64,
+    /// `pid` (a pid_t): the thread's id, read from the task the free tracepoint hands over.
+    pub pid: u64,
     /// CLOCK_MONOTONIC when tracking began: threads created before it are charged only for what
     /// they run after their first sample.
     pub tracking_since_ns: u64,
@@ -99,15 +107,32 @@ pub struct ProcessCpu {
     pub comm: [u8; COMM_LEN],
 }
 
-/// The last figure of a process whose main thread exited.
+/// The figure of a process whose main thread exited, or a late addition to it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcessExit {
     pub tgid: u32,
-    pub _pad: u32,
+    /// 0: the process's figure when its main thread exited. 1: what one of its threads ran
+    /// between its exit tracepoint and the kernel freeing it, to add (`cpu_ns` only).
+    pub late: u32,
     pub cpu_ns: u64,
     pub cycles: u64,
     pub instructions: u64,
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A thread past its exit tracepoint: what it had run by then, and whose it was, until the
+/// kernel frees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitedThread {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// `start_time` of the thread: with its tid it names one thread, even after the tid is reused.
+    pub start_time: u64,
+    /// Its runtime at the exit tracepoint.
+    pub runtime_ns: u64,
     pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
 }
@@ -130,16 +155,16 @@ pub struct SchedStats {
 // alignment 8), with no padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for ProcessCpu {}
 #[cfg(feature = "user")]
-// SAFETY: ProcessExit is #[repr(C)], a u32, the explicit u32 `_pad`, four u64s and a 16-byte
-// array (56 bytes, a multiple of its alignment 8), with no implicit padding: every bit pattern is
-// a valid value.
+// SAFETY: ProcessExit is #[repr(C)], two u32s, four u64s and a 16-byte array (56 bytes, a
+// multiple of its alignment 8), with no implicit padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for ProcessExit {}
+
 #[cfg(feature = "user")]
 // SAFETY: SchedStats is #[repr(C)], three u64s, with no padding: every bit pattern is a valid
 // value.
 unsafe impl aya::Pod for SchedStats {}
 #[cfg(feature = "user")]
-// SAFETY: TaskLayout is #[repr(C)], five u64s, with no padding: every bit pattern is a valid
+// SAFETY: TaskLayout is #[repr(C)], six u64s, with no padding: every bit pattern is a valid
 // value.
 unsafe impl aya::Pod for TaskLayout {}
 #[cfg(feature = "user")]

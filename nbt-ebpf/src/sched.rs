@@ -24,9 +24,15 @@
 //! `task_struct` offsets differ between kernels and builds; user space reads them from the
 //! kernel's BTF and writes them into [`TASK_LAYOUT`] before attaching (the programs do nothing
 //! until then). sched_process_exec refreshes a process's command name; sched_process_exit, on
-//! the main thread, sends the process's final figure to user space through a ring buffer and
-//! removes its entry. What its other threads still run after that (microseconds while they die)
-//! makes a new entry that user space sweeps once the process is gone from /proc.
+//! the main thread, sends the process's figure to user space through a ring buffer and removes
+//! its entry. What its other threads still run after that makes a new entry that user space
+//! sweeps once the process is gone from /proc.
+//!
+//! A thread keeps running after its exit tracepoint: it unmaps its memory, closes its files and
+//! switches out for the last time, about 0.2 ms for a small process on the development VM, 3.5%
+//! of a 5 ms one. sched_process_exit notes each thread's runtime in [`EXITED_THREADS`]; when the
+//! kernel frees the thread (sched_process_free, after the last switch, so the runtime is final)
+//! the difference is added to the process if it still has an entry, else sent as a late record.
 
 use aya_ebpf::{
     bindings::{bpf_perf_event_value, BPF_F_CURRENT_CPU, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
@@ -40,8 +46,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use nbt_common::sched::{
-    CounterReading, ProcessCpu, ProcessExit, SchedStats, TaskLayout, COMM_LEN, COUNT_CYCLES,
-    COUNT_INSTRUCTIONS, CYCLES, INSTRUCTIONS, MAX_PROCESSES, MAX_THREADS, PF_EXITING,
+    CounterReading, ExitedThread, ProcessCpu, ProcessExit, SchedStats, TaskLayout, COMM_LEN,
+    COUNT_CYCLES, COUNT_INSTRUCTIONS, CYCLES, INSTRUCTIONS, MAX_PROCESSES, MAX_THREADS, PF_EXITING,
 };
 
 use crate::atomic_add;
@@ -55,6 +61,10 @@ static PROCESS_CPU: HashMap<u32, ProcessCpu> =
 /// Per thread (tid): its runtime as far as it has been charged.
 #[map(name = "THREAD_CHARGED")]
 static THREAD_CHARGED: HashMap<u32, u64> =
+    HashMap::with_max_entries(MAX_THREADS, BPF_F_NO_PREALLOC);
+/// Per thread (tid) past its exit tracepoint and not yet freed.
+#[map(name = "EXITED_THREADS")]
+static EXITED_THREADS: HashMap<u32, ExitedThread> =
     HashMap::with_max_entries(MAX_THREADS, BPF_F_NO_PREALLOC);
 #[map(name = "TASK_LAYOUT")]
 static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
@@ -282,6 +292,7 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
                 },
             );
         }
+        note_exited(&layout, tid, tgid);
     }
     let _ = THREAD_CHARGED.remove(tid);
     if tgid != tid {
@@ -293,7 +304,7 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     };
     let exit = ProcessExit {
         tgid,
-        _pad: 0,
+        late: 0,
         cpu_ns: cpu.cpu_ns,
         cycles: cpu.cycles,
         instructions: cpu.instructions,
@@ -309,6 +320,96 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     }
     let _ = PROCESS_CPU.remove(tgid);
     0
+}
+
+/// What the exiting thread has run so far, for its free to charge the rest.
+#[inline(always)]
+fn note_exited(layout: &TaskLayout, tid: u32, tgid: u32) {
+    // SAFETY: a helper without arguments; the pointer is only read through probe_read.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let (Some(start_time), Some(runtime_ns)) = (
+        read_u64(task, layout.start_time),
+        read_u64(task, layout.sum_exec_runtime),
+    ) else {
+        return;
+    };
+    let exited = ExitedThread {
+        tgid,
+        _pad: 0,
+        start_time,
+        runtime_ns,
+        // SAFETY: a helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    };
+    if EXITED_THREADS.insert(tid, exited, 0).is_err() {
+        // SAFETY: `count` passes a pointer to its map slot; this only takes a field's address.
+        count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).map_full) });
+    }
+}
+
+/// sched_process_free(p): the kernel frees a thread's task, after its last switch. It runs in
+/// whatever context frees it (an RCU callback), so everything is read from `p`, never from the
+/// current task.
+#[raw_tracepoint(tracepoint = "sched_process_free")]
+pub fn sched_process_free(ctx: RawTracePointContext) -> i32 {
+    let Some(layout) = task_layout() else {
+        return 0;
+    };
+    // SAFETY: this raw tracepoint's context is its arguments, an array of u64s, and the task is
+    // the first; the kernel checks at load and attach that reads stay within the arguments.
+    let task = unsafe { *(ctx.as_ptr() as *const u64) } as *const u8;
+    // SAFETY: bpf_probe_read_kernel checks the address; the offset comes from this kernel's BTF.
+    let Ok(tid) = (unsafe { bpf_probe_read_kernel(task.add(layout.pid as usize).cast::<u32>()) })
+    else {
+        return 0;
+    };
+    // SAFETY: the lookup's value is a plain #[repr(C)] struct, copied out.
+    let Some(exited) = (unsafe { EXITED_THREADS.get(tid) }).copied() else {
+        return 0;
+    };
+    let (Some(start_time), Some(runtime_ns)) = (
+        read_u64(task, layout.start_time),
+        read_u64(task, layout.sum_exec_runtime),
+    ) else {
+        return 0;
+    };
+    if start_time != exited.start_time {
+        return 0; // the tid was reused: the entry is another thread's, freed later
+    }
+    let _ = EXITED_THREADS.remove(tid);
+    let ns = runtime_ns.saturating_sub(exited.runtime_ns);
+    let charge = Charge {
+        ns,
+        ..Charge::default()
+    };
+    if ns == 0 || add_to_existing(exited.tgid, &charge) {
+        return 0;
+    }
+    let late = ProcessExit {
+        tgid: exited.tgid,
+        late: 1,
+        cpu_ns: ns,
+        cycles: 0,
+        instructions: 0,
+        cgroup_id: exited.cgroup_id,
+        comm: exited.comm,
+    };
+    if PROCESS_EXITS
+        .output::<ProcessExit>(&late, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        // SAFETY: `count` passes a pointer to its map slot; this only takes a field's address.
+        count(|stats| unsafe { core::ptr::addr_of_mut!((*stats).lost_exits) });
+    }
+    0
+}
+
+/// A u64 at `offset` in `task`, when it can be read.
+#[inline(always)]
+fn read_u64(task: *const u8, offset: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_kernel checks the address; the offsets come from this kernel's BTF.
+    unsafe { bpf_probe_read_kernel(task.add(offset as usize).cast::<u64>()) }.ok()
 }
 
 /// Adds `charge` to the process's entry, making it at first sight. Two CPUs may both find no entry

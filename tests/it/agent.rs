@@ -51,7 +51,12 @@ impl Agent {
             .unwrap()
             .trim()
             .to_string();
-        Agent { child, addr, token }
+        let agent = Agent { child, addr, token };
+        // A process that exits before the exit program is attached is never seen, and one that
+        // started before tracking began is charged only from its first sample: every test's
+        // workloads start after this.
+        wait_until_attached(&agent);
+        agent
     }
 }
 
@@ -471,7 +476,6 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
     let guard = NoLeftovers::new();
     let pmu = nbt::telemetry::counters::pmu_missing().is_none();
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
-    wait_until_attached(&agent);
     let spinner = Spinner::start("2");
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(1500));
@@ -562,7 +566,6 @@ fn scheduler_runtime_seconds(pid: u32) -> f64 {
 fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
     let guard = NoLeftovers::new();
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
-    wait_until_attached(&agent);
     let spinner = Spinner::start("5");
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(2500));

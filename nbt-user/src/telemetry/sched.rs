@@ -81,6 +81,9 @@ pub enum End {
     Exited,
     /// Its entry outlived it (threads that ran after the main thread's exit) and was swept.
     Swept,
+    /// What one of its threads ran after its exit tracepoint, read when the kernel freed it
+    /// (the process's entry was gone by then).
+    Late,
 }
 
 /// Counts of what the tracker could not see, for the agent's honesty metrics.
@@ -116,7 +119,7 @@ fn comm(bytes: &[u8]) -> String {
 
 impl ProcessTracker {
     /// Loads and attaches the sched programs node-wide: the counters and the layout first, then
-    /// the exit and exec tracepoints, then the samplers (a thread sampled before the exit program
+    /// the free, exit and exec tracepoints, then the samplers (a thread sampled before the exit program
     /// is attached could leave its entry behind). `Cycles` where no PMU exists is an error;
     /// `Auto` then falls back to CPU time and [`ProcessTracker::counters_absent`] says why.
     pub fn attach(attribute_by: AttributeBy) -> Result<ProcessTracker> {
@@ -156,7 +159,9 @@ impl ProcessTracker {
             .map_mut(TASK_LAYOUT_MAP)
             .ok_or_else(|| anyhow!("BPF map {TASK_LAYOUT_MAP} missing from nbt's object"))?;
         Array::<_, TaskLayout>::try_from(map)?.set(0, layout, 0)?;
+        // The free program first: a thread the exit program notes is always seen when freed.
         for (name, tracepoint) in [
+            ("sched_process_free", "sched_process_free"),
             ("sched_process_exit", "sched_process_exit"),
             ("sched_process_exec", "sched_process_exec"),
         ] {
@@ -248,6 +253,14 @@ impl ProcessTracker {
         self.drain_exits();
         let mut deltas = Vec::new();
         for exit in std::mem::take(&mut self.pending_exits) {
+            if exit.late != 0 {
+                let late = Totals {
+                    ns: exit.cpu_ns,
+                    ..Totals::default()
+                };
+                deltas.push(self.delta(exit.tgid, exit.cgroup_id, &exit.comm, late, End::Late));
+                continue;
+            }
             let before = self.seen.remove(&exit.tgid).unwrap_or_default();
             self.exited.insert(exit.tgid);
             let totals = Totals {
@@ -330,6 +343,7 @@ fn task_layout(btf: &Btf) -> Result<TaskLayout> {
         .offset_of("task_struct", &["start_time"])
         .context(context)?;
     let flags = btf.offset_of("task_struct", &["flags"]).context(context)?;
+    let pid = btf.offset_of("task_struct", &["pid"]).context(context)?;
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -340,6 +354,7 @@ fn task_layout(btf: &Btf) -> Result<TaskLayout> {
         sum_exec_runtime,
         start_time,
         flags,
+        pid,
         tracking_since_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64,
         counters: 0,
     })
