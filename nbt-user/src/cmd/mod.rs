@@ -67,10 +67,14 @@ fn cleanup(dry_run: bool) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
-    crate::state::cleanup::cleanup(dry_run).unwrap_or_else(|err| {
-        eprintln!("nbt cleanup: {err:#}");
-        1
-    })
+    match crate::state::cleanup::cleanup(dry_run) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(err) => {
+            eprintln!("nbt cleanup: {err:#}");
+            1
+        }
+    }
 }
 
 /// Refuses to go on without the privileges cgroups and BPF need, naming the missing one; the

@@ -152,7 +152,7 @@ fn append_events(path: &Path, events: &[Event]) -> Result<()> {
 
 /// The balloon of a memory-leak fault: grows by `bytes_per_sec` every second, each page written
 /// so that it is really charged to the run, until it is killed (or the OOM killer takes it).
-pub fn balloon(bytes_per_sec: u64) -> i32 {
+pub fn balloon(bytes_per_sec: u64) -> ! {
     const PAGE: usize = 4096;
     let step = (bytes_per_sec / 10).max(PAGE as u64) as usize;
     let mut held: Vec<Vec<u8>> = Vec::new();

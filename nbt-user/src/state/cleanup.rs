@@ -26,8 +26,8 @@ struct Tally {
     live: usize,
 }
 
-/// Cleans up after dead runs; the exit status: 1 when something could not be removed.
-pub fn cleanup(dry_run: bool) -> Result<i32> {
+/// Cleans up after dead runs; whether everything they left could be removed.
+pub fn cleanup(dry_run: bool) -> Result<bool> {
     let dir = state_dir();
     let mut tally = Tally::default();
     let mut runs: BTreeMap<String, Leftovers> = BTreeMap::new();
@@ -67,7 +67,7 @@ pub fn cleanup(dry_run: bool) -> Result<i32> {
     if tally.removed == 0 && tally.failed == 0 && tally.live == 0 && !dry_run {
         eprintln!("nbt cleanup: nothing left behind");
     }
-    Ok(if tally.failed > 0 { 1 } else { 0 })
+    Ok(tally.failed == 0)
 }
 
 fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut Tally) {
