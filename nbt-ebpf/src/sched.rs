@@ -198,10 +198,7 @@ fn runtime_since_last_charge(layout: &TaskLayout, pid_tgid: u64, exiting: bool) 
     }
     // SAFETY: a helper without arguments; the pointer is only read through probe_read.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    // SAFETY: bpf_probe_read_kernel checks the address; the offsets come from this kernel's BTF.
-    let Ok(runtime) = (unsafe {
-        bpf_probe_read_kernel(task.add(layout.sum_exec_runtime as usize).cast::<u64>())
-    }) else {
+    let Some(runtime) = read_u64(task, layout.sum_exec_runtime) else {
         return 0;
     };
     let charged = match THREAD_CHARGED.get_ptr_mut(tid) {
@@ -218,12 +215,7 @@ fn runtime_since_last_charge(layout: &TaskLayout, pid_tgid: u64, exiting: bool) 
         None => {
             // First sight. A thread started before tracking began has run for others before:
             // only what it runs from now on is charged.
-            // SAFETY: bpf_probe_read_kernel checks the address; the offset comes from this
-            // kernel's BTF.
-            let started = unsafe {
-                bpf_probe_read_kernel(task.add(layout.start_time as usize).cast::<u64>())
-            }
-            .unwrap_or(0);
+            let started = read_u64(task, layout.start_time).unwrap_or(0);
             if !exiting && THREAD_CHARGED.insert(tid, runtime, 0).is_err() {
                 // Charging it without an entry would charge its whole runtime at every sample.
                 // SAFETY: `count` passes a pointer to its map slot; this only takes a field's
