@@ -51,12 +51,7 @@ impl Agent {
             .unwrap()
             .trim()
             .to_string();
-        let agent = Agent { child, addr, token };
-        // A process that exits before the exit program is attached is never seen, and one that
-        // started before tracking began is charged only from its first sample: every test's
-        // workloads start after this.
-        wait_until_attached(&agent);
-        agent
+        Agent { child, addr, token }
     }
 }
 
@@ -476,6 +471,7 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
     let guard = NoLeftovers::new();
     let pmu = nbt::telemetry::counters::pmu_missing().is_none();
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
+    wait_until_attached(&agent);
     let spinner = Spinner::start("2");
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(1500));
@@ -519,6 +515,8 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
 fn a_thousand_processes_of_5ms_are_all_accounted_for() {
     let guard = NoLeftovers::new();
     let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
+    // A process that exits before the exit program is attached is never seen.
+    wait_until_attached(&agent);
     let run = run_testbin(&[], &["short-lived", "1000", "5"]);
     assert_eq!(run.status(), 0, "{}", run.stderr());
     let name = run.summary.as_ref().unwrap()["run"].as_str().unwrap();
@@ -566,6 +564,7 @@ fn scheduler_runtime_seconds(pid: u32) -> f64 {
 fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
     let guard = NoLeftovers::new();
     let agent = Agent::start_with(&guard, &["--interval", "200ms"]);
+    wait_until_attached(&agent);
     let spinner = Spinner::start("5");
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(2500));
