@@ -305,10 +305,21 @@ impl ProcessTracker {
                 found.push((tgid, cpu.cgroup_id, cpu.comm, added, end));
             }
         }
-        // Entries the kernel removed whose exit record has not been read yet stay in `seen`
-        // until it arrives.
+        // An entry missing from the map was removed by its exit program, which wrote the exit
+        // record first: drained now, the record is pending for every such process, so its
+        // `seen` figure stays until the next call subtracts it. (Dropped here, a process that
+        // exited and was reaped during the walk would be charged its whole runtime again.)
+        self.drain_exits();
+        let exiting: HashSet<u32> = self
+            .pending_exits
+            .iter()
+            .filter(|exit| exit.late == 0)
+            .map(|exit| exit.tgid)
+            .collect();
         self.seen.retain(|tgid, _| {
-            present.contains(tgid) || Path::new(&format!("/proc/{tgid}")).exists()
+            present.contains(tgid)
+                || exiting.contains(tgid)
+                || Path::new(&format!("/proc/{tgid}")).exists()
         });
         self.exited.retain(|tgid| present.contains(tgid));
         for (tgid, cgroup_id, comm, added, end) in found {
