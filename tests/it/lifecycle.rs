@@ -182,3 +182,83 @@ fn nbt_failing_before_the_workload_leaves_nothing() {
     let _ = std::fs::remove_file(&file);
     guard.assert_clean();
 }
+
+/// nbt killed with SIGKILL while its run's balance is spent: the run's pinned programs keep the
+/// gate closed (and its other limits in force) with no nbt left, `nbt ps` shows the run as an
+/// orphan, other commands warn of it, and `nbt cleanup` removes it all.
+#[test]
+fn a_killed_nbt_leaves_its_gate_closed_until_cleanup() {
+    use std::io::BufRead as _;
+    let guard = NoLeftovers::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let mut nbt_run = nbt_command()
+        .args([
+            "run",
+            "--balance",
+            "0",
+            "--price-hour",
+            "1000000",
+            "--gate",
+            &addr,
+            "--",
+        ])
+        .arg(testbin())
+        .args(["connect-loop", &addr, "100000", "50"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = nbt_run.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || lines.recv_timeout(Duration::from_secs(20)).expect("a connect");
+    while next() != "connect EPERM" {}
+
+    // SAFETY: kill(2) of the nbt process this test started.
+    unsafe { libc::kill(nbt_run.id() as i32, libc::SIGKILL) };
+    nbt_run.wait().unwrap();
+    while lines.try_recv().is_ok() {}
+    // The workload goes on, without its nbt, and every connect is still refused.
+    let after: Vec<String> = (0..10).map(|_| next()).collect();
+    assert!(after.iter().all(|c| c == "connect EPERM"), "{after:?}");
+
+    let ps: serde_json::Value = serde_json::from_str(&nbt(&["ps", "--json"]).stdout()).unwrap();
+    let orphan = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|run| run["orphan"] == true)
+        .unwrap_or_else(|| panic!("no orphan in {ps}"));
+    let name = orphan["run"].as_str().unwrap().to_string();
+    let pins = PathBuf::from("/sys/fs/bpf/nbt").join(&name);
+    assert!(pins.join("gate_connect4").exists(), "{}", pins.display());
+    let warned = nbt(&["receipts", "list"]);
+    assert!(
+        warned.stderr().contains("whose nbt died") && warned.stderr().contains(&name),
+        "{}",
+        warned.stderr()
+    );
+
+    let cleanup = nbt(&["cleanup"]);
+    assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
+    assert!(cleanup.stderr().contains(&name), "{}", cleanup.stderr());
+    assert!(!pins.exists(), "{} left behind", pins.display());
+    // The workload was killed with its cgroups: its output ends.
+    wait_for("the orphan's workload to end", || {
+        matches!(
+            lines.recv_timeout(Duration::from_millis(100)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        )
+    });
+    let quiet = nbt(&["receipts", "list"]);
+    assert!(!quiet.stderr().contains("whose nbt died"), "{}", quiet.stderr());
+    guard.assert_clean();
+}

@@ -225,6 +225,7 @@ pub fn run_cgroups() -> BTreeSet<PathBuf> {
 /// they measure CPU time and rates, and each would see the others' cgroups as leftovers.
 pub struct NoLeftovers {
     before: BTreeSet<PathBuf>,
+    pins_before: BTreeSet<PathBuf>,
     /// nbt's home for this test (`NBT_HOME`: receipts and node key), removed on drop, so tests
     /// never write into the machine's own receipt store.
     home: tempfile::TempDir,
@@ -250,6 +251,7 @@ impl NoLeftovers {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(home.path().to_path_buf());
         NoLeftovers {
             before: run_cgroups(),
+            pins_before: run_pins(),
             home,
             _serial: serial,
         }
@@ -264,8 +266,11 @@ impl NoLeftovers {
     /// user of the machine, say) is not a leftover of this test.
     fn leftovers(&self) -> Vec<PathBuf> {
         let state = nbt::state::state_dir();
-        run_cgroups()
+        let cgroups = run_cgroups();
+        let pins = run_pins();
+        cgroups
             .difference(&self.before)
+            .chain(pins.difference(&self.pins_before))
             .filter(|dir| {
                 let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
                 nbt::state::RunRecord::find_live(&state, name).is_err()
@@ -278,9 +283,31 @@ impl NoLeftovers {
     pub fn assert_clean(&self) {
         let left = self.leftovers();
         if !left.is_empty() {
-            let _ = nbt::enforce::cgroup::kill_and_remove(&left);
-            panic!("nbt left cgroups behind: {left:?}");
+            remove(&left);
+            panic!("nbt left cgroups or pinned links behind: {left:?}");
         }
+    }
+}
+
+/// The directories of pinned links under /sys/fs/bpf/nbt, one per run.
+pub fn run_pins() -> BTreeSet<PathBuf> {
+    std::fs::read_dir("/sys/fs/bpf/nbt")
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Removes leftover cgroups (killing their processes) and pin directories.
+fn remove(left: &[PathBuf]) {
+    let (pins, cgroups): (Vec<PathBuf>, Vec<PathBuf>) = left
+        .iter()
+        .cloned()
+        .partition(|dir| dir.starts_with("/sys/fs/bpf"));
+    let _ = nbt::enforce::cgroup::kill_and_remove(&cgroups);
+    for dir in pins {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        let _ = std::fs::remove_dir(&dir);
     }
 }
 
@@ -299,9 +326,9 @@ impl Drop for NoLeftovers {
         if left.is_empty() {
             return;
         }
-        let _ = nbt::enforce::cgroup::kill_and_remove(&left);
+        remove(&left);
         if !std::thread::panicking() {
-            panic!("nbt left cgroups behind: {left:?}");
+            panic!("nbt left cgroups or pinned links behind: {left:?}");
         }
     }
 }

@@ -17,7 +17,7 @@ pub fn ps(json: bool) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
-    let runs = live::live_runs();
+    let runs = live::runs(true);
     if json {
         println!(
             "{}",
@@ -35,10 +35,17 @@ fn print_ps(runs: &[LiveRun]) {
         return;
     }
     for run in runs {
+        let nbt = if run.orphan {
+            format!(
+                "ORPHAN (nbt pid {} died; `nbt cleanup` removes it)",
+                run.nbt_pid
+            )
+        } else {
+            format!("nbt pid {}", run.nbt_pid)
+        };
         println!(
-            "{}  nbt pid {}  {:.0} s  {}",
+            "{}  {nbt}  {:.0} s  {}",
             run.run,
-            run.nbt_pid,
             run.seconds,
             run.command.join(" ")
         );

@@ -22,6 +22,12 @@ pub fn main() -> i32 {
     // Before any thread exists, so that no thread can take a signal meant for the workload.
     let signals = supervise::block_signals();
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Cleanup { .. } | Command::Ps { .. } | Command::Balloon { .. }
+    ) {
+        warn_of_orphans();
+    }
     match cli.command {
         Command::Run(args) => run::run_command(*args, &signals),
         Command::Demo(args) => demo::demo(args, &signals),
@@ -37,6 +43,24 @@ pub fn main() -> i32 {
         Command::Balloon { bytes_per_sec } => crate::schedule::fault::balloon(bytes_per_sec),
         Command::Fault { run, fault } => live::fault(&run, &fault, &signals),
         Command::Cleanup { dry_run } => cleanup(dry_run),
+    }
+}
+
+/// Once per command, while runs whose nbt died are left: their workloads still run, under the
+/// limits their pinned programs and cgroups hold, with nothing watching them.
+fn warn_of_orphans() {
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // the state directory is root's alone
+    }
+    let orphans = crate::state::live::orphan_names();
+    if !orphans.is_empty() {
+        eprintln!(
+            "nbt: warning: {} run(s) whose nbt died are still in force: {} (`nbt ps` shows them, \
+             `nbt cleanup` removes them)",
+            orphans.len(),
+            orphans.join(", ")
+        );
     }
 }
 

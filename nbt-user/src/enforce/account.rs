@@ -10,10 +10,11 @@ use nbt_common::account::{TrafficCounters, ACCOUNT_MAP, EGRESS, INGRESS};
 use serde::Serialize;
 
 use crate::sys::loader;
+use crate::sys::pin::Pins;
 
 /// Loads the two counting programs and attaches them to `cgroup_dir` (a cgroup v2 directory).
 /// Other programs may be attached to the same cgroup beside them.
-pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path) -> Result<()> {
+pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, pins: &mut Pins) -> Result<()> {
     let cgroup = loader::open_cgroup(cgroup_dir)?;
     loader::attach_cgroup_skb(
         ebpf,
@@ -21,6 +22,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path) -> Result<()> {
         cgroup_dir,
         "account_ingress",
         "account_egress",
+        pins,
     )
 }
 

@@ -14,6 +14,7 @@ use aya::Ebpf;
 use nbt_common::edt::{EdtConfig, EDT_CONFIG_MAP};
 use serde::{Deserialize, Serialize};
 
+use crate::sys::pin::Pins;
 use crate::sys::{loader, netlink};
 
 /// fq drops packets scheduled further ahead than its horizon (10 s by default).
@@ -25,24 +26,56 @@ pub struct Latency {
     pub jitter_ns: u64,
 }
 
-/// Puts fq back to the kernel's default on drop, on every interface it was put on.
-pub struct LatencyGuard {
-    ifindexes: Vec<(u32, String)>,
-    /// Interfaces nbt added a clsact qdisc to (kernels before 6.6).
-    clsact: Vec<(u32, String)>,
+/// The qdiscs a run put on interfaces: fq at the root, and clsact on kernels before 6.6.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Qdiscs {
+    pub fq: Vec<(u32, String)>,
+    pub clsact: Vec<(u32, String)>,
 }
 
-impl Drop for LatencyGuard {
-    fn drop(&mut self) {
-        for (ifindex, name) in &self.ifindexes {
+impl Qdiscs {
+    /// Those whose interface still has the same index and name: an interface removed since
+    /// took its qdiscs with it, and its index may now be another's.
+    pub fn still_there(&self) -> Qdiscs {
+        let current = netlink::interfaces();
+        let keep = |list: &Vec<(u32, String)>| -> Vec<(u32, String)> {
+            list.iter()
+                .filter(|i| current.contains(i))
+                .cloned()
+                .collect()
+        };
+        Qdiscs {
+            fq: keep(&self.fq),
+            clsact: keep(&self.clsact),
+        }
+    }
+
+    /// Takes them off again (the kernel's default root qdisc comes back); what failed.
+    pub fn remove(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (ifindex, name) in &self.fq {
             if let Err(err) = netlink::delete_root(*ifindex) {
-                eprintln!("nbt: taking fq off {name}: {err}");
+                errors.push(format!("taking fq off {name}: {err}"));
             }
         }
         for (ifindex, name) in &self.clsact {
             if let Err(err) = netlink::delete_clsact(*ifindex) {
-                eprintln!("nbt: taking the clsact qdisc off {name}: {err}");
+                errors.push(format!("taking the clsact qdisc off {name}: {err}"));
             }
+        }
+        errors
+    }
+}
+
+/// Puts fq back to the kernel's default on drop, on every interface it was put on.
+pub struct LatencyGuard {
+    pub qdiscs: Qdiscs,
+}
+
+impl Drop for LatencyGuard {
+    fn drop(&mut self) {
+        for err in self.qdiscs.remove() {
+            eprintln!("nbt: {err}");
         }
     }
 }
@@ -61,7 +94,15 @@ fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
     Ok(level)
 }
 
-pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, latency: &Latency) -> Result<LatencyGuard> {
+/// Puts fq on every interface and attaches `delay_egress` to each. Through tcx (Linux 6.6+) the
+/// links are pinned; before, a tc filter outlives nbt by itself, as the qdiscs do. The guard
+/// lists the qdiscs for the run's record, so that `nbt cleanup` can take them off.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cgroup_dir: &Path,
+    latency: &Latency,
+    pins: &mut Pins,
+) -> Result<LatencyGuard> {
     let config = EdtConfig {
         // A cgroup v2 id is its directory's inode number.
         cgroup_id: std::fs::metadata(cgroup_dir)?.ino(),
@@ -76,8 +117,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, latency: &Latency) -> Result<L
     Array::<&mut MapData, EdtConfig>::try_from(map)?.set(0, config, 0)?;
 
     let mut guard = LatencyGuard {
-        ifindexes: Vec::new(),
-        clsact: Vec::new(),
+        qdiscs: Qdiscs::default(),
     };
     let interfaces = netlink::interfaces();
     if interfaces.is_empty() {
@@ -87,7 +127,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, latency: &Latency) -> Result<L
     }
     for (ifindex, name) in &interfaces {
         match netlink::add_root(*ifindex, "fq") {
-            Ok(()) => guard.ifindexes.push((*ifindex, name.clone())),
+            Ok(()) => guard.qdiscs.fq.push((*ifindex, name.clone())),
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => bail!(
                 "--latency needs the fq qdisc at the root of {name}, which has a root qdisc of its \
                  own; nbt will not replace it (`tc qdisc show dev {name}`)"
@@ -105,14 +145,17 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, latency: &Latency) -> Result<L
     for (ifindex, name) in &interfaces {
         if !tcx {
             match tc::qdisc_add_clsact(name) {
-                Ok(()) => guard.clsact.push((*ifindex, name.clone())),
+                Ok(()) => guard.qdiscs.clsact.push((*ifindex, name.clone())),
                 Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(err) => return Err(anyhow!("adding the clsact qdisc to {name}: {err}")),
             }
         }
-        program
+        let link = program
             .attach(name, TcAttachType::Egress)
             .with_context(|| format!("attaching BPF program delay_egress to {name}"))?;
+        if tcx {
+            pins.add(&format!("delay_egress@{ifindex}"), program.take_link(link)?)?;
+        }
     }
     Ok(guard)
 }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::enforce::ledger::{format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
 use crate::error::UsageError;
 use crate::sys::loader;
+use crate::sys::pin::Pins;
 
 pub const GATE_FORMS: &str = "all (every destination but loopback), host[:port], IPv4 or IPv6 \
      address, CIDR (10.0.0.0/8, 2001:db8::/32), CIDR:port (10.0.0.0/8:443), [IPv6]:port or \
@@ -256,6 +257,7 @@ pub fn attach(
     cgroup_dir: &Path,
     prices: &Prices,
     rules: &[Rule],
+    pins: &mut Pins,
 ) -> Result<LedgerIds> {
     let all = install_rules(ebpf, rules)?;
     let config = GateConfig {
@@ -287,15 +289,16 @@ pub fn attach(
         program
             .load()
             .with_context(|| format!("the kernel refused to load BPF program {name}"))?;
-        program
+        let link = program
             .attach(&cgroup, CgroupAttachMode::Single)
             .with_context(|| format!("attaching BPF program {name} to {}", cgroup_dir.display()))?;
+        pins.add(name, program.take_link(link)?)?;
     }
     let egress: &mut aya::programs::CgroupSkb = loader::program(ebpf, "gate_egress")?;
     egress
         .load()
         .context("the kernel refused to load BPF program gate_egress")?;
-    egress
+    let link = egress
         .attach(
             &cgroup,
             aya::programs::CgroupSkbAttachType::Egress,
@@ -307,6 +310,7 @@ pub fn attach(
                 cgroup_dir.display()
             )
         })?;
+    pins.add("gate_egress", egress.take_link(link)?)?;
     Ok(LedgerIds {
         user_ledger: map_id(ebpf, USER_LEDGER_MAP)?,
         kernel_ledger: map_id(ebpf, KERNEL_LEDGER_MAP)?,

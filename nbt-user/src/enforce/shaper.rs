@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::UsageError;
 use crate::sys::loader;
+use crate::sys::pin::Pins;
 use crate::units::{self, format_rate, format_size};
 
 /// The largest IP packet a usual link carries; the floor for rates and bursts.
@@ -279,16 +280,29 @@ pub fn check_burst(flag: &str, text: &str, bytes: u64) -> Result<(), UsageError>
 }
 
 /// Attaches the shaping programs to `cgroup_dir` and writes `limits`.
-pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, limits: &NetLimits) -> Result<()> {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cgroup_dir: &Path,
+    limits: &NetLimits,
+    pins: &mut Pins,
+) -> Result<()> {
     write_limits_ebpf(ebpf, limits)?;
     let cgroup = loader::open_cgroup(cgroup_dir)?;
-    loader::attach_cgroup_skb(ebpf, &cgroup, cgroup_dir, "shape_ingress", "shape_egress")?;
+    loader::attach_cgroup_skb(
+        ebpf,
+        &cgroup,
+        cgroup_dir,
+        "shape_ingress",
+        "shape_egress",
+        pins,
+    )?;
     let pace: &mut SockOps = loader::program(ebpf, "pace")?;
     pace.load()
         .context("the kernel refused to load BPF program pace (sock_ops)")?;
-    pace.attach(&cgroup, CgroupAttachMode::Single)
+    let link = pace
+        .attach(&cgroup, CgroupAttachMode::Single)
         .with_context(|| format!("attaching BPF program pace to {}", cgroup_dir.display()))?;
-    Ok(())
+    pins.add("pace", pace.take_link(link)?)
 }
 
 fn write_config(map: &mut Array<&mut MapData, ShaperConfig>, limits: &NetLimits) -> Result<()> {

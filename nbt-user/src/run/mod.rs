@@ -21,6 +21,7 @@ use crate::plan::Plan;
 use crate::run::summary::{HardwareReport, RunSummary};
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::sys::loader;
+use crate::sys::pin::Pins;
 use crate::sys::supervise::{self, SpawnError};
 use crate::telemetry::energy::{self, Energy};
 use crate::{learning, receipt, schedule};
@@ -99,7 +100,7 @@ pub fn execute(
     let name = state::new_run_name()?;
     let record = first_record(plan, command, &layout, &name)?;
     let state_dir = state::state_dir();
-    let _record = RecordGuard(record.write(&state_dir)?);
+    let _record = RecordGuard::new(record.write(&state_dir)?, &record);
 
     // Opened first: a store or key that cannot be written stops the run before anything ran.
     let mut books = Books::open(plan, &state_dir, &name, &record.command)?;
@@ -133,9 +134,9 @@ pub fn execute(
         &mut armed,
         &mut running,
     )?;
-    // The programs go first (`armed.ebpf` is moved out and dropped), then the cgroups; the rest
-    // of `armed` (the fq guard) stays until the receipt is written.
-    let hardware = take_down(armed.ebpf, &mut armed.cgroup, &mut hardware)?;
+    // The cgroups go first (their processes killed), then the programs; the rest of `armed`
+    // (the fq guard) stays until the receipt is written.
+    let hardware = take_down(&mut armed.cgroup, &mut armed.pins, &mut hardware)?;
     let mut summary = summarize(
         plan,
         &layout,
@@ -172,6 +173,8 @@ fn first_record(
         ledger: None,
         edt_map: None,
         latency: plan.latency,
+        pins: None,
+        qdiscs: None,
         started_unix: 0.0,
     })
 }
@@ -211,33 +214,35 @@ impl Books {
 
 /// What is attached to the run's cgroup.
 ///
-/// Fields drop in declaration order, the reverse of the order they were made in: the gate's
-/// log, the fq guard, the BPF programs, then the cgroups.
+/// Fields drop in declaration order: the gate's log, the fq guard, the cgroups (their processes
+/// killed), then the pinned links, so that no process of the run is left without its programs.
 struct Armed {
     blocked: Option<gate::BlockedLog>,
     ledger: Option<gate::LedgerIds>,
     /// When the run ends normally, dropped after the programs (see `take_down`): fq goes back to
     /// the kernel's default on every interface.
-    _latency: Option<edt::LatencyGuard>,
-    ebpf: Ebpf,
+    latency: Option<edt::LatencyGuard>,
     cgroup: RunCgroup,
+    pins: Pins,
+    ebpf: Ebpf,
 }
 
 impl Armed {
     fn attach(plan: &Plan, layout: &Layout, name: &str) -> Result<Armed> {
-        // Dropped in reverse order: the BPF links go first, then the cgroups (processes killed first).
+        let mut pins = Pins::create(name)?;
         let cgroup = RunCgroup::create(layout, name, &plan.limits)?;
         let mut ebpf = loader::load()?;
-        account::attach(&mut ebpf, &cgroup.v2)?;
+        account::attach(&mut ebpf, &cgroup.v2, &mut pins)?;
         // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
-        shaper::attach(&mut ebpf, &cgroup.v2, &plan.net)?;
-        // Dropped after the programs: fq goes back to the kernel's default on every interface.
+        shaper::attach(&mut ebpf, &cgroup.v2, &plan.net, &mut pins)?;
         let latency = match &plan.latency {
-            Some(latency) => Some(edt::attach(&mut ebpf, &cgroup.v2, latency)?),
+            Some(latency) => Some(edt::attach(&mut ebpf, &cgroup.v2, latency, &mut pins)?),
             None => None,
         };
         let ledger = match &plan.prices {
-            Some(prices) => Some(gate::attach(&mut ebpf, &cgroup.v2, prices, &plan.gate)?),
+            Some(prices) => Some(gate::attach(
+                &mut ebpf, &cgroup.v2, prices, &plan.gate, &mut pins,
+            )?),
             None => None,
         };
         let blocked = match ledger {
@@ -247,9 +252,10 @@ impl Armed {
         Ok(Armed {
             blocked,
             ledger,
-            _latency: latency,
-            ebpf,
+            latency,
             cgroup,
+            pins,
+            ebpf,
         })
     }
 
@@ -262,6 +268,8 @@ impl Armed {
                 None => None,
             },
             ledger: self.ledger,
+            pins: Some(self.pins.dir().to_path_buf()),
+            qdiscs: self.latency.as_ref().map(|guard| guard.qdiscs.clone()),
             started_unix: crate::sys::proc::now_unix(),
             ..record
         })
@@ -637,14 +645,15 @@ fn collect_events(
     events
 }
 
-/// Detaches the programs, removes the cgroups and puts the hardware caps back, in that order.
+/// Removes the cgroups (killing what is left in them), detaches the programs and puts the
+/// hardware caps back, in that order.
 fn take_down(
-    ebpf: Ebpf,
     cgroup: &mut RunCgroup,
+    pins: &mut Pins,
     hardware: &mut Option<state::hwcaps::Held>,
 ) -> Result<Option<HardwareReport>> {
-    drop(ebpf);
     cgroup.remove()?;
+    pins.remove()?;
     Ok(hardware.as_mut().map(|applied| {
         let restore_errors = applied.restore();
         HardwareReport {

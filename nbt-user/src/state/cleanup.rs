@@ -87,13 +87,14 @@ fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut T
         );
         return;
     }
-    match kill_and_remove(&record.cgroups) {
+    match remove_orphan(record) {
         Ok(killed) => {
             eprintln!(
-                "nbt cleanup: removed {} (nbt pid {} is gone): {} cgroups, {killed} processes killed",
+                "nbt cleanup: removed {} (nbt pid {} is gone): {} cgroups, {killed} processes killed{}",
                 record.name,
                 record.supervisor_pid,
-                record.cgroups.len()
+                record.cgroups.len(),
+                if record.qdiscs.is_some() { ", its qdiscs taken off" } else { "" }
             );
             let _ = fs::remove_file(&files.record);
             // The learning updates its workload reported after nbt died (no receipt holds them).
@@ -106,6 +107,24 @@ fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut T
             tally.failed += 1;
         }
     }
+}
+
+/// Kills the run's processes and removes its cgroups, then its pinned links (so that no process
+/// of it runs without its programs), then the qdiscs it added. The number of processes killed.
+fn remove_orphan(record: &RunRecord) -> Result<usize> {
+    let killed = kill_and_remove(&record.cgroups)?;
+    let pins = record
+        .pins
+        .clone()
+        .unwrap_or_else(|| crate::sys::pin::run_dir(&record.name));
+    crate::sys::pin::remove_run_dir(&pins)?;
+    if let Some(qdiscs) = &record.qdiscs {
+        let errors = qdiscs.still_there().remove();
+        if !errors.is_empty() {
+            anyhow::bail!("{}", errors.join("; "));
+        }
+    }
+    Ok(killed)
 }
 
 fn restore_caps(path: &Path, hwcaps: &HwcapsRecord, dry_run: bool, tally: &mut Tally) {

@@ -13,6 +13,9 @@ use crate::state::{state_dir, RunRecord};
 #[derive(Debug, Serialize)]
 pub struct LiveRun {
     pub run: String,
+    /// Its nbt died: the run's processes still run under its pinned programs and cgroups, with
+    /// nothing watching them, until `nbt cleanup` removes them.
+    pub orphan: bool,
     pub nbt_pid: i32,
     pub command: Vec<String>,
     pub seconds: f64,
@@ -24,33 +27,55 @@ pub struct LiveRun {
 
 /// Every live run, with its current limits and counters.
 pub fn live_runs() -> Vec<LiveRun> {
+    runs(false)
+}
+
+/// Every run whose record is there: the live ones, and with `orphans` those whose nbt died.
+pub fn runs(orphans: bool) -> Vec<LiveRun> {
     RunRecord::read_all(&state_dir())
         .into_iter()
         .filter_map(|(_, record)| record.ok())
-        .filter(|record| record.supervisor_alive())
-        .map(|record| LiveRun {
-            balance_micro: record.ledger.as_ref().and_then(|ids| {
-                let (credit, time, kernel) = crate::enforce::gate::read_ledger(ids).ok()?;
-                Some(
-                    crate::enforce::gate::balance_pico(credit, time, &kernel)
-                        / crate::enforce::ledger::PICO_PER_MICRO,
-                )
-            }),
-            shaped: record
-                .maps
-                .as_ref()
-                .and_then(|ids| shaper::read_by_id(ids).ok()),
-            seconds: if record.started_unix > 0.0 {
-                crate::sys::proc::now_unix() - record.started_unix
-            } else {
-                0.0
-            },
-            run: record.name,
-            nbt_pid: record.supervisor_pid,
-            command: record.command,
-            net_limits: record.net,
+        .filter_map(|record| {
+            let orphan = !record.supervisor_alive();
+            (orphans || !orphan).then(|| describe(record, orphan))
         })
         .collect()
+}
+
+/// The names of the runs whose nbt died and whose record is still there.
+pub fn orphan_names() -> Vec<String> {
+    RunRecord::read_all(&state_dir())
+        .into_iter()
+        .filter_map(|(_, record)| record.ok())
+        .filter(|record| !record.supervisor_alive())
+        .map(|record| record.name)
+        .collect()
+}
+
+fn describe(record: RunRecord, orphan: bool) -> LiveRun {
+    LiveRun {
+        balance_micro: record.ledger.as_ref().and_then(|ids| {
+            let (credit, time, kernel) = crate::enforce::gate::read_ledger(ids).ok()?;
+            Some(
+                crate::enforce::gate::balance_pico(credit, time, &kernel)
+                    / crate::enforce::ledger::PICO_PER_MICRO,
+            )
+        }),
+        shaped: record
+            .maps
+            .as_ref()
+            .and_then(|ids| shaper::read_by_id(ids).ok()),
+        seconds: if record.started_unix > 0.0 {
+            crate::sys::proc::now_unix() - record.started_unix
+        } else {
+            0.0
+        },
+        run: record.name,
+        orphan,
+        nbt_pid: record.supervisor_pid,
+        command: record.command,
+        net_limits: record.net,
+    }
 }
 
 /// A live run's network limits and added delay: what `nbt set` and a schedule change.

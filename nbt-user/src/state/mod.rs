@@ -83,6 +83,12 @@ pub struct RunRecord {
     pub edt_map: Option<u32>,
     #[serde(default)]
     pub latency: Option<crate::enforce::edt::Latency>,
+    /// Where the run's BPF links are pinned: they hold while it runs, and after its nbt died.
+    #[serde(default)]
+    pub pins: Option<PathBuf>,
+    /// The qdiscs the run put on interfaces (with --latency), for `nbt cleanup` to take off.
+    #[serde(default)]
+    pub qdiscs: Option<crate::enforce::edt::Qdiscs>,
     /// When the run's workload started, in seconds since the Unix epoch.
     #[serde(default)]
     pub started_unix: f64,
@@ -143,11 +149,37 @@ impl RunRecord {
     }
 }
 
-/// Removes the record file when dropped (after the run's cgroups went).
-pub struct RecordGuard(pub PathBuf);
+/// Removes the record file when dropped (after the run's cgroups and pins went), unless some of
+/// them are still there: then the record stays, for `nbt cleanup` to find them.
+pub struct RecordGuard {
+    path: PathBuf,
+    made: Vec<PathBuf>,
+}
+
+impl RecordGuard {
+    pub fn new(path: PathBuf, record: &RunRecord) -> RecordGuard {
+        let mut made = record.cgroups.clone();
+        made.push(crate::sys::pin::run_dir(&record.name));
+        RecordGuard { path, made }
+    }
+}
 
 impl Drop for RecordGuard {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        let left: Vec<String> = self
+            .made
+            .iter()
+            .filter(|dir| dir.exists())
+            .map(|dir| dir.display().to_string())
+            .collect();
+        if left.is_empty() {
+            let _ = fs::remove_file(&self.path);
+        } else {
+            eprintln!(
+                "nbt: could not remove {}; its record {} stays for `nbt cleanup`",
+                left.join(", "),
+                self.path.display()
+            );
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Loads nbt's kernel programs (one BPF object, built by build.rs and embedded in the binary).
 //!
-//! Each capability module takes the programs and maps it owns out of the loaded object. Everything
-//! attached is owned by file descriptors inside the returned [`aya::Ebpf`]: dropping it detaches.
+//! Each capability module takes the programs and maps it owns out of the loaded object. A run's
+//! links are pinned ([`Pins`]): they outlive nbt until unpinned.
 
 use std::fs::File;
 use std::path::Path;
@@ -9,6 +9,8 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _, Result};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program};
 use aya::Ebpf;
+
+use crate::sys::pin::Pins;
 
 /// The BPF object as built by aya-build from `nbt-ebpf` (its binary target is named `nbt`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nbt"));
@@ -49,6 +51,7 @@ pub fn attach_cgroup_skb(
     cgroup_dir: &Path,
     ingress: &str,
     egress: &str,
+    pins: &mut Pins,
 ) -> Result<()> {
     for (name, attach_type) in [
         (ingress, CgroupSkbAttachType::Ingress),
@@ -58,9 +61,10 @@ pub fn attach_cgroup_skb(
         program
             .load()
             .with_context(|| format!("the kernel refused to load BPF program {name}"))?;
-        program
+        let link = program
             .attach(cgroup, attach_type, CgroupAttachMode::Single)
             .with_context(|| format!("attaching BPF program {name} to {}", cgroup_dir.display()))?;
+        pins.add(name, program.take_link(link)?)?;
     }
     Ok(())
 }

@@ -3,5 +3,6 @@
 
 pub(crate) mod loader;
 pub mod netlink;
+pub(crate) mod pin;
 pub(crate) mod proc;
 pub(crate) mod supervise;
