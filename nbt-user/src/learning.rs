@@ -203,25 +203,50 @@ impl Judge {
     }
 }
 
-/// The file a run's workload appends its reports to, read as it grows.
+/// A file reports are appended to, read as it grows: the workload's own, or the one the agent
+/// appends to for a run. nbt reads it through the descriptor it made it with, never through its
+/// path again, so a file put in its place later is never read.
 pub struct ReportFile {
     path: PathBuf,
+    /// The workload's private directory, removed with the file.
+    dir: Option<PathBuf>,
+    file: fs::File,
     offset: u64,
     pending: Vec<u8>,
     line: usize,
 }
 
 impl ReportFile {
-    /// Makes an empty report file for run `name` in `dir` (beside the run's record).
+    /// Makes an empty report file at `path`, which must not exist (0600, root's: the agent's,
+    /// beside the run's record).
     pub fn create(path: PathBuf) -> Result<ReportFile> {
-        fs::File::create(&path)
-            .with_context(|| format!("making the report file {}", path.display()))?;
+        let file = create_new(&path)?;
         Ok(ReportFile {
             path,
+            dir: None,
+            file,
             offset: 0,
             pending: Vec::new(),
             line: 0,
         })
+    }
+
+    /// The workload's report file: `reports` in a directory of the run's own in the temporary
+    /// directory, both made by nbt and then given to `uid`:`gid` (the state directory is
+    /// root's alone).
+    pub fn for_workload(run: &str, uid: u32, gid: u32) -> Result<ReportFile> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let dir = std::env::temp_dir().join(run);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("making the workload's directory {}", dir.display()))?;
+        let mut reports = ReportFile::create(dir.join("reports"))?;
+        reports.dir = Some(dir.clone());
+        std::os::unix::fs::fchown(&reports.file, Some(uid), Some(gid))
+            .and_then(|()| std::os::unix::fs::chown(&dir, Some(uid), Some(gid)))
+            .with_context(|| format!("giving {} to uid {uid}", dir.display()))?;
+        Ok(reports)
     }
 
     pub fn path(&self) -> &Path {
@@ -231,7 +256,7 @@ impl ReportFile {
     /// The complete lines appended since the last call, parsed, with their line numbers;
     /// `at_end`: the run is over, so a last line without its newline counts too.
     pub fn read_new(&mut self, at_end: bool) -> Vec<(usize, Result<TaskReport, String>)> {
-        if let Ok(mut file) = fs::File::open(&self.path) {
+        if let Ok(mut file) = self.file.try_clone() {
             if file.seek(SeekFrom::Start(self.offset)).is_ok() {
                 let mut fresh = Vec::new();
                 if let Ok(n) = file.read_to_end(&mut fresh) {
@@ -264,8 +289,30 @@ impl ReportFile {
 
 impl Drop for ReportFile {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        match &self.dir {
+            // Whatever the workload left in its directory goes too (remove_dir_all does not
+            // follow symbolic links).
+            Some(dir) => {
+                let _ = fs::remove_dir_all(dir);
+            }
+            None => {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
     }
+}
+
+/// A new file, opened for reading: refused if anything (a link included) is at `path`.
+fn create_new(path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("making the report file {}", path.display()))
 }
 
 /// For workloads written in Rust (nbt's own trainer): appends `report` to `$NBT_REPORT` when nbt

@@ -219,7 +219,11 @@ fn a_killed_nbt_leaves_its_gate_closed_until_cleanup() {
             }
         }
     });
-    let next = || lines.recv_timeout(Duration::from_secs(20)).expect("a connect");
+    let next = || {
+        lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a connect")
+    };
     while next() != "connect EPERM" {}
 
     // SAFETY: kill(2) of the nbt process this test started.
@@ -259,6 +263,47 @@ fn a_killed_nbt_leaves_its_gate_closed_until_cleanup() {
         )
     });
     let quiet = nbt(&["receipts", "list"]);
-    assert!(!quiet.stderr().contains("whose nbt died"), "{}", quiet.stderr());
+    assert!(
+        !quiet.stderr().contains("whose nbt died"),
+        "{}",
+        quiet.stderr()
+    );
     guard.assert_clean();
+}
+
+/// A SIGTERM or SIGINT that reaches nbt while it sets the run up stops it before the workload
+/// starts: 128 + the signal, nothing left behind. The signal is made pending before nbt starts
+/// (blocked, then raised, in the child before exec: pending signals survive exec), so it is
+/// there from nbt's first instruction on.
+#[test]
+fn a_signal_during_setup_stops_nbt_before_the_workload() {
+    use std::os::unix::process::CommandExt as _;
+    let guard = NoLeftovers::new();
+    for (signal, status, name) in [
+        (libc::SIGTERM, 143, "SIGTERM"),
+        (libc::SIGINT, 130, "SIGINT"),
+    ] {
+        let marker = temp_file(&format!("setup-{name}"));
+        let mut command = nbt_command();
+        command
+            .args(["run", "--memory", "64M", "--", "touch"])
+            .arg(&marker);
+        // SAFETY: sigprocmask(2) and raise(3) in the child before exec; both async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, signal);
+                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                libc::raise(signal);
+                Ok(())
+            });
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(status), "{name}: {stderr}");
+        assert!(stderr.contains(&format!("stopped by {name}")), "{stderr}");
+        assert!(!marker.exists(), "{name}: the workload ran");
+        guard.assert_clean();
+    }
 }

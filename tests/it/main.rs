@@ -16,3 +16,4 @@ mod receipt;
 mod schedule;
 mod shaper;
 mod usage;
+mod user;

@@ -123,6 +123,9 @@ pub fn nbt_command() -> Command {
     let mut command = Command::new(nbt_bin());
     command
         .env("NBT_HOME", home)
+        // Workloads run as nobody, as under `sudo` for a user with no rights; a test that needs
+        // another user passes --user or removes this.
+        .env("NBT_USER", "nobody")
         .env_remove("NBT_RECEIPTS")
         .env_remove("NBT_KEY");
     command
@@ -145,7 +148,7 @@ pub fn nbt_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
 }
 
 impl Run {
-    fn from_output(output: Output) -> Run {
+    pub fn from_output(output: Output) -> Run {
         let summary = String::from_utf8_lossy(&output.stdout)
             .lines()
             .last()

@@ -300,6 +300,10 @@ pub struct RunArgs {
     /// time to recover (a progress report, or 10 s up) go into the event log
     #[arg(long, value_name = "POLICY")]
     pub restart: Option<String>,
+    /// Run the workload as USER (name or uid), with GROUP as its group: by default the user who
+    /// invoked sudo; `root` only when named, since a root workload can undo its own limits
+    #[arg(long, value_name = "USER[:GROUP]", env = "NBT_USER")]
+    pub user: Option<String>,
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -341,6 +345,10 @@ pub struct DemoArgs {
     /// Training epochs
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub epochs: Option<String>,
+    /// Run the trainer as USER (name or uid), with GROUP as its group: by default the user who
+    /// invoked sudo, else `nobody`
+    #[arg(long, value_name = "USER[:GROUP]", env = "NBT_USER")]
+    pub user: Option<String>,
     /// Print the summary as one JSON object on stdout
     #[arg(long)]
     pub json: bool,

@@ -5,6 +5,7 @@ use super::args::DemoArgs;
 use super::run::{execute_and_print, exit_status};
 use super::EXIT_NBT_FAILED;
 use crate::demo::{self, SetupError};
+use crate::sys::user::Identity;
 
 pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     let mut flags = args.limits.flags(Some("nbt".into()), Vec::new());
@@ -23,8 +24,20 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     for line in demo::describe(&scenario) {
         eprintln!("{line}");
     }
+    // The trainer never runs as root unless asked to: as the user who ran sudo, else nobody.
+    let user = match args.user.as_deref() {
+        Some(user) => Identity::parse(user),
+        None => Identity::choose(None).or_else(|_| Identity::parse("nobody")),
+    };
+    let user = match user {
+        Ok(user) => user,
+        Err(err) => {
+            eprintln!("nbt demo: {err}");
+            return 2;
+        }
+    };
     let plan = &scenario.plan;
-    let summary = match execute_and_print(plan, &scenario.command, signals, &[], args.json) {
+    let summary = match execute_and_print(plan, &user, &scenario.command, signals, &[], args.json) {
         Ok(summary) => summary,
         Err(status) => return status,
     };

@@ -7,6 +7,8 @@ use super::{privileged, EXIT_NBT_FAILED};
 use crate::plan::Plan;
 use crate::run::summary::RunSummary;
 use crate::run::{self, RunError};
+use crate::sys::supervise;
+use crate::sys::user::Identity;
 
 pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     let mut flags = args
@@ -25,18 +27,32 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
             return 2;
         }
     };
-    execute_and_report(&plan, &args.command, signals, &[], args.json)
+    // Checking the flags (a long schedule, say) may have taken a while: a signal that came
+    // meanwhile stops nbt here.
+    if let Some(signal) = supervise::take_pending_stop() {
+        eprintln!("nbt: stopped by {}", supervise::signal_name(signal));
+        return 128 + signal;
+    }
+    let user = match Identity::choose(args.user.as_deref()) {
+        Ok(user) => user,
+        Err(err) => {
+            eprintln!("nbt: {err}");
+            return 2;
+        }
+    };
+    execute_and_report(&plan, &user, &args.command, signals, &[], args.json)
 }
 
 /// Runs and prints the summary (human to stderr, JSON to stdout when asked); returns the status.
 pub fn execute_and_report(
     plan: &Plan,
+    user: &Identity,
     command: &[OsString],
     signals: &libc::sigset_t,
     env: &[(&str, String)],
     json: bool,
 ) -> i32 {
-    match execute_and_print(plan, command, signals, env, json) {
+    match execute_and_print(plan, user, command, signals, env, json) {
         Ok(summary) => exit_status(&summary),
         Err(status) => status,
     }
@@ -56,13 +72,14 @@ pub fn exit_status(summary: &RunSummary) -> i32 {
 /// Runs and prints the summary; the summary, or the status to exit with when there is none.
 pub fn execute_and_print(
     plan: &Plan,
+    user: &Identity,
     command: &[OsString],
     signals: &libc::sigset_t,
     env: &[(&str, String)],
     json: bool,
 ) -> Result<RunSummary, i32> {
     privileged()?;
-    match run::execute(plan, command, signals, env) {
+    match run::execute(plan, user, command, signals, env) {
         Ok(summary) => {
             eprint!("{}", summary.human());
             if json {
@@ -76,6 +93,13 @@ pub fn execute_and_print(
         Err(RunError::Spawn(err)) => {
             eprintln!("nbt: {err}");
             Err(err.exit_code())
+        }
+        Err(RunError::Stopped(signal)) => {
+            eprintln!(
+                "nbt: stopped by {} before the workload started; nothing was left behind",
+                supervise::signal_name(signal)
+            );
+            Err(128 + signal)
         }
         Err(RunError::Nbt(err)) => {
             eprintln!("nbt: {err:#}");

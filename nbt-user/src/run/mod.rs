@@ -23,6 +23,7 @@ use crate::state::{self, RecordGuard, RunRecord};
 use crate::sys::loader;
 use crate::sys::pin::Pins;
 use crate::sys::supervise::{self, SpawnError};
+use crate::sys::user::Identity;
 use crate::telemetry::energy::{self, Energy};
 use crate::{learning, receipt, schedule};
 
@@ -77,6 +78,16 @@ fn describe_layout(layout: &Layout) -> String {
 pub enum RunError {
     Spawn(SpawnError),
     Nbt(anyhow::Error),
+    /// A signal stopped nbt before the workload started; everything made was removed.
+    Stopped(libc::c_int),
+}
+
+/// Stops setting up when SIGINT, SIGTERM, SIGHUP or SIGQUIT arrived meanwhile.
+fn unless_stopped() -> Result<(), RunError> {
+    match supervise::take_pending_stop() {
+        Some(signal) => Err(RunError::Stopped(signal)),
+        None => Ok(()),
+    }
 }
 
 impl From<anyhow::Error> for RunError {
@@ -92,10 +103,12 @@ impl From<anyhow::Error> for RunError {
 /// fields are declared in the order they drop: what was made last goes first, however it ends.
 pub fn execute(
     plan: &Plan,
+    user: &Identity,
     command: &[OsString],
     signals: &libc::sigset_t,
     extra_env: &[(&str, String)],
 ) -> Result<RunSummary, RunError> {
+    unless_stopped()?;
     let layout = Layout::detect()?;
     let name = state::new_run_name()?;
     let record = first_record(plan, command, &layout, &name)?;
@@ -103,18 +116,22 @@ pub fn execute(
     let _record = RecordGuard::new(record.write(&state_dir)?, &record);
 
     // Opened first: a store or key that cannot be written stops the run before anything ran.
-    let mut books = Books::open(plan, &state_dir, &name, &record.command)?;
+    let mut books = Books::open(plan, user, &state_dir, &name, &record.command)?;
+    unless_stopped()?;
     // Dropped in reverse order: the BPF links go first, then the cgroups (see `Armed`).
     let mut armed = Armed::attach(plan, &layout, &name)?;
     let record = armed.record(plan, record)?;
     record.write(&state_dir)?;
+    unless_stopped()?;
 
     let mut env = workload_env(&name, &books.reports, extra_env);
     // Last before the workload: the originals are on disk before anything changes, and the
     // guard puts them back however this function ends (errors and panics included).
     let mut hardware = state::hwcaps::hold(&plan.hwcaps, &state_dir, &name)?;
     let gpu_memory = gpu_memory(plan, &mut env)?;
-    let mut running = Running::start(plan, command, &env, &armed, &record, gpu_memory)?;
+    // The last moment a signal stops nbt: from the spawn on, it is the workload's.
+    unless_stopped()?;
+    let mut running = Running::start(plan, user, command, &env, &armed, &record, gpu_memory)?;
     let exit = supervise_loop(
         plan,
         command,
@@ -145,6 +162,7 @@ pub fn execute(
         hardware,
         &mut books.judge,
         running.watch,
+        running.user,
     );
     // Last of all, so that the receipt holds everything the run measured.
     write_receipt(&mut summary, &mut books);
@@ -184,15 +202,25 @@ fn first_record(
 /// Fields drop in declaration order, the reverse of the order they are made in (as the locals
 /// they replace did): the report file (removed on drop) first, the receipt writer last.
 struct Books {
+    /// The workload's report file, and the one the agent appends to (`/v1/report`).
     reports: learning::ReportFile,
+    agent_reports: learning::ReportFile,
     judge: learning::Judge,
     receipts: receipt::Writer,
 }
 
 impl Books {
-    fn open(plan: &Plan, state_dir: &Path, name: &str, command: &[String]) -> Result<Books> {
+    fn open(
+        plan: &Plan,
+        user: &Identity,
+        state_dir: &Path,
+        name: &str,
+        command: &[String],
+    ) -> Result<Books> {
         let receipts = receipt::Writer::open(&plan.receipts)?;
-        let reports = learning::ReportFile::create(state::RunFiles::of(state_dir, name).reports)?;
+        let reports = learning::ReportFile::for_workload(name, user.uid, user.gid)?;
+        let agent_reports =
+            learning::ReportFile::create(state::RunFiles::of(state_dir, name).reports)?;
         let mut template =
             receipt::Receipt::new(receipt::Kind::Task, receipts.key_id().to_string());
         template.run = Some(name.to_string());
@@ -206,9 +234,19 @@ impl Books {
         let judge = learning::Judge::new(plan.accept_min_delta, template);
         Ok(Books {
             reports,
+            agent_reports,
             judge,
             receipts,
         })
+    }
+}
+
+impl Books {
+    /// The reports completed since the last call, the workload's first.
+    fn new_reports(&mut self, at_end: bool) -> Vec<(usize, Result<learning::TaskReport, String>)> {
+        let mut batch = self.reports.read_new(at_end);
+        batch.extend(self.agent_reports.read_new(at_end));
+        batch
     }
 }
 
@@ -324,6 +362,7 @@ struct Running {
     controls: schedule::apply::Controls,
     next_resolve: Instant,
     pid: i32,
+    user: Identity,
     started: Instant,
     meter: energy::RunMeter,
     watch: Watch,
@@ -333,6 +372,7 @@ impl Running {
     /// Starts the watch, the meter and the workload.
     fn start(
         plan: &Plan,
+        user: &Identity,
         command: &[OsString],
         env: &[(&str, String)],
         armed: &Armed,
@@ -348,8 +388,8 @@ impl Running {
         // meter started after it would see none of its CPU time.
         let meter = energy::RunMeter::start(armed.cgroup.cpu_seconds());
         let started = Instant::now();
-        let pid =
-            supervise::spawn(command, &armed.cgroup.procs_files(), env).map_err(RunError::Spawn)?;
+        let pid = supervise::spawn(command, &armed.cgroup.procs_files(), env, user)
+            .map_err(RunError::Spawn)?;
         let next_resolve = Instant::now() + RESOLVE_INTERVAL;
         let controls = schedule::apply::Controls {
             edt_map: record.edt_map,
@@ -373,6 +413,7 @@ impl Running {
             controls,
             next_resolve,
             pid,
+            user: user.clone(),
             started,
             meter,
             watch,
@@ -431,7 +472,7 @@ fn on_sample(plan: &Plan, books: &mut Books, armed: &mut Armed, running: &mut Ru
             .timeline
             .run_due(elapsed_ms, &mut running.controls, &armed.cgroup, counters);
     }
-    let batch = books.reports.read_new(false);
+    let batch = books.new_reports(false);
     if !batch.is_empty() {
         let cpu = armed.cgroup.cpu_seconds();
         books
@@ -513,7 +554,7 @@ fn restarted(
     }
     running.restarts += 1;
     let restarts = running.restarts;
-    match supervise::spawn(command, &armed.cgroup.procs_files(), env) {
+    match supervise::spawn(command, &armed.cgroup.procs_files(), env, &running.user) {
         Ok(next) => {
             running.pid = next;
             running.lifecycle.push(lifecycle_event(
@@ -563,11 +604,10 @@ fn measure(
 ) -> Result<Ended> {
     let wall_seconds = running.started.elapsed().as_secs_f64();
     let cpu = armed.cgroup.cpu_seconds();
+    let last = books.new_reports(true);
     books
         .judge
-        .take(books.reports.read_new(true), &mut books.receipts, || {
-            running.meter.since_last(cpu)
-        });
+        .take(last, &mut books.receipts, || running.meter.since_last(cpu));
     let energy = running.meter.total(cpu);
     let ledger = settle_ledger(plan, armed, wall_seconds)?;
 
@@ -674,10 +714,12 @@ fn summarize(
     hardware: Option<HardwareReport>,
     judge: &mut learning::Judge,
     watch: Watch,
+    user: Identity,
 ) -> RunSummary {
     RunSummary {
         run: record.name,
         command: record.command,
+        user,
         profile: plan.profile.clone(),
         limits: plan.limits.clone(),
         cgroup_mode: describe_layout(layout),

@@ -1,5 +1,6 @@
 //! The summary of a run: one structure, printed for people (stderr) or as JSON (stdout).
 
+use crate::sys::user::Identity;
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -20,6 +21,8 @@ use crate::units::format_size;
 pub struct RunSummary {
     pub run: String,
     pub command: Vec<String>,
+    /// Who the workload ran as.
+    pub user: Identity,
     pub profile: String,
     pub limits: Limits,
     /// "unified" or "hybrid"; where each controller lives.
@@ -190,6 +193,16 @@ impl RunSummary {
         };
         let _ = writeln!(out, "nbt: {} ended: {how}", self.run);
         let _ = writeln!(out, "  command       {}", self.command.join(" "));
+        let _ = writeln!(
+            out,
+            "  user          {}{}",
+            self.user.describe(),
+            if self.user.is_root() {
+                ", not confined: root can undo its own limits (--user root)"
+            } else {
+                ", no capabilities, no new privileges"
+            }
+        );
         let _ = writeln!(
             out,
             "  limits        {} [profile {}, cgroups {}]",

@@ -167,7 +167,8 @@ pub fn apply(
                     "balloon".into(),
                     rate.to_string().into(),
                 ];
-                let pid = crate::sys::supervise::spawn(&argv, &cgroup.procs_files(), &[])
+                let nbt = crate::sys::user::Identity::nbt_itself();
+                let pid = crate::sys::supervise::spawn(&argv, &cgroup.procs_files(), &[], &nbt)
                     .map_err(|e| anyhow::anyhow!("starting the balloon: {e}"))?;
                 controls.balloon = Some(pid);
                 return Ok(Some(format!("pid {pid}")));

@@ -6,3 +6,4 @@ pub mod netlink;
 pub(crate) mod pin;
 pub(crate) mod proc;
 pub(crate) mod supervise;
+pub(crate) mod user;

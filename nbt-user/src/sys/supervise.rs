@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::sys::user::Identity;
+
 /// Signals nbt passes on to the workload.
 pub const FORWARDED: [libc::c_int; 6] = [
     libc::SIGINT,
@@ -43,6 +45,35 @@ pub fn block_signals() -> libc::sigset_t {
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
+    }
+}
+
+/// Signals that stop nbt while it sets a run up (before the workload exists, nobody else would
+/// take them): SIGINT, SIGTERM, SIGHUP, SIGQUIT.
+const STOPPING: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// A stopping signal that arrived (and is still pending, being blocked) since nbt started: taken,
+/// so it is not passed on to a workload started later. Call it between the steps of setting up.
+pub fn take_pending_stop() -> Option<libc::c_int> {
+    // SAFETY: sigpending(2), sigismember(3) and sigtimedwait(2) on local sets, with a zero
+    // timeout: nothing blocks.
+    unsafe {
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut pending) != 0 {
+            return None;
+        }
+        let signal = STOPPING
+            .into_iter()
+            .find(|&s| libc::sigismember(&pending, s) == 1)?;
+        let mut only: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut only);
+        libc::sigaddset(&mut only, signal);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        libc::sigtimedwait(&only, std::ptr::null_mut(), &zero);
+        Some(signal)
     }
 }
 
@@ -89,11 +120,13 @@ pub fn resolve(program: &OsString) -> Option<PathBuf> {
 }
 
 /// Starts `argv` with its environment plus `env`, inside the cgroups whose `cgroup.procs` files
-/// are given. Returns the child's pid.
+/// are given, as `user`: with its groups, no capabilities (unless it is root) and no way to gain
+/// privileges (no_new_privs: setuid binaries do not raise them). Returns the child's pid.
 pub fn spawn(
     argv: &[OsString],
     cgroup_procs: &[PathBuf],
     env: &[(&str, String)],
+    user: &Identity,
 ) -> Result<i32, SpawnError> {
     let shown = argv[0].to_string_lossy().into_owned();
     let program = resolve(&argv[0]).ok_or_else(|| SpawnError::NotFound(shown.clone()))?;
@@ -110,23 +143,31 @@ pub fn spawn(
 
     let mut command = Command::new(&program);
     command.arg0(&argv[0]).args(&argv[1..]);
+    if !user.is_root() {
+        command
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
     for (key, value) in env {
         command.env(key, value);
     }
-    // SAFETY: the closure runs in the forked child and only calls sigprocmask(2) and write(2),
-    // which are async-signal-safe; it allocates nothing. The files stay open in the parent until
-    // spawn returns.
+    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
+    // SAFETY: the closure runs in the forked child and only calls async-signal-safe functions
+    // (sigprocmask, write, prctl, setgroups, setgid, setuid); it allocates nothing (`groups` was
+    // allocated before the fork). The files stay open in the parent until spawn returns.
     unsafe {
         command.pre_exec(move || {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Joined while still root: cgroup.procs belongs to root.
             for &fd in &fds {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(io::Error::last_os_error());
                 }
             }
-            Ok(())
+            drop_privileges(uid, gid, &groups)
         });
     }
     let child = command.spawn().map_err(|e| match e.kind() {
@@ -136,6 +177,36 @@ pub fn spawn(
     })?;
     drop(join);
     Ok(child.id() as i32)
+}
+
+/// In the child, before exec: the user's groups and ids, then no_new_privs. Changing every uid
+/// away from 0 empties the permitted, effective and ambient capability sets (capabilities(7));
+/// the ambient set is cleared first all the same.
+///
+/// # Safety
+/// Only async-signal-safe calls: it runs between fork and exec.
+unsafe fn drop_privileges(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    let check = |result: libc::c_int| {
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain system calls on values; `groups` outlives the call.
+    unsafe {
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))?;
+        check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+        check(libc::setresgid(gid, gid, gid))?;
+        check(libc::setresuid(uid, uid, uid))?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+    }
 }
 
 /// How the workload ended.

@@ -31,6 +31,10 @@
 //!   udp-count ADDR SECONDS    count the datagrams arriving on ADDR until SECONDS pass quietly
 //!   raw-send IPV4             one UDP datagram built by hand on a raw socket (IP_HDRINCL)
 //!   keepalive ADDR A B MS     connect, send A bytes, wait MS, send B bytes, half-close
+//!
+//! `escape` tries each way out of a run a workload has, printing `<way> ok` or `<way> <errno>`:
+//! its pid into each hierarchy's root `cgroup.procs`, a read of `$NBT_TEST_SECRET`, a file made
+//! in `$NBT_TEST_PRIVATE_DIR`, listing nbt's pins, and the BPF objects of the kernel by id.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -136,6 +140,7 @@ fn main() {
         }
         "raw-send" => println!("raw-send {}", outcome(raw_send(arg(&args, 2)))),
         "keepalive" => keepalive(arg(&args, 2), num(&args, 3), num(&args, 4), num(&args, 5)),
+        "escape" => escape(),
         other => {
             eprintln!("nbt-testbin: unknown mode {other}");
             std::process::exit(2)
@@ -652,5 +657,56 @@ fn await_signal(file: &str) {
             std::fs::write(file, name).expect("write signal");
             std::process::exit(42);
         }
+    }
+}
+
+fn escape() {
+    // Pure v2: /sys/fs/cgroup is the root. Hybrid: each v1 hierarchy and `unified` below it.
+    let mut roots = vec![std::path::PathBuf::from("/sys/fs/cgroup/cgroup.procs")];
+    for entry in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        roots.push(entry.path().join("cgroup.procs"));
+    }
+    roots.retain(|procs| procs.exists());
+    for procs in roots {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes()));
+        println!("cgroup {} {}", procs.display(), errno(written));
+    }
+    let secret = std::env::var("NBT_TEST_SECRET").unwrap_or_default();
+    println!("read-key {}", errno(std::fs::read(secret)));
+    let private = std::env::var("NBT_TEST_PRIVATE_DIR").unwrap_or_default();
+    let made = std::path::Path::new(&private).join("planted");
+    println!("write-state {}", errno(std::fs::write(made, "x")));
+    println!("list-pins {}", errno(std::fs::read_dir("/sys/fs/bpf/nbt")));
+    // BPF_MAP_GET_NEXT_ID (12) and BPF_PROG_GET_NEXT_ID (11): walking the kernel's BPF objects.
+    for (way, cmd) in [("bpf-maps", 12), ("bpf-progs", 11)] {
+        let mut attr = [0u32; 4];
+        // SAFETY: bpf(2) with a zeroed attribute union of the size given.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 16) };
+        let result = if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
+        println!("{way} {}", errno(result));
+    }
+}
+
+/// `ok`, or the error's name for the ways out: EACCES, EPERM, ...
+fn errno<T>(result: std::io::Result<T>) -> String {
+    match result {
+        Ok(_) => "ok".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EACCES) => "EACCES".into(),
+            Some(libc::EPERM) => "EPERM".into(),
+            Some(libc::ENOENT) => "ENOENT".into(),
+            _ => format!("error {e}"),
+        },
     }
 }
