@@ -128,9 +128,10 @@ fn a_top_up_reopens_the_gate() {
 /// costs a million an hour (nbt charges time every 100 ms); the workload waits 400 ms first.
 const NEGATIVE: [&str; 4] = ["--balance", "0", "--price-hour", "1000000"];
 
-fn run_negative(gate: &str, workload: &[&str]) -> nbt_integration_tests::Run {
+fn run_negative(gate: &str, workload: &[&str], extra: &[&str]) -> nbt_integration_tests::Run {
     let mut limits = NEGATIVE.to_vec();
     limits.extend(["--gate", gate]);
+    limits.extend(extra);
     let run = run_testbin_with_env(&limits, workload, &[("NBT_TESTBIN_DELAY_MS", "400")]);
     let end = run.summary.as_ref().unwrap()["ledger"]["balance_end_micro"]
         .as_i64()
@@ -158,7 +159,7 @@ fn every_way_out_is_blocked_when_the_balance_is_negative() {
         ("thread-connect", v4.as_str(), "EPERM"),
         ("child-connect", v4.as_str(), "EPERM"),
     ] {
-        let run = run_negative(&gate, &[mode, addr]);
+        let run = run_negative(&gate, &[mode, addr], &[]);
         assert_eq!(run.status(), 0, "{mode} {addr}: {}", run.stderr());
         assert_eq!(outcomes(&run.stdout(), mode), [expected], "{mode} {addr}");
         assert!(run.u64("/ledger/blocked_calls") >= 1, "{mode} {addr}");
@@ -178,8 +179,9 @@ fn every_way_out_is_blocked_when_the_balance_is_negative() {
         &format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo bash ok || echo bash refused"),
     ]);
     assert!(run.stdout().contains("bash refused"), "{}", run.stdout());
-    // A raw socket goes round connect and sendmsg: cgroup egress drops its packet.
-    let run = run_negative("127.0.0.1", &["raw-send", "127.0.0.1"]);
+    // A raw socket goes round connect and sendmsg: cgroup egress drops its packet. Opening one
+    // needs CAP_NET_RAW, which only a root workload has.
+    let run = run_negative("127.0.0.1", &["raw-send", "127.0.0.1"], &["--user", "root"]);
     assert_eq!(
         outcomes(&run.stdout(), "raw-send"),
         ["EPERM"],
@@ -279,5 +281,45 @@ fn an_open_connection_is_cut_off_when_the_balance_runs_out() {
         .as_i64()
         .unwrap();
     assert!(end >= -(cpus as i64 * 66_000), "balance {end} micro-units");
+    guard.assert_clean();
+}
+
+/// More networks than the gate's tries hold (1024 each): the run is refused with the reason,
+/// rather than started with some of them ungated.
+#[test]
+fn more_networks_than_the_gate_holds_refuse_the_run() {
+    let guard = NoLeftovers::new();
+    let fits: Vec<String> = (0..1024)
+        .map(|i| format!("10.{}.{}.1", i / 256, i % 256))
+        .collect();
+    let run = nbt(&[
+        "run",
+        "--balance",
+        "1",
+        "--gate",
+        &fits.join(","),
+        "--",
+        "true",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let too_many: Vec<String> = (0..1025)
+        .map(|i| format!("10.{}.{}.1", i / 256, i % 256))
+        .collect();
+    let run = nbt(&[
+        "run",
+        "--balance",
+        "1",
+        "--gate",
+        &too_many.join(","),
+        "--",
+        "true",
+    ]);
+    assert_ne!(run.status(), 0, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("1025 more IPv4 networks to gate")
+            && run.stderr().contains("more than the gate holds (1024)"),
+        "{}",
+        run.stderr()
+    );
     guard.assert_clean();
 }

@@ -328,7 +328,8 @@ fn cpu_temperature_is_sampled_during_the_run() {
     );
     let run = output(nbt_with(
         sys.root(),
-        &["run", "--json", "--", "sh", "-c", &script],
+        // Root: the workload plays the sensor's driver, writing the test's own sysfs tree.
+        &["run", "--json", "--user", "root", "--", "sh", "-c", &script],
     ));
     assert_eq!(run.status(), 0, "{}", run.stderr());
     let t = |field: &str| run.f64(&format!("/sensors/cpu_temperature_c/{field}"));

@@ -295,7 +295,9 @@ fn nbt_fault_freezes_a_live_run_from_outside_and_the_run_logs_it() {
 #[test]
 fn a_failing_workload_is_restarted_and_its_recovery_timed() {
     let guard = NoLeftovers::new();
-    let flag = guard.home().join("failed-once");
+    // Where the workload (nobody) may write.
+    let flag = std::env::temp_dir().join(format!("nbt-test-{}-failed-once", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
     // Fails the first time; the second time reports progress and ends well.
     let script = format!(
         "if [ -e {f} ]; then sleep 0.3; echo '{{\"task_name\":\"after\",\"base_loss\":1,\"new_loss\":0.5}}' >> \"$NBT_REPORT\"; sleep 0.5; exit 0; \
@@ -324,6 +326,7 @@ fn a_failing_workload_is_restarted_and_its_recovery_timed() {
         (0.25..2.0).contains(&after),
         "recovered {after} s after the restart"
     );
+    let _ = std::fs::remove_file(&flag);
 
     // Always failing: two restarts, then its own status.
     let run = nbt_integration_tests::nbt(&[

@@ -298,7 +298,9 @@ fn workload(
     let mut command = Command::new("nsenter");
     command.arg(format!("--net=/run/netns/{}", netns.a));
     if method == Method::Nbt {
-        command.arg(bin.join("nbt")).arg("run");
+        command
+            .arg(bin.join("nbt"))
+            .args(["run", "--user", "nobody"]);
         if let Some((r, _)) = rate {
             command.args(["--egress-rate", r]);
         }

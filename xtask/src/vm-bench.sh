@@ -2,6 +2,9 @@
 # on the interface, as nbt_network_limit.sh does) against nbt's `nbt` profile network limits
 # (in eBPF on the run's cgroup, fq for the delay), on one veth pair, one after the other.
 # Prints `NBT-VM-BENCH <method> <key> <value>...` lines, then NBT-VM-DONE.
+# Workloads run as uid 65534, as they would under sudo for a user with no rights (this VM has
+# no user database: numeric ids).
+export NBT_USER=65534:65534
 median() { tr ' ' '\n' | grep -v connect_ms | sort -n | awk '{ v[NR]=$1 } END { printf "%.2f", v[int((NR+1)/2)] }'; }
 # Busy CPU time of the whole VM (user+nice+system+irq+softirq), in clock ticks.
 busy() { awk '/^cpu / { print $2+$3+$4+$7+$8 }' /proc/stat; }

@@ -193,6 +193,8 @@ fn v6_key(addr: Ipv6Addr, prefix: u8, port: Option<u16>) -> Key<V6Key> {
 }
 
 /// Writes the rules into the tries (host names resolved now). Returns whether `all` was asked.
+/// All or nothing: when the addresses not gated yet would not all fit in a trie, nothing is
+/// added and the error says so; an address is never left ungated quietly.
 pub fn install_rules(ebpf: &mut Ebpf, rules: &[Rule]) -> Result<bool> {
     let mut all = false;
     let mut nets: Vec<(IpAddr, u8, Option<u16>)> = Vec::new();
@@ -207,34 +209,92 @@ pub fn install_rules(ebpf: &mut Ebpf, rules: &[Rule]) -> Result<bool> {
             }
         }
     }
-    {
-        let mut v4: LpmTrie<&mut MapData, V4Key, u32> = LpmTrie::try_from(
-            ebpf.map_mut(GATE_V4_MAP)
-                .ok_or_else(|| anyhow!("{GATE_V4_MAP} missing"))?,
-        )?;
-        for (addr, prefix, port) in &nets {
-            match addr {
-                // An IPv4-mapped IPv6 network is the IPv4 network it carries.
-                IpAddr::V4(a) => v4.insert(&v4_key(*a, *prefix, *port), 1, 0)?,
-                IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                    Some(a) if *prefix >= 96 => v4.insert(&v4_key(a, prefix - 96, *port), 1, 0)?,
-                    _ => {}
-                },
-            }
-        }
-    }
-    let mut v6: LpmTrie<&mut MapData, V6Key, u32> = LpmTrie::try_from(
-        ebpf.map_mut(GATE_V6_MAP)
-            .ok_or_else(|| anyhow!("{GATE_V6_MAP} missing"))?,
-    )?;
+    let mut v4_keys = Vec::new();
+    let mut v6_keys = Vec::new();
     for (addr, prefix, port) in &nets {
-        if let IpAddr::V6(a) = addr {
-            if a.to_ipv4_mapped().is_none() {
-                v6.insert(&v6_key(*a, *prefix, *port), 1, 0)?;
-            }
+        match addr {
+            IpAddr::V4(a) => v4_keys.push(v4_key(*a, *prefix, *port)),
+            // An IPv4-mapped IPv6 network is the IPv4 network it carries.
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(a) if *prefix >= 96 => v4_keys.push(v4_key(a, prefix - 96, *port)),
+                Some(_) => {}
+                None => v6_keys.push(v6_key(*a, *prefix, *port)),
+            },
         }
     }
+    // Both checked before either is written.
+    let v4_missing = missing(ebpf, GATE_V4_MAP, v4_keys, "IPv4")?;
+    let v6_missing = missing(ebpf, GATE_V6_MAP, v6_keys, "IPv6")?;
+    insert(ebpf, GATE_V4_MAP, v4_missing)?;
+    insert(ebpf, GATE_V6_MAP, v6_missing)?;
     Ok(all)
+}
+
+/// More addresses to gate than a trie holds.
+#[derive(Debug)]
+pub struct GateFull(String);
+
+impl std::fmt::Display for GateFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for GateFull {}
+
+/// The keys of `keys` no entry of the trie `name` covers yet; an error when they would not fit.
+fn missing<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    keys: Vec<Key<K>>,
+    family: &str,
+) -> Result<Vec<Key<K>>> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| anyhow!("{name} missing"))?;
+    let capacity = match &map {
+        Map::LpmTrie(data) => data.info()?.max_entries() as usize,
+        _ => return Err(anyhow!("{name} is not an LPM trie")),
+    };
+    let trie: LpmTrie<&mut MapData, K, u32> = LpmTrie::try_from(map)?;
+    let missing: Vec<Key<K>> = keys
+        .into_iter()
+        .filter(|key| trie.get(key, 0).is_err())
+        .collect();
+    let present = trie.keys().count();
+    if present + missing.len() > capacity {
+        return Err(GateFull(format!(
+            "--gate: {} more {family} networks to gate ({present} already), more than the \
+             gate holds ({capacity}); nbt refuses rather than leave an address ungated \
+             (gate a network, e.g. 203.0.113.0/24, instead of its addresses)",
+            missing.len()
+        ))
+        .into());
+    }
+    Ok(missing)
+}
+
+fn insert<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: Vec<Key<K>>) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, K, u32> = LpmTrie::try_from(
+        ebpf.map_mut(name)
+            .ok_or_else(|| anyhow!("{name} missing"))?,
+    )?;
+    for key in &keys {
+        trie.insert(key, 1, 0)?;
+    }
+    Ok(())
+}
+
+/// The gate's last resort when a re-resolved host has more addresses than the tries hold:
+/// every destination is gated from now on (fail closed).
+pub fn gate_everything(ebpf: &mut Ebpf) -> Result<()> {
+    let mut config = Array::<&mut MapData, GateConfig>::try_from(
+        ebpf.map_mut(GATE_CONFIG_MAP)
+            .ok_or_else(|| anyhow!("{GATE_CONFIG_MAP} missing"))?,
+    )?;
+    let current = config.get(&0, 0)?;
+    config.set(0, GateConfig { all: 1, ..current }, 0)?;
+    Ok(())
 }
 
 /// Kernel ids of the ledger maps, for `nbt balance` and `nbt ps`.

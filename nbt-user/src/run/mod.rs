@@ -492,10 +492,32 @@ fn on_sample(plan: &Plan, books: &mut Books, armed: &mut Armed, running: &mut Ru
         }
         // Host names may move: add the addresses they have now (never removing old ones).
         if Instant::now() >= running.next_resolve {
-            let _ = gate::install_rules(&mut armed.ebpf, &plan.gate);
-            running.next_resolve = Instant::now() + RESOLVE_INTERVAL;
+            resolve_gate_again(plan, armed, running);
         }
     }
+}
+
+/// Adds the addresses the gated hosts have now. A name that does not resolve keeps its old
+/// addresses; more addresses than the gate holds close it to every destination.
+fn resolve_gate_again(plan: &Plan, armed: &mut Armed, running: &mut Running) {
+    running.next_resolve = Instant::now() + RESOLVE_INTERVAL;
+    let Err(err) = gate::install_rules(&mut armed.ebpf, &plan.gate) else {
+        return;
+    };
+    if err.downcast_ref::<gate::GateFull>().is_none() {
+        return;
+    }
+    let what = match gate::gate_everything(&mut armed.ebpf) {
+        Ok(()) => format!("{err:#}: every destination is gated from now on"),
+        Err(closing) => format!("{err:#}; gating every destination failed too: {closing:#}"),
+    };
+    eprintln!("nbt: {what}");
+    running.lifecycle.push(lifecycle_event(
+        running.started,
+        schedule::Origin::Gate,
+        what,
+        None,
+    ));
 }
 
 /// A restarted workload that reported progress, or stayed up long enough, has recovered.

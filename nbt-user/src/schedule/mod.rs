@@ -194,6 +194,8 @@ pub enum Origin {
     /// nbt stopped the workload: it went over a limit nbt watches rather than enforces
     /// (`--gpu-memory`).
     Stop,
+    /// nbt closed the gate to every destination: a gated host had more addresses than it holds.
+    Gate,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -51,7 +51,7 @@ impl Identity {
             return Self::parse(spec);
         }
         if let Some(uid) = env_id("SUDO_UID")? {
-            let mut identity = Self::by_uid(uid)?;
+            let mut identity = Self::by_uid(uid).unwrap_or_else(|_| Self::numeric(uid));
             if let Some(gid) = env_id("SUDO_GID")? {
                 identity.gid = gid;
             }
@@ -77,7 +77,8 @@ impl Identity {
             None => (spec, None),
         };
         let mut identity = match user.parse::<u32>() {
-            Ok(uid) => Self::by_uid(uid)?,
+            // A uid the database does not know is taken as it is (containers, minimal systems).
+            Ok(uid) => Self::by_uid(uid).unwrap_or_else(|_| Self::numeric(uid)),
             Err(_) => Self::by_name(user)?,
         };
         if let Some(group) = group {
@@ -85,9 +86,23 @@ impl Identity {
                 Ok(gid) => gid,
                 Err(_) => group_id(group)?,
             };
-            identity.groups = supplementary_groups(&identity.name, identity.gid);
+            identity.groups = match Self::by_name(&identity.name) {
+                Ok(_) => supplementary_groups(&identity.name, identity.gid),
+                Err(_) => vec![identity.gid],
+            };
         }
         Ok(identity)
+    }
+
+    /// A uid with no entry in the user database: its own number as its group, no other groups.
+    fn numeric(uid: u32) -> Identity {
+        Identity {
+            name: uid.to_string(),
+            uid,
+            gid: uid,
+            groups: vec![uid],
+            home: "/".into(),
+        }
     }
 
     fn by_name(name: &str) -> Result<Identity, String> {
@@ -183,6 +198,11 @@ mod tests {
         let with_group = Identity::parse("nobody:0").unwrap();
         assert_eq!((with_group.uid, with_group.gid), (65534, 0));
         assert!(Identity::parse("no-such-user-here").is_err());
+        let unknown = Identity::parse("4000000:4000001").unwrap();
+        assert_eq!(
+            (unknown.uid, unknown.gid, unknown.groups.clone()),
+            (4000000, 4000001, vec![4000001])
+        );
         assert!(Identity::parse("nobody:no-such-group").is_err());
     }
 }
