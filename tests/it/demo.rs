@@ -10,7 +10,10 @@ fn the_demo_runs_and_names_the_caps_this_machine_cannot_enforce() {
     let guard = NoLeftovers::new();
     // An empty sysfs: no cpufreq and no turbo switch, whatever this machine has.
     let sysfs = tempfile::tempdir().unwrap();
+    // No user named: the trainer runs as nobody, never as root.
     let out = nbt_command()
+        .env_remove("NBT_USER")
+        .env_remove("SUDO_UID")
         .env("NBT_SYSFS_ROOT", sysfs.path())
         .arg("demo")
         .output()
@@ -24,6 +27,7 @@ fn the_demo_runs_and_names_the_caps_this_machine_cannot_enforce() {
         "not enforced here: cannot enforce cpu-max-freq (built-in profile nbt) 2.0GHz: this machine has no cpufreq",
         "not enforced here: cannot enforce no-turbo (built-in profile nbt) true: neither",
         "updates       5 reported",
+        "user          nobody (65534:65534), no capabilities",
         "brownout #1 (line 2): thawed",
         "step (line 7): egress rate 256kbit, ingress rate 256kbit",
     ] {
