@@ -307,3 +307,35 @@ fn a_signal_during_setup_stops_nbt_before_the_workload() {
         guard.assert_clean();
     }
 }
+
+/// A run whose cgroup cannot be removed (someone made a cgroup inside it) keeps its record, so
+/// that `nbt cleanup` finds it once the obstacle is gone.
+#[test]
+fn a_cgroup_that_cannot_be_removed_keeps_its_record() {
+    let guard = NoLeftovers::new();
+    let child = nbt_command()
+        .args(["run", "--", "sleep", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let name = nbt_integration_tests::wait_for_live_run(|run| run["command"][0] == "sleep")
+        .expect("the run to start");
+    let (_, record) = nbt::state::RunRecord::find_live(&nbt::state::state_dir(), &name).unwrap();
+    let intruder = record.cgroups[0].join("intruder");
+    std::fs::create_dir(&intruder).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("stays for `nbt cleanup`"), "{stderr}");
+    let record_file = nbt::state::RunRecord::path(&nbt::state::state_dir(), &name);
+    assert!(record_file.exists(), "{} removed", record_file.display());
+    std::fs::remove_dir(&intruder).unwrap();
+    let cleanup = nbt(&["cleanup"]);
+    assert!(
+        cleanup.stderr().contains(&format!("removed {name}")),
+        "{}",
+        cleanup.stderr()
+    );
+    assert!(!record_file.exists());
+    guard.assert_clean();
+}

@@ -157,12 +157,15 @@ impl Run {
     }
 }
 
-/// The live runs, as `nbt ps --json` lists them (none when it fails).
+/// The live runs, as `nbt ps --json` lists them (none when it fails), orphans left out.
 pub fn live_runs() -> Vec<Value> {
     serde_json::from_str::<Value>(&nbt(&["ps", "--json"]).stdout())
         .ok()
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default()
+        .into_iter()
+        .filter(|run| run["orphan"] != true)
+        .collect()
 }
 
 /// The name of the live run that `matches` picks (another nbt may be running too), once its
