@@ -230,6 +230,34 @@ pub fn read_private(path: &Path, what: &str, wide: WideMode) -> io::Result<Vec<u
     Ok(bytes)
 }
 
+/// Opens the existing private file `path` to append to it (`O_APPEND|O_NOFOLLOW`, never
+/// `O_CREAT`): a regular file owned by the effective uid. Its mode is not judged (whoever made it
+/// chose it); only that it is nbt's.
+pub fn open_append(path: &Path, what: &str) -> io::Result<fs::File> {
+    let file = fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refused(format!(
+                "{what} {} is a symbolic link: nbt does not follow links to its private files",
+                path.display()
+            )),
+            _ => io::Error::new(e.kind(), format!("{what} {}: {e}", path.display())),
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.uid() != euid() {
+        return Err(refused(format!(
+            "{what} {} is not a regular file owned by uid {} (mode {:o}, owner uid {})",
+            path.display(),
+            euid(),
+            meta.mode(),
+            meta.uid()
+        )));
+    }
+    Ok(file)
+}
+
 /// A fresh file of mode 0600 beside `path` under a name of its own (`.NAME.RANDOM.tmp`), made
 /// with `O_CREAT|O_EXCL|O_NOFOLLOW`: nobody else's file, and never a link.
 fn staged(path: &Path) -> io::Result<(PathBuf, fs::File)> {
