@@ -93,7 +93,13 @@ impl Drop for Spinner {
 /// Waits until the agent's tracker is attached and has finished an interval.
 fn wait_until_attached(agent: &Agent) {
     for _ in 0..100 {
-        let (_, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+        let (_, body) = http(
+            &agent.addr,
+            "GET",
+            "/v1/attribution",
+            Some(&agent.token),
+            "",
+        );
         if body.contains("\"tracker\":\"attached\"") && !body.contains("\"intervals\":0") {
             return;
         }
@@ -149,7 +155,7 @@ fn json(body: &str) -> Value {
 fn take_is_atomic_under_64_clients_and_refuses_what_it_must() {
     let guard = NoLeftovers::new();
     let agent = Agent::start(&guard);
-    let (status, body) = http(&agent.addr, "GET", "/v1/sample", None, "");
+    let (status, body) = http(&agent.addr, "GET", "/v1/sample", Some(&agent.token), "");
     assert_eq!(status, 200, "{body}");
     let sample = json(&body);
     assert!(
@@ -211,7 +217,7 @@ fn take_is_atomic_under_64_clients_and_refuses_what_it_must() {
     for client in clients {
         client.join().unwrap();
     }
-    let sample = json(&http(&agent.addr, "GET", "/v1/sample", None, "").1);
+    let sample = json(&http(&agent.addr, "GET", "/v1/sample", Some(&agent.token), "").1);
     let taken = sample["taken_j"].as_f64().unwrap();
     let deposited = sample["deposited_j"].as_f64().unwrap();
     let granted = granted_uj.load(Ordering::Relaxed) as f64 / 1e6;
@@ -295,7 +301,13 @@ fn a_report_through_the_agent_becomes_a_receipt_of_the_live_run() {
 /// The agent's attribution of a finished run, once the agent has read the run's last exits.
 fn run_attribution(agent: &Agent, run: &str) -> (Value, Value) {
     std::thread::sleep(Duration::from_millis(1500));
-    let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+    let (status, body) = http(
+        &agent.addr,
+        "GET",
+        "/v1/attribution",
+        Some(&agent.token),
+        "",
+    );
     assert_eq!(status, 200, "{body}");
     let all = json(&body);
     let seen = entry(&all, "runs", "run", run).clone();
@@ -475,7 +487,13 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
     let spinner = Spinner::start("2");
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(1500));
-    let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+    let (status, body) = http(
+        &agent.addr,
+        "GET",
+        "/v1/attribution",
+        Some(&agent.token),
+        "",
+    );
     drop(spinner);
     assert_eq!(status, 200, "{body}");
     let all = json(&body);
@@ -569,7 +587,13 @@ fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(2500));
     let before = scheduler_runtime_seconds(pid);
-    let (status, body) = http(&agent.addr, "GET", "/v1/attribution", None, "");
+    let (status, body) = http(
+        &agent.addr,
+        "GET",
+        "/v1/attribution",
+        Some(&agent.token),
+        "",
+    );
     let after = scheduler_runtime_seconds(pid);
     drop(spinner);
     assert_eq!(status, 200, "{body}");
@@ -601,13 +625,16 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn scraping(target: &str) -> Prometheus {
+    /// Prometheus scraping `target`, sending the token in `token_file` (as its documentation
+    /// says to: `authorization: credentials_file`).
+    fn scraping(target: &str, token_file: &std::path::Path) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nbt\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: nbt\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: ['{target}']\n",
+                token_file.display()
             ),
         )
         .unwrap();
@@ -665,12 +692,14 @@ impl Drop for Prometheus {
 #[test]
 fn a_real_prometheus_scrapes_the_metrics() {
     let guard = NoLeftovers::new();
-    let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
+    // With the token asked of /metrics too: Prometheus sends it from its credentials file.
+    let agent = Agent::start_with(&guard, &["--interval", "500ms", "--private-metrics"]);
+    assert_eq!(http(&agent.addr, "GET", "/metrics", None, "").0, 401);
     // A busy process, so that one known series exists (a process appears once a sample finds
     // it running).
     let spinner = Spinner::start("30");
     let pid = spinner.pid().to_string();
-    let prometheus = Prometheus::scraping(&agent.addr);
+    let prometheus = Prometheus::scraping(&agent.addr, &guard.home().join("agent.token"));
     // up == 1: the scrape succeeded and the exposition parsed.
     let up = prometheus.query("up%7Bjob%3D%22nbt%22%7D");
     assert_eq!(up[0]["value"][1], "1", "{up:?}");
@@ -686,5 +715,306 @@ fn a_real_prometheus_scrapes_the_metrics() {
     let joules: f64 = processes[0]["value"][1].as_str().unwrap().parse().unwrap();
     assert!(joules > 0.0, "{processes:?}");
     drop(prometheus);
+    guard.assert_clean();
+}
+
+/// The status of a raw HTTP response, or `None` when the connection closed without one.
+fn status_of(response: &[u8]) -> Option<u16> {
+    std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()
+}
+
+/// Reads from `stream` until the agent closes it (EOF or a reset); what came, and when it closed.
+fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, Option<Duration>) {
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, Some(started.elapsed())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (got, Some(started.elapsed()))
+            }
+            // WouldBlock / TimedOut: still open after `limit`.
+            Err(_) => return (got, None),
+        }
+    }
+}
+
+#[test]
+fn every_endpoint_but_metrics_and_healthz_needs_the_token() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start(&guard);
+    // The GET endpoints list every process of the node and its command: not without the token.
+    for path in ["/v1/sample", "/v1/attribution"] {
+        let (status, body) = http(&agent.addr, "GET", path, None, "");
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(!body.contains("pid"), "{path}: {body}");
+        assert_eq!(
+            http(&agent.addr, "GET", path, Some("x"), "").0,
+            401,
+            "{path}"
+        );
+        // One character short, and the token with one more: the length is no shortcut.
+        let short = &agent.token[..agent.token.len() - 1];
+        assert_eq!(http(&agent.addr, "GET", path, Some(short), "").0, 401);
+        let long = format!("{}0", agent.token);
+        assert_eq!(http(&agent.addr, "GET", path, Some(&long), "").0, 401);
+        assert_eq!(
+            http(&agent.addr, "GET", path, Some(&agent.token), "").0,
+            200,
+            "{path}"
+        );
+    }
+    for path in ["/v1/take", "/v1/report"] {
+        assert_eq!(http(&agent.addr, "POST", path, None, "{}").0, 401, "{path}");
+    }
+    let (status, body) = http(&agent.addr, "GET", "/healthz", None, "");
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let (status, body) = http(&agent.addr, "GET", "/metrics", None, "");
+    assert_eq!(status, 200);
+    assert!(body.contains("nbt_agent_bucket_joules"), "{body}");
+
+    // A body over 64 KiB is refused before it is read as JSON.
+    let big = format!(r#"{{"joules": 1, "pad": "{}"}}"#, "x".repeat(65 << 10));
+    let (status, _) = http(&agent.addr, "POST", "/v1/take", Some(&agent.token), &big);
+    assert_eq!(status, 413);
+    drop(agent);
+
+    // --private-metrics: /metrics needs it too; /healthz never does.
+    let agent = Agent::start_with(&guard, &["--private-metrics"]);
+    assert_eq!(http(&agent.addr, "GET", "/metrics", None, "").0, 401);
+    assert_eq!(
+        http(&agent.addr, "GET", "/metrics", Some(&agent.token), "").0,
+        200
+    );
+    assert_eq!(http(&agent.addr, "GET", "/healthz", None, "").0, 200);
+    guard.assert_clean();
+}
+
+/// `nbt agent` started with `args`, expected to refuse to start: its exit status and stderr.
+fn agent_refusing(args: &[&str]) -> (i32, String) {
+    let mut child = nbt_command()
+        .args(["agent", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return (status.code().unwrap_or(-1), stderr);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("nbt agent {args:?} still runs after 10 s: it took the token file");
+}
+
+#[test]
+fn a_token_file_open_to_others_behind_a_link_or_not_roots_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let guard = NoLeftovers::new();
+    let token = guard.home().join("given.token");
+    std::fs::write(&token, "0123456789abcdef\n").unwrap();
+    let token_arg = token.to_str().unwrap();
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, stderr) = agent_refusing(&["--token-file", token_arg]);
+    eprintln!("0644: {stderr}");
+    assert_eq!(status, 1, "{stderr}");
+    assert!(
+        stderr.contains(token_arg)
+            && stderr.contains("mode 0644")
+            && stderr.contains("owner uid 0")
+            && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = guard.home().join("link.token");
+    std::os::unix::fs::symlink(&token, &link).unwrap();
+    let (status, stderr) = agent_refusing(&["--token-file", link.to_str().unwrap()]);
+    eprintln!("link: {stderr}");
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+
+    std::os::unix::fs::chown(&token, Some(65534), Some(65534)).unwrap();
+    let (status, stderr) = agent_refusing(&["--token-file", token_arg]);
+    eprintln!("uid 65534: {stderr}");
+    assert_eq!(status, 1, "{stderr}");
+    assert!(stderr.contains("owned by uid 65534"), "{stderr}");
+    guard.assert_clean();
+}
+
+#[test]
+fn a_request_held_half_sent_is_dropped_after_the_header_timeout() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start_with(
+        &guard,
+        &["--header-timeout", "1s", "--request-timeout", "2s"],
+    );
+    // Half a request line, then nothing: closed after 1 s, unanswered.
+    let mut stream = TcpStream::connect(&agent.addr).unwrap();
+    stream.write_all(b"GET /v1/sam").unwrap();
+    let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(5));
+    let closed = closed.expect("the agent kept a half-sent request open 5 s");
+    eprintln!(
+        "half a request line: closed after {closed:?}, {} bytes back",
+        got.len()
+    );
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_secs(3),
+        "{closed:?}"
+    );
+    // A whole head but a body that never comes: 408 once the request timeout is over.
+    let mut stream = TcpStream::connect(&agent.addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/take HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\n\r\n{{\"jou",
+        agent.token
+    )
+    .unwrap();
+    let (got, closed) = read_until_closed(&mut stream, Duration::from_secs(6));
+    let closed = closed.expect("the agent kept a trickling body open 6 s");
+    eprintln!(
+        "a body that never comes: {:?} after {closed:?}",
+        status_of(&got)
+    );
+    assert_eq!(
+        status_of(&got),
+        Some(408),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        closed >= Duration::from_millis(1900) && closed < Duration::from_secs(4),
+        "{closed:?}"
+    );
+    // The agent still serves.
+    assert_eq!(http(&agent.addr, "GET", "/healthz", None, "").0, 200);
+    guard.assert_clean();
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed_at_once() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start_with(
+        &guard,
+        &["--max-connections", "4", "--header-timeout", "20s"],
+    );
+    // Let the connections Agent::start probed with end first.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(&agent.addr).unwrap())
+        .collect();
+    // The fifth is accepted after the four (in order) and closed at once, unanswered.
+    let mut fifth = TcpStream::connect(&agent.addr).unwrap();
+    let _ = fifth.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (got, closed) = read_until_closed(&mut fifth, Duration::from_secs(5));
+    let closed = closed.expect("the fifth connection was kept open");
+    eprintln!(
+        "fifth connection: closed after {closed:?}, {} bytes back",
+        got.len()
+    );
+    assert!(
+        got.is_empty() && closed < Duration::from_secs(1),
+        "{closed:?} {got:?}"
+    );
+    // The four held are served.
+    held[0]
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (got, _) = read_until_closed(&mut held[0], Duration::from_secs(5));
+    assert_eq!(
+        status_of(&got),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Once one has ended, a new connection is served again.
+    held.remove(0);
+    let mut served = false;
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(&agent.addr).unwrap();
+        let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (got, _) = read_until_closed(&mut stream, Duration::from_secs(5));
+        if status_of(&got) == Some(200) {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served, "no connection served after one of the four ended");
+    drop(held);
+    guard.assert_clean();
+}
+
+#[test]
+fn a_report_for_a_run_name_that_is_no_run_name_touches_no_file() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start(&guard);
+    let post = |body: &str| http(&agent.addr, "POST", "/v1/report", Some(&agent.token), body);
+    // Where the agent would have appended for `../../NAME` if it built the path: a link planted
+    // there to a file of the test's.
+    let escape = format!("nbt-test-escape-{}", std::process::id());
+    let run = format!("../../{escape}");
+    let planted = nbt::state::state_dir()
+        .join("runs")
+        .join(format!("{run}.reports"));
+    let target = guard.home().join("target");
+    std::fs::write(&target, "untouched\n").unwrap();
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(nbt::state::state_dir().join("runs"))
+        .unwrap();
+    let _ = std::fs::remove_file(&planted);
+    std::os::unix::fs::symlink(&target, &planted).unwrap();
+    let (status, body) = post(&format!(
+        r#"{{"run":"{run}","task_name":"x","base_loss":1,"new_loss":0.5}}"#
+    ));
+    let _ = std::fs::remove_file(&planted);
+    eprintln!("{status}: {body}");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("`run`") && body.contains("not a run name"),
+        "{body}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched\n");
+
+    // A well-formed name of no live run: 404, and no report file made for it.
+    let (status, body) =
+        post(r#"{"run":"nbt-00000000000000ff","task_name":"x","base_loss":1,"new_loss":0.5}"#);
+    assert_eq!(status, 404, "{body}");
+    let files = nbt::state::RunFiles::of(&nbt::state::state_dir(), "nbt-00000000000000ff");
+    assert!(!files.reports.exists());
+
+    // A live run whose report file was swapped for a link: not followed, the target untouched.
+    let run = std::thread::spawn(|| nbt(&["run", "--json", "--", "sleep", "3"]));
+    let name = wait_for_live_run(|r| r["command"].to_string().contains("\"sleep\",\"3\""))
+        .expect("the run in nbt ps");
+    let reports = nbt::state::RunFiles::of(&nbt::state::state_dir(), &name).reports;
+    let moved = reports.with_extension("moved");
+    std::fs::rename(&reports, &moved).unwrap();
+    std::os::unix::fs::symlink(&target, &reports).unwrap();
+    let (status, body) = post(&format!(
+        r#"{{"run":"{name}","task_name":"x","base_loss":1,"new_loss":0.5}}"#
+    ));
+    std::fs::remove_file(&reports).unwrap();
+    std::fs::rename(&moved, &reports).unwrap();
+    eprintln!("{status}: {body}");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("symbolic link"), "{body}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched\n");
+    let run = run.join().unwrap();
+    assert_eq!(run.status(), 0, "{}", run.stderr());
     guard.assert_clean();
 }

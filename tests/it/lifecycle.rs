@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use nbt_integration_tests::{nbt, nbt_command, run_cgroups, run_testbin, testbin, NoLeftovers};
+use nbt_integration_tests::{
+    nbt, nbt_command, nbt_with_env, run_cgroups, run_testbin, testbin, wait_for_live_run,
+    NoLeftovers,
+};
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -337,5 +340,166 @@ fn a_cgroup_that_cannot_be_removed_keeps_its_record() {
         cleanup.stderr()
     );
     assert!(!record_file.exists());
+    guard.assert_clean();
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::symlink_metadata(path).unwrap().permissions())
+        & 0o7777
+}
+
+#[test]
+fn the_state_directory_and_records_are_private() {
+    let guard = NoLeftovers::new();
+    let root = tempfile::tempdir().unwrap();
+    let state = root.path().join("state");
+    let state_env = state.to_str().unwrap();
+    // The workload reads the mode and owner of its own run's record while the run lives: as root
+    // (`--user root`), since nobody else may look into the state directory.
+    let script = r#"stat -c '%a %u %F' "$NBT_STATE_DIR" "$NBT_STATE_DIR"/runs "$NBT_STATE_DIR"/runs/nbt-*.json"#;
+    let env = [("NBT_STATE_DIR", state_env), ("NBT_USER", "root")];
+    let run = nbt_with_env(&["run", "--json", "--", "sh", "-c", script], &env);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let seen: Vec<String> = run.stdout().lines().take(3).map(String::from).collect();
+    eprintln!("made: {seen:?}");
+    assert_eq!(
+        seen,
+        ["700 0 directory", "700 0 directory", "600 0 regular file"],
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        !run.stderr().contains("the state directory"),
+        "{}",
+        run.stderr()
+    );
+
+    // A state directory an older nbt made 0755: tightened, said once.
+    for dir in [&state, &state.join("runs")] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let run = nbt_with_env(&["run", "--json", "--", "sh", "-c", script], &env);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let stderr = run.stderr();
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("the state directory") && l.contains("made it 0700"))
+        .collect();
+    eprintln!("tightened: {said:?}");
+    assert_eq!(said.len(), 2, "{}", run.stderr());
+    assert!(said[0].contains("had mode 0755"), "{said:?}");
+    assert_eq!((mode(&state), mode(&state.join("runs"))), (0o700, 0o700));
+
+    // A state directory of another user's is refused before anything is made.
+    std::os::unix::fs::chown(&state, Some(65534), None).unwrap();
+    let run = nbt_with_env(
+        &["run", "--json", "--", "true"],
+        &[("NBT_STATE_DIR", state_env)],
+    );
+    eprintln!("another user's: {}", run.stderr().trim());
+    assert_ne!(run.status(), 0);
+    assert!(
+        run.stderr().contains("owned by uid 65534"),
+        "{}",
+        run.stderr()
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn concurrent_changes_to_a_live_run_neither_tear_its_record_nor_lose_one() {
+    let guard = NoLeftovers::new();
+    let run = std::thread::spawn(|| nbt(&["run", "--json", "--", "sleep", "30"]));
+    let name = wait_for_live_run(|r| r["command"].to_string().contains("\"sleep\",\"30\""))
+        .expect("the run in nbt ps");
+    let state = nbt::state::state_dir();
+    let record = || nbt::state::RunRecord::find_live(&state, &name).unwrap().1;
+    assert_eq!(mode(&nbt::state::RunRecord::path(&state, &name)), 0o600);
+    // Rounds of four `nbt set` at once, each changing another field: every change of a round
+    // is in the record after it (none lost to another writer), and the record always parses.
+    const ROUNDS: u64 = 12;
+    let started = Instant::now();
+    for round in 1..=ROUNDS {
+        let (egress, ingress, burst, loss) = (
+            format!("{}kbit", 1000 + round),
+            format!("{}kbit", 2000 + round),
+            format!("{}B", 100_000 + round),
+            format!("{round}%"),
+        );
+        let changes: Vec<Vec<String>> = vec![
+            vec!["--egress-rate".into(), egress],
+            vec!["--ingress-rate".into(), ingress],
+            vec!["--burst".into(), burst],
+            vec!["--loss".into(), loss],
+        ];
+        let setters: Vec<_> = changes
+            .into_iter()
+            .map(|change| {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let mut args = vec!["set".to_string(), name];
+                    args.extend(change);
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    nbt(&args)
+                })
+            })
+            .collect();
+        for setter in setters {
+            let set = setter.join().unwrap();
+            assert_eq!(set.status(), 0, "{}", set.stderr());
+        }
+        let net = serde_json::to_value(record().net).unwrap();
+        let expected = serde_json::json!({
+            "egress": {
+                "rate_bits_per_sec": (1000 + round) * 1000,
+                "burst_bytes": 100_000 + round,
+                "loss": { "model": "uniform", "probability": round as f64 / 100.0 },
+            },
+            "ingress": {
+                "rate_bits_per_sec": (2000 + round) * 1000,
+                "burst_bytes": 100_000 + round,
+                "loss": { "model": "none" },
+            },
+        });
+        assert_eq!(net, expected, "round {round}");
+    }
+    eprintln!(
+        "{} `nbt set` in rounds of 4 at once: none lost, in {:?}",
+        ROUNDS * 4,
+        started.elapsed()
+    );
+    // Nothing staged is left beside the record.
+    let strays: Vec<_> = std::fs::read_dir(state.join("runs"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&name) && n.ends_with(".tmp"))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+
+    // A name from argv that is no run name is refused before any path is made of it.
+    let bad = nbt(&["set", "../../etc/passwd", "--egress-rate", "1mbit"]);
+    assert_eq!(bad.status(), 2, "{}", bad.stderr());
+    assert!(bad.stderr().contains("not a run name"), "{}", bad.stderr());
+    // (`nbt balance` and `nbt fault` exit 1 for every error of theirs, a bad name included.)
+    for args in [
+        &["balance", "nbt-../x", "add", "1"][..],
+        &["fault", "../../x", "brownout", "1s"][..],
+    ] {
+        let bad = nbt(args);
+        assert_ne!(bad.status(), 0, "{}", bad.stderr());
+        assert!(
+            bad.stderr().contains("not a run name"),
+            "{args:?}: {}",
+            bad.stderr()
+        );
+    }
+
+    // The run is stopped (nbt forwards SIGTERM to its workload).
+    let pid = record().supervisor_pid;
+    // SAFETY: kill(2) of the nbt this test started (its pid from its own record).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let run = run.join().unwrap();
+    assert!(run.summary.is_some(), "{}", run.stderr());
     guard.assert_clean();
 }

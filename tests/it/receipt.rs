@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use nbt_integration_tests::{nbt, nbt_command, NoLeftovers};
+use nbt_integration_tests::{nbt, nbt_command, nbt_with_env, NoLeftovers};
 use rusqlite::{params, Connection};
 use serde_json::Value;
 
@@ -531,4 +531,91 @@ fn kill_9_while_writing_receipts_never_breaks_the_store() {
         completed.len() - 1,
         receipts.len()
     );
+}
+
+fn mode(path: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::symlink_metadata(path).unwrap().permissions())
+        & 0o7777
+}
+
+#[test]
+fn the_home_store_and_key_are_private_and_a_key_others_can_read_or_behind_a_link_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let guard = NoLeftovers::new();
+    let home = guard.home();
+    let (store, key) = (home.join("receipts.db"), home.join("node.key"));
+    // A home as an older nbt made it: 0755.
+    std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The workload sees the store's files while the run holds it open (-wal and -shm too): as
+    // root (`--user root`), since nobody else may look into nbt's home.
+    let script = format!(
+        "stat -c '%a %n' {0} {0}-wal {0}-shm {1}",
+        store.display(),
+        key.display()
+    );
+    let run = nbt_with_env(
+        &["run", "--json", "--", "sh", "-c", &script],
+        &[("NBT_USER", "root")],
+    );
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let seen: Vec<String> = run.stdout().lines().take(4).map(String::from).collect();
+    eprintln!("made: {seen:?}");
+    let modes: Vec<&str> = seen.iter().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(modes, ["600", "600", "600", "600"], "{seen:?}");
+    assert_eq!(mode(home), 0o700);
+    assert!(
+        run.stderr().contains("had mode 0755") && run.stderr().contains("made it 0700"),
+        "{}",
+        run.stderr()
+    );
+
+    // A store an older nbt made 0644: tightened, said once; its receipts still verify.
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = run_sh(&[], "true");
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("the receipt store") && run.stderr().contains("made it 0600"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(mode(&store), 0o600);
+    assert_eq!(verify(&store).0, 0);
+
+    // A key others can read signs nothing: refused, naming the file, its mode and owner, before
+    // the workload starts.
+    let marker = home.join("ran");
+    let touch = format!("touch {}", marker.display());
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = run_sh(&[], &touch);
+    eprintln!("0644 key: {}", run.stderr().trim());
+    assert_eq!(run.status(), 125, "{}", run.stderr());
+    assert!(
+        run.stderr().contains(key.to_str().unwrap())
+            && run.stderr().contains("mode 0644")
+            && run.stderr().contains("owner uid 0")
+            && run.stderr().contains("chmod 600"),
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        !marker.exists(),
+        "the workload ran with a key others can read"
+    );
+
+    // A key behind a symbolic link (NBT_KEY names the link): refused, the link's target unread.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = home.join("link.key");
+    std::os::unix::fs::symlink(&key, &link).unwrap();
+    let run = nbt_with_env(
+        &["run", "--json", "--", "sh", "-c", &touch],
+        &[("NBT_KEY", link.to_str().unwrap())],
+    );
+    eprintln!("linked key: {}", run.stderr().trim());
+    assert_eq!(run.status(), 125, "{}", run.stderr());
+    assert!(run.stderr().contains("symbolic link"), "{}", run.stderr());
+    assert!(
+        !marker.exists(),
+        "the workload ran with a key behind a link"
+    );
+    guard.assert_clean();
 }

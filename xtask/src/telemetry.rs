@@ -29,6 +29,8 @@ const FOOTPRINT_WINDOW: Duration = Duration::from_secs(30);
 struct Agent {
     child: Child,
     addr: String,
+    /// The agent's token file: every endpoint but /metrics and /healthz needs the token.
+    token_file: std::path::PathBuf,
 }
 
 impl Agent {
@@ -42,7 +44,11 @@ impl Agent {
             .stderr(Stdio::null())
             .spawn()
             .context("starting nbt agent")?;
-        let agent = Agent { child, addr };
+        let agent = Agent {
+            child,
+            addr,
+            token_file: home.join("agent.token"),
+        };
         // Attached once the sampler has finished an interval with the tracker on.
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -57,8 +63,15 @@ impl Agent {
     }
 
     fn get(&self, path: &str) -> Option<String> {
+        let token = std::fs::read_to_string(&self.token_file).ok()?;
         let mut stream = TcpStream::connect(&self.addr).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\r\n",
+            self.addr,
+            token.trim()
+        )
+        .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())

@@ -119,7 +119,9 @@ wait $filler
 run=$(echo "$line" | grep -o '"run":"nbt-[0-9a-f]*"' | head -n 1 | cut -d'"' -f4)
 usec=$(echo "$line" | grep -o '"cpu_usage_usec":[0-9]*' | cut -d: -f2)
 sleep 1.5
-entry=$(in_a wget -q -O - http://127.0.0.1:8787/v1/attribution | grep -o "{[^{}]*\"run\":\"$run\"}")
+# Every endpoint but /metrics and /healthz needs the agent's token (made in $NBT_HOME at its start).
+token=$(cat "${NBT_HOME:-/var/lib/nbt}/agent.token")
+entry=$(in_a wget -q -O - --header "Authorization: Bearer $token" http://127.0.0.1:8787/v1/attribution | grep -o "{[^{}]*\"run\":\"$run\"}")
 seen=$(echo "$entry" | grep -o '"cpu_seconds":[0-9.e-]*' | cut -d: -f2)
 counted=$(echo "$entry" | grep -o '"cycles":[0-9]*' | cut -d: -f2)
 kill $agent

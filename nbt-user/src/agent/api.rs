@@ -1,11 +1,11 @@
 //! The `/v1` endpoints: the joule bucket (`sample`, `take`), learning updates of live runs
-//! (`report`) and the attribution.
+//! (`report`) and the attribution. All of them sit behind the token (`require_token`).
 
 use std::io::Write as _;
 
 use anyhow::Result;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::learning::TaskReport;
 use crate::telemetry::counters::Counted;
 
-use super::{Agent, Shared};
+use super::Shared;
 
 fn error(status: StatusCode, message: String, extra: Value) -> Response {
     let mut body = json!({ "error": message });
@@ -21,27 +21,6 @@ fn error(status: StatusCode, message: String, extra: Value) -> Response {
         body.extend(extra);
     }
     (status, Json(body)).into_response()
-}
-
-fn authorized(agent: &Agent, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if token == agent.token => Ok(()),
-        Some(_) => Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "the bearer token is not this agent's".into(),
-            Value::Null,
-        ))),
-        None => Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "this endpoint needs Authorization: Bearer TOKEN (the token is in the agent's token file)"
-                .into(),
-            Value::Null,
-        ))),
-    }
 }
 
 /// The JSON object of a request body, or a 400 naming what is wrong.
@@ -77,14 +56,7 @@ pub(super) async fn sample(State(agent): State<Shared>) -> Response {
     .into_response()
 }
 
-pub(super) async fn take(
-    State(agent): State<Shared>,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    if let Err(denied) = authorized(&agent, &headers) {
-        return *denied;
-    }
+pub(super) async fn take(State(agent): State<Shared>, body: String) -> Response {
     let fields = match object(&body) {
         Ok(fields) => fields,
         Err(bad) => return *bad,
@@ -124,14 +96,7 @@ pub(super) async fn take(
     }
 }
 
-pub(super) async fn report(
-    headers: HeaderMap,
-    State(agent): State<Shared>,
-    body: String,
-) -> Response {
-    if let Err(denied) = authorized(&agent, &headers) {
-        return *denied;
-    }
+pub(super) async fn report(body: String) -> Response {
     let mut fields = match object(&body) {
         Ok(fields) => fields,
         Err(bad) => return *bad,
@@ -143,6 +108,14 @@ pub(super) async fn report(
             Value::Null,
         );
     };
+    // Before any path is made of it: `run` names a file in the state directory.
+    if let Err(why) = crate::state::valid_run_name(&run) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`run`: {why}"),
+            Value::Null,
+        );
+    }
     let task = Value::Object(fields).to_string();
     if let Err(why) = TaskReport::parse(&task) {
         return error(StatusCode::BAD_REQUEST, why, Value::Null);
@@ -151,10 +124,10 @@ pub(super) async fn report(
     if let Err(err) = crate::state::RunRecord::find_live(&dir, &run) {
         return error(StatusCode::NOT_FOUND, format!("{err:#}"), Value::Null);
     }
+    // The run made its report file: appended to, never made here (O_APPEND|O_NOFOLLOW, no
+    // O_CREAT), and only when it is a regular file of nbt's user.
     let path = crate::state::RunFiles::of(&dir, &run).reports;
-    let appended = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
+    let appended = crate::sys::private::open_append(&path, "the run's report file")
         .and_then(|mut f| f.write_all(format!("{task}\n").as_bytes()));
     match appended {
         Ok(()) => (

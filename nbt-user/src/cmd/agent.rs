@@ -91,11 +91,38 @@ fn check(args: AgentArgs) -> Result<AgentOptions, UsageError> {
             ));
         }
     }
+    let max_connections = crate::units::parse_count("--max-connections", &args.max_connections)?;
+    if max_connections > 65536 {
+        return Err(usage(
+            "--max-connections",
+            &args.max_connections,
+            "above 65536".into(),
+            "a whole number from 1 to 65536 (default 256)",
+        ));
+    }
+    let timeout = |flag: &str, text: &str| {
+        let value = crate::units::parse_duration(flag, text)?;
+        if value < Duration::from_millis(100) || value > Duration::from_secs(600) {
+            return Err(usage(
+                flag,
+                text,
+                "out of range".into(),
+                "a duration from 100ms to 10m",
+            ));
+        }
+        Ok(value)
+    };
+    let header_timeout = timeout("--header-timeout", &args.header_timeout)?;
+    let request_timeout = timeout("--request-timeout", &args.request_timeout)?;
     Ok(AgentOptions {
         listen,
         token_file: args.token_file.unwrap_or_else(default_token_path),
         interval,
         model,
         attribute_by: args.attribute_by,
+        private_metrics: args.private_metrics,
+        max_connections: max_connections as usize,
+        header_timeout,
+        request_timeout,
     })
 }

@@ -387,10 +387,25 @@ pub struct AgentArgs {
     /// Where to listen (loopback unless you say otherwise)
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8787")]
     pub listen: String,
-    /// The bearer token of the mutating endpoints (default: $NBT_HOME/agent.token, made with
-    /// mode 0600 at first start)
+    /// The bearer token every endpoint but /healthz and /metrics needs (default:
+    /// $NBT_HOME/agent.token, made with mode 0600 at first start; one given must be 0600, root's,
+    /// not a link)
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// Ask the token of /metrics too (a Prometheus then sends it: `authorization` in its
+    /// scrape config)
+    #[arg(long)]
+    pub private_metrics: bool,
+    /// Connections open at once; one beyond is closed at once, unanswered
+    #[arg(long, value_name = "N", default_value = "256")]
+    pub max_connections: String,
+    /// How long a request's head may take to arrive (and an idle connection may stay open); for
+    /// tests
+    #[arg(long, value_name = "DURATION", default_value = "10s", hide = true)]
+    pub header_timeout: String,
+    /// How long a request may take once its head is read, its body included; for tests
+    #[arg(long, value_name = "DURATION", default_value = "30s", hide = true)]
+    pub request_timeout: String,
     /// How often power is sampled and attributed to processes
     #[arg(long, value_name = "DURATION", default_value = "1s")]
     pub interval: String,

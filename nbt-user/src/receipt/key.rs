@@ -1,12 +1,12 @@
 //! The node's signing key: ed25519, made at first use, kept as a PKCS#8 PEM file of mode 0600.
 //! The public half is exported as SPKI PEM (`nbt receipts pubkey`), which openssl reads too.
+//! The key is read without following a link, and only from a file nbt's own user owns that
+//! group and others cannot read (`sys::private`): a key others could read signs nothing.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::EncodePublicKey as _;
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, DecodePublicKey as _, EncodePrivateKey as _};
@@ -18,6 +18,21 @@ pub fn home() -> PathBuf {
     std::env::var_os("NBT_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/lib/nbt"))
+}
+
+/// Makes the directory `path` is in: `$NBT_HOME` itself is made private (0700) or checked (one
+/// nbt made wider before is tightened); another directory is made 0700 when missing and otherwise
+/// left as the user has it.
+pub fn make_parent(path: &Path) -> Result<()> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir == home() {
+        crate::sys::private::private_dir(dir, "nbt's home ($NBT_HOME)")?;
+    } else {
+        crate::sys::private::make_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// The node key's file: `NBT_KEY`, else `node.key` in [`home`].
@@ -53,18 +68,14 @@ impl NodeKey {
     }
 
     pub fn load(path: &Path) -> Result<NodeKey> {
-        let meta = fs::metadata(path)
-            .with_context(|| format!("reading the node key {}", path.display()))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            bail!(
-                "the node key {} has mode {mode:04o}: others may read it, so its signatures prove \
-                 nothing; make it 0600 (chmod 600 {0}) or move it away to make a new key",
-                path.display()
-            );
-        }
-        let pem = fs::read_to_string(path)
-            .with_context(|| format!("reading the node key {}", path.display()))?;
+        let pem = crate::sys::private::read_private(
+            path,
+            "the node key",
+            crate::sys::private::WideMode::Refuse,
+        )?;
+        let pem = String::from_utf8(pem).map_err(|_| {
+            anyhow::anyhow!("the node key {} is not a PEM text file", path.display())
+        })?;
         let signing = SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
             anyhow::anyhow!(
                 "the node key {} is not an ed25519 PKCS#8 PEM private key: {e}",
@@ -75,11 +86,7 @@ impl NodeKey {
     }
 
     fn create(path: &Path) -> Result<NodeKey> {
-        if let Some(dir) = path.parent() {
-            if !dir.exists() {
-                fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
-            }
-        }
+        make_parent(path)?;
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("reading randomness: {e}"))?;
         let signing = SigningKey::from_bytes(&seed);
@@ -89,24 +96,12 @@ impl NodeKey {
         // Written whole under a name of this process's own, then linked into place: two runs
         // making the key at once must not overwrite each other's, and neither may read the
         // other's half-written file (a plain create_new let the loser read it while it was empty).
-        let mut tag = [0u8; 8];
-        getrandom::fill(&mut tag).map_err(|e| anyhow::anyhow!("reading randomness: {e}"))?;
-        let staged = path.with_extension(format!("new-{}", hex(&tag)));
-        let written = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&staged)
-            .and_then(|mut file| {
-                file.write_all(pem.as_bytes())?;
-                file.sync_all()
-            })
-            .and_then(|()| fs::hard_link(&staged, path));
-        let _ = fs::remove_file(&staged);
-        match written {
-            Ok(()) => Ok(NodeKey { signing }),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(path),
-            Err(e) => Err(e).with_context(|| format!("making the node key {}", path.display())),
+        let made = crate::sys::private::create_private(path, pem.as_bytes())
+            .with_context(|| format!("making the node key {}", path.display()))?;
+        if made {
+            Ok(NodeKey { signing })
+        } else {
+            Self::load(path)
         }
     }
 
@@ -158,6 +153,7 @@ pub fn unhex(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn made_once_with_mode_0600_and_read_back() {
@@ -205,11 +201,22 @@ mod tests {
         let path = dir.path().join("node.key");
         NodeKey::load_or_create(&path).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = NodeKey::load_or_create(&path).err().unwrap().to_string();
+        let err = format!("{:#}", NodeKey::load_or_create(&path).err().unwrap());
         assert!(
             err.contains("mode 0644") && err.contains("chmod 600"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_key_behind_a_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.key");
+        NodeKey::load_or_create(&real).unwrap();
+        let link = dir.path().join("node.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = format!("{:#}", NodeKey::load_or_create(&link).err().unwrap());
+        assert!(err.contains("symbolic link"), "{err}");
     }
 
     #[test]

@@ -76,24 +76,41 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// SQLite's file beside the database: `receipts.db-wal`, `receipts.db-shm`.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
 }
 
 impl Store {
-    /// Opens the store at `path`, making it (and its directory) when absent.
+    /// Opens the store at `path` to write to it, making it (and its directory) when absent.
+    ///
+    /// The store is private: its directory is made 0700 when nbt makes it (`$NBT_HOME` is
+    /// checked and tightened), and the database is made empty with mode 0600 before SQLite
+    /// opens it, since SQLite gives its `-wal` and `-shm` files the database's mode (and would
+    /// make the database 0644 itself). A store an older nbt made 0644 is tightened, said once.
     pub fn open(path: &Path) -> Result<Store> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("making the receipts directory {}", dir.display()))?;
+        super::key::make_parent(path)
+            .with_context(|| format!("making the receipts directory of {}", path.display()))?;
+        if !crate::sys::private::create_empty(path)? {
+            for file in [
+                path.to_path_buf(),
+                sidecar(path, "-wal"),
+                sidecar(path, "-shm"),
+            ] {
+                crate::sys::private::tighten_file(&file, "the receipt store")?;
+            }
         }
-        let conn = Connection::open(path)
-            .with_context(|| format!("opening the receipt store {}", path.display()))?;
-        Self::prepare(conn, path)
+        Self::connect(path)
     }
 
-    /// Opens a store that must already exist (to read or verify it).
+    /// Opens a store that must already exist (to read or verify it); its files are not changed.
     pub fn open_existing(path: &Path) -> Result<Store> {
         if !path.exists() {
             bail!(
@@ -101,7 +118,13 @@ impl Store {
                 path.display()
             );
         }
-        Self::open(path)
+        Self::connect(path)
+    }
+
+    fn connect(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening the receipt store {}", path.display()))?;
+        Self::prepare(conn, path)
     }
 
     fn prepare(conn: Connection, path: &Path) -> Result<Store> {

@@ -1,11 +1,11 @@
 //! The hardware caps a run holds, recorded before the first is changed (`<run>.hwcaps`, beside
 //! the run's record, fsynced), so that they can always be put back: by the run's [`Held`] guard
 //! when it ends, or by `nbt cleanup` after its nbt died. The record is also how a second run is
-//! refused a cap that a live run holds: checked under `hwcaps.lock`.
+//! refused a cap that a live run holds: checked under `hwcaps.lock`. The record is private like
+//! the run's (0600, written whole under a fresh name and renamed, read without following a link
+//! and only when nbt's user owns it): `nbt cleanup` writes back the values it names.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{supervisor_alive, RunFiles};
 use crate::enforce::hwcaps::{self, HwRequest, Original};
+use crate::sys::private::{self, WideMode};
 
 /// What `<run>.hwcaps` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,12 +39,13 @@ impl HwcapsRecord {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "hwcaps"))
             .map(|p| {
-                let record = fs::read_to_string(&p)
-                    .with_context(|| format!("reading {}", p.display()))
-                    .and_then(|text| {
-                        serde_json::from_str(&text)
-                            .with_context(|| format!("parsing {}", p.display()))
-                    });
+                let record =
+                    private::read_private(&p, "the hardware caps record", WideMode::Tighten)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|bytes| {
+                            serde_json::from_slice(&bytes)
+                                .with_context(|| format!("parsing {}", p.display()))
+                        });
                 (p, record)
             })
             .collect()
@@ -79,17 +81,9 @@ struct Lock {
 
 impl Lock {
     fn take(state_dir: &Path) -> Result<Lock> {
-        fs::create_dir_all(state_dir)?;
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(state_dir.join("hwcaps.lock"))
-            .context("opening the hardware caps lock")?;
-        // SAFETY: flock on a descriptor we own; released when the file closes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("locking hwcaps.lock");
-        }
+        super::private_state_dir(state_dir)?;
+        let file = private::lock(&state_dir.join("hwcaps.lock"))
+            .context("taking the hardware caps lock")?;
         Ok(Lock { _file: file })
     }
 }
@@ -112,10 +106,8 @@ pub fn hold(request: &HwRequest, state_dir: &Path, run: &str) -> Result<Option<H
         originals: changes.iter().map(|c| c.original.clone()).collect(),
     };
     let path = RunFiles::of(state_dir, run).hwcaps;
-    let mut file =
-        fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(serde_json::to_string_pretty(&record)?.as_bytes())?;
-    file.sync_all()?;
+    // Whole and fsynced before any cap changes: renamed into place, the directory synced too.
+    private::replace_private(&path, serde_json::to_string_pretty(&record)?.as_bytes())?;
     drop(lock);
 
     let mut held = Held {

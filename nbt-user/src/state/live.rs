@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::enforce::edt::{self, Latency, MAX_DELAY};
 use crate::enforce::shaper::{self, NetLimits, ShapedTraffic};
 use crate::error::PlanError;
-use crate::state::{state_dir, RunRecord};
+use crate::state::{state_dir, RecordsLock, RunRecord};
 
 #[derive(Debug, Serialize)]
 pub struct LiveRun {
@@ -91,11 +91,18 @@ pub struct NetSetting {
 /// which the programs read per packet, so they apply at once; then into its record, so that
 /// `nbt ps` shows them and the next change starts from them. A delay cannot be given to a run
 /// started without one: fq is not on its interfaces.
+///
+/// The whole change, from reading the record to writing it back, holds the records' lock: two
+/// changes at once (`nbt set` and a schedule's step) are made one after the other, the second
+/// starting from the first's result, and the maps and the record agree after both.
 pub fn change_network(
     run: &str,
     change: impl FnOnce(&mut NetSetting) -> Result<()>,
 ) -> Result<NetSetting> {
     let dir = state_dir();
+    // Checked before the lock (a bad name, no such run), read again under it.
+    RunRecord::find_live(&dir, run)?;
+    let _lock = RecordsLock::take(&dir)?;
     let (_, record) = RunRecord::find_live(&dir, run)?;
     let Some(ids) = record.maps else {
         bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");
@@ -128,13 +135,19 @@ pub fn change_network(
         latency: next.latency,
         ..record
     }
-    .write(&dir)?;
+    .write_locked(&dir)?;
     Ok(next)
 }
 
-/// `nbt balance RUN add AMOUNT`: returns the balance after the top-up, in micro-units.
+/// `nbt balance RUN add AMOUNT`: returns the balance after the top-up, in micro-units. The
+/// credit is read and written back from user space, so two top-ups at once hold the records'
+/// lock, one after the other (the kernel never writes the credit).
 pub fn top_up(run: &str, micro: i64) -> Result<i64> {
-    let (_, record) = RunRecord::find_live(&state_dir(), run)?;
+    let dir = state_dir();
+    // Checked before the lock (a bad name, no such run), read again under it.
+    RunRecord::find_live(&dir, run)?;
+    let _lock = RecordsLock::take(&dir)?;
+    let (_, record) = RunRecord::find_live(&dir, run)?;
     let Some(ids) = record.ledger else {
         bail!("run '{run}' has no balance (it was started without --balance)");
     };

@@ -1,5 +1,10 @@
 //! Records of live runs, so that `nbt cleanup` can remove what a crashed nbt left behind, and only
 //! that. A record is written before a run makes anything and removed after it removed everything.
+//!
+//! The state directory is private: 0700, its files 0600, each record read without following a
+//! link and only when nbt's own user owns it (`sys::private`). A record is rewritten whole under a
+//! fresh name and renamed into place, under `runs/records.lock`, so that two writers (`nbt set`
+//! and a schedule's step) neither tear it nor lose each other's change.
 
 pub(crate) mod cleanup;
 pub(crate) mod hwcaps;
@@ -12,11 +17,40 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::sys::private::{self, WideMode};
+
 /// Where records live; `NBT_STATE_DIR` overrides it.
 pub fn state_dir() -> PathBuf {
     std::env::var_os("NBT_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/nbt"))
+}
+
+/// Makes the state directory `dir` and its `runs/` (0700), or checks them: one nbt made wider
+/// before is tightened (said once), one of another user's refused.
+pub(crate) fn private_state_dir(dir: &Path) -> Result<()> {
+    private::private_dir(dir, "the state directory")?;
+    private::private_dir(&dir.join("runs"), "the state directory")?;
+    Ok(())
+}
+
+/// Checks a run's name from outside (argv, the agent's `run` field) before any path is made of
+/// it: exactly what [`new_run_name`] makes, `nbt-` and 16 lowercase hex digits. The only names
+/// runs have (no flag names a run), and none of them can climb out of `runs/`.
+pub fn valid_run_name(name: &str) -> Result<(), String> {
+    let valid = name.len() == 20
+        && name.starts_with("nbt-")
+        && name[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if valid {
+        return Ok(());
+    }
+    let shown: String = name.chars().take(80).collect();
+    Err(format!(
+        "{shown:?} is not a run name: a run is named `nbt-` and 16 lowercase hex digits \
+         (nbt-0123456789abcdef), as `nbt ps` lists it"
+    ))
 }
 
 /// A fresh run name: `nbt-` and 16 random hex digits.
@@ -99,25 +133,41 @@ impl RunRecord {
         RunFiles::of(dir, name).record
     }
 
+    /// Writes the record (0600, whole, renamed into place) under the records' lock; the state
+    /// directory is made private first.
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        private_state_dir(dir)?;
+        let _lock = RecordsLock::take(dir)?;
+        self.write_locked(dir)
+    }
+
+    /// [`RunRecord::write`] by a caller that holds the [`RecordsLock`] of `dir`.
+    pub(crate) fn write_locked(&self, dir: &Path) -> Result<PathBuf> {
+        valid_run_name(&self.name).map_err(anyhow::Error::msg)?;
         let path = Self::path(dir, &self.name);
-        fs::create_dir_all(path.parent().unwrap())
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        private::replace_private(&path, &serde_json::to_vec_pretty(self)?)?;
         Ok(path)
     }
 
-    /// The record of the live run `name`, or why there is none.
+    /// Reads the record at `path`: not through a link, owned by nbt's user, 0600 (one an older
+    /// nbt wrote 0644 is tightened).
+    fn read(path: &Path) -> Result<RunRecord> {
+        let bytes = private::read_private(path, "the run record", WideMode::Tighten)?;
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// The record of the live run `name`, or why there is none. `name` comes from outside (argv,
+    /// the agent): it is checked before a path is made of it, a bad one is a usage error.
     pub fn find_live(dir: &Path, name: &str) -> Result<(PathBuf, RunRecord)> {
+        valid_run_name(name).map_err(|why| crate::error::PlanError(format!("RUN: {why}")))?;
         let path = Self::path(dir, name);
-        let bytes = fs::read(&path).map_err(|_| {
-            anyhow::anyhow!("no run named '{name}' (see `nbt ps` for the live runs)")
-        })?;
-        let record: RunRecord = serde_json::from_slice(&bytes)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let record = match Self::read(&path) {
+            Ok(record) => record,
+            Err(err) if is_not_found(&err) => {
+                anyhow::bail!("no run named '{name}' (see `nbt ps` for the live runs)")
+            }
+            Err(err) => return Err(err),
+        };
         if !record.supervisor_alive() {
             anyhow::bail!("run '{name}' is not live: its nbt (pid {}) is gone; `nbt cleanup` removes what it left", record.supervisor_pid);
         }
@@ -129,6 +179,8 @@ impl RunRecord {
         supervisor_alive(self.supervisor_pid, self.supervisor_start_time)
     }
 
+    /// Every record in `dir`, each read as [`RunRecord::find_live`] reads one. A record removed
+    /// between the listing and its reading (its run just ended) is left out, not an error.
     pub fn read_all(dir: &Path) -> Vec<(PathBuf, Result<RunRecord>)> {
         let Ok(entries) = fs::read_dir(dir.join("runs")) else {
             return Vec::new();
@@ -137,20 +189,40 @@ impl RunRecord {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
             .map(|path| {
-                let record = fs::read(&path)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|bytes| Ok(serde_json::from_slice(&bytes)?))
-                    .with_context(|| format!("reading {}", path.display()));
+                let record = Self::read(&path);
                 (path, record)
             })
+            .filter(|(_, record)| !record.as_ref().is_err_and(is_not_found))
             .collect();
         records.sort_by(|a, b| a.0.cmp(&b.0));
         records
     }
 }
 
+fn is_not_found(err: &anyhow::Error) -> bool {
+    err.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// The lock every writer of a record holds (`runs/records.lock`, flock): a read-modify-write of
+/// a record (`nbt set`, a schedule's step, `nbt balance`) is whole, and no change is lost to
+/// another made at the same time. One lock for all runs: changes are rare and quick.
+pub(crate) struct RecordsLock {
+    _file: fs::File,
+}
+
+impl RecordsLock {
+    pub(crate) fn take(dir: &Path) -> Result<RecordsLock> {
+        let file = private::lock(&dir.join("runs").join("records.lock"))?;
+        Ok(RecordsLock { _file: file })
+    }
+}
+
 /// Removes the record file when dropped (after the run's cgroups and pins went), unless some of
-/// them are still there: then the record stays, for `nbt cleanup` to find them.
+/// them are still there: then the record stays, for `nbt cleanup` to find them. The removal
+/// holds the records' lock: a change being made to the record now is finished first and does
+/// not bring it back after.
 pub struct RecordGuard {
     path: PathBuf,
     made: Vec<PathBuf>,
@@ -173,7 +245,12 @@ impl Drop for RecordGuard {
             .map(|dir| dir.display().to_string())
             .collect();
         if left.is_empty() {
+            let lock = self
+                .path
+                .parent()
+                .and_then(|runs| private::lock(&runs.join("records.lock")).ok());
             let _ = fs::remove_file(&self.path);
+            drop(lock);
         } else {
             eprintln!(
                 "nbt: could not remove {}; its record {} stays for `nbt cleanup`",
@@ -181,5 +258,81 @@ impl Drop for RecordGuard {
                 self.path.display()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_names_are_only_those_nbt_makes() {
+        valid_run_name(&new_run_name().unwrap()).unwrap();
+        valid_run_name("nbt-0123456789abcdef").unwrap();
+        for bad in [
+            "",
+            "../../x",
+            "nbt-0123456789abcde",
+            "nbt-0123456789abcdef0",
+            "nbt-0123456789ABCDEF",
+            "nbt-../../../../etc/x",
+            "nbt-0123456789abcde/",
+            "xbt-0123456789abcdef",
+        ] {
+            let err = valid_run_name(bad).unwrap_err();
+            assert!(
+                err.contains("not a run name") && err.contains("16 lowercase hex"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn writers_at_once_never_tear_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |i: usize| RunRecord {
+            name: "nbt-00000000000000aa".into(),
+            supervisor_pid: i as i32,
+            supervisor_start_time: 0,
+            cgroups: vec![PathBuf::from("/x"); i % 50],
+            command: vec!["a".repeat(i * 7)],
+            net: Default::default(),
+            maps: None,
+            ledger: None,
+            edt_map: None,
+            latency: None,
+            pins: None,
+            qdiscs: None,
+            started_unix: 0.0,
+        };
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let (dir, record) = (dir.path(), &record);
+                scope.spawn(move || {
+                    for i in 0..50 {
+                        record(t * 50 + i).write(dir).unwrap();
+                    }
+                });
+            }
+            // Read while they write: always a whole record.
+            for _ in 0..200 {
+                let path = RunRecord::path(dir.path(), "nbt-00000000000000aa");
+                if path.exists() {
+                    RunRecord::read(&path).unwrap();
+                }
+            }
+        });
+        let runs = dir.path().join("runs");
+        let mut left: Vec<String> = fs::read_dir(&runs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["nbt-00000000000000aa.json", "records.lock"]);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&runs), 0o700);
+        assert_eq!(mode(&runs.join("nbt-00000000000000aa.json")), 0o600);
     }
 }
