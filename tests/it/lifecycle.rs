@@ -322,8 +322,7 @@ fn a_cgroup_that_cannot_be_removed_keeps_its_record() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let name = nbt_integration_tests::wait_for_live_run(|run| run["command"][0] == "sleep")
-        .expect("the run to start");
+    let name = wait_for_live_run(|run| run["command"][0] == "sleep").expect("the run to start");
     let (_, record) = nbt::state::RunRecord::find_live(&nbt::state::state_dir(), &name).unwrap();
     let intruder = record.cgroups[0].join("intruder");
     std::fs::create_dir(&intruder).unwrap();

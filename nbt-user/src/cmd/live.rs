@@ -195,7 +195,7 @@ pub fn top_up(run: &str, amount: &str) -> i32 {
         }
         Err(err) => {
             eprintln!("nbt balance: {err:#}");
-            1
+            usage_or_failure(&err)
         }
     }
 }

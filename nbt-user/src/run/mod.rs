@@ -161,8 +161,7 @@ pub fn execute(
         ended,
         hardware,
         &mut books.judge,
-        running.watch,
-        running.user,
+        running,
     );
     // Last of all, so that the receipt holds everything the run measured.
     write_receipt(&mut summary, &mut books);
@@ -735,9 +734,9 @@ fn summarize(
     ended: Ended,
     hardware: Option<HardwareReport>,
     judge: &mut learning::Judge,
-    watch: Watch,
-    user: Identity,
+    running: Running,
 ) -> RunSummary {
+    let Running { watch, user, .. } = running;
     RunSummary {
         run: record.name,
         command: record.command,

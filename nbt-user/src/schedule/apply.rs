@@ -184,10 +184,11 @@ pub fn apply(
             Ok(Some(format!("through {file}")))
         }
         Change::Balance { micro } => {
-            let Some(ids) = &controls.ledger else {
+            if controls.ledger.is_none() {
                 bail!("the run has no balance");
-            };
-            let balance = crate::enforce::gate::top_up(ids, *micro)?;
+            }
+            // Under the records' lock, as `nbt balance` tops up: neither loses the other's.
+            let balance = crate::state::live::top_up(&controls.run, *micro)?;
             Ok(Some(format!(
                 "balance now {}",
                 crate::enforce::ledger::format_amount(balance)

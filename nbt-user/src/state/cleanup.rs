@@ -64,10 +64,34 @@ pub fn cleanup(dry_run: bool) -> Result<bool> {
             restore_caps(&path, &hwcaps, dry_run, &mut tally);
         }
     }
+    remove_stale_temporaries(&dir, dry_run, &mut tally);
     if tally.removed == 0 && tally.failed == 0 && tally.live == 0 && !dry_run {
         eprintln!("nbt cleanup: nothing left behind");
     }
     Ok(tally.failed == 0)
+}
+
+/// Temporary files (`.NAME.RANDOM.tmp`) an nbt killed mid-write left: any older than a minute
+/// (a live writer renames its own within milliseconds).
+fn remove_stale_temporaries(dir: &Path, dry_run: bool, tally: &mut Tally) {
+    for dir in [dir.to_path_buf(), dir.join("runs")] {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 60));
+            if !(name.starts_with('.') && name.ends_with(".tmp") && stale) {
+                continue;
+            }
+            if dry_run {
+                eprintln!("nbt cleanup: would remove {}", entry.path().display());
+            } else if fs::remove_file(entry.path()).is_ok() {
+                eprintln!("nbt cleanup: removed {}", entry.path().display());
+                tally.removed += 1;
+            }
+        }
+    }
 }
 
 fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut Tally) {
