@@ -43,6 +43,12 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
 
 /// latency + a uniform draw in [-jitter, +jitter], floored at zero. The draw scales a 32-bit
 /// random number to the spread: (r * spread) >> 32 is uniform in [0, spread).
+///
+/// User space keeps latency + jitter within 10 s (`edt::MAX_DELAY`, checked on every path that
+/// writes the config), so spread < 2^35 and r * spread could pass 2^64 (it did above a jitter of
+/// 2^31 ns, 2.1 s). BPF has no u128: the product is split at bit 32 of the spread, which is
+/// exact, r * (hi << 32 + lo) >> 32 = r * hi + (r * lo) >> 32, and neither part overflows
+/// (r * lo < 2^64, r * hi < 2^35).
 #[inline(always)]
 fn delay(config: &EdtConfig) -> u64 {
     if config.jitter_ns == 0 {
@@ -50,6 +56,7 @@ fn delay(config: &EdtConfig) -> u64 {
     }
     let spread = 2 * config.jitter_ns + 1;
     // SAFETY: helper without arguments.
-    let draw = (u64::from(unsafe { bpf_get_prandom_u32() }) * spread) >> 32;
+    let r = u64::from(unsafe { bpf_get_prandom_u32() });
+    let draw = r * (spread >> 32) + ((r * (spread & 0xFFFF_FFFF)) >> 32);
     (config.latency_ns + draw).saturating_sub(config.jitter_ns)
 }

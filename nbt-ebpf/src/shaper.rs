@@ -210,6 +210,9 @@ unsafe fn police(config: &ShaperConfig, state: *mut ShaperState, bytes: u64) -> 
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    // No u128 in BPF: bytes is one skb's length (a u32) plus at most 2^16 GSO segments' headers
+    // (under 120 bytes each), so bytes x 1e9 < 4.4e18 fits in a u64. The rate and the depth are
+    // bounded in user space (nbt-user/src/enforce/shaper.rs).
     let cost = bytes * NSEC_PER_SEC / rate;
     let burst = config.burst_ns;
     // SAFETY: the caller guarantees `state` points into a map value valid for this program run;

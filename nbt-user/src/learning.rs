@@ -29,6 +29,28 @@ pub const DEFAULT_ACCEPT_MIN_DELTA: f64 = 0.002;
 /// The environment variable naming the file a workload reports its tasks to.
 pub const REPORT_ENV: &str = "NBT_REPORT";
 
+/// The longest report line: a report is a few hundred bytes. A longer line is refused, naming
+/// its number and this limit, and skipped up to its newline without being held: 500 MB without
+/// a newline took nbt to 765 MB of memory.
+pub const MAX_LINE_BYTES: usize = 64 << 10;
+
+/// The most one read of the report file takes in; the run reads it every 100 ms, and takes
+/// every complete line of what it read.
+pub const READ_CHUNK_BYTES: u64 = 1 << 20;
+
+/// The most of a report file nbt reads in a run: some 50,000 reports, each a receipt. Past it
+/// nbt reads no more, and says so once.
+pub const MAX_REPORT_BYTES: u64 = 16 << 20;
+
+/// The refusals one read lists; the rest of that read's are one entry that counts them. 16 MiB
+/// of one-character lines are 8 million refusals, each a message: listed one by one they took
+/// nbt to 18 GB of memory and wrote 3 GB to stderr.
+pub const MAX_REFUSED_PER_READ: usize = 10;
+
+/// The refusals a run lists (in its summary and on stderr); after them, one entry says that
+/// more were refused.
+pub const MAX_REFUSED_LISTED: usize = 100;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskReport {
@@ -136,6 +158,25 @@ pub struct Judge {
     pub errors: Vec<String>,
 }
 
+/// Lists a refused line on stderr and in `refused`, up to [`MAX_REFUSED_LISTED`]; then one entry
+/// says more were refused from `line` on, and later ones are dropped.
+fn list_refusal(refused: &mut Vec<RefusedReport>, line: usize, why: String) {
+    let listed = refused.len();
+    if listed > MAX_REFUSED_LISTED {
+        return;
+    }
+    let why = if listed < MAX_REFUSED_LISTED {
+        why
+    } else {
+        format!(
+            "more lines were refused from this one on; only the first {MAX_REFUSED_LISTED} \
+             refusals are listed"
+        )
+    };
+    eprintln!("nbt: ${REPORT_ENV} line {line} refused: {why}");
+    refused.push(RefusedReport { line, why });
+}
+
 impl Judge {
     pub fn new(min_delta: f64, template: Receipt) -> Judge {
         Judge {
@@ -159,10 +200,7 @@ impl Judge {
         for (line, report) in batch {
             match report {
                 Ok(report) => reports.push(report),
-                Err(why) => {
-                    eprintln!("nbt: ${REPORT_ENV} line {line} refused: {why}");
-                    self.refused.push(RefusedReport { line, why });
-                }
+                Err(why) => list_refusal(&mut self.refused, line, why),
             }
         }
         if reports.is_empty() {
@@ -254,36 +292,106 @@ impl ReportFile {
     }
 
     /// The complete lines appended since the last call, parsed, with their line numbers;
-    /// `at_end`: the run is over, so a last line without its newline counts too.
-    pub fn read_new(&mut self, at_end: bool) -> Vec<(usize, Result<TaskReport, String>)> {
-        if let Ok(mut file) = self.file.try_clone() {
-            if file.seek(SeekFrom::Start(self.offset)).is_ok() {
-                let mut fresh = Vec::new();
-                if let Ok(n) = file.read_to_end(&mut fresh) {
-                    self.offset += n as u64;
-                    self.pending.extend_from_slice(&fresh);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=end).collect();
-            self.take_line(&line[..line.len() - 1], &mut out);
-        }
+    /// `at_end`: the run is over, so everything left is read (a chunk at a time) and a last
+    /// line without its newline counts too.
+    ///
+    /// Memory stays bounded whatever the workload writes: a read takes at most
+    /// [`READ_CHUNK_BYTES`], a line past [`MAX_LINE_BYTES`] is not kept (`pending` then holds
+    /// `MAX_LINE_BYTES + 1` bytes, which marks the rest of the line as skipped), and nothing
+    /// past [`MAX_REPORT_BYTES`] is read (`offset` one past it marks that as said).
+    pub fn read_new(&mut self, at_end: bool) -> Batch {
+        let mut out = Reading::default();
+        while self.read_chunk(&mut out) && at_end {}
         if at_end && !self.pending.is_empty() {
-            let line = std::mem::take(&mut self.pending);
-            self.take_line(&line, &mut out);
+            self.end_line(&mut out);
         }
-        out
+        out.finish()
     }
 
-    fn take_line(&mut self, bytes: &[u8], out: &mut Vec<(usize, Result<TaskReport, String>)>) {
+    /// Reads the next chunk of the file and takes its lines; true when it read a whole chunk
+    /// (more may follow).
+    fn read_chunk(&mut self, out: &mut Reading) -> bool {
+        let Ok(mut file) = self.file.try_clone() else {
+            return false;
+        };
+        let room = MAX_REPORT_BYTES.saturating_sub(self.offset);
+        if room == 0 {
+            self.refuse_the_rest(&file, out);
+            return false;
+        }
+        let want = READ_CHUNK_BYTES.min(room);
+        let mut fresh = Vec::new();
+        if file.seek(SeekFrom::Start(self.offset)).is_err()
+            || file.take(want).read_to_end(&mut fresh).is_err()
+        {
+            return false;
+        }
+        self.offset += fresh.len() as u64;
+        self.take_lines(&fresh, out);
+        fresh.len() as u64 == want
+    }
+
+    /// Once the file has grown past [`MAX_REPORT_BYTES`]: refuses the rest, once.
+    fn refuse_the_rest(&mut self, file: &fs::File, out: &mut Reading) {
+        let size = file.metadata().map_or(0, |m| m.len());
+        if self.offset == MAX_REPORT_BYTES && size > MAX_REPORT_BYTES {
+            self.offset += 1;
+            let why = format!(
+                "the report file is {size} bytes, above the limit of {MAX_REPORT_BYTES} bytes \
+                 (16 MiB) nbt reads in a run: this line and everything after it are not read"
+            );
+            out.push(self.line + 1, Err(why));
+        }
+    }
+
+    /// Splits `fresh` at its newlines: the first part ends the pending line, the last starts
+    /// the next one.
+    fn take_lines(&mut self, mut fresh: &[u8], out: &mut Reading) {
+        while let Some(end) = fresh.iter().position(|b| *b == b'\n') {
+            self.extend_line(&fresh[..end], out);
+            self.end_line(out);
+            fresh = &fresh[end + 1..];
+        }
+        self.extend_line(fresh, out);
+    }
+
+    /// Adds `bytes` to the pending line, refusing the line once it passes [`MAX_LINE_BYTES`].
+    fn extend_line(&mut self, bytes: &[u8], out: &mut Reading) {
+        if self.pending.len() > MAX_LINE_BYTES {
+            return;
+        }
+        if self.pending.len() + bytes.len() <= MAX_LINE_BYTES {
+            self.pending.extend_from_slice(bytes);
+            return;
+        }
+        let why = format!(
+            "longer than {MAX_LINE_BYTES} bytes (64 KiB), the limit of a report line; skipped \
+             up to its newline"
+        );
+        out.push(self.line + 1, Err(why));
+        // The marker of a line being skipped: longer than any line kept.
+        self.pending.clear();
+        self.pending.resize(MAX_LINE_BYTES + 1, 0);
+    }
+
+    /// The pending line is complete: taken, or dropped when it was refused as too long.
+    fn end_line(&mut self, out: &mut Reading) {
+        if self.pending.len() > MAX_LINE_BYTES {
+            self.line += 1;
+            self.pending.clear();
+            return;
+        }
+        let line = std::mem::take(&mut self.pending);
+        self.take_line(&line, out);
+    }
+
+    fn take_line(&mut self, bytes: &[u8], out: &mut Reading) {
         self.line += 1;
         let text = String::from_utf8_lossy(bytes);
         if text.trim().is_empty() {
             return;
         }
-        out.push((self.line, TaskReport::parse(text.trim())));
+        out.push(self.line, TaskReport::parse(text.trim()));
     }
 }
 
@@ -329,6 +437,46 @@ pub fn report_task(report: &TaskReport) -> std::io::Result<bool> {
         .open(path)?
         .write_all(line.as_bytes())?;
     Ok(true)
+}
+
+/// Report lines as read, with their line numbers: each parsed, or why it was refused.
+pub type Batch = Vec<(usize, Result<TaskReport, String>)>;
+
+/// One `read_new`'s lines: its refusals past [`MAX_REFUSED_PER_READ`] are counted, not kept.
+#[derive(Default)]
+struct Reading {
+    batch: Batch,
+    refused: usize,
+    /// The refusals not kept, and the line of the first of them.
+    unlisted: usize,
+    first_unlisted: usize,
+}
+
+impl Reading {
+    fn push(&mut self, line: usize, report: Result<TaskReport, String>) {
+        if report.is_err() {
+            self.refused += 1;
+            if self.refused > MAX_REFUSED_PER_READ {
+                if self.unlisted == 0 {
+                    self.first_unlisted = line;
+                }
+                self.unlisted += 1;
+                return;
+            }
+        }
+        self.batch.push((line, report));
+    }
+
+    fn finish(mut self) -> Batch {
+        if self.unlisted > 0 {
+            let why = format!(
+                "{} lines refused from this one on in one read, not listed one by one",
+                self.unlisted
+            );
+            self.batch.push((self.first_unlisted, Err(why)));
+        }
+        self.batch
+    }
 }
 
 #[cfg(test)]
@@ -390,5 +538,134 @@ mod tests {
         let path = file.path().to_path_buf();
         drop(file);
         assert!(!path.exists());
+    }
+
+    /// A report line of exactly `len` bytes (without its newline), named `name`.
+    fn line_of_length(name: &str, len: usize) -> String {
+        let bare = format!("{{\"task_name\":\"{name}\",\"base_loss\":1,\"new_loss\":0.5}}");
+        let pad = len - bare.len();
+        format!(
+            "{{\"task_name\":\"{name}{}\",\"base_loss\":1,\"new_loss\":0.5}}",
+            "x".repeat(pad)
+        )
+    }
+
+    fn appender(path: PathBuf) -> impl Fn(&[u8]) {
+        move |bytes: &[u8]| {
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap()
+                .write_all(bytes)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_refused_and_skipped_without_being_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbt-x.reports");
+        let mut file = ReportFile::create(path.clone()).unwrap();
+        let append = appender(path);
+        // Exactly the limit: read.
+        append(format!("{}\n", line_of_length("a", MAX_LINE_BYTES)).as_bytes());
+        let read = file.read_new(false);
+        assert_eq!(read.len(), 1);
+        assert!(read[0].1.as_ref().unwrap().task_name.starts_with("ax"));
+        // One byte more: refused with its line number, once, however many reads it spans.
+        append(line_of_length("b", MAX_LINE_BYTES + 1).as_bytes());
+        let refused = file.read_new(false);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, 2);
+        let why = refused[0].1.as_ref().unwrap_err();
+        assert!(why.contains("longer than 65536 bytes"), "{why}");
+        let chunk = vec![b'y'; READ_CHUNK_BYTES as usize];
+        for _ in 0..3 {
+            append(&chunk);
+            assert!(file.read_new(false).is_empty());
+            assert!(file.pending.len() <= MAX_LINE_BYTES + 1);
+        }
+        // Its newline ends the skip; the next line is read, numbered after it.
+        append(format!("\n{}\n", line_of_length("c", 100)).as_bytes());
+        let after = file.read_new(false);
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].0, 3);
+        assert!(after[0].1.as_ref().unwrap().task_name.starts_with("cx"));
+        // A long last line without its newline: refused at the end too, not held.
+        append(&chunk);
+        let last = file.read_new(true);
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].0, 4);
+        assert!(file.pending.is_empty());
+    }
+
+    #[test]
+    fn refusals_are_counted_past_ten_a_read_and_a_hundred_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbt-x.reports");
+        let mut file = ReportFile::create(path.clone()).unwrap();
+        let append = appender(path);
+        append(format!("{}\n", "x\n".repeat(1000)).as_bytes());
+        let read = file.read_new(false);
+        assert_eq!(read.len(), MAX_REFUSED_PER_READ + 1);
+        let (line, last) = read.last().unwrap();
+        assert_eq!(*line, MAX_REFUSED_PER_READ + 1);
+        let why = last.as_ref().unwrap_err();
+        assert!(
+            why.starts_with("990 lines refused from this one on"),
+            "{why}"
+        );
+        let mut refused = Vec::new();
+        for line in 1..=1000 {
+            list_refusal(&mut refused, line, "bad".into());
+        }
+        assert_eq!(refused.len(), MAX_REFUSED_LISTED + 1);
+        assert_eq!(refused[MAX_REFUSED_LISTED].line, MAX_REFUSED_LISTED + 1);
+        assert!(refused[MAX_REFUSED_LISTED]
+            .why
+            .starts_with("more lines were refused"));
+    }
+
+    #[test]
+    fn reads_are_bounded_and_the_end_reads_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbt-x.reports");
+        let mut file = ReportFile::create(path.clone()).unwrap();
+        let append = appender(path);
+        // 3,000 lines of 1,000 bytes: about 2.9 chunks.
+        let line = format!("{}\n", line_of_length("t", 999));
+        append(line.repeat(3000).as_bytes());
+        let first = file.read_new(false);
+        assert_eq!(first.len(), READ_CHUNK_BYTES as usize / 1000);
+        assert_eq!(file.offset, READ_CHUNK_BYTES);
+        let rest = file.read_new(true);
+        assert_eq!(first.len() + rest.len(), 3000);
+        assert!(rest.iter().all(|(_, r)| r.is_ok()));
+        assert_eq!(rest.last().unwrap().0, 3000);
+    }
+
+    #[test]
+    fn nothing_past_the_file_limit_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbt-x.reports");
+        let mut file = ReportFile::create(path.clone()).unwrap();
+        let append = appender(path);
+        // Lines of 1,024 bytes up to exactly the limit: all read.
+        let line = format!("{}\n", line_of_length("t", 1023));
+        let lines = (MAX_REPORT_BYTES / 1024) as usize;
+        append(line.repeat(lines).as_bytes());
+        let read = file.read_new(true);
+        assert_eq!(read.len(), lines);
+        assert!(read.iter().all(|(_, r)| r.is_ok()));
+        // One byte more: refused once, naming the line it stopped at, and never read.
+        append(b"{");
+        let refused = file.read_new(false);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, lines + 1);
+        let why = refused[0].1.as_ref().unwrap_err();
+        assert!(why.contains("above the limit of 16777216 bytes"), "{why}");
+        append(line.as_bytes());
+        assert!(file.read_new(false).is_empty());
+        assert!(file.read_new(true).is_empty());
     }
 }

@@ -1,22 +1,35 @@
 //! Parsing of the units nbt accepts on the command line and in profiles.
 //!
 //! Every parser names what it accepts, so a bad value can be reported as: the flag, the value, and
-//! the accepted forms (docs/running.md, "`nbt run`").
+//! the accepted forms (docs/running.md, "`nbt run`"). Every parser also bounds what it returns
+//! (docs/running.md, "Limits on input"), so that the products later made of these values fit.
 
 use std::time::Duration;
 
 use crate::error::UsageError;
 
 pub const SIZE_FORMS: &str = "a byte count with a unit: 512K, 512M, 6G, 1T (powers of 1024; also \
-     KiB/MiB/GiB/TiB), 500MB, 6GB (powers of 1000), or 0";
+     KiB/MiB/GiB/TiB), 500MB, 6GB (powers of 1000), or 0; at most 2^53 bytes (8192T)";
 pub const RATE_FORMS: &str =
     "bits per second as tc writes them: 512kbit, 10mbit, 1gbit (powers of \
      1000), or bytes per second: 64KB/s, 10MB/s (powers of 1000), 64KiB/s (powers of 1024)";
 pub const PERCENT_FORMS: &str =
     "a percentage from 0% to 100% (5%, 0.5%) or a fraction from 0 to 1 (0.05)";
-pub const DURATION_FORMS: &str = "a number with a unit: 500us, 100ms, 2s, 1.5s, 5m, 1h";
-pub const CPUS_FORMS: &str = "a number of cores greater than 0, up to 3 decimals: 0.5, 1, 2.25";
+pub const DURATION_FORMS: &str =
+    "a number with a unit: 500us, 100ms, 2s, 1.5s, 5m, 1h; at most 365 days (8760h)";
+pub const CPUS_FORMS: &str = "a number of cores greater than 0 and at most the CPUs online, \
+     up to 3 decimals: 0.5, 1, 2.25";
 pub const COUNT_FORMS: &str = "a whole number greater than 0";
+
+/// The largest size nbt takes: 2^53 bytes (8 PiB), far above any machine's memory. Sizes are
+/// written into receipts as JSON numbers, which hold integers exactly only up to 2^53: a larger
+/// one ran the workload and then failed to write its receipt.
+pub const MAX_SIZE: u64 = 1 << 53;
+
+/// The longest duration nbt takes: a year. Anything longer is a typo, and the bound keeps every
+/// duration in nanoseconds (and a schedule's times, a year times its 100,000 actions, in
+/// milliseconds) far inside a u64.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn error(
     flag: &str,
@@ -32,8 +45,9 @@ fn error(
     }
 }
 
-/// Splits "12.5ms" into (12.5, "ms"). The number must be plain decimal: no sign, no exponent.
-fn split_number(text: &str) -> Option<(f64, &str)> {
+/// Splits "12.5ms" into (12.5, "ms"). The number must be plain decimal: no sign, no exponent, so
+/// never negative or NaN; `Err("too large")` for one of so many digits that it is infinite.
+fn split_number(text: &str) -> Option<Result<(f64, &str), &'static str>> {
     let end = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -44,7 +58,25 @@ fn split_number(text: &str) -> Option<(f64, &str)> {
     if number.matches('.').count() > 1 {
         return None;
     }
-    Some((number.parse().ok()?, unit.trim()))
+    let value: f64 = number.parse().ok()?;
+    Some(if value.is_finite() {
+        Ok((value, unit.trim()))
+    } else {
+        Err("too large")
+    })
+}
+
+/// [`split_number`] with its refusals as `bad` makes them: `what` names the kind of value.
+fn number_and_unit<'a>(
+    text: &'a str,
+    what: &str,
+    bad: impl Fn(&str) -> UsageError,
+) -> Result<(f64, &'a str), UsageError> {
+    match split_number(text.trim()) {
+        None => Err(bad(&format!("not a {what}"))),
+        Some(Err(problem)) => Err(bad(problem)),
+        Some(Ok(split)) => Ok(split),
+    }
 }
 
 fn to_u64(value: f64) -> Option<u64> {
@@ -54,7 +86,7 @@ fn to_u64(value: f64) -> Option<u64> {
 /// Sizes in bytes. `K`/`M`/`G`/`T` and `KiB`.. are powers of 1024, `KB`/`MB`.. powers of 1000.
 pub fn parse_size(flag: &str, text: &str) -> Result<u64, UsageError> {
     let bad = |problem: &str| error(flag, text, problem, SIZE_FORMS);
-    let (number, unit) = split_number(text.trim()).ok_or_else(|| bad("not a size"))?;
+    let (number, unit) = number_and_unit(text, "size", bad)?;
     let multiplier: u64 = match unit {
         "" if number == 0.0 => 1,
         "" => return Err(bad("a unit is required (bytes are written 4096B)")),
@@ -74,13 +106,18 @@ pub fn parse_size(flag: &str, text: &str) -> Result<u64, UsageError> {
         }
         _ => return Err(bad("unknown unit")),
     };
-    to_u64(number * multiplier as f64).ok_or_else(|| bad("too large"))
+    match to_u64(number * multiplier as f64) {
+        Some(bytes) if bytes <= MAX_SIZE => Ok(bytes),
+        _ => Err(bad(
+            "too large: above 2^53 bytes (8192T), the largest size nbt takes",
+        )),
+    }
 }
 
 /// Rates, returned in bits per second.
 pub fn parse_rate(flag: &str, text: &str) -> Result<u64, UsageError> {
     let bad = |problem: &str| error(flag, text, problem, RATE_FORMS);
-    let (number, unit) = split_number(text.trim()).ok_or_else(|| bad("not a rate"))?;
+    let (number, unit) = number_and_unit(text, "rate", bad)?;
     let lower = unit.to_ascii_lowercase();
     if matches!(lower.as_str(), "bps" | "kbps" | "mbps" | "gbps" | "tbps") {
         return Err(bad(&format!(
@@ -115,7 +152,7 @@ pub fn parse_rate(flag: &str, text: &str) -> Result<u64, UsageError> {
 /// Percentages, returned as a fraction in 0..=1.
 pub fn parse_percent(flag: &str, text: &str) -> Result<f64, UsageError> {
     let bad = |problem: &str| error(flag, text, problem, PERCENT_FORMS);
-    let (number, unit) = split_number(text.trim()).ok_or_else(|| bad("not a percentage"))?;
+    let (number, unit) = number_and_unit(text, "percentage", bad)?;
     let fraction = match unit {
         "%" => number / 100.0,
         "" if number <= 1.0 => number,
@@ -135,7 +172,7 @@ pub fn parse_percent(flag: &str, text: &str) -> Result<f64, UsageError> {
 /// Durations. A bare number is refused: 100 could be ms or s.
 pub fn parse_duration(flag: &str, text: &str) -> Result<Duration, UsageError> {
     let bad = |problem: &str| error(flag, text, problem, DURATION_FORMS);
-    let (number, unit) = split_number(text.trim()).ok_or_else(|| bad("not a duration"))?;
+    let (number, unit) = number_and_unit(text, "duration", bad)?;
     let seconds = match unit {
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,
@@ -146,15 +183,39 @@ pub fn parse_duration(flag: &str, text: &str) -> Result<Duration, UsageError> {
         "" => return Err(bad("a unit is required")),
         _ => return Err(bad("unknown unit")),
     };
-    Duration::try_from_secs_f64(number * seconds).map_err(|_| bad("too large"))
+    match Duration::try_from_secs_f64(number * seconds) {
+        Ok(duration) if duration <= MAX_DURATION => Ok(duration),
+        _ => Err(bad(
+            "too large: above 365 days, the longest duration nbt takes",
+        )),
+    }
 }
 
-/// CPU cores as a decimal, returned in thousandths of a core.
+/// The CPUs online (`sysconf(_SC_NPROCESSORS_ONLN)`, which glibc reads from
+/// /sys/devices/system/cpu/online); 1 if it cannot be read.
+pub fn online_cpus() -> u64 {
+    // SAFETY: sysconf takes a constant and touches no memory of ours.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u64::try_from(online).unwrap_or(0).max(1)
+}
+
+/// CPU cores as a decimal, returned in thousandths of a core; at most the CPUs online (a quota
+/// above them limits nothing, and one far above them overflowed the kernel's quota).
 pub fn parse_cpus(flag: &str, text: &str) -> Result<u64, UsageError> {
+    parse_cpus_up_to(flag, text, online_cpus())
+}
+
+/// [`parse_cpus`] on a machine with `online` CPUs.
+pub fn parse_cpus_up_to(flag: &str, text: &str, online: u64) -> Result<u64, UsageError> {
     let bad = |problem: &str| error(flag, text, problem, CPUS_FORMS);
-    let (number, unit) = split_number(text.trim()).ok_or_else(|| bad("not a number of cores"))?;
+    let (number, unit) = number_and_unit(text, "number of cores", bad)?;
     if !unit.is_empty() {
         return Err(bad("no unit is taken"));
+    }
+    if number > online as f64 {
+        return Err(bad(&format!(
+            "above the {online} CPUs online (/sys/devices/system/cpu/online)"
+        )));
     }
     let millicores = number * 1000.0;
     if millicores.fract() > 1e-6 {
@@ -395,6 +456,48 @@ mod tests {
             .unwrap_err()
             .problem
             .contains("whole number"));
+    }
+
+    #[test]
+    fn sizes_up_to_2_to_the_53() {
+        assert_eq!(parse_size("--memory", "8192T"), Ok(MAX_SIZE));
+        assert_eq!(parse_size("--memory", "9007199254740992B"), Ok(MAX_SIZE));
+        for text in ["9007199254740994B", "8193T", "16000000T", &"9".repeat(400)] {
+            let err = parse_size("--memory", text).unwrap_err();
+            assert!(err.problem.contains("too large"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_up_to_a_year() {
+        assert_eq!(parse_duration("--latency", "8760h"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("--latency", "525600m"), Ok(MAX_DURATION));
+        for text in [
+            "8760.001h",
+            "31536000.000001s",
+            "10000000000000000000s",
+            "1000000000000000000000000000000h",
+            &format!("{}s", "9".repeat(400)),
+        ] {
+            let err = parse_duration("--latency", text).unwrap_err();
+            assert!(err.problem.contains("too large"), "{text}: {err}");
+        }
+        // No sign, no exponent, no NaN or infinity: none is a plain decimal number.
+        for text in ["-1s", "1e19s", "NaNs", "infs", "inf"] {
+            assert!(parse_duration("--latency", text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn cpus_up_to_the_cpus_online() {
+        assert_eq!(parse_cpus_up_to("--cpus", "2", 2), Ok(2000));
+        let err = parse_cpus_up_to("--cpus", "2.001", 2).unwrap_err();
+        assert!(err.problem.contains("above the 2 CPUs online"), "{err}");
+        let err = parse_cpus_up_to("--cpus", "184467440737.11", 2).unwrap_err();
+        assert!(err.problem.contains("above the 2 CPUs online"), "{err}");
+        assert!(online_cpus() >= 1);
+        let online = online_cpus().to_string();
+        assert_eq!(parse_cpus("--cpus", &online), Ok(online_cpus() * 1000));
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    live_runs, nbt, nbt_command, run_testbin, run_testbin_with_env, testbin, NoLeftovers,
+    live_runs, nbt, nbt_command, run_testbin, run_testbin_with_env, testbin, wait_for_live_run,
+    NoLeftovers,
 };
 
 /// A TCP listener that accepts and closes connections until the test ends.
@@ -68,6 +69,59 @@ fn calls_pass_while_the_balance_lasts_then_fail_with_eperm() {
         run.summary.as_ref().unwrap()["ledger"]["blocked_by_destination"][&server],
         3
     );
+    guard.assert_clean();
+}
+
+/// The largest balance is 1,000,000: a top-up past it is refused (exit 2) and changes nothing,
+/// where the tenth `add 1000000` wrapped the balance negative and closed the gate.
+#[test]
+fn a_top_up_past_the_largest_balance_is_refused_and_the_balance_unchanged() {
+    let guard = NoLeftovers::new();
+    let testbin = testbin();
+    let child = nbt_command()
+        .args(["run", "--json", "--balance", "999999.5", "--"])
+        .arg(&testbin)
+        .args(["sleep", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let name = wait_for_live_run(|r| r["balance_micro"] == 999_999_500_000_i64)
+        .expect("this test's live run");
+    let balance = || {
+        live_runs()
+            .into_iter()
+            .find(|r| r["run"] == name.as_str())
+            .map(|r| r["balance_micro"].clone())
+    };
+    let top_up = nbt(&["balance", &name, "add", "0.5"]);
+    assert_eq!(top_up.status(), 0, "{}", top_up.stderr());
+    assert!(
+        top_up.stderr().contains("balance now 1000000"),
+        "{}",
+        top_up.stderr()
+    );
+    for amount in ["0.000001", "1000000"] {
+        let refused = nbt(&["balance", &name, "add", amount]);
+        assert_eq!(refused.status(), 2, "{amount}: {}", refused.stderr());
+        assert!(
+            refused
+                .stderr()
+                .contains("is above 1000000, the largest balance a run holds"),
+            "{}",
+            refused.stderr()
+        );
+        assert_eq!(refused.stderr().lines().count(), 1, "{}", refused.stderr());
+        assert_eq!(balance(), Some(1_000_000_000_000_i64.into()));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        summary["ledger"]["balance_end_micro"],
+        1_000_000_000_000_i64
+    );
+    assert_eq!(summary["ledger"]["topped_up_micro"], 500_000);
     guard.assert_clean();
 }
 

@@ -250,6 +250,51 @@ fn a_bad_schedule_is_refused_before_the_run_with_its_line() {
     }
 }
 
+/// `n` steps of the CPU quota, 1 ms apart, an hour in: none is due before `true` exits.
+fn steps_an_hour_in(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("[[step]]\nat = \"{}ms\"\ncpus = 1\n", 3_600_000 + i))
+        .collect()
+}
+
+/// A schedule of 100,000 steps, the most a schedule expands to, is accepted, and one of 100,001
+/// is refused naming the line of the step past the cap. Their lines are looked up in linear
+/// time (a binary search among line starts): the quadratic count took 4 minutes of CPU for
+/// 100,000 steps, now a few seconds for the debug build, most of it in the TOML parser. Timing
+/// is not asserted: the machines that run these tests differ too much.
+#[test]
+fn a_schedule_of_100000_steps_is_accepted_and_one_more_refused() {
+    let guard = NoLeftovers::new();
+    let schedule = write_schedule(&guard, "steps.toml", &steps_an_hour_in(100_000));
+    let run = nbt_integration_tests::nbt(&["run", "--json", "--schedule", &schedule, "--", "true"]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let text = steps_an_hour_in(100_001);
+    assert!(text.len() < nbt::plan::MAX_SCHEDULE_BYTES as usize);
+    let schedule = write_schedule(&guard, "steps.toml", &text);
+    let marker = guard.home().join("ran");
+    let run = nbt_integration_tests::nbt(&[
+        "run",
+        "--schedule",
+        &schedule,
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    assert_eq!(run.status(), 2, "{}", run.stderr());
+    assert!(
+        run.stderr().contains(
+            "line 300001: this step adds 1 actions to the 100000 before it: more than 100000"
+        ),
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        !marker.exists(),
+        "the workload ran under a refused schedule"
+    );
+    guard.assert_clean();
+}
+
 #[test]
 fn nbt_fault_freezes_a_live_run_from_outside_and_the_run_logs_it() {
     let guard = NoLeftovers::new();

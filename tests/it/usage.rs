@@ -1,5 +1,6 @@
 //! Usage errors and environment errors: one clear line, naming the flag or the cause.
 
+use std::io::Read as _;
 use std::os::unix::process::CommandExt;
 
 use nbt_integration_tests::{nbt, nbt_command, NoLeftovers};
@@ -171,5 +172,233 @@ fn no_cgroup2_mounted_is_refused_naming_it() {
         first_line(&stderr).contains("cgroup v2 is not mounted"),
         "{stderr}"
     );
+    guard.assert_clean();
+}
+
+/// `nbt run ARGS -- sh -c 'touch MARKER'`: refused, or the marker says the workload ran.
+fn refused_before_the_workload(args: &[&str], expected: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    all.extend(["--", "sh", "-c", &touch]);
+    let run = nbt(&all);
+    assert_eq!(run.status(), 2, "{all:?}: {}", run.stderr());
+    assert!(run.stderr().contains(expected), "{all:?}: {}", run.stderr());
+    assert_eq!(run.stderr().lines().count(), 1, "{all:?}: {}", run.stderr());
+    assert!(!marker.exists(), "{all:?}: the workload ran");
+}
+
+#[test]
+fn values_past_their_bounds_exit_2_before_the_workload_starts() {
+    // SAFETY: sysconf takes a constant; nbt reads the CPUs online the same way.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    for (args, expected) in [
+        (
+            &["--memory", "16000000T"][..],
+            "invalid value '16000000T' for --memory: too large: above 2^53 bytes (8192T)"
+                .to_string(),
+        ),
+        (
+            &["--cpus", "184467440737.11"],
+            format!("invalid value '184467440737.11' for --cpus: above the {online} CPUs online"),
+        ),
+        (
+            &[
+                "--latency",
+                "10000000000000000000s",
+                "--jitter",
+                "10000000000000000000s",
+            ],
+            "invalid value '10000000000000000000s' for --latency: too large: above 365 days".into(),
+        ),
+        (
+            &["--latency", "1e19s", "--jitter", "1e19s"],
+            "invalid value '1e19s' for --latency: unknown unit".into(),
+        ),
+        (
+            &["--latency", "6s", "--jitter", "4001ms"],
+            "invalid value '4001ms' for --jitter: latency plus jitter above 10 s".into(),
+        ),
+        (
+            &["--egress-rate", "1tbit"],
+            "invalid value '1tbit' for --egress-rate: above 100gbit".into(),
+        ),
+        (
+            &["--egress-rate", "12kbit", "--burst", "1G"],
+            "invalid value '1G' for --burst: a bucket of 1.0 GiB is more than an hour at 12kbit"
+                .into(),
+        ),
+        (
+            &["--pids", "4194305"],
+            "invalid value '4194305' for --pids: above 4194304".into(),
+        ),
+        (
+            &["--balance", "1000000.000001"],
+            "invalid value '1000000.000001' for --balance: above 1000000".into(),
+        ),
+    ] {
+        refused_before_the_workload(args, &expected);
+    }
+}
+
+/// A schedule file named `name` holding `text`, in `dir`.
+fn schedule_file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_schedule_file_above_4_mib_is_refused_naming_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = schedule_file(&dir, "big.toml", &"#".repeat((4 << 20) + 1));
+    refused_before_the_workload(
+        &["--schedule", &big],
+        &format!(
+            "--schedule: '{big}' is 4194305 bytes, above the limit of 4194304 bytes (4.0 MiB)"
+        ),
+    );
+}
+
+#[test]
+fn a_fault_count_of_a_trillion_is_refused_naming_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = schedule_file(
+        &dir,
+        "count.toml",
+        "\n[[fault]]\nkind = \"brownout\"\nstart = \"1s\"\nduration = \"1ms\"\nrepeat = \"2ms\"\ncount = 1000000000000\n",
+    );
+    refused_before_the_workload(
+        &["--schedule", &path],
+        "line 2: count 1000000000000: a schedule expands to at most 100000 actions",
+    );
+}
+
+/// A generator every 1 ms until 1000 h, in 86 bytes: 3.6 billion actions. It used all memory
+/// and aborted; now it is refused before a tick is made, under a 512 MiB address space.
+#[test]
+fn a_generator_of_billions_of_actions_is_refused_in_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = schedule_file(
+        &dir,
+        "gen.toml",
+        "[[generator]]\nlimit=\"cpus\"\nkind=\"random-walk\"\nevery=\"1ms\"\nuntil=\"1000h\"\nmin=0.1\nmax=1\n",
+    );
+    assert!(std::fs::metadata(&path).unwrap().len() <= 100);
+    let mut command = nbt_command();
+    command.args(["run", "--schedule", &path, "--", "true"]);
+    // SAFETY: between fork and exec, one syscall on a value on the stack.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512 << 20,
+                rlim_max: 512 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{:?}: {stderr}",
+        output.status
+    );
+    assert!(
+        stderr.contains(
+            "line 1: this generator adds 3600000001 actions to the 0 before it: more than 100000"
+        ),
+        "{stderr}"
+    );
+}
+
+/// 200 MB without a newline in `$NBT_REPORT`: refused as one line too long, read a chunk at a
+/// time and never held; nbt's peak memory stays under 100 MB (it reached 318 MB before).
+// The child is reaped by wait4, which clippy does not know of.
+#[allow(clippy::zombie_processes)]
+#[test]
+fn a_report_line_of_200_mb_keeps_nbt_memory_bounded() {
+    let guard = NoLeftovers::new();
+    let mut child = nbt_command()
+        .args(["run", "--json", "--", "sh", "-c"])
+        .arg("head -c 200000000 /dev/zero | tr '\\0' x >> \"$NBT_REPORT\"")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stdout.read_to_string(&mut text).unwrap();
+        text
+    });
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let stdout = reader.join().unwrap();
+    // wait4 gives this child's own peak (and its waited-for descendants'), where
+    // RUSAGE_CHILDREN would mix in every child this test binary ever waited for. It reaps the
+    // child: `child` is not waited for again.
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child, with pointers to locals.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status}: {stderr}"
+    );
+    assert!(
+        stderr.contains("$NBT_REPORT line 1 refused: longer than 65536 bytes"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["refused_reports"][0]["line"], 1, "{summary}");
+    let max_rss_mb = usage.ru_maxrss as f64 / 1024.0;
+    assert!(max_rss_mb < 100.0, "nbt peaked at {max_rss_mb:.1} MB");
+    guard.assert_clean();
+}
+
+/// A million refused report lines: the first ten of a read are listed, the rest counted in one
+/// entry, and at most a hundred listed in a run (8 million took nbt to 18 GB and 3 GB of stderr).
+#[test]
+fn a_million_refused_report_lines_are_counted_not_listed() {
+    let guard = NoLeftovers::new();
+    let run = nbt(&[
+        "run",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        "yes x | head -c 2000000 >> \"$NBT_REPORT\"",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let refused = run.summary.as_ref().unwrap()["refused_reports"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!((11..=101).contains(&refused.len()), "{refused:?}");
+    let counted: u64 = refused
+        .iter()
+        .filter_map(|r| {
+            let why = r["why"].as_str().unwrap();
+            why.split_once(" lines refused from this one on")
+                .map(|(n, _)| n.parse::<u64>().unwrap())
+        })
+        .sum();
+    assert!(counted > 900_000, "{refused:?}");
+    assert!(run.stderr().lines().count() < 150, "{}", run.stderr().len());
     guard.assert_clean();
 }

@@ -138,9 +138,17 @@ fn set_cap(ctx: &SockOpsContext) -> u64 {
         clamp_cwnd(ctx, UNCLAMPED);
         return 0;
     };
+    // No u128 in BPF: the products below fit in a u64 because user space bounds what it writes
+    // (nbt-user/src/enforce/shaper.rs): rate <= 1.25e10 bytes/s (100gbit), burst_ns <= 3.6e12
+    // (an hour) and rate x burst_ns <= burst x 1e9 <= 2^34 x 1e9 < 1.72e19. With mss < 2^16 and
+    // srtt_us < 2^29 (a u32 of eighths): rate x mss < 2^50, rate x srtt_us < 6.8e18, and in
+    // `pacing_factor_ppm` depth x PPM <= 3.6e18.
     let rate = config.rate_bytes_per_sec;
-    // SAFETY: reading a field of the context the kernel handed us.
-    let mss = u64::from(unsafe { (*ctx.ops).mss_cache }).max(536);
+    // SAFETY: reading a field of the context the kernel handed us. Not `clamp`: its assertion
+    // (min <= max) leaves a panic path in the object, which the verifier refuses.
+    let mss = u64::from(unsafe { (*ctx.ops).mss_cache })
+        .max(536)
+        .min(0xFFFF);
     let paced = rate * mss / (mss + SEGMENT_HEADERS) * pacing_factor_ppm(config, state) / PPM;
     // SAFETY: as above; srtt_us is tp->srtt_us, eight times the smoothed RTT in us.
     let srtt_us = u64::from(unsafe { (*ctx.ops).srtt_us }) >> 3;

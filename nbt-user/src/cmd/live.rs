@@ -1,5 +1,7 @@
 //! The commands on live runs: `nbt ps`, `nbt set`, `nbt balance`, `nbt fault`.
 
+use std::time::Duration;
+
 use anyhow::Result;
 
 use super::args::{FaultArgs, NetArgs};
@@ -122,17 +124,17 @@ fn change(run: &str, setting: &mut NetSetting, args: &NetArgs) -> Result<()> {
                  start it with --latency (0ms will do) to change the delay while it runs"
             );
         };
-        let duration = |flag: &str, text: &Option<String>, now: u64| -> Result<u64, PlanError> {
-            match text {
-                Some(text) => Ok(units::parse_duration(flag, text)?.as_nanos() as u64),
-                None => Ok(now),
-            }
+        let duration = |flag: &str, text: &Option<String>, now: u64| match text {
+            Some(text) => units::parse_duration(flag, text),
+            None => Ok(Duration::from_nanos(now)),
         };
-        let next = Latency {
-            latency_ns: duration("--latency", &args.latency, current.latency_ns)?,
-            jitter_ns: duration("--jitter", &args.jitter, current.jitter_ns)?,
-        };
-        setting.latency = Some(next);
+        let latency = duration("--latency", &args.latency, current.latency_ns)?;
+        let jitter = duration("--jitter", &args.jitter, current.jitter_ns)?;
+        let given = [
+            args.latency.as_deref().map(|text| ("--latency", text)),
+            args.jitter.as_deref().map(|text| ("--jitter", text)),
+        ];
+        setting.latency = Some(Latency::checked(latency, jitter, given)?);
     }
     setting.net = changed_limits(&setting.net, args)?;
     Ok(())
@@ -159,6 +161,13 @@ fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, Plan
         shaper::check_burst("--burst", text, bytes)?;
         next.egress.burst_bytes = Some(bytes);
         next.ingress.burst_bytes = Some(bytes);
+    }
+    // A burst given now, or set before under a new rate: at most an hour of the rate.
+    match (&args.burst, &args.egress_rate, &args.ingress_rate) {
+        (Some(text), _, _) => shaper::check_buckets("--burst", text, &next)?,
+        (None, Some(text), _) => shaper::check_buckets("--egress-rate", text, &next)?,
+        (None, None, Some(text)) => shaper::check_buckets("--ingress-rate", text, &next)?,
+        (None, None, None) => {}
     }
     if args.loss.is_some() || args.loss_model.is_some() {
         let direction = args.loss_direction.as_deref().unwrap_or("egress");

@@ -14,16 +14,52 @@ use aya::Ebpf;
 use nbt_common::edt::{EdtConfig, EDT_CONFIG_MAP};
 use serde::{Deserialize, Serialize};
 
+use crate::error::PlanError;
 use crate::sys::pin::Pins;
 use crate::sys::{loader, netlink};
 
-/// fq drops packets scheduled further ahead than its horizon (10 s by default).
+/// fq drops packets scheduled further ahead than its horizon (10 s by default). Every path that
+/// sets a delay (`nbt run`, `nbt set`, a schedule's latency step) checks latency plus jitter
+/// against it with [`Latency::checked`]; `delay_egress` relies on jitter <= 10 s (its draw
+/// multiplies a u32 by 2 x jitter + 1 < 2^35, split so that no product passes 2^64).
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Latency {
     pub latency_ns: u64,
     pub jitter_ns: u64,
+}
+
+impl Latency {
+    /// `latency` and `jitter` when their sum is within [`MAX_DELAY`] (no overflow on the way);
+    /// else the refusal. `given`: the (name, text) of the latency and of the jitter, each when it
+    /// was given: the refusal names the latency when it alone is too long, else the jitter.
+    pub fn checked(
+        latency: Duration,
+        jitter: Duration,
+        given: [Option<(&str, &str)>; 2],
+    ) -> Result<Latency, PlanError> {
+        match latency.checked_add(jitter) {
+            Some(total) if total <= MAX_DELAY => Ok(Latency {
+                // Both at most 10 s: 10^10 ns.
+                latency_ns: latency.as_nanos() as u64,
+                jitter_ns: jitter.as_nanos() as u64,
+            }),
+            _ => {
+                let [latency_given, jitter_given] = given;
+                let (name, text) = if latency > MAX_DELAY {
+                    latency_given.or(jitter_given)
+                } else {
+                    jitter_given.or(latency_given)
+                }
+                .unwrap_or(("--latency", ""));
+                Err(PlanError(format!(
+                    "invalid value '{text}' for {name}: latency plus jitter above 10 s, the fq \
+                     qdisc's horizon (it drops packets scheduled later)"
+                )))
+            }
+        }
+    }
 }
 
 /// The qdiscs a run put on interfaces: fq at the root, and clsact on kernels before 6.6.
@@ -187,4 +223,39 @@ pub fn set_by_id(map_id: u32, latency: &Latency) -> Result<()> {
         0,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_plus_jitter_at_most_ten_seconds() {
+        let ms = Duration::from_millis;
+        let both = [Some(("--latency", "7s")), Some(("--jitter", "3s"))];
+        assert_eq!(
+            Latency::checked(ms(7000), ms(3000), both),
+            Ok(Latency {
+                latency_ns: 7_000_000_000,
+                jitter_ns: 3_000_000_000
+            })
+        );
+        let latency_only = [Some(("--latency", "10s")), None];
+        assert!(Latency::checked(MAX_DELAY, Duration::ZERO, latency_only).is_ok());
+        let err = Latency::checked(MAX_DELAY, Duration::from_nanos(1), both).unwrap_err();
+        assert!(
+            err.0
+                .contains("invalid value '3s' for --jitter: latency plus jitter above 10 s"),
+            "{err}"
+        );
+        // A latency too long by itself is named, whatever the jitter.
+        let err = Latency::checked(ms(10_001), ms(1), both).unwrap_err();
+        assert!(err.0.contains("invalid value '7s' for --latency"), "{err}");
+        // `nbt set RUN --jitter`: the jitter given is named.
+        let err = Latency::checked(ms(9000), ms(1001), [None, Some(("--jitter", "1001ms"))]);
+        assert!(err.unwrap_err().0.contains("'1001ms' for --jitter"));
+        // Sums that overflow a Duration are refused, not a panic.
+        let huge = Duration::from_secs(u64::MAX);
+        assert!(Latency::checked(huge, huge, both).is_err());
+    }
 }

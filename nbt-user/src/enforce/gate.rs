@@ -18,8 +18,8 @@ use nbt_common::gate::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::enforce::ledger::{format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
-use crate::error::UsageError;
+use crate::enforce::ledger::{self, format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
+use crate::error::{PlanError, UsageError};
 use crate::sys::loader;
 use crate::sys::pin::Pins;
 
@@ -422,15 +422,24 @@ pub fn read_ledger(ids: &LedgerIds) -> Result<(i64, i64, KernelLedger)> {
 }
 
 pub fn balance_pico(credit: i64, time_debit: i64, kernel: &KernelLedger) -> i64 {
-    credit - time_debit - kernel.call_debit_pico as i64 - kernel.egress_debit_pico as i64
+    ledger::balance_pico(
+        credit,
+        time_debit,
+        kernel.call_debit_pico,
+        kernel.egress_debit_pico,
+    )
 }
 
 /// `nbt balance RUN add AMOUNT`: raises the run's credit; the gate reopens with the next call.
+/// A balance that would leave ±[`ledger::MAX_BALANCE_MICRO`] is refused (a [`PlanError`], exit
+/// status 2), the credit unchanged.
 pub fn top_up(ids: &LedgerIds, micro: i64) -> Result<i64> {
+    let (credit, time, kernel) = read_ledger(ids)?;
+    let next = ledger::credit_after(credit, balance_pico(credit, time, &kernel), micro)
+        .map_err(|why| PlanError(format!("refused: {why}")))?;
     let mut user_map = open_array::<i64>(ids.user_ledger)?;
     let mut user: Array<&mut MapData, i64> = Array::try_from(&mut user_map)?;
-    let credit = user.get(&CREDIT, 0)?;
-    user.set(CREDIT, credit + micro * PICO_PER_MICRO, 0)?;
+    user.set(CREDIT, next, 0)?;
     let (credit, time, kernel) = read_ledger(ids)?;
     Ok(balance_pico(credit, time, &kernel) / PICO_PER_MICRO)
 }
@@ -438,7 +447,7 @@ pub fn top_up(ids: &LedgerIds, micro: i64) -> Result<i64> {
 /// Charges wall time: the time debit is written whole each time (no drift, no race with the
 /// kernel, which never writes it).
 pub fn charge_time(ids: &LedgerIds, hour_micro: i64, seconds: f64) -> Result<()> {
-    let debit = (hour_micro as f64 * seconds / 3600.0) as i64 * PICO_PER_MICRO;
+    let debit = ledger::time_debit_pico(hour_micro, seconds);
     let mut user_map = open_array::<i64>(ids.user_ledger)?;
     let mut user: Array<&mut MapData, i64> = Array::try_from(&mut user_map)?;
     user.set(TIME_DEBIT, debit, 0)?;

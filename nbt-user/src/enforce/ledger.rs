@@ -9,6 +9,10 @@ use crate::error::UsageError;
 pub const PICO_PER_MICRO: i64 = 1_000_000;
 /// The largest balance or top-up: i64 pico-units hold 9.2 million units; keep a margin.
 pub const MAX_AMOUNT_MICRO: i64 = 1_000_000 * 1_000_000;
+/// The largest balance a run may hold, and the lowest a charge may take it to: 1,000,000 units
+/// either way (10^18 pico-units, under the 9.2 x 10^18 an i64 holds). Without it, repeated
+/// `nbt balance RUN add 1000000` wrapped the balance negative past 9.2 million and closed the gate.
+pub const MAX_BALANCE_MICRO: i64 = MAX_AMOUNT_MICRO;
 
 pub const AMOUNT_FORMS: &str =
     "a non-negative amount with at most 6 decimals: 5, 0.25, 1000000 (at most 1000000)";
@@ -73,6 +77,48 @@ pub fn parse_price_per_gb(flag: &str, text: &str) -> Result<u64, UsageError> {
     Ok(pico_per_byte)
 }
 
+/// The credit (pico-units) after adding `micro` (negative: a charge) to a run whose credit is
+/// `credit` and whose balance is `balance` (both pico-units). Refused, with why, when the balance
+/// would leave -[`MAX_BALANCE_MICRO`]..=[`MAX_BALANCE_MICRO`]; nothing wraps.
+pub fn credit_after(credit: i64, balance: i64, micro: i64) -> Result<i64, String> {
+    let max = MAX_BALANCE_MICRO * PICO_PER_MICRO;
+    let added = micro.checked_mul(PICO_PER_MICRO);
+    let next_balance = added.and_then(|a| balance.checked_add(a));
+    let next_credit = added.and_then(|a| credit.checked_add(a));
+    match (next_balance, next_credit) {
+        (Some(b), Some(c)) if (-max..=max).contains(&b) => Ok(c),
+        _ if micro >= 0 => Err(format!(
+            "the balance {} plus {} is above {}, the largest balance a run holds",
+            format_amount(balance / PICO_PER_MICRO),
+            format_amount(micro),
+            format_amount(MAX_BALANCE_MICRO)
+        )),
+        _ => Err(format!(
+            "the balance {} less {} is below -{}, the lowest balance a run holds",
+            format_amount(balance / PICO_PER_MICRO),
+            format_amount(micro.saturating_neg()),
+            format_amount(MAX_BALANCE_MICRO)
+        )),
+    }
+}
+
+/// The balance in pico-units: credit less every debit, saturated (debits are u64 counters of
+/// the kernel and grow with the run).
+pub fn balance_pico(credit: i64, time_debit: i64, call_debit: u64, egress_debit: u64) -> i64 {
+    let debit = |d: u64| i64::try_from(d).unwrap_or(i64::MAX);
+    credit
+        .saturating_sub(time_debit)
+        .saturating_sub(debit(call_debit))
+        .saturating_sub(debit(egress_debit))
+}
+
+/// The time debit in pico-units after `seconds` at `hour_micro` an hour, saturated.
+pub fn time_debit_pico(hour_micro: i64, seconds: f64) -> i64 {
+    // A float to int `as` saturates (and takes NaN to 0).
+    let micro = (hour_micro as f64 * seconds / 3600.0) as i64;
+    micro.saturating_mul(PICO_PER_MICRO)
+}
+
 /// Micro-units as text: `1.250000` → `1.25`.
 pub fn format_amount(micro: i64) -> String {
     let sign = if micro < 0 { "-" } else { "" };
@@ -131,6 +177,41 @@ mod tests {
         assert_eq!(format_amount(1_250_000), "1.25");
         assert_eq!(format_amount(-10), "-0.00001");
         assert_eq!(format_amount(0), "0");
+    }
+
+    #[test]
+    fn balances_stay_within_a_million_either_way() {
+        let max = MAX_BALANCE_MICRO * PICO_PER_MICRO;
+        // A run started with 1 has credit 1 (pico 10^6 per micro), no debits.
+        let one = PICO_PER_MICRO * 1_000_000;
+        assert_eq!(
+            credit_after(one, one, MAX_BALANCE_MICRO - 1_000_000),
+            Ok(max)
+        );
+        let err = credit_after(one, one, MAX_BALANCE_MICRO - 999_999).unwrap_err();
+        assert!(err.contains("above 1000000"), "{err}");
+        // A credit already high (debits took the balance down) adds as long as the balance fits.
+        assert_eq!(credit_after(2 * max, max - 1, 0), Ok(2 * max));
+        assert!(credit_after(i64::MAX, 0, 1).is_err());
+        assert!(credit_after(0, 0, i64::MAX).is_err());
+        // Charges: down to minus the maximum, not below.
+        assert_eq!(credit_after(0, 0, -MAX_BALANCE_MICRO), Ok(-max));
+        let err = credit_after(0, 0, -MAX_BALANCE_MICRO - 1).unwrap_err();
+        assert!(err.contains("below -1000000"), "{err}");
+        assert!(credit_after(i64::MIN, 0, -1).is_err());
+    }
+
+    #[test]
+    fn debits_saturate() {
+        assert_eq!(balance_pico(10, 1, 2, 3), 4);
+        assert_eq!(balance_pico(0, 0, u64::MAX, u64::MAX), i64::MIN);
+        assert_eq!(balance_pico(i64::MIN, i64::MAX, 0, 0), i64::MIN);
+        assert_eq!(
+            time_debit_pico(3_600_000_000, 1.0),
+            1_000_000 * PICO_PER_MICRO
+        );
+        // A price of 10^6 an hour for a year is 8.76 x 10^21 pico-units: saturated, not wrapped.
+        assert_eq!(time_debit_pico(MAX_AMOUNT_MICRO, 365.0 * 86400.0), i64::MAX);
     }
 
     #[test]

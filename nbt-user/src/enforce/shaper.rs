@@ -23,6 +23,21 @@ use crate::units::{self, format_rate, format_size};
 /// The largest IP packet a usual link carries; the floor for rates and bursts.
 pub const MTU: u64 = 1500;
 
+/// The highest rate nbt shapes to: 100gbit. The `pace` program (nbt-ebpf/src/shaper/pacing.rs)
+/// multiplies the rate in bytes per second by the smoothed RTT in microseconds, which the kernel
+/// keeps in a u32 eighths of a microsecond (so under 2^29): 1.25e10 x 2^29 < 6.8e18 fits in a
+/// u64, where a rate of 1tbit would not. BPF has no u128: the bound is kept here.
+pub const MAX_RATE_BITS_PER_SEC: u64 = 100_000_000_000;
+
+/// The deepest bucket: 16 GiB. `pace` multiplies the rate by the depth in ns of the rate, which
+/// is at most burst x 1e9: 2^34 x 1e9 < 1.72e19 fits in a u64.
+pub const MAX_BURST_BYTES: u64 = 1 << 34;
+
+/// The deepest bucket in time: an hour of the rate. `pace` multiplies the depth in ns by 10^6
+/// (parts per million): 3.6e12 x 1e6 = 3.6e18 fits in a u64. [`DirectionLimits::config`] clamps
+/// to both bounds whatever the caller checked, so that the kernel never sees more.
+pub const MAX_BURST_NS: u64 = 3_600 * 1_000_000_000;
+
 /// How a direction loses packets.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "model", rename_all = "kebab-case")]
@@ -152,8 +167,9 @@ impl DirectionLimits {
         let probability = |p: f64| (p.clamp(0.0, 1.0) * PROBABILITY_ONE as f64).round() as u64;
         let mut config = ShaperConfig::default();
         if let (Some(rate), Some(burst)) = (self.rate_bits_per_sec, self.burst(direction)) {
-            config.rate_bytes_per_sec = (rate / 8).max(1);
-            config.burst_ns = burst * 1_000_000_000 / config.rate_bytes_per_sec;
+            config.rate_bytes_per_sec = (rate.min(MAX_RATE_BITS_PER_SEC) / 8).max(1);
+            config.burst_ns =
+                burst_ns(config.rate_bytes_per_sec, burst.min(MAX_BURST_BYTES)).min(MAX_BURST_NS);
         }
         match self.loss {
             Loss::None => config.loss_model = LOSS_NONE,
@@ -195,6 +211,13 @@ impl DirectionLimits {
             parts.join(", ")
         }
     }
+}
+
+/// The depth of a bucket of `burst` bytes in ns at `rate_bytes_per_sec`, computed in u128
+/// (burst x 1e9 overflows a u64 above 18 GB); saturated to u64::MAX.
+pub fn burst_ns(rate_bytes_per_sec: u64, burst: u64) -> u64 {
+    let ns = u128::from(burst) * 1_000_000_000 / u128::from(rate_bytes_per_sec.max(1));
+    u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
 /// The network limits of a run.
@@ -254,27 +277,65 @@ pub fn parse_loss_model(flag: &str, text: &str) -> Result<Option<Loss>, UsageErr
     }))
 }
 
-/// Checks a rate and burst against the floor of one packet, naming the flag.
+/// Checks a rate against the floor of one packet a second and [`MAX_RATE_BITS_PER_SEC`].
 pub fn check_rate(flag: &str, text: &str, bits_per_sec: u64) -> Result<(), UsageError> {
-    if bits_per_sec < MTU * 8 {
-        return Err(UsageError {
-            flag: flag.into(),
-            value: text.into(),
-            problem: format!("below one {MTU}-byte packet per second ({}bit)", MTU * 8),
-            accepted: units::RATE_FORMS,
-        });
-    }
-    Ok(())
+    let problem = if bits_per_sec < MTU * 8 {
+        format!("below one {MTU}-byte packet per second ({}bit)", MTU * 8)
+    } else if bits_per_sec > MAX_RATE_BITS_PER_SEC {
+        "above 100gbit, the highest rate nbt shapes to".into()
+    } else {
+        return Ok(());
+    };
+    Err(UsageError {
+        flag: flag.into(),
+        value: text.into(),
+        problem,
+        accepted: units::RATE_FORMS,
+    })
 }
 
+/// Checks a burst against one packet and [`MAX_BURST_BYTES`].
 pub fn check_burst(flag: &str, text: &str, bytes: u64) -> Result<(), UsageError> {
-    if bytes < MTU {
-        return Err(UsageError {
-            flag: flag.into(),
-            value: text.into(),
-            problem: format!("smaller than one {MTU}-byte packet"),
-            accepted: units::SIZE_FORMS,
-        });
+    let problem = if bytes < MTU {
+        format!("smaller than one {MTU}-byte packet")
+    } else if bytes > MAX_BURST_BYTES {
+        "above 16G, the deepest bucket nbt takes".into()
+    } else {
+        return Ok(());
+    };
+    Err(UsageError {
+        flag: flag.into(),
+        value: text.into(),
+        problem,
+        accepted: units::SIZE_FORMS,
+    })
+}
+
+pub const BUCKET_FORMS: &str =
+    "a bucket (--burst) of at most 16G and at most an hour at its rate (5.4MB at 12kbit)";
+
+/// Checks the bucket of each rate of `limits` against [`MAX_BURST_NS`]: `--burst` `text` at a
+/// low rate can be hours of it.
+pub fn check_buckets(flag: &str, text: &str, limits: &NetLimits) -> Result<(), UsageError> {
+    for (limits, direction) in [
+        (&limits.egress, Direction::Egress),
+        (&limits.ingress, Direction::Ingress),
+    ] {
+        let (Some(rate), Some(burst)) = (limits.rate_bits_per_sec, limits.burst(direction)) else {
+            continue;
+        };
+        if burst_ns((rate / 8).max(1), burst) > MAX_BURST_NS {
+            return Err(UsageError {
+                flag: flag.into(),
+                value: text.into(),
+                problem: format!(
+                    "a bucket of {} is more than an hour at {}",
+                    format_size(burst),
+                    format_rate(rate)
+                ),
+                accepted: BUCKET_FORMS,
+            });
+        }
     }
     Ok(())
 }
@@ -504,5 +565,66 @@ mod tests {
             .unwrap_err()
             .problem
             .contains("smaller than one"));
+    }
+
+    #[test]
+    fn ceilings_that_keep_the_kernel_products_in_a_u64() {
+        assert!(check_rate("--egress-rate", "100gbit", MAX_RATE_BITS_PER_SEC).is_ok());
+        let err = check_rate("--egress-rate", "x", MAX_RATE_BITS_PER_SEC + 1).unwrap_err();
+        assert!(err.problem.contains("above 100gbit"), "{err}");
+        assert!(check_burst("--burst", "16G", MAX_BURST_BYTES).is_ok());
+        let err = check_burst("--burst", "x", MAX_BURST_BYTES + 1).unwrap_err();
+        assert!(err.problem.contains("above 16G"), "{err}");
+        // An hour of 12kbit (1,500 bytes a second) is 5,400,000 bytes: accepted, one more not.
+        let at = |burst: u64| NetLimits {
+            egress: DirectionLimits {
+                rate_bits_per_sec: Some(12_000),
+                burst_bytes: Some(burst),
+                loss: Loss::None,
+            },
+            ..NetLimits::default()
+        };
+        assert!(check_buckets("--burst", "x", &at(5_400_000)).is_ok());
+        let err = check_buckets("--burst", "x", &at(5_400_001)).unwrap_err();
+        assert!(
+            err.problem.contains("is more than an hour at 12kbit"),
+            "{err}"
+        );
+        // burst x 1e9 overflows a u64 above 18 GB: computed in u128.
+        assert_eq!(burst_ns(1, 1 << 40), u64::MAX);
+        assert_eq!(burst_ns(1_000_000_000, 1 << 40), 1_099_511_627_776);
+        assert_eq!(burst_ns(1_000, 1 << 34), (1 << 34) * 1_000_000);
+    }
+
+    #[test]
+    fn the_kernel_config_is_clamped_whatever_it_is_given() {
+        // A rate or burst past the bounds never reaches the kernel: nbt set and a schedule
+        // change a rate under a burst set before, and every path goes through config().
+        let config = DirectionLimits {
+            rate_bits_per_sec: Some(u64::MAX),
+            burst_bytes: Some(u64::MAX),
+            loss: Loss::None,
+        }
+        .config(Direction::Egress);
+        assert_eq!(config.rate_bytes_per_sec, MAX_RATE_BITS_PER_SEC / 8);
+        assert_eq!(
+            config.burst_ns,
+            MAX_BURST_BYTES * 1_000_000_000 / (MAX_RATE_BITS_PER_SEC / 8)
+        );
+        let slow = DirectionLimits {
+            rate_bits_per_sec: Some(12_000),
+            burst_bytes: Some(MAX_BURST_BYTES),
+            loss: Loss::None,
+        }
+        .config(Direction::Egress);
+        assert_eq!(slow.burst_ns, MAX_BURST_NS);
+        // The products `pace` makes, with the largest values it can read.
+        let srtt_us = u64::from(u32::MAX) >> 3;
+        assert!(config.rate_bytes_per_sec.checked_mul(srtt_us).is_some());
+        assert!(config
+            .rate_bytes_per_sec
+            .checked_mul(config.burst_ns)
+            .is_some());
+        assert!(slow.burst_ns.checked_mul(1_000_000).is_some());
     }
 }

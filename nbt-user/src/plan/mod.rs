@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::enforce::cgroup::Limits;
-use crate::enforce::edt::{self, Latency};
+use crate::enforce::edt::Latency;
 use crate::enforce::gate::{self, Rule};
 use crate::enforce::ledger::{self, Prices};
 use crate::enforce::shaper::{self, Loss, NetLimits};
@@ -155,6 +155,44 @@ pub struct Plan {
 /// Smallest memory limit accepted: below it no process can even be exec'd reliably.
 pub const MIN_MEMORY: u64 = 1 << 20;
 
+/// The largest `--pids`: the kernel's PID_MAX_LIMIT on 64-bit machines (pids.max refuses more).
+pub const MAX_PIDS: u64 = 4 << 20;
+
+/// The largest profile file: a profile is a few lines, and the file is read whole.
+pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
+
+/// The largest schedule file: room for a schedule at its cap of actions written one step each
+/// (`schedule::parse::MAX_ACTIONS`: 100,000 steps of 25 to 40 bytes), read and parsed whole.
+pub const MAX_SCHEDULE_BYTES: u64 = 4 << 20;
+
+/// Reads the file at `path` whole, refusing one above `limit` bytes: at most `limit + 1` bytes
+/// are read, whatever its metadata says (a pipe, or a file that grows, has no size to trust).
+/// `what`: the flag or key, for the message.
+pub fn read_bounded(path: &str, limit: u64, what: &str) -> Result<String, PlanError> {
+    use std::io::Read as _;
+    let reading = |e: std::io::Error| PlanError(format!("{what}: reading '{path}': {e}"));
+    let file = std::fs::File::open(path).map_err(reading)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(reading)?;
+    if bytes.len() as u64 > limit {
+        let limit_text = format!("{limit} bytes ({})", units::format_size(limit));
+        let size = std::fs::metadata(path)
+            .ok()
+            .filter(|m| m.is_file() && m.len() > limit);
+        return Err(PlanError(match size {
+            Some(m) => format!(
+                "{what}: '{path}' is {} bytes, above the limit of {limit_text} for this file",
+                m.len()
+            ),
+            None => format!("{what}: '{path}' is more than {limit_text}, the limit for this file"),
+        }));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| PlanError(format!("{what}: reading '{path}': not UTF-8 text ({e})")))
+}
+
 /// A TOML value as the text a flag would carry: strings as they are, numbers and booleans printed.
 fn value_text(key: &str, origin: &str, value: &toml::Value) -> Result<String, PlanError> {
     match value {
@@ -191,8 +229,7 @@ impl Profile {
                         BUILT_IN_PROFILES.join(", ")
                     )));
                 }
-                let text = std::fs::read_to_string(file)
-                    .map_err(|e| PlanError(format!("--profile: reading {path}: {e}")))?;
+                let text = read_bounded(path, MAX_PROFILE_BYTES, "--profile")?;
                 Ok((
                     path.to_string(),
                     Self::parse(&text, &format!("profile {path}"))?,
@@ -276,7 +313,14 @@ impl Sources<'_> {
             limits.cpu_millicores = Some(units::parse_cpus(&name, &text)?);
         }
         if let Some((text, name)) = self.pick(&flags.pids, "pids", &profile.pids)? {
-            limits.pids = Some(units::parse_count(&name, &text)?);
+            let pids = units::parse_count(&name, &text)?;
+            if pids > MAX_PIDS {
+                return Err(PlanError(format!(
+                    "invalid value '{text}' for {name}: above {MAX_PIDS}, the most processes \
+                     the kernel allows (PID_MAX_LIMIT)"
+                )));
+            }
+            limits.pids = Some(pids);
         }
         Ok(limits)
     }
@@ -313,6 +357,7 @@ impl Sources<'_> {
             }
             net.egress.burst_bytes = Some(bytes);
             net.ingress.burst_bytes = Some(bytes);
+            shaper::check_buckets(&name, &text, &net)?;
         }
         let loss = self.loss()?;
         self.loss_direction(&mut net, loss)?;
@@ -391,15 +436,17 @@ impl Sources<'_> {
             }
             (Some((text, name)), jitter) => {
                 let latency = units::parse_duration(&name, &text)?;
-                let jitter = match &jitter {
+                let jitter_value = match &jitter {
                     Some((text, name)) => units::parse_duration(name, text)?,
                     None => std::time::Duration::ZERO,
                 };
-                if latency + jitter > edt::MAX_DELAY {
-                    return Err(PlanError(format!(
-                        "{name} {text}: latency plus jitter above 10 s, the fq qdisc's horizon (it drops packets scheduled later)"
-                    )));
-                }
+                let given = [
+                    Some((name.as_str(), text.as_str())),
+                    jitter
+                        .as_ref()
+                        .map(|(text, name)| (name.as_str(), text.as_str())),
+                ];
+                let checked = Latency::checked(latency, jitter_value, given)?;
                 if probe::fq_missing().is_some() {
                     // Named, not enforced: `nbt run` refuses it naming the missing qdisc.
                     pending.push(Pending {
@@ -414,10 +461,7 @@ impl Sources<'_> {
                     });
                     None
                 } else {
-                    Some(Latency {
-                        latency_ns: latency.as_nanos() as u64,
-                        jitter_ns: jitter.as_nanos() as u64,
-                    })
+                    Some(checked)
                 }
             }
         };
@@ -544,8 +588,7 @@ impl Sources<'_> {
         else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| PlanError(format!("{name}: reading '{path}': {e}")))?;
+        let text = read_bounded(&path, MAX_SCHEDULE_BYTES, &name)?;
         Ok(Some(
             crate::schedule::parse(&path, &text, &plan.schedule_start())
                 .map_err(|e| PlanError(e.to_string()))?,
@@ -628,6 +671,7 @@ impl Plan {
             egress_loss: self.net.egress.loss,
             ingress_loss: self.net.ingress.loss,
             latency_ns: self.latency.map(|l| l.latency_ns),
+            jitter_ns: self.latency.map_or(0, |l| l.jitter_ns),
             has_balance: self.prices.is_some(),
         }
     }
@@ -975,5 +1019,73 @@ mod tests {
                 .contains("--price-kwh 0.3 (flag; needs energy telemetry"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn files_are_read_up_to_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        let path_text = path.to_str().unwrap();
+        std::fs::write(&path, "#".repeat(1000)).unwrap();
+        assert_eq!(
+            read_bounded(path_text, 1000, "--schedule").unwrap().len(),
+            1000
+        );
+        let err = read_bounded(path_text, 999, "--schedule").unwrap_err().0;
+        assert_eq!(
+            err,
+            format!("--schedule: '{path_text}' is 1000 bytes, above the limit of 999 bytes (999 B) for this file")
+        );
+        // A profile one byte over its limit: refused, naming it.
+        std::fs::write(&path, "#".repeat(MAX_PROFILE_BYTES as usize + 1)).unwrap();
+        let err = Profile::load(path_text).unwrap_err().0;
+        assert!(
+            err.contains("is 1048577 bytes, above the limit of 1048576 bytes (1.0 MiB)"),
+            "{err}"
+        );
+        // A device or a pipe has no size: at most limit + 1 bytes are read all the same.
+        let err = read_bounded("/dev/zero", 4096, "--profile").unwrap_err().0;
+        assert!(
+            err.contains("'/dev/zero' is more than 4096 bytes (4.0 KiB), the limit"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn arithmetic_bounds_of_the_limits() {
+        let build = |f: Flags| Plan::build(&f).map_err(|e| e.0);
+        let pids = |n: u64| Flags {
+            pids: Some(n.to_string()),
+            ..flags()
+        };
+        assert_eq!(build(pids(MAX_PIDS)).unwrap().limits.pids, Some(MAX_PIDS));
+        let err = build(pids(MAX_PIDS + 1)).unwrap_err();
+        assert!(err.contains("above 4194304, the most processes"), "{err}");
+        let burst = |burst: &str| Flags {
+            egress_rate: Some("12kbit".into()),
+            burst: Some(burst.into()),
+            ..flags()
+        };
+        assert!(build(burst("5400000B")).is_ok());
+        let err = build(burst("5400001B")).unwrap_err();
+        assert!(err.contains("invalid value '5400001B' for --burst: a bucket of 5.1 MiB is more than an hour at 12kbit"), "{err}");
+        let latency = |latency: &str, jitter: &str| Flags {
+            latency: Some(latency.into()),
+            jitter: Some(jitter.into()),
+            ..flags()
+        };
+        // Refused before fq is looked for, on every kernel.
+        for (l, j) in [
+            ("5s", "5001ms"),
+            ("10000000000000000000s", "10000000000000000000s"),
+        ] {
+            let err = build(latency(l, j)).unwrap_err();
+            assert!(
+                err.contains("for --jitter") || err.contains("for --latency"),
+                "{err}"
+            );
+        }
+        let err = build(latency("5s", "5001ms")).unwrap_err();
+        assert!(err.contains("latency plus jitter above 10 s"), "{err}");
     }
 }

@@ -95,6 +95,7 @@ fn initial_of(cgroup: &RunCgroup, record: &RunRecord) -> Initial {
         egress_loss: record.net.egress.loss,
         ingress_loss: record.net.ingress.loss,
         latency_ns: record.latency.map(|l| l.latency_ns),
+        jitter_ns: record.latency.map_or(0, |l| l.jitter_ns),
         has_balance: record.ledger.is_some(),
     }
 }

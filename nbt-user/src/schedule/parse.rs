@@ -1,13 +1,23 @@
 //! Reading a schedule file: TOML into checked, expanded [`Action`]s, every error with its line.
 
+use std::collections::HashMap;
+use std::mem::{discriminant, Discriminant};
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Action, Change, Origin, Schedule};
+use crate::enforce::edt::Latency;
 use crate::enforce::shaper::Loss;
 use crate::units;
+
+/// The most actions a schedule expands to, steps, generator ticks and fault starts and ends all
+/// counted. A run holds the expanded schedule in memory and applies its actions one by one:
+/// 100,000 is a change every 36 ms for an hour, or every 5 s for almost a week. Without a cap, 100 bytes (a generator every 1 ms until 1000 h, or a fault
+/// count of 10^12) asked for billions of actions: nbt used all memory and aborted. Each table is
+/// counted before it is expanded.
+pub const MAX_ACTIONS: usize = 100_000;
 
 /// What the run starts with: where a fault ends, the limit goes back to this (or to the last
 /// step before the fault).
@@ -21,6 +31,8 @@ pub struct Initial {
     pub ingress_loss: Loss,
     /// Latency changes need fq, which only a run started with `--latency` has.
     pub latency_ns: Option<u64>,
+    /// The run's jitter: a latency step plus it must stay within 10 s.
+    pub jitter_ns: u64,
     pub has_balance: bool,
 }
 
@@ -123,7 +135,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
     })?;
     let reader = Reader {
         source,
-        text: text_in,
+        line_starts: line_starts(text_in),
         initial,
     };
     let seed = file.seed.unwrap_or(0);
@@ -135,8 +147,7 @@ pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule,
         reader.generator(seed, index, generator, &mut timeline)?;
     }
     // Faults last: their end puts back what steps and generators had set by their start.
-    let mut before = timeline.actions.clone();
-    before.sort_by_key(|a| a.at_ms);
+    let before = History::of(&timeline.actions);
     for fault in &file.fault {
         reader.fault(fault, &before, &mut timeline)?;
     }
@@ -163,6 +174,11 @@ struct Timeline {
 }
 
 impl Timeline {
+    /// Whether `n` more actions keep the schedule within [`MAX_ACTIONS`].
+    fn has_room_for(&self, n: u64) -> bool {
+        (self.actions.len() as u64).saturating_add(n) <= MAX_ACTIONS as u64
+    }
+
     fn claim(&mut self, limit: &'static str, from: u64, to: u64, source: &str) {
         self.claims.push(Claim {
             limit,
@@ -182,22 +198,49 @@ impl Timeline {
     }
 }
 
-/// What reading any table needs: the file's name and text (for messages and their lines) and
-/// the state the run starts with.
+/// What reading any table needs: the file's name and where its lines start (for messages and
+/// their lines) and the state the run starts with.
 struct Reader<'a> {
     source: &'a str,
-    text: &'a str,
+    line_starts: Vec<usize>,
     initial: &'a Initial,
+}
+
+/// The byte offset at which each line of `text` starts, in one pass: looking a table's line up
+/// is then a binary search. Counting the newlines before each table instead made a schedule of
+/// 100,000 steps take minutes (quadratic).
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
 }
 
 /// A table's values, each checked and in its unit, or an error with the table's line.
 impl Reader<'_> {
-    /// The line (from 1) of byte `offset`: the newlines before it, counted from the start.
+    /// The line (from 1) of byte `offset`: how many lines start at or before it.
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1
+        self.line_starts.partition_point(|start| *start <= offset)
+    }
+
+    /// Refuses a table at `line` that expands to `n` actions (`what`) past [`MAX_ACTIONS`].
+    fn reserve(
+        &self,
+        line: usize,
+        timeline: &Timeline,
+        n: u64,
+        what: &str,
+    ) -> Result<(), ScheduleError> {
+        if timeline.has_room_for(n) {
+            return Ok(());
+        }
+        Err(self.err(
+            line,
+            format!(
+                "{what} adds {n} actions to the {} before it: more than {MAX_ACTIONS}, the most \
+                 a schedule expands to",
+                timeline.actions.len()
+            ),
+        ))
     }
 
     fn err(&self, line: usize, what: String) -> ScheduleError {
@@ -311,6 +354,7 @@ impl Reader<'_> {
 impl Reader<'_> {
     fn step(&self, step: &Spanned<StepToml>, timeline: &mut Timeline) -> Result<(), ScheduleError> {
         let line = self.line_of(step.span().start);
+        self.reserve(line, timeline, 1, "this step")?;
         let s = step.get_ref();
         let at = self.millis(line, "at", &s.at)?;
         let mut changes = Vec::new();
@@ -383,8 +427,12 @@ impl Reader<'_> {
             if self.initial.latency_ns.is_none() {
                 return Err(self.err(line, "a latency step needs the run started with --latency (0ms will do), which puts fq on its interfaces".into()));
             }
+            let jitter = Duration::from_nanos(self.initial.jitter_ns);
+            let value = text(v);
+            let given = [Some(("latency", value.as_str())), None];
+            let latency = Latency::checked(self.duration(line, "latency", v)?, jitter, given);
             changes.push(Change::Latency {
-                ns: self.duration(line, "latency", v)?.as_nanos() as u64,
+                ns: self.at_line(line, latency)?.latency_ns,
             });
         }
         Ok(())
@@ -474,6 +522,9 @@ impl Reader<'_> {
         let line = self.line_of(generator.span().start);
         let g = generator.get_ref();
         let wave = self.wave(line, g)?;
+        // Counted before a single tick is made: `until` > `from`, `every` > 0.
+        let ticks = (wave.until - wave.from) / wave.every + 1;
+        self.reserve(line, timeline, ticks, "this generator")?;
         let rng = SplitMix(seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let source = format!("generator {} (line {line})", g.limit);
         timeline.claim(limit_name(&g.limit), wave.from, wave.until, &source);
@@ -535,7 +586,10 @@ impl Reader<'_> {
     ) -> Result<f64, ScheduleError> {
         let t = text(value);
         let r = match limit {
-            "egress-rate" | "ingress-rate" => units::parse_rate(key, &t).map(|x| x as f64),
+            "egress-rate" | "ingress-rate" => units::parse_rate(key, &t).and_then(|x| {
+                crate::enforce::shaper::check_rate(key, &t, x)?;
+                Ok(x as f64)
+            }),
             "cpus" => units::parse_cpus(key, &t).map(|x| x as f64),
             "loss" => units::parse_percent(key, &t),
             other => {
@@ -603,7 +657,7 @@ impl Reader<'_> {
     fn fault(
         &self,
         fault: &Spanned<FaultToml>,
-        before: &[Action],
+        before: &History,
         timeline: &mut Timeline,
     ) -> Result<(), ScheduleError> {
         let line = self.line_of(fault.span().start);
@@ -616,6 +670,15 @@ impl Reader<'_> {
             length: timing.length,
         };
         let (on, instant) = table.changes()?;
+        // A start, and an end unless instant, each time: counted before any is made.
+        let per_strike = if instant { 1 } else { 2 };
+        let what = format!("this fault (count {})", timing.count);
+        self.reserve(
+            line,
+            timeline,
+            timing.count.saturating_mul(per_strike),
+            &what,
+        )?;
         table.emit(&timing, &on, instant, before, timeline);
         Ok(())
     }
@@ -639,6 +702,12 @@ impl Reader<'_> {
         };
         if count == 0 {
             return Err(self.err(line, "count must be at least 1".into()));
+        }
+        if count > MAX_ACTIONS as u64 {
+            return Err(self.err(
+                line,
+                format!("count {count}: a schedule expands to at most {MAX_ACTIONS} actions"),
+            ));
         }
         if let (Some(length), true) = (length, repeat > 0) {
             if repeat <= length {
@@ -804,11 +873,12 @@ impl FaultTable<'_> {
         timing: &Timing,
         on: &[Change],
         instant: bool,
-        before: &[Action],
+        before: &History,
         timeline: &mut Timeline,
     ) {
         let (f, line, initial) = (self.f, self.line, self.reader.initial);
         for n in 0..timing.count {
+            // At most a year plus 100,000 years in ms: far inside a u64 (units::MAX_DURATION).
             let at = timing.start + n * timing.repeat;
             let name = format!("{} #{} (line {line})", f.kind, n + 1);
             if instant {
@@ -836,17 +906,42 @@ fn limit_name(limit: &str) -> &'static str {
     }
 }
 
+/// The values steps and generators set, per kind of change, each list in time order (file order
+/// at one time): what a fault's end puts back is a binary search, not a scan of every action
+/// before it for every strike of every fault.
+struct History {
+    by_kind: HashMap<Discriminant<Change>, Vec<(u64, Change)>>,
+}
+
+impl History {
+    fn of(actions: &[Action]) -> History {
+        let mut by_kind: HashMap<_, Vec<(u64, Change)>> = HashMap::new();
+        for action in actions {
+            for change in &action.changes {
+                by_kind
+                    .entry(discriminant(change))
+                    .or_default()
+                    .push((action.at_ms, change.clone()));
+            }
+        }
+        for list in by_kind.values_mut() {
+            // Stable: at one time, the later in file order wins, as it does when applied.
+            list.sort_by_key(|(at, _)| *at);
+        }
+        History { by_kind }
+    }
+
+    /// The last change of `like`'s kind at or before `at`.
+    fn last(&self, like: &Change, at: u64) -> Option<&Change> {
+        let list = self.by_kind.get(&discriminant(like))?;
+        let n = list.partition_point(|(t, _)| *t <= at);
+        n.checked_sub(1).map(|i| &list[i].1)
+    }
+}
+
 /// What puts `change`'s limit back after a fault starting at `at`: the last value steps and
 /// generators set before then, else the run's initial one.
-fn restore(change: &Change, before: &[Action], at: u64, initial: &Initial) -> Change {
-    // `before` is in time order: the last match is the value in force at `at`.
-    let last = before
-        .iter()
-        .rev()
-        .filter(|a| a.at_ms <= at)
-        .flat_map(|a| a.changes.iter())
-        .find(|c| std::mem::discriminant(*c) == std::mem::discriminant(change))
-        .cloned();
+fn restore(change: &Change, before: &History, at: u64, initial: &Initial) -> Change {
     match change {
         Change::Freeze { .. } => Change::Freeze { frozen: false },
         Change::Leak { .. } => Change::Leak {
@@ -854,42 +949,44 @@ fn restore(change: &Change, before: &[Action], at: u64, initial: &Initial) -> Ch
         },
         Change::MemoryHigh { .. } => {
             // Lifted back to the memory limit in force (a memory step sets that one).
-            let memory = before
-                .iter()
-                .rev()
-                .filter(|a| a.at_ms <= at)
-                .flat_map(|a| a.changes.iter())
-                .find_map(|c| match c {
-                    Change::Memory { bytes } => Some(*bytes),
-                    _ => None,
-                })
-                .unwrap_or(initial.memory);
+            let memory = match before.last(&Change::Memory { bytes: None }, at) {
+                Some(Change::Memory { bytes }) => *bytes,
+                _ => initial.memory,
+            };
             Change::MemoryHigh { bytes: memory }
         }
-        _ => last.unwrap_or_else(|| match change {
-            Change::Cpus { .. } => Change::Cpus {
-                millicores: initial.cpus,
-            },
-            Change::EgressLoss { .. } => Change::EgressLoss {
-                loss: initial.egress_loss,
-            },
-            Change::IngressLoss { .. } => Change::IngressLoss {
-                loss: initial.ingress_loss,
-            },
-            Change::EgressRate { .. } => Change::EgressRate {
-                bits_per_sec: initial.egress_rate,
-            },
-            Change::IngressRate { .. } => Change::IngressRate {
-                bits_per_sec: initial.ingress_rate,
-            },
-            Change::Memory { .. } => Change::Memory {
-                bytes: initial.memory,
-            },
-            Change::Latency { .. } => Change::Latency {
-                ns: initial.latency_ns.unwrap_or(0),
-            },
-            other => other.clone(),
-        }),
+        _ => before
+            .last(change, at)
+            .cloned()
+            .unwrap_or_else(|| initial_value(change, initial)),
+    }
+}
+
+/// `change`'s limit as the run started.
+fn initial_value(change: &Change, initial: &Initial) -> Change {
+    match change {
+        Change::Cpus { .. } => Change::Cpus {
+            millicores: initial.cpus,
+        },
+        Change::EgressLoss { .. } => Change::EgressLoss {
+            loss: initial.egress_loss,
+        },
+        Change::IngressLoss { .. } => Change::IngressLoss {
+            loss: initial.ingress_loss,
+        },
+        Change::EgressRate { .. } => Change::EgressRate {
+            bits_per_sec: initial.egress_rate,
+        },
+        Change::IngressRate { .. } => Change::IngressRate {
+            bits_per_sec: initial.ingress_rate,
+        },
+        Change::Memory { .. } => Change::Memory {
+            bytes: initial.memory,
+        },
+        Change::Latency { .. } => Change::Latency {
+            ns: initial.latency_ns.unwrap_or(0),
+        },
+        other => other.clone(),
     }
 }
 
@@ -1063,5 +1160,167 @@ amount = "0.5"
         assert!(e.contains("overlap itself"), "{e}");
         let e = refuse("[[step]]\nat = \"1s\"\nlatency = \"50ms\"\n");
         assert!(e.contains("--latency"), "{e}");
+    }
+
+    fn generator_until(until: &str) -> String {
+        format!(
+            "seed = 1\n\n[[generator]]\nlimit = \"cpus\"\nkind = \"random-walk\"\nevery = \"1ms\"\n\
+             until = \"{until}\"\nmin = 0.1\nmax = 1\n"
+        )
+    }
+
+    #[test]
+    fn a_generator_up_to_the_cap_of_actions() {
+        // 0 ms to 99,999 ms every 1 ms: exactly 100,000 ticks.
+        let s = parse("g.toml", &generator_until("99999ms"), &initial()).unwrap();
+        assert_eq!(s.actions.len(), MAX_ACTIONS);
+        let e = parse("g.toml", &generator_until("100s"), &initial())
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("g.toml, line 3: this generator adds 100001 actions to the 0 before it: more than 100000"),
+            "{e}"
+        );
+        // The 100-byte schedule that used all memory: refused before a tick is made.
+        let e = parse("g.toml", &generator_until("1000h"), &initial())
+            .unwrap_err()
+            .0;
+        assert!(e.contains("adds 3600000001 actions"), "{e}");
+    }
+
+    #[test]
+    fn fault_counts_are_checked_before_expanding() {
+        let fault = |count: u64, duration: &str| {
+            format!("[[step]]\nat = \"0s\"\ncpus = 1\n[[fault]]\nkind = \"brownout\"\nstart = \"1s\"\n{duration}repeat = \"2ms\"\ncount = {count}\n")
+        };
+        let brownout = |count| fault(count, "duration = \"1ms\"\n");
+        let e = parse("f", &brownout(1_000_000_000_000), &initial())
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("line 4: count 1000000000000: a schedule expands to at most 100000"),
+            "{e}"
+        );
+        // A start and an end each: 49,999 strikes and the step fit, 50,000 do not.
+        let s = parse("f", &brownout(49_999), &initial()).unwrap();
+        assert_eq!(s.actions.len(), MAX_ACTIONS - 1);
+        let e = parse("f", &brownout(50_000), &initial()).unwrap_err().0;
+        assert!(
+            e.contains("line 4: this fault (count 50000) adds 100000 actions to the 1 before it"),
+            "{e}"
+        );
+        // An instant fault is one action a strike.
+        let shock = |count| {
+            format!("[[step]]\nat = \"0s\"\ncpus = 1\n[[fault]]\nkind = \"balance-shock\"\nstart = \"1s\"\namount = \"1\"\nrepeat = \"1ms\"\ncount = {count}\n")
+        };
+        assert_eq!(
+            parse("f", &shock(99_999), &initial())
+                .unwrap()
+                .actions
+                .len(),
+            MAX_ACTIONS
+        );
+        assert!(parse("f", &shock(100_000), &initial()).is_err());
+    }
+
+    fn steps(n: usize) -> String {
+        (1..=n)
+            .map(|i| format!("[[step]]\nat = \"{i}ms\"\ncpus = 1\n"))
+            .collect()
+    }
+
+    #[test]
+    fn steps_up_to_the_cap_each_with_its_line() {
+        let s = parse("s", &steps(MAX_ACTIONS), &initial()).unwrap();
+        assert_eq!(s.actions.len(), MAX_ACTIONS);
+        assert_eq!(s.actions[MAX_ACTIONS - 1].source, "step (line 299998)");
+        let e = parse("s", &steps(MAX_ACTIONS + 1), &initial())
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("s, line 300001: this step adds 1 actions to the 100000 before it"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn lines_are_found_from_the_line_starts() {
+        let starts = line_starts("a\nbc\n\nd");
+        assert_eq!(starts, [0, 2, 5, 6]);
+        let reader = Reader {
+            source: "s",
+            line_starts: starts,
+            initial: &initial(),
+        };
+        let lines: Vec<usize> = (0..8).map(|o| reader.line_of(o)).collect();
+        assert_eq!(lines, [1, 1, 2, 2, 2, 3, 4, 4]);
+    }
+
+    #[test]
+    fn a_fault_puts_back_the_value_in_force_at_its_start_among_many() {
+        // Many generator ticks before a fault: its end restores the last tick at its start.
+        let text = "[[generator]]\nlimit = \"cpus\"\nkind = \"periodic\"\nperiod = \"8s\"\nevery = \"2s\"\nuntil = \"8s\"\nmin = 0.5\nmax = 1.5\n[[fault]]\nkind = \"brownout\"\nstart = \"9s\"\nduration = \"1s\"\ncpus = 0.1\n[[fault]]\nkind = \"memory-squeeze\"\nstart = \"1s\"\nduration = \"1s\"\nmemory = \"64M\"\n";
+        let s = parse(
+            "t",
+            text,
+            &Initial {
+                memory: Some(1 << 30),
+                ..initial()
+            },
+        )
+        .unwrap();
+        let end = |at: u64| {
+            s.actions
+                .iter()
+                .rev()
+                .find(|a| a.at_ms == at)
+                .unwrap()
+                .changes
+                .clone()
+        };
+        assert_eq!(
+            end(10_000),
+            [Change::Cpus {
+                millicores: Some(1000)
+            }]
+        );
+        assert_eq!(
+            end(2_000)[0],
+            Change::MemoryHigh {
+                bytes: Some(1 << 30)
+            }
+        );
+    }
+
+    #[test]
+    fn latency_steps_within_ten_seconds_with_the_jitter() {
+        let with_latency = Initial {
+            latency_ns: Some(0),
+            jitter_ns: 2_000_000_000,
+            ..initial()
+        };
+        let step = |latency: &str| format!("[[step]]\nat = \"1s\"\nlatency = \"{latency}\"\n");
+        assert!(parse("l", &step("8s"), &with_latency).is_ok());
+        let e = parse("l", &step("8001ms"), &with_latency).unwrap_err().0;
+        assert!(
+            e.contains(
+                "line 1: invalid value '8001ms' for latency: latency plus jitter above 10 s"
+            ),
+            "{e}"
+        );
+        let e = parse("l", &step("10000000000000000000s"), &with_latency)
+            .unwrap_err()
+            .0;
+        assert!(e.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn generator_rates_are_checked_like_any_rate() {
+        let text = |max: &str| {
+            format!("[[generator]]\nlimit = \"egress-rate\"\nkind = \"random-walk\"\nevery = \"1s\"\nuntil = \"2s\"\nmin = \"1mbit\"\nmax = \"{max}\"\n")
+        };
+        assert!(parse("r", &text("100gbit"), &initial()).is_ok());
+        let e = parse("r", &text("101gbit"), &initial()).unwrap_err().0;
+        assert!(e.contains("above 100gbit"), "{e}");
     }
 }
