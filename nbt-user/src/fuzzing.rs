@@ -4,7 +4,7 @@
 //! visibility, and only these thin wrappers reach their `pub(crate)` parsers.
 //!
 //! Nothing here touches the machine except `profile`, which writes its input to a file in the
-//! temporary directory because `Plan::build` reads profiles from files.
+//! temporary directory, because `Plan::build` reads profiles from files, and removes it after.
 
 use serde_json::Value;
 
@@ -89,7 +89,9 @@ pub fn profile(text: &str) {
         receipts: Some("/nonexistent/nbt-fuzz-receipts.db".into()),
         ..Flags::default()
     };
-    if let Ok(plan) = Plan::build(&flags) {
+    let built = Plan::build(&flags);
+    let _ = std::fs::remove_file(&path);
+    if let Ok(plan) = built {
         // What `nbt run --json` and the summary print of it.
         let _ = serde_json::to_value(&plan);
         let _ = plan.schedule_start();
