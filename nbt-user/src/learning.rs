@@ -85,6 +85,11 @@ impl TaskReport {
                 return Err(format!("{name} is {loss}, not a finite number"));
             }
         }
+        // Each finite, their difference can still overflow (1e308 and -1e308): the delta would be
+        // infinite, accepted whatever the threshold, and written as null in the receipt.
+        if !(report.base_loss - report.new_loss).is_finite() {
+            return Err("base_loss - new_loss is not a finite number".into());
+        }
         Ok(report)
     }
 

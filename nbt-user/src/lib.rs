@@ -6,6 +6,8 @@ pub mod cmd;
 pub mod demo;
 pub mod enforce;
 pub(crate) mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod learning;
 pub mod plan;
 pub(crate) mod receipt;

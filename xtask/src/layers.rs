@@ -22,6 +22,8 @@ pub const LAYERS: &[&[&str]] = &[
     &["agent"],
     &["demo"],
     &["cmd"],
+    // The fuzz targets' entry points (docs/fuzzing.md): above everything they fuzz.
+    &["fuzzing"],
 ];
 
 /// Module path (`enforce::cgroup`) → the source of its non-test code, for every module under

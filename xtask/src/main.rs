@@ -3,6 +3,7 @@
 //!   cargo xtask setup          install what this machine lacks (idempotent, fast when done)
 //!   cargo xtask run [-- ARGS]  set up, build, run `nbt ARGS` as root (default: `nbt demo`)
 //!   cargo xtask test           set up, build, run every test as root
+//!   cargo xtask fuzz           run each fuzz target of fuzz/ for a minute (docs/fuzzing.md)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -10,6 +11,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context as _, Result};
 
 mod bench;
+mod fuzz;
 mod layers;
 mod telemetry;
 mod vm;
@@ -91,6 +93,20 @@ enum Task {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         repeat: u32,
     },
+    /// Run the cargo-fuzz targets of fuzz/ under libFuzzer (installs cargo-fuzz when missing)
+    /// and print each one's executions, coverage and crashes; fails when any target crashed
+    Fuzz {
+        /// How long each target runs (libFuzzer would read 0 as no limit: refused)
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+        /// Only this target (a file name of fuzz/fuzz_targets without .rs)
+        #[arg(long)]
+        target: Option<String>,
+        /// Go on past crashes, timeouts and OOMs (libFuzzer's fork mode), counting each, so
+        /// that a target with a known crash still runs its whole time
+        #[arg(long)]
+        keep_going: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +122,11 @@ fn main() -> ExitCode {
         } => bench(&kind, kernel.as_deref(), repeat),
         Task::VmTest { kernel } => vm_test(&kernel),
         Task::Layers { graph } => Ok(check_layers(graph)),
+        Task::Fuzz {
+            seconds,
+            target,
+            keep_going,
+        } => fuzz_targets(seconds, target.as_deref(), keep_going),
     };
     match result {
         Ok(code) => code,
@@ -344,6 +365,12 @@ fn vm_test(kernel: &str) -> Result<ExitCode> {
         eprintln!("xtask vm-test: some VM tests failed (see above)");
         Ok(ExitCode::FAILURE)
     }
+}
+
+fn fuzz_targets(seconds: u64, target: Option<&str>, keep_going: bool) -> Result<ExitCode> {
+    // nbt-user's build script builds the eBPF programs: bpf-linker and nightly's rust-src.
+    setup()?;
+    fuzz::fuzz(&workspace_root(), seconds, target, keep_going)
 }
 
 fn check_layers(graph: bool) -> ExitCode {

@@ -9,7 +9,9 @@
 //! - numbers as ECMAScript's `Number.prototype.toString` writes an IEEE-754 double: the shortest
 //!   digits that read back to the same double, `1` not `1.0`, `1e+21`, `1e-7`, `-0` as `0`.
 //!
-//! Integers beyond 2^53 cannot travel as JSON numbers without loss; they are refused, not rounded.
+//! Integers beyond 2^53 cannot travel as JSON numbers without loss; they are refused, not rounded,
+//! unless their digits are already how ECMAScript writes the double nearest them: that is how a
+//! double of 2^53 or more (`1e19`) encodes, and it must read back to the same text.
 
 use serde_json::{Number, Value};
 
@@ -92,18 +94,26 @@ fn number(n: &Number, path: &str) -> Result<String, NotCanonicalizable> {
             "{path}: the integer {n} is beyond 2^53, which JSON numbers cannot hold exactly"
         ))
     };
+    // Beyond 2^53, the integer's digits must be those of the double nearest it, as written.
+    let double = |digits: String, nearest: f64| {
+        if ecmascript_number(nearest) == digits {
+            Ok(digits)
+        } else {
+            Err(too_big())
+        }
+    };
     if let Some(u) = n.as_u64() {
         return if u <= MAX_EXACT_INTEGER {
             Ok(u.to_string())
         } else {
-            Err(too_big())
+            double(u.to_string(), u as f64)
         };
     }
     if let Some(i) = n.as_i64() {
         return if i.unsigned_abs() <= MAX_EXACT_INTEGER {
             Ok(i.to_string())
         } else {
-            Err(too_big())
+            double(i.to_string(), i as f64)
         };
     }
     // serde_json holds no NaN or infinity: every other number is a finite double.
@@ -223,5 +233,29 @@ mod tests {
             "{err}"
         );
         assert_eq!(encode(&json!(-(1i64 << 53))).unwrap(), "-9007199254740992");
+        // 2^53 + 1 and 2^60 are no double's digits: a JCS reader would round them.
+        assert!(encode(&json!((1u64 << 53) + 1)).is_err());
+        assert!(encode(&json!(1u64 << 60)).is_err());
+    }
+
+    #[test]
+    fn a_double_beyond_2_53_reads_back_to_its_encoding() {
+        // Found by fuzzing (fuzz/ `canonical`): this double encodes as 8999999999100000000,
+        // which reads back as an integer beyond 2^53. `nbt receipts verify` re-encodes what it
+        // reads: the encoding must be the same, or a receipt holding such a number (a workload's
+        // reported loss) would be called altered.
+        for input in [
+            "8999999999099999999.99",
+            "1e19",
+            "-1e19",
+            "1152921504606847000",
+            "-9007199254740994",
+        ] {
+            let value: Value = serde_json::from_str(input).unwrap();
+            let text = encode(&value).unwrap_or_else(|e| panic!("{input}: {e}"));
+            let again: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(encode(&again).as_ref(), Ok(&text), "{input}");
+        }
+        assert_eq!(encode(&json!(1e19)).unwrap(), "10000000000000000000");
     }
 }

@@ -1,0 +1,10 @@
+//! The `units` target (docs/fuzzing.md): UTF-8 input to `nbt::fuzzing::units`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        nbt::fuzzing::units(text);
+    }
+});
