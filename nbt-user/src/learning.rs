@@ -279,7 +279,7 @@ impl ReportFile {
     /// root's alone).
     pub fn for_workload(run: &str, uid: u32, gid: u32) -> Result<ReportFile> {
         use std::os::unix::fs::DirBuilderExt as _;
-        let dir = std::env::temp_dir().join(run);
+        let dir = workload_dir(run);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -413,6 +413,11 @@ impl Drop for ReportFile {
             }
         }
     }
+}
+
+/// The directory of the run's own the workload reports into (`/tmp/RUN`).
+pub fn workload_dir(run: &str) -> PathBuf {
+    std::env::temp_dir().join(run)
 }
 
 /// A new file, opened for reading: refused if anything (a link included) is at `path`.

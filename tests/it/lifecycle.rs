@@ -254,10 +254,13 @@ fn a_killed_nbt_leaves_its_gate_closed_until_cleanup() {
         warned.stderr()
     );
 
+    let reports = std::env::temp_dir().join(&name);
+    assert!(reports.join("reports").exists(), "{}", reports.display());
     let cleanup = nbt(&["cleanup"]);
     assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
     assert!(cleanup.stderr().contains(&name), "{}", cleanup.stderr());
     assert!(!pins.exists(), "{} left behind", pins.display());
+    assert!(!reports.exists(), "{} left behind", reports.display());
     // The workload was killed with its cgroups: its output ends.
     wait_for("the orphan's workload to end", || {
         matches!(

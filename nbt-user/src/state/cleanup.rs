@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::hwcaps::HwcapsRecord;
 use super::{state_dir, RunFiles, RunRecord};
@@ -142,6 +142,14 @@ fn remove_orphan(record: &RunRecord) -> Result<usize> {
         .clone()
         .unwrap_or_else(|| crate::sys::pin::run_dir(&record.name));
     crate::sys::pin::remove_run_dir(&pins)?;
+    // The workload's report directory (remove_dir_all removes a link in its place, not what
+    // the link points to).
+    let reports = crate::learning::workload_dir(&record.name);
+    if fs::symlink_metadata(&reports).is_ok() {
+        fs::remove_dir_all(&reports)
+            .or_else(|_| fs::remove_file(&reports))
+            .with_context(|| format!("removing {}", reports.display()))?;
+    }
     if let Some(qdiscs) = &record.qdiscs {
         let errors = qdiscs.still_there().remove();
         if !errors.is_empty() {
