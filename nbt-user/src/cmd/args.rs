@@ -243,17 +243,24 @@ pub struct NetArgs {
 /// The simulated balance and the destinations it pays for.
 #[derive(Debug, Args)]
 pub struct LedgerArgs {
-    /// Starting balance (0.50, 5): while it is above zero new connections and datagrams to gated
-    /// destinations pass and are charged, at zero they fail with EPERM; once it is negative the
-    /// packets of connections already open are dropped too
+    /// Starting balance (0.50, 5). Each call to a gated destination (a new connection, a new
+    /// request on an open one, a datagram) is charged in the kernel and passes only when the
+    /// balance covers it: a new connection then gets EPERM, a request on an open one has its
+    /// connection torn down
     #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
     pub balance: Option<String>,
     /// Charged per byte sent to gated destinations, in the kernel (0.09/GB)
     #[arg(long, value_name = "AMOUNT/GB", allow_negative_numbers = true)]
     pub price_egress: Option<String>,
-    /// Charged per new connection or datagram to a gated destination, in the kernel
+    /// Charged per call to a gated destination, in the kernel: a new connection, a new request
+    /// on an open TCP connection (payload sent after a reply, or after --call-gap idle), a
+    /// datagram
     #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
     pub price_call: Option<String>,
+    /// Payload sent on a TCP connection idle this long (all it sent acknowledged, nothing
+    /// received) is a new call [default: 1s]
+    #[arg(long, value_name = "DURATION")]
+    pub call_gap: Option<String>,
     /// Charged per hour of wall time, by nbt
     #[arg(long, value_name = "AMOUNT", allow_negative_numbers = true)]
     pub price_hour: Option<String>,
@@ -268,6 +275,7 @@ impl LedgerArgs {
         flags.balance = self.balance.clone();
         flags.price_egress = self.price_egress.clone();
         flags.price_call = self.price_call.clone();
+        flags.call_gap = self.call_gap.clone();
         flags.price_hour = self.price_hour.clone();
         flags.gate = self.gate.clone();
     }

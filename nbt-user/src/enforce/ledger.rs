@@ -128,12 +128,48 @@ pub fn format_amount(micro: i64) -> String {
 }
 
 /// The money side of a plan.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Prices {
     pub balance_micro: i64,
     pub call_micro: i64,
+    /// `--call-gap`: payload on a TCP connection idle this long is a new call.
+    #[serde(default = "default_call_gap")]
+    pub call_gap_ns: u64,
     pub egress_pico_per_byte: u64,
     pub hour_micro: i64,
+}
+
+impl Default for Prices {
+    fn default() -> Prices {
+        Prices {
+            balance_micro: 0,
+            call_micro: 0,
+            call_gap_ns: DEFAULT_CALL_GAP_NS,
+            egress_pico_per_byte: 0,
+            hour_micro: 0,
+        }
+    }
+}
+
+/// One second: longer than a client's pause between writes of one request, shorter than the
+/// pause between two requests of a client that sends without waiting for replies.
+pub const DEFAULT_CALL_GAP_NS: u64 = 1_000_000_000;
+const MIN_CALL_GAP_NS: u64 = 1_000_000;
+const MAX_CALL_GAP_NS: u64 = 3_600_000_000_000;
+pub const CALL_GAP_FORMS: &str = "a duration from 1ms to 1h: 250ms, 1s, 30s";
+
+fn default_call_gap() -> u64 {
+    DEFAULT_CALL_GAP_NS
+}
+
+/// `--call-gap`: nanoseconds, 1 ms to 1 h.
+pub fn parse_call_gap(flag: &str, text: &str) -> Result<u64, UsageError> {
+    let duration = crate::units::parse_duration(flag, text)?;
+    let ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+    if !(MIN_CALL_GAP_NS..=MAX_CALL_GAP_NS).contains(&ns) {
+        return Err(error(flag, text, "out of range", CALL_GAP_FORMS));
+    }
+    Ok(ns)
 }
 
 /// What the run was charged, and what the gate refused.
@@ -145,12 +181,32 @@ pub struct LedgerSummary {
     pub charged_calls_micro: i64,
     pub charged_egress_micro: i64,
     pub charged_time_micro: i64,
+    /// Calls charged: new connections, requests on open connections, datagrams.
     pub calls: u64,
+    /// Of `calls`, requests on connections already open.
+    pub requests: u64,
+    /// Bytes of packets with payload charged (whole IP packets).
     pub egress_bytes: u64,
+    /// Calls refused because the balance could not pay them.
     pub blocked_calls: u64,
+    /// Of `blocked_calls`, requests on open connections.
+    pub refused_requests: u64,
+    /// Connections nbt destroyed after a refused request (the client saw ECONNABORTED).
+    pub connections_torn_down: u64,
+    /// Packets with payload dropped: refused requests and what their connections sent after.
     pub blocked_packets: u64,
-    /// Refused calls and packets per destination, "addr:port" → count.
-    pub blocked_by_destination: std::collections::BTreeMap<String, u64>,
+    /// `--call-gap` in milliseconds.
+    pub call_gap_ms: f64,
+    /// Per destination, "addr:port" (or "other destinations").
+    pub destinations: std::collections::BTreeMap<String, DestinationCalls>,
+}
+
+/// Calls to one gated destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DestinationCalls {
+    pub charged: u64,
+    pub refused: u64,
+    pub torn_down: u64,
 }
 
 #[cfg(test)]
@@ -212,6 +268,19 @@ mod tests {
         );
         // A price of 10^6 an hour for a year is 8.76 x 10^21 pico-units: saturated, not wrapped.
         assert_eq!(time_debit_pico(MAX_AMOUNT_MICRO, 365.0 * 86400.0), i64::MAX);
+    }
+
+    #[test]
+    fn call_gaps() {
+        assert_eq!(parse_call_gap("--call-gap", "250ms"), Ok(250_000_000));
+        assert_eq!(parse_call_gap("--call-gap", "1h"), Ok(MAX_CALL_GAP_NS));
+        for text in ["0s", "999us", "61m"] {
+            let err = parse_call_gap("--call-gap", text).unwrap_err();
+            assert_eq!(err.problem, "out of range", "{text}");
+            assert_eq!(err.accepted, CALL_GAP_FORMS);
+        }
+        assert!(parse_call_gap("--call-gap", "5").is_err());
+        assert_eq!(Prices::default().call_gap_ns, DEFAULT_CALL_GAP_NS);
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub struct Profile {
     pub balance: Option<toml::Value>,
     pub price_egress: Option<toml::Value>,
     pub price_call: Option<toml::Value>,
+    pub call_gap: Option<toml::Value>,
     pub price_kwh: Option<toml::Value>,
     pub price_hour: Option<toml::Value>,
     pub gate: Option<toml::Value>,
@@ -90,6 +91,7 @@ pub struct Flags {
     pub balance: Option<String>,
     pub price_egress: Option<String>,
     pub price_call: Option<String>,
+    pub call_gap: Option<String>,
     pub price_hour: Option<String>,
     pub gate: Option<String>,
     pub receipts: Option<std::path::PathBuf>,
@@ -473,12 +475,19 @@ impl Sources<'_> {
         let (flags, profile) = (self.flags, self.profile);
         let balance = self.pick(&flags.balance, "balance", &profile.balance)?;
         let price_call = self.pick(&flags.price_call, "price-call", &profile.price_call)?;
+        let call_gap = self.pick(&flags.call_gap, "call-gap", &profile.call_gap)?;
         let price_egress = self.pick(&flags.price_egress, "price-egress", &profile.price_egress)?;
         let price_hour = self.pick(&flags.price_hour, "price-hour", &profile.price_hour)?;
         let gate_text = self.pick(&flags.gate, "gate", &profile.gate)?;
         let (prices, gate) = match balance {
             None => {
-                let needs = [&price_call, &price_egress, &price_hour, &gate_text];
+                let needs = [
+                    &price_call,
+                    &call_gap,
+                    &price_egress,
+                    &price_hour,
+                    &gate_text,
+                ];
                 if let Some((_, name)) = needs.into_iter().flatten().next() {
                     return Err(PlanError(format!(
                         "{name} needs --balance: prices and the gate act on a balance"
@@ -493,6 +502,9 @@ impl Sources<'_> {
                 };
                 if let Some((text, name)) = price_call {
                     prices.call_micro = ledger::parse_amount(&name, &text)?;
+                }
+                if let Some((text, name)) = call_gap {
+                    prices.call_gap_ns = ledger::parse_call_gap(&name, &text)?;
                 }
                 if let Some((text, name)) = price_egress {
                     prices.egress_pico_per_byte = ledger::parse_price_per_gb(&name, &text)?;

@@ -163,6 +163,7 @@ fn bpf(out: &mut Vec<Feature>) {
     let maps = [
         (MapType::PerCpuArray, "percpu_array"),
         (MapType::Hash, "hash"),
+        (MapType::LruHash, "lru_hash"),
         (MapType::LpmTrie, "lpm_trie"),
         (MapType::PerfEventArray, "perf_event_array"),
         (MapType::RingBuf, "ringbuf"),
@@ -186,6 +187,17 @@ fn bpf(out: &mut Vec<Feature>) {
             "/sys/kernel/btf/vmlinux absent (CONFIG_DEBUG_INFO_BTF off): the agent cannot track CPU time per process"
         },
     ));
+    let (available, detail) = match crate::enforce::gate::teardown_path() {
+        Ok(path) => (
+            true,
+            format!("{path}: a request the balance cannot pay aborts its connection (ECONNABORTED)"),
+        ),
+        Err(why) => (
+            false,
+            format!("{why}: a refused request's connection sends nothing more, and its client waits for TCP's timeout"),
+        ),
+    };
+    out.push(feature("bpf", "gate teardown", available, detail));
 }
 
 /// The kernel's build configuration, from /proc/config.gz when the kernel exposes it.

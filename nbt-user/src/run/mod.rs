@@ -255,6 +255,7 @@ impl Books {
 /// killed), then the pinned links, so that no process of the run is left without its programs.
 struct Armed {
     blocked: Option<gate::BlockedLog>,
+    teardowns: Option<gate::Teardowns>,
     ledger: Option<gate::LedgerIds>,
     /// When the run ends normally, dropped after the programs (see `take_down`): fq goes back to
     /// the kernel's default on every interface.
@@ -282,12 +283,16 @@ impl Armed {
             )?),
             None => None,
         };
-        let blocked = match ledger {
-            Some(_) => Some(gate::BlockedLog::open(&mut ebpf)?),
-            None => None,
+        let (blocked, teardowns) = match ledger {
+            Some(_) => (
+                Some(gate::BlockedLog::open(&mut ebpf)?),
+                Some(gate::Teardowns::start(&mut ebpf)?),
+            ),
+            None => (None, None),
         };
         Ok(Armed {
             blocked,
+            teardowns,
             ledger,
             latency,
             cgroup,
@@ -665,12 +670,15 @@ fn settle_ledger(
             if prices.hour_micro > 0 {
                 gate::charge_time(ids, prices.hour_micro, wall_seconds)?;
             }
-            let counts = armed
-                .blocked
+            if let Some(log) = armed.blocked.as_mut() {
+                log.drain();
+            }
+            let torn_down = armed
+                .teardowns
                 .take()
-                .map(|log| log.into_counts())
+                .map(gate::Teardowns::finish)
                 .unwrap_or_default();
-            Some(gate::summarize(ids, prices, counts)?)
+            Some(gate::summarize(ids, prices, &armed.ebpf, &torn_down)?)
         }
         _ => None,
     })

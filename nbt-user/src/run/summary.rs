@@ -374,20 +374,22 @@ impl RunSummary {
             );
             let _ = writeln!(
                 out,
-                "  gate          blocked {} calls, {} packets{}",
+                "  gate          calls charged {} ({} requests on open connections), refused {} ({} on open connections), {} connections torn down, {} packets dropped; call gap {} ms",
+                l.calls,
+                l.requests,
                 l.blocked_calls,
+                l.refused_requests,
+                l.connections_torn_down,
                 l.blocked_packets,
-                if l.blocked_by_destination.is_empty() {
-                    String::new()
-                } else {
-                    let list: Vec<String> = l
-                        .blocked_by_destination
-                        .iter()
-                        .map(|(d, n)| format!("{d} x{n}"))
-                        .collect();
-                    format!(": {}", list.join(", "))
-                }
+                l.call_gap_ms,
             );
+            for (destination, calls) in &l.destinations {
+                let _ = writeln!(
+                    out,
+                    "                {destination}: charged {}, refused {}, torn down {}",
+                    calls.charged, calls.refused, calls.torn_down
+                );
+            }
         }
     }
 

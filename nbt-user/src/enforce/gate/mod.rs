@@ -1,24 +1,27 @@
 //! `gate`: the destinations whose calls the balance pays for, the programs that enforce it
-//! (`nbt-ebpf/src/gate.rs`), and the log of what they refused.
+//! (`nbt-ebpf/src/gate.rs`), the teardown of refused connections (`teardown.rs`), and the log
+//! of what was charged and refused (`log.rs`).
 
-use std::collections::BTreeMap;
+mod log;
+mod teardown;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer};
 use aya::maps::{Array, Map, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::Ebpf;
 use nbt_common::gate::{
-    BlockedEvent, GateConfig, KernelLedger, V4Key, V6Key, BLOCKED_CONNECT, BLOCKED_EGRESS, CREDIT,
-    GATE_CONFIG_MAP, GATE_EVENTS_MAP, GATE_V4_MAP, GATE_V6_MAP, KERNEL_LEDGER_MAP, TIME_DEBIT,
-    USER_LEDGER_MAP,
+    GateConfig, KernelLedger, V4Key, V6Key, CREDIT, GATE_CONFIG_MAP, GATE_V4_MAP, GATE_V6_MAP,
+    KERNEL_LEDGER_MAP, TIME_DEBIT, USER_LEDGER_MAP,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::enforce::ledger::{self, format_amount, LedgerSummary, Prices, PICO_PER_MICRO};
+pub use self::log::BlockedLog;
+pub use self::teardown::{path as teardown_path, Teardowns, TornDown};
+use crate::enforce::ledger::{self, LedgerSummary, Prices, PICO_PER_MICRO};
 use crate::error::{PlanError, UsageError};
 use crate::sys::loader;
 use crate::sys::pin::Pins;
@@ -312,6 +315,7 @@ fn map_id(ebpf: &Ebpf, name: &str) -> Result<u32> {
 }
 
 /// Configures the gate, writes the starting balance, and attaches the five gate programs.
+/// Start [`Teardowns`] before the workload: refused connections go on its ring.
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup_dir: &Path,
@@ -325,6 +329,7 @@ pub fn attach(
         all: u32::from(all),
         price_call_pico: (prices.call_micro * PICO_PER_MICRO) as u64,
         price_egress_pico_per_byte: prices.egress_pico_per_byte,
+        call_gap_ns: prices.call_gap_ns,
     };
     Array::<&mut MapData, GateConfig>::try_from(
         ebpf.map_mut(GATE_CONFIG_MAP)
@@ -337,6 +342,7 @@ pub fn attach(
     )?;
     user.set(CREDIT, prices.balance_micro * PICO_PER_MICRO, 0)?;
     user.set(TIME_DEBIT, 0, 0)?;
+    log::add_other_destinations(ebpf)?;
 
     let cgroup = loader::open_cgroup(cgroup_dir)?;
     for name in [
@@ -454,98 +460,12 @@ pub fn charge_time(ids: &LedgerIds, hour_micro: i64, seconds: f64) -> Result<()>
     Ok(())
 }
 
-/// Reads blocked-call events from every CPU's perf buffer and logs each destination once.
-pub struct BlockedLog {
-    buffers: Vec<PerfEventArrayBuffer<MapData>>,
-    by_destination: BTreeMap<String, u64>,
-}
-
-fn destination(event: &BlockedEvent) -> String {
-    let addr: IpAddr = if event.family == 4 {
-        IpAddr::V4(Ipv4Addr::new(
-            event.addr[0],
-            event.addr[1],
-            event.addr[2],
-            event.addr[3],
-        ))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(event.addr))
-    };
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{}", event.port),
-        IpAddr::V6(a) => format!("[{a}]:{}", event.port),
-    }
-}
-
-impl BlockedLog {
-    pub fn open(ebpf: &mut Ebpf) -> Result<BlockedLog> {
-        let map = ebpf
-            .take_map(GATE_EVENTS_MAP)
-            .ok_or_else(|| anyhow!("{GATE_EVENTS_MAP} missing"))?;
-        let mut events = PerfEventArray::try_from(map)?;
-        let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        let buffers = cpus
-            .into_iter()
-            .map(|cpu| events.open(cpu, None))
-            .collect::<Result<_, _>>()?;
-        Ok(BlockedLog {
-            buffers,
-            by_destination: BTreeMap::new(),
-        })
-    }
-
-    /// Takes what the kernel reported since the last call.
-    pub fn drain(&mut self) {
-        let mut new = Vec::new();
-        for buffer in &mut self.buffers {
-            buffer.for_each(|event| {
-                if let PerfEvent::Sample { head, tail } = event {
-                    let mut bytes = head.to_vec();
-                    bytes.extend_from_slice(tail);
-                    if bytes.len() >= size_of::<BlockedEvent>() {
-                        // SAFETY: the kernel wrote a BlockedEvent, a plain #[repr(C)] value.
-                        new.push(unsafe {
-                            std::ptr::read_unaligned(bytes.as_ptr().cast::<BlockedEvent>())
-                        });
-                    }
-                }
-            });
-        }
-        for event in new {
-            let dest = destination(&event);
-            let count = self.by_destination.entry(dest.clone()).or_insert(0);
-            if *count == 0 {
-                let what = match event.kind {
-                    BLOCKED_CONNECT => "connect to",
-                    BLOCKED_EGRESS => "packet to",
-                    _ => "datagram to",
-                };
-                let comm = String::from_utf8_lossy(&event.comm);
-                let who = if event.pid == 0 {
-                    String::new()
-                } else {
-                    format!(" by pid {} ({})", event.pid, comm.trim_end_matches('\0'))
-                };
-                eprintln!(
-                    "nbt: balance {}: blocked {what} {dest}{who}; further blocks of {dest} are counted, not logged",
-                    format_amount(event.balance_pico / PICO_PER_MICRO)
-                );
-            }
-            *count += 1;
-        }
-    }
-
-    pub fn into_counts(mut self) -> BTreeMap<String, u64> {
-        self.drain();
-        self.by_destination
-    }
-}
-
 /// The run's ledger at the end.
 pub fn summarize(
     ids: &LedgerIds,
     prices: &Prices,
-    blocked: BTreeMap<String, u64>,
+    ebpf: &Ebpf,
+    torn_down: &TornDown,
 ) -> Result<LedgerSummary> {
     let (credit, time, kernel) = read_ledger(ids)?;
     Ok(LedgerSummary {
@@ -556,10 +476,14 @@ pub fn summarize(
         charged_egress_micro: kernel.egress_debit_pico as i64 / PICO_PER_MICRO,
         charged_time_micro: time / PICO_PER_MICRO,
         calls: kernel.calls,
+        requests: kernel.requests,
         egress_bytes: kernel.egress_bytes,
         blocked_calls: kernel.blocked_calls,
+        refused_requests: kernel.refused_requests,
+        connections_torn_down: torn_down.values().sum(),
         blocked_packets: kernel.blocked_packets,
-        blocked_by_destination: blocked,
+        call_gap_ms: prices.call_gap_ns as f64 / 1e6,
+        destinations: log::destinations(ebpf, torn_down)?,
     })
 }
 

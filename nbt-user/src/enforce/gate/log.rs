@@ -1,0 +1,142 @@
+//! What the gate charged and refused, as nbt tells it: a line on stderr the first time each
+//! destination is refused (from the kernel's events, which carry the caller's pid), and the
+//! calls charged and refused per destination (from the kernel's counts).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::teardown::{destination_text, TornDown};
+use crate::enforce::ledger::{format_amount, DestinationCalls, PICO_PER_MICRO};
+use anyhow::{anyhow, Result};
+use aya::maps::perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer};
+use aya::maps::{HashMap, MapData};
+use aya::Ebpf;
+use nbt_common::gate::{
+    BlockedEvent, DestCounts, DestKey, BLOCKED_CONNECT, BLOCKED_EGRESS, BLOCKED_REQUEST,
+    GATE_BY_DEST_MAP, GATE_EVENTS_MAP,
+};
+
+/// What the kernel counted past the destinations it keeps one by one.
+pub const OTHER_DESTINATIONS: &str = "other destinations";
+
+/// Reads refusal events from every CPU's perf buffer and logs each destination once.
+pub struct BlockedLog {
+    buffers: Vec<PerfEventArrayBuffer<MapData>>,
+    logged: BTreeSet<String>,
+}
+
+fn event_destination(event: &BlockedEvent) -> String {
+    let addr = if event.family == 4 {
+        IpAddr::from([event.addr[0], event.addr[1], event.addr[2], event.addr[3]])
+    } else {
+        IpAddr::from(event.addr)
+    };
+    destination_text(addr, event.port as u16)
+}
+
+impl BlockedLog {
+    pub fn open(ebpf: &mut Ebpf) -> Result<BlockedLog> {
+        let map = ebpf
+            .take_map(GATE_EVENTS_MAP)
+            .ok_or_else(|| anyhow!("{GATE_EVENTS_MAP} missing"))?;
+        let mut events = PerfEventArray::try_from(map)?;
+        let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let buffers = cpus
+            .into_iter()
+            .map(|cpu| events.open(cpu, None))
+            .collect::<Result<_, _>>()?;
+        Ok(BlockedLog {
+            buffers,
+            logged: BTreeSet::new(),
+        })
+    }
+
+    /// Takes what the kernel reported since the last call.
+    pub fn drain(&mut self) {
+        let mut new = Vec::new();
+        for buffer in &mut self.buffers {
+            buffer.for_each(|event| {
+                if let PerfEvent::Sample { head, tail } = event {
+                    let mut bytes = head.to_vec();
+                    bytes.extend_from_slice(tail);
+                    if bytes.len() >= size_of::<BlockedEvent>() {
+                        // SAFETY: the kernel wrote a BlockedEvent, a plain #[repr(C)] value.
+                        new.push(unsafe {
+                            std::ptr::read_unaligned(bytes.as_ptr().cast::<BlockedEvent>())
+                        });
+                    }
+                }
+            });
+        }
+        for event in new {
+            let dest = event_destination(&event);
+            if !self.logged.insert(dest.clone()) {
+                continue;
+            }
+            let what = match event.kind {
+                BLOCKED_CONNECT => "connect to",
+                BLOCKED_EGRESS => "packet to",
+                BLOCKED_REQUEST => "request (its connection is torn down) to",
+                _ => "datagram to",
+            };
+            let comm = String::from_utf8_lossy(&event.comm);
+            let who = if event.pid == 0 {
+                String::new()
+            } else {
+                format!(" by pid {} ({})", event.pid, comm.trim_end_matches('\0'))
+            };
+            eprintln!(
+                "nbt: balance {}: refused {what} {dest}{who}; further refusals of {dest} are counted, not logged",
+                format_amount(event.balance_pico / PICO_PER_MICRO)
+            );
+        }
+    }
+}
+
+/// Adds the "other destinations" entry, which the kernel counts into once the map is full.
+pub fn add_other_destinations(ebpf: &mut Ebpf) -> Result<()> {
+    let mut map: HashMap<&mut MapData, DestKey, DestCounts> = HashMap::try_from(
+        ebpf.map_mut(GATE_BY_DEST_MAP)
+            .ok_or_else(|| anyhow!("{GATE_BY_DEST_MAP} missing"))?,
+    )?;
+    map.insert(DestKey::default(), DestCounts::default(), 0)?;
+    Ok(())
+}
+
+/// Calls charged, refused and torn down per destination.
+pub fn destinations(
+    ebpf: &Ebpf,
+    torn_down: &TornDown,
+) -> Result<BTreeMap<String, DestinationCalls>> {
+    let map: HashMap<&MapData, DestKey, DestCounts> = HashMap::try_from(
+        ebpf.map(GATE_BY_DEST_MAP)
+            .ok_or_else(|| anyhow!("{GATE_BY_DEST_MAP} missing"))?,
+    )?;
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (key, counts) = entry?;
+        if counts == DestCounts::default() {
+            continue;
+        }
+        let name = match key.family {
+            4 => destination_text(
+                IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]]),
+                key.port as u16,
+            ),
+            6 => destination_text(IpAddr::from(key.addr), key.port as u16),
+            _ => OTHER_DESTINATIONS.to_string(),
+        };
+        out.insert(
+            name,
+            DestinationCalls {
+                charged: counts.calls,
+                refused: counts.refused,
+                torn_down: 0,
+            },
+        );
+    }
+    for (name, count) in torn_down {
+        out.entry(name.clone()).or_default().torn_down = *count;
+    }
+    Ok(out)
+}
