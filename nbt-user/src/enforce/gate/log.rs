@@ -19,10 +19,11 @@ use nbt_common::gate::{
 /// What the kernel counted past the destinations it keeps one by one.
 pub const OTHER_DESTINATIONS: &str = "other destinations";
 
-/// Reads refusal events from every CPU's perf buffer and logs each destination once.
+/// Reads refusal events from every CPU's perf buffer and logs each kind of refusal of each
+/// destination once.
 pub struct BlockedLog {
     buffers: Vec<PerfEventArrayBuffer<MapData>>,
-    logged: BTreeSet<String>,
+    logged: BTreeSet<(String, u32)>,
 }
 
 fn event_destination(event: &BlockedEvent) -> String {
@@ -70,7 +71,7 @@ impl BlockedLog {
         }
         for event in new {
             let dest = event_destination(&event);
-            if !self.logged.insert(dest.clone()) {
+            if !self.logged.insert((dest.clone(), event.kind)) {
                 continue;
             }
             let what = match event.kind {
@@ -86,7 +87,7 @@ impl BlockedLog {
                 format!(" by pid {} ({})", event.pid, comm.trim_end_matches('\0'))
             };
             eprintln!(
-                "nbt: balance {}: refused {what} {dest}{who}; further refusals of {dest} are counted, not logged",
+                "nbt: balance {}: refused {what} {dest}{who}; more of these are counted, not logged",
                 format_amount(event.balance_pico / PICO_PER_MICRO)
             );
         }
