@@ -68,6 +68,19 @@ after=$($TC -n a qdisc show dev va)
 ok=0; [ "$held" = "1 1" ] && ! echo "$after" | grep -qE "fq|clsact" && grep -q "removed nbt-" /tmp/cleanup && ok=1
 result orphan_cleanup $ok "fq, orphans before cleanup: $held; after: $after; $(head -c 160 /tmp/cleanup | tr '\n' ' ')"
 
+# The gate on this kernel: requests over one connection are charged one call each; the one the
+# balance cannot pay is dropped and its connection torn down (sock_diag: ECONNABORTED at once),
+# and the server, in the other namespace, serves exactly the three paid.
+$IP netns exec b nbt-testbin reply-server 192.0.2.2:5003 4 > /tmp/served &
+sleep 1
+teardown=$(nbt probe 2>/dev/null | grep 'gate teardown' | head -c 120)
+out=$(in_a nbt run --balance 0.003 --price-call 0.001 --gate 192.0.2.2:5003 -- nbt-testbin requests 192.0.2.2:5003 5 2>/dev/null)
+wait
+served=$(awk '/served/ { print $2 }' /tmp/served)
+refused=$(echo "$out" | grep '^request 3 ')
+ok=0; [ "$(echo "$out" | grep -c ' ok$')" = 3 ] && [ "$served" = 3 ] && echo "$refused" | grep -q ECONNABORTED && ok=1
+result gate_per_request $ok "served $served; $refused; probe: $teardown"
+
 # Egress rate on a veth, measured at the receiver.
 $IP netns exec b nbt-testbin tcp-recv 192.0.2.2:5001 2 6 > /tmp/recv &
 sleep 1

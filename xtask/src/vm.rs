@@ -101,7 +101,8 @@ fn initramfs(
     }
     sh(&format!(
         "set -e; m='{k}/lib/modules/{r}'; d='{root}/lib/modules/{r}'; mkdir -p \"$d\"; cd \"$m\"; \
-         cp --parents kernel/net/sched/*.ko* kernel/drivers/net/veth.ko* \"$d/\"; cp modules.builtin* modules.order \"$d/\"; \
+         cp --parents kernel/net/sched/*.ko* kernel/drivers/net/veth.ko* kernel/net/ipv4/inet_diag.ko* \
+         kernel/net/ipv4/tcp_diag.ko* \"$d/\"; cp modules.builtin* modules.order \"$d/\"; \
          depmod -b '{root}' {r}",
         k = kernel_dir.display(),
         r = release,

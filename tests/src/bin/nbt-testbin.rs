@@ -140,6 +140,8 @@ fn main() {
         }
         "raw-send" => println!("raw-send {}", outcome(raw_send(arg(&args, 2)))),
         "keepalive" => keepalive(arg(&args, 2), num(&args, 3), num(&args, 4), num(&args, 5)),
+        "requests" => requests(arg(&args, 2), num(&args, 3)),
+        "reply-server" => reply_server(arg(&args, 2), Duration::from_secs(num(&args, 3))),
         "escape" => escape(),
         other => {
             eprintln!("nbt-testbin: unknown mode {other}");
@@ -272,6 +274,81 @@ fn keepalive(addr: &str, first: u64, second: u64, gap_ms: u64) {
     println!("keepalive second {}", outcome(second_result));
     // Give TCP time to try: what the gate drops never arrives.
     std::thread::sleep(Duration::from_millis(gap_ms));
+}
+
+/// `requests ADDR N`: N request lines over one connection, each waiting for its reply line;
+/// prints "request i ok" or "request i ERRNO MS ms" (how long the failure took), then stops.
+fn requests(addr: &str, count: u64) {
+    use std::io::BufRead;
+    let stream = match connect(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("request connect {}", outcome::<()>(Err(e)));
+            return;
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    for i in 0..count {
+        let start = Instant::now();
+        let mut reply = String::new();
+        let result = (&stream)
+            .write_all(format!("request {i}\n").as_bytes())
+            .and_then(|()| reader.read_line(&mut reply))
+            .and_then(|n| match n {
+                0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                _ => Ok(()),
+            });
+        match result {
+            Ok(()) => println!("request {i} ok"),
+            Err(e) => {
+                let name = match e.raw_os_error() {
+                    Some(libc::ECONNABORTED) => "ECONNABORTED".to_string(),
+                    Some(libc::ECONNRESET) => "ECONNRESET".to_string(),
+                    _ => format!("error {e}"),
+                };
+                println!(
+                    "request {i} {name} {:.1} ms",
+                    start.elapsed().as_secs_f64() * 1000.0
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// `reply-server ADDR SECONDS`: answers each line of each connection with one line, and at the
+/// end prints "served N", the request lines it received.
+fn reply_server(addr: &str, duration: Duration) {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let served = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                let served = served.clone();
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().unwrap();
+                    for line in std::io::BufReader::new(stream).lines() {
+                        let Ok(line) = line else { break };
+                        served.fetch_add(1, Ordering::Relaxed);
+                        if writer.write_all(format!("reply to {line}\n").as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    println!("served {}", served.load(Ordering::Relaxed));
 }
 
 fn alloc(mib: u64) {
