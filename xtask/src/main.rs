@@ -36,7 +36,12 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "python3",
-        "a third party checking receipts without nbt (sqlite3, hashlib, json)",
+        "a third party checking receipts without nbt (sqlite3, hashlib, json); Python's HTTP \
+         server and clients of every socket kind for the gate's tests",
+    ),
+    (
+        "curl",
+        "a real HTTP client reusing one connection for several URLs (the gate's tests)",
     ),
     (
         "openssl",

@@ -77,9 +77,8 @@ impl SockDiag {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a new descriptor that nothing else owns.
-        Ok(SockDiag {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SockDiag { fd })
     }
 
     /// Destroys `socket`: Ok when it is gone; ENOENT when there is no such socket, ESTALE when

@@ -206,6 +206,18 @@ fn at_zero_the_next_request_aborts_its_connection_and_a_new_one_gets_eperm() {
             "{}",
             run.stderr()
         );
+        // The run's receipt holds the same counts, signed.
+        let export = nbt(&["receipts", "export", "--format", "jsonl"]);
+        let last_run: serde_json::Value = export
+            .stdout()
+            .lines()
+            .rfind(|l| l.contains(r#""kind":"run""#))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .expect("a run receipt");
+        assert_eq!(
+            &last_run["receipt"]["summary"]["ledger"]["destinations"][&gate], counts,
+            "{host}"
+        );
     }
     guard.assert_clean();
 }

@@ -339,7 +339,10 @@ fn reply_server(addr: &str, duration: Duration) {
                     for line in std::io::BufReader::new(stream).lines() {
                         let Ok(line) = line else { break };
                         served.fetch_add(1, Ordering::Relaxed);
-                        if writer.write_all(format!("reply to {line}\n").as_bytes()).is_err() {
+                        if writer
+                            .write_all(format!("reply to {line}\n").as_bytes())
+                            .is_err()
+                        {
                             break;
                         }
                     }
