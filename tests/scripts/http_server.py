@@ -14,12 +14,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         Handler.served += 1
+        # Counted before the reply leaves: the client cannot finish before the count is out.
+        print(f"served {Handler.served} {self.path}", flush=True)
         body = f"response {Handler.served}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        print(f"served {Handler.served} {self.path}", flush=True)
 
     def log_message(self, *args):
         pass
