@@ -71,23 +71,17 @@ pub fn gate_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn gate_egress(ctx: SkBuffContext) -> i32 {
-    let Some(config) = GATE_CONFIG.get(0) else {
-        return 1;
-    };
-    if config.enabled == 0 {
-        return 1;
-    }
     let Some(packet) = packet::parse(&ctx) else {
         return 1;
     };
-    if !gated(config, &packet.dest) {
+    let Some(config) = gate_for(&packet.dest) else {
         return 1;
-    }
+    };
     if packet.tcp.is_tcp {
         if packet.tcp.payload == 0 {
             return 1;
         }
-        if let Some(verdict) = request::egress(&ctx, config, &packet, &packet.tcp) {
+        if let Some(verdict) = request::egress(&ctx, config, &packet) {
             return verdict;
         }
     }

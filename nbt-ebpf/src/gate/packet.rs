@@ -7,7 +7,7 @@ use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
 
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 // IPv6 extension headers that may sit between the fixed header and TCP or UDP.
 const IPV6_HOP_BY_HOP: u8 = 0;

@@ -23,7 +23,8 @@ use aya_ebpf::{
 use nbt_common::gate::{Conn, GateConfig, Teardown, BLOCKED_REQUEST, CONN_PREPAID, CONN_REFUSED};
 
 use super::ledger::{self, Payment};
-use super::packet::{Packet, Tcp};
+use super::packet::{Packet, IPPROTO_TCP};
+use super::SOCK_STREAM;
 
 /// Connections in flight at once, more than a run's workload keeps to gated destinations; when
 /// full, the oldest are forgotten and their next request is charged again (never passed free).
@@ -31,9 +32,6 @@ use super::packet::{Packet, Tcp};
 pub static GATE_CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(16384, 0);
 #[map(name = "GATE_TEARDOWN")]
 static GATE_TEARDOWN: RingBuf = RingBuf::with_byte_size(64 << 10, 0);
-
-const SOCK_STREAM: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
 
 /// The TCP socket of the packet; `None` for other sockets, a raw one's TCP packets included.
 fn tcp_sock(ctx: &SkBuffContext) -> Option<*mut bpf_tcp_sock> {
@@ -44,7 +42,10 @@ fn tcp_sock(ctx: &SkBuffContext) -> Option<*mut bpf_tcp_sock> {
             return None;
         }
         let full = bpf_sk_fullsock(sk);
-        if full.is_null() || (*full).type_ != SOCK_STREAM || (*full).protocol != IPPROTO_TCP {
+        if full.is_null()
+            || (*full).type_ != SOCK_STREAM
+            || (*full).protocol != u32::from(IPPROTO_TCP)
+        {
             return None;
         }
         let tcp = bpf_tcp_sock(full);
@@ -54,7 +55,7 @@ fn tcp_sock(ctx: &SkBuffContext) -> Option<*mut bpf_tcp_sock> {
 
 /// A packet with payload to a gated destination: its verdict, or `None` when its socket is not
 /// TCP (the caller judges it as a datagram).
-pub fn egress(ctx: &SkBuffContext, config: &GateConfig, packet: &Packet, tcp: &Tcp) -> Option<i32> {
+pub fn egress(ctx: &SkBuffContext, config: &GateConfig, packet: &Packet) -> Option<i32> {
     let sock = tcp_sock(ctx)?;
     // SAFETY: the helper reads the cookie of the packet's socket; `sock` was checked above.
     let (cookie, snd_nxt, snd_una, received, now) = unsafe {
@@ -72,7 +73,7 @@ pub fn egress(ctx: &SkBuffContext, config: &GateConfig, packet: &Packet, tcp: &T
     if conn.flags & CONN_REFUSED != 0 {
         return Some(drop_and_tear_down(packet, cookie));
     }
-    let new_data = tcp.seq == snd_nxt;
+    let new_data = packet.tcp.seq == snd_nxt;
     let starts_call = new_data
         && match entry {
             // Opened before the gate knew it (e.g. its address was gated later).

@@ -104,6 +104,23 @@ fn client_run(balance: &str, gate: &str, user: &str, client: &[&str]) -> Run {
     nbt(&args)
 }
 
+/// Python's HTTP server on `listen`, and a run of the client `mode` against it at `host`, for
+/// `count` requests, with `balance` at 0.001 a call; the run has ended with status 0.
+fn http_run(
+    listen: &str,
+    host: &str,
+    balance: &str,
+    mode: &str,
+    count: &str,
+) -> (HttpServer, String, Run) {
+    let server = HttpServer::start(listen);
+    let port = server.port.to_string();
+    let gate = gate_of(host, server.port);
+    let run = client_run(balance, &gate, "nobody", &[mode, host, &port, count]);
+    assert_eq!(run.status(), 0, "{mode} {host}: {}", run.stderr());
+    (server, gate, run)
+}
+
 fn lines_of(run: &Run, mode: &str) -> Vec<String> {
     run.stdout()
         .lines()
@@ -119,11 +136,7 @@ fn destination<'a>(run: &'a Run, dest: &str) -> &'a serde_json::Value {
 #[test]
 fn requests_over_one_keep_alive_connection_are_one_call_each() {
     let guard = NoLeftovers::new();
-    let server = HttpServer::start("127.0.0.1");
-    let port = server.port.to_string();
-    let gate = gate_of("127.0.0.1", server.port);
-    let run = client_run("1", &gate, "nobody", &["http", "127.0.0.1", &port, "10"]);
-    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let (server, gate, run) = http_run("127.0.0.1", "127.0.0.1", "1", "http", "10");
     assert_eq!(lines_of(&run, "http").len(), 10, "{}", run.stdout());
     assert!(lines_of(&run, "http").iter().all(|l| l.ends_with(" ok")));
     assert_eq!(server.served(), 10);
@@ -135,9 +148,7 @@ fn requests_over_one_keep_alive_connection_are_one_call_each() {
     assert_eq!(destination(&run, &gate)["charged"], 10);
 
     // curl fetching four URLs reuses its one connection.
-    let urls: Vec<String> = (0..4)
-        .map(|i| format!("http://127.0.0.1:{port}/curl{i}"))
-        .collect();
+    let urls: Vec<String> = (0..4).map(|i| format!("http://{gate}/curl{i}")).collect();
     let mut args = vec![
         "run",
         "--json",
@@ -171,11 +182,7 @@ fn at_zero_the_next_request_aborts_its_connection_and_a_new_one_gets_eperm() {
         ("::1", "::1"),
         ("::ffff:127.0.0.1", "127.0.0.1"),
     ] {
-        let server = HttpServer::start(listen);
-        let port = server.port.to_string();
-        let gate = gate_of(host, server.port);
-        let run = client_run("0.005", &gate, "nobody", &["http", host, &port, "8"]);
-        assert_eq!(run.status(), 0, "{host}: {}", run.stderr());
+        let (server, gate, run) = http_run(listen, host, "0.005", "http", "8");
         let lines = lines_of(&run, "http");
         assert_eq!(lines.len(), 6, "{host}: {lines:?}");
         assert!(lines[..5].iter().all(|l| l.ends_with(" ok")), "{lines:?}");
@@ -228,16 +235,7 @@ fn at_zero_the_next_request_aborts_its_connection_and_a_new_one_gets_eperm() {
 #[test]
 fn a_call_priced_above_the_balance_left_is_refused_at_once() {
     let guard = NoLeftovers::new();
-    let server = HttpServer::start("127.0.0.1");
-    let port = server.port.to_string();
-    let gate = gate_of("127.0.0.1", server.port);
-    let run = client_run(
-        "0.0025",
-        &gate,
-        "nobody",
-        &["http", "127.0.0.1", &port, "3"],
-    );
-    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let (server, _, run) = http_run("127.0.0.1", "127.0.0.1", "0.0025", "http", "3");
     let lines = lines_of(&run, "http");
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[2].starts_with("http 2 ECONNABORTED"), "{lines:?}");
@@ -255,16 +253,7 @@ fn a_call_priced_above_the_balance_left_is_refused_at_once() {
 #[test]
 fn pipelined_requests_sent_before_any_reply_are_one_call() {
     let guard = NoLeftovers::new();
-    let server = HttpServer::start("127.0.0.1");
-    let port = server.port.to_string();
-    let gate = gate_of("127.0.0.1", server.port);
-    let run = client_run(
-        "1",
-        &gate,
-        "nobody",
-        &["pipelined", "127.0.0.1", &port, "3"],
-    );
-    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let (server, _, run) = http_run("127.0.0.1", "127.0.0.1", "1", "pipelined", "3");
     assert_eq!(lines_of(&run, "pipelined").len(), 3, "{}", run.stdout());
     assert_eq!(server.served(), 3);
     assert_eq!(run.u64("/ledger/calls"), 1);

@@ -3,9 +3,8 @@
 //! calls charged and refused per destination (from the kernel's counts).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use super::teardown::{destination_text, TornDown};
 use crate::enforce::ledger::{format_amount, DestinationCalls, PICO_PER_MICRO};
 use anyhow::{anyhow, Result};
 use aya::maps::perf::{PerfEvent, PerfEventArray, PerfEventArrayBuffer};
@@ -16,8 +15,11 @@ use nbt_common::gate::{
     GATE_BY_DEST_MAP, GATE_EVENTS_MAP,
 };
 
+/// Connections torn down, per destination ("addr:port").
+pub type TornDown = BTreeMap<String, u64>;
+
 /// What the kernel counted past the destinations it keeps one by one.
-pub const OTHER_DESTINATIONS: &str = "other destinations";
+const OTHER_DESTINATIONS: &str = "other destinations";
 
 /// Reads refusal events from every CPU's perf buffer and logs each kind of refusal of each
 /// destination once.
@@ -26,13 +28,18 @@ pub struct BlockedLog {
     logged: BTreeSet<(String, u32)>,
 }
 
-fn event_destination(event: &BlockedEvent) -> String {
-    let addr = if event.family == 4 {
-        IpAddr::from([event.addr[0], event.addr[1], event.addr[2], event.addr[3]])
+/// An address as the kernel's structs hold it: `family` 4 in the first 4 bytes, else IPv6.
+pub(super) fn ip(family: u32, bytes: [u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
     } else {
-        IpAddr::from(event.addr)
-    };
-    destination_text(addr, event.port as u16)
+        IpAddr::from(bytes)
+    }
+}
+
+/// "addr:port", "[addr]:port" for IPv6: how the summary names a destination.
+pub(super) fn destination_text(addr: IpAddr, port: u16) -> String {
+    SocketAddr::new(addr, port).to_string()
 }
 
 impl BlockedLog {
@@ -70,7 +77,7 @@ impl BlockedLog {
             });
         }
         for event in new {
-            let dest = event_destination(&event);
+            let dest = destination_text(ip(event.family, event.addr), event.port as u16);
             if !self.logged.insert((dest.clone(), event.kind)) {
                 continue;
             }
@@ -120,11 +127,7 @@ pub fn destinations(
             continue;
         }
         let name = match key.family {
-            4 => destination_text(
-                IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]]),
-                key.port as u16,
-            ),
-            6 => destination_text(IpAddr::from(key.addr), key.port as u16),
+            4 | 6 => destination_text(ip(key.family, key.addr), key.port as u16),
             _ => OTHER_DESTINATIONS.to_string(),
         };
         out.insert(

@@ -19,8 +19,8 @@ use nbt_common::gate::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use self::log::BlockedLog;
-pub use self::teardown::{path as teardown_path, Teardowns, TornDown};
+pub use self::log::{BlockedLog, TornDown};
+pub use self::teardown::{path as teardown_path, Teardowns};
 use crate::enforce::ledger::{self, LedgerSummary, Prices, PICO_PER_MICRO};
 use crate::error::{PlanError, UsageError};
 use crate::sys::loader;

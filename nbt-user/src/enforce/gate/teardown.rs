@@ -8,8 +8,7 @@
 //! Where the kernel cannot destroy sockets (no CONFIG_INET_DIAG_DESTROY), or nbt is gone, the
 //! connection still sends nothing with payload; its client waits for TCP's own timeout.
 
-use std::collections::{BTreeMap, HashSet};
-use std::net::IpAddr;
+use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,13 +19,11 @@ use aya::maps::{MapData, RingBuf};
 use aya::Ebpf;
 use nbt_common::gate::{Teardown, GATE_TEARDOWN_MAP};
 
+use super::log::{destination_text, ip, TornDown};
 use crate::sys::sock_diag::{self, SockDiag, TcpSocket};
 
 /// How often the thread looks at its stop flag while the ring is quiet.
 const POLL_MS: i32 = 50;
-
-/// Connections torn down, per destination ("addr:port").
-pub type TornDown = BTreeMap<String, u64>;
 
 /// The thread that tears connections down, until the run ends.
 pub struct Teardowns {
@@ -87,21 +84,6 @@ impl Drop for Teardowns {
     }
 }
 
-fn addr(family: u32, bytes: [u8; 16]) -> IpAddr {
-    if family == 4 {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(bytes)
-    }
-}
-
-pub(super) fn destination_text(addr: IpAddr, port: u16) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
-}
-
 fn serve(mut ring: RingBuf<MapData>, diag: Option<SockDiag>, stop: &AtomicBool) -> TornDown {
     let mut torn_down = TornDown::new();
     let mut done: HashSet<u64> = HashSet::new();
@@ -120,11 +102,11 @@ fn serve(mut ring: RingBuf<MapData>, diag: Option<SockDiag>, stop: &AtomicBool) 
             }
             let socket = TcpSocket {
                 local: (
-                    addr(event.family, event.src),
+                    ip(event.family, event.src),
                     u16::from_be_bytes(event.ports[0]),
                 ),
                 remote: (
-                    addr(event.family, event.dst),
+                    ip(event.family, event.dst),
                     u16::from_be_bytes(event.ports[1]),
                 ),
                 cookie: event.cookie,
