@@ -85,6 +85,17 @@ pub fn egress_bucket() -> Option<(&'static ShaperConfig, *mut ShaperState)> {
     Some((config, SHAPER_STATE.get_ptr_mut(EGRESS)?))
 }
 
+/// The bucket's depth in bytes, when the direction has a rate (for `pacing`). The product fits
+/// in a u64: user space keeps rate x burst_ns within burst x 1e9 < 2^34 x 1e9.
+#[inline(always)]
+pub fn bucket_bytes(direction: u32) -> Option<u64> {
+    let config = SHAPER_CONFIG.get(direction)?;
+    if config.rate_bytes_per_sec == 0 {
+        return None;
+    }
+    Some(config.rate_bytes_per_sec * config.burst_ns / NSEC_PER_SEC)
+}
+
 pub const PPM: u64 = 1_000_000;
 
 #[inline(always)]
@@ -192,9 +203,14 @@ unsafe fn lost(config: &ShaperConfig, state: *mut ShaperState) -> bool {
 /// The token bucket, as GCRA: the bucket is a clock `tat` that runs ahead by each packet's cost
 /// (bytes / rate, in ns) and holds `now - tat` ns worth of tokens, at most `burst_ns`.
 ///
-/// A packet passes when the bucket holds its cost, or, for a packet larger than the whole bucket
-/// (a GSO super-packet at a low rate), when the bucket is full; it then leaves the bucket in
-/// debt that the next packets repay, so the long-run rate holds either way.
+/// A packet passes when the bucket holds its cost or, for a packet larger than half the bucket,
+/// when the bucket is at least half full; such a packet leaves the bucket in debt that the next
+/// packets repay, so the long-run rate holds either way, and a burst is at most 1.5 buckets.
+/// Why half: paced TCP keeps the bucket 60% full (`pacing`), so a packet between 0.6 and 1
+/// bucket (a 64 KiB segment on loopback, whose MTU is 64 KiB, against the 96 KiB bucket of
+/// 10mbit) would never find room, and each drop stalls the flow until a timer fires: loopback
+/// at 10mbit delivered 0.25 of the rate. `pacing` caps the segment size of the run's new
+/// connections so that this stays rare; connections made before a limit was set are not capped.
 ///
 /// Many CPUs: the clock only ever moves by atomic adds of the costs of packets that passed, so
 /// every byte let through is paid for. Two CPUs may both read the clock before either adds and
@@ -232,7 +248,7 @@ unsafe fn police(config: &ShaperConfig, state: *mut ShaperState, bytes: u64) -> 
         }
         return Verdict::Pass;
     }
-    let need = if cost < burst { cost } else { burst };
+    let need = if cost < burst / 2 { cost } else { burst / 2 };
     if clock + need > now {
         return Verdict::DropRate;
     }

@@ -402,6 +402,24 @@ impl NetnsPair {
         pair
     }
 
+    /// Sets the MTU of both ends of the veth pair.
+    pub fn set_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        for ns in [&self.a, &self.b] {
+            let out = Command::new("ip")
+                .args(["-n", ns, "-o", "link", "show", "type", "veth"])
+                .output()
+                .expect("running ip (iproute2)");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let dev = text
+                .split(": ")
+                .nth(1)
+                .and_then(|d| d.split('@').next())
+                .expect("the veth in the namespace");
+            ip(&["-n", ns, "link", "set", dev, "mtu", &mtu]);
+        }
+    }
+
     fn open(name: &str) -> std::fs::File {
         std::fs::File::open(format!("/run/netns/{name}")).expect("netns file")
     }

@@ -15,23 +15,39 @@
 //! of the rate (`nbt set`) reaches open connections within one round trip. A connection
 //! established while the run had no egress limit is left alone (no per-ACK callback: the
 //! unlimited case costs nothing here); a limit set later reaches it through the bucket only.
+//!
+//! Before a connection's SYN or SYN-ACK, while a rate is set in either direction, its maximum
+//! segment size is capped to a thirty-second of the smaller bucket (see [`cap_segment_size`]):
+//! the MTU of loopback is 64 KiB, and so are its segments, which a 96 KiB bucket kept 60% full
+//! cannot hold. The cap is advertised in the SYN, so the peer's segments are capped too.
 
-use super::{egress_bucket, egress_rate, PPM};
+use super::{bucket_bytes, egress_bucket, egress_rate, PPM};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::{bpf_ktime_get_ns, bpf_setsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use nbt_common::shaper::{ShaperConfig, ShaperState};
+use nbt_common::{
+    account::{EGRESS, INGRESS},
+    shaper::{ShaperConfig, ShaperState},
+};
 
 const SOL_SOCKET: i32 = 1;
 const SO_MAX_PACING_RATE: i32 = 47;
 const SOL_TCP: i32 = 6;
+const TCP_MAXSEG: i32 = 2;
 const TCP_BPF_SNDCWND_CLAMP: i32 = 1002;
+const AF_INET6: u32 = 10;
+/// The largest `TCP_MAXSEG` the kernel takes (`MAX_TCP_WINDOW`).
+const MAX_SEGMENT_CAP: u64 = 32_767;
+/// The segment sizes of a 1500-byte MTU (without options), the floor of the cap.
+const MSS_1500_V4: u64 = 1460;
+const MSS_1500_V6: u64 = 1440;
 const MIN_CWND: u64 = 10;
 /// The largest clamp the helper takes; it also sets ssthresh to it, which is then "infinite"
 /// (`TCP_INFINITE_SSTHRESH`), as on a new socket.
@@ -108,6 +124,8 @@ fn pacing_factor_ppm(config: &ShaperConfig, state: *mut ShaperState) -> u64 {
 #[sock_ops]
 pub fn pace(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
+        // Before the SYN of a connect, or on listen(): what the handshake will advertise.
+        BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_TCP_LISTEN_CB => cap_segment_size(&ctx),
         // Unlimited at the start: nothing to do, and no callback on every ACK after.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             if egress_rate() != 0 {
@@ -173,6 +191,30 @@ fn set_cap(ctx: &SockOpsContext) -> u64 {
     rate
 }
 
+/// Caps the segment size at a thirty-second of the smaller bucket of the directions that have a
+/// rate, never under a 1500-byte MTU's segment: two segments, the smallest TSO packet TCP
+/// builds, then take a sixteenth of the bucket, as on a 1500-byte link at the same rate. No cap
+/// when there is no rate, or when the bucket is so deep that the kernel's largest (32767) is
+/// no cap at all (1gbit and above, by default).
+#[inline(always)]
+fn cap_segment_size(ctx: &SockOpsContext) {
+    let egress = bucket_bytes(EGRESS).unwrap_or(u64::MAX);
+    let ingress = bucket_bytes(INGRESS).unwrap_or(u64::MAX);
+    let bucket = if egress < ingress { egress } else { ingress };
+    if bucket == u64::MAX {
+        return;
+    }
+    let floor = if ctx.family() == AF_INET6 {
+        MSS_1500_V6
+    } else {
+        MSS_1500_V4
+    };
+    let cap = (bucket / 32).max(floor);
+    if cap < MAX_SEGMENT_CAP {
+        set_option(ctx, SOL_TCP, TCP_MAXSEG, cap as u32);
+    }
+}
+
 /// `snd_cwnd_clamp` (and `snd_ssthresh`, which the helper sets with it), in segments.
 #[inline(always)]
 fn clamp_cwnd(ctx: &SockOpsContext, clamp: i32) {
@@ -185,7 +227,7 @@ fn set_pacing_rate(ctx: &SockOpsContext, cap: u32) {
     set_option(ctx, SOL_SOCKET, SO_MAX_PACING_RATE, cap);
 }
 
-/// A socket option of four bytes (both options here take an int's bits).
+/// A socket option of four bytes (every option here takes an int's bits).
 #[inline(always)]
 fn set_option(ctx: &SockOpsContext, level: i32, name: i32, mut value: u32) {
     // SAFETY: the helper reads `size_of::<u32>()` bytes from `value`, a local.

@@ -129,7 +129,17 @@ fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
 }
 
 impl RunSummary {
+    /// The cgroup limits, or "none (accounting only)".
     pub fn limits_text(limits: &Limits) -> String {
+        let parts = Self::cgroup_limits(limits);
+        if parts.is_empty() {
+            "none (accounting only)".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    fn cgroup_limits(limits: &Limits) -> Vec<String> {
         let mut parts = Vec::new();
         if let Some(b) = limits.memory_bytes {
             parts.push(format!("memory {}", format_size(b)));
@@ -147,6 +157,37 @@ impl RunSummary {
         }
         if let Some(p) = limits.pids {
             parts.push(format!("pids {p}"));
+        }
+        parts
+    }
+
+    /// Every limit in force at the end of the run: cgroups, network, latency, the balance gate
+    /// and hardware caps; "none (accounting only)" when there is none.
+    pub fn limits_line(&self) -> String {
+        let mut parts = Self::cgroup_limits(&self.limits);
+        for (name, limits, direction) in [
+            ("egress", &self.net_limits.egress, Direction::Egress),
+            ("ingress", &self.net_limits.ingress, Direction::Ingress),
+        ] {
+            if !limits.is_unlimited() {
+                parts.push(format!("{name} {}", limits.describe(direction)));
+            }
+        }
+        if let Some(l) = &self.latency {
+            parts.push(format!(
+                "latency {} ms ± {} ms",
+                l.latency_ns as f64 / 1e6,
+                l.jitter_ns as f64 / 1e6
+            ));
+        }
+        if let Some(l) = &self.ledger {
+            parts.push(format!(
+                "balance {} (gate closes at 0)",
+                format_amount(l.balance_start_micro)
+            ));
+        }
+        if let Some(hw) = &self.hardware {
+            parts.extend(hw.set.iter().cloned());
         }
         if parts.is_empty() {
             "none (accounting only)".into()
@@ -206,7 +247,7 @@ impl RunSummary {
         let _ = writeln!(
             out,
             "  limits        {} [profile {}, cgroups {}]",
-            Self::limits_text(&self.limits),
+            self.limits_line(),
             self.profile,
             self.cgroup_mode
         );
