@@ -14,9 +14,24 @@ pub struct EdtConfig {
     pub latency_ns: u64,
     /// Each packet's delay is uniform in latency ± jitter (never below zero).
     pub jitter_ns: u64,
+    /// netem's delay correlation, in units of 2^32: each draw is `(1 - c) x fresh + c x last`.
+    pub jitter_correlation: u64,
+}
+
+/// Array of one [`EdtState`], owned by the kernel program.
+pub const EDT_STATE_MAP: &str = "EDT_STATE";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdtState {
+    /// The last draw of the jitter (a u32 value), for the correlation.
+    pub jitter_last: u64,
 }
 
 #[cfg(feature = "user")]
-// SAFETY: EdtConfig is #[repr(C)], made only of integers (u64, u32, the explicit u32 `_pad`, two
-// u64s), with no implicit padding: every bit pattern is a valid value.
+// SAFETY: EdtConfig is #[repr(C)], made only of integers (u64, u32, the explicit u32 `_pad`,
+// three u64s), with no implicit padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for EdtConfig {}
+#[cfg(feature = "user")]
+// SAFETY: EdtState is #[repr(C)], one u64: every bit pattern is a valid value.
+unsafe impl aya::Pod for EdtState {}

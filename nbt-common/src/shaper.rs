@@ -41,6 +41,18 @@ pub struct ShaperConfig {
     pub good_to_bad: u64,
     /// Gilbert-Elliott: probability of moving from bad to good, per packet (r).
     pub bad_to_good: u64,
+    /// Uniform loss: netem's correlation, in units of [`PROBABILITY_ONE`]: each draw is
+    /// `(1 - c) x fresh + c x previous` (see `ShaperState::loss_last`).
+    pub loss_correlation: u64,
+    /// Probability that a packet is sent twice (tc programs; egress).
+    pub duplicate: u64,
+    /// Probability that a bit of a packet is flipped (tc programs; egress).
+    pub corrupt: u64,
+    /// Probability that a packet skips the added delay and overtakes those before it (needs a
+    /// latency), with netem's correlation and gap: only every `reorder_gap`th packet may.
+    pub reorder: u64,
+    pub reorder_correlation: u64,
+    pub reorder_gap: u64,
 }
 
 /// The shared state of one direction, touched by every CPU that sends or receives for the run.
@@ -55,6 +67,11 @@ pub struct ShaperState {
     /// The cost (ns of the rate) of the last packet that passed: the bucket held this much more
     /// just before it. Read by `pacing`, which runs on the ACK that closely follows a send.
     pub last_cost_ns: u64,
+    /// The last draws of the correlated loss and reorder decisions (u32 values).
+    pub loss_last: u64,
+    pub reorder_last: u64,
+    /// Packets delayed since the last one reordered (netem's `counter`, for the gap).
+    pub reorder_count: u64,
 }
 
 /// Counters of one direction on one CPU. Bytes are IP bytes as they go on the wire: a GSO
@@ -71,6 +88,11 @@ pub struct ShaperStats {
     pub rate_dropped_bytes: u64,
     pub loss_dropped_packets: u64,
     pub loss_dropped_bytes: u64,
+    /// Packets on the wire (a GSO packet counts its segments) sent twice, corrupted, and sent
+    /// ahead of the delay.
+    pub duplicated_packets: u64,
+    pub corrupted_packets: u64,
+    pub reordered_packets: u64,
 }
 
 impl ShaperStats {
@@ -82,18 +104,21 @@ impl ShaperStats {
         self.rate_dropped_bytes += o.rate_dropped_bytes;
         self.loss_dropped_packets += o.loss_dropped_packets;
         self.loss_dropped_bytes += o.loss_dropped_bytes;
+        self.duplicated_packets += o.duplicated_packets;
+        self.corrupted_packets += o.corrupted_packets;
+        self.reordered_packets += o.reordered_packets;
     }
 }
 
 #[cfg(feature = "user")]
 // SAFETY: ShaperConfig is #[repr(C)], made only of integers (two u64s, a u32, the explicit u32
-// `_pad`, four u64s), with no implicit padding: every bit pattern is a valid value.
+// `_pad`, ten u64s), with no implicit padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for ShaperConfig {}
 #[cfg(feature = "user")]
-// SAFETY: ShaperState is #[repr(C)], three u64s, with no padding: every bit pattern is a valid
+// SAFETY: ShaperState is #[repr(C)], six u64s, with no padding: every bit pattern is a valid
 // value.
 unsafe impl aya::Pod for ShaperState {}
 #[cfg(feature = "user")]
-// SAFETY: ShaperStats is #[repr(C)], seven u64s, with no padding: every bit pattern is a valid
+// SAFETY: ShaperStats is #[repr(C)], ten u64s, with no padding: every bit pattern is a valid
 // value.
 unsafe impl aya::Pod for ShaperStats {}

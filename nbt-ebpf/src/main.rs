@@ -9,6 +9,7 @@
 mod account;
 mod edt;
 mod gate;
+mod random;
 mod sched;
 mod shaper;
 

@@ -13,7 +13,7 @@
 mod pacing;
 
 use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{cgroup_skb, map},
     maps::{Array, PerCpuArray},
     programs::SkBuffContext,
@@ -23,7 +23,10 @@ use nbt_common::{
     shaper::{ShaperConfig, ShaperState, ShaperStats, LOSS_GILBERT_ELLIOTT, LOSS_UNIFORM},
 };
 
-use crate::atomic_add;
+use crate::{
+    atomic_add,
+    random::{chance, correlated},
+};
 
 #[map(name = "SHAPER_CONFIG")]
 static SHAPER_CONFIG: Array<ShaperConfig> = Array::with_max_entries(DIRECTIONS, 0);
@@ -73,6 +76,39 @@ pub fn egress_rate() -> u64 {
         .get(EGRESS)
         .map(|c| c.rate_bytes_per_sec)
         .unwrap_or(0)
+}
+
+/// A direction's configuration and shared state (for the tc programs' impairments).
+#[inline(always)]
+pub fn direction(direction: u32) -> Option<(&'static ShaperConfig, *mut ShaperState)> {
+    Some((
+        SHAPER_CONFIG.get(direction)?,
+        SHAPER_STATE.get_ptr_mut(direction)?,
+    ))
+}
+
+/// Counts `packets` wire packets that an impairment acted on (for the tc programs).
+#[inline(always)]
+pub fn count_impaired(direction: u32, field: Impaired, packets: u64) {
+    let Some(stats) = SHAPER_STATS.get_ptr_mut(direction) else {
+        return;
+    };
+    // SAFETY: the pointer comes from the map lookup and stays valid for this program run.
+    unsafe {
+        let counter = match field {
+            Impaired::Duplicated => &mut (*stats).duplicated_packets,
+            Impaired::Corrupted => &mut (*stats).corrupted_packets,
+            Impaired::Reordered => &mut (*stats).reordered_packets,
+        };
+        atomic_add(counter, packets);
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Impaired {
+    Duplicated,
+    Corrupted,
+    Reordered,
 }
 
 /// The egress bucket's configuration and shared state, when it has a rate (for `pacing`).
@@ -158,13 +194,6 @@ fn header_bytes(ctx: &SkBuffContext) -> u64 {
     }
 }
 
-/// True with probability `p / 2^32`.
-#[inline(always)]
-fn chance(p: u64) -> bool {
-    // SAFETY: helper without arguments.
-    u64::from(unsafe { bpf_get_prandom_u32() }) < p
-}
-
 /// The loss model's verdict for this packet. Gilbert-Elliott follows netem: the current state
 /// decides the loss, then the state moves for the next packet. The state is one word that every
 /// CPU reads and writes plainly: two CPUs deciding a move at once both move it the same way or
@@ -175,7 +204,13 @@ fn chance(p: u64) -> bool {
 #[inline(always)]
 unsafe fn lost(config: &ShaperConfig, state: *mut ShaperState) -> bool {
     match config.loss_model {
-        LOSS_UNIFORM => chance(config.loss_good),
+        // SAFETY: the caller guarantees `state` points into a map value valid for this run.
+        LOSS_UNIFORM => unsafe {
+            correlated(
+                core::ptr::addr_of_mut!((*state).loss_last),
+                config.loss_correlation,
+            ) < config.loss_good
+        },
         LOSS_GILBERT_ELLIOTT => {
             // SAFETY: the caller guarantees `state` points into a map value valid for this
             // program run; `bad_state` is an aligned u64 in it.

@@ -9,6 +9,7 @@ mod cpu;
 mod demo;
 mod gate;
 mod hwcaps;
+mod impair;
 mod lifecycle;
 mod memory;
 mod pids;

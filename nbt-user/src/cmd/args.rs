@@ -238,6 +238,29 @@ pub struct NetArgs {
     /// Spread of the added delay: uniform in latency ± jitter
     #[arg(long, value_name = "DURATION")]
     pub jitter: Option<String>,
+    /// How much each jitter draw leans on the last (netem's delay correlation): 25%
+    #[arg(long, value_name = "PCT")]
+    pub jitter_correlation: Option<String>,
+    /// How much each loss draw leans on the last (netem's loss correlation; uniform --loss)
+    #[arg(long, value_name = "PCT")]
+    pub loss_correlation: Option<String>,
+    /// Outgoing packets sent twice: 1% (netem's duplicate)
+    #[arg(long, value_name = "PCT")]
+    pub duplicate: Option<String>,
+    /// Outgoing packets with one random bit flipped, so that the receiver's checksum fails:
+    /// 0.1% (netem's corrupt)
+    #[arg(long, value_name = "PCT")]
+    pub corrupt: Option<String>,
+    /// Outgoing packets sent at once, ahead of the added delay: 25% (netem's reorder; needs
+    /// --latency)
+    #[arg(long, value_name = "PCT")]
+    pub reorder: Option<String>,
+    /// How much each reorder draw leans on the last (netem's reorder correlation)
+    #[arg(long, value_name = "PCT")]
+    pub reorder_correlation: Option<String>,
+    /// Only every Nth packet may be reordered (netem's gap) [default: 1]
+    #[arg(long, value_name = "N")]
+    pub reorder_gap: Option<String>,
 }
 
 /// The simulated balance and the destinations it pays for.
@@ -386,6 +409,13 @@ impl NetArgs {
         flags.loss_direction = self.loss_direction.clone();
         flags.latency = self.latency.clone();
         flags.jitter = self.jitter.clone();
+        flags.jitter_correlation = self.jitter_correlation.clone();
+        flags.loss_correlation = self.loss_correlation.clone();
+        flags.duplicate = self.duplicate.clone();
+        flags.corrupt = self.corrupt.clone();
+        flags.reorder = self.reorder.clone();
+        flags.reorder_correlation = self.reorder_correlation.clone();
+        flags.reorder_gap = self.reorder_gap.clone();
     }
 }
 

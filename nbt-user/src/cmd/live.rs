@@ -92,11 +92,18 @@ pub fn set(run: &str, net: &NetArgs) -> i32 {
         &net.loss_model,
         &net.latency,
         &net.jitter,
+        &net.jitter_correlation,
+        &net.loss_correlation,
+        &net.duplicate,
+        &net.corrupt,
+        &net.reorder,
+        &net.reorder_correlation,
+        &net.reorder_gap,
     ]
     .iter()
     .all(|v| v.is_none())
     {
-        eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --latency or --jitter");
+        eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap");
         return 2;
     }
     match live::change_network(run, |setting| change(run, setting, net)) {
@@ -134,9 +141,65 @@ fn change(run: &str, setting: &mut NetSetting, args: &NetArgs) -> Result<()> {
             args.latency.as_deref().map(|text| ("--latency", text)),
             args.jitter.as_deref().map(|text| ("--jitter", text)),
         ];
-        setting.latency = Some(Latency::checked(latency, jitter, given)?);
+        setting.latency = Some(Latency {
+            correlation: current.correlation,
+            ..Latency::checked(latency, jitter, given)?
+        });
+    }
+    if let Some(text) = &args.jitter_correlation {
+        let p = units::parse_percent("--jitter-correlation", text)?;
+        match setting.latency.as_mut() {
+            Some(latency) if latency.jitter_ns > 0 => latency.correlation = p,
+            _ => anyhow::bail!(PlanError(
+                "--jitter-correlation correlates the jitter's draws: the run has no --jitter"
+                    .into()
+            )),
+        }
     }
     setting.net = changed_limits(&setting.net, args)?;
+    Ok(())
+}
+
+/// --loss-correlation and the reorder flags, read against the run's own loss: the plan would
+/// want a --loss or a --latency beside them.
+fn changed_impairments(next: &mut NetLimits, args: &NetArgs) -> Result<(), PlanError> {
+    let percent = |flag: &str, text: &Option<String>| {
+        text.as_deref()
+            .map(|t| units::parse_percent(flag, t))
+            .transpose()
+    };
+    if let Some(p) = percent("--loss-correlation", &args.loss_correlation)? {
+        let mut uniform = false;
+        for direction in [&mut next.egress, &mut next.ingress] {
+            if let shaper::Loss::Uniform { .. } = direction.loss {
+                direction.impair.loss_correlation = p;
+                uniform = true;
+            }
+        }
+        if !uniform {
+            return Err(PlanError(
+                "--loss-correlation correlates the uniform loss's draws: the run has no --loss"
+                    .into(),
+            ));
+        }
+    }
+    let impair = &mut next.egress.impair;
+    if let Some(p) = percent("--reorder", &args.reorder)? {
+        impair.reorder = p;
+    }
+    if let Some(p) = percent("--reorder-correlation", &args.reorder_correlation)? {
+        impair.reorder_correlation = p;
+    }
+    if let Some(text) = &args.reorder_gap {
+        impair.reorder_gap = match text.trim().parse::<u32>() {
+            Ok(gap) if gap >= 1 => gap,
+            _ => {
+                return Err(PlanError(format!(
+                    "invalid value '{text}' for --reorder-gap: accepted: a whole number of packets, 1 or more"
+                )))
+            }
+        };
+    }
     Ok(())
 }
 
@@ -148,8 +211,17 @@ fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, Plan
     let mut flags = Flags::default();
     args.add_to(&mut flags);
     (flags.burst, flags.latency, flags.jitter) = (None, None, None);
+    flags.jitter_correlation = None;
+    flags.loss_correlation = None;
+    (flags.reorder, flags.reorder_correlation, flags.reorder_gap) = (None, None, None);
     let asked = Plan::build(&flags)?.net;
     let mut next = *current;
+    if args.duplicate.is_some() {
+        next.egress.impair.duplicate = asked.egress.impair.duplicate;
+    }
+    if args.corrupt.is_some() {
+        next.egress.impair.corrupt = asked.egress.impair.corrupt;
+    }
     if args.egress_rate.is_some() {
         next.egress.rate_bits_per_sec = asked.egress.rate_bits_per_sec;
     }
@@ -178,6 +250,7 @@ fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, Plan
             next.ingress.loss = asked.ingress.loss;
         }
     }
+    changed_impairments(&mut next, args)?;
     Ok(next)
 }
 

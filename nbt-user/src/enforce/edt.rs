@@ -24,10 +24,13 @@ use crate::sys::{loader, netlink};
 /// multiplies a u32 by 2 x jitter + 1 < 2^35, split so that no product passes 2^64).
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     pub latency_ns: u64,
     pub jitter_ns: u64,
+    /// netem's delay correlation (a fraction): each jitter draw leans on the last by this much.
+    #[serde(default)]
+    pub correlation: f64,
 }
 
 impl Latency {
@@ -44,6 +47,7 @@ impl Latency {
                 // Both at most 10 s: 10^10 ns.
                 latency_ns: latency.as_nanos() as u64,
                 jitter_ns: jitter.as_nanos() as u64,
+                correlation: 0.0,
             }),
             _ => {
                 let [latency_given, jitter_given] = given;
@@ -116,6 +120,11 @@ impl Drop for LatencyGuard {
     }
 }
 
+/// A fraction in the kernel's units of 2^32.
+fn probability(p: f64) -> u64 {
+    (p.clamp(0.0, 1.0) * nbt_common::shaper::PROBABILITY_ONE as f64).round() as u64
+}
+
 /// Depth of a cgroup v2 directory below the hierarchy's root (the root is level 0).
 fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
     let mut level = 0;
@@ -130,15 +139,23 @@ fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
     Ok(level)
 }
 
-/// Puts fq on every interface and attaches `delay_egress` to each. Through tcx (Linux 6.6+) the
-/// links are pinned; before, a tc filter outlives nbt by itself, as the qdiscs do. The guard
-/// lists the qdiscs for the run's record, so that `nbt cleanup` can take them off.
+/// Puts fq on every interface when there is a `latency`, and attaches `delay_egress` to each
+/// (it also duplicates, corrupts and reorders). Through tcx (Linux 6.6+) the links are pinned;
+/// before, a tc filter outlives nbt by itself, as the qdiscs do. The guard lists the qdiscs for
+/// the run's record, so that `nbt cleanup` can take them off.
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup_dir: &Path,
-    latency: &Latency,
+    latency: Option<&Latency>,
     pins: &mut Pins,
 ) -> Result<LatencyGuard> {
+    let none = Latency {
+        latency_ns: 0,
+        jitter_ns: 0,
+        correlation: 0.0,
+    };
+    let delayed = latency.is_some();
+    let latency = latency.unwrap_or(&none);
     let config = EdtConfig {
         // A cgroup v2 id is its directory's inode number.
         cgroup_id: std::fs::metadata(cgroup_dir)?.ino(),
@@ -146,6 +163,7 @@ pub fn attach(
         _pad: 0,
         latency_ns: latency.latency_ns,
         jitter_ns: latency.jitter_ns,
+        jitter_correlation: probability(latency.correlation),
     };
     let map = ebpf
         .map_mut(EDT_CONFIG_MAP)
@@ -158,10 +176,15 @@ pub fn attach(
     let interfaces = netlink::interfaces();
     if interfaces.is_empty() {
         bail!(
-            "--latency: this network namespace has no interface but loopback to delay traffic on"
+            "{}: this network namespace has no interface but loopback to act on",
+            if delayed {
+                "--latency"
+            } else {
+                "--duplicate, --corrupt and --reorder"
+            }
         );
     }
-    for (ifindex, name) in &interfaces {
+    for (ifindex, name) in interfaces.iter().filter(|_| delayed) {
         match netlink::add_root(*ifindex, "fq") {
             Ok(()) => guard.qdiscs.fq.push((*ifindex, name.clone())),
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => bail!(
@@ -218,6 +241,7 @@ pub fn set_by_id(map_id: u32, latency: &Latency) -> Result<()> {
         EdtConfig {
             latency_ns: latency.latency_ns,
             jitter_ns: latency.jitter_ns,
+            jitter_correlation: probability(latency.correlation),
             ..current
         },
         0,
@@ -237,7 +261,8 @@ mod tests {
             Latency::checked(ms(7000), ms(3000), both),
             Ok(Latency {
                 latency_ns: 7_000_000_000,
-                jitter_ns: 3_000_000_000
+                jitter_ns: 3_000_000_000,
+                correlation: 0.0
             })
         );
         let latency_only = [Some(("--latency", "10s")), None];

@@ -113,6 +113,51 @@ pub enum Direction {
     Ingress,
 }
 
+/// netem's impairments besides loss and delay, and its loss correlation. Probabilities are
+/// fractions (0.01 is 1%).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Impairments {
+    /// netem's `loss P CORRELATION` (uniform loss only).
+    pub loss_correlation: f64,
+    /// Each packet is sent twice with this probability.
+    pub duplicate: f64,
+    /// A random bit of each packet is flipped with this probability.
+    pub corrupt: f64,
+    /// Each packet (every `reorder_gap`th at most) skips the added delay with this probability.
+    pub reorder: f64,
+    pub reorder_correlation: f64,
+    /// netem's gap: 0 or 1 for every packet.
+    pub reorder_gap: u32,
+}
+
+impl Impairments {
+    /// Whether it needs the tc program on the interfaces (all but the loss correlation).
+    pub fn needs_tc(&self) -> bool {
+        self.duplicate > 0.0 || self.corrupt > 0.0 || self.reorder > 0.0
+    }
+
+    fn describe(&self, parts: &mut Vec<String>) {
+        let pct = |p: f64| format!("{}%", (p * 1e6).round() / 1e4);
+        if self.duplicate > 0.0 {
+            parts.push(format!("{} duplicated", pct(self.duplicate)));
+        }
+        if self.corrupt > 0.0 {
+            parts.push(format!("{} corrupted", pct(self.corrupt)));
+        }
+        if self.reorder > 0.0 {
+            let mut text = format!("{} reordered", pct(self.reorder));
+            if self.reorder_correlation > 0.0 {
+                text += &format!(" (correlation {})", pct(self.reorder_correlation));
+            }
+            if self.reorder_gap > 1 {
+                text += &format!(" (gap {})", self.reorder_gap);
+            }
+            parts.push(text);
+        }
+    }
+}
+
 /// The limits of one direction.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct DirectionLimits {
@@ -121,6 +166,9 @@ pub struct DirectionLimits {
     /// Bucket depth in bytes; `None`: the default for the rate ([`default_burst`]).
     pub burst_bytes: Option<u64>,
     pub loss: Loss,
+    /// Duplicate, corrupt, reorder (egress only) and the loss correlation.
+    #[serde(default)]
+    pub impair: Impairments,
 }
 
 /// The smallest default bucket: one GSO super-packet (64 KiB of IP packet, plus the headers of
@@ -149,7 +197,9 @@ pub fn default_ingress_burst(rate_bits_per_sec: u64) -> u64 {
 
 impl DirectionLimits {
     pub fn is_unlimited(&self) -> bool {
-        self.rate_bits_per_sec.is_none() && self.loss == Loss::None
+        self.rate_bits_per_sec.is_none()
+            && self.loss == Loss::None
+            && self.impair == Impairments::default()
     }
 
     /// The bucket depth: the one given, or the direction's default for the rate.
@@ -176,6 +226,7 @@ impl DirectionLimits {
             Loss::Uniform { probability: p } => {
                 config.loss_model = LOSS_UNIFORM;
                 config.loss_good = probability(p);
+                config.loss_correlation = probability(self.impair.loss_correlation);
             }
             Loss::GilbertElliott {
                 good_to_bad,
@@ -190,6 +241,11 @@ impl DirectionLimits {
                 config.loss_good = probability(loss_good);
             }
         }
+        config.duplicate = probability(self.impair.duplicate);
+        config.corrupt = probability(self.impair.corrupt);
+        config.reorder = probability(self.impair.reorder);
+        config.reorder_correlation = probability(self.impair.reorder_correlation);
+        config.reorder_gap = u64::from(self.impair.reorder_gap);
         config
     }
 
@@ -203,8 +259,16 @@ impl DirectionLimits {
             ));
         }
         if self.loss != Loss::None {
-            parts.push(self.loss.describe());
+            let mut loss = self.loss.describe();
+            if self.impair.loss_correlation > 0.0 {
+                loss += &format!(
+                    " (correlation {}%)",
+                    (self.impair.loss_correlation * 1e6).round() / 1e4
+                );
+            }
+            parts.push(loss);
         }
+        self.impair.describe(&mut parts);
         if parts.is_empty() {
             "unlimited".into()
         } else {
@@ -527,6 +591,7 @@ mod tests {
             rate_bits_per_sec: Some(512_000),
             burst_bytes: None,
             loss: Loss::Uniform { probability: 0.05 },
+            ..Default::default()
         };
         let config = limits.config(Direction::Egress);
         assert_eq!(config.rate_bytes_per_sec, 64_000);
@@ -581,6 +646,7 @@ mod tests {
                 rate_bits_per_sec: Some(12_000),
                 burst_bytes: Some(burst),
                 loss: Loss::None,
+                ..Default::default()
             },
             ..NetLimits::default()
         };
@@ -604,6 +670,7 @@ mod tests {
             rate_bits_per_sec: Some(u64::MAX),
             burst_bytes: Some(u64::MAX),
             loss: Loss::None,
+            ..Default::default()
         }
         .config(Direction::Egress);
         assert_eq!(config.rate_bytes_per_sec, MAX_RATE_BITS_PER_SEC / 8);
@@ -615,6 +682,7 @@ mod tests {
             rate_bits_per_sec: Some(12_000),
             burst_bytes: Some(MAX_BURST_BYTES),
             loss: Loss::None,
+            ..Default::default()
         }
         .config(Direction::Egress);
         assert_eq!(slow.burst_ns, MAX_BURST_NS);

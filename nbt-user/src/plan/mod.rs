@@ -52,6 +52,13 @@ pub struct Profile {
     pub loss_direction: Option<toml::Value>,
     pub latency: Option<toml::Value>,
     pub jitter: Option<toml::Value>,
+    pub loss_correlation: Option<toml::Value>,
+    pub jitter_correlation: Option<toml::Value>,
+    pub duplicate: Option<toml::Value>,
+    pub corrupt: Option<toml::Value>,
+    pub reorder: Option<toml::Value>,
+    pub reorder_correlation: Option<toml::Value>,
+    pub reorder_gap: Option<toml::Value>,
     pub balance: Option<toml::Value>,
     pub price_egress: Option<toml::Value>,
     pub price_call: Option<toml::Value>,
@@ -88,6 +95,13 @@ pub struct Flags {
     pub loss_direction: Option<String>,
     pub latency: Option<String>,
     pub jitter: Option<String>,
+    pub loss_correlation: Option<String>,
+    pub jitter_correlation: Option<String>,
+    pub duplicate: Option<String>,
+    pub corrupt: Option<String>,
+    pub reorder: Option<String>,
+    pub reorder_correlation: Option<String>,
+    pub reorder_gap: Option<String>,
     pub balance: Option<String>,
     pub price_egress: Option<String>,
     pub price_call: Option<String>,
@@ -135,6 +149,9 @@ pub struct Plan {
     pub net: NetLimits,
     /// Added delay of the run's outgoing packets (EDT + fq); `None`: none.
     pub latency: Option<Latency>,
+    /// --duplicate, --corrupt or --reorder was given (0% included): the tc program goes on the
+    /// interfaces, so that `nbt set` and the schedule can change them.
+    pub tc_impairments: bool,
     /// The balance and its prices; `None`: no balance, no gate.
     pub prices: Option<Prices>,
     pub gate: Vec<Rule>,
@@ -470,6 +487,121 @@ impl Sources<'_> {
         Ok(latency)
     }
 
+    /// netem's other impairments: --duplicate, --corrupt and --reorder (with its correlation
+    /// and gap) on outgoing packets, --loss-correlation with the uniform loss, and
+    /// --jitter-correlation with the jitter. True when one of the first three was given.
+    fn impairments(
+        &self,
+        net: &mut NetLimits,
+        latency: Option<&mut Latency>,
+    ) -> Result<bool, PlanError> {
+        let (flags, profile) = (self.flags, self.profile);
+        let percent = |flag: &Option<String>, key: &str, value: &Option<toml::Value>| {
+            self.pick(flag, key, value)?
+                .map(|(text, name)| {
+                    units::parse_percent(&name, &text)
+                        .map(|p| (p, name))
+                        .map_err(PlanError::from)
+                })
+                .transpose()
+        };
+        let impair = &mut net.egress.impair;
+        let mut tc = false;
+        for (flag, key, value, field) in [
+            (
+                &flags.duplicate,
+                "duplicate",
+                &profile.duplicate,
+                &mut impair.duplicate,
+            ),
+            (
+                &flags.corrupt,
+                "corrupt",
+                &profile.corrupt,
+                &mut impair.corrupt,
+            ),
+            (
+                &flags.reorder,
+                "reorder",
+                &profile.reorder,
+                &mut impair.reorder,
+            ),
+        ] {
+            if let Some((p, _)) = percent(flag, key, value)? {
+                *field = p;
+                tc = true;
+            }
+        }
+        let reorder_given = flags.reorder.is_some() || profile.reorder.is_some();
+        if let Some((p, name)) = percent(
+            &flags.reorder_correlation,
+            "reorder-correlation",
+            &profile.reorder_correlation,
+        )? {
+            if !reorder_given {
+                return Err(PlanError(format!(
+                    "{name} correlates --reorder's draws: it needs --reorder"
+                )));
+            }
+            impair.reorder_correlation = p;
+        }
+        if let Some((text, name)) =
+            self.pick(&flags.reorder_gap, "reorder-gap", &profile.reorder_gap)?
+        {
+            if !reorder_given {
+                return Err(PlanError(format!(
+                    "{name} spaces --reorder's packets: it needs --reorder"
+                )));
+            }
+            impair.reorder_gap = match text.trim().parse::<u32>() {
+                Ok(gap) if gap >= 1 => gap,
+                _ => {
+                    return Err(PlanError(format!(
+                        "invalid value '{text}' for {name}: accepted: a whole number of packets, 1 or more (netem's gap: every Nth packet may be reordered)"
+                    )))
+                }
+            };
+        }
+        if reorder_given && latency.as_ref().is_none_or(|l| l.latency_ns == 0) {
+            return Err(PlanError(
+                "--reorder sends some packets ahead of the added delay, as netem's reorder: it needs --latency (and the fq qdisc)".into(),
+            ));
+        }
+        if let Some((p, name)) = percent(
+            &flags.loss_correlation,
+            "loss-correlation",
+            &profile.loss_correlation,
+        )? {
+            let mut uniform = false;
+            for direction in [&mut net.egress, &mut net.ingress] {
+                if let Loss::Uniform { .. } = direction.loss {
+                    direction.impair.loss_correlation = p;
+                    uniform = true;
+                }
+            }
+            if !uniform {
+                return Err(PlanError(format!(
+                    "{name} correlates the uniform loss's draws: it needs --loss (gemodel has its own bursts)"
+                )));
+            }
+        }
+        if let Some((p, name)) = percent(
+            &flags.jitter_correlation,
+            "jitter-correlation",
+            &profile.jitter_correlation,
+        )? {
+            match latency {
+                Some(latency) if latency.jitter_ns > 0 => latency.correlation = p,
+                _ => {
+                    return Err(PlanError(format!(
+                        "{name} correlates the jitter's draws: it needs --jitter"
+                    )))
+                }
+            }
+        }
+        Ok(tc)
+    }
+
     /// --balance, the prices and --gate: the ledger's prices and the gate's rules.
     fn ledger(&self) -> Result<(Option<Prices>, Vec<Rule>), PlanError> {
         let (flags, profile) = (self.flags, self.profile);
@@ -627,6 +759,12 @@ fn restart_max(flags: &Flags) -> Result<u32, PlanError> {
 }
 
 impl Plan {
+    /// Whether the run's interfaces get the tc program: for the delay, or for netem's other
+    /// impairments.
+    pub fn needs_tc(&self) -> bool {
+        self.latency.is_some() || self.tc_impairments || self.net.egress.impair.needs_tc()
+    }
+
     /// Builds the plan: the profile first, each flag given overriding its setting. The groups are
     /// read in this order, each setting checked as it is read: the first error is the first met.
     pub fn build(flags: &Flags) -> Result<Plan, PlanError> {
@@ -643,9 +781,10 @@ impl Plan {
         };
 
         let limits = sources.limits()?;
-        let net = sources.network()?;
+        let mut net = sources.network()?;
         let mut pending = Vec::new();
-        let latency = sources.latency(&mut pending)?;
+        let mut latency = sources.latency(&mut pending)?;
+        let tc_impairments = sources.impairments(&mut net, latency.as_mut())?;
         let (prices, gate) = sources.ledger()?;
         sources.not_yet(&mut pending)?;
         let accept_min_delta = sources.accept_min_delta()?;
@@ -656,6 +795,7 @@ impl Plan {
             limits,
             net,
             latency,
+            tc_impairments,
             prices,
             gate,
             pending,

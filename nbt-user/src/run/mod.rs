@@ -273,9 +273,14 @@ impl Armed {
         account::attach(&mut ebpf, &cgroup.v2, &mut pins)?;
         // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
         shaper::attach(&mut ebpf, &cgroup.v2, &plan.net, &mut pins)?;
-        let latency = match &plan.latency {
-            Some(latency) => Some(edt::attach(&mut ebpf, &cgroup.v2, latency, &mut pins)?),
-            None => None,
+        let latency = match plan.needs_tc() {
+            true => Some(edt::attach(
+                &mut ebpf,
+                &cgroup.v2,
+                plan.latency.as_ref(),
+                &mut pins,
+            )?),
+            false => None,
         };
         let ledger = match &plan.prices {
             Some(prices) => Some(gate::attach(
@@ -305,9 +310,9 @@ impl Armed {
     fn record(&self, plan: &Plan, record: RunRecord) -> Result<RunRecord> {
         Ok(RunRecord {
             maps: Some(shaper::map_ids(&self.ebpf)?),
-            edt_map: match plan.latency {
-                Some(_) => Some(edt::map_id(&self.ebpf)?),
-                None => None,
+            edt_map: match plan.needs_tc() {
+                true => Some(edt::map_id(&self.ebpf)?),
+                false => None,
             },
             ledger: self.ledger,
             pins: Some(self.pins.dir().to_path_buf()),

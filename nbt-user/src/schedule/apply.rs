@@ -212,6 +212,7 @@ fn apply_network(controls: &Controls, change: &Change) -> Result<()> {
             setting.latency = Some(Latency {
                 latency_ns: *ns,
                 jitter_ns: setting.latency.map_or(0, |l| l.jitter_ns),
+                correlation: setting.latency.map_or(0.0, |l| l.correlation),
             });
             Ok(())
         })?;

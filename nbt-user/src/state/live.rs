@@ -114,7 +114,8 @@ pub fn change_network(
     let mut next = before;
     change(&mut next)?;
     if next.latency != before.latency {
-        let (Some(map), Some(latency)) = (record.edt_map, next.latency) else {
+        let (Some(map), Some(_), Some(latency)) = (record.edt_map, before.latency, next.latency)
+        else {
             bail!(
                 "run '{run}' was started without --latency, so fq is not on its interfaces; \
                  start it with --latency (0ms will do) to change the delay while it runs"
@@ -126,6 +127,18 @@ pub fn change_network(
             ));
         }
         edt::set_by_id(map, &latency)?;
+    }
+    if next.net.egress.impair.needs_tc() && record.edt_map.is_none() {
+        bail!(
+            "run '{run}' was started without --latency, --duplicate, --corrupt or --reorder, so \
+             its outgoing packets pass no tc program of nbt's; start it with --duplicate 0% to \
+             change them while it runs"
+        );
+    }
+    if next.net.egress.impair.reorder > 0.0 && next.latency.is_none_or(|l| l.latency_ns == 0) {
+        bail!(PlanError(
+            "--reorder sends some packets ahead of the added delay: it needs --latency".into()
+        ));
     }
     if next.net != before.net {
         shaper::write_limits_by_id(&ids, &next.net)?;

@@ -1,0 +1,258 @@
+//! netem's impairments besides rate, loss and delay (duplicate, corrupt) and its loss
+//! correlation, on the veth pair of two namespaces of the test's own: the run sends numbered
+//! datagrams from `a`, the peer in `b` counts what arrives. Reorder and the jitter's correlation
+//! need the fq qdisc, which this host lacks: the VM tests cover them.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use nbt_integration_tests::{testbin, NetnsPair, NoLeftovers, ADDR_B};
+
+/// What a receiver saw of `count` numbered datagrams.
+struct Arrivals {
+    /// How many times each sequence number arrived.
+    times: Vec<u32>,
+    /// Datagrams whose bytes were not what the sender wrote (sequence out of range included).
+    damaged: u64,
+}
+
+/// Receives `nbt-testbin udp-send`'s datagrams in namespace `ns` until 2 s pass without one.
+fn receive(ns: &str, port: u16, count: u64) -> std::thread::JoinHandle<Arrivals> {
+    NetnsPair::in_netns(ns, move || {
+        use std::os::fd::AsRawFd;
+        let socket = UdpSocket::bind(format!("{ADDR_B}:{port}")).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        // 64 MiB of receive buffer (SO_RCVBUFFORCE, as root): a receiver descheduled on a busy
+        // machine must not lose datagrams, or what is measured is not nbt's.
+        let bytes: libc::c_int = 64 << 20;
+        // SAFETY: setsockopt with a pointer to a local int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&bytes as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE");
+        let mut arrivals = Arrivals {
+            times: vec![0; count as usize],
+            damaged: 0,
+        };
+        let mut buffer = [0u8; 2048];
+        while let Ok(n) = socket.recv(&mut buffer) {
+            let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
+            // udp-send fills the rest with ones.
+            if n < 8 || seq >= count || buffer[8..n].iter().any(|b| *b != 1) {
+                arrivals.damaged += 1;
+            } else {
+                arrivals.times[seq as usize] += 1;
+            }
+        }
+        arrivals
+    })
+}
+
+/// `nbt run --json LIMITS -- nbt-testbin udp-send` of `count` datagrams of 100 bytes to the
+/// peer's `port`, and what arrived there.
+fn send_numbered(
+    tag: &str,
+    port: u16,
+    count: u64,
+    limits: &[&str],
+) -> (Arrivals, serde_json::Value, NetnsPair) {
+    let net = NetnsPair::new(tag);
+    let receiver = receive(&net.b, port, count);
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let mut args = vec!["run", "--json"];
+    args.extend_from_slice(limits);
+    let addr = format!("{ADDR_B}:{port}");
+    let count_text = count.to_string();
+    args.extend_from_slice(&[
+        "--",
+        testbin.to_str().unwrap(),
+        "udp-send",
+        &addr,
+        &count_text,
+        "100",
+    ]);
+    let run = net.nbt_in_a(&args);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let summary: serde_json::Value =
+        serde_json::from_str(&run.stdout()[run.stdout().find('{').unwrap()..]).unwrap();
+    (receiver.join().unwrap(), summary, net)
+}
+
+fn counter(summary: &serde_json::Value, name: &str) -> u64 {
+    summary["shaped"]["egress"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no shaped/egress/{name} in {summary}"))
+}
+
+#[test]
+fn duplicate_sends_the_asked_share_twice() {
+    let guard = NoLeftovers::new();
+    const SENT: u64 = 20_000;
+    let (arrivals, summary, _net) = send_numbered("dup", 5220, SENT, &["--duplicate", "10%"]);
+    assert_eq!(arrivals.damaged, 0);
+    let once = arrivals.times.iter().filter(|t| **t == 1).count() as u64;
+    let twice = arrivals.times.iter().filter(|t| **t == 2).count() as u64;
+    assert_eq!(once + twice, SENT, "every datagram arrived once or twice");
+    // Binomial: 2,000 expected, one standard deviation 42.
+    let share = twice as f64 / SENT as f64;
+    assert!(
+        (0.09..=0.11).contains(&share),
+        "{share:.4} of datagrams arrived twice, not 0.10"
+    );
+    assert_eq!(twice, counter(&summary, "duplicated_packets"));
+    guard.assert_clean();
+}
+
+/// The IP header checksum errors namespace `ns` counted (`IpExt InCsumErrors`).
+fn ip_checksum_errors(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/netstat"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut ip = text.lines().filter(|l| l.starts_with("IpExt:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "InCsumErrors")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+#[test]
+fn corrupted_datagrams_fail_the_receivers_checksum_and_none_arrives_damaged() {
+    let guard = NoLeftovers::new();
+    const SENT: u64 = 20_000;
+    let (arrivals, summary, net) = send_numbered("cor", 5221, SENT, &["--corrupt", "5%"]);
+    // The flipped bit is never delivered: the receiver's UDP checksum catches every one.
+    assert_eq!(
+        arrivals.damaged, 0,
+        "corrupted datagrams reached the socket"
+    );
+    let received = arrivals.times.iter().filter(|t| **t > 0).count() as u64;
+    let corrupted = counter(&summary, "corrupted_packets");
+    assert_eq!(received + corrupted, SENT);
+    assert_eq!(ip_checksum_errors(&net.b), corrupted);
+    // Binomial: 1,000 expected, one standard deviation 31.
+    let share = corrupted as f64 / SENT as f64;
+    assert!(
+        (0.043..=0.057).contains(&share),
+        "{share:.4} of datagrams corrupted, not 0.05"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn a_tcp_stream_through_corruption_arrives_intact() {
+    use std::io::Read;
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("tcpcor");
+    let receiver = NetnsPair::in_netns(&net.b, || {
+        let listener = std::net::TcpListener::bind(format!("{ADDR_B}:5222")).unwrap();
+        let (mut stream, _) = listener.accept().unwrap();
+        let (mut total, mut wrong) = (0u64, 0u64);
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            let n = stream.read(&mut buffer).unwrap();
+            if n == 0 {
+                return (total, wrong);
+            }
+            total += n as u64;
+            // tcp-stream sends sevens.
+            wrong += buffer[..n].iter().filter(|b| **b != 7).count() as u64;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--egress-rate",
+        "20mbit",
+        "--corrupt",
+        "1%",
+        "--",
+        testbin.to_str().unwrap(),
+        "tcp-stream",
+        &format!("{ADDR_B}:5222"),
+        "5",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let (total, wrong) = receiver.join().unwrap();
+    let corrupted = run.u64("/shaped/egress/corrupted_packets");
+    assert!(total > 5_000_000, "only {total} bytes arrived");
+    assert!(corrupted > 20, "only {corrupted} packets corrupted");
+    assert_eq!(wrong, 0, "{wrong} corrupted bytes reached the application");
+    guard.assert_clean();
+}
+
+#[test]
+fn correlated_loss_keeps_its_mean_and_comes_in_runs() {
+    let guard = NoLeftovers::new();
+    const SENT: u64 = 50_000;
+    let (arrivals, summary, _net) = send_numbered(
+        "lcor",
+        5223,
+        SENT,
+        &["--loss", "20%", "--loss-correlation", "75%"],
+    );
+    assert_eq!(arrivals.damaged, 0);
+    let got: Vec<bool> = arrivals.times.iter().map(|t| *t > 0).collect();
+    let lost = got.iter().filter(|g| !**g).count() as u64;
+    assert_eq!(lost, counter(&summary, "loss_dropped_packets"));
+    let runs = got.windows(2).filter(|w| w[0] && !w[1]).count() as u64 + u64::from(!got[0]);
+    let (share, mean_run) = (lost as f64 / SENT as f64, lost as f64 / runs as f64);
+    // Each draw repeats the last with probability 0.75: the loss stays 20% (its standard
+    // deviation over 50,000 correlated packets is 0.0047), and a loss is followed by another
+    // with probability 0.75 + 0.25 x 0.2 = 0.8: runs of 1 / (0.8 x 0.25) = 5 (standard error
+    // about 0.1 over 2,000 runs). Without correlation they would be 1.25.
+    assert!((share - 0.20).abs() < 0.02, "lost {share:.4}, not 0.20");
+    assert!(
+        (mean_run / 5.0 - 1.0).abs() < 0.1,
+        "losses in runs of {mean_run:.2}, not 5"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn impairments_are_refused_without_what_they_need() {
+    let testbin = testbin();
+    for (args, says) in [
+        (
+            vec!["--reorder", "25%"],
+            "--reorder sends some packets ahead of the added delay",
+        ),
+        (
+            vec!["--loss-correlation", "25%"],
+            "--loss-correlation correlates the uniform loss's draws: it needs --loss",
+        ),
+        (
+            vec!["--jitter-correlation", "25%"],
+            "--jitter-correlation correlates the jitter's draws: it needs --jitter",
+        ),
+        (
+            vec!["--duplicate", "150%"],
+            "invalid value '150%' for --duplicate",
+        ),
+        (
+            vec!["--reorder", "5%", "--reorder-gap", "0", "--latency", "10ms"],
+            "--reorder-gap",
+        ),
+    ] {
+        let mut full = vec!["run"];
+        full.extend(args.iter().copied());
+        full.extend(["--", testbin.to_str().unwrap(), "sleep", "0"]);
+        let run = nbt_integration_tests::nbt(&full);
+        assert_eq!(run.status(), 2, "{args:?}: {}", run.stderr());
+        assert!(run.stderr().contains(says), "{args:?}: {}", run.stderr());
+    }
+}
