@@ -130,6 +130,9 @@ pub fn schedule(text: &str) {
         ingress_loss: shaper::Loss::uniform(0.0),
         latency_ns: Some(1_000_000),
         jitter_ns: 0,
+        duplicate: 0.01,
+        corrupt: 0.0,
+        reorder: 0.0,
         has_balance: true,
     };
     for initial in [Initial::default(), full] {

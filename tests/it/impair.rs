@@ -16,8 +16,9 @@ struct Arrivals {
     damaged: u64,
 }
 
-/// Receives `nbt-testbin udp-send`'s datagrams in namespace `ns` until 2 s pass without one.
-fn receive(ns: &str, port: u16, count: u64) -> std::thread::JoinHandle<Arrivals> {
+/// Receives numbered datagrams in namespace `ns` until 2 s pass without one: `nbt-testbin
+/// udp-send`'s, whose bytes after the number are ones (`fill`), or `udp-paced`'s (zeros).
+fn receive(ns: &str, port: u16, count: u64, fill: u8) -> std::thread::JoinHandle<Arrivals> {
     NetnsPair::in_netns(ns, move || {
         use std::os::fd::AsRawFd;
         let socket = UdpSocket::bind(format!("{ADDR_B}:{port}")).unwrap();
@@ -45,8 +46,7 @@ fn receive(ns: &str, port: u16, count: u64) -> std::thread::JoinHandle<Arrivals>
         let mut buffer = [0u8; 2048];
         while let Ok(n) = socket.recv(&mut buffer) {
             let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
-            // udp-send fills the rest with ones.
-            if n < 8 || seq >= count || buffer[8..n].iter().any(|b| *b != 1) {
+            if n < 8 || seq >= count || buffer[8..n].iter().any(|b| *b != fill) {
                 arrivals.damaged += 1;
             } else {
                 arrivals.times[seq as usize] += 1;
@@ -65,7 +65,7 @@ fn send_numbered(
     limits: &[&str],
 ) -> (Arrivals, serde_json::Value, NetnsPair) {
     let net = NetnsPair::new(tag);
-    let receiver = receive(&net.b, port, count);
+    let receiver = receive(&net.b, port, count, 1);
     std::thread::sleep(Duration::from_millis(200));
     let testbin = testbin();
     let mut args = vec!["run", "--json"];
@@ -220,6 +220,107 @@ fn correlated_loss_keeps_its_mean_and_comes_in_runs() {
         (mean_run / 5.0 - 1.0).abs() < 0.1,
         "losses in runs of {mean_run:.2}, not 5"
     );
+    guard.assert_clean();
+}
+
+#[test]
+fn a_schedule_starts_duplicating_mid_run() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("dsch");
+    const SENT: u64 = 400;
+    let receiver = receive(&net.b, 5224, SENT, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("dup.toml");
+    std::fs::write(&schedule, "[[step]]\nat = \"1s\"\nduplicate = \"100%\"\n").unwrap();
+    let testbin = testbin();
+    // 400 datagrams at 200 a second: the step comes halfway.
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--schedule",
+        schedule.to_str().unwrap(),
+        "--",
+        testbin.to_str().unwrap(),
+        "udp-paced",
+        &format!("{ADDR_B}:5224"),
+        &SENT.to_string(),
+        "200",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert!(run.stderr().contains("100% duplicated"), "{}", run.stderr());
+    let arrivals = receiver.join().unwrap();
+    assert_eq!(arrivals.damaged, 0);
+    // The workload starts a fraction of a second after nbt's clock: leave 0.4 s either side.
+    let (before, after) = (&arrivals.times[..120], &arrivals.times[280..]);
+    assert!(before.iter().all(|t| *t == 1), "{before:?}");
+    assert!(after.iter().all(|t| *t == 2), "{after:?}");
+    guard.assert_clean();
+}
+
+#[test]
+fn nbt_set_changes_duplicate_on_a_live_run_that_has_the_tc_program() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("dset");
+    const SENT: u64 = 600;
+    let receiver = receive(&net.b, 5225, SENT, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin().to_str().unwrap().to_string();
+    let ns = net.a.clone();
+    // 600 datagrams at 200 a second; --duplicate 0% puts the tc program on, duplicating none.
+    let sender = std::thread::spawn(move || {
+        nbt_integration_tests::nbt_in_netns(
+            &ns,
+            &[
+                "run",
+                "--json",
+                "--duplicate",
+                "0%",
+                "--",
+                &testbin,
+                "udp-paced",
+                &format!("{ADDR_B}:5225"),
+                "600",
+                "200",
+            ],
+        )
+    });
+    let name =
+        nbt_integration_tests::wait_for_live_run(|r| r["command"].to_string().contains(":5225"))
+            .expect("this test's live run");
+    std::thread::sleep(Duration::from_millis(1000));
+    let set = nbt_integration_tests::nbt(&["set", &name, "--duplicate", "100%"]);
+    assert_eq!(set.status(), 0, "{}", set.stderr());
+    assert!(set.stderr().contains("100% duplicated"), "{}", set.stderr());
+    let run = sender.join().unwrap();
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let arrivals = receiver.join().unwrap();
+    assert_eq!(arrivals.damaged, 0);
+    // The set came 1 s or more into the 3 s of sending.
+    assert!(arrivals.times[..100].iter().all(|t| *t == 1));
+    assert!(arrivals.times[500..].iter().all(|t| *t == 2));
+
+    // A run started without any of them has no tc program: refused, naming what to do.
+    let testbin = nbt_integration_tests::testbin();
+    let ns = net.a.clone();
+    let plain = std::thread::spawn(move || {
+        nbt_integration_tests::nbt_in_netns(
+            &ns,
+            &["run", "--", testbin.to_str().unwrap(), "sleep", "3"],
+        )
+    });
+    let name = nbt_integration_tests::wait_for_live_run(|r| {
+        r["command"].to_string().contains("\"sleep\"")
+    })
+    .expect("the plain run");
+    let set = nbt_integration_tests::nbt(&["set", &name, "--duplicate", "1%"]);
+    assert_ne!(set.status(), 0);
+    assert!(
+        set.stderr().contains("start it with --duplicate 0%"),
+        "{}",
+        set.stderr()
+    );
+    assert_eq!(plain.join().unwrap().status(), 0);
     guard.assert_clean();
 }
 

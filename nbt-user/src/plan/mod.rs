@@ -808,6 +808,17 @@ impl Plan {
             accept_min_delta,
         };
         plan.schedule = sources.schedule(&plan)?;
+        // A schedule that duplicates, corrupts or reorders needs the tc program from the start.
+        plan.tc_impairments |= plan.schedule.as_ref().is_some_and(|s| {
+            s.actions.iter().flat_map(|a| &a.changes).any(|c| {
+                matches!(
+                    c,
+                    crate::schedule::Change::Duplicate { .. }
+                        | crate::schedule::Change::Corrupt { .. }
+                        | crate::schedule::Change::Reorder { .. }
+                )
+            })
+        });
         plan.restart_max = restart_max(flags)?;
         Ok(plan)
     }
@@ -824,6 +835,9 @@ impl Plan {
             ingress_loss: self.net.ingress.loss,
             latency_ns: self.latency.map(|l| l.latency_ns),
             jitter_ns: self.latency.map_or(0, |l| l.jitter_ns),
+            duplicate: self.net.egress.impair.duplicate,
+            corrupt: self.net.egress.impair.corrupt,
+            reorder: self.net.egress.impair.reorder,
             has_balance: self.prices.is_some(),
         }
     }

@@ -195,6 +195,9 @@ pub fn apply(
             )))
         }
         Change::Latency { .. }
+        | Change::Duplicate { .. }
+        | Change::Corrupt { .. }
+        | Change::Reorder { .. }
         | Change::EgressRate { .. }
         | Change::IngressRate { .. }
         | Change::EgressLoss { .. }
@@ -230,6 +233,9 @@ fn apply_network(controls: &Controls, change: &Change) -> Result<()> {
             }
             Change::EgressLoss { loss } => net.egress.loss = *loss,
             Change::IngressLoss { loss } => net.ingress.loss = *loss,
+            Change::Duplicate { fraction } => net.egress.impair.duplicate = *fraction,
+            Change::Corrupt { fraction } => net.egress.impair.corrupt = *fraction,
+            Change::Reorder { fraction } => net.egress.impair.reorder = *fraction,
             _ => unreachable!("a network change"),
         }
         Ok(())

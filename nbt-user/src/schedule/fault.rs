@@ -96,6 +96,9 @@ fn initial_of(cgroup: &RunCgroup, record: &RunRecord) -> Initial {
         ingress_loss: record.net.ingress.loss,
         latency_ns: record.latency.map(|l| l.latency_ns),
         jitter_ns: record.latency.map_or(0, |l| l.jitter_ns),
+        duplicate: record.net.egress.impair.duplicate,
+        corrupt: record.net.egress.impair.corrupt,
+        reorder: record.net.egress.impair.reorder,
         has_balance: record.ledger.is_some(),
     }
 }

@@ -69,6 +69,16 @@ pub enum Change {
     Latency {
         ns: u64,
     },
+    /// netem's duplicate, corrupt and reorder of outgoing packets (fractions).
+    Duplicate {
+        fraction: f64,
+    },
+    Corrupt {
+        fraction: f64,
+    },
+    Reorder {
+        fraction: f64,
+    },
     /// Added to the balance (negative: a charge).
     Balance {
         micro: i64,
@@ -107,6 +117,9 @@ impl Change {
             Change::EgressLoss { .. } => "egress loss",
             Change::IngressLoss { .. } => "ingress loss",
             Change::Latency { .. } => "latency",
+            Change::Duplicate { .. } => "duplicate",
+            Change::Corrupt { .. } => "corrupt",
+            Change::Reorder { .. } => "reorder",
             Change::Balance { .. } => "balance",
             Change::Freeze { .. } => "freeze",
             Change::MemoryHigh { .. } => "memory",
@@ -140,6 +153,9 @@ impl Change {
             Change::EgressLoss { loss } => format!("egress loss {:.1}%", loss.mean() * 100.0),
             Change::IngressLoss { loss } => format!("ingress loss {:.1}%", loss.mean() * 100.0),
             Change::Latency { ns } => format!("latency {} ms", *ns as f64 / 1e6),
+            Change::Duplicate { fraction } => format!("{}% duplicated", fraction * 100.0),
+            Change::Corrupt { fraction } => format!("{}% corrupted", fraction * 100.0),
+            Change::Reorder { fraction } => format!("{}% reordered", fraction * 100.0),
             Change::Balance { micro } if *micro >= 0 => {
                 format!("balance +{}", crate::enforce::ledger::format_amount(*micro))
             }

@@ -33,6 +33,10 @@ pub struct Initial {
     pub latency_ns: Option<u64>,
     /// The run's jitter: a latency step plus it must stay within 10 s.
     pub jitter_ns: u64,
+    /// Outgoing packets' duplicate, corrupt and reorder fractions.
+    pub duplicate: f64,
+    pub corrupt: f64,
+    pub reorder: f64,
     pub has_balance: bool,
 }
 
@@ -72,6 +76,9 @@ struct StepToml {
     loss: Option<toml::Value>,
     loss_direction: Option<String>,
     latency: Option<toml::Value>,
+    duplicate: Option<toml::Value>,
+    corrupt: Option<toml::Value>,
+    reorder: Option<toml::Value>,
     balance_add: Option<toml::Value>,
     balance_charge: Option<toml::Value>,
     price_call: Option<toml::Value>,
@@ -362,7 +369,7 @@ impl Reader<'_> {
         self.network_changes(line, s, &mut changes)?;
         self.ledger_changes(line, s, &mut changes)?;
         if changes.is_empty() {
-            return Err(self.err(line, "this step changes nothing: give memory, swap, cpus, egress-rate, ingress-rate, loss, latency, balance-add, balance-charge, price-call or price-egress".into()));
+            return Err(self.err(line, "this step changes nothing: give memory, swap, cpus, egress-rate, ingress-rate, loss, latency, duplicate, corrupt, reorder, balance-add, balance-charge, price-call or price-egress".into()));
         }
         let source = format!("step (line {line})");
         for change in &changes {
@@ -433,6 +440,24 @@ impl Reader<'_> {
             let latency = Latency::checked(self.duration(line, "latency", v)?, jitter, given);
             changes.push(Change::Latency {
                 ns: self.at_line(line, latency)?.latency_ns,
+            });
+        }
+        if let Some(v) = &s.duplicate {
+            changes.push(Change::Duplicate {
+                fraction: self.percent(line, "duplicate", v)?,
+            });
+        }
+        if let Some(v) = &s.corrupt {
+            changes.push(Change::Corrupt {
+                fraction: self.percent(line, "corrupt", v)?,
+            });
+        }
+        if let Some(v) = &s.reorder {
+            if self.initial.latency_ns.is_none_or(|ns| ns == 0) {
+                return Err(self.err(line, "a reorder step sends packets ahead of the added delay: it needs the run started with --latency".into()));
+            }
+            changes.push(Change::Reorder {
+                fraction: self.percent(line, "reorder", v)?,
             });
         }
         Ok(())
@@ -982,6 +1007,15 @@ fn initial_value(change: &Change, initial: &Initial) -> Change {
         },
         Change::Memory { .. } => Change::Memory {
             bytes: initial.memory,
+        },
+        Change::Duplicate { .. } => Change::Duplicate {
+            fraction: initial.duplicate,
+        },
+        Change::Corrupt { .. } => Change::Corrupt {
+            fraction: initial.corrupt,
+        },
+        Change::Reorder { .. } => Change::Reorder {
+            fraction: initial.reorder,
         },
         Change::Latency { .. } => Change::Latency {
             ns: initial.latency_ns.unwrap_or(0),
