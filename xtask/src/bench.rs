@@ -3,7 +3,7 @@
 //! reachable nowhere else). Not a test: it prints a table, and docs/benchmarks.md keeps it.
 
 #[path = "../../tests/src/rate.rs"]
-mod rate;
+pub(crate) mod rate;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-const ADDR_A: &str = "192.0.2.1";
-const ADDR_B: &str = "192.0.2.2";
+pub(crate) const ADDR_A: &str = "192.0.2.1";
+pub(crate) const ADDR_B: &str = "192.0.2.2";
 /// Payload per full TCP segment (timestamps on) and its IP and Ethernet sizes.
 const MSS: f64 = 1448.0;
 const IP_PACKET: f64 = 1500.0;
@@ -23,13 +23,16 @@ const ETHERNET_FRAME: f64 = 1514.0;
 const BULK_PORT: u16 = 5301;
 const ECHO_PORT: u16 = 5302;
 
-struct Netns {
-    a: String,
-    b: String,
-    veth_a: String,
+/// Two namespaces of the bench's own, `a` and `b`, joined by a veth pair (`veth_a` in a, `veth_b`
+/// in b); removed on drop. `cargo xtask bench paths` uses them too.
+pub(crate) struct Netns {
+    pub(crate) a: String,
+    pub(crate) b: String,
+    pub(crate) veth_a: String,
+    pub(crate) veth_b: String,
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let status = Command::new("ip")
         .args(args)
         .status()
@@ -41,14 +44,15 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 impl Netns {
-    fn new() -> Result<Netns> {
+    pub(crate) fn new() -> Result<Netns> {
         let id = std::process::id();
         let netns = Netns {
             a: format!("nbt-bench-{id}-a"),
             b: format!("nbt-bench-{id}-b"),
             veth_a: format!("nbtb{}a", id % 100_000),
+            veth_b: format!("nbtb{}b", id % 100_000),
         };
-        let veth_b = format!("nbtb{}b", id % 100_000);
+        let veth_b = netns.veth_b.clone();
         ip(&["netns", "add", &netns.a])?;
         ip(&["netns", "add", &netns.b])?;
         ip(&[
@@ -90,6 +94,13 @@ impl Netns {
         Ok(netns)
     }
 
+    /// Sets the MTU of both ends of the veth pair.
+    pub(crate) fn set_mtu(&self, mtu: u32) -> Result<()> {
+        let mtu = mtu.to_string();
+        ip(&["-n", &self.a, "link", "set", &self.veth_a, "mtu", &mtu])?;
+        ip(&["-n", &self.b, "link", "set", &self.veth_b, "mtu", &mtu])
+    }
+
     /// Runs `f` on a thread inside namespace `name`: sockets it makes stay there.
     fn spawn_in<T: Send + 'static>(
         name: &str,
@@ -105,7 +116,8 @@ impl Netns {
         }))
     }
 
-    fn tc(&self, args: &[&str]) -> Result<()> {
+    /// `tc ARGS` in namespace a.
+    pub(crate) fn tc(&self, args: &[&str]) -> Result<()> {
         let mut all = vec!["-n", &self.a];
         all.extend_from_slice(args);
         let status = Command::new("tc")

@@ -11,6 +11,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context as _, Result};
 
 mod bench;
+mod bench_paths;
 mod fuzz;
 mod layers;
 mod telemetry;
@@ -87,16 +88,20 @@ enum Task {
     Bench {
         /// `net`: nbt's shaping against the seed's `tc htb` on a veth pair; `vm`: against the
         /// seed's `tc htb` + `netem` inside the Debian kernels' VMs; `telemetry`: the cost of
-        /// the CPU-time tracking and the agent's footprint with 1,000 processes
-        #[arg(value_parser = ["net", "vm", "telemetry"])]
+        /// the CPU-time tracking and the agent's footprint with 1,000 processes; `paths`: nbt's
+        /// rate accuracy (and htb's beside it) on loopback and veth at MTU 1500 and 9000, for TCP
+        /// cubic, reno, bbr and UDP, egress and ingress, 512kbit to 1gbit
+        #[arg(value_parser = ["net", "vm", "telemetry", "paths"])]
         kind: String,
         /// For `vm`: 6.1, 6.12 or all (default 6.12)
         #[arg(long)]
         kernel: Option<String>,
-        /// For `net`: how many times each limited case runs (htb and nbt alternate), so that
-        /// the accuracy comparison does not rest on one sample of each
+        /// For `net` and `paths`: how many times each limited case runs (htb and nbt alternate),
+        /// so that the accuracy comparison does not rest on one sample of each
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         repeat: u32,
+        #[command(flatten)]
+        paths: bench_paths::Options,
     },
     /// Run the cargo-fuzz targets of fuzz/ under libFuzzer (installs cargo-fuzz when missing)
     /// and print each one's executions, coverage and crashes; fails when any target crashed
@@ -124,7 +129,8 @@ fn main() -> ExitCode {
             kind,
             kernel,
             repeat,
-        } => bench(&kind, kernel.as_deref(), repeat),
+            paths,
+        } => bench(&kind, kernel.as_deref(), repeat, &paths),
         Task::VmTest { kernel } => vm_test(&kernel),
         Task::Layers { graph } => Ok(check_layers(graph)),
         Task::Fuzz {
@@ -324,15 +330,26 @@ fn test() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench(kind: &str, kernel: Option<&str>, repeat: u32) -> Result<ExitCode> {
+fn bench(
+    kind: &str,
+    kernel: Option<&str>,
+    repeat: u32,
+    paths: &bench_paths::Options,
+) -> Result<ExitCode> {
     if kind != "vm" && kernel.is_some() {
         eprintln!(
             "xtask bench: --kernel chooses the VM of `bench vm`; `bench {kind}` runs on this host"
         );
         return Ok(ExitCode::from(2));
     }
-    if kind != "net" && repeat != 1 {
-        eprintln!("xtask bench: --repeat applies to `bench net` only");
+    if kind != "net" && kind != "paths" && repeat != 1 {
+        eprintln!("xtask bench: --repeat applies to `bench net` and `bench paths` only");
+        return Ok(ExitCode::from(2));
+    }
+    if kind != "paths" && paths.any() {
+        eprintln!(
+            "xtask bench: --seconds, --path, --traffic, --direction and --rate apply to `bench paths` only"
+        );
         return Ok(ExitCode::from(2));
     }
     setup()?;
@@ -344,7 +361,8 @@ fn bench(kind: &str, kernel: Option<&str>, repeat: u32) -> Result<ExitCode> {
         "net" => bench::net(&workspace_root(), repeat)?,
         "vm" => vm::bench(&workspace_root(), kernel.unwrap_or("6.12"))?,
         "telemetry" => telemetry::bench(&workspace_root())?,
-        other => bail!("unknown benchmark '{other}'; accepted: net, vm, telemetry"),
+        "paths" => bench_paths::run(&workspace_root(), repeat, paths)?,
+        other => bail!("unknown benchmark '{other}'; accepted: net, vm, telemetry, paths"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -60,5 +60,28 @@ measure nbt nbt run --egress-rate 512kbit --loss 5% --latency 100ms --
 # Which of nbt's pieces costs TCP goodput: each of loss and latency alone with the rate.
 measure nbt-rate+latency nbt run --egress-rate 512kbit --latency 100ms --
 measure nbt-rate+loss nbt run --egress-rate 512kbit --loss 5% --
+# netem's other impairments against nbt's, measured at the receiver: 1000 numbered datagrams
+# of 64 bytes at 200 a second, each impairment alone; the receiver counts what arrived and what
+# overtook a datagram numbered lower.
+# $1: method; $2: impairment; $3...: how to run the sender under it ("" for netem).
+impair_row() {
+    method=$1; what=$2; shift 2
+    in_b nbt-testbin udp-count 192.0.2.2:5004 3 > /tmp/count &
+    sleep 1
+    in_a "$@" nbt-testbin udp-paced 192.0.2.2:5004 1000 200 > /dev/null 2>&1
+    wait
+    echo "NBT-VM-IMPAIR $what $method $(awk '/received/ { print $2, $4 }' /tmp/count)"
+}
+# $1: impairment; $2: netem's arguments; $3: nbt's flags.
+impair_pair() {
+    $TC -n a qdisc add dev va root netem $2
+    impair_row netem "$1"
+    $TC -n a qdisc del dev va root
+    impair_row nbt "$1" nbt run $3 --
+}
+impair_pair duplicate-10% "duplicate 10%" "--duplicate 10%"
+impair_pair corrupt-5% "corrupt 5%" "--corrupt 5%"
+impair_pair "reorder-25%,delay-20ms" "delay 20ms reorder 25%" "--latency 20ms --reorder 25%"
+impair_pair "loss-20%,correlation-75%" "loss 20% 75%" "--loss 20% --loss-correlation 75%"
 echo NBT-VM-DONE
 poweroff -f

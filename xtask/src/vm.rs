@@ -294,6 +294,49 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
             ));
         }
         println!("{name}:\n{table}");
+        println!("{}", impairment_table(&console));
     }
     Ok(())
+}
+
+/// The `NBT-VM-IMPAIR <impairment> <method> <received> <overtaking>` lines as a table, netem
+/// and nbt side by side: per 1000 datagrams sent, the share that arrived twice (received over
+/// 1000), that did not arrive, and that overtook an earlier one.
+fn impairment_table(console: &str) -> String {
+    let mut table = String::from(
+        "| impairment | netem: arrived / sent | nbt: arrived / sent | netem: overtook | nbt: overtook |\n\
+         |---|---|---|---|---|\n",
+    );
+    let figures = |what: &str, method: &str| -> (String, String) {
+        console
+            .lines()
+            .filter_map(|l| l.strip_prefix("NBT-VM-IMPAIR "))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| w.first() == Some(&what) && w.get(1) == Some(&method))
+            .map(|w| {
+                let received: f64 = w.get(2).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+                let over: f64 = w.get(3).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+                (
+                    format!("{:.3}", received / 1000.0),
+                    format!("{:.1}%", over / 10.0),
+                )
+            })
+            .unwrap_or(("?".into(), "?".into()))
+    };
+    let mut seen = Vec::new();
+    for line in console
+        .lines()
+        .filter_map(|l| l.strip_prefix("NBT-VM-IMPAIR "))
+    {
+        let what = line.split_whitespace().next().unwrap_or("?");
+        if seen.contains(&what) {
+            continue;
+        }
+        seen.push(what);
+        let ((netem, netem_over), (nbt, nbt_over)) = (figures(what, "netem"), figures(what, "nbt"));
+        table.push_str(&format!(
+            "| {what} | {netem} | {nbt} | {netem_over} | {nbt_over} |\n"
+        ));
+    }
+    table
 }

@@ -5,14 +5,28 @@
 //!   forkbomb SECONDS          every process forks as fast as it can until SECONDS have passed
 //!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
 //!                             the kernel's count of payload bytes sent, retransmissions included
-//!   tcp-stream ADDR SECONDS   connect to ADDR and send as fast as the socket takes it for SECONDS
+//!   tcp-stream ADDR SECONDS [CC [FROM TO]]  connect to ADDR and send as fast as the socket
+//!                             takes it for SECONDS; with CC, first switch the socket's congestion
+//!                             control to CC (TCP_CONGESTION; exit 3 when refused, as EPERM for an
+//!                             algorithm not in tcp_allowed_congestion_control without
+//!                             CAP_NET_ADMIN) and print the algorithm in use, the segment size and
+//!                             the payload bytes retransmitted, in all and (with FROM and TO)
+//!                             between FROM and TO seconds after the connection
 //!   stream-and-ping BULK ECHO SECONDS  tcp-stream to BULK and, beside it, a 64-byte request
 //!                             every 10 ms to the echo server ECHO; prints the round trips'
 //!                             p50 and p99 in ms (the queueing delay a bulk flow causes),
 //!                             its count, its segments sent and how long it ran
 //!   tcp-recv ADDR FROM TO     accept one connection on ADDR, read it to the end, print the
 //!                             payload rate between FROM and TO seconds after the first byte
+//!   tcp-sink ADDR FROM TO     as tcp-recv, with the rate the least-squares slope over every read
+//!                             in the window (FROM and TO may be fractions of a second)
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
+//!   udp-blast ADDR SECONDS SIZE BITS  send SIZE-byte datagrams to ADDR for SECONDS, paced at BITS
+//!                             IP bits/s (SIZE + 28 bytes each; 0: as fast as it can); prints the
+//!                             datagrams tried, those refused, and the offered IP rate
+//!   udp-sink ADDR FROM TO     receive on ADDR until a second passes quietly after the first
+//!                             datagram; prints the payload bytes, the rate (slope) between FROM
+//!                             and TO seconds after the first datagram and the socket's drops
 //!   await-signal FILE         write our pid to FILE, wait for a signal, write its name, exit 42
 //!   sleep SECONDS             sleep
 //!   sleepers N SECONDS [MS]   fork N children that each spin MS of CPU, then wake once a
@@ -28,13 +42,17 @@
 //!   thread-connect ADDR       a connect from a second thread
 //!   child-connect ADDR        a connect from a forked child (which execs nbt-testbin again)
 //!   udp-paced ADDR N PPS      N datagrams of 64 bytes at PPS per second (below any rate limit)
-//!   udp-count ADDR SECONDS    count the datagrams arriving on ADDR until SECONDS pass quietly
+//!   udp-count ADDR SECONDS    count the datagrams arriving on ADDR until SECONDS pass quietly,
+//!                             and those that overtook a lower-numbered one
 //!   raw-send IPV4             one UDP datagram built by hand on a raw socket (IP_HDRINCL)
 //!   keepalive ADDR A B MS     connect, send A bytes, wait MS, send B bytes, half-close
 //!
 //! `escape` tries each way out of a run a workload has, printing `<way> ok` or `<way> <errno>`:
 //! its pid into each hierarchy's root `cgroup.procs`, a read of `$NBT_TEST_SECRET`, a file made
 //! in `$NBT_TEST_PRIVATE_DIR`, listing nbt's pins, and the BPF objects of the kernel by id.
+
+#[path = "../rate.rs"]
+mod rate;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -49,6 +67,14 @@ fn arg(args: &[String], i: usize) -> &str {
 fn num(args: &[String], i: usize) -> u64 {
     arg(args, i).parse().unwrap_or_else(|_| {
         eprintln!("nbt-testbin: argument {i} is not a number");
+        std::process::exit(2)
+    })
+}
+
+/// Argument `i` as a number of seconds, fractions allowed.
+fn seconds(args: &[String], i: usize) -> f64 {
+    arg(args, i).parse().unwrap_or_else(|_| {
+        eprintln!("nbt-testbin: argument {i} is not a number of seconds");
         std::process::exit(2)
     })
 }
@@ -82,7 +108,13 @@ fn main() {
         "short-lived" => short_lived(num(&args, 2), Duration::from_millis(num(&args, 3))),
         "forkbomb" => forkbomb(Instant::now() + Duration::from_secs(num(&args, 2))),
         "tcp-send" => tcp_send(arg(&args, 2), num(&args, 3)),
-        "tcp-stream" => tcp_stream(arg(&args, 2), Duration::from_secs(num(&args, 3))),
+        "tcp-stream" => tcp_stream(
+            arg(&args, 2),
+            Duration::from_secs(num(&args, 3)),
+            args.get(4).map(String::as_str),
+            args.get(5).map(|_| (seconds(&args, 5), seconds(&args, 6))),
+        ),
+        "tcp-sink" => tcp_sink(arg(&args, 2), seconds(&args, 3), seconds(&args, 4)),
         "stream-and-ping" => stream_and_ping(
             arg(&args, 2),
             arg(&args, 3),
@@ -90,6 +122,13 @@ fn main() {
         ),
         "tcp-recv" => tcp_recv(arg(&args, 2), num(&args, 3) as f64, num(&args, 4) as f64),
         "udp-send" => udp_send(arg(&args, 2), num(&args, 3), num(&args, 4)),
+        "udp-blast" => udp_blast(
+            arg(&args, 2),
+            Duration::from_secs(num(&args, 3)),
+            num(&args, 4),
+            num(&args, 5),
+        ),
+        "udp-sink" => udp_sink(arg(&args, 2), seconds(&args, 3), seconds(&args, 4)),
         "udp-paced" => udp_paced(arg(&args, 2), num(&args, 3), num(&args, 4)),
         "udp-count" => udp_count(arg(&args, 2), num(&args, 3)),
         "await-signal" => await_signal(arg(&args, 2)),
@@ -528,11 +567,20 @@ fn tcp_send(addr: &str, bytes: u64) {
         .expect("shutdown");
     let mut rest = Vec::new();
     stream.read_to_end(&mut rest).expect("read");
+    let info = tcp_info(&stream);
+    println!(
+        "sent {bytes} payload_bytes_sent {} retransmitted {}",
+        info.tcpi_bytes_sent, info.tcpi_bytes_retrans
+    );
+}
+
+/// The kernel's `struct tcp_info` of a TCP socket (glibc's part of it).
+fn tcp_info(stream: &std::net::TcpStream) -> libc::tcp_info {
     // SAFETY: getsockopt(TCP_INFO) into a zeroed tcp_info of the size we pass.
-    let info = unsafe {
+    unsafe {
         let mut info: libc::tcp_info = std::mem::zeroed();
         let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
         let rc = libc::getsockopt(
             fd,
             libc::IPPROTO_TCP,
@@ -542,15 +590,78 @@ fn tcp_send(addr: &str, bytes: u64) {
         );
         assert_eq!(rc, 0, "TCP_INFO");
         info
-    };
-    println!(
-        "sent {bytes} payload_bytes_sent {} retransmitted {}",
-        info.tcpi_bytes_sent, info.tcpi_bytes_retrans
-    );
+    }
 }
 
-fn tcp_stream(addr: &str, duration: Duration) {
+/// Switches the socket's congestion control to `name` (TCP_CONGESTION); exits 3 when refused.
+/// Done after connect and before any payload: the handshake does not depend on it.
+fn set_congestion(stream: &std::net::TcpStream, name: &str) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    // SAFETY: setsockopt with a pointer to `name`'s bytes and their length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        eprintln!(
+            "nbt-testbin: TCP_CONGESTION {name}: {}",
+            errno(Err::<(), _>(err))
+        );
+        std::process::exit(3);
+    }
+}
+
+/// The congestion control the socket uses (TCP_CONGESTION read back).
+fn congestion(stream: &std::net::TcpStream) -> String {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: the buffer and its length are valid; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_CONGESTION");
+    let name = &name[..(len as usize).min(name.len())];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+fn tcp_stream(
+    addr: &str,
+    duration: Duration,
+    congestion_control: Option<&str>,
+    window: Option<(f64, f64)>,
+) {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    if let Some(name) = congestion_control {
+        set_congestion(&stream, name);
+    }
+    // The bytes retransmitted between FROM and TO, read from the kernel at those times.
+    let began = Instant::now();
+    let in_window = window.map(|(from, to)| {
+        let stream = stream.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let retransmitted_at = |at: f64| {
+                let due = began + Duration::from_secs_f64(at);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                tcp_info(&stream).tcpi_bytes_retrans
+            };
+            let first = retransmitted_at(from);
+            retransmitted_at(to) - first
+        })
+    });
     let block = vec![7u8; 16 * 1024];
     let end = Instant::now() + duration;
     let mut sent = 0u64;
@@ -563,12 +674,26 @@ fn tcp_stream(addr: &str, duration: Duration) {
         .expect("shutdown");
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
-    println!("sent {sent}");
+    if congestion_control.is_none() {
+        println!("sent {sent}");
+        return;
+    }
+    let info = tcp_info(&stream);
+    print!(
+        "sent {sent} cc {} mss {} retransmitted {}",
+        congestion(&stream),
+        info.tcpi_snd_mss,
+        info.tcpi_bytes_retrans
+    );
+    match in_window.map(|t| t.join().expect("window")) {
+        Some(bytes) => println!(" retransmitted_in_window {bytes}"),
+        None => println!(),
+    }
 }
 
 fn stream_and_ping(bulk: &str, echo: &str, duration: Duration) {
     let bulk = bulk.to_string();
-    let sender = std::thread::spawn(move || tcp_stream(&bulk, duration));
+    let sender = std::thread::spawn(move || tcp_stream(&bulk, duration, None, None));
     std::thread::sleep(Duration::from_millis(500));
     let mut stream = std::net::TcpStream::connect(echo).expect("connect echo");
     stream.set_nodelay(true).expect("nodelay");
@@ -656,6 +781,134 @@ fn tcp_recv(addr: &str, from: f64, to: f64) {
     }
 }
 
+fn tcp_sink(addr: &str, from: f64, to: f64) {
+    let listener = std::net::TcpListener::bind(addr).expect("bind");
+    println!("listening");
+    let (mut stream, _) = listener.accept().expect("accept");
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut total, mut start, mut marks) = (0u64, None, Vec::new());
+    // A reset ends the count as the end of the stream does.
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        let now = Instant::now();
+        total += n as u64;
+        marks.push((
+            now.duration_since(*start.get_or_insert(now)).as_secs_f64(),
+            total,
+        ));
+    }
+    println!(
+        "received {total} rate_bits_per_sec {:.0} reads {}",
+        rate::slope_bits_per_sec(&marks, from, to),
+        marks.len()
+    );
+}
+
+/// Sets an integer socket option; false when refused.
+fn set_int_option(fd: i32, level: i32, name: i32, value: i32) -> bool {
+    // SAFETY: setsockopt with a pointer to a local int and its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+fn udp_blast(addr: &str, duration: Duration, size: u64, bits_per_sec: u64) {
+    let addr = socket_addr(addr);
+    let socket = udp_socket_for(&addr);
+    let payload = vec![1u8; size as usize];
+    let wire_bits = ((size + 28) * 8) as f64;
+    let start = Instant::now();
+    let (mut tried, mut refused) = (0u64, 0u64);
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        if bits_per_sec > 0 {
+            // The next datagram is due when the ones before it have had their time at the pace.
+            let due = Duration::from_secs_f64(tried as f64 * wire_bits / bits_per_sec as f64);
+            if due > elapsed {
+                std::thread::sleep((due - elapsed).min(Duration::from_millis(5)));
+                continue;
+            }
+        }
+        // Refused (EPERM or ENOBUFS) when a shaper drops it on the way out: counted as offered.
+        if socket.send_to(&payload, addr).is_err() {
+            refused += 1;
+        }
+        tried += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "tried {tried} refused {refused} size {size} seconds {seconds:.3} offered_bits_per_sec {:.0}",
+        tried as f64 * wire_bits / seconds
+    );
+}
+
+fn udp_sink(addr: &str, from: f64, to: f64) {
+    use std::os::fd::AsRawFd;
+    // Linux's numbers for SO_RCVBUFFORCE and SO_MEMINFO (asm-generic/socket.h), which this libc
+    // does not export for every target.
+    const SO_RCVBUFFORCE: i32 = 33;
+    const SO_MEMINFO: i32 = 55;
+    let socket = std::net::UdpSocket::bind(addr).expect("bind");
+    let fd = socket.as_raw_fd();
+    // A deep buffer so that the reader's scheduling does not drop datagrams: past rmem_max when
+    // we may (CAP_NET_ADMIN), else as deep as rmem_max lets us.
+    if !set_int_option(fd, libc::SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20) {
+        set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 16 << 20);
+    }
+    println!("listening");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut buffer = vec![0u8; 1 << 16];
+    let (mut total, mut datagrams, mut start, mut marks) = (0u64, 0u64, None, Vec::new());
+    while let Ok(n) = socket.recv(&mut buffer) {
+        let now = Instant::now();
+        if start.is_none() {
+            socket
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+        }
+        total += n as u64;
+        datagrams += 1;
+        marks.push((
+            now.duration_since(*start.get_or_insert(now)).as_secs_f64(),
+            total,
+        ));
+    }
+    let mut meminfo = [0u32; 16];
+    let mut len = size_of_val(&meminfo) as libc::socklen_t;
+    // SAFETY: the buffer and its length are valid; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            meminfo.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let drops = if rc == 0 {
+        meminfo[libc::SK_MEMINFO_DROPS as usize].to_string()
+    } else {
+        "unknown".into()
+    };
+    println!(
+        "received {total} datagrams {datagrams} rate_bits_per_sec {:.0} socket_drops {drops}",
+        rate::slope_bits_per_sec(&marks, from, to)
+    );
+}
+
 fn udp_send(addr: &str, count: u64, size: u64) {
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
     // Each datagram carries its sequence number, so a receiver can tell which were lost.
@@ -696,17 +949,35 @@ fn udp_count(addr: &str, quiet_seconds: u64) {
     println!("listening");
     let mut received = 0u64;
     let mut buffer = [0u8; 2048];
+    // Datagrams numbered from 0 (udp-paced, udp-send): those that arrived while one with a
+    // lower number had not yet (a reorder overtakes the packets delayed before it).
+    let (mut seen, mut first_missing, mut overtaking) = (Vec::<bool>::new(), 0usize, 0u64);
     // The first datagram may take a while; after it, SECONDS without one ends the count.
     socket
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    while socket.recv(&mut buffer).is_ok() {
+    while let Ok(n) = socket.recv(&mut buffer) {
         received += 1;
+        if n >= 8 {
+            let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap()) as usize;
+            if seq < 1 << 24 {
+                if seen.len() <= seq {
+                    seen.resize(seq + 1, false);
+                }
+                if seq > first_missing {
+                    overtaking += 1;
+                }
+                seen[seq] = true;
+                while seen.get(first_missing) == Some(&true) {
+                    first_missing += 1;
+                }
+            }
+        }
         socket
             .set_read_timeout(Some(Duration::from_secs(quiet_seconds.max(1))))
             .expect("timeout");
     }
-    println!("received {received}");
+    println!("received {received} overtaking {overtaking}");
 }
 
 static mut RECEIVED: i32 = 0;
