@@ -949,9 +949,10 @@ fn udp_count(addr: &str, quiet_seconds: u64) {
     println!("listening");
     let mut received = 0u64;
     let mut buffer = [0u8; 2048];
-    // Datagrams numbered from 0 (udp-paced, udp-send): those that arrived while one with a
-    // lower number had not yet (a reorder overtakes the packets delayed before it).
-    let (mut seen, mut first_missing, mut overtaking) = (Vec::<bool>::new(), 0usize, 0u64);
+    // Datagrams numbered from 0 (udp-paced, udp-send), in the order they came: those that came
+    // before one numbered lower (a reorder overtakes the packets delayed before it; a lost one
+    // overtakes nothing).
+    let mut order = Vec::<u64>::new();
     // The first datagram may take a while; after it, SECONDS without one ends the count.
     socket
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -959,23 +960,18 @@ fn udp_count(addr: &str, quiet_seconds: u64) {
     while let Ok(n) = socket.recv(&mut buffer) {
         received += 1;
         if n >= 8 {
-            let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap()) as usize;
-            if seq < 1 << 24 {
-                if seen.len() <= seq {
-                    seen.resize(seq + 1, false);
-                }
-                if seq > first_missing {
-                    overtaking += 1;
-                }
-                seen[seq] = true;
-                while seen.get(first_missing) == Some(&true) {
-                    first_missing += 1;
-                }
-            }
+            order.push(u64::from_le_bytes(buffer[..8].try_into().unwrap()));
         }
         socket
             .set_read_timeout(Some(Duration::from_secs(quiet_seconds.max(1))))
             .expect("timeout");
+    }
+    let (mut lowest_after, mut overtaking) = (u64::MAX, 0u64);
+    for seq in order.iter().rev() {
+        if *seq > lowest_after {
+            overtaking += 1;
+        }
+        lowest_after = lowest_after.min(*seq);
     }
     println!("received {received} overtaking {overtaking}");
 }
