@@ -451,16 +451,23 @@ fn concurrent_changes_to_a_live_run_neither_tear_its_record_nor_lose_one() {
             assert_eq!(set.status(), 0, "{}", set.stderr());
         }
         let net = serde_json::to_value(record().net).unwrap();
+        // No `nbt set` here touches netem's other impairments: the record keeps them at zero.
+        let untouched = serde_json::json!({
+            "loss_correlation": 0.0, "duplicate": 0.0, "corrupt": 0.0,
+            "reorder": 0.0, "reorder_correlation": 0.0, "reorder_gap": 0,
+        });
         let expected = serde_json::json!({
             "egress": {
                 "rate_bits_per_sec": (1000 + round) * 1000,
                 "burst_bytes": 100_000 + round,
                 "loss": { "model": "uniform", "probability": round as f64 / 100.0 },
+                "impair": untouched,
             },
             "ingress": {
                 "rate_bits_per_sec": (2000 + round) * 1000,
                 "burst_bytes": 100_000 + round,
                 "loss": { "model": "none" },
+                "impair": untouched,
             },
         });
         assert_eq!(net, expected, "round {round}");
