@@ -3,58 +3,11 @@
 //! datagrams from `a`, the peer in `b` counts what arrives. Reorder and the jitter's correlation
 //! need the fq qdisc, which this host lacks: the VM tests cover them.
 
-use std::net::UdpSocket;
 use std::time::Duration;
 
-use nbt_integration_tests::{testbin, NetnsPair, NoLeftovers, ADDR_B};
-
-/// What a receiver saw of `count` numbered datagrams.
-struct Arrivals {
-    /// How many times each sequence number arrived.
-    times: Vec<u32>,
-    /// Datagrams whose bytes were not what the sender wrote (sequence out of range included).
-    damaged: u64,
-}
-
-/// Receives numbered datagrams in namespace `ns` until 2 s pass without one: `nbt-testbin
-/// udp-send`'s, whose bytes after the number are ones (`fill`), or `udp-paced`'s (zeros).
-fn receive(ns: &str, port: u16, count: u64, fill: u8) -> std::thread::JoinHandle<Arrivals> {
-    NetnsPair::in_netns(ns, move || {
-        use std::os::fd::AsRawFd;
-        let socket = UdpSocket::bind(format!("{ADDR_B}:{port}")).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        // 64 MiB of receive buffer (SO_RCVBUFFORCE, as root): a receiver descheduled on a busy
-        // machine must not lose datagrams, or what is measured is not nbt's.
-        let bytes: libc::c_int = 64 << 20;
-        // SAFETY: setsockopt with a pointer to a local int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&bytes as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE");
-        let mut arrivals = Arrivals {
-            times: vec![0; count as usize],
-            damaged: 0,
-        };
-        let mut buffer = [0u8; 2048];
-        while let Ok(n) = socket.recv(&mut buffer) {
-            let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
-            if n < 8 || seq >= count || buffer[8..n].iter().any(|b| *b != fill) {
-                arrivals.damaged += 1;
-            } else {
-                arrivals.times[seq as usize] += 1;
-            }
-        }
-        arrivals
-    })
-}
+use nbt_integration_tests::{
+    receive_numbered as receive, testbin, Arrivals, NetnsPair, NoLeftovers, ADDR_B,
+};
 
 /// `nbt run --json LIMITS -- nbt-testbin udp-send` of `count` datagrams of 100 bytes to the
 /// peer's `port`, and what arrived there.

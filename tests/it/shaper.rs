@@ -1,12 +1,12 @@
 //! Network shaping on a veth pair between two namespaces of the test's own: the run in `a`,
 //! its peer in `b`. Rates are measured where iperf3 measures them: at the receiver.
 
-use std::net::{TcpListener, UdpSocket};
+use std::net::TcpListener;
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    nbt, nbt_in_netns, receive_all, testbin, wait_for_live_run, NetnsPair, NoLeftovers, ADDR_A,
-    ADDR_B,
+    nbt, nbt_in_netns, receive_all, receive_numbered, testbin, wait_for_live_run, NetnsPair,
+    NoLeftovers, ADDR_A, ADDR_B,
 };
 
 /// A full TCP segment on this veth: 1448 bytes of payload in 1500 bytes of IP packet (20 IP, 20
@@ -172,52 +172,12 @@ fn traffic_outside_the_run_is_untouched() {
     guard.assert_clean();
 }
 
-/// Raises the socket's receive buffer past `net.core.rmem_max` (SO_RCVBUFFORCE, as root) to
-/// 64 MiB, enough for 50,000 small datagrams: a receiver thread descheduled on a busy machine
-/// must not lose datagrams that the shaper passed, or the loss measured is not the shaper's.
-fn hold_every_datagram(socket: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let bytes: libc::c_int = 64 << 20;
-    // SAFETY: setsockopt with a pointer to a local int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&bytes as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
-}
-
-/// Receives the numbered datagrams of `nbt-testbin udp-send` in namespace `ns` until 2 s pass
-/// without one; which of the `count` arrived.
-fn receive_numbered(ns: &str, port: u16, count: u64) -> std::thread::JoinHandle<Vec<bool>> {
-    NetnsPair::in_netns(ns, move || {
-        let socket = UdpSocket::bind(format!("{ADDR_B}:{port}")).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        hold_every_datagram(&socket);
-        let mut buffer = [0u8; 2048];
-        let mut received = vec![false; count as usize];
-        while let Ok(n) = socket.recv(&mut buffer) {
-            if n >= 8 {
-                let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
-                received[seq as usize] = true;
-            }
-        }
-        received
-    })
-}
-
 #[test]
 fn uniform_loss_is_within_half_a_point() {
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("loss");
     const SENT: u64 = 20_000;
-    let receiver = receive_numbered(&net.b, 5204, SENT);
+    let receiver = receive_numbered(&net.b, 5204, SENT, 1);
     std::thread::sleep(Duration::from_millis(200));
     let testbin = testbin();
     let run = net.nbt_in_a(&[
@@ -238,7 +198,13 @@ fn uniform_loss_is_within_half_a_point() {
         "{}",
         run.stderr()
     );
-    let received = receiver.join().unwrap().iter().filter(|got| **got).count() as u64;
+    let received = receiver
+        .join()
+        .unwrap()
+        .arrived()
+        .iter()
+        .filter(|got| **got)
+        .count() as u64;
     let lost = run.u64("/shaped/egress/loss_dropped_packets");
     let measured = 1.0 - received as f64 / SENT as f64;
     assert!(
@@ -261,7 +227,7 @@ fn gilbert_elliott_loss_comes_in_bursts_of_the_expected_length() {
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("ge");
     const SENT: u64 = 50_000;
-    let receiver = receive_numbered(&net.b, 5205, SENT);
+    let receiver = receive_numbered(&net.b, 5205, SENT, 1);
     std::thread::sleep(Duration::from_millis(200));
     let testbin = testbin();
     // p = 1%, r = 25%: the bad state lasts 1/r = 4 packets on average, and loses all of them
@@ -279,7 +245,7 @@ fn gilbert_elliott_loss_comes_in_bursts_of_the_expected_length() {
         "100",
     ]);
     assert_eq!(run.status(), 0, "{}", run.stderr());
-    let received = receiver.join().unwrap();
+    let received = receiver.join().unwrap().arrived();
     let mut bursts = Vec::new();
     let mut current = 0u64;
     for got in &received {

@@ -480,6 +480,66 @@ impl Drop for NetnsPair {
     }
 }
 
+/// What a receiver saw of `count` numbered datagrams.
+pub struct Arrivals {
+    /// How many times each sequence number arrived.
+    pub times: Vec<u32>,
+    /// Datagrams whose bytes were not what the sender wrote (sequence out of range included).
+    pub damaged: u64,
+}
+
+/// Receives numbered datagrams in namespace `ns` until 2 s pass without one: `nbt-testbin
+/// udp-send`'s, whose bytes after the number are ones (`fill`), or `udp-paced`'s (zeros).
+pub fn receive_numbered(
+    ns: &str,
+    port: u16,
+    count: u64,
+    fill: u8,
+) -> std::thread::JoinHandle<Arrivals> {
+    NetnsPair::in_netns(ns, move || {
+        use std::os::fd::AsRawFd;
+        let socket = std::net::UdpSocket::bind(format!("{ADDR_B}:{port}")).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        // 64 MiB of receive buffer (SO_RCVBUFFORCE, as root): a receiver descheduled on a busy
+        // machine must not lose datagrams, or what is measured is not nbt's.
+        let bytes: libc::c_int = 64 << 20;
+        // SAFETY: setsockopt with a pointer to a local int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&bytes as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE");
+        let mut arrivals = Arrivals {
+            times: vec![0; count as usize],
+            damaged: 0,
+        };
+        let mut buffer = [0u8; 2048];
+        while let Ok(n) = socket.recv(&mut buffer) {
+            let seq = u64::from_le_bytes(buffer[..8].try_into().unwrap());
+            if n < 8 || seq >= count || buffer[8..n].iter().any(|b| *b != fill) {
+                arrivals.damaged += 1;
+            } else {
+                arrivals.times[seq as usize] += 1;
+            }
+        }
+        arrivals
+    })
+}
+
+impl Arrivals {
+    /// Which of the numbered datagrams arrived at least once.
+    pub fn arrived(&self) -> Vec<bool> {
+        self.times.iter().map(|t| *t > 0).collect()
+    }
+}
+
 /// Bytes a receiver took in, with the time of each read since the first byte.
 pub struct Received {
     pub marks: Vec<(f64, u64)>,
@@ -500,20 +560,8 @@ impl Received {
 
 /// Accepts one TCP connection on `listener` and reads it to the end.
 pub fn receive_all(listener: std::net::TcpListener) -> Received {
-    use std::io::Read;
-    let (mut stream, _) = listener.accept().expect("accept");
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    let mut start = None;
-    let mut marks = Vec::new();
-    loop {
-        let n = stream.read(&mut buffer).expect("read");
-        if n == 0 {
-            return Received { marks };
-        }
-        let now = std::time::Instant::now();
-        let start = *start.get_or_insert(now);
-        total += n as u64;
-        marks.push((now.duration_since(start).as_secs_f64(), total));
-    }
+    let (stream, _) = listener.accept().expect("accept");
+    let (marks, end) = rate::read_marks(stream);
+    end.expect("read");
+    Received { marks }
 }

@@ -32,6 +32,27 @@ pub fn slope_bits_per_sec(marks: &[(f64, u64)], from: f64, to: f64) -> f64 {
     }
 }
 
+/// Reads `stream` to its end, marking each read: (seconds since the first byte, bytes so far).
+/// A read error ends the marks too; it is returned beside them.
+pub fn read_marks(mut stream: impl std::io::Read) -> (Vec<(f64, u64)>, std::io::Result<()>) {
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut total, mut start, mut marks) = (0u64, None, Vec::new());
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return (marks, Ok(())),
+            Ok(n) => {
+                let now = std::time::Instant::now();
+                total += n as u64;
+                marks.push((
+                    now.duration_since(*start.get_or_insert(now)).as_secs_f64(),
+                    total,
+                ));
+            }
+            Err(err) => return (marks, Err(err)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
@@ -221,23 +221,10 @@ fn busy_cpu_seconds() -> f64 {
 
 /// Accepts one connection and reads it; returns (seconds since first byte, bytes so far) marks.
 fn receive(listener: TcpListener) -> Vec<(f64, u64)> {
-    let Ok((mut stream, _)) = listener.accept() else {
-        return Vec::new();
-    };
-    let mut buffer = vec![0u8; 1 << 20];
-    let (mut total, mut start, mut marks) = (0u64, None, Vec::new());
-    while let Ok(n) = stream.read(&mut buffer) {
-        if n == 0 {
-            break;
-        }
-        let now = Instant::now();
-        total += n as u64;
-        marks.push((
-            now.duration_since(*start.get_or_insert(now)).as_secs_f64(),
-            total,
-        ));
+    match listener.accept() {
+        Ok((stream, _)) => rate::read_marks(stream).0,
+        Err(_) => Vec::new(),
     }
-    marks
 }
 
 fn echo(listener: TcpListener) {

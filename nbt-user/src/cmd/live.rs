@@ -169,14 +169,7 @@ fn changed_impairments(next: &mut NetLimits, args: &NetArgs) -> Result<(), PlanE
             .transpose()
     };
     if let Some(p) = percent("--loss-correlation", &args.loss_correlation)? {
-        let mut uniform = false;
-        for direction in [&mut next.egress, &mut next.ingress] {
-            if let shaper::Loss::Uniform { .. } = direction.loss {
-                direction.impair.loss_correlation = p;
-                uniform = true;
-            }
-        }
-        if !uniform {
+        if !next.correlate_loss(p) {
             return Err(PlanError(
                 "--loss-correlation correlates the uniform loss's draws: the run has no --loss"
                     .into(),
@@ -191,14 +184,7 @@ fn changed_impairments(next: &mut NetLimits, args: &NetArgs) -> Result<(), PlanE
         impair.reorder_correlation = p;
     }
     if let Some(text) = &args.reorder_gap {
-        impair.reorder_gap = match text.trim().parse::<u32>() {
-            Ok(gap) if gap >= 1 => gap,
-            _ => {
-                return Err(PlanError(format!(
-                    "invalid value '{text}' for --reorder-gap: accepted: a whole number of packets, 1 or more"
-                )))
-            }
-        };
+        impair.reorder_gap = shaper::parse_reorder_gap("--reorder-gap", text)?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use aya::Ebpf;
 use nbt_common::edt::{EdtConfig, EDT_CONFIG_MAP};
 use serde::{Deserialize, Serialize};
 
+use crate::enforce::shaper::probability;
 use crate::error::PlanError;
 use crate::sys::pin::Pins;
 use crate::sys::{loader, netlink};
@@ -118,11 +119,6 @@ impl Drop for LatencyGuard {
             eprintln!("nbt: {err}");
         }
     }
-}
-
-/// A fraction in the kernel's units of 2^32.
-fn probability(p: f64) -> u64 {
-    (p.clamp(0.0, 1.0) * nbt_common::shaper::PROBABILITY_ONE as f64).round() as u64
 }
 
 /// Depth of a cgroup v2 directory below the hierarchy's root (the root is level 0).

@@ -15,7 +15,7 @@ use nbt_common::shaper::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::error::UsageError;
+use crate::error::{PlanError, UsageError};
 use crate::sys::loader;
 use crate::sys::pin::Pins;
 use crate::units::{self, format_rate, format_size};
@@ -214,7 +214,6 @@ impl DirectionLimits {
 
     /// The kernel's view of these limits.
     pub fn config(&self, direction: Direction) -> ShaperConfig {
-        let probability = |p: f64| (p.clamp(0.0, 1.0) * PROBABILITY_ONE as f64).round() as u64;
         let mut config = ShaperConfig::default();
         if let (Some(rate), Some(burst)) = (self.rate_bits_per_sec, self.burst(direction)) {
             config.rate_bytes_per_sec = (rate.min(MAX_RATE_BITS_PER_SEC) / 8).max(1);
@@ -277,6 +276,21 @@ impl DirectionLimits {
     }
 }
 
+/// A fraction as the programs draw against it, in units of 2^32 ([`PROBABILITY_ONE`]).
+pub fn probability(p: f64) -> u64 {
+    (p.clamp(0.0, 1.0) * PROBABILITY_ONE as f64).round() as u64
+}
+
+/// `--reorder-gap`: netem's gap, a whole number of packets, at least 1.
+pub fn parse_reorder_gap(flag: &str, text: &str) -> Result<u32, PlanError> {
+    match text.trim().parse::<u32>() {
+        Ok(gap) if gap >= 1 => Ok(gap),
+        _ => Err(PlanError(format!(
+            "invalid value '{text}' for {flag}: accepted: a whole number of packets, 1 or more (netem's gap: every Nth packet may be reordered)"
+        ))),
+    }
+}
+
 /// The depth of a bucket of `burst` bytes in ns at `rate_bytes_per_sec`, computed in u128
 /// (burst x 1e9 overflows a u64 above 18 GB); saturated to u64::MAX.
 pub fn burst_ns(rate_bytes_per_sec: u64, burst: u64) -> u64 {
@@ -294,6 +308,19 @@ pub struct NetLimits {
 impl NetLimits {
     pub fn is_unlimited(&self) -> bool {
         self.egress.is_unlimited() && self.ingress.is_unlimited()
+    }
+
+    /// Gives the uniform loss of each direction that has one this correlation; false when
+    /// neither has one (gemodel's bursts are its own).
+    pub fn correlate_loss(&mut self, correlation: f64) -> bool {
+        let mut uniform = false;
+        for direction in [&mut self.egress, &mut self.ingress] {
+            if let Loss::Uniform { .. } = direction.loss {
+                direction.impair.loss_correlation = correlation;
+                uniform = true;
+            }
+        }
+        uniform
     }
 }
 

@@ -553,14 +553,7 @@ impl Sources<'_> {
                     "{name} spaces --reorder's packets: it needs --reorder"
                 )));
             }
-            impair.reorder_gap = match text.trim().parse::<u32>() {
-                Ok(gap) if gap >= 1 => gap,
-                _ => {
-                    return Err(PlanError(format!(
-                        "invalid value '{text}' for {name}: accepted: a whole number of packets, 1 or more (netem's gap: every Nth packet may be reordered)"
-                    )))
-                }
-            };
+            impair.reorder_gap = shaper::parse_reorder_gap(&name, &text)?;
         }
         if reorder_given && latency.as_ref().is_none_or(|l| l.latency_ns == 0) {
             return Err(PlanError(
@@ -572,14 +565,7 @@ impl Sources<'_> {
             "loss-correlation",
             &profile.loss_correlation,
         )? {
-            let mut uniform = false;
-            for direction in [&mut net.egress, &mut net.ingress] {
-                if let Loss::Uniform { .. } = direction.loss {
-                    direction.impair.loss_correlation = p;
-                    uniform = true;
-                }
-            }
-            if !uniform {
+            if !net.correlate_loss(p) {
                 return Err(PlanError(format!(
                     "{name} correlates the uniform loss's draws: it needs --loss (gemodel has its own bursts)"
                 )));

@@ -784,21 +784,10 @@ fn tcp_recv(addr: &str, from: f64, to: f64) {
 fn tcp_sink(addr: &str, from: f64, to: f64) {
     let listener = std::net::TcpListener::bind(addr).expect("bind");
     println!("listening");
-    let (mut stream, _) = listener.accept().expect("accept");
-    let mut buffer = vec![0u8; 1 << 20];
-    let (mut total, mut start, mut marks) = (0u64, None, Vec::new());
+    let (stream, _) = listener.accept().expect("accept");
     // A reset ends the count as the end of the stream does.
-    while let Ok(n) = stream.read(&mut buffer) {
-        if n == 0 {
-            break;
-        }
-        let now = Instant::now();
-        total += n as u64;
-        marks.push((
-            now.duration_since(*start.get_or_insert(now)).as_secs_f64(),
-            total,
-        ));
-    }
+    let (marks, _) = rate::read_marks(stream);
+    let total = marks.last().map_or(0, |m| m.1);
     println!(
         "received {total} rate_bits_per_sec {:.0} reads {}",
         rate::slope_bits_per_sec(&marks, from, to),
