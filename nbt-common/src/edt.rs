@@ -1,16 +1,25 @@
 //! `edt`: latency and jitter by earliest departure time, as the tc egress program of
 //! `nbt-ebpf/src/edt.rs` reads them.
 
-/// Array of one [`EdtConfig`].
+/// Array of one [`EdtRun`].
+pub const EDT_RUN_MAP: &str = "EDT_RUN";
+
+/// Whose packets the program acts on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdtRun {
+    /// The run's cgroup v2 id, and its depth below the root: packets of sockets in it or below.
+    pub cgroup_id: u64,
+    pub cgroup_level: u32,
+    pub _pad: u32,
+}
+
+/// Array of one [`EdtConfig`] per link (`shaper::MAX_LINKS`; link 0 is the run's own).
 pub const EDT_CONFIG_MAP: &str = "EDT_CONFIG";
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EdtConfig {
-    /// The run's cgroup v2 id, and its depth below the root: packets of sockets in it or below.
-    pub cgroup_id: u64,
-    pub cgroup_level: u32,
-    pub _pad: u32,
     pub latency_ns: u64,
     /// Each packet's delay is uniform in latency ± jitter (never below zero).
     pub jitter_ns: u64,
@@ -18,7 +27,7 @@ pub struct EdtConfig {
     pub jitter_correlation: u64,
 }
 
-/// Array of one [`EdtState`], owned by the kernel program.
+/// Array of one [`EdtState`] per link, owned by the kernel program.
 pub const EDT_STATE_MAP: &str = "EDT_STATE";
 
 #[repr(C)]
@@ -29,8 +38,11 @@ pub struct EdtState {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: EdtConfig is #[repr(C)], made only of integers (u64, u32, the explicit u32 `_pad`,
-// three u64s), with no implicit padding: every bit pattern is a valid value.
+// SAFETY: EdtRun is #[repr(C)], made only of integers (u64, u32, the explicit u32 `_pad`), with
+// no implicit padding: every bit pattern is a valid value.
+unsafe impl aya::Pod for EdtRun {}
+#[cfg(feature = "user")]
+// SAFETY: EdtConfig is #[repr(C)], three u64s: every bit pattern is a valid value.
 unsafe impl aya::Pod for EdtConfig {}
 #[cfg(feature = "user")]
 // SAFETY: EdtState is #[repr(C)], one u64: every bit pattern is a valid value.

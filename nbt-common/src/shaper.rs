@@ -1,7 +1,9 @@
 //! `shaper`: the run's bandwidth and loss limits, per direction, as the cgroup_skb programs of
 //! `nbt-ebpf/src/shaper.rs` read them, and the counters they keep.
 //!
-//! All three maps are arrays indexed by direction (`account::INGRESS`, `account::EGRESS`).
+//! All three maps are arrays of one entry per link and direction ([`entry`]). Link 0 holds the
+//! run's own limits, for every destination that no per-destination link names; links 1 and up
+//! are the run's `--link`s, each found from a packet's remote address through [`LINK_OF_MAP`].
 //! User space writes [`ShaperConfig`] at start and whenever a limit changes (`nbt set`); the
 //! programs read it per packet, so a change applies to the next packet without reattaching.
 
@@ -11,6 +13,36 @@ pub const SHAPER_CONFIG_MAP: &str = "SHAPER_CONFIG";
 pub const SHAPER_STATE_MAP: &str = "SHAPER_STATE";
 /// Per-CPU array of [`ShaperStats`].
 pub const SHAPER_STATS_MAP: &str = "SHAPER_STATS";
+
+/// LPM trie from a remote address ([`LinkAddress`], with its prefix length) to its link (a u32,
+/// 1 to `MAX_LINKS - 1`), written by user space at start.
+pub const LINK_OF_MAP: &str = "LINK_OF";
+
+/// Links of a run: its own (0) and up to 63 per-destination ones.
+pub const MAX_LINKS: u32 = 64;
+/// Entries of each shaper map.
+pub const SHAPER_ENTRIES: u32 = MAX_LINKS * crate::account::DIRECTIONS;
+
+/// An address as the link trie keys it: IPv6 as it is, IPv4 as `::ffff:a.b.c.d` (so a /24 of
+/// IPv4 is a /120).
+pub type LinkAddress = [u8; 16];
+
+/// The bits an IPv4 prefix gains as an IPv4-mapped IPv6 one.
+pub const IPV4_MAPPED_PREFIX: u32 = 96;
+
+/// `::ffff:a.b.c.d` for the four bytes of an IPv4 address, in network order.
+#[inline(always)]
+pub fn ipv4_mapped(v4: [u8; 4]) -> LinkAddress {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// The entry of `link`'s `direction` in the shaper maps.
+#[inline(always)]
+pub fn entry(link: u32, direction: u32) -> u32 {
+    link * crate::account::DIRECTIONS + direction
+}
 
 /// No loss.
 pub const LOSS_NONE: u32 = 0;

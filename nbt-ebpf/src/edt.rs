@@ -8,11 +8,16 @@
 //!
 //! The same program applies netem's other impairments to the run's outgoing packets
 //! (`impair`): duplicate, corrupt and reorder, in netem's order.
+//!
+//! A delayed packet is held as a copy that belongs to no socket, as netem orphans the packets it
+//! holds (see [`release`]): a packet held by fq while it still counted against its socket would
+//! cap a TCP sender at what TCP Small Queues lets below it, about 1 ms of its pacing rate (10mbit
+//! with 20 ms added reached 0.23 of the rate), and a UDP sender at its send buffer.
 
 mod impair;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN},
     helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
     macros::{classifier, map},
     maps::Array,
@@ -20,51 +25,60 @@ use aya_ebpf::{
 };
 use nbt_common::{
     account::EGRESS,
-    edt::{EdtConfig, EdtState},
+    edt::{EdtConfig, EdtRun, EdtState},
+    shaper::MAX_LINKS,
 };
 
 use crate::{
     random::{chance, correlated},
-    shaper::{self, Impaired},
+    shaper::{
+        self,
+        link::{self, Remote},
+        Impaired,
+    },
 };
-use impair::{Corrupted, DUPLICATE_MARK};
+use impair::{Corrupted, OWN_COPY_MARK};
+
+#[map(name = "EDT_RUN")]
+static EDT_RUN: Array<EdtRun> = Array::with_max_entries(1, 0);
 
 #[map(name = "EDT_CONFIG")]
-static EDT_CONFIG: Array<EdtConfig> = Array::with_max_entries(1, 0);
+static EDT_CONFIG: Array<EdtConfig> = Array::with_max_entries(MAX_LINKS, 0);
 
 #[map(name = "EDT_STATE")]
-static EDT_STATE: Array<EdtState> = Array::with_max_entries(1, 0);
+static EDT_STATE: Array<EdtState> = Array::with_max_entries(MAX_LINKS, 0);
 
 #[classifier]
 pub fn delay_egress(ctx: TcContext) -> i32 {
-    let Some(config) = EDT_CONFIG.get(0) else {
+    let skb = ctx.skb.skb;
+    let link = link::of_packet(skb, Remote::Destination);
+    let (Some(run), Some(config)) = (EDT_RUN.get(0), EDT_CONFIG.get(link)) else {
         return TC_ACT_OK;
     };
-    let skb = ctx.skb.skb;
-    // Our own duplicate, back from the clone: delayed as its original was, nothing more.
+    // Our own copy, back from the clone (a duplicate, or a packet to hold): delayed, nothing
+    // more.
     // SAFETY: `tc_index` is a field of the context, writable at tc.
-    if unsafe { (*skb).tc_index } == DUPLICATE_MARK {
+    if unsafe { (*skb).tc_index } == OWN_COPY_MARK {
         // SAFETY: as above.
         unsafe { (*skb).tc_index = 0 };
-        hold(&ctx, config);
+        hold(&ctx, link, config);
         return TC_ACT_OK;
     }
     // SAFETY: helper on the context the kernel handed us; 0 for packets without a socket.
-    let cgroup = unsafe { bpf_skb_ancestor_cgroup_id(skb, config.cgroup_level as i32) };
-    if cgroup != config.cgroup_id {
+    let cgroup = unsafe { bpf_skb_ancestor_cgroup_id(skb, run.cgroup_level as i32) };
+    if cgroup != run.cgroup_id {
         return TC_ACT_OK;
     }
-    let Some((shaper, state)) = shaper::direction(EGRESS) else {
-        hold(&ctx, config);
-        return TC_ACT_OK;
+    let Some((shaper, state)) = shaper::direction(link, EGRESS) else {
+        return release(&ctx, link, config);
     };
     let packets = impair::wire_packets(&ctx);
     // netem's order: the copy leaves before the original is corrupted, and is intact.
-    if shaper.duplicate != 0 && chance(shaper.duplicate) && impair::duplicate(&ctx) {
-        shaper::count_impaired(EGRESS, Impaired::Duplicated, packets);
+    if shaper.duplicate != 0 && chance(shaper.duplicate) && impair::send_own_copy(&ctx) {
+        shaper::count_impaired(link, EGRESS, Impaired::Duplicated, packets);
     }
     if shaper.corrupt != 0 && chance(shaper.corrupt) {
-        shaper::count_impaired(EGRESS, Impaired::Corrupted, packets);
+        shaper::count_impaired(link, EGRESS, Impaired::Corrupted, packets);
         if let Corrupted::Discard = impair::corrupt(&ctx) {
             return TC_ACT_SHOT as i32;
         }
@@ -72,16 +86,36 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
     let delayed = config.latency_ns != 0 || config.jitter_ns != 0;
     // SAFETY: `state` points into the map value for this program run.
     if delayed && shaper.reorder != 0 && unsafe { impair::reorder(&ctx, shaper, state) } {
-        shaper::count_impaired(EGRESS, Impaired::Reordered, packets);
+        shaper::count_impaired(link, EGRESS, Impaired::Reordered, packets);
         return TC_ACT_OK;
     }
-    hold(&ctx, config);
+    release(&ctx, link, config)
+}
+
+/// Lets the packet go at its time: when there is a delay, as a copy that belongs to no socket.
+///
+/// A clone has no socket (`skb_clone` leaves `sk` empty and no destructor), so the copy sent
+/// out of the same interface, marked, comes back through this program, which only delays it
+/// (`hold`), and fq holds it without it counting against anyone. The original ends here as
+/// taken (`TC_ACT_STOLEN`: the stack reports a successful send and frees it, which returns its
+/// bytes to its socket at once). netem does the same with `skb_orphan_partial`. Should the
+/// clone fail (no memory), the original is held itself, as before: the delay holds, with TSQ's
+/// cap on the sender.
+#[inline(always)]
+fn release(ctx: &TcContext, link: u32, config: &EdtConfig) -> i32 {
+    if config.latency_ns == 0 && config.jitter_ns == 0 {
+        return TC_ACT_OK;
+    }
+    if impair::send_own_copy(ctx) {
+        return TC_ACT_STOLEN as i32;
+    }
+    hold(ctx, link, config);
     TC_ACT_OK
 }
 
 /// Moves the packet's departure time later by the delay, when there is one.
 #[inline(always)]
-fn hold(ctx: &TcContext, config: &EdtConfig) {
+fn hold(ctx: &TcContext, link: u32, config: &EdtConfig) {
     if config.latency_ns == 0 && config.jitter_ns == 0 {
         return;
     }
@@ -89,7 +123,7 @@ fn hold(ctx: &TcContext, config: &EdtConfig) {
     // SAFETY: helpers without arguments; `skb` is the context, tstamp writable at tc egress.
     unsafe {
         let now = bpf_ktime_get_ns();
-        let departure = core::cmp::max((*skb).tstamp, now) + delay(config);
+        let departure = core::cmp::max((*skb).tstamp, now) + delay(link, config);
         (*skb).tstamp = departure;
     }
 }
@@ -103,13 +137,13 @@ fn hold(ctx: &TcContext, config: &EdtConfig) {
 /// exact, r * (hi << 32 + lo) >> 32 = r * hi + (r * lo) >> 32, and neither part overflows
 /// (r * lo < 2^64, r * hi < 2^35).
 #[inline(always)]
-fn delay(config: &EdtConfig) -> u64 {
+fn delay(link: u32, config: &EdtConfig) -> u64 {
     if config.jitter_ns == 0 {
         return config.latency_ns;
     }
     let spread = 2 * config.jitter_ns + 1;
     // A u32 draw, correlated with the last as netem's delay correlation.
-    let r = match EDT_STATE.get_ptr_mut(0) {
+    let r = match EDT_STATE.get_ptr_mut(link) {
         // SAFETY: the pointer comes from the map lookup and stays valid for this program run.
         Some(state) => unsafe {
             correlated(

@@ -1,6 +1,7 @@
-//! `shaper`: bandwidth and loss limits of a run, per direction, at its cgroup (cgroup_skb).
+//! `shaper`: bandwidth and loss limits of a run, per link and direction, at its cgroup
+//! (cgroup_skb).
 //!
-//! Per packet: first the loss model decides whether the packet is lost (as netem, which drops at
+//! Per packet: its link (`link`: the run's own, or a `--link` of its remote address), then the loss model decides whether the packet is lost (as netem, which drops at
 //! enqueue before any rate limit sees the packet), then the token bucket whether it fits the rate.
 //!
 //! Egress verdicts use the cgroup_skb back-off codes, so TCP slows down instead of losing data:
@@ -9,6 +10,8 @@
 //!   a UDP sender gets ENOBUFS). 0 would hand the sender EPERM, which a firewall means, so it is
 //!   never returned here. Ingress has no back-off: 0 drops, silently, like a lossy link.
 
+// Which link a packet or socket belongs to.
+pub mod link;
 // The sock_ops program that paces the run's TCP sockets to this bucket.
 mod pacing;
 
@@ -19,23 +22,27 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use nbt_common::{
-    account::{DIRECTIONS, EGRESS, INGRESS},
-    shaper::{ShaperConfig, ShaperState, ShaperStats, LOSS_GILBERT_ELLIOTT, LOSS_UNIFORM},
+    account::{EGRESS, INGRESS},
+    shaper::{
+        entry, ShaperConfig, ShaperState, ShaperStats, LOSS_GILBERT_ELLIOTT, LOSS_UNIFORM,
+        SHAPER_ENTRIES,
+    },
 };
 
 use crate::{
     atomic_add,
     random::{chance, correlated},
 };
+use link::Remote;
 
 #[map(name = "SHAPER_CONFIG")]
-static SHAPER_CONFIG: Array<ShaperConfig> = Array::with_max_entries(DIRECTIONS, 0);
+static SHAPER_CONFIG: Array<ShaperConfig> = Array::with_max_entries(SHAPER_ENTRIES, 0);
 
 #[map(name = "SHAPER_STATE")]
-static SHAPER_STATE: Array<ShaperState> = Array::with_max_entries(DIRECTIONS, 0);
+static SHAPER_STATE: Array<ShaperState> = Array::with_max_entries(SHAPER_ENTRIES, 0);
 
 #[map(name = "SHAPER_STATS")]
-static SHAPER_STATS: PerCpuArray<ShaperStats> = PerCpuArray::with_max_entries(DIRECTIONS, 0);
+static SHAPER_STATS: PerCpuArray<ShaperStats> = PerCpuArray::with_max_entries(SHAPER_ENTRIES, 0);
 
 const NSEC_PER_SEC: u64 = 1_000_000_000;
 const ETH_P_IP: u32 = 0x0800;
@@ -54,7 +61,8 @@ enum Verdict {
 
 #[cgroup_skb(egress)]
 pub fn shape_egress(ctx: SkBuffContext) -> i32 {
-    match shape(EGRESS, &ctx) {
+    let link = link::of_packet(ctx.skb.skb, Remote::Destination);
+    match shape(link, EGRESS, &ctx) {
         Verdict::Pass => 1,
         Verdict::PassLow => 3,
         Verdict::DropRate | Verdict::DropLoss => 2,
@@ -63,34 +71,25 @@ pub fn shape_egress(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(ingress)]
 pub fn shape_ingress(ctx: SkBuffContext) -> i32 {
-    match shape(INGRESS, &ctx) {
+    let link = link::of_packet(ctx.skb.skb, Remote::Source);
+    match shape(link, INGRESS, &ctx) {
         Verdict::Pass | Verdict::PassLow => 1,
         Verdict::DropRate | Verdict::DropLoss => 0,
     }
 }
 
-/// The egress rate in bytes per second, 0 when unlimited (for `pacing`).
+/// A link's configuration and shared state in one direction (for `pacing` and the tc
+/// programs' impairments).
 #[inline(always)]
-pub fn egress_rate() -> u64 {
-    SHAPER_CONFIG
-        .get(EGRESS)
-        .map(|c| c.rate_bytes_per_sec)
-        .unwrap_or(0)
-}
-
-/// A direction's configuration and shared state (for the tc programs' impairments).
-#[inline(always)]
-pub fn direction(direction: u32) -> Option<(&'static ShaperConfig, *mut ShaperState)> {
-    Some((
-        SHAPER_CONFIG.get(direction)?,
-        SHAPER_STATE.get_ptr_mut(direction)?,
-    ))
+pub fn direction(link: u32, direction: u32) -> Option<(&'static ShaperConfig, *mut ShaperState)> {
+    let entry = entry(link, direction);
+    Some((SHAPER_CONFIG.get(entry)?, SHAPER_STATE.get_ptr_mut(entry)?))
 }
 
 /// Counts `packets` wire packets that an impairment acted on (for the tc programs).
 #[inline(always)]
-pub fn count_impaired(direction: u32, field: Impaired, packets: u64) {
-    let Some(stats) = SHAPER_STATS.get_ptr_mut(direction) else {
+pub fn count_impaired(link: u32, direction: u32, field: Impaired, packets: u64) {
+    let Some(stats) = SHAPER_STATS.get_ptr_mut(entry(link, direction)) else {
         return;
     };
     // SAFETY: the pointer comes from the map lookup and stays valid for this program run.
@@ -111,21 +110,17 @@ pub enum Impaired {
     Reordered,
 }
 
-/// The egress bucket's configuration and shared state, when it has a rate (for `pacing`).
+/// A link's egress bucket, when it has a rate (for `pacing`).
 #[inline(always)]
-pub fn egress_bucket() -> Option<(&'static ShaperConfig, *mut ShaperState)> {
-    let config = SHAPER_CONFIG.get(EGRESS)?;
-    if config.rate_bytes_per_sec == 0 {
-        return None;
-    }
-    Some((config, SHAPER_STATE.get_ptr_mut(EGRESS)?))
+pub fn egress_bucket(link: u32) -> Option<(&'static ShaperConfig, *mut ShaperState)> {
+    direction(link, EGRESS).filter(|(config, _)| config.rate_bytes_per_sec != 0)
 }
 
-/// The bucket's depth in bytes, when the direction has a rate (for `pacing`). The product fits
-/// in a u64: user space keeps rate x burst_ns within burst x 1e9 < 2^34 x 1e9.
+/// A link's bucket depth in bytes, when the direction has a rate (for `pacing`). The product
+/// fits in a u64: user space keeps rate x burst_ns within burst x 1e9 < 2^34 x 1e9.
 #[inline(always)]
-pub fn bucket_bytes(direction: u32) -> Option<u64> {
-    let config = SHAPER_CONFIG.get(direction)?;
+pub fn bucket_bytes(link: u32, direction: u32) -> Option<u64> {
+    let config = SHAPER_CONFIG.get(entry(link, direction))?;
     if config.rate_bytes_per_sec == 0 {
         return None;
     }
@@ -135,11 +130,8 @@ pub fn bucket_bytes(direction: u32) -> Option<u64> {
 pub const PPM: u64 = 1_000_000;
 
 #[inline(always)]
-fn shape(direction: u32, ctx: &SkBuffContext) -> Verdict {
-    let (Some(config), Some(state)) = (
-        SHAPER_CONFIG.get(direction),
-        SHAPER_STATE.get_ptr_mut(direction),
-    ) else {
+fn shape(link: u32, direction: u32, ctx: &SkBuffContext) -> Verdict {
+    let Some((config, state)) = self::direction(link, direction) else {
         return Verdict::Pass;
     };
     let bytes = wire_bytes(ctx);
@@ -151,7 +143,7 @@ fn shape(direction: u32, ctx: &SkBuffContext) -> Verdict {
             police(config, state, bytes)
         }
     };
-    count(direction, verdict, bytes);
+    count(entry(link, direction), verdict, bytes);
     verdict
 }
 
@@ -311,8 +303,8 @@ fn low_or_pass(tat: u64, burst: u64, now: u64) -> Verdict {
 }
 
 #[inline(always)]
-fn count(direction: u32, verdict: Verdict, bytes: u64) {
-    let Some(stats) = SHAPER_STATS.get_ptr_mut(direction) else {
+fn count(entry: u32, verdict: Verdict, bytes: u64) {
+    let Some(stats) = SHAPER_STATS.get_ptr_mut(entry) else {
         return;
     };
     // SAFETY: the pointer comes from the map lookup and stays valid for this program run; the

@@ -11,6 +11,7 @@ mod gate;
 mod hwcaps;
 mod impair;
 mod lifecycle;
+mod link;
 mod memory;
 mod pids;
 mod receipt;

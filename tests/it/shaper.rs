@@ -402,8 +402,8 @@ fn root_qdiscs_are_put_on_and_taken_off_over_netlink() {
             .into_iter()
             .next()
             .expect("the veth");
-        let added = nbt::sys::netlink::add_root(ifindex, "pfifo");
-        let again = nbt::sys::netlink::add_root(ifindex, "pfifo");
+        let added = nbt::sys::netlink::add_root(ifindex, "pfifo", &[]);
+        let again = nbt::sys::netlink::add_root(ifindex, "pfifo", &[]);
         (ifindex, name, added, again)
     })
     .join()

@@ -402,6 +402,30 @@ impl NetnsPair {
         pair
     }
 
+    /// Gives `b`'s end of the veth pair one more address (in the same /24).
+    pub fn add_address_b(&self, addr: &str) {
+        let out = Command::new("ip")
+            .args(["-n", &self.b, "-o", "link", "show", "type", "veth"])
+            .output()
+            .expect("running ip (iproute2)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let dev = text
+            .split(": ")
+            .nth(1)
+            .and_then(|d| d.split('@').next())
+            .expect("the veth in the namespace")
+            .to_string();
+        ip(&[
+            "-n",
+            &self.b,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &dev,
+        ]);
+    }
+
     /// Sets the MTU of both ends of the veth pair.
     pub fn set_mtu(&self, mtu: u32) {
         let mtu = mtu.to_string();
@@ -496,9 +520,21 @@ pub fn receive_numbered(
     count: u64,
     fill: u8,
 ) -> std::thread::JoinHandle<Arrivals> {
+    receive_numbered_at(ns, ADDR_B, port, count, fill)
+}
+
+/// As [`receive_numbered`], on address `addr` of namespace `ns`.
+pub fn receive_numbered_at(
+    ns: &str,
+    addr: &str,
+    port: u16,
+    count: u64,
+    fill: u8,
+) -> std::thread::JoinHandle<Arrivals> {
+    let addr = addr.to_string();
     NetnsPair::in_netns(ns, move || {
         use std::os::fd::AsRawFd;
-        let socket = std::net::UdpSocket::bind(format!("{ADDR_B}:{port}")).unwrap();
+        let socket = std::net::UdpSocket::bind(format!("{addr}:{port}")).unwrap();
         socket
             .set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();

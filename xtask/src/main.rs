@@ -78,7 +78,8 @@ enum Task {
         #[arg(long)]
         graph: bool,
     },
-    /// Kernel-feature tests in QEMU VMs booted from Debian's 6.1 and 6.12 kernels
+    /// Kernel-feature tests in QEMU VMs booted from Debian's 6.1 and 6.12 kernels (NBT_VM_TESTS=FILE:
+    /// that script in place of xtask/src/vm-init.sh, to try one thing)
     VmTest {
         /// 6.1, 6.12 or all
         #[arg(long, default_value = "all")]

@@ -187,7 +187,17 @@ pub fn run(workspace: &Path, which: &str) -> Result<bool> {
     for (name, pattern) in kernels(which)? {
         let (dir, release) = kernel(&cache, pattern)?;
         let initrd = cache.join(format!("initrd-{release}.gz"));
-        initramfs(workspace, &dir, &release, &initrd, INIT)?;
+        // A developer's own tests in place of vm-init.sh, to try one thing without the rest.
+        let init = match std::env::var_os("NBT_VM_TESTS") {
+            Some(file) => format!(
+                "{}{}",
+                include_str!("vm-setup.sh"),
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading NBT_VM_TESTS={}", file.to_string_lossy()))?
+            ),
+            None => INIT.to_string(),
+        };
+        initramfs(workspace, &dir, &release, &initrd, &init)?;
         eprintln!("xtask vm-test: booting {release}");
         let console = boot_retrying(&dir, &release, &initrd)?;
         let results: Vec<&str> = console
@@ -295,6 +305,7 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
         }
         println!("{name}:\n{table}");
         println!("{}", impairment_table(&console));
+        println!("{}", upload_table(&console));
     }
     Ok(())
 }
@@ -336,6 +347,39 @@ fn impairment_table(console: &str) -> String {
         let ((netem, netem_over), (nbt, nbt_over)) = (figures(what, "netem"), figures(what, "nbt"));
         table.push_str(&format!(
             "| {what} | {netem} | {nbt} | {netem_over} | {nbt_over} |\n"
+        ));
+    }
+    table
+}
+
+/// The `NBT-VM-UPLOAD <setting> <method> <ratio>` lines as a table: an uploading TCP sender's
+/// goodput over the rate, htb + netem and nbt side by side.
+fn upload_table(console: &str) -> String {
+    let mut table = String::from(
+        "| rate + delay | htb + netem: goodput / rate | nbt: goodput / rate |\n|---|---|---|\n",
+    );
+    let lines: Vec<Vec<&str>> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("NBT-VM-UPLOAD "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let ratio = |what: &str, method: &str| {
+        lines
+            .iter()
+            .find(|w| w.first() == Some(&what) && w.get(1) == Some(&method))
+            .and_then(|w| w.get(2).copied())
+            .unwrap_or("?")
+    };
+    let mut seen = Vec::new();
+    for what in lines.iter().filter_map(|w| w.first().copied()) {
+        if seen.contains(&what) {
+            continue;
+        }
+        seen.push(what);
+        table.push_str(&format!(
+            "| {what} | {} | {} |\n",
+            ratio(what, "netem"),
+            ratio(what, "nbt")
         ));
     }
     table

@@ -10,10 +10,11 @@ use nbt_common::shaper::{ShaperConfig, ShaperState};
 
 use crate::random::{correlated, fresh};
 
-/// `tc_index` of our own duplicate while it passes through this program again: a value that
-/// no qdisc of this kernel sets (dsmark, its last user, is gone since Linux 6.3). The clone
-/// keeps `tc_index`, and the original gets its own back at once.
-pub const DUPLICATE_MARK: u32 = 0x4E42;
+/// `tc_index` of our own copy (a duplicate, or a packet to hold without its socket) while it
+/// passes through this program again: a value that no qdisc of this kernel sets (dsmark, its
+/// last user, is gone since Linux 6.3). The clone keeps `tc_index`, and the original gets its
+/// own back at once.
+pub const OWN_COPY_MARK: u32 = 0x4E42;
 /// fq sends packets of this priority first, ahead of every delayed packet (its internal flow).
 const TC_PRIO_CONTROL: u32 = 7;
 const ETH_HLEN: usize = 14;
@@ -27,14 +28,14 @@ pub fn wire_packets(ctx: &TcContext) -> u64 {
 }
 
 /// Sends a copy of the packet out of the same interface, now. The copy comes back through the
-/// tc program, which only delays it (see [`DUPLICATE_MARK`]). True when it was sent.
+/// tc program, which only delays it (see [`OWN_COPY_MARK`]). True when it was sent.
 #[inline(always)]
-pub fn duplicate(ctx: &TcContext) -> bool {
+pub fn send_own_copy(ctx: &TcContext) -> bool {
     let skb = ctx.skb.skb;
     // SAFETY: `tc_index` and `ifindex` are fields of the context, tc_index writable at tc.
     unsafe {
         let saved = (*skb).tc_index;
-        (*skb).tc_index = DUPLICATE_MARK;
+        (*skb).tc_index = OWN_COPY_MARK;
         let sent = ctx.clone_redirect((*skb).ifindex, 0).is_ok();
         (*skb).tc_index = saved;
         sent

@@ -11,6 +11,8 @@
 //! plus a sixteenth of the bucket (at least 10 segments), which also bounds the size of TSO
 //! packets (see `set_cap`).
 //!
+//! Each socket is paced to the bucket of its link (`link::of_socket`: its peer's address).
+//!
 //! The cap is set when a connection is established and again on every RTT sample, so a change
 //! of the rate (`nbt set`) reaches open connections within one round trip. A connection
 //! established while the run had no egress limit is left alone (no per-ACK callback: the
@@ -21,7 +23,7 @@
 //! the MTU of loopback is 64 KiB, and so are its segments, which a 96 KiB bucket kept 60% full
 //! cannot hold. The cap is advertised in the SYN, so the peer's segments are capped too.
 
-use super::{bucket_bytes, egress_bucket, egress_rate, PPM};
+use super::{bucket_bytes, egress_bucket, link, PPM};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -128,7 +130,7 @@ pub fn pace(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_TCP_LISTEN_CB => cap_segment_size(&ctx),
         // Unlimited at the start: nothing to do, and no callback on every ACK after.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            if egress_rate() != 0 {
+            if egress_bucket(link::of_socket(&ctx)).is_some() {
                 let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_RTT_CB_FLAG as i32);
                 set_cap(&ctx);
             }
@@ -151,7 +153,7 @@ pub fn pace(ctx: SockOpsContext) -> u32 {
 /// capped to, 0 when unlimited.
 #[inline(always)]
 fn set_cap(ctx: &SockOpsContext) -> u64 {
-    let Some((config, state)) = egress_bucket() else {
+    let Some((config, state)) = egress_bucket(link::of_socket(ctx)) else {
         set_pacing_rate(ctx, UNLIMITED);
         clamp_cwnd(ctx, UNCLAMPED);
         return 0;
@@ -198,8 +200,9 @@ fn set_cap(ctx: &SockOpsContext) -> u64 {
 /// no cap at all (1gbit and above, by default).
 #[inline(always)]
 fn cap_segment_size(ctx: &SockOpsContext) {
-    let egress = bucket_bytes(EGRESS).unwrap_or(u64::MAX);
-    let ingress = bucket_bytes(INGRESS).unwrap_or(u64::MAX);
+    let link = link::of_socket(ctx);
+    let egress = bucket_bytes(link, EGRESS).unwrap_or(u64::MAX);
+    let ingress = bucket_bytes(link, INGRESS).unwrap_or(u64::MAX);
     let bucket = if egress < ingress { egress } else { ingress };
     if bucket == u64::MAX {
         return;

@@ -261,6 +261,12 @@ pub struct NetArgs {
     /// Only every Nth packet may be reordered (netem's gap) [default: 1]
     #[arg(long, value_name = "N")]
     pub reorder_gap: Option<String>,
+    /// A link of its own for some destinations, repeatable: to=DEST[,to=DEST...] then the
+    /// network flags above without --, as KEY=VALUE. Its limits replace the run's for those
+    /// destinations (what it does not set is unlimited there):
+    /// --link to=10.0.0.0/8,egress-rate=100mbit --link to=api.example.com,egress-rate=512kbit,loss=5%
+    #[arg(long, value_name = "to=DEST,KEY=VALUE,...")]
+    pub link: Vec<String>,
 }
 
 /// The simulated balance and the destinations it pays for.
@@ -416,6 +422,7 @@ impl NetArgs {
         flags.reorder = self.reorder.clone();
         flags.reorder_correlation = self.reorder_correlation.clone();
         flags.reorder_gap = self.reorder_gap.clone();
+        flags.links = self.link.clone();
     }
 }
 

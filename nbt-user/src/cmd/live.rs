@@ -84,6 +84,13 @@ pub fn set(run: &str, net: &NetArgs) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
+    if !net.link.is_empty() {
+        eprintln!(
+            "nbt set: --link cannot be changed on a live run yet: a run's links are fixed when it \
+             starts (nbt set changes the run's own limits, for every destination no link names)"
+        );
+        return 2;
+    }
     if [
         &net.egress_rate,
         &net.ingress_rate,

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, MapData};
-use aya::programs::{tc, SchedClassifier, TcAttachType};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
+use aya::programs::{tc, Link as _, SchedClassifier, TcAttachType};
 use aya::Ebpf;
-use nbt_common::edt::{EdtConfig, EDT_CONFIG_MAP};
+use nbt_common::edt::{EdtConfig, EdtRun, EDT_CONFIG_MAP, EDT_RUN_MAP};
 use serde::{Deserialize, Serialize};
 
 use crate::enforce::shaper::probability;
 use crate::error::PlanError;
-use crate::sys::pin::Pins;
 use crate::sys::{loader, netlink};
 
 /// fq drops packets scheduled further ahead than its horizon (10 s by default). Every path that
@@ -24,6 +24,15 @@ use crate::sys::{loader, netlink};
 /// against it with [`Latency::checked`]; `delay_egress` relies on jitter <= 10 s (its draw
 /// multiplies a u32 by 2 x jitter + 1 < 2^35, split so that no product passes 2^64).
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// fq's limits, in packets, per flow and in all (its defaults: 100 and 10,000). Held packets
+/// belong to no socket (`nbt-ebpf/src/edt.rs`), so the sender's buffer no longer bounds them:
+/// a flow holds its rate times the delay, 417 packets of 1,500 bytes at 100mbit with 50 ms
+/// added. Beyond the limits fq drops, as netem does beyond its own (1,000 packets in all).
+const FQ_LIMITS: [(u16, u32); 2] = [
+    (netlink::TCA_FQ_FLOW_PLIMIT, 10_000),
+    (netlink::TCA_FQ_PLIMIT, 100_000),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
@@ -67,11 +76,23 @@ impl Latency {
     }
 }
 
-/// The qdiscs a run put on interfaces: fq at the root, and clsact on kernels before 6.6.
+/// The qdiscs a run put on interfaces: fq at the root and clsact; and its tc filters where the
+/// clsact qdisc was someone else's (taking our clsact off takes our filter with it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Qdiscs {
     pub fq: Vec<(u32, String)>,
     pub clsact: Vec<(u32, String)>,
+    #[serde(default)]
+    pub filters: Vec<Filter>,
+}
+
+/// A tc filter of `delay_egress` on an interface's egress, as netlink names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    pub ifindex: u32,
+    pub interface: String,
+    pub priority: u16,
+    pub handle: u32,
 }
 
 impl Qdiscs {
@@ -88,12 +109,35 @@ impl Qdiscs {
         Qdiscs {
             fq: keep(&self.fq),
             clsact: keep(&self.clsact),
+            filters: self
+                .filters
+                .iter()
+                .filter(|f| current.contains(&(f.ifindex, f.interface.clone())))
+                .cloned()
+                .collect(),
         }
     }
 
     /// Takes them off again (the kernel's default root qdisc comes back); what failed.
     pub fn remove(&self) -> Vec<String> {
         let mut errors = Vec::new();
+        for filter in &self.filters {
+            let detached = SchedClassifierLink::attached(
+                &filter.interface,
+                TcAttachType::Egress,
+                filter.priority,
+                filter.handle.into(),
+                None,
+            )
+            .map_err(anyhow::Error::from)
+            .and_then(|link| link.detach().map_err(anyhow::Error::from));
+            if let Err(err) = detached {
+                errors.push(format!(
+                    "taking BPF program delay_egress off {}: {err}",
+                    filter.interface
+                ));
+            }
+        }
         for (ifindex, name) in &self.fq {
             if let Err(err) = netlink::delete_root(*ifindex) {
                 errors.push(format!("taking fq off {name}: {err}"));
@@ -108,9 +152,12 @@ impl Qdiscs {
     }
 }
 
-/// Puts fq back to the kernel's default on drop, on every interface it was put on.
+/// Puts fq back to the kernel's default on drop, on every interface it was put on, and takes
+/// the program off.
 pub struct LatencyGuard {
     pub qdiscs: Qdiscs,
+    /// Detached when dropped (after `Drop::drop` took off the qdiscs and the filters).
+    _links: Vec<SchedClassifierLink>,
 }
 
 impl Drop for LatencyGuard {
@@ -136,38 +183,43 @@ fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
 }
 
 /// Puts fq on every interface when there is a `latency`, and attaches `delay_egress` to each
-/// (it also duplicates, corrupts and reorders). Through tcx (Linux 6.6+) the links are pinned;
-/// before, a tc filter outlives nbt by itself, as the qdiscs do. The guard lists the qdiscs for
-/// the run's record, so that `nbt cleanup` can take them off.
+/// (it also duplicates, corrupts and reorders). A tc filter outlives nbt by itself, as the
+/// qdiscs do; the guard lists both for the run's record, so that `nbt cleanup` can take them
+/// off.
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup_dir: &Path,
     latency: Option<&Latency>,
-    pins: &mut Pins,
+    links: &[Option<&Latency>],
 ) -> Result<LatencyGuard> {
-    let none = Latency {
-        latency_ns: 0,
-        jitter_ns: 0,
-        correlation: 0.0,
-    };
-    let delayed = latency.is_some();
-    let latency = latency.unwrap_or(&none);
-    let config = EdtConfig {
+    let delayed = latency.is_some() || links.iter().any(Option::is_some);
+    let run = EdtRun {
         // A cgroup v2 id is its directory's inode number.
         cgroup_id: std::fs::metadata(cgroup_dir)?.ino(),
         cgroup_level: cgroup_level(cgroup_dir)?,
         _pad: 0,
-        latency_ns: latency.latency_ns,
-        jitter_ns: latency.jitter_ns,
-        jitter_correlation: probability(latency.correlation),
     };
+    let map = ebpf
+        .map_mut(EDT_RUN_MAP)
+        .ok_or_else(|| anyhow!("{EDT_RUN_MAP} missing"))?;
+    Array::<&mut MapData, EdtRun>::try_from(map)?.set(0, run, 0)?;
     let map = ebpf
         .map_mut(EDT_CONFIG_MAP)
         .ok_or_else(|| anyhow!("{EDT_CONFIG_MAP} missing"))?;
-    Array::<&mut MapData, EdtConfig>::try_from(map)?.set(0, config, 0)?;
+    let mut configs = Array::<&mut MapData, EdtConfig>::try_from(map)?;
+    // Link 0 is the run's own; a `--link`'s delay is its own (none when it sets none).
+    for (link, latency) in std::iter::once(latency)
+        .chain(links.iter().copied())
+        .enumerate()
+    {
+        if let Some(latency) = latency {
+            configs.set(link as u32, config(latency), 0)?;
+        }
+    }
 
     let mut guard = LatencyGuard {
         qdiscs: Qdiscs::default(),
+        _links: Vec::new(),
     };
     let interfaces = netlink::interfaces();
     if interfaces.is_empty() {
@@ -181,7 +233,7 @@ pub fn attach(
         );
     }
     for (ifindex, name) in interfaces.iter().filter(|_| delayed) {
-        match netlink::add_root(*ifindex, "fq") {
+        match netlink::add_root(*ifindex, "fq", &FQ_LIMITS) {
             Ok(()) => guard.qdiscs.fq.push((*ifindex, name.clone())),
             Err(err) if err.raw_os_error() == Some(libc::EEXIST) => bail!(
                 "--latency needs the fq qdisc at the root of {name}, which has a root qdisc of its \
@@ -194,23 +246,36 @@ pub fn attach(
     program
         .load()
         .context("the kernel refused to load BPF program delay_egress")?;
-    // Before Linux 6.6 tc programs hang off a clsact qdisc; tcx links need none.
-    let tcx = aya::util::KernelVersion::current()
-        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    // The program hangs off a clsact qdisc, through netlink, on every kernel, tcx (Linux 6.6+)
+    // included: a held packet leaves as a copy and its original is taken (`TC_ACT_STOLEN`,
+    // nbt-ebpf/src/edt.rs), which tcx does not know (it passes such a packet on, as if the
+    // program had not decided).
     for (ifindex, name) in &interfaces {
-        if !tcx {
-            match tc::qdisc_add_clsact(name) {
-                Ok(()) => guard.qdiscs.clsact.push((*ifindex, name.clone())),
-                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(err) => return Err(anyhow!("adding the clsact qdisc to {name}: {err}")),
+        let ours = match tc::qdisc_add_clsact(name) {
+            Ok(()) => {
+                guard.qdiscs.clsact.push((*ifindex, name.clone()));
+                true
             }
-        }
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+            Err(err) => return Err(anyhow!("adding the clsact qdisc to {name}: {err}")),
+        };
         let link = program
-            .attach(name, TcAttachType::Egress)
+            .attach_with_options(
+                name,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
             .with_context(|| format!("attaching BPF program delay_egress to {name}"))?;
-        if tcx {
-            pins.add(&format!("delay_egress@{ifindex}"), program.take_link(link)?)?;
+        let link = program.take_link(link)?;
+        if !ours {
+            guard.qdiscs.filters.push(Filter {
+                ifindex: *ifindex,
+                interface: name.clone(),
+                priority: link.priority()?,
+                handle: link.handle()?.into(),
+            });
         }
+        guard._links.push(link);
     }
     Ok(guard)
 }
@@ -225,24 +290,24 @@ pub fn map_id(ebpf: &Ebpf) -> Result<u32> {
     }
 }
 
-/// Changes a live run's latency and jitter: the next packet leaves with the new delay.
+/// Changes a live run's own latency and jitter (not its links'): the next packet leaves with
+/// the new delay.
 pub fn set_by_id(map_id: u32, latency: &Latency) -> Result<()> {
     let data = MapData::from_id(map_id)
         .with_context(|| format!("opening BPF map id {map_id} of the run"))?;
     let mut map = aya::maps::Map::from_map_data(data)?;
-    let mut config: Array<&mut MapData, EdtConfig> = Array::try_from(&mut map)?;
-    let current = config.get(&0, 0)?;
-    config.set(
-        0,
-        EdtConfig {
-            latency_ns: latency.latency_ns,
-            jitter_ns: latency.jitter_ns,
-            jitter_correlation: probability(latency.correlation),
-            ..current
-        },
-        0,
-    )?;
+    let mut configs: Array<&mut MapData, EdtConfig> = Array::try_from(&mut map)?;
+    configs.set(0, config(latency), 0)?;
     Ok(())
+}
+
+/// The kernel's view of a delay.
+fn config(latency: &Latency) -> EdtConfig {
+    EdtConfig {
+        latency_ns: latency.latency_ns,
+        jitter_ns: latency.jitter_ns,
+        jitter_correlation: probability(latency.correlation),
+    }
 }
 
 #[cfg(test)]

@@ -2,16 +2,19 @@
 //! the cgroup_skb programs of `nbt-ebpf/src/shaper.rs` on the run's cgroup. Only the run's own
 //! sockets are shaped; every other process on the machine is untouched.
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, SockOps};
 use aya::Ebpf;
 use nbt_common::account::{EGRESS, INGRESS};
 use nbt_common::shaper::{
-    ShaperConfig, ShaperStats, LOSS_GILBERT_ELLIOTT, LOSS_NONE, LOSS_UNIFORM, PROBABILITY_ONE,
-    SHAPER_CONFIG_MAP, SHAPER_STATS_MAP,
+    entry, ipv4_mapped, LinkAddress, ShaperConfig, ShaperStats, IPV4_MAPPED_PREFIX, LINK_OF_MAP,
+    LOSS_GILBERT_ELLIOTT, LOSS_NONE, LOSS_UNIFORM, PROBABILITY_ONE, SHAPER_CONFIG_MAP,
+    SHAPER_STATS_MAP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -457,9 +460,60 @@ pub fn attach(
     pins.add("pace", pace.take_link(link)?)
 }
 
-fn write_config(map: &mut Array<&mut MapData, ShaperConfig>, limits: &NetLimits) -> Result<()> {
-    map.set(EGRESS, limits.egress.config(Direction::Egress), 0)?;
-    map.set(INGRESS, limits.ingress.config(Direction::Ingress), 0)?;
+/// Writes a link's limits (0: the run's own).
+fn write_config(
+    map: &mut Array<&mut MapData, ShaperConfig>,
+    link: u32,
+    limits: &NetLimits,
+) -> Result<()> {
+    map.set(
+        entry(link, EGRESS),
+        limits.egress.config(Direction::Egress),
+        0,
+    )?;
+    map.set(
+        entry(link, INGRESS),
+        limits.ingress.config(Direction::Ingress),
+        0,
+    )?;
+    Ok(())
+}
+
+/// A per-destination link as the kernel sees it: its prefixes and its limits.
+pub struct LinkLimits<'a> {
+    pub prefixes: &'a [(IpAddr, u8)],
+    pub net: &'a NetLimits,
+}
+
+/// Gives each link (1 and up, in order) its limits and its prefixes in the trie that the
+/// programs look a remote address up in.
+pub fn write_links(ebpf: &mut Ebpf, links: &[LinkLimits]) -> Result<()> {
+    {
+        let map = ebpf
+            .map_mut(SHAPER_CONFIG_MAP)
+            .ok_or_else(|| anyhow!("BPF map {SHAPER_CONFIG_MAP} missing from nbt's object"))?;
+        let mut config: Array<&mut MapData, ShaperConfig> = Array::try_from(map)?;
+        for (i, link) in links.iter().enumerate() {
+            write_config(&mut config, i as u32 + 1, link.net)?;
+        }
+    }
+    let map = ebpf
+        .map_mut(LINK_OF_MAP)
+        .ok_or_else(|| anyhow!("BPF map {LINK_OF_MAP} missing from nbt's object"))?;
+    let mut trie: LpmTrie<&mut MapData, LinkAddress, u32> = LpmTrie::try_from(map)?;
+    for (i, link) in links.iter().enumerate() {
+        for &(addr, len) in link.prefixes {
+            let key = match addr {
+                IpAddr::V4(v4) => Key::new(
+                    u32::from(len) + IPV4_MAPPED_PREFIX,
+                    ipv4_mapped(v4.octets()),
+                ),
+                IpAddr::V6(v6) => Key::new(u32::from(len), v6.octets()),
+            };
+            trie.insert(&key, i as u32 + 1, 0)
+                .with_context(|| format!("adding {addr}/{len} to the links' table"))?;
+        }
+    }
     Ok(())
 }
 
@@ -468,7 +522,7 @@ fn write_limits_ebpf(ebpf: &mut Ebpf, limits: &NetLimits) -> Result<()> {
         .map_mut(SHAPER_CONFIG_MAP)
         .ok_or_else(|| anyhow!("BPF map {SHAPER_CONFIG_MAP} missing from nbt's object"))?;
     let mut config: Array<&mut MapData, ShaperConfig> = Array::try_from(map)?;
-    write_config(&mut config, limits)
+    write_config(&mut config, 0, limits)
 }
 
 /// The kernel ids of the shaper's maps, so that `nbt set` and `nbt ps` can reach a live run.
@@ -503,7 +557,7 @@ pub fn write_limits_by_id(ids: &MapIds, limits: &NetLimits) -> Result<()> {
                 ids.shaper_config
             )
         })?;
-    write_config(&mut config, limits)
+    write_config(&mut config, 0, limits)
 }
 
 fn sum_stats(map: &PerCpuArray<&MapData, ShaperStats>, index: u32) -> Result<ShaperStats> {
@@ -514,22 +568,28 @@ fn sum_stats(map: &PerCpuArray<&MapData, ShaperStats>, index: u32) -> Result<Sha
     Ok(total)
 }
 
-fn traffic_from(map: &PerCpuArray<&MapData, ShaperStats>) -> Result<ShapedTraffic> {
+fn traffic_from(map: &PerCpuArray<&MapData, ShaperStats>, link: u32) -> Result<ShapedTraffic> {
     Ok(ShapedTraffic {
-        egress: sum_stats(map, EGRESS)?,
-        ingress: sum_stats(map, INGRESS)?,
+        egress: sum_stats(map, entry(link, EGRESS))?,
+        ingress: sum_stats(map, entry(link, INGRESS))?,
     })
 }
 
-/// The shaper's counters of a run loaded by this process.
+/// The shaper's counters of a run loaded by this process: those of its own link (every
+/// destination that no `--link` names).
 pub fn read(ebpf: &Ebpf) -> Result<ShapedTraffic> {
+    read_link(ebpf, 0)
+}
+
+/// The shaper's counters of one link of a run loaded by this process.
+pub fn read_link(ebpf: &Ebpf, link: u32) -> Result<ShapedTraffic> {
     let map = ebpf
         .map(SHAPER_STATS_MAP)
         .ok_or_else(|| anyhow!("BPF map {SHAPER_STATS_MAP} missing from nbt's object"))?;
-    traffic_from(&PerCpuArray::try_from(map)?)
+    traffic_from(&PerCpuArray::try_from(map)?, link)
 }
 
-/// The shaper's counters of a live run, by map id.
+/// The shaper's counters of a live run's own link, by map id.
 pub fn read_by_id(ids: &MapIds) -> Result<ShapedTraffic> {
     let data = MapData::from_id(ids.shaper_stats)
         .with_context(|| format!("opening BPF map id {} of the run", ids.shaper_stats))?;
@@ -540,7 +600,7 @@ pub fn read_by_id(ids: &MapIds) -> Result<ShapedTraffic> {
             ids.shaper_stats
         )
     })?;
-    traffic_from(&stats)
+    traffic_from(&stats, 0)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

@@ -1,6 +1,7 @@
 //! The plan of a run: every limit parsed and checked once, from a profile and the flags, before
 //! anything on the machine is touched. What nbt cannot enforce yet is listed, never dropped.
 
+pub mod link;
 pub mod probe;
 
 use std::fmt;
@@ -59,6 +60,8 @@ pub struct Profile {
     pub reorder: Option<toml::Value>,
     pub reorder_correlation: Option<toml::Value>,
     pub reorder_gap: Option<toml::Value>,
+    /// `[[link]]` tables: destinations with limits of their own (`link`).
+    pub link: Option<toml::Value>,
     pub balance: Option<toml::Value>,
     pub price_egress: Option<toml::Value>,
     pub price_call: Option<toml::Value>,
@@ -102,6 +105,8 @@ pub struct Flags {
     pub reorder: Option<String>,
     pub reorder_correlation: Option<String>,
     pub reorder_gap: Option<String>,
+    /// `--link`, each as given.
+    pub links: Vec<String>,
     pub balance: Option<String>,
     pub price_egress: Option<String>,
     pub price_call: Option<String>,
@@ -152,6 +157,8 @@ pub struct Plan {
     /// --duplicate, --corrupt or --reorder was given (0% included): the tc program goes on the
     /// interfaces, so that `nbt set` and the schedule can change them.
     pub tc_impairments: bool,
+    /// Destinations with limits of their own (`--link`, `[[link]]`).
+    pub links: Vec<link::Link>,
     /// The balance and its prices; `None`: no balance, no gate.
     pub prices: Option<Prices>,
     pub gate: Vec<Rule>,
@@ -588,6 +595,23 @@ impl Sources<'_> {
         Ok(tc)
     }
 
+    /// --link, else the profile's `[[link]]` tables: the flags replace the profile's links.
+    fn links(&self, pending: &mut Vec<Pending>) -> Result<Vec<link::Link>, PlanError> {
+        let links = if !self.flags.links.is_empty() {
+            self.flags
+                .links
+                .iter()
+                .map(|text| link::parse_flag(text, pending))
+                .collect::<Result<Vec<_>, _>>()?
+        } else if let Some(value) = &self.profile.link {
+            link::parse_profile(value, &self.origin, pending)?
+        } else {
+            Vec::new()
+        };
+        link::check_all(&links)?;
+        Ok(links)
+    }
+
     /// --balance, the prices and --gate: the ledger's prices and the gate's rules.
     fn ledger(&self) -> Result<(Option<Prices>, Vec<Rule>), PlanError> {
         let (flags, profile) = (self.flags, self.profile);
@@ -748,7 +772,13 @@ impl Plan {
     /// Whether the run's interfaces get the tc program: for the delay, or for netem's other
     /// impairments.
     pub fn needs_tc(&self) -> bool {
-        self.latency.is_some() || self.tc_impairments || self.net.egress.impair.needs_tc()
+        self.latency.is_some()
+            || self.tc_impairments
+            || self.net.egress.impair.needs_tc()
+            || self
+                .links
+                .iter()
+                .any(|l| l.latency.is_some() || l.tc_impairments || l.net.egress.impair.needs_tc())
     }
 
     /// Builds the plan: the profile first, each flag given overriding its setting. The groups are
@@ -771,6 +801,7 @@ impl Plan {
         let mut pending = Vec::new();
         let mut latency = sources.latency(&mut pending)?;
         let tc_impairments = sources.impairments(&mut net, latency.as_mut())?;
+        let links = sources.links(&mut pending)?;
         let (prices, gate) = sources.ledger()?;
         sources.not_yet(&mut pending)?;
         let accept_min_delta = sources.accept_min_delta()?;
@@ -782,6 +813,7 @@ impl Plan {
             net,
             latency,
             tc_impairments,
+            links,
             prices,
             gate,
             pending,

@@ -18,7 +18,7 @@ use crate::enforce::ledger::LedgerSummary;
 use crate::enforce::shaper::{NetLimits, ShapedTraffic};
 use crate::enforce::{account, edt, gate, shaper};
 use crate::plan::Plan;
-use crate::run::summary::{HardwareReport, RunSummary};
+use crate::run::summary::{HardwareReport, LinkReport, RunSummary};
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::sys::loader;
 use crate::sys::pin::Pins;
@@ -273,13 +273,26 @@ impl Armed {
         account::attach(&mut ebpf, &cgroup.v2, &mut pins)?;
         // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
         shaper::attach(&mut ebpf, &cgroup.v2, &plan.net, &mut pins)?;
+        let links: Vec<shaper::LinkLimits> = plan
+            .links
+            .iter()
+            .map(|l| shaper::LinkLimits {
+                prefixes: &l.prefixes,
+                net: &l.net,
+            })
+            .collect();
+        shaper::write_links(&mut ebpf, &links)?;
         let latency = match plan.needs_tc() {
-            true => Some(edt::attach(
-                &mut ebpf,
-                &cgroup.v2,
-                plan.latency.as_ref(),
-                &mut pins,
-            )?),
+            true => {
+                let links: Vec<Option<&Latency>> =
+                    plan.links.iter().map(|l| l.latency.as_ref()).collect();
+                Some(edt::attach(
+                    &mut ebpf,
+                    &cgroup.v2,
+                    plan.latency.as_ref(),
+                    &links,
+                )?)
+            }
             false => None,
         };
         let ledger = match &plan.prices {
@@ -619,6 +632,8 @@ struct Ended {
     events: Vec<schedule::apply::Event>,
     network: Traffic,
     shaped: ShapedTraffic,
+    /// What each `--link` passed and dropped, in the plan's order.
+    links: Vec<ShapedTraffic>,
     net: NetLimits,
     latency: Option<Latency>,
 }
@@ -646,6 +661,10 @@ fn measure(
     let events = collect_events(state_dir, name, running, wall_seconds, &stats);
     let network = account::read(&armed.ebpf).context("reading the byte counters")?;
     let shaped = shaper::read(&armed.ebpf).context("reading the shaper's counters")?;
+    let links = (1..=plan.links.len() as u32)
+        .map(|link| shaper::read_link(&armed.ebpf, link))
+        .collect::<Result<Vec<_>>>()
+        .context("reading the links' counters")?;
     // `nbt set` may have changed the limits during the run: report the last ones.
     let (net, latency) = RunRecord::find_live(state_dir, name)
         .map(|(_, r)| (r.net, r.latency))
@@ -659,6 +678,7 @@ fn measure(
         events,
         network,
         shaped,
+        links,
         net,
         latency,
     })
@@ -763,6 +783,13 @@ fn summarize(
         network: Some(ended.network),
         net_limits: ended.net,
         shaped: Some(ended.shaped),
+        links: plan
+            .links
+            .iter()
+            .cloned()
+            .zip(ended.links)
+            .map(|(link, shaped)| LinkReport { link, shaped })
+            .collect(),
         ledger: ended.ledger,
         latency: ended.latency,
         energy: ended.energy,

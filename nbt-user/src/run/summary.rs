@@ -11,11 +11,20 @@ use crate::enforce::edt::Latency;
 use crate::enforce::ledger::{format_amount, LedgerSummary};
 use crate::enforce::shaper::{describe_traffic, Direction, NetLimits, ShapedTraffic};
 use crate::learning::{RefusedReport, TaskOutcome};
+use crate::plan::link::Link;
 use crate::receipt::Written;
 use crate::schedule::apply::Event;
 use crate::sys::supervise::Exit;
 use crate::telemetry::energy::Energy;
 use crate::units::format_size;
+
+/// A `--link` of the run and what its shaper did.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkReport {
+    #[serde(flatten)]
+    pub link: Link,
+    pub shaped: ShapedTraffic,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
@@ -35,8 +44,12 @@ pub struct RunSummary {
     pub network: Option<Traffic>,
     /// The network limits in force at the end (`nbt set` may change them during the run).
     pub net_limits: NetLimits,
-    /// What the shaper passed and dropped, per direction, in wire bytes.
+    /// What the shaper passed and dropped, per direction, in wire bytes (the run's own link:
+    /// every destination that no `--link` names).
     pub shaped: Option<ShapedTraffic>,
+    /// Each `--link`: its destinations, its limits, and what its shaper passed and dropped.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkReport>,
     /// The balance and what was charged and refused, for runs with one.
     pub ledger: Option<LedgerSummary>,
     /// Added delay at the end (`nbt set` may change it), for runs started with --latency.
@@ -180,6 +193,9 @@ impl RunSummary {
                 l.jitter_ns as f64 / 1e6
             ));
         }
+        for l in &self.links {
+            parts.push(format!("link {}", l.link.describe()));
+        }
         if let Some(l) = &self.ledger {
             parts.push(format!(
                 "balance {} (gate closes at 0)",
@@ -207,6 +223,7 @@ impl RunSummary {
         self.write_network(&mut out);
         self.write_shaping(&mut out);
         self.write_latency(&mut out);
+        self.write_links(&mut out);
         self.write_ledger(&mut out);
         self.write_events(&mut out);
         self.write_hardware(&mut out);
@@ -382,6 +399,20 @@ impl RunSummary {
                         describe_traffic(traffic, self.wall_seconds)
                     );
                 }
+            }
+        }
+    }
+
+    /// Each `--link`: its limits and what its shaper passed and dropped.
+    fn write_links(&self, out: &mut String) {
+        for l in &self.links {
+            let _ = writeln!(out, "  link          {}", l.link.describe());
+            for (name, traffic) in [("egress", &l.shaped.egress), ("ingress", &l.shaped.ingress)] {
+                let _ = writeln!(
+                    out,
+                    "                {name} {}",
+                    describe_traffic(traffic, self.wall_seconds)
+                );
             }
         }
     }

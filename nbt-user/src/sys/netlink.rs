@@ -14,6 +14,11 @@ const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
 const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TCA_KIND: u16 = 1;
+const TCA_OPTIONS: u16 = 2;
+const NLA_F_NESTED: u16 = 0x8000;
+/// fq's options: its limit in packets in all, and per flow.
+pub const TCA_FQ_PLIMIT: u16 = 1;
+pub const TCA_FQ_FLOW_PLIMIT: u16 = 2;
 
 /// The clsact qdisc's parent and handle (TC_H_CLSACT, TC_H_MAKE(TC_H_CLSACT, 0)).
 const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
@@ -22,6 +27,24 @@ const CLSACT_HANDLE: u32 = 0xFFFF_0000;
 /// `nlmsghdr` + `tcmsg` + one `TCA_KIND` attribute, as the kernel reads them (host byte order).
 fn message(kind_of_request: u16, flags: u16, ifindex: i32, qdisc: &str) -> Vec<u8> {
     message_at(kind_of_request, flags, ifindex, qdisc, TC_H_ROOT, 0)
+}
+
+/// Appends a `TCA_OPTIONS` attribute that nests one u32 attribute per option to a message.
+fn with_options(mut msg: Vec<u8>, options: &[(u16, u32)]) -> Vec<u8> {
+    if options.is_empty() {
+        return msg;
+    }
+    let nested_len = 4 + options.len() * 8;
+    msg.extend_from_slice(&(nested_len as u16).to_ne_bytes());
+    msg.extend_from_slice(&(TCA_OPTIONS | NLA_F_NESTED).to_ne_bytes());
+    for (kind, value) in options {
+        msg.extend_from_slice(&8u16.to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&value.to_ne_bytes());
+    }
+    let total = msg.len() as u32;
+    msg[0..4].copy_from_slice(&total.to_ne_bytes());
+    msg
 }
 
 fn message_at(
@@ -102,14 +125,18 @@ fn request(msg: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Puts `qdisc` (with default options) at the root of interface `ifindex`, refusing to replace
-/// a root qdisc someone configured (EEXIST).
-pub fn add_root(ifindex: u32, qdisc: &str) -> io::Result<()> {
-    request(&message(
-        RTM_NEWQDISC,
-        NLM_F_CREATE | NLM_F_EXCL,
-        ifindex as i32,
-        qdisc,
+/// Puts `qdisc` with `options` (u32 attributes of its own, the kernel's defaults for the rest)
+/// at the root of interface `ifindex`, refusing to replace a root qdisc someone configured
+/// (EEXIST).
+pub fn add_root(ifindex: u32, qdisc: &str, options: &[(u16, u32)]) -> io::Result<()> {
+    request(&with_options(
+        message(
+            RTM_NEWQDISC,
+            NLM_F_CREATE | NLM_F_EXCL,
+            ifindex as i32,
+            qdisc,
+        ),
+        options,
     ))
 }
 
@@ -178,5 +205,12 @@ mod tests {
         assert_eq!(&msg[40..43], b"fq\0");
         let delete = message(RTM_DELQDISC, 0, 7, "");
         assert_eq!(delete.len(), 36);
+        let fq = with_options(msg.clone(), &[(TCA_FQ_FLOW_PLIMIT, 10_000)]);
+        assert_eq!(fq.len(), 44 + 4 + 8);
+        assert_eq!(u32::from_ne_bytes(fq[0..4].try_into().unwrap()), 56);
+        assert_eq!(u16::from_ne_bytes(fq[44..46].try_into().unwrap()), 12);
+        assert_eq!(u16::from_ne_bytes(fq[46..48].try_into().unwrap()), 0x8002);
+        assert_eq!(u16::from_ne_bytes(fq[50..52].try_into().unwrap()), 2);
+        assert_eq!(u32::from_ne_bytes(fq[52..56].try_into().unwrap()), 10_000);
     }
 }
