@@ -6,7 +6,8 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    receive_all, receive_numbered_at, testbin, NetnsPair, NoLeftovers, ADDR_B,
+    live_runs, nbt, nbt_in_netns, receive_all, receive_numbered_at, testbin, wait_for_live_run,
+    NetnsPair, NoLeftovers, ADDR_B,
 };
 
 /// The second address of `b`: the destination with a link of its own.
@@ -36,7 +37,7 @@ fn each_destination_holds_to_its_own_link_at_once() {
     let both = format!(
         "{testbin} tcp-stream {ADDR_B}:5230 13 & {testbin} tcp-stream {ADDR_LINKED}:5230 13; wait"
     );
-    let run = net.nbt_in_a(&[
+    let args: Vec<String> = [
         "run",
         "--json",
         "--egress-rate",
@@ -47,7 +48,37 @@ fn each_destination_holds_to_its_own_link_at_once() {
         "sh",
         "-c",
         &both,
-    ]);
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let ns = net.a.clone();
+    let sender = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        nbt_in_netns(&ns, &args)
+    });
+    // While it runs: `nbt ps` shows the link and its counters; `nbt set` cannot change it.
+    let name = wait_for_live_run(|r| r["command"].to_string().contains(":5230"))
+        .expect("this test's live run");
+    std::thread::sleep(Duration::from_secs(2));
+    let live = live_runs()
+        .into_iter()
+        .find(|r| r["run"] == name.as_str())
+        .expect("the run in nbt ps --json");
+    assert!(
+        live["links"][0]["link"]
+            .as_str()
+            .is_some_and(|l| l.starts_with(&format!("to {ADDR_LINKED}: egress 10mbit"))),
+        "{live}"
+    );
+    assert!(
+        live["links"][0]["shaped"]["egress"]["passed_bytes"].as_u64() > Some(0),
+        "{live}"
+    );
+    let set = nbt(&["set", &name, "--link", "to=192.0.2.3,loss=1%"]);
+    assert_eq!(set.status(), 2, "{}", set.stderr());
+    assert!(set.stderr().contains("--link cannot be changed on a live run"));
+    let run = sender.join().unwrap();
     assert_eq!(run.status(), 0, "{}", run.stderr());
     assert!(
         run.stderr().contains(&format!(

@@ -358,6 +358,20 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {args:?} failed");
 }
 
+/// The name of the (one) veth interface in namespace `ns`.
+fn veth_in(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "type", "veth"])
+        .output()
+        .expect("running ip (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(": ")
+        .nth(1)
+        .and_then(|d| d.split('@').next())
+        .expect("the veth in the namespace")
+        .to_string()
+}
+
 impl NetnsPair {
     pub fn new(tag: &str) -> NetnsPair {
         require_root();
@@ -404,43 +418,16 @@ impl NetnsPair {
 
     /// Gives `b`'s end of the veth pair one more address (in the same /24).
     pub fn add_address_b(&self, addr: &str) {
-        let out = Command::new("ip")
-            .args(["-n", &self.b, "-o", "link", "show", "type", "veth"])
-            .output()
-            .expect("running ip (iproute2)");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let dev = text
-            .split(": ")
-            .nth(1)
-            .and_then(|d| d.split('@').next())
-            .expect("the veth in the namespace")
-            .to_string();
-        ip(&[
-            "-n",
-            &self.b,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            &dev,
-        ]);
+        let dev = veth_in(&self.b);
+        ip(&["-n", &self.b, "addr", "add", &format!("{addr}/24"), "dev", &dev]);
     }
 
     /// Sets the MTU of both ends of the veth pair.
     pub fn set_mtu(&self, mtu: u32) {
         let mtu = mtu.to_string();
         for ns in [&self.a, &self.b] {
-            let out = Command::new("ip")
-                .args(["-n", ns, "-o", "link", "show", "type", "veth"])
-                .output()
-                .expect("running ip (iproute2)");
-            let text = String::from_utf8_lossy(&out.stdout);
-            let dev = text
-                .split(": ")
-                .nth(1)
-                .and_then(|d| d.split('@').next())
-                .expect("the veth in the namespace");
-            ip(&["-n", ns, "link", "set", dev, "mtu", &mtu]);
+            let dev = veth_in(ns);
+            ip(&["-n", ns, "link", "set", &dev, "mtu", &mtu]);
         }
     }
 

@@ -31,11 +31,23 @@ added=$(echo "$base $delayed" | awk '{ printf "%.2f", $5 - $2 }')
 ok=$(echo "$added" | awk '{ print ($1 >= 95 && $1 <= 105) ? 1 : 0 }')
 result latency_100ms $ok "added ${added} ms, fastest against fastest (base median/min/max $base, delayed $delayed)"
 
-jittered=$(in_a nbt run --latency 100ms --jitter 20ms -- nbt-testbin connect-time 192.0.2.2:5000 20 2>/dev/null | grep connect_ms | stats)
+jittered_raw=$(in_a nbt run --latency 100ms --jitter 20ms -- nbt-testbin connect-time 192.0.2.2:5000 20 2>/dev/null | grep connect_ms)
+jittered=$(echo "$jittered_raw" | stats)
 # Uniform in 100 ± 20 ms: every connect 80 to 120 ms above the fastest base connect (with
 # 10 ms of slack above for the emulator's hiccups), and spread over more than 10 ms.
 ok=$(echo "$base $jittered" | awk '{ lo=$5-$2; hi=$6-$2; print (lo >= 77 && hi <= 130 && $6-$5 >= 10) ? 1 : 0 }')
 result jitter_20ms $ok "base $base, jittered median/min/max $jittered"
+
+# Jitter correlation: each draw repeats the last with probability 0.9, so consecutive connects
+# (one delayed SYN each, and a few other packets' draws between) mostly took the same delay.
+# Consecutive connects within 2 ms of each other, without the first (ARP), of 18 pairs: about 2
+# expected for independent draws (a uniform 40 ms spread), about 12 with the correlation.
+close_pairs() { tr ' ' '\n' | grep -v connect_ms | grep -v '^$' | tail -n +2 | awk 'NR > 1 { d = $1 - last; if (d < 0) d = -d; if (d < 2) n++ } { last = $1 } END { print n + 0 }'; }
+correlated_raw=$(in_a nbt run --latency 100ms --jitter 20ms --jitter-correlation 90% -- nbt-testbin connect-time 192.0.2.2:5000 20 2>/dev/null | grep connect_ms)
+independent=$(echo "$jittered_raw" | close_pairs); correlated=$(echo "$correlated_raw" | close_pairs)
+spread=$(echo "$correlated_raw" | stats)
+ok=$(echo "$independent $correlated" | awk '{ print ($2 >= 7 && $2 >= $1 + 4) ? 1 : 0 }')
+result jitter_correlation $ok "consecutive connects within 2 ms: ${correlated} of 18 with 90% correlation, ${independent} without (median/min/max $spread)"
 
 # A live change: the run starts at 50 ms, `nbt set` makes it 150 ms before it connects.
 in_a nbt run --latency 50ms -- sh -c "sleep 2; nbt-testbin connect-time 192.0.2.2:5000 5" > /tmp/live 2>/dev/null &

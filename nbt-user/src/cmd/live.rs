@@ -76,6 +76,17 @@ fn print_ps(runs: &[LiveRun]) {
                 );
             }
         }
+        for link in &run.links {
+            println!("  link     {}", link.link);
+            if let Some(shaped) = &link.shaped {
+                for (name, traffic) in [("egress", &shaped.egress), ("ingress", &shaped.ingress)] {
+                    println!(
+                        "           {name} {}",
+                        shaper::describe_traffic(traffic, run.seconds)
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -591,6 +591,11 @@ pub fn read_link(ebpf: &Ebpf, link: u32) -> Result<ShapedTraffic> {
 
 /// The shaper's counters of a live run's own link, by map id.
 pub fn read_by_id(ids: &MapIds) -> Result<ShapedTraffic> {
+    read_link_by_id(ids, 0)
+}
+
+/// The shaper's counters of one link of a live run, by map id.
+pub fn read_link_by_id(ids: &MapIds, link: u32) -> Result<ShapedTraffic> {
     let data = MapData::from_id(ids.shaper_stats)
         .with_context(|| format!("opening BPF map id {} of the run", ids.shaper_stats))?;
     let map = Map::from_map_data(data)?;
@@ -600,7 +605,7 @@ pub fn read_by_id(ids: &MapIds) -> Result<ShapedTraffic> {
             ids.shaper_stats
         )
     })?;
-    traffic_from(&stats, 0)
+    traffic_from(&stats, link)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

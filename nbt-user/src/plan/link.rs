@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::{Pending, Profile, Sources};
 use crate::enforce::edt::Latency;
 use crate::enforce::gate::{self, Rule};
-use crate::enforce::shaper::NetLimits;
+use crate::enforce::shaper::{Direction, NetLimits};
 use crate::error::PlanError;
 
 /// The settings a link takes: the network flags of `nbt run`, without `--`.
@@ -64,35 +64,33 @@ pub struct Link {
 impl Link {
     /// "to 10.0.0.0/8, db: egress 100mbit (burst 1.2MB), latency 5 ms ± 0 ms".
     pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        for (name, limits, direction) in [
-            (
-                "egress",
-                &self.net.egress,
-                crate::enforce::shaper::Direction::Egress,
-            ),
-            (
-                "ingress",
-                &self.net.ingress,
-                crate::enforce::shaper::Direction::Ingress,
-            ),
-        ] {
-            if !limits.is_unlimited() {
-                parts.push(format!("{name} {}", limits.describe(direction)));
-            }
-        }
-        if let Some(l) = &self.latency {
-            parts.push(format!(
-                "latency {} ms ± {} ms",
-                l.latency_ns as f64 / 1e6,
-                l.jitter_ns as f64 / 1e6
-            ));
-        }
+        let mut parts = network_limits(&self.net, self.latency.as_ref());
         if parts.is_empty() {
             parts.push("unlimited".into());
         }
         format!("to {}: {}", self.to.join(", "), parts.join(", "))
     }
+}
+
+/// Each network limit in force, described: "egress 10mbit (burst 96 KiB)", "latency 5 ms ± 0 ms".
+pub fn network_limits(net: &NetLimits, latency: Option<&Latency>) -> Vec<String> {
+    let mut parts = Vec::new();
+    for (name, limits, direction) in [
+        ("egress", &net.egress, Direction::Egress),
+        ("ingress", &net.ingress, Direction::Ingress),
+    ] {
+        if !limits.is_unlimited() {
+            parts.push(format!("{name} {}", limits.describe(direction)));
+        }
+    }
+    if let Some(l) = latency {
+        parts.push(format!(
+            "latency {} ms ± {} ms",
+            l.latency_ns as f64 / 1e6,
+            l.jitter_ns as f64 / 1e6
+        ));
+    }
+    parts
 }
 
 /// One `--link` flag: `to=...,key=value,...`.

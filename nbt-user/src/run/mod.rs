@@ -190,6 +190,7 @@ fn first_record(
         ledger: None,
         edt_map: None,
         latency: plan.latency,
+        links: plan.links.iter().map(|l| l.describe()).collect(),
         pins: None,
         qdiscs: None,
         started_unix: 0.0,

@@ -11,7 +11,7 @@ use crate::enforce::edt::Latency;
 use crate::enforce::ledger::{format_amount, LedgerSummary};
 use crate::enforce::shaper::{describe_traffic, Direction, NetLimits, ShapedTraffic};
 use crate::learning::{RefusedReport, TaskOutcome};
-use crate::plan::link::Link;
+use crate::plan::link::{network_limits, Link};
 use crate::receipt::Written;
 use crate::schedule::apply::Event;
 use crate::sys::supervise::Exit;
@@ -178,21 +178,7 @@ impl RunSummary {
     /// and hardware caps; "none (accounting only)" when there is none.
     pub fn limits_line(&self) -> String {
         let mut parts = Self::cgroup_limits(&self.limits);
-        for (name, limits, direction) in [
-            ("egress", &self.net_limits.egress, Direction::Egress),
-            ("ingress", &self.net_limits.ingress, Direction::Ingress),
-        ] {
-            if !limits.is_unlimited() {
-                parts.push(format!("{name} {}", limits.describe(direction)));
-            }
-        }
-        if let Some(l) = &self.latency {
-            parts.push(format!(
-                "latency {} ms ± {} ms",
-                l.latency_ns as f64 / 1e6,
-                l.jitter_ns as f64 / 1e6
-            ));
-        }
+        parts.extend(network_limits(&self.net_limits, self.latency.as_ref()));
         for l in &self.links {
             parts.push(format!("link {}", l.link.describe()));
         }

@@ -23,6 +23,14 @@ pub struct LiveRun {
     pub shaped: Option<ShapedTraffic>,
     /// The balance now, in micro-units, for runs with one.
     pub balance_micro: Option<i64>,
+    /// Each `--link`: its destinations and limits, and what its shaper passed and dropped.
+    pub links: Vec<LiveLink>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveLink {
+    pub link: String,
+    pub shaped: Option<ShapedTraffic>,
 }
 
 /// Every live run, with its current limits and counters.
@@ -65,6 +73,18 @@ fn describe(record: RunRecord, orphan: bool) -> LiveRun {
             .maps
             .as_ref()
             .and_then(|ids| shaper::read_by_id(ids).ok()),
+        links: record
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, link)| LiveLink {
+                link: link.clone(),
+                shaped: record
+                    .maps
+                    .as_ref()
+                    .and_then(|ids| shaper::read_link_by_id(ids, i as u32 + 1).ok()),
+            })
+            .collect(),
         seconds: if record.started_unix > 0.0 {
             crate::sys::proc::now_unix() - record.started_unix
         } else {

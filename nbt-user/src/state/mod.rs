@@ -117,6 +117,10 @@ pub struct RunRecord {
     pub edt_map: Option<u32>,
     #[serde(default)]
     pub latency: Option<crate::enforce::edt::Latency>,
+    /// Each `--link` of the run, described ("to 10.0.0.0/8: egress 100mbit ..."), in the order
+    /// of its counters (link 1 and up).
+    #[serde(default)]
+    pub links: Vec<String>,
     /// Where the run's BPF links are pinned: they hold while it runs, and after its nbt died.
     #[serde(default)]
     pub pins: Option<PathBuf>,
@@ -301,6 +305,7 @@ mod tests {
             ledger: None,
             edt_map: None,
             latency: None,
+            links: Vec::new(),
             pins: None,
             qdiscs: None,
             started_unix: 0.0,
