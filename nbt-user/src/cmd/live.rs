@@ -8,7 +8,7 @@ use super::args::{FaultArgs, NetArgs};
 use super::{privileged, usage_or_failure};
 use crate::enforce::edt::Latency;
 use crate::enforce::ledger::{format_amount, parse_amount};
-use crate::enforce::shaper::{self, Direction, NetLimits};
+use crate::enforce::shaper::{self, Direction, Directions, NetLimits};
 use crate::error::PlanError;
 use crate::plan::{Flags, Plan};
 use crate::state::live::{self, LiveRun, NetSetting};
@@ -83,6 +83,14 @@ fn print_ps(runs: &[LiveRun]) {
 pub fn set(run: &str, net: &NetArgs) -> i32 {
     if let Err(status) = privileged() {
         return status;
+    }
+    if let Some(text) = &net.impair_direction {
+        eprintln!(
+            "nbt set: invalid value '{text}' for --impair-direction: a run's impair direction is \
+             fixed when it starts (its tc programs are put on then); accepted: none on nbt set, \
+             whose --duplicate and --corrupt apply where the run started them"
+        );
+        return 2;
     }
     if !net.link.is_empty() {
         eprintln!(
@@ -163,7 +171,7 @@ fn change(run: &str, setting: &mut NetSetting, args: &NetArgs) -> Result<()> {
             )),
         }
     }
-    setting.net = changed_limits(&setting.net, args)?;
+    setting.net = changed_limits(&setting.net, setting.impair_direction, args)?;
     Ok(())
 }
 
@@ -199,7 +207,12 @@ fn changed_impairments(next: &mut NetLimits, args: &NetArgs) -> Result<(), PlanE
 /// The network limits `args` asks for, each flag given replacing the run's current setting
 /// (`--loss 0` removes loss). A burst set before stays with a new rate; else the new rate gets
 /// its default burst.
-fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, PlanError> {
+/// --duplicate and --corrupt go where the run started them (`impair`).
+fn changed_limits(
+    current: &NetLimits,
+    impair: Directions,
+    args: &NetArgs,
+) -> Result<NetLimits, PlanError> {
     // --burst is checked here: the plan would want a rate beside it, and the run has its own.
     let mut flags = Flags::default();
     args.add_to(&mut flags);
@@ -209,11 +222,13 @@ fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, Plan
     (flags.reorder, flags.reorder_correlation, flags.reorder_gap) = (None, None, None);
     let asked = Plan::build(&flags)?.net;
     let mut next = *current;
-    if args.duplicate.is_some() {
-        next.egress.impair.duplicate = asked.egress.impair.duplicate;
-    }
-    if args.corrupt.is_some() {
-        next.egress.impair.corrupt = asked.egress.impair.corrupt;
+    for changed in next.impair_mut(impair) {
+        if args.duplicate.is_some() {
+            changed.duplicate = asked.egress.impair.duplicate;
+        }
+        if args.corrupt.is_some() {
+            changed.corrupt = asked.egress.impair.corrupt;
+        }
     }
     if args.egress_rate.is_some() {
         next.egress.rate_bits_per_sec = asked.egress.rate_bits_per_sec;
