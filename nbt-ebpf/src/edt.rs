@@ -116,8 +116,13 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
 
 /// netem's duplicate and corrupt on the packets arriving for the run's sockets (tc ingress),
 /// with the probabilities of their link's ingress entry. Nothing arriving has a socket yet at
-/// tc: the packet's socket is looked up by its addresses and ports, and its cgroup compared with
-/// the run's. Duplicate sends a copy into the same interface's receive path
+/// tc: the packet's socket is looked up by its addresses and ports (`bpf_sk_lookup_tcp/udp`)
+/// and found, or not, among the run's sockets in `EDT_SOCKETS`. tc programs cannot ask a
+/// socket's cgroup (the kernel offers `bpf_sk_ancestor_cgroup_id` to cgroup_skb programs
+/// only), so the run's cgroup programs record each socket that passes them a packet
+/// ([`mark_run_socket`]): a socket's first packets in either direction come before its record
+/// and pass unimpaired (a receiver's first datagram, an accepted connection's first segments
+/// until it sends). Duplicate sends a copy into the same interface's receive path
 /// (`bpf_clone_redirect` with `BPF_F_INGRESS`), which comes back here marked and passes; a
 /// corrupted IPv4 packet fails `ip_rcv`'s header checksum, a GRO or IPv6 one is dropped here.
 /// Both come before the cgroup's ingress shaper, as an impairment on the wire would: a

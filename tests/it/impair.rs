@@ -100,13 +100,15 @@ struct Tally {
 
 /// The run in `a` receives: `nbt run --json LIMITS -- nbt-testbin udp-tally` on port `port`,
 /// while this test sends `count` numbered datagrams of 100 bytes from `b` to it and, beside it,
-/// to a receiver of the test's own in `a`, outside the run, on `port + 1`. The run's tally, what
-/// the outsider got, the summary, and the namespaces.
+/// to a receiver of the test's own in `a`, outside the run, on `port + 1`: `per_second` of them
+/// a second, or with `0` as fast as no receive buffer overflows; `during` runs while they go.
+/// The run's tally, what the outsider got, the summary, and the namespaces.
 fn receive_numbered_in_run(
     tag: &str,
     port: u16,
-    count: u64,
+    (count, per_second): (u64, u64),
     limits: &[&str],
+    during: impl FnOnce(),
 ) -> (Tally, Arrivals, serde_json::Value, NetnsPair) {
     let net = NetnsPair::new(tag);
     let outsider = receive_numbered_at(&net.a, ADDR_A, port + 1, count, 1);
@@ -144,21 +146,25 @@ fn receive_numbered_in_run(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    NetnsPair::in_netns(&net.b, move || {
+    let sender = NetnsPair::in_netns(&net.b, move || {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let mut payload = [1u8; 100];
+        let start = std::time::Instant::now();
         for i in 0..count {
             payload[..8].copy_from_slice(&i.to_le_bytes());
             for to in [port, port + 1] {
                 socket.send_to(&payload, format!("{ADDR_A}:{to}")).unwrap();
             }
-            if i % 50 == 49 {
+            if per_second > 0 {
+                let due = start + Duration::from_secs_f64((i + 1) as f64 / per_second as f64);
+                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            } else if i % 50 == 49 {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-    })
-    .join()
-    .unwrap();
+    });
+    during();
+    sender.join().unwrap();
     let run = run.join().unwrap();
     assert_eq!(run.status(), 0, "{}", run.stderr());
     let stdout = run.stdout();
@@ -199,8 +205,9 @@ fn ingress_duplicate_delivers_the_asked_share_twice_to_the_run_alone() {
     let (tally, outsider, summary, _net) = receive_numbered_in_run(
         "idup",
         5226,
-        SENT,
+        (SENT, 0),
         &["--impair-direction", "ingress", "--duplicate", "10%"],
+        || {},
     );
     assert_eq!(
         (tally.more, tally.missing, tally.damaged),
@@ -237,8 +244,9 @@ fn ingress_corrupt_drops_the_asked_share_at_the_runs_ip_checksum_alone() {
     let (tally, outsider, summary, net) = receive_numbered_in_run(
         "icor",
         5228,
-        SENT,
+        (SENT, 0),
         &["--impair-direction", "ingress", "--corrupt", "5%"],
+        || {},
     );
     assert_eq!(
         (tally.twice, tally.more, tally.damaged),
@@ -327,6 +335,62 @@ fn a_tcp_stream_through_corruption_arrives_intact() {
     assert!(total > 5_000_000, "only {total} bytes arrived");
     assert!(corrupted > 20, "only {corrupted} packets corrupted");
     assert_eq!(wrong, 0, "{wrong} corrupted bytes reached the application");
+    guard.assert_clean();
+}
+
+#[test]
+fn nbt_set_changes_duplicate_on_arriving_packets_of_a_run_started_with_ingress() {
+    let guard = NoLeftovers::new();
+    // 600 datagrams at 200 a second; the set comes about 1 s in.
+    let (tally, outsider, summary, _net) = receive_numbered_in_run(
+        "iset",
+        5230,
+        (600, 200),
+        &["--impair-direction", "ingress", "--duplicate", "0%"],
+        || {
+            let name = nbt_integration_tests::wait_for_live_run(|r| {
+                r["command"].to_string().contains(":5230")
+            })
+            .expect("this test's live run");
+            std::thread::sleep(Duration::from_millis(1000));
+            // The direction is the run's: not changed live.
+            let refused = nbt_integration_tests::nbt(&["set", &name, "--impair-direction", "both"]);
+            assert_eq!(refused.status(), 2, "{}", refused.stderr());
+            assert!(
+                refused
+                    .stderr()
+                    .contains("invalid value 'both' for --impair-direction"),
+                "{}",
+                refused.stderr()
+            );
+            let set = nbt_integration_tests::nbt(&["set", &name, "--duplicate", "100%"]);
+            assert_eq!(set.status(), 0, "{}", set.stderr());
+            assert!(
+                set.stderr().contains("ingress 100% duplicated"),
+                "{}",
+                set.stderr()
+            );
+            assert!(
+                !set.stderr().contains("egress 100% duplicated"),
+                "{}",
+                set.stderr()
+            );
+        },
+    );
+    assert_eq!(
+        (tally.more, tally.missing, tally.damaged),
+        (0, 0, 0),
+        "{tally:?}"
+    );
+    assert_eq!(tally.once + tally.twice, 600);
+    // Before the set (1 s or more of 3) once, after it twice.
+    assert!(tally.once >= 150 && tally.twice >= 150, "{tally:?}");
+    assert_eq!(
+        summary["shaped"]["ingress"]["duplicated_packets"],
+        tally.twice
+    );
+    assert_eq!(summary["shaped"]["egress"]["duplicated_packets"], 0);
+    assert!(outsider.times.iter().all(|t| *t == 1));
     guard.assert_clean();
 }
 

@@ -316,3 +316,46 @@ pub fn fault(run: &str, fault: &FaultArgs, signals: &libc::sigset_t) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct SetArgs {
+        #[command(flatten)]
+        net: NetArgs,
+    }
+
+    fn args(argv: &[&str]) -> NetArgs {
+        SetArgs::parse_from(std::iter::once("nbt-set").chain(argv.iter().copied())).net
+    }
+
+    #[test]
+    fn nbt_set_changes_duplicate_and_corrupt_where_the_run_started_them() {
+        let current = NetLimits::default();
+        let asked = args(&["--duplicate", "5%", "--corrupt", "1%"]);
+        for (directions, egress, ingress) in [
+            (Directions::Egress, true, false),
+            (Directions::Ingress, false, true),
+            (Directions::Both, true, true),
+        ] {
+            let next = changed_limits(&current, directions, &asked).unwrap();
+            let expected = |on: bool| if on { (0.05, 0.01) } else { (0.0, 0.0) };
+            assert_eq!(
+                (next.egress.impair.duplicate, next.egress.impair.corrupt),
+                expected(egress)
+            );
+            assert_eq!(
+                (next.ingress.impair.duplicate, next.ingress.impair.corrupt),
+                expected(ingress)
+            );
+        }
+        // Reorder stays on outgoing packets whatever the run's direction.
+        let next =
+            changed_limits(&current, Directions::Ingress, &args(&["--reorder", "5%"])).unwrap();
+        assert_eq!(next.egress.impair.reorder, 0.05);
+        assert_eq!(next.ingress.impair.reorder, 0.0);
+    }
+}

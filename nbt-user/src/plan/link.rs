@@ -332,6 +332,21 @@ mod tests {
     }
 
     #[test]
+    fn a_link_takes_its_own_impair_direction() {
+        use crate::enforce::shaper::Directions;
+        let l = link("to=10.0.0.0/8,duplicate=2%,impair-direction=ingress").unwrap();
+        assert_eq!(l.impair_direction, Directions::Ingress);
+        assert_eq!(l.net.ingress.impair.duplicate, 0.02);
+        assert_eq!(l.net.egress.impair.duplicate, 0.0);
+        assert!(l.tc_impairments);
+        let err = link("to=10.0.0.0/8,impair-direction=up,corrupt=1%").unwrap_err();
+        assert!(
+            err.0.contains("invalid value 'up' for impair-direction"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_links_are_refused_with_the_key_and_the_forms() {
         for (text, says) in [
             ("egress-rate=1mbit", "at least one destination"),

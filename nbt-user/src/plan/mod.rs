@@ -1147,6 +1147,101 @@ mod tests {
     }
 
     #[test]
+    fn impair_direction_puts_duplicate_and_corrupt_where_it_says() {
+        use shaper::Directions;
+        let with = |direction: Option<&str>| Flags {
+            duplicate: Some("10%".into()),
+            corrupt: Some("1%".into()),
+            impair_direction: direction.map(Into::into),
+            ..flags()
+        };
+        for (direction, egress, ingress) in [
+            (None, true, false),
+            (Some("egress"), true, false),
+            (Some("ingress"), false, true),
+            (Some(" both "), true, true),
+        ] {
+            let plan = Plan::build(&with(direction)).unwrap();
+            let expected = |on: bool| if on { (0.10, 0.01) } else { (0.0, 0.0) };
+            for (impair, on) in [
+                (plan.net.egress.impair, egress),
+                (plan.net.ingress.impair, ingress),
+            ] {
+                assert_eq!(
+                    (impair.duplicate, impair.corrupt),
+                    expected(on),
+                    "{direction:?}"
+                );
+            }
+            assert_eq!(plan.impair_direction.egress(), egress);
+            assert_eq!(plan.impair_direction.ingress(), ingress);
+            assert_eq!(plan.needs_ingress_tc(), ingress, "{direction:?}");
+            assert!(plan.needs_tc());
+            // A schedule's and a fault's duplicate start from where the run puts it.
+            assert_eq!(plan.schedule_start().duplicate, 0.10);
+        }
+        // 0% still puts the ingress program on, for nbt set and schedules.
+        let zero = Plan::build(&Flags {
+            duplicate: Some("0%".into()),
+            impair_direction: Some("ingress".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(zero.impair_direction, Directions::Ingress);
+        assert!(zero.needs_ingress_tc());
+        // The default puts nothing on arriving packets.
+        assert!(!Plan::build(&with(None)).unwrap().needs_ingress_tc());
+        // A profile key as the flag.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "corrupt = \"1%\"\nimpair-direction = \"both\"\n").unwrap();
+        let plan = Plan::build(&Flags {
+            profile: Some(path.to_str().unwrap().into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(plan.impair_direction, Directions::Both);
+        assert_eq!(plan.net.ingress.impair.corrupt, 0.01);
+
+        for (f, expected) in [
+            (
+                with(Some("up")),
+                "invalid value 'up' for --impair-direction: accepted: egress (the default, as \
+                 netem on an interface), ingress (packets arriving for the run's sockets), both",
+            ),
+            (
+                Flags {
+                    impair_direction: Some("ingress".into()),
+                    ..flags()
+                },
+                "--impair-direction says where --duplicate and --corrupt apply: it needs one of them",
+            ),
+            (
+                Flags {
+                    impair_direction: Some("ingress".into()),
+                    reorder: Some("5%".into()),
+                    duplicate: Some("1%".into()),
+                    ..flags()
+                },
+                "invalid value 'ingress' for --impair-direction with --reorder: reorder sends some \
+                 packets ahead of the added delay, and nbt adds no delay to arriving packets; \
+                 accepted with --reorder: egress",
+            ),
+            (
+                Flags {
+                    impair_direction: Some("both".into()),
+                    reorder: Some("5%".into()),
+                    ..flags()
+                },
+                "invalid value 'both' for --impair-direction with --reorder",
+            ),
+        ] {
+            let err = Plan::build(&f).unwrap_err();
+            assert!(err.0.contains(expected), "{f:?}: {err}");
+        }
+    }
+
+    #[test]
     fn balance_prices_and_gate() {
         let plan = Plan::build(&Flags {
             balance: Some("0.5".into()),
