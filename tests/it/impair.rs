@@ -215,6 +215,10 @@ fn ingress_duplicate_delivers_the_asked_share_twice_to_the_run_alone() {
         "{tally:?}"
     );
     assert_eq!(tally.once + tally.twice, SENT, "{tally:?}");
+    eprintln!(
+        "ingress duplicate 10%: {} of {SENT} twice; {tally:?}",
+        tally.twice
+    );
     // Binomial: 2,000 expected, one standard deviation 42.
     assert!(
         within_three_sigma(tally.twice, SENT, 0.10),
@@ -257,6 +261,7 @@ fn ingress_corrupt_drops_the_asked_share_at_the_runs_ip_checksum_alone() {
         .as_u64()
         .unwrap();
     assert_eq!(tally.missing, corrupted, "{tally:?}");
+    eprintln!("ingress corrupt 5%: {corrupted} of {SENT} corrupted; {tally:?}");
     assert_eq!(ip_checksum_errors(&net.a), corrupted);
     // Binomial: 1,000 expected, one standard deviation 31.
     assert!(

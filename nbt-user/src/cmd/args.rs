@@ -51,7 +51,7 @@ pub enum Command {
         /// The run's name, as `nbt ps` shows it (nbt-...)
         run: String,
         #[command(flatten)]
-        net: NetArgs,
+        net: Box<NetArgs>,
     },
     /// Top up a live run's balance: `nbt balance RUN add AMOUNT`; the gate reopens at once
     Balance {
