@@ -128,24 +128,9 @@ fn receive_numbered_in_run(
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         nbt_integration_tests::nbt_in_netns(&ns, &args)
     });
-    // Until the run's socket is bound (`ss` in `a`), then the datagrams, paced so that no
-    // receive buffer overflows (checked after).
-    let bound = format!(":{port} ");
-    let started = std::time::Instant::now();
-    loop {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &net.a, "ss", "-Hlun"])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout).contains(&bound) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the run never bound {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Until the run's socket is bound, then the datagrams, paced so that no receive buffer
+    // overflows (checked after).
+    wait_until_bound(&net.a, "-Hlun", port);
     let sender = NetnsPair::in_netns(&net.b, move || {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let mut payload = [1u8; 100];
@@ -190,6 +175,27 @@ fn receive_numbered_in_run(
         damaged,
     };
     (tally, outsider.join().unwrap(), summary, net)
+}
+
+/// Waits until a socket of namespace `ns` listens on `port` (`ss OPTIONS`: `-Hlun` for UDP,
+/// `-Hltn` for TCP).
+fn wait_until_bound(ns: &str, options: &str, port: u16) {
+    let bound = format!(":{port} ");
+    let started = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "ss", options])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains(&bound) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "nothing bound {port} in {ns}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Whether `observed` of `n` draws of probability `p` is within 3 binomial standard deviations.
@@ -340,6 +346,59 @@ fn a_tcp_stream_through_corruption_arrives_intact() {
     assert!(total > 5_000_000, "only {total} bytes arrived");
     assert!(corrupted > 20, "only {corrupted} packets corrupted");
     assert_eq!(wrong, 0, "{wrong} corrupted bytes reached the application");
+    guard.assert_clean();
+}
+
+#[test]
+fn a_tcp_stream_into_the_run_through_duplicate_and_corrupt_arrives_whole() {
+    use std::io::Write;
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("itcp");
+    const BYTES: usize = 64 << 20;
+    let testbin = testbin().to_str().unwrap().to_string();
+    let ns = net.a.clone();
+    let run = std::thread::spawn(move || {
+        nbt_integration_tests::nbt_in_netns(
+            &ns,
+            &[
+                "run",
+                "--json",
+                "--impair-direction",
+                "ingress",
+                "--duplicate",
+                "5%",
+                "--corrupt",
+                "5%",
+                "--",
+                &testbin,
+                "tcp-recv",
+                &format!("{ADDR_A}:5232"),
+                "0",
+                "0",
+            ],
+        )
+    });
+    wait_until_bound(&net.a, "-Hltn", 5232);
+    NetnsPair::in_netns(&net.b, || {
+        let mut stream = std::net::TcpStream::connect(format!("{ADDR_A}:5232")).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..BYTES / chunk.len() {
+            stream.write_all(&chunk).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let run = run.join().unwrap();
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert!(
+        run.stdout().contains(&format!("received {BYTES} ")),
+        "{}",
+        run.stdout()
+    );
+    let duplicated = run.u64("/shaped/ingress/duplicated_packets");
+    let corrupted = run.u64("/shaped/ingress/corrupted_packets");
+    eprintln!("ingress TCP: {duplicated} duplicated, {corrupted} corrupted packets on the wire");
+    assert!(duplicated > 0 && corrupted > 0, "{duplicated} {corrupted}");
     guard.assert_clean();
 }
 
