@@ -403,6 +403,43 @@ fn a_tcp_stream_into_the_run_through_duplicate_and_corrupt_arrives_whole() {
 }
 
 #[test]
+fn a_schedule_duplicates_arriving_packets_of_a_run_started_with_ingress() {
+    let guard = NoLeftovers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("dup.toml");
+    std::fs::write(&schedule, "[[step]]\nat = \"1s\"\nduplicate = \"100%\"\n").unwrap();
+    // 600 datagrams at 200 a second: the step comes a second or so in.
+    let (tally, outsider, summary, _net) = receive_numbered_in_run(
+        "isch",
+        5234,
+        (600, 200),
+        &[
+            "--impair-direction",
+            "ingress",
+            "--duplicate",
+            "0%",
+            "--schedule",
+            schedule.to_str().unwrap(),
+        ],
+        || {},
+    );
+    assert_eq!(
+        (tally.more, tally.missing, tally.damaged),
+        (0, 0, 0),
+        "{tally:?}"
+    );
+    assert_eq!(tally.once + tally.twice, 600);
+    assert!(tally.once >= 100 && tally.twice >= 150, "{tally:?}");
+    assert_eq!(
+        summary["shaped"]["ingress"]["duplicated_packets"],
+        tally.twice
+    );
+    assert_eq!(summary["shaped"]["egress"]["duplicated_packets"], 0);
+    assert!(outsider.times.iter().all(|t| *t == 1));
+    guard.assert_clean();
+}
+
+#[test]
 fn nbt_set_changes_duplicate_on_arriving_packets_of_a_run_started_with_ingress() {
     let guard = NoLeftovers::new();
     // 600 datagrams at 200 a second; the set comes about 1 s in.
