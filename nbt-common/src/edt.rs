@@ -11,7 +11,28 @@ pub struct EdtRun {
     /// The run's cgroup v2 id, and its depth below the root: packets of sockets in it or below.
     pub cgroup_id: u64,
     pub cgroup_level: u32,
-    pub _pad: u32,
+    /// Non-zero: the run's cgroup programs put its sockets in [`EDT_SOCKETS_MAP`], for
+    /// `impair_ingress` (duplicate and corrupt of arriving packets).
+    pub mark_sockets: u32,
+}
+
+/// LRU hash of the run's sockets ([`RunSocket`]), kept by the cgroup programs when
+/// `EdtRun::mark_sockets` is set. A tc ingress program cannot tell a socket's cgroup
+/// (`bpf_sk_ancestor_cgroup_id` is not offered to tc), so it looks the packet's socket up and
+/// finds it here.
+pub const EDT_SOCKETS_MAP: &str = "EDT_SOCKETS";
+
+/// A socket as `struct bpf_sock` shows it: its family, protocol, local and remote address and
+/// port (an IPv4 address in the first word; ports as the kernel gives them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunSocket {
+    pub family: u32,
+    pub protocol: u32,
+    pub src_port: u32,
+    pub dst_port: u32,
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
 }
 
 /// Array of one [`EdtConfig`] per link (`shaper::MAX_LINKS`; link 0 is the run's own).
@@ -38,8 +59,8 @@ pub struct EdtState {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: EdtRun is #[repr(C)], made only of integers (u64, u32, the explicit u32 `_pad`), with
-// no implicit padding: every bit pattern is a valid value.
+// SAFETY: EdtRun is #[repr(C)], made only of integers (u64, two u32s), with no implicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for EdtRun {}
 #[cfg(feature = "user")]
 // SAFETY: EdtConfig is #[repr(C)], three u64s: every bit pattern is a valid value.

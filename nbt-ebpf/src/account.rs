@@ -20,12 +20,14 @@ static ACCOUNT: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(DIR
 #[cgroup_skb(ingress)]
 pub fn account_ingress(ctx: SkBuffContext) -> i32 {
     count(INGRESS, &ctx);
+    crate::edt::mark_run_socket(&ctx);
     PASS
 }
 
 #[cgroup_skb(egress)]
 pub fn account_egress(ctx: SkBuffContext) -> i32 {
     count(EGRESS, &ctx);
+    crate::edt::mark_run_socket(&ctx);
     PASS
 }
 

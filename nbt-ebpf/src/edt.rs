@@ -7,7 +7,8 @@
 //! anyone else's.
 //!
 //! The same program applies netem's other impairments to the run's outgoing packets
-//! (`impair`): duplicate, corrupt and reorder, in netem's order.
+//! (`impair`): duplicate, corrupt and reorder, in netem's order. `impair_ingress` (tc ingress)
+//! duplicates and corrupts the packets arriving for the run's sockets.
 //!
 //! A delayed packet is held as a copy that belongs to no socket, as netem orphans the packets it
 //! holds (see [`release`]): a packet held by fq while it still counted against its socket would
@@ -17,15 +18,15 @@
 mod impair;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN},
+    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN},
     helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
     macros::{classifier, map},
-    maps::Array,
-    programs::TcContext,
+    maps::{Array, LruHashMap},
+    programs::{SkBuffContext, TcContext},
 };
 use nbt_common::{
-    account::EGRESS,
-    edt::{EdtConfig, EdtRun, EdtState},
+    account::{EGRESS, INGRESS},
+    edt::{EdtConfig, EdtRun, EdtState, RunSocket},
     shaper::MAX_LINKS,
 };
 
@@ -47,6 +48,27 @@ static EDT_CONFIG: Array<EdtConfig> = Array::with_max_entries(MAX_LINKS, 0);
 
 #[map(name = "EDT_STATE")]
 static EDT_STATE: Array<EdtState> = Array::with_max_entries(MAX_LINKS, 0);
+
+/// The run's sockets, for `impair_ingress` (see `nbt_common::edt::EDT_SOCKETS_MAP`). An entry
+/// outlives its socket until the LRU evicts it.
+#[map(name = "EDT_SOCKETS")]
+static EDT_SOCKETS: LruHashMap<RunSocket, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// Puts the socket of one of the run's packets (a cgroup_skb program of the run's cgroup) in
+/// `EDT_SOCKETS`, when the run duplicates or corrupts arriving packets.
+#[inline(always)]
+pub fn mark_run_socket(ctx: &SkBuffContext) {
+    if !EDT_RUN.get(0).is_some_and(|run| run.mark_sockets != 0) {
+        return;
+    }
+    let Some(socket) = impair::socket_of(ctx) else {
+        return;
+    };
+    // SAFETY: a lookup whose value is not kept.
+    if unsafe { EDT_SOCKETS.get(&socket) }.is_none() {
+        let _ = EDT_SOCKETS.insert(&socket, &1, 0);
+    }
+}
 
 #[classifier]
 pub fn delay_egress(ctx: TcContext) -> i32 {
@@ -74,7 +96,7 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
     };
     let packets = impair::wire_packets(&ctx);
     // netem's order: the copy leaves before the original is corrupted, and is intact.
-    if shaper.duplicate != 0 && chance(shaper.duplicate) && impair::send_own_copy(&ctx) {
+    if shaper.duplicate != 0 && chance(shaper.duplicate) && impair::send_own_copy(&ctx, 0) {
         shaper::count_impaired(link, EGRESS, Impaired::Duplicated, packets);
     }
     if shaper.corrupt != 0 && chance(shaper.corrupt) {
@@ -92,6 +114,54 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
     release(&ctx, link, config)
 }
 
+/// netem's duplicate and corrupt on the packets arriving for the run's sockets (tc ingress),
+/// with the probabilities of their link's ingress entry. Nothing arriving has a socket yet at
+/// tc: the packet's socket is looked up by its addresses and ports (`bpf_sk_lookup_tcp/udp`)
+/// and found, or not, among the run's sockets in `EDT_SOCKETS`. tc programs cannot ask a
+/// socket's cgroup (the kernel offers `bpf_sk_ancestor_cgroup_id` to cgroup_skb programs
+/// only), so the run's cgroup programs record each socket that passes them a packet
+/// ([`mark_run_socket`]): a socket's first packets in either direction come before its record
+/// and pass unimpaired (a receiver's first datagram, an accepted connection's first segments
+/// until it sends). Duplicate sends a copy into the same interface's receive path
+/// (`bpf_clone_redirect` with `BPF_F_INGRESS`), which comes back here marked and passes; a
+/// corrupted IPv4 packet fails `ip_rcv`'s header checksum, a GRO or IPv6 one is dropped here.
+/// Both come before the cgroup's ingress shaper, as an impairment on the wire would: a
+/// duplicate is counted, policed and maybe lost there as any packet.
+#[classifier]
+pub fn impair_ingress(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: a field of the context, read at its own offset.
+    if unsafe { core::ptr::read_volatile(&(*skb).tc_index) } == OWN_COPY_MARK {
+        // SAFETY: as above; `tc_index` is writable at tc.
+        unsafe { (*skb).tc_index = 0 };
+        return TC_ACT_OK;
+    }
+    let link = link::of_packet(skb, Remote::Source);
+    let Some((shaper, _)) = shaper::direction(link, INGRESS) else {
+        return TC_ACT_OK;
+    };
+    let (duplicate, corrupt) = (shaper.duplicate, shaper.corrupt);
+    if duplicate == 0 && corrupt == 0 {
+        return TC_ACT_OK;
+    }
+    // SAFETY: a lookup whose value is not kept.
+    let ours = impair::socket_for(&ctx).is_some_and(|s| unsafe { EDT_SOCKETS.get(&s) }.is_some());
+    if !ours {
+        return TC_ACT_OK;
+    }
+    let packets = impair::wire_packets(&ctx);
+    if duplicate != 0 && chance(duplicate) && impair::send_own_copy(&ctx, BPF_F_INGRESS.into()) {
+        shaper::count_impaired(link, INGRESS, Impaired::Duplicated, packets);
+    }
+    if corrupt != 0 && chance(corrupt) {
+        shaper::count_impaired(link, INGRESS, Impaired::Corrupted, packets);
+        if let Corrupted::Discard = impair::corrupt(&ctx) {
+            return TC_ACT_SHOT as i32;
+        }
+    }
+    TC_ACT_OK
+}
+
 /// Lets the packet go at its time: when there is a delay, as a copy that belongs to no socket.
 ///
 /// A clone has no socket (`skb_clone` leaves `sk` empty and no destructor), so the copy sent
@@ -106,7 +176,7 @@ fn release(ctx: &TcContext, link: u32, config: &EdtConfig) -> i32 {
     if config.latency_ns == 0 && config.jitter_ns == 0 {
         return TC_ACT_OK;
     }
-    if impair::send_own_copy(ctx) {
+    if impair::send_own_copy(ctx, 0) {
         return TC_ACT_STOLEN as i32;
     }
     hold(ctx, link, config);

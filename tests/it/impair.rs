@@ -1,12 +1,15 @@
 //! netem's impairments besides rate, loss and delay (duplicate, corrupt) and its loss
 //! correlation, on the veth pair of two namespaces of the test's own: the run sends numbered
-//! datagrams from `a`, the peer in `b` counts what arrives. Reorder and the jitter's correlation
-//! need the fq qdisc, which this host lacks: the VM tests cover them.
+//! datagrams from `a`, the peer in `b` counts what arrives; for arriving packets
+//! (`--impair-direction ingress`), the run receives in `a` what this test sends from `b`.
+//! Reorder and the jitter's correlation need the fq qdisc, which this host lacks: the VM tests
+//! cover them.
 
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    receive_numbered as receive, testbin, Arrivals, NetnsPair, NoLeftovers, ADDR_B,
+    receive_numbered as receive, receive_numbered_at, testbin, Arrivals, NetnsPair, NoLeftovers,
+    ADDR_A, ADDR_B,
 };
 
 /// `nbt run --json LIMITS -- nbt-testbin udp-send` of `count` datagrams of 100 bytes to the
@@ -67,18 +70,216 @@ fn duplicate_sends_the_asked_share_twice() {
 
 /// The IP header checksum errors namespace `ns` counted (`IpExt InCsumErrors`).
 fn ip_checksum_errors(ns: &str) -> u64 {
+    netstat(ns, "/proc/net/netstat", "IpExt:", "InCsumErrors")
+}
+
+/// The counter `name` of the `prefix` lines of `file` (/proc/net/netstat, /proc/net/snmp) in
+/// namespace `ns`.
+fn netstat(ns: &str, file: &str, prefix: &str, name: &str) -> u64 {
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "cat", "/proc/net/netstat"])
+        .args(["netns", "exec", ns, "cat", file])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut ip = text.lines().filter(|l| l.starts_with("IpExt:"));
-    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "InCsumErrors")
-        .unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == name).unwrap();
     values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// What `nbt-testbin udp-tally` printed: datagrams that arrived once, twice, more often, never,
+/// and damaged ones.
+#[derive(Debug)]
+struct Tally {
+    once: u64,
+    twice: u64,
+    more: u64,
+    missing: u64,
+    damaged: u64,
+}
+
+/// The run in `a` receives: `nbt run --json LIMITS -- nbt-testbin udp-tally` on port `port`,
+/// while this test sends `count` numbered datagrams of 100 bytes from `b` to it and, beside it,
+/// to a receiver of the test's own in `a`, outside the run, on `port + 1`: `per_second` of them
+/// a second, or with `0` as fast as no receive buffer overflows; `during` runs while they go.
+/// The run's tally, what the outsider got, the summary, and the namespaces.
+fn receive_numbered_in_run(
+    tag: &str,
+    port: u16,
+    (count, per_second): (u64, u64),
+    limits: &[&str],
+    during: impl FnOnce(),
+) -> (Tally, Arrivals, serde_json::Value, NetnsPair) {
+    let net = NetnsPair::new(tag);
+    let outsider = receive_numbered_at(&net.a, ADDR_A, port + 1, count, 1);
+    let testbin = testbin().to_str().unwrap().to_string();
+    let ns = net.a.clone();
+    let mut args: Vec<String> = ["run", "--json"].iter().map(|a| a.to_string()).collect();
+    args.extend(limits.iter().map(|a| a.to_string()));
+    args.extend([
+        "--".into(),
+        testbin,
+        "udp-tally".into(),
+        format!("{ADDR_A}:{port}"),
+        count.to_string(),
+        "2".into(),
+    ]);
+    let run = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        nbt_integration_tests::nbt_in_netns(&ns, &args)
+    });
+    // Until the run's socket is bound, then the datagrams, paced so that no receive buffer
+    // overflows (checked after).
+    wait_until_bound(&net.a, "-Hlun", port);
+    let sender = NetnsPair::in_netns(&net.b, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut payload = [1u8; 100];
+        let start = std::time::Instant::now();
+        for i in 0..count {
+            payload[..8].copy_from_slice(&i.to_le_bytes());
+            for to in [port, port + 1] {
+                socket.send_to(&payload, format!("{ADDR_A}:{to}")).unwrap();
+            }
+            if per_second > 0 {
+                let due = start + Duration::from_secs_f64((i + 1) as f64 / per_second as f64);
+                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+            } else if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    during();
+    sender.join().unwrap();
+    let run = run.join().unwrap();
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let stdout = run.stdout();
+    let at = stdout.find('{').unwrap();
+    let words: Vec<u64> = stdout[..at]
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [once, twice, more, missing, damaged] = words[..] else {
+        panic!("no tally in {stdout}");
+    };
+    let summary: serde_json::Value = serde_json::from_str(&stdout[at..]).unwrap();
+    assert_eq!(
+        netstat(&net.a, "/proc/net/snmp", "Udp:", "RcvbufErrors"),
+        0,
+        "a receive buffer overflowed: the arrivals are not nbt's alone"
+    );
+    let tally = Tally {
+        once,
+        twice,
+        more,
+        missing,
+        damaged,
+    };
+    (tally, outsider.join().unwrap(), summary, net)
+}
+
+/// Waits until a socket of namespace `ns` listens on `port` (`ss OPTIONS`: `-Hlun` for UDP,
+/// `-Hltn` for TCP).
+fn wait_until_bound(ns: &str, options: &str, port: u16) {
+    let bound = format!(":{port} ");
+    let started = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "ss", options])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains(&bound) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "nothing bound {port} in {ns}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `observed` of `n` draws of probability `p` is within 3 binomial standard deviations.
+fn within_three_sigma(observed: u64, n: u64, p: f64) -> bool {
+    let (mean, sd) = (n as f64 * p, (n as f64 * p * (1.0 - p)).sqrt());
+    (observed as f64 - mean).abs() <= 3.0 * sd
+}
+
+#[test]
+fn ingress_duplicate_delivers_the_asked_share_twice_to_the_run_alone() {
+    let guard = NoLeftovers::new();
+    const SENT: u64 = 20_000;
+    let (tally, outsider, summary, _net) = receive_numbered_in_run(
+        "idup",
+        5226,
+        (SENT, 0),
+        &["--impair-direction", "ingress", "--duplicate", "10%"],
+        || {},
+    );
+    assert_eq!(
+        (tally.more, tally.missing, tally.damaged),
+        (0, 0, 0),
+        "{tally:?}"
+    );
+    assert_eq!(tally.once + tally.twice, SENT, "{tally:?}");
+    eprintln!(
+        "ingress duplicate 10%: {} of {SENT} twice; {tally:?}",
+        tally.twice
+    );
+    // Binomial: 2,000 expected, one standard deviation 42.
+    assert!(
+        within_three_sigma(tally.twice, SENT, 0.10),
+        "{} of {SENT} datagrams arrived twice, not 10% within 3 standard deviations",
+        tally.twice
+    );
+    assert_eq!(
+        tally.twice,
+        summary["shaped"]["ingress"]["duplicated_packets"]
+            .as_u64()
+            .unwrap()
+    );
+    assert_eq!(summary["shaped"]["egress"]["duplicated_packets"], 0);
+    // The process outside the run got each datagram once.
+    assert_eq!(outsider.damaged, 0);
+    assert!(
+        outsider.times.iter().all(|t| *t == 1),
+        "the outsider's traffic was touched"
+    );
+    guard.assert_clean();
+}
+
+#[test]
+fn ingress_corrupt_drops_the_asked_share_at_the_runs_ip_checksum_alone() {
+    let guard = NoLeftovers::new();
+    const SENT: u64 = 20_000;
+    let (tally, outsider, summary, net) = receive_numbered_in_run(
+        "icor",
+        5228,
+        (SENT, 0),
+        &["--impair-direction", "ingress", "--corrupt", "5%"],
+        || {},
+    );
+    assert_eq!(
+        (tally.twice, tally.more, tally.damaged),
+        (0, 0, 0),
+        "{tally:?}"
+    );
+    let corrupted = summary["shaped"]["ingress"]["corrupted_packets"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(tally.missing, corrupted, "{tally:?}");
+    eprintln!("ingress corrupt 5%: {corrupted} of {SENT} corrupted; {tally:?}");
+    assert_eq!(ip_checksum_errors(&net.a), corrupted);
+    // Binomial: 1,000 expected, one standard deviation 31.
+    assert!(
+        within_three_sigma(corrupted, SENT, 0.05),
+        "{corrupted} of {SENT} datagrams corrupted, not 5% within 3 standard deviations"
+    );
+    assert_eq!(outsider.damaged, 0);
+    assert!(
+        outsider.times.iter().all(|t| *t == 1),
+        "the outsider's traffic was touched"
+    );
+    guard.assert_clean();
 }
 
 #[test]
@@ -145,6 +346,152 @@ fn a_tcp_stream_through_corruption_arrives_intact() {
     assert!(total > 5_000_000, "only {total} bytes arrived");
     assert!(corrupted > 20, "only {corrupted} packets corrupted");
     assert_eq!(wrong, 0, "{wrong} corrupted bytes reached the application");
+    guard.assert_clean();
+}
+
+#[test]
+fn a_tcp_stream_into_the_run_through_duplicate_and_corrupt_arrives_whole() {
+    use std::io::Write;
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("itcp");
+    const BYTES: usize = 64 << 20;
+    let testbin = testbin().to_str().unwrap().to_string();
+    let ns = net.a.clone();
+    let run = std::thread::spawn(move || {
+        nbt_integration_tests::nbt_in_netns(
+            &ns,
+            &[
+                "run",
+                "--json",
+                "--impair-direction",
+                "ingress",
+                "--duplicate",
+                "5%",
+                "--corrupt",
+                "5%",
+                "--",
+                &testbin,
+                "tcp-recv",
+                &format!("{ADDR_A}:5232"),
+                "0",
+                "0",
+            ],
+        )
+    });
+    wait_until_bound(&net.a, "-Hltn", 5232);
+    NetnsPair::in_netns(&net.b, || {
+        let mut stream = std::net::TcpStream::connect(format!("{ADDR_A}:5232")).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..BYTES / chunk.len() {
+            stream.write_all(&chunk).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let run = run.join().unwrap();
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert!(
+        run.stdout().contains(&format!("received {BYTES} ")),
+        "{}",
+        run.stdout()
+    );
+    let duplicated = run.u64("/shaped/ingress/duplicated_packets");
+    let corrupted = run.u64("/shaped/ingress/corrupted_packets");
+    eprintln!("ingress TCP: {duplicated} duplicated, {corrupted} corrupted packets on the wire");
+    assert!(duplicated > 0 && corrupted > 0, "{duplicated} {corrupted}");
+    guard.assert_clean();
+}
+
+#[test]
+fn a_schedule_duplicates_arriving_packets_of_a_run_started_with_ingress() {
+    let guard = NoLeftovers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("dup.toml");
+    std::fs::write(&schedule, "[[step]]\nat = \"1s\"\nduplicate = \"100%\"\n").unwrap();
+    // 600 datagrams at 200 a second: the step comes a second or so in.
+    let (tally, outsider, summary, _net) = receive_numbered_in_run(
+        "isch",
+        5234,
+        (600, 200),
+        &[
+            "--impair-direction",
+            "ingress",
+            "--duplicate",
+            "0%",
+            "--schedule",
+            schedule.to_str().unwrap(),
+        ],
+        || {},
+    );
+    assert_eq!(
+        (tally.more, tally.missing, tally.damaged),
+        (0, 0, 0),
+        "{tally:?}"
+    );
+    assert_eq!(tally.once + tally.twice, 600);
+    assert!(tally.once >= 100 && tally.twice >= 150, "{tally:?}");
+    assert_eq!(
+        summary["shaped"]["ingress"]["duplicated_packets"],
+        tally.twice
+    );
+    assert_eq!(summary["shaped"]["egress"]["duplicated_packets"], 0);
+    assert!(outsider.times.iter().all(|t| *t == 1));
+    guard.assert_clean();
+}
+
+#[test]
+fn nbt_set_changes_duplicate_on_arriving_packets_of_a_run_started_with_ingress() {
+    let guard = NoLeftovers::new();
+    // 600 datagrams at 200 a second; the set comes about 1 s in.
+    let (tally, outsider, summary, _net) = receive_numbered_in_run(
+        "iset",
+        5230,
+        (600, 200),
+        &["--impair-direction", "ingress", "--duplicate", "0%"],
+        || {
+            let name = nbt_integration_tests::wait_for_live_run(|r| {
+                r["command"].to_string().contains(":5230")
+            })
+            .expect("this test's live run");
+            std::thread::sleep(Duration::from_millis(1000));
+            // The direction is the run's: not changed live.
+            let refused = nbt_integration_tests::nbt(&["set", &name, "--impair-direction", "both"]);
+            assert_eq!(refused.status(), 2, "{}", refused.stderr());
+            assert!(
+                refused
+                    .stderr()
+                    .contains("invalid value 'both' for --impair-direction"),
+                "{}",
+                refused.stderr()
+            );
+            let set = nbt_integration_tests::nbt(&["set", &name, "--duplicate", "100%"]);
+            assert_eq!(set.status(), 0, "{}", set.stderr());
+            assert!(
+                set.stderr().contains("ingress 100% duplicated"),
+                "{}",
+                set.stderr()
+            );
+            assert!(
+                !set.stderr().contains("egress 100% duplicated"),
+                "{}",
+                set.stderr()
+            );
+        },
+    );
+    assert_eq!(
+        (tally.more, tally.missing, tally.damaged),
+        (0, 0, 0),
+        "{tally:?}"
+    );
+    assert_eq!(tally.once + tally.twice, 600);
+    // Before the set (1 s or more of 3) once, after it twice.
+    assert!(tally.once >= 150 && tally.twice >= 150, "{tally:?}");
+    assert_eq!(
+        summary["shaped"]["ingress"]["duplicated_packets"],
+        tally.twice
+    );
+    assert_eq!(summary["shaped"]["egress"]["duplicated_packets"], 0);
+    assert!(outsider.times.iter().all(|t| *t == 1));
     guard.assert_clean();
 }
 
@@ -300,6 +647,25 @@ fn impairments_are_refused_without_what_they_need() {
         (
             vec!["--reorder", "5%", "--reorder-gap", "0", "--latency", "10ms"],
             "--reorder-gap",
+        ),
+        (
+            vec!["--impair-direction", "sideways", "--duplicate", "1%"],
+            "invalid value 'sideways' for --impair-direction: accepted: egress",
+        ),
+        (
+            vec!["--impair-direction", "ingress"],
+            "--impair-direction says where --duplicate and --corrupt apply: it needs one of them",
+        ),
+        (
+            vec![
+                "--impair-direction",
+                "both",
+                "--reorder",
+                "5%",
+                "--latency",
+                "10ms",
+            ],
+            "invalid value 'both' for --impair-direction with --reorder",
         ),
     ] {
         let mut full = vec!["run"];

@@ -51,7 +51,7 @@ pub enum Command {
         /// The run's name, as `nbt ps` shows it (nbt-...)
         run: String,
         #[command(flatten)]
-        net: NetArgs,
+        net: Box<NetArgs>,
     },
     /// Top up a live run's balance: `nbt balance RUN add AMOUNT`; the gate reopens at once
     Balance {
@@ -244,13 +244,18 @@ pub struct NetArgs {
     /// How much each loss draw leans on the last (netem's loss correlation; uniform --loss)
     #[arg(long, value_name = "PCT")]
     pub loss_correlation: Option<String>,
-    /// Outgoing packets sent twice: 1% (netem's duplicate)
+    /// Outgoing packets sent twice: 1% (netem's duplicate; --impair-direction for arriving ones)
     #[arg(long, value_name = "PCT")]
     pub duplicate: Option<String>,
     /// Outgoing packets with one random bit flipped, so that the receiver's checksum fails:
-    /// 0.1% (netem's corrupt)
+    /// 0.1% (netem's corrupt; --impair-direction for arriving ones)
     #[arg(long, value_name = "PCT")]
     pub corrupt: Option<String>,
+    /// Where --duplicate and --corrupt apply: egress (default, as netem on an interface),
+    /// ingress (packets arriving for the run's sockets), both. Fixed for the run: nbt set
+    /// changes them where the run started them
+    #[arg(long, value_name = "DIR")]
+    pub impair_direction: Option<String>,
     /// Outgoing packets sent at once, ahead of the added delay: 25% (netem's reorder; needs
     /// --latency)
     #[arg(long, value_name = "PCT")]
@@ -422,6 +427,7 @@ impl NetArgs {
         flags.reorder = self.reorder.clone();
         flags.reorder_correlation = self.reorder_correlation.clone();
         flags.reorder_gap = self.reorder_gap.clone();
+        flags.impair_direction = self.impair_direction.clone();
         flags.links = self.link.clone();
     }
 }

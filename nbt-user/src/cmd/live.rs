@@ -8,7 +8,7 @@ use super::args::{FaultArgs, NetArgs};
 use super::{privileged, usage_or_failure};
 use crate::enforce::edt::Latency;
 use crate::enforce::ledger::{format_amount, parse_amount};
-use crate::enforce::shaper::{self, Direction, NetLimits};
+use crate::enforce::shaper::{self, Direction, Directions, NetLimits};
 use crate::error::PlanError;
 use crate::plan::{Flags, Plan};
 use crate::state::live::{self, LiveRun, NetSetting};
@@ -95,6 +95,14 @@ pub fn set(run: &str, net: &NetArgs) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
+    if let Some(text) = &net.impair_direction {
+        eprintln!(
+            "nbt set: invalid value '{text}' for --impair-direction: a run's impair direction is \
+             fixed when it starts (its tc programs are put on then); accepted: none on nbt set, \
+             whose --duplicate and --corrupt apply where the run started them"
+        );
+        return 2;
+    }
     if !net.link.is_empty() {
         eprintln!(
             "nbt set: --link cannot be changed on a live run yet: a run's links are fixed when it \
@@ -174,7 +182,7 @@ fn change(run: &str, setting: &mut NetSetting, args: &NetArgs) -> Result<()> {
             )),
         }
     }
-    setting.net = changed_limits(&setting.net, args)?;
+    setting.net = changed_limits(&setting.net, setting.impair_direction, args)?;
     Ok(())
 }
 
@@ -210,7 +218,12 @@ fn changed_impairments(next: &mut NetLimits, args: &NetArgs) -> Result<(), PlanE
 /// The network limits `args` asks for, each flag given replacing the run's current setting
 /// (`--loss 0` removes loss). A burst set before stays with a new rate; else the new rate gets
 /// its default burst.
-fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, PlanError> {
+/// --duplicate and --corrupt go where the run started them (`impair`).
+fn changed_limits(
+    current: &NetLimits,
+    impair: Directions,
+    args: &NetArgs,
+) -> Result<NetLimits, PlanError> {
     // --burst is checked here: the plan would want a rate beside it, and the run has its own.
     let mut flags = Flags::default();
     args.add_to(&mut flags);
@@ -220,11 +233,13 @@ fn changed_limits(current: &NetLimits, args: &NetArgs) -> Result<NetLimits, Plan
     (flags.reorder, flags.reorder_correlation, flags.reorder_gap) = (None, None, None);
     let asked = Plan::build(&flags)?.net;
     let mut next = *current;
-    if args.duplicate.is_some() {
-        next.egress.impair.duplicate = asked.egress.impair.duplicate;
-    }
-    if args.corrupt.is_some() {
-        next.egress.impair.corrupt = asked.egress.impair.corrupt;
+    for changed in next.impair_mut(impair) {
+        if args.duplicate.is_some() {
+            changed.duplicate = asked.egress.impair.duplicate;
+        }
+        if args.corrupt.is_some() {
+            changed.corrupt = asked.egress.impair.corrupt;
+        }
     }
     if args.egress_rate.is_some() {
         next.egress.rate_bits_per_sec = asked.egress.rate_bits_per_sec;
@@ -310,5 +325,48 @@ pub fn fault(run: &str, fault: &FaultArgs, signals: &libc::sigset_t) -> i32 {
             eprintln!("nbt fault: {err:#}");
             usage_or_failure(&err)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct SetArgs {
+        #[command(flatten)]
+        net: NetArgs,
+    }
+
+    fn args(argv: &[&str]) -> NetArgs {
+        SetArgs::parse_from(std::iter::once("nbt-set").chain(argv.iter().copied())).net
+    }
+
+    #[test]
+    fn nbt_set_changes_duplicate_and_corrupt_where_the_run_started_them() {
+        let current = NetLimits::default();
+        let asked = args(&["--duplicate", "5%", "--corrupt", "1%"]);
+        for (directions, egress, ingress) in [
+            (Directions::Egress, true, false),
+            (Directions::Ingress, false, true),
+            (Directions::Both, true, true),
+        ] {
+            let next = changed_limits(&current, directions, &asked).unwrap();
+            let expected = |on: bool| if on { (0.05, 0.01) } else { (0.0, 0.0) };
+            assert_eq!(
+                (next.egress.impair.duplicate, next.egress.impair.corrupt),
+                expected(egress)
+            );
+            assert_eq!(
+                (next.ingress.impair.duplicate, next.ingress.impair.corrupt),
+                expected(ingress)
+            );
+        }
+        // Reorder stays on outgoing packets whatever the run's direction.
+        let next =
+            changed_limits(&current, Directions::Ingress, &args(&["--reorder", "5%"])).unwrap();
+        assert_eq!(next.egress.impair.reorder, 0.05);
+        assert_eq!(next.ingress.impair.reorder, 0.0);
     }
 }

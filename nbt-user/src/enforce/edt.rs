@@ -1,7 +1,8 @@
 //! `latency`: `--latency` and `--jitter` through earliest departure time: the fq qdisc at the
 //! root of every interface of nbt's network namespace but loopback, and the `delay_egress` tc
-//! program that sets the departure time of the run's packets (`nbt-ebpf/src/edt.rs`). Both are
-//! taken off when the run ends: the program with its link, fq by [`LatencyGuard`].
+//! program that sets the departure time of the run's packets (`nbt-ebpf/src/edt.rs`); with
+//! `--impair-direction ingress` or `both`, the `impair_ingress` program beside it. All are
+//! taken off when the run ends: the programs with their links, fq by [`LatencyGuard`].
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -86,13 +87,26 @@ pub struct Qdiscs {
     pub filters: Vec<Filter>,
 }
 
-/// A tc filter of `delay_egress` on an interface's egress, as netlink names it.
+/// A tc filter of `delay_egress` on an interface's egress (or of `impair_ingress` on its
+/// ingress), as netlink names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filter {
     pub ifindex: u32,
     pub interface: String,
     pub priority: u16,
     pub handle: u32,
+    /// On the interface's ingress (`impair_ingress`); records of older runs have none.
+    #[serde(default)]
+    pub ingress: bool,
+}
+
+impl Filter {
+    fn attach_type(&self) -> (TcAttachType, &'static str) {
+        match self.ingress {
+            true => (TcAttachType::Ingress, "impair_ingress"),
+            false => (TcAttachType::Egress, "delay_egress"),
+        }
+    }
 }
 
 impl Qdiscs {
@@ -122,9 +136,10 @@ impl Qdiscs {
     pub fn remove(&self) -> Vec<String> {
         let mut errors = Vec::new();
         for filter in &self.filters {
+            let (attach_type, program) = filter.attach_type();
             let detached = SchedClassifierLink::attached(
                 &filter.interface,
-                TcAttachType::Egress,
+                attach_type,
                 filter.priority,
                 filter.handle.into(),
                 None,
@@ -133,7 +148,7 @@ impl Qdiscs {
             .and_then(|link| link.detach().map_err(anyhow::Error::from));
             if let Err(err) = detached {
                 errors.push(format!(
-                    "taking BPF program delay_egress off {}: {err}",
+                    "taking BPF program {program} off {}: {err}",
                     filter.interface
                 ));
             }
@@ -183,21 +198,22 @@ fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
 }
 
 /// Puts fq on every interface when there is a `latency`, and attaches `delay_egress` to each
-/// (it also duplicates, corrupts and reorders). A tc filter outlives nbt by itself, as the
-/// qdiscs do; the guard lists both for the run's record, so that `nbt cleanup` can take them
-/// off.
+/// (it also duplicates, corrupts and reorders), and with `ingress` `impair_ingress` (duplicate
+/// and corrupt of arriving packets). A tc filter outlives nbt by itself, as the qdiscs do; the
+/// guard lists both for the run's record, so that `nbt cleanup` can take them off.
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup_dir: &Path,
     latency: Option<&Latency>,
     links: &[Option<&Latency>],
+    ingress: bool,
 ) -> Result<LatencyGuard> {
     let delayed = latency.is_some() || links.iter().any(Option::is_some);
     let run = EdtRun {
         // A cgroup v2 id is its directory's inode number.
         cgroup_id: std::fs::metadata(cgroup_dir)?.ino(),
         cgroup_level: cgroup_level(cgroup_dir)?,
-        _pad: 0,
+        mark_sockets: u32::from(ingress),
     };
     let map = ebpf
         .map_mut(EDT_RUN_MAP)
@@ -273,11 +289,48 @@ pub fn attach(
                 interface: name.clone(),
                 priority: link.priority()?,
                 handle: link.handle()?.into(),
+                ingress: false,
             });
         }
         guard._links.push(link);
     }
+    if ingress {
+        attach_ingress(ebpf, &interfaces, &mut guard)?;
+    }
     Ok(guard)
+}
+
+/// `impair_ingress` on the ingress of each interface, whose clsact qdisc `attach` made sure of.
+fn attach_ingress(
+    ebpf: &mut Ebpf,
+    interfaces: &[(u32, String)],
+    guard: &mut LatencyGuard,
+) -> Result<()> {
+    let program: &mut SchedClassifier = loader::program(ebpf, "impair_ingress")?;
+    program
+        .load()
+        .context("the kernel refused to load BPF program impair_ingress")?;
+    for (ifindex, name) in interfaces {
+        let link = program
+            .attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .with_context(|| format!("attaching BPF program impair_ingress to {name}"))?;
+        let link = program.take_link(link)?;
+        if !guard.qdiscs.clsact.contains(&(*ifindex, name.clone())) {
+            guard.qdiscs.filters.push(Filter {
+                ifindex: *ifindex,
+                interface: name.clone(),
+                priority: link.priority()?,
+                handle: link.handle()?.into(),
+                ingress: true,
+            });
+        }
+        guard._links.push(link);
+    }
+    Ok(())
 }
 
 /// The kernel id of the EDT configuration map, for `nbt set`.

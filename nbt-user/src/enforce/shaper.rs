@@ -116,6 +116,44 @@ pub enum Direction {
     Ingress,
 }
 
+/// The directions `--impair-direction` puts duplicate and corrupt on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Directions {
+    /// Outgoing packets (the default, as netem on an interface).
+    #[default]
+    Egress,
+    /// Packets arriving for the run's sockets.
+    Ingress,
+    Both,
+}
+
+pub const IMPAIR_DIRECTION_FORMS: &str =
+    "egress (the default, as netem on an interface), ingress (packets arriving for the run's \
+     sockets), both";
+
+impl Directions {
+    pub fn egress(self) -> bool {
+        matches!(self, Directions::Egress | Directions::Both)
+    }
+
+    pub fn ingress(self) -> bool {
+        matches!(self, Directions::Ingress | Directions::Both)
+    }
+
+    /// `--impair-direction DIR`.
+    pub fn parse(flag: &str, text: &str) -> Result<Directions, PlanError> {
+        match text.trim() {
+            "egress" => Ok(Directions::Egress),
+            "ingress" => Ok(Directions::Ingress),
+            "both" => Ok(Directions::Both),
+            _ => Err(PlanError(format!(
+                "invalid value '{text}' for {flag}: accepted: {IMPAIR_DIRECTION_FORMS}"
+            ))),
+        }
+    }
+}
+
 /// netem's impairments besides loss and delay, and its loss correlation. Probabilities are
 /// fractions (0.01 is 1%).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -169,7 +207,8 @@ pub struct DirectionLimits {
     /// Bucket depth in bytes; `None`: the default for the rate ([`default_burst`]).
     pub burst_bytes: Option<u64>,
     pub loss: Loss,
-    /// Duplicate, corrupt, reorder (egress only) and the loss correlation.
+    /// Duplicate, corrupt (either direction: `--impair-direction`), reorder (egress only) and the
+    /// loss correlation.
     #[serde(default)]
     pub impair: Impairments,
 }
@@ -311,6 +350,25 @@ pub struct NetLimits {
 impl NetLimits {
     pub fn is_unlimited(&self) -> bool {
         self.egress.is_unlimited() && self.ingress.is_unlimited()
+    }
+
+    /// The impairments of the directions `directions` names, to change (duplicate, corrupt).
+    pub fn impair_mut(&mut self, directions: Directions) -> impl Iterator<Item = &mut Impairments> {
+        [
+            directions.egress().then_some(&mut self.egress.impair),
+            directions.ingress().then_some(&mut self.ingress.impair),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The impairments in force where `directions` puts them: egress's, or ingress's for
+    /// `ingress` alone.
+    pub fn impair_of(&self, directions: Directions) -> &Impairments {
+        match directions {
+            Directions::Ingress => &self.ingress.impair,
+            Directions::Egress | Directions::Both => &self.egress.impair,
+        }
     }
 
     /// Gives the uniform loss of each direction that has one this correlation; false when

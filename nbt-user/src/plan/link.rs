@@ -17,7 +17,7 @@ use crate::enforce::shaper::{Direction, NetLimits};
 use crate::error::PlanError;
 
 /// The settings a link takes: the network flags of `nbt run`, without `--`.
-pub const LINK_KEYS: [&str; 15] = [
+pub const LINK_KEYS: [&str; 16] = [
     "egress-rate",
     "ingress-rate",
     "burst",
@@ -33,6 +33,7 @@ pub const LINK_KEYS: [&str; 15] = [
     "reorder",
     "reorder-correlation",
     "reorder-gap",
+    "impair-direction",
 ];
 
 /// The most links a run takes besides its own (`nbt_common::shaper::MAX_LINKS` - 1).
@@ -43,8 +44,8 @@ pub const MAX_PREFIXES: usize = 4096;
 pub const LINK_FORMS: &str = "to=DEST[,to=DEST...],KEY=VALUE[,KEY=VALUE...]: DEST an IPv4 or \
      IPv6 address, a CIDR (10.0.0.0/8, 2001:db8::/32) or a host name; KEY one of egress-rate, \
      ingress-rate, burst, loss, loss-model, loss-direction, loss-correlation, latency, jitter, \
-     jitter-correlation, duplicate, corrupt, reorder, reorder-correlation, reorder-gap (the \
-     flags of nbt run, without --)";
+     jitter-correlation, duplicate, corrupt, reorder, reorder-correlation, reorder-gap, \
+     impair-direction (the flags of nbt run, without --)";
 
 /// One link: its destinations and their limits.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -59,6 +60,8 @@ pub struct Link {
     pub latency: Option<Latency>,
     /// duplicate, corrupt or reorder was given: the tc program goes on.
     pub tc_impairments: bool,
+    /// Where duplicate and corrupt apply (`impair-direction`).
+    pub impair_direction: crate::enforce::shaper::Directions,
 }
 
 impl Link {
@@ -209,13 +212,14 @@ fn build(
     };
     let mut net = sources.network()?;
     let mut latency = sources.latency(pending)?;
-    let tc_impairments = sources.impairments(&mut net, latency.as_mut())?;
+    let (tc_impairments, impair_direction) = sources.impairments(&mut net, latency.as_mut())?;
     Ok(Link {
         to,
         prefixes,
         net,
         latency,
         tc_impairments,
+        impair_direction,
     })
 }
 
@@ -323,6 +327,21 @@ mod tests {
         assert!(l
             .describe()
             .starts_with("to 10.0.0.0/8, fd00::1: egress 100mbit"));
+    }
+
+    #[test]
+    fn a_link_takes_its_own_impair_direction() {
+        use crate::enforce::shaper::Directions;
+        let l = link("to=10.0.0.0/8,duplicate=2%,impair-direction=ingress").unwrap();
+        assert_eq!(l.impair_direction, Directions::Ingress);
+        assert_eq!(l.net.ingress.impair.duplicate, 0.02);
+        assert_eq!(l.net.egress.impair.duplicate, 0.0);
+        assert!(l.tc_impairments);
+        let err = link("to=10.0.0.0/8,impair-direction=up,corrupt=1%").unwrap_err();
+        assert!(
+            err.0.contains("invalid value 'up' for impair-direction"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub struct Profile {
     pub reorder: Option<toml::Value>,
     pub reorder_correlation: Option<toml::Value>,
     pub reorder_gap: Option<toml::Value>,
+    pub impair_direction: Option<toml::Value>,
     /// `[[link]]` tables: destinations with limits of their own (`link`).
     pub link: Option<toml::Value>,
     pub balance: Option<toml::Value>,
@@ -105,6 +106,7 @@ pub struct Flags {
     pub reorder: Option<String>,
     pub reorder_correlation: Option<String>,
     pub reorder_gap: Option<String>,
+    pub impair_direction: Option<String>,
     /// `--link`, each as given.
     pub links: Vec<String>,
     pub balance: Option<String>,
@@ -157,6 +159,8 @@ pub struct Plan {
     /// --duplicate, --corrupt or --reorder was given (0% included): the tc program goes on the
     /// interfaces, so that `nbt set` and the schedule can change them.
     pub tc_impairments: bool,
+    /// Where --duplicate and --corrupt apply (`--impair-direction`).
+    pub impair_direction: shaper::Directions,
     /// Destinations with limits of their own (`--link`, `[[link]]`).
     pub links: Vec<link::Link>,
     /// The balance and its prices; `None`: no balance, no gate.
@@ -494,14 +498,15 @@ impl Sources<'_> {
         Ok(latency)
     }
 
-    /// netem's other impairments: --duplicate, --corrupt and --reorder (with its correlation
-    /// and gap) on outgoing packets, --loss-correlation with the uniform loss, and
-    /// --jitter-correlation with the jitter. True when one of the first three was given.
+    /// netem's other impairments: --duplicate and --corrupt on the directions
+    /// --impair-direction names, --reorder (with its correlation and gap) on outgoing packets,
+    /// --loss-correlation with the uniform loss, and --jitter-correlation with the jitter. True
+    /// when one of the first three was given; and the directions of the first two.
     fn impairments(
         &self,
         net: &mut NetLimits,
         latency: Option<&mut Latency>,
-    ) -> Result<bool, PlanError> {
+    ) -> Result<(bool, shaper::Directions), PlanError> {
         let (flags, profile) = (self.flags, self.profile);
         let percent = |flag: &Option<String>, key: &str, value: &Option<toml::Value>| {
             self.pick(flag, key, value)?
@@ -512,32 +517,47 @@ impl Sources<'_> {
                 })
                 .transpose()
         };
-        let impair = &mut net.egress.impair;
-        let mut tc = false;
-        for (flag, key, value, field) in [
-            (
-                &flags.duplicate,
-                "duplicate",
-                &profile.duplicate,
-                &mut impair.duplicate,
-            ),
-            (
-                &flags.corrupt,
-                "corrupt",
-                &profile.corrupt,
-                &mut impair.corrupt,
-            ),
-            (
-                &flags.reorder,
-                "reorder",
-                &profile.reorder,
-                &mut impair.reorder,
-            ),
-        ] {
-            if let Some((p, _)) = percent(flag, key, value)? {
-                *field = p;
-                tc = true;
+        let direction = self.pick(
+            &flags.impair_direction,
+            "impair-direction",
+            &profile.impair_direction,
+        )?;
+        let directions = match &direction {
+            Some((text, name)) => shaper::Directions::parse(name, text)?,
+            None => shaper::Directions::Egress,
+        };
+        let duplicate = percent(&flags.duplicate, "duplicate", &profile.duplicate)?;
+        let corrupt = percent(&flags.corrupt, "corrupt", &profile.corrupt)?;
+        let reorder = percent(&flags.reorder, "reorder", &profile.reorder)?;
+        if let (Some((_, name)), Some((text, direction_name))) = (&reorder, &direction) {
+            if directions.ingress() {
+                return Err(PlanError(format!(
+                    "invalid value '{text}' for {direction_name} with {name}: reorder sends \
+                     some packets ahead of the added delay, and nbt adds no delay to arriving \
+                     packets; accepted with --reorder: egress (reorder applies to outgoing \
+                     packets only)"
+                )));
             }
+        }
+        if let (Some((_, name)), None, None) = (&direction, &duplicate, &corrupt) {
+            return Err(PlanError(format!(
+                "{name} says where --duplicate and --corrupt apply: it needs one of them (0% \
+                 will do, for nbt set or a schedule to change it later)"
+            )));
+        }
+        for impair in net.impair_mut(directions) {
+            if let Some((p, _)) = duplicate {
+                impair.duplicate = p;
+            }
+            if let Some((p, _)) = corrupt {
+                impair.corrupt = p;
+            }
+        }
+        let mut tc = duplicate.is_some() || corrupt.is_some();
+        let impair = &mut net.egress.impair;
+        if let Some((p, _)) = reorder {
+            impair.reorder = p;
+            tc = true;
         }
         let reorder_given = flags.reorder.is_some() || profile.reorder.is_some();
         if let Some((p, name)) = percent(
@@ -592,7 +612,7 @@ impl Sources<'_> {
                 }
             }
         }
-        Ok(tc)
+        Ok((tc, directions))
     }
 
     /// --link, else the profile's `[[link]]` tables: the flags replace the profile's links.
@@ -775,10 +795,24 @@ impl Plan {
         self.latency.is_some()
             || self.tc_impairments
             || self.net.egress.impair.needs_tc()
+            || self.needs_ingress_tc()
             || self
                 .links
                 .iter()
                 .any(|l| l.latency.is_some() || l.tc_impairments || l.net.egress.impair.needs_tc())
+    }
+
+    /// Whether the run's interfaces get the tc ingress program too: duplicate or corrupt on
+    /// arriving packets, of the run's own link or of one of its `--link`s.
+    pub fn needs_ingress_tc(&self) -> bool {
+        let ingress = |tc: bool, directions: shaper::Directions, net: &NetLimits| {
+            (tc && directions.ingress()) || net.ingress.impair.needs_tc()
+        };
+        ingress(self.tc_impairments, self.impair_direction, &self.net)
+            || self
+                .links
+                .iter()
+                .any(|l| ingress(l.tc_impairments, l.impair_direction, &l.net))
     }
 
     /// Builds the plan: the profile first, each flag given overriding its setting. The groups are
@@ -800,7 +834,7 @@ impl Plan {
         let mut net = sources.network()?;
         let mut pending = Vec::new();
         let mut latency = sources.latency(&mut pending)?;
-        let tc_impairments = sources.impairments(&mut net, latency.as_mut())?;
+        let (tc_impairments, impair_direction) = sources.impairments(&mut net, latency.as_mut())?;
         let links = sources.links(&mut pending)?;
         let (prices, gate) = sources.ledger()?;
         sources.not_yet(&mut pending)?;
@@ -813,6 +847,7 @@ impl Plan {
             net,
             latency,
             tc_impairments,
+            impair_direction,
             links,
             prices,
             gate,
@@ -853,8 +888,8 @@ impl Plan {
             ingress_loss: self.net.ingress.loss,
             latency_ns: self.latency.map(|l| l.latency_ns),
             jitter_ns: self.latency.map_or(0, |l| l.jitter_ns),
-            duplicate: self.net.egress.impair.duplicate,
-            corrupt: self.net.egress.impair.corrupt,
+            duplicate: self.net.impair_of(self.impair_direction).duplicate,
+            corrupt: self.net.impair_of(self.impair_direction).corrupt,
             reorder: self.net.egress.impair.reorder,
             has_balance: self.prices.is_some(),
         }
@@ -1104,6 +1139,101 @@ mod tests {
                     ..flags()
                 },
                 "needs --loss or --loss-model",
+            ),
+        ] {
+            let err = Plan::build(&f).unwrap_err();
+            assert!(err.0.contains(expected), "{f:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn impair_direction_puts_duplicate_and_corrupt_where_it_says() {
+        use shaper::Directions;
+        let with = |direction: Option<&str>| Flags {
+            duplicate: Some("10%".into()),
+            corrupt: Some("1%".into()),
+            impair_direction: direction.map(Into::into),
+            ..flags()
+        };
+        for (direction, egress, ingress) in [
+            (None, true, false),
+            (Some("egress"), true, false),
+            (Some("ingress"), false, true),
+            (Some(" both "), true, true),
+        ] {
+            let plan = Plan::build(&with(direction)).unwrap();
+            let expected = |on: bool| if on { (0.10, 0.01) } else { (0.0, 0.0) };
+            for (impair, on) in [
+                (plan.net.egress.impair, egress),
+                (plan.net.ingress.impair, ingress),
+            ] {
+                assert_eq!(
+                    (impair.duplicate, impair.corrupt),
+                    expected(on),
+                    "{direction:?}"
+                );
+            }
+            assert_eq!(plan.impair_direction.egress(), egress);
+            assert_eq!(plan.impair_direction.ingress(), ingress);
+            assert_eq!(plan.needs_ingress_tc(), ingress, "{direction:?}");
+            assert!(plan.needs_tc());
+            // A schedule's and a fault's duplicate start from where the run puts it.
+            assert_eq!(plan.schedule_start().duplicate, 0.10);
+        }
+        // 0% still puts the ingress program on, for nbt set and schedules.
+        let zero = Plan::build(&Flags {
+            duplicate: Some("0%".into()),
+            impair_direction: Some("ingress".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(zero.impair_direction, Directions::Ingress);
+        assert!(zero.needs_ingress_tc());
+        // The default puts nothing on arriving packets.
+        assert!(!Plan::build(&with(None)).unwrap().needs_ingress_tc());
+        // A profile key as the flag.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "corrupt = \"1%\"\nimpair-direction = \"both\"\n").unwrap();
+        let plan = Plan::build(&Flags {
+            profile: Some(path.to_str().unwrap().into()),
+            ..flags()
+        })
+        .unwrap();
+        assert_eq!(plan.impair_direction, Directions::Both);
+        assert_eq!(plan.net.ingress.impair.corrupt, 0.01);
+
+        for (f, expected) in [
+            (
+                with(Some("up")),
+                "invalid value 'up' for --impair-direction: accepted: egress (the default, as \
+                 netem on an interface), ingress (packets arriving for the run's sockets), both",
+            ),
+            (
+                Flags {
+                    impair_direction: Some("ingress".into()),
+                    ..flags()
+                },
+                "--impair-direction says where --duplicate and --corrupt apply: it needs one of them",
+            ),
+            (
+                Flags {
+                    impair_direction: Some("ingress".into()),
+                    reorder: Some("5%".into()),
+                    duplicate: Some("1%".into()),
+                    ..flags()
+                },
+                "invalid value 'ingress' for --impair-direction with --reorder: reorder sends some \
+                 packets ahead of the added delay, and nbt adds no delay to arriving packets; \
+                 accepted with --reorder: egress",
+            ),
+            (
+                Flags {
+                    impair_direction: Some("both".into()),
+                    reorder: Some("5%".into()),
+                    ..flags()
+                },
+                "invalid value 'both' for --impair-direction with --reorder",
             ),
         ] {
             let err = Plan::build(&f).unwrap_err();

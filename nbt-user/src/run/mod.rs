@@ -194,6 +194,7 @@ fn first_record(
         pins: None,
         qdiscs: None,
         started_unix: 0.0,
+        impair_direction: plan.impair_direction,
     })
 }
 
@@ -292,6 +293,7 @@ impl Armed {
                     &cgroup.v2,
                     plan.latency.as_ref(),
                     &links,
+                    plan.needs_ingress_tc(),
                 )?)
             }
             false => None,

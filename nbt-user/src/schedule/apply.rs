@@ -223,6 +223,7 @@ fn apply_network(controls: &Controls, change: &Change) -> Result<()> {
     }
     // From the record: `nbt set` may have changed the other limits meanwhile.
     change_network(&controls.run, |setting| {
+        let impair = setting.impair_direction;
         let net = &mut setting.net;
         match change {
             Change::EgressRate { bits_per_sec } => {
@@ -233,8 +234,13 @@ fn apply_network(controls: &Controls, change: &Change) -> Result<()> {
             }
             Change::EgressLoss { loss } => net.egress.loss = *loss,
             Change::IngressLoss { loss } => net.ingress.loss = *loss,
-            Change::Duplicate { fraction } => net.egress.impair.duplicate = *fraction,
-            Change::Corrupt { fraction } => net.egress.impair.corrupt = *fraction,
+            // Where the run started them (`--impair-direction`).
+            Change::Duplicate { fraction } => {
+                net.impair_mut(impair).for_each(|i| i.duplicate = *fraction)
+            }
+            Change::Corrupt { fraction } => {
+                net.impair_mut(impair).for_each(|i| i.corrupt = *fraction)
+            }
             Change::Reorder { fraction } => net.egress.impair.reorder = *fraction,
             _ => unreachable!("a network change"),
         }

@@ -96,8 +96,8 @@ fn initial_of(cgroup: &RunCgroup, record: &RunRecord) -> Initial {
         ingress_loss: record.net.ingress.loss,
         latency_ns: record.latency.map(|l| l.latency_ns),
         jitter_ns: record.latency.map_or(0, |l| l.jitter_ns),
-        duplicate: record.net.egress.impair.duplicate,
-        corrupt: record.net.egress.impair.corrupt,
+        duplicate: record.net.impair_of(record.impair_direction).duplicate,
+        corrupt: record.net.impair_of(record.impair_direction).corrupt,
         reorder: record.net.egress.impair.reorder,
         has_balance: record.ledger.is_some(),
     }

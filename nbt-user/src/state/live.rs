@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::enforce::edt::{self, Latency, MAX_DELAY};
-use crate::enforce::shaper::{self, NetLimits, ShapedTraffic};
+use crate::enforce::shaper::{self, Directions, NetLimits, ShapedTraffic};
 use crate::error::PlanError;
 use crate::state::{state_dir, RecordsLock, RunRecord};
 
@@ -103,6 +103,9 @@ fn describe(record: RunRecord, orphan: bool) -> LiveRun {
 pub struct NetSetting {
     pub net: NetLimits,
     pub latency: Option<Latency>,
+    /// Where duplicate and corrupt apply, fixed when the run started: a change of them goes
+    /// there.
+    pub impair_direction: Directions,
 }
 
 /// Changes a live run's network setting from another process or from the run's schedule:
@@ -130,6 +133,7 @@ pub fn change_network(
     let before = NetSetting {
         net: record.net,
         latency: record.latency,
+        impair_direction: record.impair_direction,
     };
     let mut next = before;
     change(&mut next)?;
@@ -147,6 +151,20 @@ pub fn change_network(
             ));
         }
         edt::set_by_id(map, &latency)?;
+    }
+    if next.impair_direction != before.impair_direction {
+        bail!(PlanError(
+            "--impair-direction is fixed when a run starts (its tc programs are put on then)"
+                .into()
+        ));
+    }
+    let ingress_tc = record.edt_map.is_some() && record.impair_direction.ingress();
+    if next.net.ingress.impair.needs_tc() && !ingress_tc {
+        bail!(
+            "run '{run}' was started without --impair-direction ingress (or both) and \
+             --duplicate or --corrupt, so its arriving packets pass no tc program of nbt's; \
+             start it with --impair-direction ingress --duplicate 0% to change them while it runs"
+        );
     }
     if next.net.egress.impair.needs_tc() && record.edt_map.is_none() {
         bail!(

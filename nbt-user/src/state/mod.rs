@@ -130,6 +130,10 @@ pub struct RunRecord {
     /// When the run's workload started, in seconds since the Unix epoch.
     #[serde(default)]
     pub started_unix: f64,
+    /// Where the run's duplicate and corrupt apply (`--impair-direction`): `nbt set` and a
+    /// schedule change them there.
+    #[serde(default)]
+    pub impair_direction: crate::enforce::shaper::Directions,
 }
 
 impl RunRecord {
@@ -309,6 +313,7 @@ mod tests {
             pins: None,
             qdiscs: None,
             started_unix: 0.0,
+            impair_direction: Default::default(),
         };
         std::thread::scope(|scope| {
             for t in 0..8 {

@@ -44,6 +44,9 @@
 //!   udp-paced ADDR N PPS      N datagrams of 64 bytes at PPS per second (below any rate limit)
 //!   udp-count ADDR SECONDS    count the datagrams arriving on ADDR until SECONDS pass quietly,
 //!                             and those that overtook a lower-numbered one
+//!   udp-tally ADDR COUNT SECONDS  receive udp-send's numbered datagrams (COUNT of them) on ADDR
+//!                             until SECONDS pass quietly; print how many arrived once, twice,
+//!                             more often, never, and damaged (a bad number or fill)
 //!   raw-send IPV4             one UDP datagram built by hand on a raw socket (IP_HDRINCL)
 //!   keepalive ADDR A B MS     connect, send A bytes, wait MS, send B bytes, half-close
 //!
@@ -131,6 +134,7 @@ fn main() {
         "udp-sink" => udp_sink(arg(&args, 2), seconds(&args, 3), seconds(&args, 4)),
         "udp-paced" => udp_paced(arg(&args, 2), num(&args, 3), num(&args, 4)),
         "udp-count" => udp_count(arg(&args, 2), num(&args, 3)),
+        "udp-tally" => udp_tally(arg(&args, 2), num(&args, 3), num(&args, 4)),
         "await-signal" => await_signal(arg(&args, 2)),
         "sleep" => std::thread::sleep(Duration::from_secs(num(&args, 2))),
         "connect" => println!("connect {}", outcome(connect(arg(&args, 2)))),
@@ -963,6 +967,40 @@ fn udp_count(addr: &str, quiet_seconds: u64) {
         lowest_after = lowest_after.min(*seq);
     }
     println!("received {received} overtaking {overtaking}");
+}
+
+fn udp_tally(addr: &str, count: u64, quiet_seconds: u64) {
+    let socket = std::net::UdpSocket::bind(addr).expect("bind");
+    let mut times = vec![0u32; count as usize];
+    let mut damaged = 0u64;
+    let mut buffer = [0u8; 2048];
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    while let Ok(n) = socket.recv(&mut buffer) {
+        let seq = if n >= 8 {
+            u64::from_le_bytes(buffer[..8].try_into().unwrap())
+        } else {
+            u64::MAX
+        };
+        // udp-send's datagrams: the number, then ones.
+        if seq >= count || buffer[8..n].iter().any(|b| *b != 1) {
+            damaged += 1;
+        } else {
+            times[seq as usize] += 1;
+        }
+        socket
+            .set_read_timeout(Some(Duration::from_secs(quiet_seconds.max(1))))
+            .expect("timeout");
+    }
+    let tally = |f: &dyn Fn(u32) -> bool| times.iter().filter(|t| f(**t)).count();
+    println!(
+        "once {} twice {} more {} missing {} damaged {damaged}",
+        tally(&|t| t == 1),
+        tally(&|t| t == 2),
+        tally(&|t| t > 2),
+        tally(&|t| t == 0),
+    );
 }
 
 static mut RECEIVED: i32 = 0;
