@@ -445,12 +445,12 @@ fn nbt_set_changes_duplicate_on_arriving_packets_of_a_run_started_with_ingress()
     // 600 datagrams at 200 a second; the set comes about 1 s in.
     let (tally, outsider, summary, _net) = receive_numbered_in_run(
         "iset",
-        5230,
+        5240,
         (600, 200),
         &["--impair-direction", "ingress", "--duplicate", "0%"],
         || {
             let name = nbt_integration_tests::wait_for_live_run(|r| {
-                r["command"].to_string().contains(":5230")
+                r["command"].to_string().contains(":5240")
             })
             .expect("this test's live run");
             std::thread::sleep(Duration::from_millis(1000));
