@@ -269,7 +269,10 @@ impl Armed {
     fn attach(plan: &Plan, layout: &Layout, name: &str) -> Result<Armed> {
         let mut pins = Pins::create(name)?;
         let cgroup = RunCgroup::create(layout, name, &plan.limits)?;
-        let mut ebpf = loader::load()?;
+        let mut ebpf = loader::load(match plan.prices {
+            Some(_) => &[loader::SCHED_MAPS],
+            None => &[loader::SCHED_MAPS, loader::GATE_MAPS],
+        })?;
         account::attach(&mut ebpf, &cgroup.v2, &mut pins)?;
         // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
         shaper::attach(&mut ebpf, &cgroup.v2, &plan.net, &mut pins)?;
