@@ -57,8 +57,9 @@ pub fn load(unused: &[&[&str]]) -> Result<Ebpf> {
     )
 }
 
-/// The fewest entries the kernel accepts for the map `name`: a ring buffer is at least a page,
-/// an LRU hash keeps a free list per CPU; any other map takes one.
+/// How many entries an unused map `name` is made with: a ring buffer is at least a page; the LRU
+/// hash a few hundred (its per-CPU free lists take entries from the common one in batches of
+/// 128); any other map one.
 fn smallest_entries(name: &str) -> u32 {
     match name {
         // SAFETY: sysconf has no preconditions.
@@ -83,17 +84,16 @@ fn loader_without_kernel_btf() -> EbpfLoader<'static> {
     if !Path::new(KERNEL_BTF).join("vmlinux").exists() {
         return EbpfLoader::new();
     }
-    let made = std::thread::spawn(|| {
+    let made = std::thread::Builder::new().spawn(|| {
         let root = std::ffi::CString::new(KERNEL_BTF).expect("no NUL in a constant path");
         // SAFETY: unshare(CLONE_FS) and chroot change only this thread's root (it shares its
         // filesystem attributes with no other thread once unshared); `root` outlives the call.
         let alone =
             unsafe { libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(root.as_ptr()) == 0 };
         alone.then(EbpfLoader::new)
-    })
-    .join();
-    match made {
-        Ok(Some(loader)) => loader,
+    });
+    match made.map(std::thread::JoinHandle::join) {
+        Ok(Ok(Some(loader))) => loader,
         _ => EbpfLoader::new(),
     }
 }
