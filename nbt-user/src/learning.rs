@@ -34,8 +34,8 @@ pub const REPORT_ENV: &str = "NBT_REPORT";
 /// a newline took nbt to 765 MB of memory.
 pub const MAX_LINE_BYTES: usize = 64 << 10;
 
-/// The most one read of the report file takes in; the run reads it every 100 ms, and takes
-/// every complete line of what it read.
+/// The most one read of the report file takes in; the run reads it as it is written (and again
+/// 100 ms after a read that found reports), and takes every complete line of what it read.
 pub const READ_CHUNK_BYTES: u64 = 1 << 20;
 
 /// The most of a report file nbt reads in a run: some 50,000 reports, each a receipt. Past it
@@ -194,7 +194,7 @@ impl Judge {
     }
 
     /// Judges `batch`, charging its tasks `energy()` (what was spent since the previous batch):
-    /// reports read together (within one 100 ms read) share it equally, which the note says.
+    /// reports read together (in one read) share it equally, which the note says.
     pub fn take(
         &mut self,
         batch: Vec<(usize, Result<TaskReport, String>)>,

@@ -57,6 +57,10 @@ measure tc-htb-netem
 $TC -n a qdisc del dev va root
 
 measure nbt nbt run --egress-rate 512kbit --loss 5% --latency 100ms --
+# nbt's own cost apart from any traffic: the whole VM's busy CPU during a run of `true` (start and
+# end alone) and of `sleep 30` (the same plus 30 s of supervision).
+cost() { before=$(busy); in_a nbt run --egress-rate 512kbit --loss 5% --latency 100ms -- "$@" > /dev/null 2>&1; after=$(busy); echo "$before $after" | awk '{ printf "%.2f", ($2 - $1) / 100 }'; }
+echo "NBT-VM-COST true_s $(cost true) sleep30_s $(cost sleep 30)"
 # Which of nbt's pieces costs TCP goodput: each of loss and latency alone with the rate.
 measure nbt-rate+latency nbt run --egress-rate 512kbit --latency 100ms --
 measure nbt-rate+loss nbt run --egress-rate 512kbit --loss 5% --

@@ -303,6 +303,23 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
                 row.get("added_ms"),
             ));
         }
+        if let Some(cost) = console.lines().find_map(|l| l.strip_prefix("NBT-VM-COST ")) {
+            let words: Vec<&str> = cost.split_whitespace().collect();
+            let figure = |key: &str| {
+                words
+                    .iter()
+                    .position(|w| *w == key)
+                    .and_then(|i| words.get(i + 1))
+                    .copied()
+                    .unwrap_or("?")
+            };
+            table.push_str(&format!(
+                "\nnbt's own cost, no traffic (busy CPU of the whole VM): `nbt run ... -- true` {} s, \
+                 `nbt run ... -- sleep 30` {} s\n",
+                figure("true_s"),
+                figure("sleep30_s")
+            ));
+        }
         println!("{name}:\n{table}");
         println!("{}", impairment_table(&console));
         println!("{}", upload_table(&console));

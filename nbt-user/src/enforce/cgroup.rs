@@ -464,15 +464,41 @@ impl RunCgroup {
         &self.created
     }
 
-    /// Records peaks the kernel does not keep on this layout (swap and pids on v1). Call it often.
+    /// Records peaks the kernel does not keep on this layout (swap on v1, pids where there is no
+    /// `pids.peak`). Call it often, where [`RunCgroup::needs_sampling`] says so.
     pub fn sample(&mut self) {
-        if let Some((Placement::V1, dir)) = self.controller("memory") {
+        if let Some(dir) = self.sampled_swap() {
             let swap = read_keyed(&dir.join("memory.stat")).get("swap").copied();
             self.peaks.swap_bytes = self.peaks.swap_bytes.max(swap.unwrap_or(0));
         }
-        if let Some((_, dir)) = self.controller("pids") {
+        if let Some(dir) = self.sampled_pids() {
             let current = read_u64(&dir.join("pids.current")).unwrap_or(0);
             self.peaks.pids = self.peaks.pids.max(current);
+        }
+    }
+
+    /// Whether the summary reports a peak the kernel does not keep here, which only sampling
+    /// finds. Elsewhere the kernel keeps every peak (memory.peak, memory.swap.peak, pids.peak)
+    /// and nothing needs to be read until the run ends.
+    pub fn needs_sampling(&self) -> bool {
+        self.sampled_swap().is_some() || self.sampled_pids().is_some()
+    }
+
+    /// The v1 memory directory, where the swap peak is reported (memory+swap accounting on).
+    fn sampled_swap(&self) -> Option<&Path> {
+        match self.controller("memory") {
+            Some((Placement::V1, dir)) if dir.join("memory.memsw.usage_in_bytes").exists() => {
+                Some(dir.as_path())
+            }
+            _ => None,
+        }
+    }
+
+    /// The pids directory, where it has no `pids.peak`.
+    fn sampled_pids(&self) -> Option<&Path> {
+        match self.controller("pids") {
+            Some((_, dir)) if !dir.join("pids.peak").exists() => Some(dir.as_path()),
+            _ => None,
         }
     }
 

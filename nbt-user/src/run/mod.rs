@@ -2,6 +2,7 @@
 
 pub(crate) mod run_receipt;
 pub(crate) mod summary;
+pub(crate) mod wake;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -19,6 +20,7 @@ use crate::enforce::shaper::{NetLimits, ShapedTraffic};
 use crate::enforce::{account, edt, gate, shaper};
 use crate::plan::Plan;
 use crate::run::summary::{HardwareReport, LinkReport, RunSummary};
+use crate::run::wake::{Earliest, ReportWatch, SAMPLE_INTERVAL};
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::sys::loader;
 use crate::sys::pin::Pins;
@@ -26,9 +28,6 @@ use crate::sys::supervise::{self, SpawnError};
 use crate::sys::user::Identity;
 use crate::telemetry::energy::{self, Energy};
 use crate::{learning, receipt, schedule};
-
-/// How often nbt samples what the kernel keeps no peak of (see [`crate::enforce::cgroup::SAMPLED`]).
-pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often the gate's host names are resolved again while a run lives.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -271,7 +270,10 @@ impl Armed {
     fn attach(plan: &Plan, layout: &Layout, name: &str) -> Result<Armed> {
         let mut pins = Pins::create(name)?;
         let cgroup = RunCgroup::create(layout, name, &plan.limits)?;
-        let mut ebpf = loader::load()?;
+        let mut ebpf = loader::load(match plan.prices {
+            Some(_) => &[loader::SCHED_MAPS],
+            None => &[loader::SCHED_MAPS, loader::GATE_MAPS],
+        })?;
         account::attach(&mut ebpf, &cgroup.v2, &mut pins)?;
         // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
         shaper::attach(&mut ebpf, &cgroup.v2, &plan.net, &mut pins)?;
@@ -446,8 +448,8 @@ impl Running {
     }
 }
 
-/// Waits for the workload, sampling meanwhile, and starts it again while the plan allows.
-/// Returns how the last one ended.
+/// Waits for the workload, doing what is due meanwhile (see [`wake`]), and starts it again while
+/// the plan allows. Returns how the last one ended.
 fn supervise_loop(
     plan: &Plan,
     command: &[OsString],
@@ -457,9 +459,20 @@ fn supervise_loop(
     armed: &mut Armed,
     running: &mut Running,
 ) -> supervise::Exit {
+    // `None`: the report files are read at every [`SAMPLE_INTERVAL`].
+    let reports = ReportWatch::new(&[books.reports.path(), books.agent_reports.path()]);
+    let mut duties = Duties {
+        sampled: armed.cgroup.needs_sampling(),
+        watched: reports.is_some(),
+        more_reports: false,
+    };
     loop {
-        let exit = supervise::wait(running.pid, signals, SAMPLE_INTERVAL, || {
-            on_sample(plan, books, armed, running)
+        let wake = reports.as_ref().map(ReportWatch::fd);
+        let exit = supervise::wait(running.pid, signals, wake, |reported| {
+            if let (true, Some(reports)) = (reported, &reports) {
+                reports.drain();
+            }
+            on_wake(plan, books, armed, running, &mut duties, reported)
         });
         if plan.restart_max == 0 {
             return exit;
@@ -470,10 +483,30 @@ fn supervise_loop(
     }
 }
 
-/// Every [`SAMPLE_INTERVAL`] while the workload runs: samples, watches the sensors, applies the
-/// schedule, judges new reports and keeps the gate up to date.
-fn on_sample(plan: &Plan, books: &mut Books, armed: &mut Armed, running: &mut Running) {
-    armed.cgroup.sample();
+/// What the supervisor keeps between its wakes.
+struct Duties {
+    /// Whether peaks the kernel does not keep are sampled (see [`RunCgroup::needs_sampling`]).
+    sampled: bool,
+    /// Whether a write to the report files wakes the supervisor (see [`ReportWatch`]).
+    watched: bool,
+    /// The last read found reports: more may be waiting (one chunk is read per wake).
+    more_reports: bool,
+}
+
+/// Whenever something is due (see [`wake`]): samples, watches the sensors, applies the
+/// schedule, judges new reports and keeps the gate up to date. `reported`: a report file was
+/// written to. Returns when it is next due (`None`: only when a report comes).
+fn on_wake(
+    plan: &Plan,
+    books: &mut Books,
+    armed: &mut Armed,
+    running: &mut Running,
+    duties: &mut Duties,
+    reported: bool,
+) -> Option<Instant> {
+    if duties.sampled {
+        armed.cgroup.sample();
+    }
     let run_pids = || armed.cgroup.pids().into_iter().map(|p| p as u32).collect();
     if let Some(why) = running.watch.tick(run_pids) {
         for pid in armed.cgroup.pids() {
@@ -487,7 +520,6 @@ fn on_sample(plan: &Plan, books: &mut Books, armed: &mut Armed, running: &mut Ru
             None,
         ));
     }
-    note_recovery(&books.judge, running);
     let elapsed_ms = running.started.elapsed().as_millis() as u64;
     if running.timeline.due(elapsed_ms) {
         let shaped = shaper::read(&armed.ebpf).ok();
@@ -497,13 +529,17 @@ fn on_sample(plan: &Plan, books: &mut Books, armed: &mut Armed, running: &mut Ru
             .timeline
             .run_due(elapsed_ms, &mut running.controls, &armed.cgroup, counters);
     }
-    let batch = books.new_reports(false);
-    if !batch.is_empty() {
-        let cpu = armed.cgroup.cpu_seconds();
-        books
-            .judge
-            .take(batch, &mut books.receipts, || running.meter.since_last(cpu));
+    if reported || duties.more_reports || !duties.watched {
+        let batch = books.new_reports(false);
+        duties.more_reports = !batch.is_empty();
+        if !batch.is_empty() {
+            let cpu = armed.cgroup.cpu_seconds();
+            books
+                .judge
+                .take(batch, &mut books.receipts, || running.meter.since_last(cpu));
+        }
     }
+    note_recovery(&books.judge, running);
     if let Some(log) = armed.blocked.as_mut() {
         log.drain();
     }
@@ -520,6 +556,18 @@ fn on_sample(plan: &Plan, books: &mut Books, armed: &mut Armed, running: &mut Ru
             resolve_gate_again(plan, armed, running);
         }
     }
+
+    let mut next = Earliest::default();
+    let every_sample =
+        duties.sampled || armed.ledger.is_some() || duties.more_reports || !duties.watched;
+    next.at(every_sample.then(|| Instant::now() + SAMPLE_INTERVAL));
+    next.at(running
+        .timeline
+        .next_at_ms()
+        .map(|ms| running.started + Duration::from_millis(ms)));
+    next.at(running.watch.next_due());
+    next.at(running.recovering.map(|(since, _)| since + RECOVERED_AFTER));
+    next.get()
 }
 
 /// Adds the addresses the gated hosts have now. A name that does not resolve keeps its old

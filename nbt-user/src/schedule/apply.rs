@@ -271,6 +271,11 @@ impl Runner {
         self.pending.front().is_some_and(|a| a.at_ms <= elapsed_ms)
     }
 
+    /// When the next action is due, in milliseconds from the run's start (`None`: none is left).
+    pub fn next_at_ms(&self) -> Option<u64> {
+        self.pending.front().map(|a| a.at_ms)
+    }
+
     /// Applies what is due; `counters` reads the run's counters now.
     pub fn run_due(
         &mut self,

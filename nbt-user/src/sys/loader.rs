@@ -8,22 +8,94 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program};
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
+use nbt_common::gate::{
+    GATE_BY_DEST_MAP, GATE_CONNS_MAP, GATE_TEARDOWN_MAP, GATE_V4_MAP, GATE_V6_MAP,
+};
+use nbt_common::sched::{EXITED_THREADS_MAP, PROCESS_CPU_MAP, PROCESS_EXITS_MAP};
 
 use crate::sys::pin::Pins;
 
 /// The BPF object as built by aya-build from `nbt-ebpf` (its binary target is named `nbt`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nbt"));
 
+/// The maps of the `sched` programs (CPU time per process), which only the agent attaches: the
+/// three tables are sized for a whole node (65,536 processes, 262,144 threads), and creating them
+/// costs more than everything else a run loads (the kernel allocates their bucket arrays).
+pub const SCHED_MAPS: &[&str] = &[
+    PROCESS_CPU_MAP,
+    "THREAD_CHARGED",
+    EXITED_THREADS_MAP,
+    PROCESS_EXITS_MAP,
+];
+
+/// The maps of the gate, used only by runs with a balance.
+pub const GATE_MAPS: &[&str] = &[
+    GATE_CONNS_MAP,
+    GATE_BY_DEST_MAP,
+    GATE_V4_MAP,
+    GATE_V6_MAP,
+    GATE_TEARDOWN_MAP,
+];
+
 /// Loads the object's maps into the kernel. Programs are loaded by the modules that attach them.
+/// The maps named in `unused` (see [`SCHED_MAPS`], [`GATE_MAPS`]) are created at their smallest:
+/// every map of the object must exist, but no program that uses these ones will be loaded.
 ///
 /// Without the kernel's BTF: nbt's programs read no kernel structure (no CO-RE relocations), and
-/// parsing /sys/kernel/btf/vmlinux would cost about 20 MiB of memory at every start.
-pub fn load() -> Result<Ebpf> {
-    aya::EbpfLoader::new().btf(None).load(OBJECT).context(
+/// parsing /sys/kernel/btf/vmlinux costs about 20 MiB of memory and most of the loader's CPU
+/// time at every start (see [`loader_without_kernel_btf`]).
+pub fn load(unused: &[&[&str]]) -> Result<Ebpf> {
+    let mut loader = loader_without_kernel_btf();
+    loader.btf(None);
+    for name in unused.iter().flat_map(|names| names.iter()) {
+        loader.map_max_entries(name, smallest_entries(name));
+    }
+    loader.load(OBJECT).context(
         "loading nbt's BPF object into the kernel failed (needs root or CAP_BPF + CAP_NET_ADMIN; \
          `nbt probe` lists what this kernel supports)",
     )
+}
+
+/// How many entries an unused map `name` is made with: a ring buffer is at least a page; the LRU
+/// hash a few hundred (its per-CPU free lists take entries from the common one in batches of
+/// 128); any other map one.
+fn smallest_entries(name: &str) -> u32 {
+    match name {
+        // SAFETY: sysconf has no preconditions.
+        PROCESS_EXITS_MAP | GATE_TEARDOWN_MAP => match unsafe { libc::sysconf(libc::_SC_PAGESIZE) }
+        {
+            size if size > 0 => size as u32,
+            _ => 4096,
+        },
+        GATE_CONNS_MAP => 256,
+        _ => 1,
+    }
+}
+
+/// An `EbpfLoader` that did not parse the kernel's BTF. aya's `EbpfLoader::new` always reads and
+/// parses `/sys/kernel/btf/vmlinux` (5 to 6 MiB on Debian's kernels), even when `btf(None)`
+/// discards it afterwards. So it is called on a thread of its own whose root is
+/// `/sys/kernel/btf`, below which no such path exists: `unshare(CLONE_FS)` gives that thread
+/// alone its root directory, and the thread ends once the loader is made. Where this cannot be
+/// done (no CAP_SYS_CHROOT, no kernel BTF at all), the loader is made here as aya makes it.
+fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+    const KERNEL_BTF: &str = "/sys/kernel/btf";
+    if !Path::new(KERNEL_BTF).join("vmlinux").exists() {
+        return EbpfLoader::new();
+    }
+    let made = std::thread::Builder::new().spawn(|| {
+        let root = std::ffi::CString::new(KERNEL_BTF).expect("no NUL in a constant path");
+        // SAFETY: unshare(CLONE_FS) and chroot change only this thread's root (it shares its
+        // filesystem attributes with no other thread once unshared); `root` outlives the call.
+        let alone =
+            unsafe { libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(root.as_ptr()) == 0 };
+        alone.then(EbpfLoader::new)
+    });
+    match made.map(std::thread::JoinHandle::join) {
+        Ok(Ok(Some(loader))) => loader,
+        _ => EbpfLoader::new(),
+    }
 }
 
 /// The program `name` of the object, for a module to load and attach.

@@ -3,8 +3,8 @@
 //! The child joins the run's cgroups between fork and exec (it writes "0", meaning itself, to each
 //! `cgroup.procs`), so no instruction of the workload runs unconstrained.
 //!
-//! Signals: nbt blocks the ones it forwards and SIGCHLD, and takes them with sigtimedwait(2) in
-//! its main loop, so nothing is lost and no handler runs at an awkward time. A signal someone sent
+//! Signals: nbt blocks the ones it forwards and SIGCHLD, and takes them from a signalfd(2) in its
+//! main loop, so nothing is lost and no handler runs at an awkward time. A signal someone sent
 //! to nbt (kill, systemd, a scheduler: `si_code` ≤ 0) is passed on to the child. One the kernel
 //! generated from the terminal (Ctrl-C: `si_code` = SI_KERNEL) already reached the child, which
 //! is in nbt's foreground process group, and is not sent a second time.
@@ -12,7 +12,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -244,40 +244,150 @@ pub fn signal_name(signal: i32) -> String {
     abbrev.to_string()
 }
 
-/// Waits for `pid` to end, forwarding signals (see the module comment) and calling `tick` about
-/// every `interval` so the caller can sample what the kernel does not keep.
+/// Waits for `pid` to end, forwarding signals (see the module comment).
+///
+/// `tick` runs at once, then again when the time it returned has come or when `wake` became
+/// readable (its argument says whether it did; `tick` must then drain `wake`). It returns when it
+/// must next run, or `None` when only `wake` calls for it. In between nbt sleeps: only a
+/// signal, the workload's end, `wake` or that time wakes it, so that a run with nothing to watch
+/// costs no CPU time while it waits.
 pub fn wait(
     pid: i32,
     signals: &libc::sigset_t,
-    interval: Duration,
-    mut tick: impl FnMut(),
+    wake: Option<BorrowedFd<'_>>,
+    mut tick: impl FnMut(bool) -> Option<Instant>,
 ) -> Exit {
     let mut forwarded = Vec::new();
-    let mut next_tick = Instant::now() + interval;
+    let signal_fd = open_signalfd(signals);
+    let mut next = Some(Instant::now());
+    let mut woken = false;
     loop {
-        let timeout = next_tick.saturating_duration_since(Instant::now());
-        let timeout = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: siginfo_t is plain C data, for which all-zero bytes are a valid value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: sigtimedwait with a valid set, an out-parameter and a timeout, all of which
-        // outlive the call.
-        let signal = unsafe { libc::sigtimedwait(signals, &mut info, &timeout) };
-        if signal > 0 && signal != libc::SIGCHLD && info.si_code <= 0 {
-            // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-            unsafe { libc::kill(pid, signal) };
-            forwarded.push(signal_name(signal));
-        }
         if let Some(status) = try_wait(pid) {
             return exit_from_status(status, forwarded);
         }
-        if Instant::now() >= next_tick {
-            tick();
-            next_tick = Instant::now() + interval;
+        if woken || next.is_some_and(|at| Instant::now() >= at) {
+            next = tick(woken);
+            woken = false;
+            continue;
+        }
+        let timeout = next.map(|at| at.saturating_duration_since(Instant::now()));
+        let (signals_now, readable) = match &signal_fd {
+            Some(fd) => poll(fd.as_fd(), wake, timeout),
+            // Without a signalfd (none left to open): wait for signals as nbt did before it
+            // had one, looking at `wake` at least every 100 ms.
+            None => {
+                let capped = timeout.map_or(FALLBACK_WAIT, |t| t.min(FALLBACK_WAIT));
+                let taken = sigtimedwait(signals, capped);
+                (
+                    taken.into_iter().collect(),
+                    wake.is_some_and(|fd| readable(fd)),
+                )
+            }
+        };
+        for (signal, code) in signals_now {
+            if signal != libc::SIGCHLD && code <= 0 {
+                // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+                unsafe { libc::kill(pid, signal) };
+                forwarded.push(signal_name(signal));
+            }
+        }
+        woken = readable;
+    }
+}
+
+/// How long [`wait`] sleeps at most when it has no signalfd.
+const FALLBACK_WAIT: Duration = Duration::from_millis(100);
+
+/// A signalfd for the (blocked) `signals`: they stay queued until read from it.
+fn open_signalfd(signals: &libc::sigset_t) -> Option<OwnedFd> {
+    // SAFETY: signalfd(2) with a valid set; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::signalfd(-1, signals, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sleeps until a signal is queued on `signals`, `wake` is readable or `timeout` passed (`None`:
+/// no timeout). Returns the signals taken, with their `si_code`, and whether `wake` is readable.
+fn poll(
+    signals: BorrowedFd<'_>,
+    wake: Option<BorrowedFd<'_>>,
+    timeout: Option<Duration>,
+) -> (Vec<(libc::c_int, libc::c_int)>, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: signals.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.map_or(-1, |fd| fd.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let timeout = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    // SAFETY: ppoll(2) on two pollfds that live through the call (a negative fd is ignored), a
+    // timeout that does too (or none), and no signal mask change.
+    let ready = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_ref().map_or(std::ptr::null(), |t| t),
+            std::ptr::null(),
+        )
+    };
+    if ready <= 0 {
+        return (Vec::new(), false);
+    }
+    let mut taken = Vec::new();
+    if fds[0].revents & libc::POLLIN != 0 {
+        loop {
+            // SAFETY: signalfd_siginfo is plain C data, for which all-zero bytes are valid.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = size_of::<libc::signalfd_siginfo>();
+            // SAFETY: read(2) into a buffer of `size` bytes that outlives the call.
+            let read = unsafe {
+                libc::read(
+                    signals.as_raw_fd(),
+                    (&raw mut info).cast::<libc::c_void>(),
+                    size,
+                )
+            };
+            if read != size as isize {
+                break;
+            }
+            taken.push((info.ssi_signo as libc::c_int, info.ssi_code));
         }
     }
+    (taken, fds[1].revents != 0)
+}
+
+/// Waits up to `timeout` for one of `signals`; the signal and its `si_code`.
+fn sigtimedwait(signals: &libc::sigset_t, timeout: Duration) -> Option<(libc::c_int, libc::c_int)> {
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: siginfo_t is plain C data, for which all-zero bytes are a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigtimedwait with a valid set, an out-parameter and a timeout, all of which
+    // outlive the call.
+    let signal = unsafe { libc::sigtimedwait(signals, &mut info, &timeout) };
+    (signal > 0).then_some((signal, info.si_code))
+}
+
+/// Whether `fd` is readable now.
+fn readable(fd: BorrowedFd<'_>) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd that outlives the call, without waiting.
+    unsafe { libc::poll(&mut pollfd, 1, 0) > 0 }
 }
 
 fn try_wait(pid: i32) -> Option<libc::c_int> {

@@ -134,6 +134,11 @@ impl Watch {
 
     /// Samples when the interval is due. `pids`: the run's processes now. Returns why the run
     /// must stop when its GPU memory is over the cap (once).
+    /// When [`Watch::tick`] next has a sensor to read; `None` when there is none to watch.
+    pub fn next_due(&self) -> Option<Instant> {
+        (self.report.cpu_temperature_absent.is_none() || self.nvml.is_some()).then_some(self.next)
+    }
+
     pub fn tick(&mut self, pids: impl FnOnce() -> Vec<u32>) -> Option<String> {
         if Instant::now() < self.next {
             return None;
