@@ -77,7 +77,9 @@ fn each_destination_holds_to_its_own_link_at_once() {
     );
     let set = nbt(&["set", &name, "--link", "to=192.0.2.3,loss=1%"]);
     assert_eq!(set.status(), 2, "{}", set.stderr());
-    assert!(set.stderr().contains("--link cannot be changed on a live run"));
+    assert!(set
+        .stderr()
+        .contains("--link cannot be changed on a live run"));
     let run = sender.join().unwrap();
     assert_eq!(run.status(), 0, "{}", run.stderr());
     assert!(

@@ -419,7 +419,15 @@ impl NetnsPair {
     /// Gives `b`'s end of the veth pair one more address (in the same /24).
     pub fn add_address_b(&self, addr: &str) {
         let dev = veth_in(&self.b);
-        ip(&["-n", &self.b, "addr", "add", &format!("{addr}/24"), "dev", &dev]);
+        ip(&[
+            "-n",
+            &self.b,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &dev,
+        ]);
     }
 
     /// Sets the MTU of both ends of the veth pair.
