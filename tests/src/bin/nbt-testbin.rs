@@ -970,7 +970,22 @@ fn udp_count(addr: &str, quiet_seconds: u64) {
 }
 
 fn udp_tally(addr: &str, count: u64, quiet_seconds: u64) {
+    use std::os::fd::AsRawFd;
     let socket = std::net::UdpSocket::bind(addr).expect("bind");
+    // 64 MiB of receive buffer where allowed (SO_RCVBUFFORCE: a workload run as root): a
+    // receiver kept off its CPU by a busy machine must not lose datagrams, or what is counted
+    // is not the impairment's.
+    let bytes: libc::c_int = 64 << 20;
+    // SAFETY: setsockopt with a pointer to a local int and its size; a refusal changes nothing.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let mut times = vec![0u32; count as usize];
     let mut damaged = 0u64;
     let mut buffer = [0u8; 2048];
