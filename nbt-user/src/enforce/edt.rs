@@ -258,74 +258,65 @@ pub fn attach(
             Err(err) => return Err(err).with_context(|| format!("putting the fq qdisc on {name}")),
         }
     }
-    let program: &mut SchedClassifier = loader::program(ebpf, "delay_egress")?;
-    program
-        .load()
-        .context("the kernel refused to load BPF program delay_egress")?;
-    // The program hangs off a clsact qdisc, through netlink, on every kernel, tcx (Linux 6.6+)
+    // The programs hang off a clsact qdisc, through netlink, on every kernel, tcx (Linux 6.6+)
     // included: a held packet leaves as a copy and its original is taken (`TC_ACT_STOLEN`,
     // nbt-ebpf/src/edt.rs), which tcx does not know (it passes such a packet on, as if the
     // program had not decided).
     for (ifindex, name) in &interfaces {
-        let ours = match tc::qdisc_add_clsact(name) {
-            Ok(()) => {
-                guard.qdiscs.clsact.push((*ifindex, name.clone()));
-                true
-            }
-            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+        match tc::qdisc_add_clsact(name) {
+            Ok(()) => guard.qdiscs.clsact.push((*ifindex, name.clone())),
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(err) => return Err(anyhow!("adding the clsact qdisc to {name}: {err}")),
-        };
-        let link = program
-            .attach_with_options(
-                name,
-                TcAttachType::Egress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
-            .with_context(|| format!("attaching BPF program delay_egress to {name}"))?;
-        let link = program.take_link(link)?;
-        if !ours {
-            guard.qdiscs.filters.push(Filter {
-                ifindex: *ifindex,
-                interface: name.clone(),
-                priority: link.priority()?,
-                handle: link.handle()?.into(),
-                ingress: false,
-            });
         }
-        guard._links.push(link);
     }
+    attach_everywhere(
+        ebpf,
+        "delay_egress",
+        TcAttachType::Egress,
+        &interfaces,
+        &mut guard,
+    )?;
     if ingress {
-        attach_ingress(ebpf, &interfaces, &mut guard)?;
+        attach_everywhere(
+            ebpf,
+            "impair_ingress",
+            TcAttachType::Ingress,
+            &interfaces,
+            &mut guard,
+        )?;
     }
     Ok(guard)
 }
 
-/// `impair_ingress` on the ingress of each interface, whose clsact qdisc `attach` made sure of.
-fn attach_ingress(
+/// Loads the tc program `name` and attaches it to each interface, whose clsact qdisc `attach`
+/// made sure of; records the filters put on a clsact qdisc that is not ours.
+fn attach_everywhere(
     ebpf: &mut Ebpf,
+    name: &str,
+    attach_type: TcAttachType,
     interfaces: &[(u32, String)],
     guard: &mut LatencyGuard,
 ) -> Result<()> {
-    let program: &mut SchedClassifier = loader::program(ebpf, "impair_ingress")?;
+    let program: &mut SchedClassifier = loader::program(ebpf, name)?;
     program
         .load()
-        .context("the kernel refused to load BPF program impair_ingress")?;
-    for (ifindex, name) in interfaces {
+        .with_context(|| format!("the kernel refused to load BPF program {name}"))?;
+    for (ifindex, interface) in interfaces {
         let link = program
             .attach_with_options(
-                name,
-                TcAttachType::Ingress,
+                interface,
+                attach_type,
                 TcAttachOptions::Netlink(NlOptions::default()),
             )
-            .with_context(|| format!("attaching BPF program impair_ingress to {name}"))?;
+            .with_context(|| format!("attaching BPF program {name} to {interface}"))?;
         let link = program.take_link(link)?;
-        if !guard.qdiscs.clsact.contains(&(*ifindex, name.clone())) {
+        if !guard.qdiscs.clsact.contains(&(*ifindex, interface.clone())) {
             guard.qdiscs.filters.push(Filter {
                 ifindex: *ifindex,
-                interface: name.clone(),
+                interface: interface.clone(),
                 priority: link.priority()?,
                 handle: link.handle()?.into(),
-                ingress: true,
+                ingress: attach_type == TcAttachType::Ingress,
             });
         }
         guard._links.push(link);
