@@ -73,22 +73,29 @@ pub fn mark_run_socket(ctx: &SkBuffContext) {
 #[classifier]
 pub fn delay_egress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
-    let link = link::of_packet(skb, Remote::Destination);
-    let (Some(run), Some(config)) = (EDT_RUN.get(0), EDT_CONFIG.get(link)) else {
+    let Some(run) = EDT_RUN.get(0) else {
         return TC_ACT_OK;
     };
     // Our own copy, back from the clone (a duplicate, or a packet to hold): delayed, nothing
     // more.
     // SAFETY: `tc_index` is a field of the context, writable at tc.
-    if unsafe { (*skb).tc_index } == OWN_COPY_MARK {
+    let own_copy = unsafe { (*skb).tc_index } == OWN_COPY_MARK;
+    // Every other packet of the interface leaves at once, before its link is looked up: this
+    // runs for the whole machine's traffic on it.
+    // SAFETY: helper on the context the kernel handed us; 0 for packets without a socket.
+    if !own_copy
+        && unsafe { bpf_skb_ancestor_cgroup_id(skb, run.cgroup_level as i32) } != run.cgroup_id
+    {
+        return TC_ACT_OK;
+    }
+    let link = link::of_packet(skb, Remote::Destination);
+    let Some(config) = EDT_CONFIG.get(link) else {
+        return TC_ACT_OK;
+    };
+    if own_copy {
         // SAFETY: as above.
         unsafe { (*skb).tc_index = 0 };
         hold(&ctx, link, config);
-        return TC_ACT_OK;
-    }
-    // SAFETY: helper on the context the kernel handed us; 0 for packets without a socket.
-    let cgroup = unsafe { bpf_skb_ancestor_cgroup_id(skb, run.cgroup_level as i32) };
-    if cgroup != run.cgroup_id {
         return TC_ACT_OK;
     }
     let Some((shaper, state)) = shaper::direction(link, EGRESS) else {
