@@ -122,6 +122,16 @@ pub enum ReceiptsAction {
     },
     /// This node's public key (SPKI PEM), made with the key at first use
     Pubkey,
+    /// A run's time series (one row per sample: memory, CPU, pressure, packets, limits,
+    /// balance, energy, sensors), checked against the hash its receipt holds
+    Series {
+        /// The run (nbt-...), or its run receipt's number or 8+ hex digits of its hash
+        run: String,
+        /// `csv` (a header, then one line per sample) or `json` (the series with the run's
+        /// events and receipt)
+        #[arg(long, value_name = "FORMAT", value_parser = ["csv", "json"], default_value = "csv")]
+        format: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -349,6 +359,13 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
+    /// No live status line on stderr (there is one only when stderr is a terminal)
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// How often the run's time series is sampled (memory, CPU, pressure, packets, limits,
+    /// balance, energy): 100ms to 1h, default 1s; `nbt receipts series RUN` prints it
+    #[arg(long, value_name = "DURATION")]
+    pub series_interval: Option<String>,
     /// The workload and its arguments, after `--`
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

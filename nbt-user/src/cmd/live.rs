@@ -54,6 +54,9 @@ fn print_ps(runs: &[LiveRun]) {
         if let Some(balance) = run.balance_micro {
             println!("  balance  {}", format_amount(balance));
         }
+        if let Some(latest) = &run.latest {
+            print_latest(latest);
+        }
         for (name, limits, traffic, direction) in [
             (
                 "egress",
@@ -87,6 +90,48 @@ fn print_ps(runs: &[LiveRun]) {
                 }
             }
         }
+    }
+}
+
+/// The last sample of a run's series: memory, CPU, pressure, energy.
+fn print_latest(latest: &std::collections::BTreeMap<String, f64>) {
+    let get = |name: &str| latest.get(name).copied();
+    let size = |bytes: f64| units::format_size(bytes as u64);
+    let mut parts = Vec::new();
+    if let Some(memory) = get("memory_bytes") {
+        parts.push(match get("memory_limit_bytes") {
+            Some(cap) => format!("memory {} of {}", size(memory), size(cap)),
+            None => format!("memory {}", size(memory)),
+        });
+    }
+    if let Some(swap) = get("swap_bytes").filter(|s| *s > 0.0) {
+        parts.push(format!("swap {}", size(swap)));
+    }
+    if let Some(cpu) = get("cpu_seconds") {
+        parts.push(format!("cpu {cpu:.2} s"));
+    }
+    if let Some(throttled) = get("cpu_throttled_seconds").filter(|s| *s > 0.0) {
+        parts.push(format!("throttled {throttled:.2} s"));
+    }
+    if let Some(pids) = get("pids") {
+        parts.push(format!("pids {pids}"));
+    }
+    if !parts.is_empty() {
+        println!("  usage    {}", parts.join(", "));
+    }
+    let stalls: Vec<String> = [
+        ("cpu", "psi_cpu_some_seconds"),
+        ("memory", "psi_memory_some_seconds"),
+        ("io", "psi_io_some_seconds"),
+    ]
+    .into_iter()
+    .filter_map(|(what, column)| Some(format!("{what} {:.2} s", get(column)?)))
+    .collect();
+    if !stalls.is_empty() {
+        println!("  stalled  {} (PSI some)", stalls.join(", "));
+    }
+    if let Some(joules) = get("joules") {
+        println!("  energy   {joules:.1} J");
     }
 }
 

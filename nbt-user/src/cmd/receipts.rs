@@ -1,4 +1,5 @@
-//! `nbt receipts list | show ID | verify [--pubkey FILE] | export --format jsonl|in-toto | pubkey`.
+//! `nbt receipts list | show ID | verify [--pubkey FILE] | export --format jsonl|in-toto | pubkey
+//! | series RUN [--format csv|json]`.
 
 use std::path::Path;
 
@@ -9,6 +10,7 @@ use crate::receipt::export::{self, short};
 use crate::receipt::key::{self, NodeKey};
 use crate::receipt::store::{Row, Store};
 use crate::receipt::verify;
+use crate::telemetry::series::Series;
 
 use super::args::{ReceiptsAction, ReceiptsArgs};
 
@@ -144,12 +146,17 @@ pub fn verify(path: &Path, pubkey: Option<&Path>) -> Result<i32> {
                 seq: None,
                 why: format!("the head cannot be read: {e:#}"),
             })?;
-            verify::verify(&rows, head.as_ref(), &public)
+            let verified = verify::verify(&rows, head.as_ref(), &public)?;
+            let series = store.series().map_err(|e| verify::Failure {
+                seq: None,
+                why: format!("the series table cannot be read: {e:#}"),
+            })?;
+            Ok((verified, verify::verify_series(&rows, &series)?))
         });
     match result {
-        Ok(ok) => {
+        Ok((ok, series)) => {
             println!(
-                "verified: {} receipts in {}, chain intact, every hash and signature checks with {}{}",
+                "verified: {} receipts in {}, chain intact, every hash and signature checks with {}{}; {series} time series match their receipts",
                 ok.receipts,
                 path.display(),
                 key::key_id(&public),
@@ -187,6 +194,69 @@ pub fn export(path: &Path, format: &str) -> Result<i32> {
     Ok(0)
 }
 
+/// A run's receipt and its stored time series, checked against the hash the receipt holds.
+pub fn run_series(store: &Store, id: &str) -> Result<(Row, Value, Series)> {
+    let rows = store.rows()?;
+    let row = if id.starts_with("nbt-") {
+        rows.iter()
+            .rev()
+            .find(|r| r.kind == "run" && r.run.as_deref() == Some(id))
+            .with_context(|| format!("no run receipt of {id} in {}", store.path().display()))?
+    } else {
+        find(&rows, id)?
+    };
+    let run = row.run.clone().unwrap_or_default();
+    if row.kind != "run" {
+        bail!(
+            "receipt {} is a {} receipt; a run's series is named by its run ({run}) or its run receipt",
+            row.seq,
+            row.kind
+        );
+    }
+    let body: Value = serde_json::from_str(&row.body)
+        .with_context(|| format!("receipt {}: the body is not JSON", row.seq))?;
+    let Some(expected) = body
+        .pointer("/summary/series/sha256")
+        .and_then(Value::as_str)
+    else {
+        bail!(
+            "run {run} (receipt {}) has no time series: it ran under an nbt that recorded none",
+            row.seq
+        );
+    };
+    let text = store
+        .series_of(&run)?
+        .with_context(|| format!("the time series of run {run} is missing from the store"))?;
+    let actual = crate::receipt::store::sha256_hex(text.as_bytes());
+    if actual != expected {
+        bail!("the time series of run {run} has sha256 {actual}, but its receipt {} says {expected}: it was altered", row.seq);
+    }
+    let series = Series::decode(&text)
+        .with_context(|| format!("the time series of run {run} cannot be read"))?;
+    Ok((row.clone(), body, series))
+}
+
+pub fn series(path: &Path, id: &str, format: &str) -> Result<i32> {
+    let store = Store::open_existing(path)?;
+    let (row, body, series) = run_series(&store, id)?;
+    let text = match format {
+        "csv" => series.to_csv(),
+        _ => {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "run": series.run,
+                "receipt": { "seq": row.seq, "receipt_hash": row.receipt_hash },
+                "series": series,
+                "events": body.pointer("/summary/events").cloned().unwrap_or(Value::Null),
+            }))? + "\n"
+        }
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(0),
+    }
+}
+
 pub fn pubkey() -> Result<i32> {
     let key = NodeKey::load_or_create(&key::default_key_path())?;
     print!("{}", key::public_pem(&key.public()));
@@ -204,6 +274,7 @@ pub fn command(args: ReceiptsArgs) -> i32 {
         ReceiptsAction::Verify { pubkey } => verify(&path, pubkey.as_deref()),
         ReceiptsAction::Export { format } => export(&path, format),
         ReceiptsAction::Pubkey => pubkey(),
+        ReceiptsAction::Series { run, format } => series(&path, run, format),
     };
     result.unwrap_or_else(|err| {
         eprintln!("nbt receipts: {err:#}");

@@ -1,12 +1,16 @@
 //! `nbt run`: the plan from the flags, the run, the summary printed, the exit status picked.
 
 use std::ffi::OsString;
+use std::io::IsTerminal as _;
+use std::time::Duration;
 
 use super::args::RunArgs;
 use super::{privileged, EXIT_NBT_FAILED};
 use crate::plan::Plan;
 use crate::run::summary::RunSummary;
+use crate::run::sampling::MIN_INTERVAL;
 use crate::run::{self, RunError};
+use crate::units;
 use crate::sys::supervise;
 use crate::sys::user::Identity;
 
@@ -20,13 +24,24 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     args.hw.add_to(&mut flags);
     flags.schedule = args.schedule.clone();
     flags.restart = args.restart.clone();
-    let plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
-        Ok(plan) => plan,
-        Err(err) => {
-            eprintln!("nbt: {err}");
-            return 2;
+    let mut plan =
+        match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
+            Ok(plan) => plan,
+            Err(err) => {
+                eprintln!("nbt: {err}");
+                return 2;
+            }
+        };
+    if let Some(text) = &args.series_interval {
+        match series_interval(text) {
+            Ok(interval) => plan.series_interval = interval,
+            Err(err) => {
+                eprintln!("nbt: {err}");
+                return 2;
+            }
         }
-    };
+    }
+    plan.status_line = !args.quiet && std::io::stderr().is_terminal();
     // Checking the flags (a long schedule, say) may have taken a while: a signal that came
     // meanwhile stops nbt here.
     if let Some(signal) = supervise::take_pending_stop() {
@@ -41,6 +56,21 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
         }
     };
     execute_and_report(&plan, &user, &args.command, signals, &[], args.json)
+}
+
+/// `--series-interval`: a duration from [`MIN_INTERVAL`] to an hour.
+fn series_interval(text: &str) -> Result<Duration, crate::error::UsageError> {
+    let flag = "--series-interval";
+    let interval = units::parse_duration(flag, text)?;
+    if interval < MIN_INTERVAL || interval > Duration::from_secs(3600) {
+        return Err(crate::error::UsageError {
+            flag: flag.into(),
+            value: text.into(),
+            problem: "out of range".into(),
+            accepted: "a duration from 100ms to 1h, e.g. 1s, 500ms, 10s",
+        });
+    }
+    Ok(interval)
 }
 
 /// Runs and prints the summary (human to stderr, JSON to stdout when asked); returns the status.

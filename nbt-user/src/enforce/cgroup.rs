@@ -605,6 +605,44 @@ impl RunCgroup {
         }
     }
 
+    /// What the run holds and has used now, for its time series: the gauges (memory, swap,
+    /// processes) and the limits in force as the kernel has them, beside the counters of
+    /// [`RunCgroup::stats`].
+    pub fn now(&mut self) -> CgroupNow {
+        let stats = self.stats();
+        let mut now = CgroupNow {
+            memory_limit_bytes: self.current_memory(),
+            cpu_limit_millicores: self.current_cpus(),
+            stats,
+            ..CgroupNow::default()
+        };
+        match self.controller("memory") {
+            Some((Placement::V2, dir)) => {
+                now.memory_bytes = read_u64(&dir.join("memory.current"));
+                now.swap_bytes = read_u64(&dir.join("memory.swap.current"));
+                now.swap_limit_bytes = read_u64(&dir.join("memory.swap.max"));
+            }
+            Some((Placement::V1, dir)) => {
+                let memory = read_u64(&dir.join("memory.usage_in_bytes"));
+                now.memory_bytes = memory;
+                // v1 counts memory+swap together: swap is the difference.
+                now.swap_bytes = read_u64(&dir.join("memory.memsw.usage_in_bytes"))
+                    .zip(memory)
+                    .map(|(both, memory)| both.saturating_sub(memory));
+                now.swap_limit_bytes = read_u64(&dir.join("memory.memsw.limit_in_bytes"))
+                    .filter(|b| *b < 1 << 62)
+                    .zip(now.memory_limit_bytes)
+                    .map(|(both, memory)| both.saturating_sub(memory));
+            }
+            None => {}
+        }
+        if let Some((_, dir)) = self.controller("pids") {
+            now.pids = read_u64(&dir.join("pids.current"));
+            now.pids_limit = read_u64(&dir.join("pids.max"));
+        }
+        now
+    }
+
     /// The run's CPU time so far, in seconds (v2's cpu.stat, present without any controller).
     pub fn cpu_seconds(&self) -> f64 {
         read_keyed(&self.v2.join("cpu.stat"))
@@ -810,6 +848,20 @@ impl Pressure {
         };
         (pressure != Pressure::default()).then_some(pressure)
     }
+}
+
+/// A run's gauges now, the limits in force, and its counters (see [`RunCgroup::now`]). `None`:
+/// not available on this layout, or no limit.
+#[derive(Debug, Clone, Default)]
+pub struct CgroupNow {
+    pub memory_bytes: Option<u64>,
+    pub memory_limit_bytes: Option<u64>,
+    pub swap_bytes: Option<u64>,
+    pub swap_limit_bytes: Option<u64>,
+    pub cpu_limit_millicores: Option<u64>,
+    pub pids: Option<u64>,
+    pub pids_limit: Option<u64>,
+    pub stats: CgroupStats,
 }
 
 /// What the kernel accounted for a run. `None`: not available on this machine's layout.

@@ -176,11 +176,19 @@ pub struct Plan {
     pub schedule: Option<crate::schedule::Schedule>,
     /// How many times a failed workload is started again (`--restart on-failure[:N]`).
     pub restart_max: u32,
+    /// How often the run's time series is sampled (`--series-interval`).
+    pub series_interval: std::time::Duration,
+    /// Whether a live status line is kept on stderr (a terminal, and no `--quiet`).
+    #[serde(skip)]
+    pub status_line: bool,
     /// Machine-wide hardware caps, restored when the run ends (the summary reports what was
     /// set and restored).
     #[serde(skip)]
     pub hwcaps: crate::enforce::hwcaps::HwRequest,
 }
+
+/// How often a run samples its time series unless `--series-interval` says otherwise.
+pub const DEFAULT_SERIES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Smallest memory limit accepted: below it no process can even be exec'd reliably.
 pub const MIN_MEMORY: u64 = 1 << 20;
@@ -854,6 +862,8 @@ impl Plan {
             pending,
             schedule: None,
             restart_max: 0,
+            series_interval: DEFAULT_SERIES_INTERVAL,
+            status_line: false,
             receipts: flags
                 .receipts
                 .clone()

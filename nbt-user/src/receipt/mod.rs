@@ -51,8 +51,19 @@ impl Writer {
     }
 
     pub fn write(&mut self, receipt: &mut Receipt) -> Result<Written> {
+        self.write_with_series(receipt, None)
+    }
+
+    /// Writes a run's receipt and, in the same transaction, its time series (`(run, body)`).
+    pub fn write_with_series(
+        &mut self,
+        receipt: &mut Receipt,
+        series: Option<(&str, &str)>,
+    ) -> Result<Written> {
         receipt.key_id = self.key_id.clone();
-        let (seq, receipt_hash) = self.store.append(&self.key, receipt)?;
+        let (seq, receipt_hash) = self
+            .store
+            .append(&self.key, receipt, series)?;
         Ok(Written {
             seq,
             receipt_hash,

@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS head (
     receipt_hash TEXT NOT NULL,
     signature TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS series (
+    run TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
 ";
 
 /// The value of `meta.format` in a store this version writes.
@@ -174,8 +178,14 @@ impl Store {
     }
 
     /// Appends `receipt` as the next link of the chain (setting its `seq` and `prev_hash`),
-    /// signed by `key`, in one transaction. Returns its number and hash.
-    pub fn append(&mut self, key: &NodeKey, receipt: &mut Receipt) -> Result<(i64, String)> {
+    /// signed by `key`, in one transaction, with a run's time series (`(run, body)`; the receipt
+    /// holds the body's hash) stored beside it. Returns its number and hash.
+    pub fn append(
+        &mut self,
+        key: &NodeKey,
+        receipt: &mut Receipt,
+        series: Option<(&str, &str)>,
+    ) -> Result<(i64, String)> {
         let path = self.path.display().to_string();
         // IMMEDIATE: take the write lock before reading the head, so two nbt processes appending
         // at once still make one chain.
@@ -225,6 +235,13 @@ impl Store {
              ON CONFLICT (id) DO UPDATE SET seq = ?1, receipt_hash = ?2, signature = ?3",
             params![seq, hash, head_signature],
         )?;
+        if let Some((run, body)) = series {
+            tx.execute(
+                "INSERT INTO series (run, body) VALUES (?1, ?2)",
+                params![run, body],
+            )
+            .with_context(|| format!("storing the time series of run {run}"))?;
+        }
         tx.commit()
             .with_context(|| format!("writing a receipt to {path}"))?;
         Ok((seq, hash))
@@ -252,6 +269,28 @@ impl Store {
             .collect::<rusqlite::Result<Vec<Row>>>()
             .with_context(|| format!("reading {}", self.path.display()))?;
         Ok(rows)
+    }
+
+    /// Every stored time series: (run, body).
+    pub fn series(&self) -> Result<Vec<(String, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT run, body FROM series ORDER BY run")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        Ok(rows)
+    }
+
+    /// The time series of `run`, when stored.
+    pub fn series_of(&self, run: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT body FROM series WHERE run = ?1", [run], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     pub fn head(&self) -> Result<Option<Head>> {

@@ -187,3 +187,48 @@ pub fn verify(rows: &[Row], head: Option<&Head>, key: &VerifyingKey) -> Result<V
         last_hash: last.map(|r| r.receipt_hash.clone()),
     })
 }
+/// Checks the stored time series against the run receipts that hold their hashes (in the
+/// summary's `series.sha256`): each stored series is named by a receipt and has its hash, and
+/// each series a receipt names is stored. Call it after [`verify`] passed. Returns how many
+/// series were checked.
+pub fn verify_series(rows: &[Row], series: &[(String, String)]) -> Result<usize, Failure> {
+    let mut named = std::collections::BTreeMap::new();
+    for row in rows.iter().filter(|r| r.kind == "run") {
+        let Ok(body) = serde_json::from_str::<Value>(&row.body) else {
+            continue;
+        };
+        if let (Some(run), Some(hash)) = (
+            row.run.as_deref(),
+            body.pointer("/summary/series/sha256").and_then(Value::as_str),
+        ) {
+            named.insert(run.to_string(), (row.seq, hash.to_string()));
+        }
+    }
+    for (run, body) in series {
+        let Some((seq, expected)) = named.remove(run) else {
+            return Err(Failure {
+                seq: None,
+                why: format!(
+                    "a time series of run {run} is stored, but no run receipt names it: it was inserted"
+                ),
+            });
+        };
+        let actual = sha256_hex(body.as_bytes());
+        if actual != expected {
+            return Err(Failure {
+                seq: Some(seq),
+                why: format!(
+                    "the time series of run {run} has sha256 {actual}, but its receipt says {expected}: the series was altered"
+                ),
+            });
+        }
+    }
+    if let Some((run, (seq, _))) = named.into_iter().next() {
+        return Err(Failure {
+            seq: Some(seq),
+            why: format!("the receipt names a time series of run {run}, which is not stored: it was removed"),
+        });
+    }
+    Ok(series.len())
+}
+

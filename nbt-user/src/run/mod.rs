@@ -1,6 +1,7 @@
 //! `nbt run`: plan → cgroups → BPF → child → wait → summary → remove everything.
 
 pub(crate) mod run_receipt;
+pub(crate) mod sampling;
 pub(crate) mod summary;
 pub(crate) mod wake;
 
@@ -19,6 +20,8 @@ use crate::enforce::ledger::LedgerSummary;
 use crate::enforce::shaper::{NetLimits, ShapedTraffic};
 use crate::enforce::{account, edt, gate, shaper};
 use crate::plan::Plan;
+use crate::run::sampling::{Sampler, Sources};
+use crate::telemetry::series::SeriesRef;
 use crate::run::summary::{HardwareReport, LinkReport, RunSummary};
 use crate::run::wake::{Earliest, ReportWatch, SAMPLE_INTERVAL};
 use crate::state::{self, RecordGuard, RunRecord};
@@ -141,7 +144,7 @@ pub fn execute(
         &mut running,
     );
 
-    let ended = measure(
+    let mut ended = measure(
         &state_dir,
         &name,
         plan,
@@ -150,6 +153,7 @@ pub fn execute(
         &mut armed,
         &mut running,
     )?;
+    let series = ended.series.take();
     // The cgroups go first (their processes killed), then the programs; the rest of `armed`
     // (the fq guard) stays until the receipt is written.
     let hardware = take_down(&mut armed.cgroup, &mut armed.pins, &mut hardware)?;
@@ -162,8 +166,9 @@ pub fn execute(
         &mut books.judge,
         running,
     );
+    summary.series = series.as_ref().map(|(_, reference)| reference.clone());
     // Last of all, so that the receipt holds everything the run measured.
-    write_receipt(&mut summary, &mut books);
+    write_receipt(&mut summary, &mut books, series.as_ref());
     Ok(summary)
 }
 
@@ -391,6 +396,8 @@ struct Running {
     pid: i32,
     user: Identity,
     started: Instant,
+    /// Taken at the end for the last sample.
+    sampler: Option<Sampler>,
     meter: energy::RunMeter,
     watch: Watch,
 }
@@ -432,6 +439,13 @@ impl Running {
         let timeline = schedule::apply::Runner::new(
             plan.schedule.as_ref().map_or(&[][..], |s| &s.actions[..]),
         );
+        let sampler = Sampler::new(
+            &state::state_dir(),
+            &record.name,
+            plan.series_interval,
+            plan.net,
+            plan.latency,
+        );
         Ok(Running {
             lifecycle: Vec::new(),
             recovering: None,
@@ -442,6 +456,7 @@ impl Running {
             pid,
             user: user.clone(),
             started,
+            sampler: Some(sampler),
             meter,
             watch,
         })
@@ -474,6 +489,9 @@ fn supervise_loop(
             }
             on_wake(plan, books, armed, running, &mut duties, reported)
         });
+        if plan.status_line {
+            eprint!("\r\x1b[2K");
+        }
         if plan.restart_max == 0 {
             return exit;
         }
@@ -540,6 +558,21 @@ fn on_wake(
         }
     }
     note_recovery(&books.judge, running);
+    if let Some(sampler) = running.sampler.as_mut() {
+        let sources = Sources {
+            cgroup: &mut armed.cgroup,
+            ebpf: &armed.ebpf,
+            ledger: armed.ledger.as_ref(),
+            meter: &running.meter,
+            sensors: running.watch.latest(),
+            elapsed: running.started.elapsed(),
+            links: plan.links.len() as u32,
+        };
+        if let (Some(line), true) = (sampler.tick(sources), plan.status_line) {
+            // One line, rewritten in place: carriage return, then erase the line.
+            eprint!("\r\x1b[2K{line}");
+        }
+    }
     if let Some(log) = armed.blocked.as_mut() {
         log.drain();
     }
@@ -567,6 +600,7 @@ fn on_wake(
         .map(|ms| running.started + Duration::from_millis(ms)));
     next.at(running.watch.next_due());
     next.at(running.recovering.map(|(since, _)| since + RECOVERED_AFTER));
+    next.at(running.sampler.as_ref().map(Sampler::next_due));
     next.get()
 }
 
@@ -687,6 +721,8 @@ struct Ended {
     links: Vec<ShapedTraffic>,
     net: NetLimits,
     latency: Option<Latency>,
+    /// The time series (as stored) and what the receipt says of it.
+    series: Option<(String, SeriesRef)>,
 }
 
 /// Judges the last reports and reads what the run measured, in the order the summary needs.
@@ -707,6 +743,18 @@ fn measure(
         .take(last, &mut books.receipts, || running.meter.since_last(cpu));
     let energy = running.meter.total(cpu);
     let ledger = settle_ledger(plan, armed, wall_seconds)?;
+    let series = running.sampler.take().map(|sampler| {
+        let (series, reference) = sampler.finish(Sources {
+            cgroup: &mut armed.cgroup,
+            ebpf: &armed.ebpf,
+            ledger: armed.ledger.as_ref(),
+            meter: &running.meter,
+            sensors: running.watch.latest(),
+            elapsed: running.started.elapsed(),
+            links: plan.links.len() as u32,
+        });
+        (series.encode(), reference)
+    });
 
     let stats = armed.cgroup.stats();
     let events = collect_events(state_dir, name, running, wall_seconds, &stats);
@@ -732,6 +780,7 @@ fn measure(
         links,
         net,
         latency,
+        series,
     })
 }
 
@@ -845,6 +894,7 @@ fn summarize(
         latency: ended.latency,
         energy: ended.energy,
         events: ended.events,
+        series: None,
         tasks: std::mem::take(&mut judge.tasks),
         refused_reports: std::mem::take(&mut judge.refused),
         receipt: None,
@@ -854,10 +904,12 @@ fn summarize(
     }
 }
 
-/// Writes the run's receipt and notes in the summary where it went, or why receipts are missing.
-fn write_receipt(summary: &mut RunSummary, books: &mut Books) {
+/// Writes the run's receipt, with its time series beside it, and notes in the summary where it
+/// went, or why receipts are missing.
+fn write_receipt(summary: &mut RunSummary, books: &mut Books, series: Option<&(String, SeriesRef)>) {
     let mut run_receipt = run_receipt::of_run(summary, summary.energy.clone(), String::new());
-    match books.receipts.write(&mut run_receipt) {
+    let series = series.map(|(text, _)| (summary.run.as_str(), text.as_str()));
+    match books.receipts.write_with_series(&mut run_receipt, series) {
         Ok(written) => summary.receipt = Some(written),
         Err(err) => books
             .judge

@@ -58,6 +58,9 @@ pub struct RunSummary {
     pub energy: Energy,
     /// What the schedule changed and injected, when, and what the kernel saw meanwhile.
     pub events: Vec<Event>,
+    /// The run's time series: its rows, their interval and its SHA-256; the series itself is
+    /// stored beside the receipts (`nbt receipts series RUN`).
+    pub series: Option<crate::telemetry::series::SeriesRef>,
     /// The learning updates the workload reported through $NBT_REPORT, as judged.
     pub tasks: Vec<TaskOutcome>,
     /// Report lines nbt could not use, with why.
@@ -561,6 +564,13 @@ impl RunSummary {
                 crate::receipt::export::short(&r.receipt_hash),
                 crate::receipt::export::short(&r.key_id)
             );
+            if let Some(series) = &self.series {
+                let _ = writeln!(
+                    out,
+                    "  series        {} samples, {} s apart (`nbt receipts series {}`, `nbt report {}`)",
+                    series.rows, series.interval_seconds, self.run, self.run
+                );
+            }
         }
         if let Some(err) = &self.receipt_error {
             let _ = writeln!(out, "  receipt       NOT WRITTEN: {err}");

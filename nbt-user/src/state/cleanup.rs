@@ -124,6 +124,7 @@ fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut T
             // The learning updates its workload reported after nbt died (no receipt holds them).
             let _ = fs::remove_file(&files.reports);
             let _ = fs::remove_file(&files.events);
+            let _ = fs::remove_file(&files.series);
             tally.removed += 1;
         }
         Err(err) => {

@@ -8,7 +8,9 @@ use serde::Serialize;
 use crate::enforce::edt::{self, Latency, MAX_DELAY};
 use crate::enforce::shaper::{self, Directions, NetLimits, ShapedTraffic};
 use crate::error::PlanError;
-use crate::state::{state_dir, RecordsLock, RunRecord};
+use crate::state::{state_dir, RecordsLock, RunFiles, RunRecord};
+use crate::sys::private::{self, WideMode};
+use crate::telemetry::series::Series;
 
 #[derive(Debug, Serialize)]
 pub struct LiveRun {
@@ -25,6 +27,9 @@ pub struct LiveRun {
     pub balance_micro: Option<i64>,
     /// Each `--link`: its destinations and limits, and what its shaper passed and dropped.
     pub links: Vec<LiveLink>,
+    /// The last sample of its time series, by column (`telemetry::series::COLUMNS`), the
+    /// figures measured only.
+    pub latest: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,7 +66,19 @@ pub fn orphan_names() -> Vec<String> {
 }
 
 fn describe(record: RunRecord, orphan: bool) -> LiveRun {
+    let latest = read_series(&record.name).and_then(|series| {
+        let row = series.rows.last()?;
+        Some(
+            series
+                .columns
+                .iter()
+                .zip(row)
+                .filter_map(|(name, value)| Some((name.clone(), (*value)?)))
+                .collect(),
+        )
+    });
     LiveRun {
+        latest,
         balance_micro: record.ledger.as_ref().and_then(|ids| {
             let (credit, time, kernel) = crate::enforce::gate::read_ledger(ids).ok()?;
             Some(
@@ -203,4 +220,41 @@ pub fn top_up(run: &str, micro: i64) -> Result<i64> {
         bail!("run '{run}' has no balance (it was started without --balance)");
     };
     crate::enforce::gate::top_up(&ids, micro)
+}
+
+/// How many of its last rows a live run's series file holds (5 minutes at 1 s).
+pub const LIVE_ROWS: usize = 300;
+
+/// A live run's recent time series on disk, rewritten whole at each sample (a reader never sees
+/// half a file) and removed when dropped, at the run's end.
+pub struct LiveSeries {
+    path: std::path::PathBuf,
+}
+
+impl LiveSeries {
+    pub fn new(dir: &std::path::Path, run: &str) -> LiveSeries {
+        LiveSeries {
+            path: RunFiles::of(dir, run).series,
+        }
+    }
+
+    /// Writes the last [`LIVE_ROWS`] rows of `series`.
+    pub fn write(&self, series: &Series) -> Result<()> {
+        let tail = series.tail(LIVE_ROWS);
+        private::replace_private(&self.path, tail.encode().as_bytes())?;
+        Ok(())
+    }
+}
+
+impl Drop for LiveSeries {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The recent time series of the live run `run`, when it has written one.
+pub fn read_series(run: &str) -> Option<Series> {
+    let path = RunFiles::of(&state_dir(), run).series;
+    let bytes = private::read_private(&path, "a run's live series", WideMode::Refuse).ok()?;
+    Series::decode(std::str::from_utf8(&bytes).ok()?).ok()
 }

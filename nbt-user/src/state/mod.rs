@@ -76,6 +76,9 @@ pub struct RunFiles {
     pub events: PathBuf,
     /// The hardware caps it holds, with the values to put back (`hwcaps`).
     pub hwcaps: PathBuf,
+    /// The last minutes of its time series, rewritten at each sample, for `nbt ps`, `nbt top`
+    /// and the agent (`live::LiveSeries`).
+    pub series: PathBuf,
 }
 
 impl RunFiles {
@@ -86,6 +89,7 @@ impl RunFiles {
             reports: runs.join(format!("{run}.reports")),
             events: runs.join(format!("{run}.events")),
             hwcaps: dir.join(format!("{run}.hwcaps")),
+            series: runs.join(format!("{run}.series.json")),
         }
     }
 }

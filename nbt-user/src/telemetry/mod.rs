@@ -7,3 +7,4 @@ pub mod counters;
 pub(crate) mod energy;
 pub(crate) mod gpu;
 pub(crate) mod sched;
+pub(crate) mod series;

@@ -88,6 +88,29 @@ pub struct Watch {
     /// The run's GPU memory was over the cap at the last sample.
     over: bool,
     report: SensorReport,
+    latest: Latest,
+}
+
+/// The last reading of each sensor, for the run's time series. `None`: no such sensor, or no
+/// reading yet. The GPU figures are over the GPUs the run watches.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latest {
+    pub cpu_temperature_c: Option<f64>,
+    /// Summed.
+    pub gpu_power_w: Option<f64>,
+    /// The hottest.
+    pub gpu_temperature_c: Option<f64>,
+    /// The slowest.
+    pub gpu_graphics_clock_mhz: Option<f64>,
+    /// The mean, in percent.
+    pub gpu_utilization_pct: Option<f64>,
+}
+
+/// Folds `x` into `into` with `f` (the first reading is taken as it is).
+fn fold(into: &mut Option<f64>, x: Option<f64>, f: fn(f64, f64) -> f64) {
+    if let Some(x) = x {
+        *into = Some(into.map_or(x, |y| f(y, x)));
+    }
 }
 
 impl Watch {
@@ -129,6 +152,7 @@ impl Watch {
             next: Instant::now(),
             over: false,
             report,
+            latest: Latest::default(),
         }
     }
 
@@ -145,40 +169,40 @@ impl Watch {
         }
         self.next = Instant::now() + WATCH_INTERVAL;
         if self.report.cpu_temperature_absent.is_none() {
-            Series::add_some(
-                &mut self.report.cpu_temperature_c,
-                cpu::temperature_c(&self.root),
-            );
+            let celsius = cpu::temperature_c(&self.root);
+            Series::add_some(&mut self.report.cpu_temperature_c, celsius);
+            self.latest.cpu_temperature_c = celsius;
         }
         let nvml = self.nvml.as_ref()?;
         let pids = pids();
         let cap = self.report.gpu_memory.as_ref().map(|m| m.cap_bytes);
         let mut over = None;
+        let mut latest = Latest {
+            cpu_temperature_c: self.latest.cpu_temperature_c,
+            ..Latest::default()
+        };
+        let mut utilization = Vec::new();
         for gpu in &mut self.report.gpus {
             let Ok(device) = nvml.device_by_index(gpu.index) else {
                 continue;
             };
             let number = |x: Result<u32, _>| x.ok().map(f64::from);
-            Series::add_some(
-                &mut gpu.temperature_c,
-                number(device.temperature(TemperatureSensor::Gpu)),
-            );
-            Series::add_some(
-                &mut gpu.power_w,
-                number(device.power_usage()).map(|mw| mw / 1000.0),
-            );
-            Series::add_some(
-                &mut gpu.graphics_clock_mhz,
-                number(device.clock_info(Clock::Graphics)),
-            );
+            let celsius = number(device.temperature(TemperatureSensor::Gpu));
+            let watts = number(device.power_usage()).map(|mw| mw / 1000.0);
+            let clock = number(device.clock_info(Clock::Graphics));
+            let busy = device.utilization_rates().ok().map(|u| f64::from(u.gpu));
+            Series::add_some(&mut gpu.temperature_c, celsius);
+            Series::add_some(&mut gpu.power_w, watts);
+            Series::add_some(&mut gpu.graphics_clock_mhz, clock);
             Series::add_some(
                 &mut gpu.memory_clock_mhz,
                 number(device.clock_info(Clock::Memory)),
             );
-            Series::add_some(
-                &mut gpu.utilization_pct,
-                device.utilization_rates().ok().map(|u| f64::from(u.gpu)),
-            );
+            Series::add_some(&mut gpu.utilization_pct, busy);
+            fold(&mut latest.gpu_temperature_c, celsius, f64::max);
+            fold(&mut latest.gpu_power_w, watts, |a, b| a + b);
+            fold(&mut latest.gpu_graphics_clock_mhz, clock, f64::min);
+            utilization.extend(busy);
             let mut processes = device.running_compute_processes().unwrap_or_default();
             processes.extend(device.running_graphics_processes().unwrap_or_default());
             // A process that computes and draws appears in both lists: count it once.
@@ -202,6 +226,11 @@ impl Watch {
                 ));
             }
         }
+        if !utilization.is_empty() {
+            latest.gpu_utilization_pct =
+                Some(utilization.iter().sum::<f64>() / utilization.len() as f64);
+        }
+        self.latest = latest;
         let memory = self.report.gpu_memory.as_mut()?;
         // Once per crossing: the processes it kills hold their memory until they are reaped.
         let rising = over.is_some() && !self.over;
@@ -213,6 +242,11 @@ impl Watch {
             .exceeded
             .get_or_insert_with(|| over.clone().unwrap_or_default());
         over
+    }
+
+    /// The last reading of each sensor.
+    pub fn latest(&self) -> Latest {
+        self.latest
     }
 
     pub fn finish(self) -> SensorReport {
