@@ -16,6 +16,7 @@ mod memory;
 mod pids;
 mod receipt;
 mod schedule;
+mod series;
 mod shaper;
 mod usage;
 mod user;

@@ -7,12 +7,12 @@ use std::time::Duration;
 use super::args::RunArgs;
 use super::{privileged, EXIT_NBT_FAILED};
 use crate::plan::Plan;
-use crate::run::summary::RunSummary;
 use crate::run::sampling::MIN_INTERVAL;
+use crate::run::summary::RunSummary;
 use crate::run::{self, RunError};
-use crate::units;
 use crate::sys::supervise;
 use crate::sys::user::Identity;
+use crate::units;
 
 pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     let mut flags = args
@@ -24,14 +24,13 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     args.hw.add_to(&mut flags);
     flags.schedule = args.schedule.clone();
     flags.restart = args.restart.clone();
-    let mut plan =
-        match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
-            Ok(plan) => plan,
-            Err(err) => {
-                eprintln!("nbt: {err}");
-                return 2;
-            }
-        };
+    let mut plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
+        Ok(plan) => plan,
+        Err(err) => {
+            eprintln!("nbt: {err}");
+            return 2;
+        }
+    };
     if let Some(text) = &args.series_interval {
         match series_interval(text) {
             Ok(interval) => plan.series_interval = interval,

@@ -61,9 +61,7 @@ impl Writer {
         series: Option<(&str, &str)>,
     ) -> Result<Written> {
         receipt.key_id = self.key_id.clone();
-        let (seq, receipt_hash) = self
-            .store
-            .append(&self.key, receipt, series)?;
+        let (seq, receipt_hash) = self.store.append(&self.key, receipt, series)?;
         Ok(Written {
             seq,
             receipt_hash,

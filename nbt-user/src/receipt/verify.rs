@@ -199,7 +199,8 @@ pub fn verify_series(rows: &[Row], series: &[(String, String)]) -> Result<usize,
         };
         if let (Some(run), Some(hash)) = (
             row.run.as_deref(),
-            body.pointer("/summary/series/sha256").and_then(Value::as_str),
+            body.pointer("/summary/series/sha256")
+                .and_then(Value::as_str),
         ) {
             named.insert(run.to_string(), (row.seq, hash.to_string()));
         }
@@ -226,9 +227,10 @@ pub fn verify_series(rows: &[Row], series: &[(String, String)]) -> Result<usize,
     if let Some((run, (seq, _))) = named.into_iter().next() {
         return Err(Failure {
             seq: Some(seq),
-            why: format!("the receipt names a time series of run {run}, which is not stored: it was removed"),
+            why: format!(
+                "the receipt names a time series of run {run}, which is not stored: it was removed"
+            ),
         });
     }
     Ok(series.len())
 }
-

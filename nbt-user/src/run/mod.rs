@@ -21,7 +21,6 @@ use crate::enforce::shaper::{NetLimits, ShapedTraffic};
 use crate::enforce::{account, edt, gate, shaper};
 use crate::plan::Plan;
 use crate::run::sampling::{Sampler, Sources};
-use crate::telemetry::series::SeriesRef;
 use crate::run::summary::{HardwareReport, LinkReport, RunSummary};
 use crate::run::wake::{Earliest, ReportWatch, SAMPLE_INTERVAL};
 use crate::state::{self, RecordGuard, RunRecord};
@@ -30,6 +29,7 @@ use crate::sys::pin::Pins;
 use crate::sys::supervise::{self, SpawnError};
 use crate::sys::user::Identity;
 use crate::telemetry::energy::{self, Energy};
+use crate::telemetry::series::SeriesRef;
 use crate::{learning, receipt, schedule};
 
 /// How often the gate's host names are resolved again while a run lives.
@@ -906,7 +906,11 @@ fn summarize(
 
 /// Writes the run's receipt, with its time series beside it, and notes in the summary where it
 /// went, or why receipts are missing.
-fn write_receipt(summary: &mut RunSummary, books: &mut Books, series: Option<&(String, SeriesRef)>) {
+fn write_receipt(
+    summary: &mut RunSummary,
+    books: &mut Books,
+    series: Option<&(String, SeriesRef)>,
+) {
     let mut run_receipt = run_receipt::of_run(summary, summary.energy.clone(), String::new());
     let series = series.map(|(text, _)| (summary.run.as_str(), text.as_str()));
     match books.receipts.write_with_series(&mut run_receipt, series) {

@@ -13,13 +13,13 @@ use crate::enforce::gate::{self, LedgerIds};
 use crate::enforce::hwcaps::watch::Latest;
 use crate::enforce::ledger::PICO_PER_MICRO;
 use crate::enforce::shaper::{self, NetLimits, ShapedTraffic};
-use nbt_common::shaper::ShaperStats;
-use crate::units::{format_rate, format_size};
 use crate::receipt::store::sha256_hex;
 use crate::state::live::LiveSeries;
 use crate::state::RunRecord;
 use crate::telemetry::energy::RunMeter;
 use crate::telemetry::series::{Packets, Sample, Series, SeriesRef};
+use crate::units::{format_rate, format_size};
+use nbt_common::shaper::ShaperStats;
 
 /// The shortest `--series-interval`.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -184,18 +184,34 @@ pub fn status_line(previous: Option<&Sample>, now: &Sample) -> String {
             None => format!("mem {}", format_size(memory)),
         });
     }
-    let span = previous.map(|p| now.t_seconds - p.t_seconds).filter(|s| *s > 0.0);
+    let span = previous
+        .map(|p| now.t_seconds - p.t_seconds)
+        .filter(|s| *s > 0.0);
     if let (Some(p), Some(span)) = (previous, span) {
         if let (Some(a), Some(b)) = (p.cpu_seconds, now.cpu_seconds) {
             parts.push(format!("cpu {:.2}", (b - a).max(0.0) / span));
         }
         for (name, before, after, limit) in [
-            ("out", p.egress, now.egress, now.egress_rate_limit_bits_per_second),
-            ("in", p.ingress, now.ingress, now.ingress_rate_limit_bits_per_second),
+            (
+                "out",
+                p.egress,
+                now.egress,
+                now.egress_rate_limit_bits_per_second,
+            ),
+            (
+                "in",
+                p.ingress,
+                now.ingress,
+                now.ingress_rate_limit_bits_per_second,
+            ),
         ] {
             let (Some(a), Some(b)) = (before, after) else {
                 continue;
             };
+            // A direction with no limit and no traffic yet says nothing.
+            if limit.is_none() && b.passed_bytes == 0 {
+                continue;
+            }
             let bits = b.passed_bytes.saturating_sub(a.passed_bytes) as f64 * 8.0 / span;
             parts.push(match limit {
                 Some(limit) => format!("{name} {} / {}", measured_rate(bits), format_rate(limit)),

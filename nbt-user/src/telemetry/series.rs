@@ -146,8 +146,15 @@ impl Sample {
     /// The values in [`COLUMNS`]' order, fractions rounded to millionths (a microsecond, a
     /// microjoule): the kernel counts no finer.
     pub fn values(&self) -> [Option<f64>; COLUMNS.len()] {
-        self.exact_values()
-            .map(|v| v.map(|v| if v.fract() == 0.0 { v } else { (v * 1e6).round() / 1e6 }))
+        self.exact_values().map(|v| {
+            v.map(|v| {
+                if v.fract() == 0.0 {
+                    v
+                } else {
+                    (v * 1e6).round() / 1e6
+                }
+            })
+        })
     }
 
     fn exact_values(&self) -> [Option<f64>; COLUMNS.len()] {
@@ -259,7 +266,9 @@ impl Series {
 
     /// How many samples make one row now.
     fn stride(&self) -> u32 {
-        (self.interval_seconds / self.sampled_every_seconds).round().max(1.0) as u32
+        (self.interval_seconds / self.sampled_every_seconds)
+            .round()
+            .max(1.0) as u32
     }
 
     /// Each pair of neighbouring rows becomes one, at twice the interval.
@@ -311,16 +320,16 @@ impl Series {
         }
     }
 
-    /// The last row's value of a column, by name.
-    pub fn last(&self, name: &str) -> Option<f64> {
-        let i = self.columns.iter().position(|c| c == name)?;
-        self.rows.last()?.get(i).copied().flatten()
-    }
-
     /// A column's values, by name (`None` for an unknown name).
+    #[allow(dead_code)] // The readers (nbt report, nbt top) come in their own commits.
     pub fn column(&self, name: &str) -> Option<Vec<Option<f64>>> {
         let i = self.columns.iter().position(|c| c == name)?;
-        Some(self.rows.iter().map(|r| r.get(i).copied().flatten()).collect())
+        Some(
+            self.rows
+                .iter()
+                .map(|r| r.get(i).copied().flatten())
+                .collect(),
+        )
     }
 }
 
@@ -405,10 +414,16 @@ mod tests {
         assert_eq!(series.rows.len(), MAX_SAMPLES / 2);
         series.push(&sample(3601.0, 10, 1800.5));
         assert_eq!(series.rows.len(), MAX_SAMPLES / 2 + 1);
-        assert_eq!(series.column("t_seconds").unwrap().last(), Some(&Some(3601.0)));
+        assert_eq!(
+            series.column("t_seconds").unwrap().last(),
+            Some(&Some(3601.0))
+        );
         // A run's end keeps its last sample, even half a row.
         series.finish(&sample(3602.0, 10, 1801.0));
-        assert_eq!(series.column("t_seconds").unwrap().last(), Some(&Some(3602.0)));
+        assert_eq!(
+            series.column("t_seconds").unwrap().last(),
+            Some(&Some(3602.0))
+        );
     }
 
     #[test]
@@ -421,7 +436,12 @@ mod tests {
         series.finish(&sample((n + 1) as f64, 1, (n + 1) as f64));
         assert!(series.rows.len() <= MAX_SAMPLES, "{}", series.rows.len());
         assert_eq!(series.interval_seconds, 8.0);
-        let t: Vec<f64> = series.column("t_seconds").unwrap().into_iter().flatten().collect();
+        let t: Vec<f64> = series
+            .column("t_seconds")
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
         assert_eq!(t.last(), Some(&((n + 1) as f64)));
         // Evenly spaced at the interval, apart from the run's last (partial) row.
         for pair in t[..t.len() - 1].windows(2) {
@@ -435,7 +455,10 @@ mod tests {
         series.push(&sample(1.0, 4096, 0.25));
         let csv = series.to_csv();
         let mut lines = csv.lines();
-        assert!(lines.next().unwrap().starts_with("t_seconds,memory_bytes,memory_limit_bytes,"));
+        assert!(lines
+            .next()
+            .unwrap()
+            .starts_with("t_seconds,memory_bytes,memory_limit_bytes,"));
         assert!(lines.next().unwrap().starts_with("1,4096,,,,0.25,"));
         let back = Series::decode(&series.encode()).unwrap();
         assert_eq!(back.rows, series.rows);

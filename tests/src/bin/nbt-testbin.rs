@@ -1,6 +1,7 @@
 //! Workloads for nbt's integration tests. Each mode does one thing a test measures.
 //!
 //!   alloc MIB                 allocate MIB MiB and write every page, then exit 0
+//!   alloc-hold MIB MS         allocate MIB MiB as alloc does, hold them MS milliseconds, then exit 0
 //!   spin SECONDS [THREADS]    burn CPU in one thread (or THREADS) for SECONDS of wall time
 //!   forkbomb SECONDS          every process forks as fast as it can until SECONDS have passed
 //!   tcp-send ADDR BYTES       connect to ADDR, send BYTES, half-close, read until EOF; print
@@ -92,7 +93,12 @@ fn main() {
         std::thread::sleep(Duration::from_millis(ms));
     }
     match arg(&args, 1) {
-        "alloc" => alloc(num(&args, 2)),
+        "alloc" => drop(alloc(num(&args, 2))),
+        "alloc-hold" => {
+            let held = alloc(num(&args, 2));
+            std::thread::sleep(Duration::from_millis(num(&args, 3)));
+            drop(held);
+        }
         "spin" => {
             let threads = args.get(3).map_or(1, |_| num(&args, 3));
             let duration = Duration::from_secs(num(&args, 2));
@@ -397,7 +403,9 @@ fn reply_server(addr: &str, duration: Duration) {
     println!("served {}", served.load(Ordering::Relaxed));
 }
 
-fn alloc(mib: u64) {
+/// Allocates and touches `mib` MiB; returns them, so that the caller decides how long they are
+/// held.
+fn alloc(mib: u64) -> Vec<Vec<u8>> {
     let mut chunks = Vec::new();
     for _ in 0..mib {
         // A page-by-page write, so the memory is really committed and charged.
@@ -408,6 +416,7 @@ fn alloc(mib: u64) {
         chunks.push(chunk);
     }
     println!("allocated {} MiB", chunks.len());
+    chunks
 }
 
 fn spin(duration: Duration) {
