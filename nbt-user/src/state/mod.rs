@@ -89,7 +89,7 @@ impl RunFiles {
             reports: runs.join(format!("{run}.reports")),
             events: runs.join(format!("{run}.events")),
             hwcaps: dir.join(format!("{run}.hwcaps")),
-            series: runs.join(format!("{run}.series.json")),
+            series: runs.join(format!("{run}.series")),
         }
     }
 }
