@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Serialize;
 
+use crate::sys::kept::KeptFiles;
+
 /// The controllers nbt sets limits with or reads accounting from.
 pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
@@ -238,6 +240,8 @@ pub struct RunCgroup {
     /// Every directory made, in creation order; removed in reverse.
     created: Vec<PathBuf>,
     peaks: SampledPeaks,
+    /// The files sampled while the run lives, kept open.
+    kept: KeptFiles,
 }
 
 #[derive(Debug, Default)]
@@ -259,15 +263,15 @@ fn limit_text(value: Option<u64>, none: &str) -> String {
     value.map_or_else(|| none.to_string(), |v| v.to_string())
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
-    read_trimmed(path)?.parse().ok()
+/// Reads `key value` lines (memory.stat, cpu.stat, memory.events, pids.events) into a map.
+#[cfg(test)]
+fn read_keyed(path: &Path) -> BTreeMap<String, u64> {
+    parse_keyed(&fs::read_to_string(path).unwrap_or_default())
 }
 
-/// Reads `key value` lines (memory.stat, cpu.stat, memory.events, pids.events) into a map.
-fn read_keyed(path: &Path) -> BTreeMap<String, u64> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+/// `key value` lines into a map.
+fn parse_keyed(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
         .filter_map(|line| {
             let (key, value) = line.split_once(' ')?;
             Some((key.to_string(), value.trim().parse().ok()?))
@@ -276,6 +280,18 @@ fn read_keyed(path: &Path) -> BTreeMap<String, u64> {
 }
 
 impl RunCgroup {
+    fn read_trimmed(&self, path: &Path) -> Option<String> {
+        self.kept.read(path).map(|s| s.trim().to_string())
+    }
+
+    fn read_u64(&self, path: &Path) -> Option<u64> {
+        self.read_trimmed(path)?.parse().ok()
+    }
+
+    fn read_keyed(&self, path: &Path) -> BTreeMap<String, u64> {
+        parse_keyed(&self.kept.read(path).unwrap_or_default())
+    }
+
     /// Makes the run's directories and applies `limits`. Fails, removing what it made, if a limit
     /// cannot be enforced on this machine.
     pub fn create(layout: &Layout, name: &str, limits: &Limits) -> Result<RunCgroup> {
@@ -286,6 +302,7 @@ impl RunCgroup {
             controllers: BTreeMap::new(),
             created: Vec::new(),
             peaks: SampledPeaks::default(),
+            kept: KeptFiles::default(),
         };
         let v2_wanted: Vec<&str> = CONTROLLERS
             .into_iter()
@@ -338,6 +355,7 @@ impl RunCgroup {
             controllers,
             created: Vec::new(),
             peaks: SampledPeaks::default(),
+            kept: KeptFiles::default(),
         })
     }
 
@@ -345,8 +363,8 @@ impl RunCgroup {
     pub fn current_memory(&self) -> Option<u64> {
         let (placement, dir) = self.controller("memory")?;
         let text = match placement {
-            Placement::V2 => read_trimmed(&dir.join("memory.max"))?,
-            Placement::V1 => read_trimmed(&dir.join("memory.limit_in_bytes"))?,
+            Placement::V2 => self.read_trimmed(&dir.join("memory.max"))?,
+            Placement::V1 => self.read_trimmed(&dir.join("memory.limit_in_bytes"))?,
         };
         // v1 writes "no limit" as a page-rounded i64::MAX.
         text.parse::<u64>().ok().filter(|b| *b < 1 << 62)
@@ -357,7 +375,7 @@ impl RunCgroup {
         let (placement, dir) = self.controller("cpu")?;
         let (quota, period) = match placement {
             Placement::V2 => {
-                let text = read_trimmed(&dir.join("cpu.max"))?;
+                let text = self.read_trimmed(&dir.join("cpu.max"))?;
                 let mut parts = text.split_whitespace();
                 (
                     parts.next()?.parse::<i64>().ok()?,
@@ -365,8 +383,12 @@ impl RunCgroup {
                 )
             }
             Placement::V1 => (
-                read_trimmed(&dir.join("cpu.cfs_quota_us"))?.parse().ok()?,
-                read_trimmed(&dir.join("cpu.cfs_period_us"))?.parse().ok()?,
+                self.read_trimmed(&dir.join("cpu.cfs_quota_us"))?
+                    .parse()
+                    .ok()?,
+                self.read_trimmed(&dir.join("cpu.cfs_period_us"))?
+                    .parse()
+                    .ok()?,
             ),
         };
         (quota > 0 && period > 0).then(|| (quota * 1000 / period) as u64)
@@ -468,11 +490,14 @@ impl RunCgroup {
     /// `pids.peak`). Call it often, where [`RunCgroup::needs_sampling`] says so.
     pub fn sample(&mut self) {
         if let Some(dir) = self.sampled_swap() {
-            let swap = read_keyed(&dir.join("memory.stat")).get("swap").copied();
+            let swap = self
+                .read_keyed(&dir.join("memory.stat"))
+                .get("swap")
+                .copied();
             self.peaks.swap_bytes = self.peaks.swap_bytes.max(swap.unwrap_or(0));
         }
         if let Some(dir) = self.sampled_pids() {
-            let current = read_u64(&dir.join("pids.current")).unwrap_or(0);
+            let current = self.read_u64(&dir.join("pids.current")).unwrap_or(0);
             self.peaks.pids = self.peaks.pids.max(current);
         }
     }
@@ -487,7 +512,9 @@ impl RunCgroup {
     /// The v1 memory directory, where the swap peak is reported (memory+swap accounting on).
     fn sampled_swap(&self) -> Option<&Path> {
         match self.controller("memory") {
-            Some((Placement::V1, dir)) if dir.join("memory.memsw.usage_in_bytes").exists() => {
+            Some((Placement::V1, dir))
+                if self.kept.exists(&dir.join("memory.memsw.usage_in_bytes")) =>
+            {
                 Some(dir.as_path())
             }
             _ => None,
@@ -497,7 +524,7 @@ impl RunCgroup {
     /// The pids directory, where it has no `pids.peak`.
     fn sampled_pids(&self) -> Option<&Path> {
         match self.controller("pids") {
-            Some((_, dir)) if !dir.join("pids.peak").exists() => Some(dir.as_path()),
+            Some((_, dir)) if !self.kept.exists(&dir.join("pids.peak")) => Some(dir.as_path()),
             _ => None,
         }
     }
@@ -510,7 +537,7 @@ impl RunCgroup {
             (Placement::V2, dir) => write_file(&dir.join("memory.max"), &limit_text(bytes, "max")),
             (Placement::V1, dir) => {
                 let limit = |file: &str| {
-                    read_trimmed(&dir.join(file))
+                    self.read_trimmed(&dir.join(file))
                         .and_then(|t| t.parse::<u64>().ok())
                         .filter(|b| *b < 1 << 62)
                 };
@@ -618,18 +645,20 @@ impl RunCgroup {
         };
         match self.controller("memory") {
             Some((Placement::V2, dir)) => {
-                now.memory_bytes = read_u64(&dir.join("memory.current"));
-                now.swap_bytes = read_u64(&dir.join("memory.swap.current"));
-                now.swap_limit_bytes = read_u64(&dir.join("memory.swap.max"));
+                now.memory_bytes = self.read_u64(&dir.join("memory.current"));
+                now.swap_bytes = self.read_u64(&dir.join("memory.swap.current"));
+                now.swap_limit_bytes = self.read_u64(&dir.join("memory.swap.max"));
             }
             Some((Placement::V1, dir)) => {
-                let memory = read_u64(&dir.join("memory.usage_in_bytes"));
+                let memory = self.read_u64(&dir.join("memory.usage_in_bytes"));
                 now.memory_bytes = memory;
                 // v1 counts memory+swap together: swap is the difference.
-                now.swap_bytes = read_u64(&dir.join("memory.memsw.usage_in_bytes"))
+                now.swap_bytes = self
+                    .read_u64(&dir.join("memory.memsw.usage_in_bytes"))
                     .zip(memory)
                     .map(|(both, memory)| both.saturating_sub(memory));
-                now.swap_limit_bytes = read_u64(&dir.join("memory.memsw.limit_in_bytes"))
+                now.swap_limit_bytes = self
+                    .read_u64(&dir.join("memory.memsw.limit_in_bytes"))
                     .filter(|b| *b < 1 << 62)
                     .zip(now.memory_limit_bytes)
                     .map(|(both, memory)| both.saturating_sub(memory));
@@ -637,15 +666,15 @@ impl RunCgroup {
             None => {}
         }
         if let Some((_, dir)) = self.controller("pids") {
-            now.pids = read_u64(&dir.join("pids.current"));
-            now.pids_limit = read_u64(&dir.join("pids.max"));
+            now.pids = self.read_u64(&dir.join("pids.current"));
+            now.pids_limit = self.read_u64(&dir.join("pids.max"));
         }
         now
     }
 
     /// The run's CPU time so far, in seconds (v2's cpu.stat, present without any controller).
     pub fn cpu_seconds(&self) -> f64 {
-        read_keyed(&self.v2.join("cpu.stat"))
+        self.read_keyed(&self.v2.join("cpu.stat"))
             .get("usage_usec")
             .map_or(0.0, |usec| *usec as f64 / 1e6)
     }
@@ -654,28 +683,30 @@ impl RunCgroup {
     pub fn stats(&mut self) -> CgroupStats {
         self.sample();
         let mut stats = CgroupStats::default();
-        let cpu = read_keyed(&self.v2.join("cpu.stat"));
+        let cpu = self.read_keyed(&self.v2.join("cpu.stat"));
         stats.cpu_usage_usec = cpu.get("usage_usec").copied();
         stats.cpu_user_usec = cpu.get("user_usec").copied();
         stats.cpu_system_usec = cpu.get("system_usec").copied();
 
         match self.controller("memory") {
             Some((Placement::V2, dir)) => {
-                stats.memory_peak_bytes = read_u64(&dir.join("memory.peak"));
-                stats.oom_kills = read_keyed(&dir.join("memory.events"))
+                stats.memory_peak_bytes = self.read_u64(&dir.join("memory.peak"));
+                stats.oom_kills = self
+                    .read_keyed(&dir.join("memory.events"))
                     .get("oom_kill")
                     .copied();
-                if let Some(peak) = read_u64(&dir.join("memory.swap.peak")) {
+                if let Some(peak) = self.read_u64(&dir.join("memory.swap.peak")) {
                     stats.swap_peak_bytes = Some(peak);
                     stats.swap_peak_source = Some("kernel");
                 }
             }
             Some((Placement::V1, dir)) => {
-                stats.memory_peak_bytes = read_u64(&dir.join("memory.max_usage_in_bytes"));
-                stats.oom_kills = read_keyed(&dir.join("memory.oom_control"))
+                stats.memory_peak_bytes = self.read_u64(&dir.join("memory.max_usage_in_bytes"));
+                stats.oom_kills = self
+                    .read_keyed(&dir.join("memory.oom_control"))
                     .get("oom_kill")
                     .copied();
-                if dir.join("memory.memsw.usage_in_bytes").exists() {
+                if self.kept.exists(&dir.join("memory.memsw.usage_in_bytes")) {
                     stats.swap_peak_bytes = Some(self.peaks.swap_bytes);
                     stats.swap_peak_source = Some(SAMPLED);
                 }
@@ -684,7 +715,7 @@ impl RunCgroup {
         }
 
         if let Some((placement, dir)) = self.controller("cpu") {
-            let cpu = read_keyed(&dir.join("cpu.stat"));
+            let cpu = self.read_keyed(&dir.join("cpu.stat"));
             stats.cpu_periods = cpu.get("nr_periods").copied();
             stats.cpu_throttled_periods = cpu.get("nr_throttled").copied();
             stats.cpu_throttled_usec = match placement {
@@ -694,19 +725,25 @@ impl RunCgroup {
         }
 
         if let Some((_, dir)) = self.controller("pids") {
-            (stats.pids_peak, stats.pids_peak_source) = match read_u64(&dir.join("pids.peak")) {
+            (stats.pids_peak, stats.pids_peak_source) = match self.read_u64(&dir.join("pids.peak"))
+            {
                 Some(peak) => (Some(peak), Some("kernel")),
                 None => (Some(self.peaks.pids), Some(SAMPLED)),
             };
-            stats.forks_refused = read_keyed(&dir.join("pids.events")).get("max").copied();
+            stats.forks_refused = self
+                .read_keyed(&dir.join("pids.events"))
+                .get("max")
+                .copied();
         }
 
-        stats.pressure = Pressure::read(&self.v2);
+        stats.pressure = Pressure::parse(|file| self.kept.read(&self.v2.join(file)));
         stats
     }
 
     /// Kills what is left and removes every directory of the run. Idempotent.
     pub fn remove(&mut self) -> Result<()> {
+        // Closed first: nothing of ours holds a file of the directories removed.
+        self.kept = KeptFiles::default();
         let dirs = std::mem::take(&mut self.created);
         kill_and_remove(&dirs).map(|_| ())
     }
@@ -822,9 +859,10 @@ pub struct Pressure {
 }
 
 impl Pressure {
-    fn read(dir: &Path) -> Option<Pressure> {
+    /// The totals of the pressure files `read` gives by name (`cpu.pressure`, ...).
+    fn parse(read_file: impl Fn(&str) -> Option<String>) -> Option<Pressure> {
         let read = |file: &str| -> (Option<u64>, Option<u64>) {
-            let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+            let text = read_file(file).unwrap_or_default();
             let total = |kind: &str| {
                 text.lines()
                     .find(|l| l.starts_with(kind))?
@@ -971,7 +1009,8 @@ mod tests {
         let keyed = read_keyed(&dir.path().join("cpu.stat"));
         assert_eq!(keyed["usage_usec"], 1200);
         assert_eq!(keyed["nr_throttled"], 3);
-        let pressure = Pressure::read(dir.path()).unwrap();
+        let pressure =
+            Pressure::parse(|file| fs::read_to_string(dir.path().join(file)).ok()).unwrap();
         assert_eq!(pressure.memory_some_usec, Some(42));
         assert_eq!(pressure.memory_full_usec, Some(7));
         assert_eq!(pressure.cpu_some_usec, None);

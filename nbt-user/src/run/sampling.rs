@@ -15,7 +15,7 @@ use crate::enforce::ledger::PICO_PER_MICRO;
 use crate::enforce::shaper::{self, NetLimits, ShapedTraffic};
 use crate::receipt::store::sha256_hex;
 use crate::state::live::LiveSeries;
-use crate::state::RunRecord;
+use crate::state::{RunFiles, RunRecord};
 use crate::telemetry::energy::RunMeter;
 use crate::telemetry::series::{Packets, Sample, Series, SeriesRef};
 use crate::units::{format_rate, format_size};
@@ -44,9 +44,11 @@ pub struct Sampler {
     interval: Duration,
     next: Instant,
     state_dir: std::path::PathBuf,
-    /// The limits the run started with, where its record cannot be read.
+    /// The network limits in force, as the run's record last said (`nbt set` and the schedule
+    /// change them there), and when the record was written.
     net: NetLimits,
     latency: Option<Latency>,
+    record_written: Option<std::time::SystemTime>,
 }
 
 impl Sampler {
@@ -57,15 +59,17 @@ impl Sampler {
         net: NetLimits,
         latency: Option<Latency>,
     ) -> Sampler {
+        let series = Series::new(run, interval.as_secs_f64());
         Sampler {
-            series: Series::new(run, interval.as_secs_f64()),
+            live: LiveSeries::new(state_dir, &series),
+            series,
             previous: None,
-            live: LiveSeries::new(state_dir, run),
             interval,
             next: Instant::now(),
             state_dir: state_dir.to_path_buf(),
             net,
             latency,
+            record_written: None,
         }
     }
 
@@ -84,7 +88,7 @@ impl Sampler {
         self.next = (self.next + self.interval).max(now);
         let sample = self.take(sources);
         self.series.push(&sample);
-        if let Err(err) = self.live.write(&self.series) {
+        if let Err(err) = self.live.push(&sample.values().to_vec()) {
             eprintln!("nbt: writing the run's live series: {err:#}");
         }
         let line = status_line(self.previous.as_ref(), &sample);
@@ -104,11 +108,21 @@ impl Sampler {
         (self.series, reference)
     }
 
-    fn take(&self, s: Sources) -> Sample {
-        // `nbt set` and the schedule change the limits in the run's record.
-        let (net, latency) = RunRecord::find_live(&self.state_dir, &self.series.run)
-            .map(|(_, r)| (r.net, r.latency))
-            .unwrap_or((self.net, self.latency));
+    /// Reads the run's record again when it was written since the last read.
+    fn limits_in_force(&mut self) -> (NetLimits, Option<Latency>) {
+        let path = RunFiles::of(&self.state_dir, &self.series.run).record;
+        let written = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if written.is_none() || written != self.record_written {
+            if let Ok((_, record)) = RunRecord::find_live(&self.state_dir, &self.series.run) {
+                (self.net, self.latency) = (record.net, record.latency);
+                self.record_written = written;
+            }
+        }
+        (self.net, self.latency)
+    }
+
+    fn take(&mut self, s: Sources) -> Sample {
+        let (net, latency) = self.limits_in_force();
         let now = s.cgroup.now();
         let stats = &now.stats;
         let pressure = stats.pressure.clone().unwrap_or_default();

@@ -222,26 +222,55 @@ pub fn top_up(run: &str, micro: i64) -> Result<i64> {
     crate::enforce::gate::top_up(&ids, micro)
 }
 
-/// How many of its last rows a live run's series file holds (5 minutes at 1 s).
+/// How many of its last rows a live run's series file holds at least (5 minutes at 1 s).
 pub const LIVE_ROWS: usize = 300;
 
-/// A live run's recent time series on disk, rewritten whole at each sample (a reader never sees
-/// half a file) and removed when dropped, at the run's end.
+/// A live run's recent samples on disk: a first line with the series' header (its columns,
+/// interval; no rows), then one JSON row per line. A sample appends one line (one write, no
+/// sync: this is a view, the receipt store keeps the series); every [`LIVE_ROWS`] lines the file
+/// is rewritten with the last [`LIVE_ROWS`] rows, so it stays small. Removed when dropped, at
+/// the run's end.
 pub struct LiveSeries {
     path: std::path::PathBuf,
+    header: String,
+    recent: std::collections::VecDeque<String>,
+    file: Option<std::fs::File>,
+    appended: usize,
 }
 
 impl LiveSeries {
-    pub fn new(dir: &std::path::Path, run: &str) -> LiveSeries {
+    /// `header`: the run's series before its first row.
+    pub fn new(dir: &std::path::Path, header: &Series) -> LiveSeries {
         LiveSeries {
-            path: RunFiles::of(dir, run).series,
+            path: RunFiles::of(dir, &header.run).series,
+            header: header.tail(0).encode(),
+            recent: std::collections::VecDeque::with_capacity(LIVE_ROWS + 1),
+            file: None,
+            appended: 0,
         }
     }
 
-    /// Writes the last [`LIVE_ROWS`] rows of `series`.
-    pub fn write(&self, series: &Series) -> Result<()> {
-        let tail = series.tail(LIVE_ROWS);
-        private::replace_private(&self.path, tail.encode().as_bytes())?;
+    /// Adds one sample's row.
+    pub fn push(&mut self, row: &crate::telemetry::series::Row) -> Result<()> {
+        use std::io::Write as _;
+        let line = serde_json::to_string(row)? + "\n";
+        self.recent.push_back(line.clone());
+        if self.recent.len() > LIVE_ROWS {
+            self.recent.pop_front();
+        }
+        match self.file.as_mut() {
+            Some(file) if self.appended < LIVE_ROWS => {
+                file.write_all(line.as_bytes())?;
+                self.appended += 1;
+            }
+            _ => {
+                let mut text = self.header.clone() + "\n";
+                text.extend(self.recent.iter().map(String::as_str));
+                private::replace_private(&self.path, text.as_bytes())?;
+                self.file = Some(private::open_append(&self.path, "a run's live series")?);
+                self.appended = 0;
+            }
+        }
         Ok(())
     }
 }
@@ -252,9 +281,17 @@ impl Drop for LiveSeries {
     }
 }
 
-/// The recent time series of the live run `run`, when it has written one.
+/// The recent samples of the live run `run`, when it has written any (at most the last
+/// [`LIVE_ROWS`]).
 pub fn read_series(run: &str) -> Option<Series> {
     let path = RunFiles::of(&state_dir(), run).series;
     let bytes = private::read_private(&path, "a run's live series", WideMode::Refuse).ok()?;
-    Series::decode(std::str::from_utf8(&bytes).ok()?).ok()
+    let text = std::str::from_utf8(&bytes).ok()?;
+    let mut lines = text.lines();
+    let mut series = Series::decode(lines.next()?).ok()?;
+    // A line being appended may be read half written: it does not parse and is left out.
+    series.rows = lines.filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let keep = series.rows.len().saturating_sub(LIVE_ROWS);
+    series.rows.drain(..keep);
+    Some(series)
 }
