@@ -11,6 +11,7 @@ pub mod fuzzing;
 pub mod learning;
 pub mod plan;
 pub(crate) mod receipt;
+pub(crate) mod report;
 pub(crate) mod run;
 pub(crate) mod schedule;
 pub mod state;

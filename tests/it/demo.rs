@@ -8,6 +8,8 @@ use nbt_integration_tests::{nbt_command, NoLeftovers};
 #[test]
 fn the_demo_runs_and_names_the_caps_this_machine_cannot_enforce() {
     let guard = NoLeftovers::new();
+    // The report is written to the current directory.
+    let cwd = tempfile::tempdir().unwrap();
     // An empty sysfs: no cpufreq and no turbo switch, whatever this machine has.
     let sysfs = tempfile::tempdir().unwrap();
     // No user named: the trainer runs as nobody, never as root.
@@ -15,6 +17,7 @@ fn the_demo_runs_and_names_the_caps_this_machine_cannot_enforce() {
         .env_remove("NBT_USER")
         .env_remove("SUDO_UID")
         .env("NBT_SYSFS_ROOT", sysfs.path())
+        .current_dir(cwd.path())
         .arg("demo")
         .output()
         .expect("running nbt demo");
@@ -36,5 +39,27 @@ fn the_demo_runs_and_names_the_caps_this_machine_cannot_enforce() {
     // Set aside, so nothing was set: the summary has no `hardware` line.
     assert!(!stderr.contains("  hardware      set"), "{stderr}");
     assert!(stdout.contains("chain intact"), "{stdout}\n{stderr}");
+    // The report: RUN.html in the current directory, its path the last line of stdout.
+    let run = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("nbt-") && w.len() == 20)
+        .unwrap_or_else(|| panic!("no run name in:\n{stderr}"));
+    assert!(
+        stderr.contains(&format!("nbt demo: nbt report {run}:")),
+        "{stderr}"
+    );
+    let report = cwd.path().join(format!("{run}.html"));
+    assert_eq!(stdout.lines().last(), report.to_str(), "{stdout}");
+    let html = std::fs::read_to_string(&report).expect("the demo's report");
+    assert!(html.contains(&format!("<h1>nbt report: {run}</h1>")));
+    assert!(html.contains("PASS: "), "the report's verification");
+    // Its learning updates (5) and events (the brownout, the step) are in it.
+    assert_eq!(
+        html.matches("<tr><td class=\"num\">").count(),
+        5 + 3,
+        "{html}"
+    );
+    assert!(html.contains("data-chart=\"updates-delta\""));
+    assert!(html.contains("data-chart=\"Ingress rate\""));
     guard.assert_clean();
 }

@@ -15,6 +15,7 @@ mod link;
 mod memory;
 mod pids;
 mod receipt;
+mod report;
 mod schedule;
 mod series;
 mod shaper;

@@ -21,6 +21,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["run"],
     &["agent"],
     &["demo"],
+    &["report"],
     &["cmd"],
     // The fuzz targets' entry points (docs/fuzzing.md): above everything they fuzz.
     &["fuzzing"],

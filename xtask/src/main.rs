@@ -52,6 +52,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "a real Prometheus server scraping the agent's /metrics in a test",
     ),
+    (
+        "chromium",
+        "headless Chromium rendering `nbt report`'s HTML in a test (its DOM, a screenshot)",
+    ),
 ];
 
 #[derive(Parser)]

@@ -77,6 +77,9 @@ pub enum Command {
     Agent(AgentArgs),
     /// The receipts of runs and learning updates: list, show, verify, export, the public key
     Receipts(ReceiptsArgs),
+    /// Write a run's report: one self-contained HTML file (charts of every measured series
+    /// against its limit, the events, the learning updates, the receipt and its verification)
+    Report(ReportArgs),
     /// Remove what crashed runs left behind (cgroups, processes), and only that
     Cleanup {
         /// Say what would be removed, remove nothing
@@ -132,6 +135,21 @@ pub enum ReceiptsAction {
         #[arg(long, value_name = "FORMAT", value_parser = ["csv", "json"], default_value = "csv")]
         format: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run (nbt-...), or its run receipt's number or 8+ hex digits of its hash
+    pub run: String,
+    /// The HTML file to write (default: RUN.html in the current directory)
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+    /// The receipt store (default: $NBT_RECEIPTS, else /var/lib/nbt/receipts.db)
+    #[arg(long, value_name = "PATH")]
+    pub receipts: Option<std::path::PathBuf>,
+    /// The public key the store is verified with (default: this node's own key)
+    #[arg(long, value_name = "FILE")]
+    pub pubkey: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,5 +1,5 @@
 //! `nbt demo`: the built-in scenario (`demo`) run and reported like any run, then its receipts
-//! listed and the store verified.
+//! listed, the store verified, and its report written (`RUN.html` in the current directory).
 
 use super::args::DemoArgs;
 use super::run::{execute_and_print, exit_status};
@@ -46,12 +46,22 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     let shown = super::receipts::list(&plan.receipts, false, Some(&summary.run));
     eprintln!("nbt demo: nbt receipts verify:");
     let verified = super::receipts::verify(&plan.receipts, None);
-    match (shown, verified) {
-        (Ok(_), Ok(0)) => exit_status(&summary),
-        (Err(err), _) | (_, Err(err)) => {
+    // The report: the run's charts, events, updates and receipt in one HTML file.
+    eprintln!("nbt demo: nbt report {}:", summary.run);
+    let report = super::report::write(&plan.receipts, &summary.run, None, None);
+    if let Ok(path) = &report {
+        println!("{}", path.display());
+    }
+    match (shown, verified, report) {
+        (Ok(_), Ok(0), Ok(_)) => exit_status(&summary),
+        (_, _, Err(err)) => {
+            eprintln!("nbt demo: the report: {err:#}");
+            EXIT_NBT_FAILED
+        }
+        (Err(err), _, _) | (_, Err(err), _) => {
             eprintln!("nbt demo: {err:#}");
             EXIT_NBT_FAILED
         }
-        (_, Ok(status)) => status,
+        (_, Ok(status), _) => status,
     }
 }

@@ -6,6 +6,7 @@ pub(crate) mod args;
 pub(crate) mod demo;
 pub(crate) mod live;
 pub(crate) mod receipts;
+pub(crate) mod report;
 pub(crate) mod run;
 
 use clap::Parser;
@@ -42,6 +43,7 @@ pub fn main() -> i32 {
         Command::Agent(args) => agent::agent(args, &signals),
         Command::Balloon { bytes_per_sec } => crate::schedule::fault::balloon(bytes_per_sec),
         Command::Fault { run, fault } => live::fault(&run, &fault, &signals),
+        Command::Report(args) => report::command(args),
         Command::Cleanup { dry_run } => cleanup(dry_run),
     }
 }

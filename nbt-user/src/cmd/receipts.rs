@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
+use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
 
 use crate::receipt::export::{self, short};
@@ -119,10 +120,10 @@ pub fn show(path: &Path, id: &str) -> Result<i32> {
     Ok(0)
 }
 
-/// Exit status 0 when everything checks, 1 otherwise (naming the first bad receipt and why).
-pub fn verify(path: &Path, pubkey: Option<&Path>) -> Result<i32> {
-    let public = match pubkey {
-        Some(file) => key::read_public(file)?,
+/// The key to verify with: the one given, else this node's own.
+pub fn public_key(pubkey: Option<&Path>) -> Result<VerifyingKey> {
+    match pubkey {
+        Some(file) => key::read_public(file),
         None => {
             let own = key::default_key_path();
             if !own.exists() {
@@ -131,39 +132,46 @@ pub fn verify(path: &Path, pubkey: Option<&Path>) -> Result<i32> {
                     own.display()
                 );
             }
-            NodeKey::load(&own)?.public()
+            Ok(NodeKey::load(&own)?.public())
         }
-    };
+    }
+}
+
+/// Every receipt of the store at `path` and every series checked with `public`: what verified,
+/// as one line, or the first thing that did not.
+pub fn check(path: &Path, store: &Store, public: &VerifyingKey) -> Result<String, verify::Failure> {
+    let rows = store.rows().map_err(|e| verify::Failure {
+        seq: None,
+        why: format!("the receipts table cannot be read as receipts: {e:#}"),
+    })?;
+    let head = store.head().map_err(|e| verify::Failure {
+        seq: None,
+        why: format!("the head cannot be read: {e:#}"),
+    })?;
+    let ok = verify::verify(&rows, head.as_ref(), public)?;
+    let series = store.series().map_err(|e| verify::Failure {
+        seq: None,
+        why: format!("the series table cannot be read: {e:#}"),
+    })?;
+    let series = verify::verify_series(&rows, &series)?;
+    Ok(format!(
+        "{} receipts in {}, chain intact, every hash and signature checks with {}{}; {series} time series match their receipts",
+        ok.receipts,
+        path.display(),
+        key::key_id(public),
+        ok.last_hash
+            .map(|h| format!("; last hash {h}"))
+            .unwrap_or_default()
+    ))
+}
+
+/// Exit status 0 when everything checks, 1 otherwise (naming the first bad receipt and why).
+pub fn verify(path: &Path, pubkey: Option<&Path>) -> Result<i32> {
+    let public = public_key(pubkey)?;
     let store = Store::open_existing(path)?;
-    let result = store
-        .rows()
-        .map_err(|e| verify::Failure {
-            seq: None,
-            why: format!("the receipts table cannot be read as receipts: {e:#}"),
-        })
-        .and_then(|rows| {
-            let head = store.head().map_err(|e| verify::Failure {
-                seq: None,
-                why: format!("the head cannot be read: {e:#}"),
-            })?;
-            let verified = verify::verify(&rows, head.as_ref(), &public)?;
-            let series = store.series().map_err(|e| verify::Failure {
-                seq: None,
-                why: format!("the series table cannot be read: {e:#}"),
-            })?;
-            Ok((verified, verify::verify_series(&rows, &series)?))
-        });
-    match result {
-        Ok((ok, series)) => {
-            println!(
-                "verified: {} receipts in {}, chain intact, every hash and signature checks with {}{}; {series} time series match their receipts",
-                ok.receipts,
-                path.display(),
-                key::key_id(&public),
-                ok.last_hash
-                    .map(|h| format!("; last hash {h}"))
-                    .unwrap_or_default()
-            );
+    match check(path, &store, &public) {
+        Ok(what) => {
+            println!("verified: {what}");
             Ok(0)
         }
         Err(failure) => {
