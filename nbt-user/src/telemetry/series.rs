@@ -321,7 +321,6 @@ impl Series {
     }
 
     /// A column's values, by name (`None` for an unknown name).
-    #[allow(dead_code)] // The readers (nbt report, nbt top) come in their own commits.
     pub fn column(&self, name: &str) -> Option<Vec<Option<f64>>> {
         let i = self.columns.iter().position(|c| c == name)?;
         Some(
