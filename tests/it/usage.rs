@@ -411,3 +411,47 @@ fn a_million_refused_report_lines_are_counted_not_listed() {
     assert!(run.stderr().lines().count() < 150, "{}", run.stderr().len());
     guard.assert_clean();
 }
+
+#[test]
+fn the_summary_file_holds_the_json_summary_apart_from_the_workloads_stdout() {
+    let guard = NoLeftovers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("summary.json");
+    let run = nbt(&[
+        "run",
+        "--memory",
+        "64M",
+        "--summary-file",
+        file.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo from-the-workload",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    // stdout is the workload's alone.
+    assert_eq!(run.stdout(), "from-the-workload\n");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let name = summary["run"].as_str().unwrap();
+    assert!(run.stderr().contains(name), "{}", run.stderr());
+    assert_eq!(summary["limits"]["memory_bytes"], 64 << 20);
+    assert!(summary["receipt"]["receipt_hash"].is_string());
+    // Nothing staged is left beside it.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    // A file that could not be written at the end is refused before anything runs.
+    for (bad, why) in [
+        (
+            dir.path().join("no-such-dir/summary.json"),
+            "does not exist",
+        ),
+        (dir.path().to_path_buf(), "is a directory"),
+    ] {
+        let run = nbt(&["run", "--summary-file", bad.to_str().unwrap(), "--", "true"]);
+        assert_eq!(run.status(), 2, "{}", run.stderr());
+        assert!(run.stderr().contains("--summary-file"), "{}", run.stderr());
+        assert!(run.stderr().contains(why), "{}", run.stderr());
+    }
+    guard.assert_clean();
+}

@@ -377,6 +377,9 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
+    /// Write the JSON summary (as --json prints it) to FILE, apart from the workload's stdout
+    #[arg(long, value_name = "FILE")]
+    pub summary_file: Option<std::path::PathBuf>,
     /// No live status line on stderr (there is one only when stderr is a terminal)
     #[arg(long, short = 'q')]
     pub quiet: bool,

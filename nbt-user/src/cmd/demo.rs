@@ -2,7 +2,7 @@
 //! listed, the store verified, and its report written (`RUN.html` in the current directory).
 
 use super::args::DemoArgs;
-use super::run::{execute_and_print, exit_status};
+use super::run::{execute_and_print, exit_status, SummaryOut};
 use super::EXIT_NBT_FAILED;
 use crate::demo::{self, SetupError};
 use crate::sys::user::Identity;
@@ -37,7 +37,17 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
         }
     };
     let plan = &scenario.plan;
-    let summary = match execute_and_print(plan, &user, &scenario.command, signals, &[], args.json) {
+    let summary = match execute_and_print(
+        plan,
+        &user,
+        &scenario.command,
+        signals,
+        &[],
+        SummaryOut {
+            json: args.json,
+            file: None,
+        },
+    ) {
         Ok(summary) => summary,
         Err(status) => return status,
     };

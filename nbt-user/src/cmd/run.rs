@@ -54,7 +54,59 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
             return 2;
         }
     };
-    execute_and_report(&plan, &user, &args.command, signals, &[], args.json)
+    if let Some(file) = &args.summary_file {
+        if let Err(why) = check_summary_file(file) {
+            eprintln!(
+                "nbt: invalid value '{}' for --summary-file: {why}",
+                file.display()
+            );
+            return 2;
+        }
+    }
+    let out = SummaryOut {
+        json: args.json,
+        file: args.summary_file.as_deref(),
+    };
+    match execute_and_print(&plan, &user, &args.command, signals, &[], out) {
+        Ok(summary) => exit_status(&summary),
+        Err(status) => status,
+    }
+}
+
+/// Where the JSON summary goes: stdout (`--json`), a file of its own (`--summary-file`), both
+/// or neither. The human summary always goes to stderr.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SummaryOut<'a> {
+    pub json: bool,
+    pub file: Option<&'a std::path::Path>,
+}
+
+/// Refuses, before anything runs, a summary file that could not be written at the end: its
+/// directory missing, or a directory in its place.
+fn check_summary_file(file: &std::path::Path) -> Result<(), String> {
+    if file.is_dir() {
+        return Err("it is a directory; give a file name".into());
+    }
+    let dir = match file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!("its directory {} does not exist", dir.display()));
+    }
+    Ok(())
+}
+
+/// Writes the summary file whole (a reader never sees half of it): beside it, then renamed.
+fn write_summary_file(file: &std::path::Path, json: &str) -> std::io::Result<()> {
+    let mut staged = file.as_os_str().to_owned();
+    staged.push(format!(".{}.tmp", std::process::id()));
+    let staged = std::path::PathBuf::from(staged);
+    std::fs::write(&staged, format!("{json}\n"))
+        .and_then(|()| std::fs::rename(&staged, file))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&staged);
+        })
 }
 
 /// `--series-interval`: a duration from [`MIN_INTERVAL`] to an hour.
@@ -70,21 +122,6 @@ fn series_interval(text: &str) -> Result<Duration, crate::error::UsageError> {
         });
     }
     Ok(interval)
-}
-
-/// Runs and prints the summary (human to stderr, JSON to stdout when asked); returns the status.
-pub fn execute_and_report(
-    plan: &Plan,
-    user: &Identity,
-    command: &[OsString],
-    signals: &libc::sigset_t,
-    env: &[(&str, String)],
-    json: bool,
-) -> i32 {
-    match execute_and_print(plan, user, command, signals, env, json) {
-        Ok(summary) => exit_status(&summary),
-        Err(status) => status,
-    }
 }
 
 /// The status nbt exits with after a run: the workload's, or 125 when its receipt was not written.
@@ -105,17 +142,28 @@ pub fn execute_and_print(
     command: &[OsString],
     signals: &libc::sigset_t,
     env: &[(&str, String)],
-    json: bool,
+    out: SummaryOut,
 ) -> Result<RunSummary, i32> {
     privileged()?;
     match run::execute(plan, user, command, signals, env) {
         Ok(summary) => {
             eprint!("{}", summary.human());
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&summary).expect("summary serializes")
-                );
+            let json = serde_json::to_string(&summary).expect("summary serializes");
+            if out.json {
+                println!("{json}");
+            }
+            if let Some(file) = out.file {
+                if let Err(err) = write_summary_file(file, &json) {
+                    // Not lost: the summary goes to stdout instead.
+                    eprintln!(
+                        "nbt: --summary-file {}: {err}; the JSON summary follows on stdout",
+                        file.display()
+                    );
+                    if !out.json {
+                        println!("{json}");
+                    }
+                    return Err(EXIT_NBT_FAILED);
+                }
             }
             Ok(summary)
         }
