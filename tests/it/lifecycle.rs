@@ -5,8 +5,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use nbt_integration_tests::{
-    nbt, nbt_command, nbt_with_env, run_cgroups, run_testbin, testbin, wait_for_live_run,
-    NoLeftovers,
+    live_runs, nbt, nbt_command, nbt_with_env, run_cgroups, run_testbin, testbin,
+    wait_for_live_run, NoLeftovers,
 };
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -510,5 +510,86 @@ fn concurrent_changes_to_a_live_run_neither_tear_its_record_nor_lose_one() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let run = run.join().unwrap();
     assert!(run.summary.is_some(), "{}", run.stderr());
+    guard.assert_clean();
+}
+
+#[test]
+fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
+    let guard = NoLeftovers::new();
+    let file = temp_file("named");
+    let name = format!("train-{}", std::process::id());
+    let child = nbt_command()
+        .args(["run", "--json", "--name", &name, "--balance", "2", "--"])
+        .arg(testbin())
+        .arg("await-signal")
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the workload to start", || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.parse::<i32>().is_ok())
+    });
+    let listed = live_runs()
+        .into_iter()
+        .find(|r| r["name"] == name.as_str())
+        .expect("nbt ps --json lists the run by its name");
+    let id = listed["run"].as_str().unwrap().to_string();
+    // The name works wherever the run's own name does.
+    let set = nbt(&["set", &name, "--egress-rate", "3mbit"]);
+    assert_eq!(set.status(), 0, "{}", set.stderr());
+    let topped = nbt(&["balance", &name, "add", "1"]);
+    assert_eq!(topped.status(), 0, "{}", topped.stderr());
+    let now = live_runs()
+        .into_iter()
+        .find(|r| r["run"] == id.as_str())
+        .unwrap();
+    assert_eq!(now["net_limits"]["egress"]["rate_bits_per_sec"], 3_000_000);
+    assert_eq!(now["balance_micro"], 3_000_000);
+    // Unique among live runs.
+    let twin = nbt(&["run", "--name", &name, "--", "true"]);
+    assert_eq!(twin.status(), 2, "{}", twin.stderr());
+    assert!(
+        twin.stderr()
+            .contains(&format!("the live run {id} already has that name")),
+        "{}",
+        twin.stderr()
+    );
+    for bad in ["1st", "a b", "nbt-0123456789abcdef", &"x".repeat(65)] {
+        let run = nbt(&["run", "--name", bad, "--", "true"]);
+        assert_eq!(run.status(), 2, "{bad}: {}", run.stderr());
+        assert!(run.stderr().contains("--name"), "{}", run.stderr());
+    }
+    let pid: i32 = std::fs::read_to_string(&file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the workload this test started.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let output = child.wait_with_output().unwrap();
+    let run = nbt_integration_tests::Run::from_output(output);
+    assert_eq!(run.summary_str("/name"), name);
+    assert!(
+        run.stderr().contains(&format!("nbt: {id} ({name}) ended")),
+        "{}",
+        run.stderr()
+    );
+    // After the run: its receipts and its series, by name.
+    let listed = nbt(&["receipts", "list", "--run", &name]);
+    assert!(listed.stdout().contains(&id), "{}", listed.stdout());
+    let series = nbt(&["receipts", "series", &name]);
+    assert_eq!(series.status(), 0, "{}", series.stderr());
+    assert!(series.stdout().starts_with("t_seconds,"));
+    // Not live any more: a live command says so.
+    let gone = nbt(&["set", &name, "--egress-rate", "1mbit"]);
+    assert_ne!(gone.status(), 0);
+    assert!(
+        gone.stderr()
+            .contains(&format!("no live run named '{name}'")),
+        "{}",
+        gone.stderr()
+    );
+    let _ = std::fs::remove_file(&file);
     guard.assert_clean();
 }

@@ -377,6 +377,10 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
+    /// A name for the run, unique among live runs, accepted wherever its nbt-... name is (nbt
+    /// set, balance, fault, top; receipts and report after it ended)
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
     /// Write the JSON summary (as --json prints it) to FILE, apart from the workload's stdout
     #[arg(long, value_name = "FILE")]
     pub summary_file: Option<std::path::PathBuf>,

@@ -45,8 +45,13 @@ fn print_ps(runs: &[LiveRun]) {
         } else {
             format!("nbt pid {}", run.nbt_pid)
         };
+        let name = run
+            .name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
         println!(
-            "{}  {nbt}  {:.0} s  {}",
+            "{}{name}  {nbt}  {:.0} s  {}",
             run.run,
             run.seconds,
             run.command.join(" ")

@@ -20,7 +20,17 @@ pub fn list(path: &Path, json: bool, run: Option<&str>) -> Result<i32> {
     let store = Store::open_existing(path)?;
     let mut rows = store.rows()?;
     if let Some(run) = run {
-        rows.retain(|r| r.run.as_deref() == Some(run));
+        // A name given with --name stands for every run that had it.
+        let named: std::collections::BTreeSet<String> = rows
+            .iter()
+            .filter(|r| summary_name(r).as_deref() == Some(run))
+            .filter_map(|r| r.run.clone())
+            .collect();
+        rows.retain(|r| {
+            r.run
+                .as_deref()
+                .is_some_and(|n| n == run || named.contains(n))
+        });
     }
     if json {
         for row in &rows {
@@ -65,6 +75,12 @@ pub fn list(path: &Path, json: bool, run: Option<&str>) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// The name a run receipt's run was given with `--name`.
+fn summary_name(row: &Row) -> Option<String> {
+    let body: Value = serde_json::from_str(&row.body).ok()?;
+    Some(body.pointer("/summary/name")?.as_str()?.to_string())
 }
 
 /// A receipt by number, or by a prefix (8 hex digits or more) of its hash.
@@ -210,6 +226,17 @@ pub fn run_series(store: &Store, id: &str) -> Result<(Row, Value, Series)> {
             .rev()
             .find(|r| r.kind == "run" && r.run.as_deref() == Some(id))
             .with_context(|| format!("no run receipt of {id} in {}", store.path().display()))?
+    } else if crate::state::valid_label(id).is_ok() {
+        // The last run given this name.
+        rows.iter()
+            .rev()
+            .find(|r| r.kind == "run" && summary_name(r) == Some(id.to_string()))
+            .with_context(|| {
+                format!(
+                    "no run named {id} has a receipt in {}",
+                    store.path().display()
+                )
+            })?
     } else {
         find(&rows, id)?
     };

@@ -41,6 +41,17 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
         }
     }
     plan.status_line = !args.quiet && std::io::stderr().is_terminal();
+    if let Some(name) = &args.name {
+        if let Err(why) = crate::state::valid_label(name) {
+            eprintln!("nbt: invalid value for --name: {why}");
+            return 2;
+        }
+        if let Ok(other) = crate::state::resolve_run(&crate::state::state_dir(), name) {
+            eprintln!("nbt: --name {name}: the live run {other} already has that name");
+            return 2;
+        }
+        plan.name = Some(name.clone());
+    }
     // Checking the flags (a long schedule, say) may have taken a while: a signal that came
     // meanwhile stops nbt here.
     if let Some(signal) = supervise::take_pending_stop() {

@@ -176,6 +176,8 @@ pub struct Plan {
     pub schedule: Option<crate::schedule::Schedule>,
     /// How many times a failed workload is started again (`--restart on-failure[:N]`).
     pub restart_max: u32,
+    /// The name given with `--name`, unique among live runs.
+    pub name: Option<String>,
     /// How often the run's time series is sampled (`--series-interval`).
     pub series_interval: std::time::Duration,
     /// Whether a live status line is kept on stderr (a terminal, and no `--quiet`).
@@ -862,6 +864,7 @@ impl Plan {
             pending,
             schedule: None,
             restart_max: 0,
+            name: None,
             series_interval: DEFAULT_SERIES_INTERVAL,
             status_line: false,
             receipts: flags

@@ -181,6 +181,7 @@ fn first_record(
 ) -> Result<RunRecord> {
     Ok(RunRecord {
         name: name.to_string(),
+        label: plan.name.clone(),
         supervisor_pid: std::process::id() as i32,
         supervisor_start_time: crate::sys::proc::process_start_time(std::process::id() as i32)
             .context("reading nbt's own start time from /proc")?,
@@ -872,6 +873,7 @@ fn summarize(
     let Running { watch, user, .. } = running;
     RunSummary {
         run: record.name,
+        name: record.label,
         command: record.command,
         user,
         profile: plan.profile.clone(),

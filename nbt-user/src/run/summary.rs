@@ -29,6 +29,8 @@ pub struct LinkReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
     pub run: String,
+    /// The name given with `--name`.
+    pub name: Option<String>,
     pub command: Vec<String>,
     /// Who the workload ran as.
     pub user: Identity,
@@ -238,7 +240,12 @@ impl RunSummary {
             (None, Some(signal)) => format!("killed by {signal}, status {}", self.exit.status),
             (None, None) => format!("status {}", self.exit.status),
         };
-        let _ = writeln!(out, "nbt: {} ended: {how}", self.run);
+        let name = self
+            .name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "nbt: {}{name} ended: {how}", self.run);
         let _ = writeln!(out, "  command       {}", self.command.join(" "));
         let _ = writeln!(
             out,

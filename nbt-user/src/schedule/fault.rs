@@ -37,6 +37,7 @@ pub fn inject(
     signals: &libc::sigset_t,
 ) -> Result<Vec<Event>> {
     let dir = state_dir();
+    let run = &crate::state::resolve_run(&dir, run)?;
     let (_, record) = RunRecord::find_live(&dir, run)?;
     let Some(net_ids) = record.maps else {
         bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");

@@ -20,6 +20,8 @@ pub struct LiveRun {
     pub orphan: bool,
     pub nbt_pid: i32,
     pub command: Vec<String>,
+    /// The name given with `--name`.
+    pub name: Option<String>,
     pub seconds: f64,
     pub net_limits: NetLimits,
     pub shaped: Option<ShapedTraffic>,
@@ -108,6 +110,7 @@ fn describe(record: RunRecord, orphan: bool) -> LiveRun {
             0.0
         },
         run: record.name,
+        name: record.label,
         orphan,
         nbt_pid: record.supervisor_pid,
         command: record.command,
@@ -140,6 +143,7 @@ pub fn change_network(
     change: impl FnOnce(&mut NetSetting) -> Result<()>,
 ) -> Result<NetSetting> {
     let dir = state_dir();
+    let run = &super::resolve_run(&dir, run)?;
     // Checked before the lock (a bad name, no such run), read again under it.
     RunRecord::find_live(&dir, run)?;
     let _lock = RecordsLock::take(&dir)?;
@@ -212,6 +216,7 @@ pub fn change_network(
 /// lock, one after the other (the kernel never writes the credit).
 pub fn top_up(run: &str, micro: i64) -> Result<i64> {
     let dir = state_dir();
+    let run = &super::resolve_run(&dir, run)?;
     // Checked before the lock (a bad name, no such run), read again under it.
     RunRecord::find_live(&dir, run)?;
     let _lock = RecordsLock::take(&dir)?;

@@ -53,6 +53,54 @@ pub fn valid_run_name(name: &str) -> Result<(), String> {
     ))
 }
 
+/// The longest `--name`.
+pub const MAX_LABEL: usize = 64;
+
+/// Checks a name a user gives a run (`--name`): a letter, then letters, digits, `.`, `_` or
+/// `-`, at most [`MAX_LABEL`] characters, and not of the form nbt gives its own names.
+pub fn valid_label(label: &str) -> Result<(), String> {
+    let shown: String = label.chars().take(80).collect();
+    let valid = label.len() <= MAX_LABEL
+        && label.starts_with(|c: char| c.is_ascii_alphabetic())
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        return Err(format!(
+            "{shown:?}: a run's name starts with a letter and holds letters, digits, '.', '_' \
+             or '-', at most {MAX_LABEL} characters (e.g. train-1)"
+        ));
+    }
+    if valid_run_name(label).is_ok() {
+        return Err(format!(
+            "{shown:?} has the form of the names nbt gives runs (nbt- and 16 hex digits)"
+        ));
+    }
+    Ok(())
+}
+
+/// The run name (`nbt-...`) of the live run `given` names: its own name, or the name it was
+/// given with `--name`. A usage error for a name of neither form.
+pub fn resolve_run(dir: &Path, given: &str) -> Result<String> {
+    if valid_run_name(given).is_ok() {
+        return Ok(given.to_string());
+    }
+    if valid_label(given).is_err() {
+        let why = valid_run_name(given).unwrap_err();
+        return Err(
+            crate::error::PlanError(format!("RUN: {why}, or the name given with --name")).into(),
+        );
+    }
+    RunRecord::read_all(dir)
+        .into_iter()
+        .filter_map(|(_, record)| record.ok())
+        .find(|record| record.label.as_deref() == Some(given) && record.supervisor_alive())
+        .map(|record| record.name)
+        .ok_or_else(|| {
+            anyhow::anyhow!("no live run named '{given}' (see `nbt ps` for the live runs)")
+        })
+}
+
 /// A fresh run name: `nbt-` and 16 random hex digits.
 pub fn new_run_name() -> Result<String> {
     let mut bytes = [0u8; 8];
@@ -102,6 +150,9 @@ pub fn supervisor_alive(pid: i32, start_time: u64) -> bool {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub name: String,
+    /// The name given with `--name`, unique among live runs.
+    #[serde(default)]
+    pub label: Option<String>,
     pub supervisor_pid: i32,
     pub supervisor_start_time: u64,
     /// Every cgroup directory the run makes, in creation order.
@@ -150,6 +201,22 @@ impl RunRecord {
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
         private_state_dir(dir)?;
         let _lock = RecordsLock::take(dir)?;
+        // Under the lock: of two runs given the same name at once, one gets it.
+        if let Some(label) = &self.label {
+            let taken = Self::read_all(dir)
+                .into_iter()
+                .filter_map(|(_, record)| record.ok())
+                .find(|r| {
+                    r.name != self.name && r.label.as_deref() == Some(label) && r.supervisor_alive()
+                });
+            if let Some(other) = taken {
+                return Err(crate::error::PlanError(format!(
+                    "--name {label}: the live run {} already has that name",
+                    other.name
+                ))
+                .into());
+            }
+        }
         self.write_locked(dir)
     }
 
@@ -304,6 +371,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let record = |i: usize| RunRecord {
             name: "nbt-00000000000000aa".into(),
+            label: None,
             supervisor_pid: i as i32,
             supervisor_start_time: 0,
             cgroups: vec![PathBuf::from("/x"); i % 50],
