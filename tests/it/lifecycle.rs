@@ -23,8 +23,44 @@ fn temp_file(name: &str) -> PathBuf {
     path
 }
 
+/// An nbt a test started: stopped with SIGTERM (which it passes to its workload) when the test
+/// ends without waiting for it, a failing test included, so that no live run is left behind.
+struct Started(Option<Child>);
+
+impl Started {
+    /// The child, for a test that waits for it itself.
+    fn take(mut self) -> Child {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl std::ops::Deref for Started {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("not taken")
+    }
+}
+
+impl std::ops::DerefMut for Started {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not taken")
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                // SAFETY: kill(2) of the nbt process this test started and has not reaped.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
 /// Starts `nbt run -- nbt-testbin await-signal FILE` and waits until the workload is ready.
-fn start_awaiting(file: &PathBuf) -> Child {
+fn start_awaiting(file: &PathBuf) -> Started {
     let child = nbt_command()
         .args(["run", "--json", "--"])
         .arg(testbin())
@@ -34,6 +70,7 @@ fn start_awaiting(file: &PathBuf) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let child = Started(Some(child));
     wait_for("the workload to start", || {
         std::fs::read_to_string(file).is_ok_and(|s| s.parse::<i32>().is_ok())
     });
@@ -74,7 +111,7 @@ fn signals_sent_to_nbt_reach_the_workload() {
         let child = start_awaiting(&file);
         // SAFETY: kill(2) of the nbt process this test started.
         unsafe { libc::kill(child.id() as i32, signal) };
-        let output = child.wait_with_output().unwrap();
+        let output = child.take().wait_with_output().unwrap();
         assert_eq!(
             output.status.code(),
             Some(42),
@@ -527,6 +564,7 @@ fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let child = Started(Some(child));
     wait_for("the workload to start", || {
         std::fs::read_to_string(&file).is_ok_and(|s| s.parse::<i32>().is_ok())
     });
@@ -567,7 +605,7 @@ fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
         .unwrap();
     // SAFETY: kill(2) on the workload this test started.
     unsafe { libc::kill(pid, libc::SIGUSR1) };
-    let output = child.wait_with_output().unwrap();
+    let output = child.take().wait_with_output().unwrap();
     let run = nbt_integration_tests::Run::from_output(output);
     assert_eq!(run.summary_str("/name"), name);
     assert!(
