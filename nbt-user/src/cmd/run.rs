@@ -33,6 +33,7 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
         eprintln!("nbt: stopped by {}", supervise::signal_name(signal));
         return 128 + signal;
     }
+    crate::sys::phase::mark("planned");
     let user = match Identity::choose(args.user.as_deref()) {
         Ok(user) => user,
         Err(err) => {
@@ -81,6 +82,7 @@ pub fn execute_and_print(
     privileged()?;
     match run::execute(plan, user, command, signals, env) {
         Ok(summary) => {
+            crate::sys::phase::mark("cleaned_up");
             eprint!("{}", summary.human());
             if json {
                 println!(
@@ -88,6 +90,7 @@ pub fn execute_and_print(
                     serde_json::to_string(&summary).expect("summary serializes")
                 );
             }
+            crate::sys::phase::mark("printed");
             Ok(summary)
         }
         Err(RunError::Spawn(err)) => {
