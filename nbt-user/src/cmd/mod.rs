@@ -20,6 +20,7 @@ pub const EXIT_NBT_FAILED: i32 = 125;
 
 /// Parses the command line and runs it; returns the exit status.
 pub fn main() -> i32 {
+    crate::sys::phase::mark("main");
     // Before any thread exists, so that no thread can take a signal meant for the workload.
     let signals = supervise::block_signals();
     let cli = Cli::parse();

@@ -58,6 +58,7 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
         eprintln!("nbt: stopped by {}", supervise::signal_name(signal));
         return 128 + signal;
     }
+    crate::sys::phase::mark("planned");
     let user = match Identity::choose(args.user.as_deref()) {
         Ok(user) => user,
         Err(err) => {
@@ -158,6 +159,7 @@ pub fn execute_and_print(
     privileged()?;
     match run::execute(plan, user, command, signals, env) {
         Ok(summary) => {
+            crate::sys::phase::mark("cleaned_up");
             eprint!("{}", summary.human());
             let json = serde_json::to_string(&summary).expect("summary serializes");
             if out.json {
@@ -176,6 +178,7 @@ pub fn execute_and_print(
                     return Err(EXIT_NBT_FAILED);
                 }
             }
+            crate::sys::phase::mark("printed");
             Ok(summary)
         }
         Err(RunError::Spawn(err)) => {

@@ -119,11 +119,13 @@ pub fn execute(
 
     // Opened first: a store or key that cannot be written stops the run before anything ran.
     let mut books = Books::open(plan, user, &state_dir, &name, &record.command)?;
+    crate::sys::phase::mark("books_opened");
     unless_stopped()?;
     // Dropped in reverse order: the BPF links go first, then the cgroups (see `Armed`).
     let mut armed = Armed::attach(plan, &layout, &name)?;
     let record = armed.record(plan, record)?;
     record.write(&state_dir)?;
+    crate::sys::phase::mark("armed");
     unless_stopped()?;
 
     let mut env = workload_env(&name, &books.reports, extra_env);
@@ -134,6 +136,7 @@ pub fn execute(
     // The last moment a signal stops nbt: from the spawn on, it is the workload's.
     unless_stopped()?;
     let mut running = Running::start(plan, user, command, &env, &armed, &record, gpu_memory)?;
+    crate::sys::phase::mark("started");
     let exit = supervise_loop(
         plan,
         command,
@@ -144,6 +147,7 @@ pub fn execute(
         &mut running,
     );
 
+    crate::sys::phase::mark("supervised");
     let mut ended = measure(
         &state_dir,
         &name,
@@ -154,9 +158,11 @@ pub fn execute(
         &mut running,
     )?;
     let series = ended.series.take();
+    crate::sys::phase::mark("measured");
     // The cgroups go first (their processes killed), then the programs; the rest of `armed`
     // (the fq guard) stays until the receipt is written.
     let hardware = take_down(&mut armed.cgroup, &mut armed.pins, &mut hardware)?;
+    crate::sys::phase::mark("taken_down");
     let mut summary = summarize(
         plan,
         &layout,
@@ -169,6 +175,7 @@ pub fn execute(
     summary.series = series.as_ref().map(|(_, reference)| reference.clone());
     // Last of all, so that the receipt holds everything the run measured.
     write_receipt(&mut summary, &mut books, series.as_ref());
+    crate::sys::phase::mark("receipt_written");
     Ok(summary)
 }
 
@@ -276,10 +283,15 @@ impl Armed {
     fn attach(plan: &Plan, layout: &Layout, name: &str) -> Result<Armed> {
         let mut pins = Pins::create(name)?;
         let cgroup = RunCgroup::create(layout, name, &plan.limits)?;
-        let mut ebpf = loader::load(match plan.prices {
-            Some(_) => &[loader::SCHED_MAPS],
-            None => &[loader::SCHED_MAPS, loader::GATE_MAPS],
-        })?;
+        let mut unused = vec![loader::SCHED_MAPS];
+        if plan.prices.is_none() {
+            unused.push(loader::GATE_MAPS);
+        }
+        if !plan.needs_ingress_tc() {
+            unused.push(loader::INGRESS_IMPAIR_MAPS);
+        }
+        let mut ebpf = loader::load(&unused)?;
+        crate::sys::phase::mark("loaded");
         account::attach(&mut ebpf, &cgroup.v2, &mut pins)?;
         // Always attached, unlimited when no limit is set, so that `nbt set` can add one later.
         shaper::attach(&mut ebpf, &cgroup.v2, &plan.net, &mut pins)?;

@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _, Result};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program};
 use aya::{Ebpf, EbpfLoader};
+use nbt_common::edt::EDT_SOCKETS_MAP;
 use nbt_common::gate::{
     GATE_BY_DEST_MAP, GATE_CONNS_MAP, GATE_TEARDOWN_MAP, GATE_V4_MAP, GATE_V6_MAP,
 };
@@ -38,9 +39,16 @@ pub const GATE_MAPS: &[&str] = &[
     GATE_TEARDOWN_MAP,
 ];
 
+/// The map of the run's sockets that `impair_ingress` looks arriving packets up in, used only by
+/// runs that duplicate or corrupt arriving packets: an LRU hash is always allocated in full, and
+/// its 16,384 entries cost more to create than any other map a run makes.
+pub const INGRESS_IMPAIR_MAPS: &[&str] = &[EDT_SOCKETS_MAP];
+
 /// Loads the object's maps into the kernel. Programs are loaded by the modules that attach them.
-/// The maps named in `unused` (see [`SCHED_MAPS`], [`GATE_MAPS`]) are created at their smallest:
-/// every map of the object must exist, but no program that uses these ones will be loaded.
+/// The maps named in `unused` (see [`SCHED_MAPS`], [`GATE_MAPS`], [`INGRESS_IMPAIR_MAPS`]) are
+/// created at their smallest: every map of the object must exist, but nothing will use these
+/// ones (no program that uses them is loaded, or, for `EDT_SOCKETS`, the run's `EDT_RUN` tells
+/// the programs that could write it not to).
 ///
 /// Without the kernel's BTF: nbt's programs read no kernel structure (no CO-RE relocations), and
 /// parsing /sys/kernel/btf/vmlinux costs about 20 MiB of memory and most of the loader's CPU
@@ -57,7 +65,7 @@ pub fn load(unused: &[&[&str]]) -> Result<Ebpf> {
     )
 }
 
-/// How many entries an unused map `name` is made with: a ring buffer is at least a page; the LRU
+/// How many entries an unused map `name` is made with: a ring buffer is at least a page; an LRU
 /// hash a few hundred (its per-CPU free lists take entries from the common one in batches of
 /// 128); any other map one.
 fn smallest_entries(name: &str) -> u32 {
@@ -68,7 +76,7 @@ fn smallest_entries(name: &str) -> u32 {
             size if size > 0 => size as u32,
             _ => 4096,
         },
-        GATE_CONNS_MAP => 256,
+        GATE_CONNS_MAP | EDT_SOCKETS_MAP => 256,
         _ => 1,
     }
 }

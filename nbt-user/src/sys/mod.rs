@@ -4,6 +4,7 @@
 pub(crate) mod kept;
 pub(crate) mod loader;
 pub mod netlink;
+pub(crate) mod phase;
 pub(crate) mod pin;
 pub(crate) mod private;
 pub(crate) mod proc;

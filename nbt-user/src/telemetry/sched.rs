@@ -143,7 +143,7 @@ impl ProcessTracker {
                 Err(err) => (None, Some(format!("{err:#}"))),
             },
         };
-        let mut ebpf = loader::load(&[loader::GATE_MAPS])?;
+        let mut ebpf = loader::load(&[loader::GATE_MAPS, loader::INGRESS_IMPAIR_MAPS])?;
         if let Some(counters) = &counters {
             let map = |name: &str| {
                 ebpf.map(name)
