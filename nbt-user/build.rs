@@ -16,6 +16,8 @@ fn main() -> anyhow::Result<()> {
     }
     // aya-build watches nbt-ebpf; the ABI crate it shares with us changes the object too.
     println!("cargo:rerun-if-changed=../nbt-common/src");
+    // The commit `/metrics`' nbt_build_info names, when the build is told it.
+    println!("cargo:rerun-if-env-changed=NBT_GIT_COMMIT");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "nbt-ebpf",

@@ -463,6 +463,14 @@ fn the_counter_path_charges_sampled_counts_and_splits_energy_by_them() {
             "sampled {sampled:.3} s, the cgroup ran {cgroup:.3} s"
         );
     }
+    // /metrics has the cpu-clock in seconds, under its own name, and no cycles.
+    let (_, metrics) = http(&agent.addr, "GET", "/metrics", None, "");
+    assert!(
+        metrics.contains("# TYPE nbt_process_sampled_cpu_clock_seconds counter\n")
+            && metrics.contains("# TYPE nbt_run_sampled_cpu_clock_seconds counter\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("_cycles"), "{metrics}");
     // Energy goes as the sampled counts, and so as CPU time.
     let (a, b) = (&runs[0], &runs[1]);
     let joules = a.0["joules"].as_f64().unwrap() / b.0["joules"].as_f64().unwrap();
@@ -525,6 +533,10 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
         assert!(process["cycles"].is_null(), "{process}");
         let (_, metrics) = http(&agent.addr, "GET", "/metrics", None, "");
         assert!(!metrics.contains("nbt_process_cpu_cycles"), "{metrics}");
+        assert!(
+            !metrics.contains("nbt_process_sampled_cpu_clock"),
+            "{metrics}"
+        );
     }
     guard.assert_clean();
 }
@@ -689,6 +701,66 @@ impl Drop for Prometheus {
     }
 }
 
+/// `nbt run --json ARGS` as a child, stopped (SIGTERM, which nbt forwards) and reaped on drop.
+struct LiveRunChild(Option<Child>);
+
+impl LiveRunChild {
+    fn start(args: &[&str]) -> LiveRunChild {
+        LiveRunChild(Some(
+            nbt_command()
+                .args(["run", "--json"])
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    /// Stops the run and waits for its nbt to end (once).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SAFETY: signalling the nbt this test started, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LiveRunChild {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The names of the samples a `/metrics` text exports (`_total` on counters), from its `# TYPE`
+/// lines and its samples.
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
+            names.insert(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_string(),
+            });
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+/// The value of the sample of `/metrics` text whose name and labels start as `prefix`.
+fn sample_value(text: &str, prefix: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with(prefix))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
 #[test]
 fn a_real_prometheus_scrapes_the_metrics() {
     let guard = NoLeftovers::new();
@@ -699,6 +771,11 @@ fn a_real_prometheus_scrapes_the_metrics() {
     // it running).
     let spinner = Spinner::start("30");
     let pid = spinner.pid().to_string();
+    // A live run with a memory limit and a balance, for its per-run series.
+    let mut run =
+        LiveRunChild::start(&["--memory", "256M", "--balance", "10", "--", "sleep", "67"]);
+    let name = wait_for_live_run(|r| r["command"].to_string().contains("\"sleep\",\"67\""))
+        .expect("the run in nbt ps");
     let prometheus = Prometheus::scraping(&agent.addr, &guard.home().join("agent.token"));
     // up == 1: the scrape succeeded and the exposition parsed.
     let up = prometheus.query("up%7Bjob%3D%22nbt%22%7D");
@@ -714,7 +791,194 @@ fn a_real_prometheus_scrapes_the_metrics() {
     );
     let joules: f64 = processes[0]["value"][1].as_str().unwrap().parse().unwrap();
     assert!(joules > 0.0, "{processes:?}");
+    // The run's series, by its name.
+    let value = |metric: &str| -> f64 {
+        let found = prometheus.query(&format!("{metric}%7Brun%3D%22{name}%22%7D"));
+        found[0]["value"][1].as_str().unwrap().parse().unwrap()
+    };
+    let memory = value("nbt_run_memory_bytes");
+    assert!(memory > 0.0, "{memory}");
+    assert_eq!(value("nbt_run_memory_limit_bytes"), 256.0 * 1024.0 * 1024.0);
+    assert_eq!(value("nbt_run_balance"), 10.0);
+    assert_eq!(value("nbt_run_info"), 1.0);
+    assert!(value("nbt_run_cpu_usage_seconds_total") >= 0.0);
+    let build = prometheus.query("nbt_build_info");
+    assert_eq!(
+        build[0]["metric"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{build:?}"
+    );
+    assert!(build[0]["metric"]["commit"].is_string(), "{build:?}");
     drop(prometheus);
+    // Once the run has ended its series are gone from the next scrape.
+    let (status, text) = http(&agent.addr, "GET", "/metrics", Some(&agent.token), "");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains(&format!("nbt_run_memory_bytes{{run=\"{name}\"}}")),
+        "{text}"
+    );
+    run.stop();
+    // The run's own series at once; the tracker's figures of it (nbt_run_cpu_joules_total) at
+    // its next interval.
+    let (_, text) = http(&agent.addr, "GET", "/metrics", Some(&agent.token), "");
+    assert!(!text.contains(&format!("{{run=\"{name}\"}}")), "{text}");
+    assert!(
+        !text.contains(&format!("nbt_run_info{{run=\"{name}\"")),
+        "{text}"
+    );
+    let mut gone = false;
+    for _ in 0..30 {
+        let (_, text) = http(&agent.addr, "GET", "/metrics", Some(&agent.token), "");
+        if !text.contains(&name) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gone, "{name} still in /metrics 3 s after its end");
+    guard.assert_clean();
+}
+
+/// `deploy/grafana/nbt-runs.json` is a dashboard whose every expression names only metrics
+/// that the agent exports, scraped while a run with every kind of limit lives.
+#[test]
+fn the_grafana_dashboard_asks_only_for_what_the_agent_exports() {
+    let guard = NoLeftovers::new();
+    let agent = Agent::start_with(&guard, &["--interval", "500ms"]);
+    let mut run = LiveRunChild::start(&[
+        "--memory",
+        "256M",
+        "--cpus",
+        "0.5",
+        "--pids",
+        "64",
+        "--egress-rate",
+        "10mbit",
+        "--ingress-rate",
+        "10mbit",
+        "--loss",
+        "1%",
+        "--balance",
+        "10",
+        "--",
+        "sleep",
+        "68",
+    ]);
+    let name = wait_for_live_run(|r| r["command"].to_string().contains("\"sleep\",\"68\""))
+        .expect("the run in nbt ps");
+    // Its first sample is written a moment after the run shows in nbt ps.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = http(&agent.addr, "GET", "/metrics", None, "").1;
+        if text.contains(&format!("nbt_run_memory_bytes{{run=\"{name}\"}}")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run.stop();
+    let exported = exported_names(&text);
+    let at = |prefix: &str| sample_value(&text, &prefix.replace("RUN", &name));
+    assert_eq!(
+        at(r#"nbt_run_memory_limit_bytes{run="RUN"}"#),
+        Some(268435456.0),
+        "{text}"
+    );
+    assert_eq!(
+        at(r#"nbt_run_cpu_limit_cores{run="RUN"}"#),
+        Some(0.5),
+        "{text}"
+    );
+    assert_eq!(at(r#"nbt_run_pids_limit{run="RUN"}"#), Some(64.0), "{text}");
+    assert_eq!(
+        at(r#"nbt_run_rate_limit_bytes_per_second{run="RUN",direction="egress"}"#),
+        Some(1_250_000.0),
+        "{text}"
+    );
+    assert_eq!(
+        at(r#"nbt_run_loss_ratio{run="RUN",direction="egress"}"#),
+        Some(0.01),
+        "{text}"
+    );
+    assert_eq!(at(r#"nbt_run_balance{run="RUN"}"#), Some(10.0), "{text}");
+    // Other runs of the machine may live too.
+    assert!(at(r#"nbt_runs{state="live"}"#) >= Some(1.0), "{text}");
+    assert!(
+        at(r#"nbt_run_info{run="RUN",command="sleep 68"}"#).is_some(),
+        "{text}"
+    );
+    // Counters are counters, and no metric holds two units: cycles are cycles only.
+    for counter in [
+        "nbt_run_cpu_usage_seconds",
+        "nbt_run_calls",
+        "nbt_run_joules",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {counter} counter\n")),
+            "{counter}: {text}"
+        );
+    }
+    assert!(!text.contains("counter=\"sampled_cpu_clock\""), "{text}");
+
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/nbt-runs.json"
+    );
+    let dashboard = json(&std::fs::read_to_string(path).unwrap());
+    assert!(
+        dashboard["schemaVersion"].as_u64().unwrap() >= 36,
+        "{}",
+        dashboard["schemaVersion"]
+    );
+    assert!(dashboard["uid"].is_string() && dashboard["title"].is_string());
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    let run_variable = variables
+        .iter()
+        .find(|v| v["name"] == "run")
+        .expect("a run variable");
+    let mut expressions = vec![run_variable["query"]["query"].as_str().unwrap().to_string()];
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8, "{}", panels.len());
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "two panels with one id"
+        );
+        assert!(panel["gridPos"]["w"].as_u64().unwrap() > 0, "{panel}");
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(expr.contains("run=~\"$run\""), "{}: {expr}", panel["title"]);
+            expressions.push(expr.to_string());
+        }
+    }
+    let mut named = 0;
+    for expr in &expressions {
+        let bytes = expr.as_bytes();
+        let mut i = 0;
+        while let Some(at) = expr[i..].find("nbt_") {
+            let start = i + at;
+            let end = expr[start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(expr.len(), |e| start + e);
+            // A metric name, not the end of another identifier.
+            if start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_')
+            {
+                let metric = &expr[start..end];
+                assert!(
+                    exported.contains(metric),
+                    "{expr}: the agent exports no {metric}"
+                );
+                named += 1;
+            }
+            i = end;
+        }
+    }
+    assert!(
+        named >= panels.len(),
+        "{named} metrics named in {expressions:?}"
+    );
     guard.assert_clean();
 }
 

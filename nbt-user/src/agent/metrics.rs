@@ -1,4 +1,6 @@
-//! `GET /metrics`: the agent's figures and the live runs' in Prometheus' text format.
+//! `GET /metrics`: the agent's figures and the live runs' in Prometheus' text format (the
+//! per-run series are `run_metrics`'). The list, with types, units and labels, is in
+//! docs/running.md ("/metrics").
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -9,19 +11,26 @@ use prometheus_client::registry::Registry;
 use crate::telemetry::attribution::Attribution;
 use crate::telemetry::counters::Counted;
 
+use super::exposition::{labels, Family, FloatCounter, FloatGauge, Labels};
 use super::{Agent, GpuTelemetry, Shared, Telemetry};
 
-type Labels = Vec<(String, String)>;
-type FloatCounter = prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>;
 type IntCounter = prometheus_client::metrics::counter::Counter;
-type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
-type Family<M> = prometheus_client::metrics::family::Family<Labels, M>;
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+/// The version `nbt --version` prints and the commit it was built from: `NBT_GIT_COMMIT` in
+/// the build's environment, else "unknown".
+fn register_build_info(registry: &mut Registry) {
+    let info: Family<FloatGauge> = Default::default();
+    let commit = option_env!("NBT_GIT_COMMIT").unwrap_or("unknown");
+    info.get_or_create(&labels(&[
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("commit", if commit.is_empty() { "unknown" } else { commit }),
+    ]))
+    .set(1.0);
+    registry.register(
+        "nbt_build_info",
+        "The nbt serving these metrics (value 1): its version and the commit it was built from",
+        info,
+    );
 }
 
 /// The attribution's figures as Prometheus families, in the names Kepler users know.
@@ -38,37 +47,52 @@ fn register_attribution(registry: &mut Registry, agent: &Agent, source: &str) {
         active,
     );
     // Counts only where counted: a process or run without a series was not counted, not idle.
-    let counter = t.counted.map(Counted::ratio);
-    let (process_cycles, process_instructions) = register_processes(registry, a, source, counter);
-    let (run_joules, run_seconds, run_cycles) = run_families(&t, source, counter);
-    if let Some(counted) = t.counted {
-        registry.register(
-            "nbt_process_cpu_cycles",
-            "CPU cycles of a live process since the agent started, sampled at 99 Hz per CPU",
-            process_cycles,
-        );
-        registry.register(
-            "nbt_run_cpu_cycles",
-            "CPU cycles of a live run's processes, exited ones included, sampled at 99 Hz per CPU",
-            run_cycles,
-        );
-        if counted == Counted::Pmu {
+    let (processes, runs) = (
+        register_processes(registry, a, source, t.counted),
+        run_families(&t, source, t.counted),
+    );
+    match t.counted {
+        Some(Counted::Pmu) => {
+            registry.register(
+                "nbt_process_cpu_cycles",
+                "CPU cycles of a live process since the agent started, sampled at 99 Hz per CPU",
+                processes.counts,
+            );
+            registry.register(
+                "nbt_run_cpu_cycles",
+                "CPU cycles of a live run's processes, exited ones included, sampled at 99 Hz per CPU",
+                runs.counts,
+            );
             registry.register(
                 "nbt_process_cpu_instructions",
                 "Instructions of a live process since the agent started, sampled at 99 Hz per CPU",
-                process_instructions,
+                processes.instructions,
             );
         }
+        // The software cpu-clock counts nanoseconds: in seconds, under a name of its own.
+        Some(Counted::CpuClock) => {
+            registry.register(
+                "nbt_process_sampled_cpu_clock_seconds",
+                "The software cpu-clock of a live process, sampled like cycles at 99 Hz per CPU (--attribute-by sampled-cpu-clock)",
+                processes.clock,
+            );
+            registry.register(
+                "nbt_run_sampled_cpu_clock_seconds",
+                "The software cpu-clock of a live run's processes, exited ones included, sampled like cycles (--attribute-by sampled-cpu-clock)",
+                runs.clock,
+            );
+        }
+        None => {}
     }
     registry.register(
         "nbt_run_cpu_joules",
         "Active CPU energy attributed to a live run's processes, exited ones included",
-        run_joules,
+        runs.joules,
     );
     registry.register(
         "nbt_run_cpu_seconds",
-        "On-CPU time of a live run's processes, exited ones included",
-        run_seconds,
+        "On-CPU time of a live run's processes, exited ones included, as the agent's tracker read it",
+        runs.seconds,
     );
     register_gpus(registry, &t.gpu);
     let lost: Family<IntCounter> = Default::default();
@@ -85,31 +109,52 @@ fn register_attribution(registry: &mut Registry, agent: &Agent, source: &str) {
     );
 }
 
-/// Joules and seconds per live process; their cycles and instructions, registered by the
-/// caller only where counted.
+/// What the per-CPU counters counted, per process or per run: cycles (a PMU), or the
+/// cpu-clock's nanoseconds in seconds; instructions (a PMU).
+#[derive(Default)]
+struct Counts {
+    counts: Family<IntCounter>,
+    clock: Family<FloatCounter>,
+    instructions: Family<IntCounter>,
+}
+
+impl Counts {
+    /// Adds one process's or run's counts, as `counted` counted them.
+    fn add(&self, l: &Labels, counted: Counted, counts: Option<u64>, instructions: Option<u64>) {
+        match (counted, counts) {
+            (Counted::Pmu, Some(cycles)) => {
+                self.counts.get_or_create(l).inc_by(cycles);
+            }
+            (Counted::CpuClock, Some(ns)) => {
+                self.clock.get_or_create(l).inc_by(ns as f64 / 1e9);
+            }
+            (_, None) => {}
+        }
+        if let (Counted::Pmu, Some(instructions)) = (counted, instructions) {
+            self.instructions.get_or_create(l).inc_by(instructions);
+        }
+    }
+}
+
+/// Joules and seconds per live process, registered; their counts, for the caller to register
+/// as counted.
 fn register_processes(
     registry: &mut Registry,
     a: &Attribution,
     source: &str,
-    counter: Option<&str>,
-) -> (Family<IntCounter>, Family<IntCounter>) {
+    counted: Option<Counted>,
+) -> Counts {
     let process_joules: Family<FloatCounter> = Default::default();
     let process_seconds: Family<FloatCounter> = Default::default();
-    let process_cycles: Family<IntCounter> = Default::default();
-    let process_instructions: Family<IntCounter> = Default::default();
+    let counts = Counts::default();
     for p in a.processes.values() {
         let pid = p.pid.to_string();
         let l = labels(&[("pid", &pid), ("comm", &p.comm), ("source", source)]);
         process_joules.get_or_create(&l).inc_by(p.joules);
         process_seconds.get_or_create(&l).inc_by(p.cpu_seconds);
-        if let Some(counter) = counter {
-            let l = labels(&[("pid", &pid), ("comm", &p.comm), ("counter", counter)]);
-            if let Some(cycles) = p.cycles {
-                process_cycles.get_or_create(&l).inc_by(cycles);
-            }
-            if let Some(instructions) = p.instructions {
-                process_instructions.get_or_create(&l).inc_by(instructions);
-            }
+        if let Some(counted) = counted {
+            let l = labels(&[("pid", &pid), ("comm", &p.comm)]);
+            counts.add(&l, counted, p.cycles, p.instructions);
         }
     }
     registry.register(
@@ -122,35 +167,36 @@ fn register_processes(
         "On-CPU time of a live process since the agent started, from the scheduler's runtime",
         process_seconds,
     );
-    (process_cycles, process_instructions)
+    counts
 }
 
-/// Joules, seconds and (where counted) cycles per live run, exited processes included.
-fn run_families(
-    t: &Telemetry,
-    source: &str,
-    counter: Option<&str>,
-) -> (
-    Family<FloatCounter>,
-    Family<FloatCounter>,
-    Family<IntCounter>,
-) {
+/// Per live run, exited processes included: joules, seconds, and where counted its counts.
+struct RunFamilies {
+    joules: Family<FloatCounter>,
+    seconds: Family<FloatCounter>,
+    counts: Family<IntCounter>,
+    clock: Family<FloatCounter>,
+}
+
+fn run_families(t: &Telemetry, source: &str, counted: Option<Counted>) -> RunFamilies {
     let a = &t.attribution;
-    let run_joules: Family<FloatCounter> = Default::default();
-    let run_seconds: Family<FloatCounter> = Default::default();
-    let run_cycles: Family<IntCounter> = Default::default();
+    let counts = Counts::default();
+    let (joules, seconds): (Family<FloatCounter>, Family<FloatCounter>) = Default::default();
     for (name, run) in t.runs.iter().filter(|(_, r)| r.live) {
         let energy = a.cgroups.get(&run.cgroup_id).copied().unwrap_or_default();
         let l = labels(&[("run", name), ("source", source)]);
-        run_joules.get_or_create(&l).inc_by(energy.joules);
-        run_seconds.get_or_create(&l).inc_by(energy.cpu_seconds);
-        if let (Some(counter), Some(cycles)) = (counter, energy.cycles) {
-            run_cycles
-                .get_or_create(&labels(&[("run", name), ("counter", counter)]))
-                .inc_by(cycles);
+        joules.get_or_create(&l).inc_by(energy.joules);
+        seconds.get_or_create(&l).inc_by(energy.cpu_seconds);
+        if let Some(counted) = counted {
+            counts.add(&labels(&[("run", name)]), counted, energy.cycles, None);
         }
     }
-    (run_joules, run_seconds, run_cycles)
+    RunFamilies {
+        joules,
+        seconds,
+        counts: counts.counts,
+        clock: counts.clock,
+    }
 }
 
 /// Energy per GPU, and per process on each GPU.
@@ -190,7 +236,7 @@ pub(super) async fn metrics(State(agent): State<Shared>) -> Response {
     };
     let mut registry = Registry::default();
     let node: Family<FloatCounter> = Default::default();
-    node.get_or_create(&vec![("source".into(), source.to_string())])
+    node.get_or_create(&labels(&[("source", source)]))
         .inc_by(node_joules);
     registry.register(
         "nbt_node_cpu_joules",
@@ -205,48 +251,12 @@ pub(super) async fn metrics(State(agent): State<Shared>) -> Response {
         "Joules in the agent's bucket",
         gauge,
     );
-    let bytes: Family<prometheus_client::metrics::counter::Counter> = Default::default();
-    let drops: Family<prometheus_client::metrics::counter::Counter> = Default::default();
-    let balance: Family<FloatGauge> = Default::default();
-    for run in crate::state::live::live_runs() {
-        if let Some(shaped) = run.shaped {
-            for (direction, traffic) in [("egress", shaped.egress), ("ingress", shaped.ingress)] {
-                let labels = |extra: Vec<(String, String)>| {
-                    let mut l = vec![
-                        ("run".to_string(), run.run.clone()),
-                        ("direction".to_string(), direction.to_string()),
-                    ];
-                    l.extend(extra);
-                    l
-                };
-                bytes
-                    .get_or_create(&labels(vec![]))
-                    .inc_by(traffic.passed_bytes);
-                drops
-                    .get_or_create(&labels(vec![("reason".into(), "rate".into())]))
-                    .inc_by(traffic.rate_dropped_packets);
-                drops
-                    .get_or_create(&labels(vec![("reason".into(), "loss".into())]))
-                    .inc_by(traffic.loss_dropped_packets);
-            }
-        }
-        if let Some(micro) = run.balance_micro {
-            balance
-                .get_or_create(&vec![("run".into(), run.run.clone())])
-                .set(micro as f64 / 1e6);
-        }
-    }
-    registry.register(
-        "nbt_run_passed_bytes",
-        "Bytes a live run's shaper passed",
-        bytes,
+    super::run_metrics::register(
+        &mut registry,
+        &crate::state::live::live_runs(),
+        crate::state::live::orphan_names().len(),
     );
-    registry.register(
-        "nbt_run_dropped_packets",
-        "Packets a live run's shaper dropped, by reason",
-        drops,
-    );
-    registry.register("nbt_run_balance", "A live run's balance", balance);
+    register_build_info(&mut registry);
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -259,4 +269,26 @@ pub(super) async fn metrics(State(agent): State<Shared>) -> Response {
         text,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::exposition::escape;
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_and_build_info_is_one() {
+        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape("two\nlines"), r"two\nlines");
+        let mut registry = Registry::default();
+        register_build_info(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!("nbt_build_info{{version=\"{version}\",commit=\"")),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE nbt_build_info gauge"), "{text}");
+    }
 }

@@ -14,8 +14,9 @@
 //! - `GET /v1/attribution`: active energy, what each live process and each run (live or recent)
 //!   was given, and what the tracker could not see.
 //! - `GET /metrics`: Prometheus text: node joules by source, per-process and per-run joules, the
-//!   bucket, and per live run its bytes, drops and balance (read from the runs' records and maps,
-//!   as `nbt ps` reads them).
+//!   bucket, the build, and per live run its series (memory, CPU, pressure, traffic, the limits
+//!   in force, balance, calls, energy) as of its last sample, read at scrape time through
+//!   `state::live` as `nbt ps` reads them (`run_metrics`).
 //! - `GET /healthz`: `ok`, nothing else.
 //!
 //! Every endpoint but `/healthz` and `/metrics` needs `Authorization: Bearer TOKEN` (the
@@ -46,7 +47,9 @@ use crate::telemetry::counters::{AttributeBy, Counted};
 use crate::telemetry::energy::CpuModel;
 
 mod api;
+mod exposition;
 mod metrics;
+mod run_metrics;
 mod sampler;
 
 /// How often the agent drains the kernel's process-exit records between samples.
