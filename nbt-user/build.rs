@@ -4,6 +4,23 @@
 
 use anyhow::{anyhow, Context as _};
 
+/// The checkout's commit (12 hex digits), and a rerun of this script when it moves.
+fn git_commit() -> Option<String> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        println!("cargo:rerun-if-changed={dir}/logs/HEAD");
+    }
+    Some(commit)
+}
+
 fn main() -> anyhow::Result<()> {
     let linker = std::process::Command::new("bpf-linker")
         .arg("--version")
@@ -16,8 +33,15 @@ fn main() -> anyhow::Result<()> {
     }
     // aya-build watches nbt-ebpf; the ABI crate it shares with us changes the object too.
     println!("cargo:rerun-if-changed=../nbt-common/src");
-    // The commit `/metrics`' nbt_build_info names, when the build is told it.
+    // The commit `nbt --version` and `/metrics`' nbt_build_info name: NBT_GIT_COMMIT when the
+    // build is given it (a package built outside git), else git's own, else "unknown".
     println!("cargo:rerun-if-env-changed=NBT_GIT_COMMIT");
+    let commit = std::env::var("NBT_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(git_commit)
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=NBT_GIT_COMMIT={commit}");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "nbt-ebpf",

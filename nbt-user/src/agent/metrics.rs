@@ -20,7 +20,7 @@ type IntCounter = prometheus_client::metrics::counter::Counter;
 /// the build's environment, else "unknown".
 fn register_build_info(registry: &mut Registry) {
     let info: Family<FloatGauge> = Default::default();
-    let commit = option_env!("NBT_GIT_COMMIT").unwrap_or("unknown");
+    let commit = env!("NBT_GIT_COMMIT");
     info.get_or_create(&labels(&[
         ("version", env!("CARGO_PKG_VERSION")),
         ("commit", if commit.is_empty() { "unknown" } else { commit }),

@@ -274,6 +274,7 @@ mod tests {
     fn run(name: &str, orphan: bool, latest: &[(&str, f64)]) -> LiveRun {
         LiveRun {
             run: name.into(),
+            name: None,
             orphan,
             nbt_pid: 1,
             command: vec![

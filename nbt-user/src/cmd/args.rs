@@ -18,7 +18,7 @@ Exit status: the command's own, or 128+N when signal N killed it; 2 for a usage 
 #[derive(Debug, Parser)]
 #[command(
     name = "nbt",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("NBT_GIT_COMMIT"), ")"),
     about = "Run a workload under deliberately imposed scarcity, enforced in the kernel, and measure what it cost",
     after_help = AFTER_HELP
 )]
