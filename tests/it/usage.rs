@@ -455,3 +455,20 @@ fn the_summary_file_holds_the_json_summary_apart_from_the_workloads_stdout() {
     }
     guard.assert_clean();
 }
+
+#[test]
+fn the_version_names_the_commit_it_was_built_from() {
+    let version = nbt(&["--version"]);
+    assert_eq!(version.status(), 0);
+    let text = version.stdout();
+    let commit = text
+        .trim()
+        .strip_prefix(&format!("nbt {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{text:?}"));
+    // Built in a git checkout (as CI and `cargo xtask dist` build it): 12 hex digits.
+    assert!(
+        commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{text:?}"
+    );
+}
