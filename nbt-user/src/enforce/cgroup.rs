@@ -250,6 +250,10 @@ struct SampledPeaks {
     pids: u64,
 }
 
+/// The largest pids limit: the kernel's PID_MAX_LIMIT on 64-bit machines (pids.max refuses
+/// more).
+pub const MAX_PIDS: u64 = 4 << 20;
+
 fn write_file(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).with_context(|| format!("writing '{value}' to {}", path.display()))
 }
@@ -601,6 +605,12 @@ impl RunCgroup {
                 write_file(&dir.join("cpu.cfs_quota_us"), &limit_text(quota, "-1"))
             }
         }
+    }
+
+    /// pids.max; `None`: no limit.
+    pub fn set_pids(&self, pids: Option<u64>) -> Result<()> {
+        let (_, dir) = self.require("pids", "pids")?;
+        write_file(&dir.join("pids.max"), &limit_text(pids, "max"))
     }
 
     /// Freezes (or thaws) every process of the run: v2's cgroup.freeze, present without any

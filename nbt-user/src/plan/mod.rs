@@ -195,8 +195,7 @@ pub const DEFAULT_SERIES_INTERVAL: std::time::Duration = std::time::Duration::fr
 /// Smallest memory limit accepted: below it no process can even be exec'd reliably.
 pub const MIN_MEMORY: u64 = 1 << 20;
 
-/// The largest `--pids`: the kernel's PID_MAX_LIMIT on 64-bit machines (pids.max refuses more).
-pub const MAX_PIDS: u64 = 4 << 20;
+pub use crate::enforce::cgroup::MAX_PIDS;
 
 /// The largest profile file: a profile is a few lines, and the file is read whole.
 pub const MAX_PROFILE_BYTES: u64 = 1 << 20;

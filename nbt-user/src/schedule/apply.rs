@@ -178,6 +178,7 @@ pub fn apply(
         Change::Memory { bytes } => cgroup.set_memory(*bytes).map(|()| None),
         Change::Swap { bytes } => cgroup.set_swap(*bytes).map(|()| None),
         Change::Cpus { millicores } => cgroup.set_cpus(*millicores).map(|()| None),
+        Change::Pids { count } => cgroup.set_pids(*count).map(|()| None),
         Change::Freeze { frozen } => cgroup.freeze(*frozen).map(|()| None),
         Change::MemoryHigh { bytes } => {
             let file = cgroup.squeeze_memory(*bytes, controls.memory)?;

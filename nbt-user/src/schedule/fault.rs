@@ -36,6 +36,19 @@ pub fn inject(
     as_schedule: &str,
     signals: &libc::sigset_t,
 ) -> Result<Vec<Event>> {
+    apply_from_outside(run, &format!("nbt fault {kind}"), as_schedule, signals)
+}
+
+/// Applies `as_schedule` (a schedule's text: steps take effect and stay, faults are put back
+/// when they end) to the live run `run` from this process, and logs its events in the run's
+/// log with `source`; returns them. `nbt fault` and `nbt set` (memory, swap, cpus, pids) go
+/// through here.
+pub fn apply_from_outside(
+    run: &str,
+    source: &str,
+    as_schedule: &str,
+    signals: &libc::sigset_t,
+) -> Result<Vec<Event>> {
     let dir = state_dir();
     let run = &crate::state::resolve_run(&dir, run)?;
     let (_, record) = RunRecord::find_live(&dir, run)?;
@@ -80,7 +93,7 @@ pub fn inject(
     let mut events = runner.events;
     for event in &mut events {
         event.t += offset;
-        event.source = format!("nbt fault {kind}");
+        event.source = source.to_string();
     }
     append_events(&RunFiles::of(&dir, run).events, &events)?;
     Ok(events)

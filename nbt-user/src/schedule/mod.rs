@@ -54,6 +54,10 @@ pub enum Change {
     Cpus {
         millicores: Option<u64>,
     },
+    /// pids.max; `None`: no limit.
+    Pids {
+        count: Option<u64>,
+    },
     EgressRate {
         bits_per_sec: Option<u64>,
     },
@@ -112,6 +116,7 @@ impl Change {
             Change::Memory { .. } => "memory",
             Change::Swap { .. } => "swap",
             Change::Cpus { .. } => "cpus",
+            Change::Pids { .. } => "pids",
             Change::EgressRate { .. } => "egress-rate",
             Change::IngressRate { .. } => "ingress-rate",
             Change::EgressLoss { .. } => "egress loss",
@@ -142,6 +147,7 @@ impl Change {
                 "cpus {}",
                 opt(millicores.map(|m| format!("{}", m as f64 / 1000.0)))
             ),
+            Change::Pids { count } => format!("pids {}", opt(count.map(|n| n.to_string()))),
             Change::EgressRate { bits_per_sec } => format!(
                 "egress rate {}",
                 opt(bits_per_sec.map(crate::units::format_rate))

@@ -71,6 +71,7 @@ struct StepToml {
     memory: Option<toml::Value>,
     swap: Option<toml::Value>,
     cpus: Option<toml::Value>,
+    pids: Option<toml::Value>,
     egress_rate: Option<toml::Value>,
     ingress_rate: Option<toml::Value>,
     loss: Option<toml::Value>,
@@ -369,7 +370,7 @@ impl Reader<'_> {
         self.network_changes(line, s, &mut changes)?;
         self.ledger_changes(line, s, &mut changes)?;
         if changes.is_empty() {
-            return Err(self.err(line, "this step changes nothing: give memory, swap, cpus, egress-rate, ingress-rate, loss, latency, duplicate, corrupt, reorder, balance-add, balance-charge, price-call or price-egress".into()));
+            return Err(self.err(line, "this step changes nothing: give memory, swap, cpus, pids, egress-rate, ingress-rate, loss, latency, duplicate, corrupt, reorder, balance-add, balance-charge, price-call or price-egress".into()));
         }
         let source = format!("step (line {line})");
         for change in &changes {
@@ -379,7 +380,7 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// memory, swap and cpus.
+    /// memory, swap, cpus and pids.
     fn resource_changes(
         &self,
         line: usize,
@@ -400,6 +401,20 @@ impl Reader<'_> {
             changes.push(Change::Cpus {
                 millicores: Some(self.cpus(line, "cpus", v)?),
             });
+        }
+        if let Some(v) = &s.pids {
+            let count = self.at_line(line, units::parse_count("pids", &text(v)))?;
+            if count == 0 || count > crate::enforce::cgroup::MAX_PIDS {
+                return Err(self.err(
+                    line,
+                    format!(
+                        "invalid value '{}' for pids: accepted: 1 to {}",
+                        text(v),
+                        crate::enforce::cgroup::MAX_PIDS
+                    ),
+                ));
+            }
+            changes.push(Change::Pids { count: Some(count) });
         }
         Ok(())
     }
