@@ -145,20 +145,40 @@ pub fn set(run: &str, net: &NetArgs) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
+    report("nbt set", set_network(run, net))
+}
+
+/// Prints what a command on a live run did, or why it failed; the exit status.
+fn report(command: &str, done: Result<String>) -> i32 {
+    match done {
+        Ok(line) => {
+            eprintln!("{command}: {line}");
+            0
+        }
+        Err(err) => {
+            eprintln!("{command}: {err:#}");
+            usage_or_failure(&err)
+        }
+    }
+}
+
+/// What `nbt set` (and `nbt top`) does: changes the run's network setting as `net` asks;
+/// returns a line saying what is in force now. Flags that cannot change on a live run, and no
+/// flag at all, are usage errors ([`PlanError`]).
+pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
     if let Some(text) = &net.impair_direction {
-        eprintln!(
-            "nbt set: invalid value '{text}' for --impair-direction: a run's impair direction is \
+        anyhow::bail!(PlanError(format!(
+            "invalid value '{text}' for --impair-direction: a run's impair direction is \
              fixed when it starts (its tc programs are put on then); accepted: none on nbt set, \
              whose --duplicate and --corrupt apply where the run started them"
-        );
-        return 2;
+        )));
     }
     if !net.link.is_empty() {
-        eprintln!(
-            "nbt set: --link cannot be changed on a live run yet: a run's links are fixed when it \
+        anyhow::bail!(PlanError(
+            "--link cannot be changed on a live run yet: a run's links are fixed when it \
              starts (nbt set changes the run's own limits, for every destination no link names)"
-        );
-        return 2;
+                .into()
+        ));
     }
     if [
         &net.egress_rate,
@@ -179,23 +199,14 @@ pub fn set(run: &str, net: &NetArgs) -> i32 {
     .iter()
     .all(|v| v.is_none())
     {
-        eprintln!("nbt set: nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap");
-        return 2;
+        anyhow::bail!(PlanError("nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap".into()));
     }
-    match live::change_network(run, |setting| change(run, setting, net)) {
-        Ok(setting) => {
-            eprintln!(
-                "nbt set: {run}: egress {}; ingress {}",
-                setting.net.egress.describe(Direction::Egress),
-                setting.net.ingress.describe(Direction::Ingress)
-            );
-            0
-        }
-        Err(err) => {
-            eprintln!("nbt set: {err:#}");
-            usage_or_failure(&err)
-        }
-    }
+    let setting = live::change_network(run, |setting| change(run, setting, net))?;
+    Ok(format!(
+        "{run}: egress {}; ingress {}",
+        setting.net.egress.describe(Direction::Egress),
+        setting.net.ingress.describe(Direction::Ingress)
+    ))
 }
 
 /// The setting `args` asks for: the delay first (a bad duration is refused before any limit).
@@ -335,20 +346,18 @@ pub fn top_up(run: &str, amount: &str) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
-    match live::top_up(run, micro) {
-        Ok(balance) => {
-            eprintln!(
-                "nbt balance: {run}: added {}, balance now {}",
-                format_amount(micro),
-                format_amount(balance)
-            );
-            0
-        }
-        Err(err) => {
-            eprintln!("nbt balance: {err:#}");
-            usage_or_failure(&err)
-        }
-    }
+    report("nbt balance", add_balance(run, micro))
+}
+
+/// What `nbt balance RUN add` (and `nbt top`) does: adds `micro` micro-units to the run's
+/// balance; returns a line saying what the balance is now.
+pub fn add_balance(run: &str, micro: i64) -> Result<String> {
+    let balance = live::top_up(run, micro)?;
+    Ok(format!(
+        "{run}: added {}, balance now {}",
+        format_amount(micro),
+        format_amount(balance)
+    ))
 }
 
 /// `nbt fault RUN KIND [DURATION]`.
@@ -356,18 +365,10 @@ pub fn fault(run: &str, fault: &FaultArgs, signals: &libc::sigset_t) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
-    match crate::schedule::fault::inject(run, &fault.kind, &fault.as_schedule(), signals) {
-        Ok(events) => {
-            let failed = events.iter().any(|e| e.error.is_some());
-            for e in events {
-                eprintln!(
-                    "nbt fault: {run} at {:.2} s: {}{}",
-                    e.t,
-                    e.what,
-                    e.error
-                        .map(|err| format!(" FAILED: {err}"))
-                        .unwrap_or_default()
-                );
+    match inject_fault(run, fault, signals) {
+        Ok((lines, failed)) => {
+            for line in lines {
+                eprintln!("nbt fault: {line}");
             }
             i32::from(failed)
         }
@@ -376,6 +377,32 @@ pub fn fault(run: &str, fault: &FaultArgs, signals: &libc::sigset_t) -> i32 {
             usage_or_failure(&err)
         }
     }
+}
+
+/// What `nbt fault` (and `nbt top`) does: injects the fault, waits for its end (or a signal of
+/// `signals`, which ends it early), puts back what was in force. Returns a line per event, and
+/// whether any of its changes failed.
+pub fn inject_fault(
+    run: &str,
+    fault: &FaultArgs,
+    signals: &libc::sigset_t,
+) -> Result<(Vec<String>, bool)> {
+    let events = crate::schedule::fault::inject(run, &fault.kind, &fault.as_schedule(), signals)?;
+    let failed = events.iter().any(|e| e.error.is_some());
+    let lines = events
+        .into_iter()
+        .map(|e| {
+            format!(
+                "{run} at {:.2} s: {}{}",
+                e.t,
+                e.what,
+                e.error
+                    .map(|err| format!(" FAILED: {err}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    Ok((lines, failed))
 }
 
 #[cfg(test)]
