@@ -19,5 +19,6 @@ mod report;
 mod schedule;
 mod series;
 mod shaper;
+mod top;
 mod usage;
 mod user;

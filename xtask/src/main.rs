@@ -49,6 +49,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "the same third party checking the receipts' ed25519 signatures",
     ),
     (
+        "tmux",
+        "a terminal of fixed size for `nbt top`'s tests: keys sent, the screen read back",
+    ),
+    (
         "prometheus",
         "a real Prometheus server scraping the agent's /metrics in a test",
     ),

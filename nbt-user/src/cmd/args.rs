@@ -46,6 +46,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The live runs in this terminal, read again every second: a row per run, a run's charts
+    /// and events (Enter), keys to change its rates (r, i, s), top up its balance (b) and
+    /// inject a fault (f); q quits
+    Top,
     /// Change a live run's network limits; the next packet sees them
     Set {
         /// The run's name, as `nbt ps` shows it (nbt-...)

@@ -8,6 +8,7 @@ pub(crate) mod live;
 pub(crate) mod receipts;
 pub(crate) mod report;
 pub(crate) mod run;
+pub(crate) mod top;
 
 use clap::Parser;
 
@@ -26,7 +27,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Cleanup { .. } | Command::Ps { .. } | Command::Balloon { .. }
+        Command::Cleanup { .. } | Command::Ps { .. } | Command::Top | Command::Balloon { .. }
     ) {
         warn_of_orphans();
     }
@@ -35,6 +36,7 @@ pub fn main() -> i32 {
         Command::Demo(args) => demo::demo(args, &signals),
         Command::Probe { json } => probe(json),
         Command::Ps { json } => live::ps(json),
+        Command::Top => top::top(),
         Command::Set { run, net } => live::set(&run, &net),
         Command::Balance {
             run,

@@ -581,7 +581,8 @@ fn on_wake(
             elapsed: running.started.elapsed(),
             links: plan.links.len() as u32,
         };
-        if let (Some(line), true) = (sampler.tick(sources), plan.status_line) {
+        let events = [&running.timeline.events[..], &running.lifecycle[..]];
+        if let (Some(line), true) = (sampler.tick(sources, events), plan.status_line) {
             // One line, rewritten in place: carriage return, then erase the line.
             eprint!("\r\x1b[2K{line}");
         }

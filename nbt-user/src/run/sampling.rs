@@ -1,6 +1,7 @@
 //! The run's time series while it runs: a sample at each interval (`telemetry::series`), kept
 //! bounded in memory, its last minutes written for `nbt ps`, `nbt top` and the agent
-//! (`state::live::LiveSeries`), and the whole of it stored with the run's receipt.
+//! (`state::live::LiveSeries`), with the run's events for `nbt top` (`state::live::LiveEvents`),
+//! and the whole of it stored with the run's receipt.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,7 +15,8 @@ use crate::enforce::hwcaps::watch::Latest;
 use crate::enforce::ledger::PICO_PER_MICRO;
 use crate::enforce::shaper::{self, NetLimits, ShapedTraffic};
 use crate::receipt::store::sha256_hex;
-use crate::state::live::LiveSeries;
+use crate::schedule::apply::Event;
+use crate::state::live::{LiveEvents, LiveSeries};
 use crate::state::{RunFiles, RunRecord};
 use crate::telemetry::energy::RunMeter;
 use crate::telemetry::series::{Packets, Sample, Series, SeriesRef};
@@ -41,6 +43,8 @@ pub struct Sampler {
     /// The sample before the last, for the rates of the status line.
     previous: Option<Sample>,
     live: LiveSeries,
+    /// The run's events so far, on disk for `nbt top`.
+    events: LiveEvents,
     interval: Duration,
     next: Instant,
     state_dir: std::path::PathBuf,
@@ -62,6 +66,7 @@ impl Sampler {
         let series = Series::new(run, interval.as_secs_f64());
         Sampler {
             live: LiveSeries::new(state_dir, &series),
+            events: LiveEvents::new(state_dir, run),
             series,
             previous: None,
             interval,
@@ -78,7 +83,9 @@ impl Sampler {
     }
 
     /// Takes a sample when one is due; returns the status line of it (see [`status_line`]).
-    pub fn tick(&mut self, sources: Sources) -> Option<String> {
+    /// `events`: the run's own events so far (its schedule's, its lifecycle's): those not on
+    /// disk yet are appended for `nbt top`.
+    pub fn tick(&mut self, sources: Sources, events: [&[Event]; 2]) -> Option<String> {
         let now = Instant::now();
         if now < self.next {
             return None;
@@ -90,6 +97,9 @@ impl Sampler {
         self.series.push(&sample);
         if let Err(err) = self.live.push(&sample.values().to_vec()) {
             eprintln!("nbt: writing the run's live series: {err:#}");
+        }
+        if let Err(err) = self.events.append(events) {
+            eprintln!("nbt: writing the run's live events: {err:#}");
         }
         let line = status_line(self.previous.as_ref(), &sample);
         self.previous = Some(sample);
@@ -243,7 +253,7 @@ pub fn status_line(previous: Option<&Sample>, now: &Sample) -> String {
 }
 
 /// A measured rate, to three figures or so.
-fn measured_rate(bits_per_second: f64) -> String {
+pub fn measured_rate(bits_per_second: f64) -> String {
     match bits_per_second {
         r if r >= 1e9 => format!("{:.2}gbit", r / 1e9),
         r if r >= 1e6 => format!("{:.1}mbit", r / 1e6),

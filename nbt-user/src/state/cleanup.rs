@@ -125,6 +125,7 @@ fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut T
             let _ = fs::remove_file(&files.reports);
             let _ = fs::remove_file(&files.events);
             let _ = fs::remove_file(&files.series);
+            let _ = fs::remove_file(&files.live_events);
             tally.removed += 1;
         }
         Err(err) => {

@@ -3,7 +3,7 @@
 //! maps the programs read per packet, so it applies at once and nothing is reattached.
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::enforce::edt::{self, Latency, MAX_DELAY};
 use crate::enforce::shaper::{self, Directions, NetLimits, ShapedTraffic};
@@ -299,4 +299,129 @@ pub fn read_series(run: &str) -> Option<Series> {
     let keep = series.rows.len().saturating_sub(LIVE_ROWS);
     series.rows.drain(..keep);
     Some(series)
+}
+
+/// One event of a live run as `nbt top` shows it: a schedule's step or fault, a restart, nbt
+/// stopping the workload, a fault of `nbt fault`. Read from the lines `schedule::apply::Event`
+/// writes (its other fields passed over).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveEvent {
+    /// Seconds after the workload started.
+    pub t: f64,
+    /// Where it came from: `schedule`, `nbt fault brownout`, ...
+    pub source: String,
+    pub what: String,
+    /// Why the change could not be made, when it could not.
+    pub error: Option<String>,
+}
+
+/// A live run's own events on disk (`RunFiles::live_events`), for `nbt top`: one JSON line per
+/// event, appended when the supervisor sees new ones (a sample with none writes nothing).
+/// Removed when dropped, at the run's end.
+pub struct LiveEvents {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    /// How many of each list are on disk.
+    written: [usize; 2],
+}
+
+impl LiveEvents {
+    pub fn new(dir: &std::path::Path, run: &str) -> LiveEvents {
+        LiveEvents {
+            path: RunFiles::of(dir, run).live_events,
+            file: None,
+            written: [0; 2],
+        }
+    }
+
+    /// Appends the events of `lists` not written yet (each list only grows; one that shrank,
+    /// started again, is taken from its new length).
+    pub fn append<T: Serialize>(&mut self, lists: [&[T]; 2]) -> Result<()> {
+        use std::io::Write as _;
+        let mut text = String::new();
+        for (list, written) in lists.iter().zip(&mut self.written) {
+            for event in list.get(*written..).unwrap_or_default() {
+                text += &serde_json::to_string(event)?;
+                text.push('\n');
+            }
+            *written = list.len();
+        }
+        if text.is_empty() {
+            return Ok(());
+        }
+        match self.file.as_mut() {
+            Some(file) => file.write_all(text.as_bytes())?,
+            None => {
+                private::replace_private(&self.path, text.as_bytes())?;
+                self.file = Some(private::open_append(&self.path, "a run's live events")?);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LiveEvents {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The events so far of the live run `run`, in time order: its own (`LiveEvents`) and the
+/// faults of `nbt fault` (`RunFiles::events`, each once it has ended).
+pub fn read_events(run: &str) -> Vec<LiveEvent> {
+    let files = RunFiles::of(&state_dir(), run);
+    let own = private::read_private(&files.live_events, "a run's live events", WideMode::Refuse)
+        .unwrap_or_default();
+    let outside = std::fs::read(&files.events).unwrap_or_default();
+    let mut events: Vec<LiveEvent> = [own, outside]
+        .iter()
+        .flat_map(|bytes| {
+            String::from_utf8_lossy(bytes)
+                .into_owned()
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        // A line being appended may be read half written: it does not parse and is left out.
+        .filter_map(|line| serde_json::from_str(&line).ok())
+        .collect();
+    events.sort_by(|a, b| a.t.total_cmp(&b.t));
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_events_are_appended_once_each_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("runs")).unwrap();
+        let event = |t: f64, what: &str| LiveEvent {
+            t,
+            source: "schedule".into(),
+            what: what.into(),
+            error: None,
+        };
+        let mut live = LiveEvents::new(dir.path(), "nbt-0123456789abcdef");
+        let path = live.path.clone();
+        live.append::<LiveEvent>([&[], &[]]).unwrap();
+        assert!(!path.exists(), "nothing to write, no file");
+        let steps = [event(1.0, "a"), event(3.0, "c")];
+        let restarts = [event(2.0, "b")];
+        live.append([&steps[..1], &restarts[..]]).unwrap();
+        live.append([&steps[..], &restarts[..]]).unwrap();
+        live.append([&steps[..], &restarts[..]]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let read: Vec<LiveEvent> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            read,
+            vec![event(1.0, "a"), event(2.0, "b"), event(3.0, "c")]
+        );
+        drop(live);
+        assert!(!path.exists());
+    }
 }

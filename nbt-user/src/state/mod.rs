@@ -127,6 +127,9 @@ pub struct RunFiles {
     /// The last minutes of its time series, rewritten at each sample, for `nbt ps`, `nbt top`
     /// and the agent (`live::LiveSeries`).
     pub series: PathBuf,
+    /// Its own events so far (schedule, restarts), appended as they happen, for `nbt top`
+    /// (`live::LiveEvents`).
+    pub live_events: PathBuf,
 }
 
 impl RunFiles {
@@ -138,6 +141,7 @@ impl RunFiles {
             events: runs.join(format!("{run}.events")),
             hwcaps: dir.join(format!("{run}.hwcaps")),
             series: runs.join(format!("{run}.series")),
+            live_events: runs.join(format!("{run}.live-events")),
         }
     }
 }
