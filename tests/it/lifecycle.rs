@@ -631,3 +631,72 @@ fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
     let _ = std::fs::remove_file(&file);
     guard.assert_clean();
 }
+
+#[test]
+fn nbt_set_changes_memory_cpus_and_pids_of_a_live_run_and_logs_it() {
+    let guard = NoLeftovers::new();
+    let file = temp_file("set-limits");
+    let child = nbt_command()
+        .args([
+            "run",
+            "--json",
+            "--memory",
+            "256M",
+            "--cpus",
+            "1",
+            "--pids",
+            "100",
+            "--series-interval",
+            "200ms",
+            "--",
+        ])
+        .arg(testbin())
+        .arg("await-signal")
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = Started(Some(child));
+    wait_for("the workload to start", || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.parse::<i32>().is_ok())
+    });
+    let run = wait_for_live_run(|_| true).expect("the run is listed");
+    let set = nbt(&[
+        "set", &run, "--memory", "128M", "--cpus", "0.5", "--pids", "50",
+    ]);
+    assert_eq!(set.status(), 0, "{}", set.stderr());
+    // The kernel has the new limits: the run's next samples read them back from its cgroups.
+    let mib = (1u64 << 20) as f64;
+    wait_for("the new limits in the run's samples", || {
+        live_runs()
+            .into_iter()
+            .find(|r| r["run"] == run.as_str())
+            .is_some_and(|r| {
+                r["latest"]["memory_limit_bytes"] == 128.0 * mib
+                    && r["latest"]["cpu_limit_cores"] == 0.5
+                    && r["latest"]["pids_limit"] == 50.0
+            })
+    });
+    // A bad value is a usage error naming the flag, and changes nothing.
+    let bad = nbt(&["set", &run, "--memory", "12X", "--cpus", "0.25"]);
+    assert_eq!(bad.status(), 2, "{}", bad.stderr());
+    assert!(bad.stderr().contains("for --memory"), "{}", bad.stderr());
+    let pid: i32 = std::fs::read_to_string(&file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the workload this test started.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let run = nbt_integration_tests::Run::from_output(child.take().wait_with_output().unwrap());
+    let events = run.summary.as_ref().unwrap()["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let set: Vec<_> = events.iter().filter(|e| e["source"] == "nbt set").collect();
+    assert_eq!(set.len(), 1, "{events:?}");
+    assert_eq!(set[0]["what"], "memory 128.0 MiB, cpus 0.5, pids 50");
+    let _ = std::fs::remove_file(&file);
+    guard.assert_clean();
+}

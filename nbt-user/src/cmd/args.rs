@@ -52,8 +52,10 @@ pub enum Command {
     Top,
     /// Change a live run's network limits; the next packet sees them
     Set {
-        /// The run's name, as `nbt ps` shows it (nbt-...)
+        /// The run's name, as `nbt ps` shows it (nbt-...), or the name given with --name
         run: String,
+        #[command(flatten)]
+        limits: Box<LimitArgs>,
         #[command(flatten)]
         net: Box<NetArgs>,
     },

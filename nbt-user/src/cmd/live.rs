@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::args::{FaultArgs, NetArgs};
+use super::args::{FaultArgs, LimitArgs, NetArgs};
 use super::{privileged, usage_or_failure};
 use crate::enforce::edt::Latency;
 use crate::enforce::ledger::{format_amount, parse_amount};
@@ -118,8 +118,14 @@ fn print_latest(latest: &std::collections::BTreeMap<String, f64>) {
     if let Some(throttled) = get("cpu_throttled_seconds").filter(|s| *s > 0.0) {
         parts.push(format!("throttled {throttled:.2} s"));
     }
+    if let Some(cores) = get("cpu_limit_cores") {
+        parts.push(format!("cpu limit {cores} cores"));
+    }
     if let Some(pids) = get("pids") {
-        parts.push(format!("pids {pids}"));
+        parts.push(match get("pids_limit") {
+            Some(limit) => format!("pids {pids} of {limit}"),
+            None => format!("pids {pids}"),
+        });
     }
     if !parts.is_empty() {
         println!("  usage    {}", parts.join(", "));
@@ -141,11 +147,89 @@ fn print_latest(latest: &std::collections::BTreeMap<String, f64>) {
 }
 
 /// `nbt set RUN [limits]`.
-pub fn set(run: &str, net: &NetArgs) -> i32 {
+pub fn set(run: &str, limits: &LimitArgs, net: &NetArgs, signals: &libc::sigset_t) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
+    let given = limits_given(limits);
+    if given.is_empty() {
+        return report("nbt set", set_network(run, net));
+    }
+    // The cgroup limits first: a bad value there is refused before the network changes.
+    let status = report("nbt set", set_limits(run, &given, signals));
+    if status != 0 || !net_given(net) {
+        return status;
+    }
     report("nbt set", set_network(run, net))
+}
+
+/// The cgroup limits `nbt set` was given, as (schedule key, value).
+fn limits_given(limits: &LimitArgs) -> Vec<(&'static str, &str)> {
+    [
+        ("memory", &limits.memory),
+        ("swap", &limits.swap),
+        ("cpus", &limits.cpus),
+        ("pids", &limits.pids),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| Some((key, value.as_deref()?)))
+    .collect()
+}
+
+/// Changes a live run's memory, swap, cpus and pids limits: one schedule step applied from
+/// outside (as `nbt fault` applies a fault), so the values are checked as a schedule's are and
+/// the change goes into the run's event log, from "nbt set".
+pub fn set_limits(run: &str, given: &[(&str, &str)], signals: &libc::sigset_t) -> Result<String> {
+    let mut step = String::from("step = [{ at = \"0s\"");
+    for (key, value) in given {
+        // A TOML string: the value as given, its quotes and backslashes escaped.
+        let value: String = toml::Value::String(value.to_string()).to_string();
+        step.push_str(&format!(", {key} = {value}"));
+    }
+    step.push_str(" }]");
+    let events = crate::schedule::fault::apply_from_outside(run, "nbt set", &step, signals)
+        .map_err(|err| {
+            // The schedule's words for the flags' names.
+            let text = format!("{err:#}");
+            match err.downcast_ref::<PlanError>() {
+                Some(_) => anyhow::Error::new(PlanError(
+                    text.replace("for memory", "for --memory")
+                        .replace("for swap", "for --swap")
+                        .replace("for cpus", "for --cpus")
+                        .replace("for pids", "for --pids"),
+                )),
+                None => err,
+            }
+        })?;
+    let failed: Vec<String> = events.iter().filter_map(|e| e.error.clone()).collect();
+    if !failed.is_empty() {
+        anyhow::bail!("{run}: {}", failed.join("; "));
+    }
+    let done: Vec<String> = events.into_iter().map(|e| e.what).collect();
+    Ok(format!("{run}: {}", done.join(", ")))
+}
+
+fn net_given(net: &NetArgs) -> bool {
+    !net.link.is_empty()
+        || net.impair_direction.is_some()
+        || [
+            &net.egress_rate,
+            &net.ingress_rate,
+            &net.burst,
+            &net.loss,
+            &net.loss_model,
+            &net.latency,
+            &net.jitter,
+            &net.jitter_correlation,
+            &net.loss_correlation,
+            &net.duplicate,
+            &net.corrupt,
+            &net.reorder,
+            &net.reorder_correlation,
+            &net.reorder_gap,
+        ]
+        .iter()
+        .any(|v| v.is_some())
 }
 
 /// Prints what a command on a live run did, or why it failed; the exit status.
@@ -199,7 +283,7 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
     .iter()
     .all(|v| v.is_none())
     {
-        anyhow::bail!(PlanError("nothing to change: give --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap".into()));
+        anyhow::bail!(PlanError("nothing to change: give --memory, --swap, --cpus, --pids, --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap".into()));
     }
     let setting = live::change_network(run, |setting| change(run, setting, net))?;
     Ok(format!(

@@ -37,7 +37,7 @@ pub fn main() -> i32 {
         Command::Probe { json } => probe(json),
         Command::Ps { json } => live::ps(json),
         Command::Top => top::top(),
-        Command::Set { run, net } => live::set(&run, &net),
+        Command::Set { run, limits, net } => live::set(&run, &limits, &net, &signals),
         Command::Balance {
             run,
             action: BalanceAction::Add { amount },
