@@ -61,8 +61,15 @@ impl Drop for Started {
 
 /// Starts `nbt run -- nbt-testbin await-signal FILE` and waits until the workload is ready.
 fn start_awaiting(file: &PathBuf) -> Started {
+    start_awaiting_with(&[], file)
+}
+
+/// [`start_awaiting`] with `limits` given to `nbt run`.
+fn start_awaiting_with(limits: &[&str], file: &PathBuf) -> Started {
     let child = nbt_command()
-        .args(["run", "--json", "--"])
+        .args(["run", "--json"])
+        .args(limits)
+        .arg("--")
         .arg(testbin())
         .arg("await-signal")
         .arg(file)
@@ -555,19 +562,7 @@ fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
     let guard = NoLeftovers::new();
     let file = temp_file("named");
     let name = format!("train-{}", std::process::id());
-    let child = nbt_command()
-        .args(["run", "--json", "--name", &name, "--balance", "2", "--"])
-        .arg(testbin())
-        .arg("await-signal")
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = Started(Some(child));
-    wait_for("the workload to start", || {
-        std::fs::read_to_string(&file).is_ok_and(|s| s.parse::<i32>().is_ok())
-    });
+    let child = start_awaiting_with(&["--name", &name, "--balance", "2"], &file);
     let listed = live_runs()
         .into_iter()
         .find(|r| r["name"] == name.as_str())
@@ -636,10 +631,8 @@ fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
 fn nbt_set_changes_memory_cpus_and_pids_of_a_live_run_and_logs_it() {
     let guard = NoLeftovers::new();
     let file = temp_file("set-limits");
-    let child = nbt_command()
-        .args([
-            "run",
-            "--json",
+    let child = start_awaiting_with(
+        &[
             "--memory",
             "256M",
             "--cpus",
@@ -648,19 +641,9 @@ fn nbt_set_changes_memory_cpus_and_pids_of_a_live_run_and_logs_it() {
             "100",
             "--series-interval",
             "200ms",
-            "--",
-        ])
-        .arg(testbin())
-        .arg("await-signal")
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = Started(Some(child));
-    wait_for("the workload to start", || {
-        std::fs::read_to_string(&file).is_ok_and(|s| s.parse::<i32>().is_ok())
-    });
+        ],
+        &file,
+    );
     let run = wait_for_live_run(|_| true).expect("the run is listed");
     let set = nbt(&[
         "set", &run, "--memory", "128M", "--cpus", "0.5", "--pids", "50",

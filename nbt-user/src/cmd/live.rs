@@ -209,27 +209,31 @@ pub fn set_limits(run: &str, given: &[(&str, &str)], signals: &libc::sigset_t) -
     Ok(format!("{run}: {}", done.join(", ")))
 }
 
+/// Whether any network flag was given.
 fn net_given(net: &NetArgs) -> bool {
-    !net.link.is_empty()
-        || net.impair_direction.is_some()
-        || [
-            &net.egress_rate,
-            &net.ingress_rate,
-            &net.burst,
-            &net.loss,
-            &net.loss_model,
-            &net.latency,
-            &net.jitter,
-            &net.jitter_correlation,
-            &net.loss_correlation,
-            &net.duplicate,
-            &net.corrupt,
-            &net.reorder,
-            &net.reorder_correlation,
-            &net.reorder_gap,
-        ]
-        .iter()
-        .any(|v| v.is_some())
+    !net.link.is_empty() || net.impair_direction.is_some() || changeable_given(net)
+}
+
+/// Whether any flag `nbt set` can change on a live run's network was given.
+fn changeable_given(net: &NetArgs) -> bool {
+    [
+        &net.egress_rate,
+        &net.ingress_rate,
+        &net.burst,
+        &net.loss,
+        &net.loss_model,
+        &net.latency,
+        &net.jitter,
+        &net.jitter_correlation,
+        &net.loss_correlation,
+        &net.duplicate,
+        &net.corrupt,
+        &net.reorder,
+        &net.reorder_correlation,
+        &net.reorder_gap,
+    ]
+    .iter()
+    .any(|v| v.is_some())
 }
 
 /// Prints what a command on a live run did, or why it failed; the exit status.
@@ -264,25 +268,7 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
                 .into()
         ));
     }
-    if [
-        &net.egress_rate,
-        &net.ingress_rate,
-        &net.burst,
-        &net.loss,
-        &net.loss_model,
-        &net.latency,
-        &net.jitter,
-        &net.jitter_correlation,
-        &net.loss_correlation,
-        &net.duplicate,
-        &net.corrupt,
-        &net.reorder,
-        &net.reorder_correlation,
-        &net.reorder_gap,
-    ]
-    .iter()
-    .all(|v| v.is_none())
-    {
+    if !changeable_given(net) {
         anyhow::bail!(PlanError("nothing to change: give --memory, --swap, --cpus, --pids, --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap".into()));
     }
     let setting = live::change_network(run, |setting| change(run, setting, net))?;

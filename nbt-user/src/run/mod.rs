@@ -572,15 +572,7 @@ fn on_wake(
     }
     note_recovery(&books.judge, running);
     if let Some(sampler) = running.sampler.as_mut() {
-        let sources = Sources {
-            cgroup: &mut armed.cgroup,
-            ebpf: &armed.ebpf,
-            ledger: armed.ledger.as_ref(),
-            meter: &running.meter,
-            sensors: running.watch.latest(),
-            elapsed: running.started.elapsed(),
-            links: plan.links.len() as u32,
-        };
+        let sources = sources(plan, armed, &running.meter, &running.watch, running.started);
         let events = [&running.timeline.events[..], &running.lifecycle[..]];
         if let (Some(line), true) = (sampler.tick(sources, events), plan.status_line) {
             // One line, rewritten in place: carriage return, then erase the line.
@@ -616,6 +608,25 @@ fn on_wake(
     next.at(running.recovering.map(|(since, _)| since + RECOVERED_AFTER));
     next.at(running.sampler.as_ref().map(Sampler::next_due));
     next.get()
+}
+
+/// What a sample of the run reads now.
+fn sources<'a>(
+    plan: &Plan,
+    armed: &'a mut Armed,
+    meter: &'a energy::RunMeter,
+    watch: &Watch,
+    started: Instant,
+) -> Sources<'a> {
+    Sources {
+        cgroup: &mut armed.cgroup,
+        ebpf: &armed.ebpf,
+        ledger: armed.ledger.as_ref(),
+        meter,
+        sensors: watch.latest(),
+        elapsed: started.elapsed(),
+        links: plan.links.len() as u32,
+    }
 }
 
 /// Adds the addresses the gated hosts have now. A name that does not resolve keeps its old
@@ -758,15 +769,13 @@ fn measure(
     let energy = running.meter.total(cpu);
     let ledger = settle_ledger(plan, armed, wall_seconds)?;
     let series = running.sampler.take().map(|sampler| {
-        let (series, reference) = sampler.finish(Sources {
-            cgroup: &mut armed.cgroup,
-            ebpf: &armed.ebpf,
-            ledger: armed.ledger.as_ref(),
-            meter: &running.meter,
-            sensors: running.watch.latest(),
-            elapsed: running.started.elapsed(),
-            links: plan.links.len() as u32,
-        });
+        let (series, reference) = sampler.finish(sources(
+            plan,
+            armed,
+            &running.meter,
+            &running.watch,
+            running.started,
+        ));
         (series.encode(), reference)
     });
 
