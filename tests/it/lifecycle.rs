@@ -32,6 +32,19 @@ impl Started {
     fn take(mut self) -> Child {
         self.0.take().expect("taken once")
     }
+
+    /// Ends the `await-signal` workload whose pid is in `file` (SIGUSR1: it exits 0) and waits
+    /// for nbt's summary.
+    fn end_workload(self, file: &PathBuf) -> nbt_integration_tests::Run {
+        let pid: i32 = std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill(2) on the workload this test started.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+        nbt_integration_tests::Run::from_output(self.take().wait_with_output().unwrap())
+    }
 }
 
 impl std::ops::Deref for Started {
@@ -593,15 +606,7 @@ fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
         assert_eq!(run.status(), 2, "{bad}: {}", run.stderr());
         assert!(run.stderr().contains("--name"), "{}", run.stderr());
     }
-    let pid: i32 = std::fs::read_to_string(&file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: kill(2) on the workload this test started.
-    unsafe { libc::kill(pid, libc::SIGUSR1) };
-    let output = child.take().wait_with_output().unwrap();
-    let run = nbt_integration_tests::Run::from_output(output);
+    let run = child.end_workload(&file);
     assert_eq!(run.summary_str("/name"), name);
     assert!(
         run.stderr().contains(&format!("nbt: {id} ({name}) ended")),
@@ -665,14 +670,7 @@ fn nbt_set_changes_memory_cpus_and_pids_of_a_live_run_and_logs_it() {
     let bad = nbt(&["set", &run, "--memory", "12X", "--cpus", "0.25"]);
     assert_eq!(bad.status(), 2, "{}", bad.stderr());
     assert!(bad.stderr().contains("for --memory"), "{}", bad.stderr());
-    let pid: i32 = std::fs::read_to_string(&file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: kill(2) on the workload this test started.
-    unsafe { libc::kill(pid, libc::SIGUSR1) };
-    let run = nbt_integration_tests::Run::from_output(child.take().wait_with_output().unwrap());
+    let run = child.end_workload(&file);
     let events = run.summary.as_ref().unwrap()["events"]
         .as_array()
         .unwrap()
