@@ -15,6 +15,19 @@ rates 512kbit, 10mbit (bits/s) or 64KB/s (bytes/s; `kbps` is refused as ambiguou
 Exit status: the command's own, or 128+N when signal N killed it; 2 for a usage error;
 125 when nbt itself failed (before the command ran, or writing its receipts); 126 command not executable; 127 not found.";
 
+const ATTACH_AFTER_HELP: &str = "\
+Examples:
+  nbt attach --container web --memory 256M --egress-rate 10mbit
+  nbt attach --pid 4242 --cpus 0.5 --name trainer      (then: nbt set trainer --cpus 1)
+  nbt attach --cgroup /system.slice/job.service --profile nbt
+What goes back at the end: the target's limit files (memory.max, cpu.max, pids.max, ... as they
+were), nbt's programs detached; --pid moves its process back to its own cgroups. Nothing of the
+target is killed. Not for a target: --restart and --user (nbt does not start it), --gpu-memory
+(it reads its environment at start), and a delay (--latency, --jitter, --reorder) on a target in
+another network namespace.
+Exit status: 0 when everything went back, 1 when something could not; 2 for a usage error;
+125 when nbt itself failed.";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nbt",
@@ -86,6 +99,16 @@ pub enum Command {
     /// Write a run's report: one self-contained HTML file (charts of every measured series
     /// against its limit, the events, the learning updates, the receipt and its verification)
     Report(ReportArgs),
+    /// Put a running workload under scarcity: a process (--pid), a cgroup, a Docker container
+    /// or a systemd unit, with the limits of `nbt run`; until Ctrl-C, `nbt detach` or the
+    /// target's end, when everything changed goes back as it was and a receipt is written
+    #[command(after_help = ATTACH_AFTER_HELP)]
+    Attach(Box<AttachArgs>),
+    /// End an attachment (`nbt attach`): its limits go back, its receipt is written
+    Detach {
+        /// The attachment's name, as `nbt ps` shows it (nbt-...), or the name given with --name
+        run: String,
+    },
     /// Remove what crashed runs left behind (cgroups, processes), and only that
     Cleanup {
         /// Say what would be removed, remove nothing
@@ -351,6 +374,55 @@ impl LedgerArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub options: RunOptions,
+    /// Start the workload again when it fails (exits non-zero or is killed, not when you stop
+    /// it): `no` (default), `on-failure` (up to 3 times), `on-failure:N`; each restart and the
+    /// time to recover (a progress report, or 10 s up) go into the event log
+    #[arg(long, value_name = "POLICY")]
+    pub restart: Option<String>,
+    /// Run the workload as USER (name or uid), with GROUP as its group: by default the user who
+    /// invoked sudo; `root` only when named, since a root workload can undo its own limits
+    #[arg(long, value_name = "USER[:GROUP]", env = "NBT_USER")]
+    pub user: Option<String>,
+    /// The workload and its arguments, after `--`
+    #[arg(required = true, last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// What `nbt attach` holds: exactly one of these.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct TargetArgs {
+    /// A process, and whatever it starts from now on: moved into a cgroup of nbt's own, and back
+    /// to its own at the end
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<String>,
+    /// A cgroup and every process in it: /docker/ID as /proc/PID/cgroup names it, or its
+    /// directory (/sys/fs/cgroup/...)
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+    /// A running Docker container, by name or id, asked of the engine ($DOCKER_HOST, else
+    /// /var/run/docker.sock)
+    #[arg(long, value_name = "NAME|ID")]
+    pub container: Option<String>,
+    /// A running systemd unit (systemd must be PID 1)
+    #[arg(long, value_name = "NAME")]
+    pub unit: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub options: RunOptions,
+}
+
+/// What `nbt run` and `nbt attach` share: the limits, the gate, the schedule, the receipts and
+/// the output.
+#[derive(Debug, Args)]
+pub struct RunOptions {
     /// Starting limits: `nbt` (the seed's numbers), `none` (the default), or a TOML file whose
     /// keys are these flags' names; flags override it
     #[arg(long, value_name = "NAME|FILE")]
@@ -371,15 +443,6 @@ pub struct RunArgs {
     /// generators and faults (docs/schedules.md); checked before the run starts
     #[arg(long, value_name = "FILE")]
     pub schedule: Option<String>,
-    /// Start the workload again when it fails (exits non-zero or is killed, not when you stop
-    /// it): `no` (default), `on-failure` (up to 3 times), `on-failure:N`; each restart and the
-    /// time to recover (a progress report, or 10 s up) go into the event log
-    #[arg(long, value_name = "POLICY")]
-    pub restart: Option<String>,
-    /// Run the workload as USER (name or uid), with GROUP as its group: by default the user who
-    /// invoked sudo; `root` only when named, since a root workload can undo its own limits
-    #[arg(long, value_name = "USER[:GROUP]", env = "NBT_USER")]
-    pub user: Option<String>,
     /// Print the summary as one JSON object on stdout (human text always goes to stderr)
     #[arg(long)]
     pub json: bool,
@@ -397,9 +460,6 @@ pub struct RunArgs {
     /// balance, energy): 100ms to 1h, default 1s; `nbt receipts series RUN` prints it
     #[arg(long, value_name = "DURATION")]
     pub series_interval: Option<String>,
-    /// The workload and its arguments, after `--`
-    #[arg(required = true, last = true, value_name = "COMMAND")]
-    pub command: Vec<OsString>,
 }
 
 /// Where the run's receipts go and how its learning updates are judged.

@@ -40,7 +40,7 @@ pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
     let summary = match execute_and_print(
         plan,
         &user,
-        &scenario.command,
+        crate::run::Workload::Command(&scenario.command),
         signals,
         &[],
         SummaryOut {

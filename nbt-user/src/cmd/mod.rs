@@ -3,6 +3,7 @@
 
 pub(crate) mod agent;
 pub(crate) mod args;
+pub(crate) mod attach;
 pub(crate) mod demo;
 pub(crate) mod live;
 pub(crate) mod receipts;
@@ -47,6 +48,8 @@ pub fn main() -> i32 {
         Command::Balloon { bytes_per_sec } => crate::schedule::fault::balloon(bytes_per_sec),
         Command::Fault { run, fault } => live::fault(&run, &fault, &signals),
         Command::Report(args) => report::command(args),
+        Command::Attach(args) => attach::attach(*args, &signals),
+        Command::Detach { run } => attach::detach(&run),
         Command::Cleanup { dry_run } => cleanup(dry_run),
     }
 }

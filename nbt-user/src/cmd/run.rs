@@ -1,64 +1,23 @@
 //! `nbt run`: the plan from the flags, the run, the summary printed, the exit status picked.
 
-use std::ffi::OsString;
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
-use super::args::RunArgs;
+use super::args::{RunArgs, RunOptions};
 use super::{privileged, EXIT_NBT_FAILED};
 use crate::plan::Plan;
 use crate::run::sampling::MIN_INTERVAL;
 use crate::run::summary::RunSummary;
-use crate::run::{self, RunError};
+use crate::run::{self, RunError, Workload};
 use crate::sys::supervise;
 use crate::sys::user::Identity;
 use crate::units;
 
 pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
-    let mut flags = args
-        .limits
-        .flags(args.profile.clone(), args.not_yet.given());
-    args.net.add_to(&mut flags);
-    args.ledger.add_to(&mut flags);
-    args.receipt.add_to(&mut flags);
-    args.hw.add_to(&mut flags);
-    flags.schedule = args.schedule.clone();
-    flags.restart = args.restart.clone();
-    let mut plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
+    let plan = match plan_of(&args.options, args.restart.clone()) {
         Ok(plan) => plan,
-        Err(err) => {
-            eprintln!("nbt: {err}");
-            return 2;
-        }
+        Err(status) => return status,
     };
-    if let Some(text) = &args.series_interval {
-        match series_interval(text) {
-            Ok(interval) => plan.series_interval = interval,
-            Err(err) => {
-                eprintln!("nbt: {err}");
-                return 2;
-            }
-        }
-    }
-    plan.status_line = !args.quiet && std::io::stderr().is_terminal();
-    if let Some(name) = &args.name {
-        if let Err(why) = crate::state::valid_label(name) {
-            eprintln!("nbt: invalid value for --name: {why}");
-            return 2;
-        }
-        if let Ok(other) = crate::state::resolve_run(&crate::state::state_dir(), name) {
-            eprintln!("nbt: --name {name}: the live run {other} already has that name");
-            return 2;
-        }
-        plan.name = Some(name.clone());
-    }
-    // Checking the flags (a long schedule, say) may have taken a while: a signal that came
-    // meanwhile stops nbt here.
-    if let Some(signal) = supervise::take_pending_stop() {
-        eprintln!("nbt: stopped by {}", supervise::signal_name(signal));
-        return 128 + signal;
-    }
-    crate::sys::phase::mark("planned");
     let user = match Identity::choose(args.user.as_deref()) {
         Ok(user) => user,
         Err(err) => {
@@ -66,22 +25,77 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
             return 2;
         }
     };
-    if let Some(file) = &args.summary_file {
+    let workload = Workload::Command(&args.command);
+    match execute_and_print(&plan, &user, workload, signals, &[], out_of(&args.options)) {
+        Ok(summary) => exit_status(&summary),
+        Err(status) => status,
+    }
+}
+
+/// The plan of `nbt run` or `nbt attach` from their shared flags, each checked; the status to
+/// exit with (2, or 128+N for a signal that came meanwhile) when there is none.
+pub fn plan_of(options: &RunOptions, restart: Option<String>) -> Result<Plan, i32> {
+    let mut flags = options
+        .limits
+        .flags(options.profile.clone(), options.not_yet.given());
+    options.net.add_to(&mut flags);
+    options.ledger.add_to(&mut flags);
+    options.receipt.add_to(&mut flags);
+    options.hw.add_to(&mut flags);
+    flags.schedule = options.schedule.clone();
+    flags.restart = restart;
+    let mut plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
+        Ok(plan) => plan,
+        Err(err) => {
+            eprintln!("nbt: {err}");
+            return Err(2);
+        }
+    };
+    if let Some(text) = &options.series_interval {
+        match series_interval(text) {
+            Ok(interval) => plan.series_interval = interval,
+            Err(err) => {
+                eprintln!("nbt: {err}");
+                return Err(2);
+            }
+        }
+    }
+    plan.status_line = !options.quiet && std::io::stderr().is_terminal();
+    if let Some(name) = &options.name {
+        if let Err(why) = crate::state::valid_label(name) {
+            eprintln!("nbt: invalid value for --name: {why}");
+            return Err(2);
+        }
+        if let Ok(other) = crate::state::resolve_run(&crate::state::state_dir(), name) {
+            eprintln!("nbt: --name {name}: the live run {other} already has that name");
+            return Err(2);
+        }
+        plan.name = Some(name.clone());
+    }
+    if let Some(file) = &options.summary_file {
         if let Err(why) = check_summary_file(file) {
             eprintln!(
                 "nbt: invalid value '{}' for --summary-file: {why}",
                 file.display()
             );
-            return 2;
+            return Err(2);
         }
     }
-    let out = SummaryOut {
-        json: args.json,
-        file: args.summary_file.as_deref(),
-    };
-    match execute_and_print(&plan, &user, &args.command, signals, &[], out) {
-        Ok(summary) => exit_status(&summary),
-        Err(status) => status,
+    // Checking the flags (a long schedule, say) may have taken a while: a signal that came
+    // meanwhile stops nbt here.
+    if let Some(signal) = supervise::take_pending_stop() {
+        eprintln!("nbt: stopped by {}", supervise::signal_name(signal));
+        return Err(128 + signal);
+    }
+    crate::sys::phase::mark("planned");
+    Ok(plan)
+}
+
+/// Where the summary of a run with these flags goes.
+pub fn out_of(options: &RunOptions) -> SummaryOut<'_> {
+    SummaryOut {
+        json: options.json,
+        file: options.summary_file.as_deref(),
     }
 }
 
@@ -151,13 +165,13 @@ pub fn exit_status(summary: &RunSummary) -> i32 {
 pub fn execute_and_print(
     plan: &Plan,
     user: &Identity,
-    command: &[OsString],
+    workload: Workload,
     signals: &libc::sigset_t,
     env: &[(&str, String)],
     out: SummaryOut,
 ) -> Result<RunSummary, i32> {
     privileged()?;
-    match run::execute(plan, user, command, signals, env) {
+    match run::execute(plan, user, workload, signals, env) {
         Ok(summary) => {
             crate::sys::phase::mark("cleaned_up");
             eprint!("{}", summary.human());

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Serialize;
 
+use super::target::{self, Original, Restored, TargetCgroups};
 use crate::sys::kept::KeptFiles;
 
 /// The controllers nbt sets limits with or reads accounting from.
@@ -126,6 +127,39 @@ impl Layout {
         let own = fs::read_to_string("/proc/self/cgroup")
             .context("reading /proc/self/cgroup (is /proc mounted, with cgroup support?)")?;
         Ok(Self::from_texts(&mountinfo, &own))
+    }
+
+    /// The cgroups of another process, from its /proc/PID/cgroup `text`: `v2_self` and `v1_self`
+    /// are that process's directories.
+    pub fn of_process_text(text: &str) -> Result<Layout> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .context("reading /proc/self/mountinfo (is /proc mounted?)")?;
+        Ok(Self::from_texts(&mountinfo, text))
+    }
+
+    /// The cgroup `path` in every hierarchy: a path as /proc/PID/cgroup names one
+    /// (`/docker/3f2a...`), or a directory under a cgroup mount (`/sys/fs/cgroup/docker/...`).
+    pub fn of_cgroup_path(path: &str) -> Result<Layout> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .context("reading /proc/self/mountinfo (is /proc mounted?)")?;
+        let mut mounts: Vec<Mount> = parse_mountinfo(&mountinfo)
+            .into_iter()
+            .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+            .collect();
+        // The longest first: /sys/fs/cgroup/unified before /sys/fs/cgroup.
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.mount_point.as_os_str().len()));
+        let relative = mounts
+            .iter()
+            .find_map(|m| {
+                let below = Path::new(path).strip_prefix(&m.mount_point).ok()?;
+                let root = m.root.trim_end_matches('/');
+                Some(format!("{root}/{}", below.display()))
+            })
+            .unwrap_or_else(|| path.to_string());
+        let relative = relative.trim_end_matches('/');
+        let relative = if relative.is_empty() { "/" } else { relative };
+        let as_proc = format!("0::{relative}\n1:{}:{relative}\n", CONTROLLERS.join(","));
+        Ok(Self::from_texts(&mountinfo, &as_proc))
     }
 
     fn from_texts(mountinfo: &str, own_cgroups: &str) -> Layout {
@@ -242,6 +276,25 @@ pub struct RunCgroup {
     peaks: SampledPeaks,
     /// The files sampled while the run lives, kept open.
     kept: KeptFiles,
+    ownership: Ownership,
+}
+
+/// Whose cgroups a [`RunCgroup`] holds, which says what its end does.
+#[derive(Debug)]
+enum Ownership {
+    /// nbt made them for a workload it started: what is left is killed, the directories removed.
+    Made,
+    /// nbt made them and moved a process in (`nbt attach --pid`): what is left goes back home,
+    /// then the directories are removed. Nothing is killed.
+    Moved {
+        home: TargetCgroups,
+        layout: Layout,
+    },
+    /// Another's cgroups (`nbt attach --cgroup`): the limit files nbt may have written go back to
+    /// these values. Nothing is killed or removed.
+    Adopted { originals: Vec<Original> },
+    /// Those of a live run another nbt holds (`nbt set`, `nbt fault`): changed, never removed.
+    Borrowed,
 }
 
 #[derive(Debug, Default)]
@@ -307,6 +360,7 @@ impl RunCgroup {
             created: Vec::new(),
             peaks: SampledPeaks::default(),
             kept: KeptFiles::default(),
+            ownership: Ownership::Made,
         };
         let v2_wanted: Vec<&str> = CONTROLLERS
             .into_iter()
@@ -333,7 +387,15 @@ impl RunCgroup {
     }
 
     /// The cgroups of a live run another nbt made (for `nbt fault`): changed, never removed.
-    pub fn existing(layout: &Layout, name: &str) -> Result<RunCgroup> {
+    /// `adopted`: the target's, for an attachment to another's cgroup.
+    pub fn existing(
+        layout: &Layout,
+        name: &str,
+        adopted: Option<&TargetCgroups>,
+    ) -> Result<RunCgroup> {
+        if let Some(target) = adopted {
+            return Ok(Self::of_target(layout, name, target, Ownership::Borrowed));
+        }
         let v2 = layout.require_v2()?.join(name);
         if !v2.is_dir() {
             bail!("run '{name}' has no cgroup {}", v2.display());
@@ -360,7 +422,70 @@ impl RunCgroup {
             created: Vec::new(),
             peaks: SampledPeaks::default(),
             kept: KeptFiles::default(),
+            ownership: Ownership::Borrowed,
         })
+    }
+
+    /// Another's cgroups `target` (`nbt attach --cgroup`, `--container`, `--unit`), with `limits`
+    /// applied. `originals` ([`target::snapshot`], read before, and recorded where `nbt cleanup`
+    /// finds them) go back when it is removed or dropped.
+    pub fn adopt(
+        layout: &Layout,
+        name: &str,
+        target: &TargetCgroups,
+        originals: Vec<Original>,
+        limits: &Limits,
+    ) -> Result<RunCgroup> {
+        let adopted = Self::of_target(layout, name, target, Ownership::Adopted { originals });
+        for (wanted, controller, flag) in [
+            (
+                limits.memory_bytes.is_some() || limits.swap_bytes.is_some(),
+                "memory",
+                "--memory/--swap",
+            ),
+            (limits.cpu_millicores.is_some(), "cpu", "--cpus"),
+            (limits.pids.is_some(), "pids", "--pids"),
+        ] {
+            if wanted && adopted.controller(controller).is_none() && layout.placement(controller).is_some() {
+                bail!(
+                    "{flag} needs the '{controller}' controller in the target's cgroup {}, which it \
+                     lacks (its parent does not hand it down: cgroup.subtree_control)",
+                    target.v2.display()
+                );
+            }
+        }
+        adopted.apply(layout, limits)?;
+        Ok(adopted)
+    }
+
+    fn of_target(layout: &Layout, name: &str, target: &TargetCgroups, ownership: Ownership) -> RunCgroup {
+        let controllers = CONTROLLERS
+            .into_iter()
+            .filter_map(|c| Some((c, target.controller_dir(layout, c)?)))
+            .collect();
+        RunCgroup {
+            name: name.to_string(),
+            v2: target.v2.clone(),
+            controllers,
+            created: Vec::new(),
+            peaks: SampledPeaks::default(),
+            kept: KeptFiles::default(),
+            ownership,
+        }
+    }
+
+    /// Moves process `pid` (and so what it starts from now on) into the run's cgroups
+    /// (`nbt attach --pid`); at the end what is left there goes back to `home`, where it was.
+    pub fn take_in(&mut self, pid: i32, home: TargetCgroups, layout: &Layout) -> Result<()> {
+        self.ownership = Ownership::Moved {
+            home,
+            layout: layout.clone(),
+        };
+        for file in self.procs_files() {
+            write_file(&file, &pid.to_string())
+                .with_context(|| format!("moving process {pid} into the run's cgroup"))?;
+        }
+        Ok(())
     }
 
     /// The memory limit in force (`None`: none).
@@ -750,12 +875,30 @@ impl RunCgroup {
         stats
     }
 
-    /// Kills what is left and removes every directory of the run. Idempotent.
-    pub fn remove(&mut self) -> Result<()> {
+    /// Ends the run's hold on its cgroups. Idempotent. Its own: kills what is left and removes
+    /// them; with a process taken in, moves what is left back home first and kills nothing;
+    /// another's: writes its limit files back (what was written back is returned).
+    pub fn remove(&mut self) -> Result<Option<Restored>> {
         // Closed first: nothing of ours holds a file of the directories removed.
         self.kept = KeptFiles::default();
         let dirs = std::mem::take(&mut self.created);
-        kill_and_remove(&dirs).map(|_| ())
+        match &mut self.ownership {
+            Ownership::Made => kill_and_remove(&dirs).map(|_| None),
+            Ownership::Moved { home, layout } => {
+                if !dirs.is_empty() {
+                    if let Err(err) = target::move_back(&dirs, home, layout) {
+                        self.created = dirs;
+                        return Err(err);
+                    }
+                }
+                kill_and_remove(&dirs).map(|_| None)
+            }
+            Ownership::Adopted { originals } => {
+                let originals = std::mem::take(originals);
+                Ok((!originals.is_empty()).then(|| target::restore(&originals)))
+            }
+            Ownership::Borrowed => Ok(None),
+        }
     }
 }
 
@@ -767,7 +910,7 @@ impl Drop for RunCgroup {
     }
 }
 
-fn procs_of(dir: &Path) -> Vec<i32> {
+pub(crate) fn procs_of(dir: &Path) -> Vec<i32> {
     fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()
         .lines()

@@ -7,3 +7,4 @@ pub(crate) mod gate;
 pub(crate) mod hwcaps;
 pub(crate) mod ledger;
 pub(crate) mod shaper;
+pub(crate) mod target;

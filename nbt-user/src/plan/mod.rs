@@ -3,6 +3,7 @@
 
 pub mod link;
 pub mod probe;
+pub mod target;
 
 use std::fmt;
 use std::path::Path;

@@ -21,7 +21,9 @@ use crate::enforce::shaper::{NetLimits, ShapedTraffic};
 use crate::enforce::{account, edt, gate, shaper};
 use crate::plan::Plan;
 use crate::run::sampling::{Sampler, Sources};
-use crate::run::summary::{HardwareReport, LinkReport, RunSummary};
+use crate::enforce::target::Restored;
+use crate::plan::target::Target;
+use crate::run::summary::{AttachReport, HardwareReport, LinkReport, RunSummary};
 use crate::run::wake::{Earliest, ReportWatch, SAMPLE_INTERVAL};
 use crate::state::{self, RecordGuard, RunRecord};
 use crate::sys::loader;
@@ -76,6 +78,14 @@ fn describe_layout(layout: &Layout) -> String {
     }
 }
 
+/// What a run holds: a command nbt starts (`nbt run`), or a workload that already runs
+/// (`nbt attach`).
+#[derive(Clone, Copy)]
+pub enum Workload<'a> {
+    Command(&'a [OsString]),
+    Attach(&'a Target),
+}
+
 /// An outcome of `nbt run` that is not the workload's own exit.
 pub enum RunError {
     Spawn(SpawnError),
@@ -106,14 +116,14 @@ impl From<anyhow::Error> for RunError {
 pub fn execute(
     plan: &Plan,
     user: &Identity,
-    command: &[OsString],
+    workload: Workload,
     signals: &libc::sigset_t,
     extra_env: &[(&str, String)],
 ) -> Result<RunSummary, RunError> {
     unless_stopped()?;
     let layout = Layout::detect()?;
     let name = state::new_run_name()?;
-    let record = first_record(plan, command, &layout, &name)?;
+    let record = first_record(plan, workload, &layout, &name)?;
     let state_dir = state::state_dir();
     let _record = RecordGuard::new(record.write(&state_dir)?, &record);
 
@@ -122,7 +132,7 @@ pub fn execute(
     crate::sys::phase::mark("books_opened");
     unless_stopped()?;
     // Dropped in reverse order: the BPF links go first, then the cgroups (see `Armed`).
-    let mut armed = Armed::attach(plan, &layout, &name)?;
+    let mut armed = Armed::attach(plan, &layout, &name, &record, workload)?;
     let record = armed.record(plan, record)?;
     record.write(&state_dir)?;
     crate::sys::phase::mark("armed");
@@ -135,11 +145,11 @@ pub fn execute(
     let gpu_memory = gpu_memory(plan, &mut env)?;
     // The last moment a signal stops nbt: from the spawn on, it is the workload's.
     unless_stopped()?;
-    let mut running = Running::start(plan, user, command, &env, &armed, &record, gpu_memory)?;
+    let mut running = Running::start(plan, user, workload, &env, &armed, &record, gpu_memory)?;
     crate::sys::phase::mark("started");
     let exit = supervise_loop(
         plan,
-        command,
+        workload,
         signals,
         &env,
         &mut books,
@@ -161,8 +171,16 @@ pub fn execute(
     crate::sys::phase::mark("measured");
     // The cgroups go first (their processes killed), then the programs; the rest of `armed`
     // (the fq guard) stays until the receipt is written.
-    let hardware = take_down(&mut armed.cgroup, &mut armed.pins, &mut hardware)?;
+    let (hardware, restored) = take_down(&mut armed.cgroup, &mut armed.pins, &mut hardware)?;
     crate::sys::phase::mark("taken_down");
+    let attached = record.attached.as_ref().map(|held| AttachReport {
+        kind: held.kind.clone(),
+        target: held.target.clone(),
+        cgroup: held.cgroups.v2.clone(),
+        ended: running.detached.clone().unwrap_or_default(),
+        moved_back: held.moved,
+        restored,
+    });
     let mut summary = summarize(
         plan,
         &layout,
@@ -172,6 +190,7 @@ pub fn execute(
         &mut books.judge,
         running,
     );
+    summary.attached = attached;
     summary.series = series.as_ref().map(|(_, reference)| reference.clone());
     // Last of all, so that the receipt holds everything the run measured.
     write_receipt(&mut summary, &mut books, series.as_ref());
@@ -182,21 +201,50 @@ pub fn execute(
 /// The run's record as written before anything is made: no maps yet, no start time.
 fn first_record(
     plan: &Plan,
-    command: &[OsString],
+    workload: Workload,
     layout: &Layout,
     name: &str,
 ) -> Result<RunRecord> {
+    let (command, attached) = match workload {
+        Workload::Command(command) => (
+            command
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            None,
+        ),
+        Workload::Attach(target) => (
+            vec![
+                "nbt".to_string(),
+                "attach".to_string(),
+                format!("--{}", target.kind),
+                target.given.clone(),
+            ],
+            Some(state::Attached {
+                kind: target.kind.to_string(),
+                target: target.described.clone(),
+                cgroups: target.cgroups.clone(),
+                // Read before anything changes, and on disk before the first write.
+                originals: match target.pid {
+                    Some(_) => Vec::new(),
+                    None => crate::enforce::target::snapshot(layout, &target.cgroups),
+                },
+                moved: target.pid.is_some(),
+            }),
+        ),
+    };
+    let adopted = attached.as_ref().is_some_and(|a| !a.moved);
     Ok(RunRecord {
         name: name.to_string(),
         label: plan.name.clone(),
         supervisor_pid: std::process::id() as i32,
         supervisor_start_time: crate::sys::proc::process_start_time(std::process::id() as i32)
             .context("reading nbt's own start time from /proc")?,
-        cgroups: layout.run_dirs(name)?,
-        command: command
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect(),
+        cgroups: match adopted {
+            true => Vec::new(),
+            false => layout.run_dirs(name)?,
+        },
+        command,
         net: plan.net,
         maps: None,
         ledger: None,
@@ -207,6 +255,7 @@ fn first_record(
         qdiscs: None,
         started_unix: 0.0,
         impair_direction: plan.impair_direction,
+        attached,
     })
 }
 
@@ -280,9 +329,24 @@ struct Armed {
 }
 
 impl Armed {
-    fn attach(plan: &Plan, layout: &Layout, name: &str) -> Result<Armed> {
+    fn attach(
+        plan: &Plan,
+        layout: &Layout,
+        name: &str,
+        record: &RunRecord,
+        workload: Workload,
+    ) -> Result<Armed> {
         let mut pins = Pins::create(name)?;
-        let cgroup = RunCgroup::create(layout, name, &plan.limits)?;
+        let mut cgroup = match &record.attached {
+            Some(held) if !held.moved => RunCgroup::adopt(
+                layout,
+                name,
+                &held.cgroups,
+                held.originals.clone(),
+                &plan.limits,
+            )?,
+            _ => RunCgroup::create(layout, name, &plan.limits)?,
+        };
         let mut unused = vec![loader::SCHED_MAPS];
         if plan.prices.is_none() {
             unused.push(loader::GATE_MAPS);
@@ -331,6 +395,13 @@ impl Armed {
             ),
             None => (None, None),
         };
+        // Last, once every program holds the cgroup: the process it takes in is never there
+        // without them.
+        if let (Workload::Attach(target), Some(held)) = (workload, &record.attached) {
+            if let Some(pid) = target.pid {
+                cgroup.take_in(pid, held.cgroups.clone(), layout)?;
+            }
+        }
         Ok(Armed {
             blocked,
             teardowns,
@@ -407,6 +478,8 @@ struct Running {
     controls: schedule::apply::Controls,
     next_resolve: Instant,
     pid: i32,
+    /// How an attachment ended (`nbt attach`).
+    detached: Option<String>,
     user: Identity,
     started: Instant,
     /// Taken at the end for the last sample.
@@ -420,7 +493,7 @@ impl Running {
     fn start(
         plan: &Plan,
         user: &Identity,
-        command: &[OsString],
+        workload: Workload,
         env: &[(&str, String)],
         armed: &Armed,
         record: &RunRecord,
@@ -435,8 +508,13 @@ impl Running {
         // meter started after it would see none of its CPU time.
         let meter = energy::RunMeter::start(armed.cgroup.cpu_seconds());
         let started = Instant::now();
-        let pid = supervise::spawn(command, &armed.cgroup.procs_files(), env, user)
-            .map_err(RunError::Spawn)?;
+        let pid = match workload {
+            Workload::Command(command) => {
+                supervise::spawn(command, &armed.cgroup.procs_files(), env, user)
+                    .map_err(RunError::Spawn)?
+            }
+            Workload::Attach(target) => target.pid.unwrap_or(0),
+        };
         let next_resolve = Instant::now() + RESOLVE_INTERVAL;
         let controls = schedule::apply::Controls {
             edt_map: record.edt_map,
@@ -467,6 +545,7 @@ impl Running {
             controls,
             next_resolve,
             pid,
+            detached: None,
             user: user.clone(),
             started,
             sampler: Some(sampler),
@@ -480,7 +559,7 @@ impl Running {
 /// the plan allows. Returns how the last one ended.
 fn supervise_loop(
     plan: &Plan,
-    command: &[OsString],
+    workload: Workload,
     signals: &libc::sigset_t,
     env: &[(&str, String)],
     books: &mut Books,
@@ -493,6 +572,23 @@ fn supervise_loop(
         sampled: armed.cgroup.needs_sampling(),
         watched: reports.is_some(),
         more_reports: false,
+    };
+    let command = match workload {
+        Workload::Command(command) => command,
+        Workload::Attach(_) => {
+            let wake = reports.as_ref().map(ReportWatch::fd);
+            let events = armed.cgroup.v2.join("cgroup.events");
+            let detached = supervise::wait_detached(&events, signals, wake, |reported| {
+                if let (true, Some(reports)) = (reported, &reports) {
+                    reports.drain();
+                }
+                on_wake(plan, books, armed, running, &mut duties, reported)
+            });
+            if plan.status_line {
+                eprint!("\r\x1b[2K");
+            }
+            return detach_exit(running, detached);
+        }
     };
     loop {
         let wake = reports.as_ref().map(ReportWatch::fd);
@@ -511,6 +607,32 @@ fn supervise_loop(
         if !restarted(plan, command, env, &books.judge, armed, running, &exit) {
             return exit;
         }
+    }
+}
+
+/// An attachment's end as the summary's exit: status 0, and how it ended in `running.detached`
+/// and the event log.
+fn detach_exit(running: &mut Running, detached: supervise::Detached) -> supervise::Exit {
+    let (how, forwarded_signals) = match detached {
+        supervise::Detached::Signal(signal) => {
+            let name = supervise::signal_name(signal);
+            (format!("detached by {name}"), vec![name])
+        }
+        supervise::Detached::Emptied => ("the target ended".to_string(), Vec::new()),
+    };
+    running.lifecycle.push(lifecycle_event(
+        running.started,
+        schedule::Origin::Exit,
+        how.clone(),
+        None,
+    ));
+    running.detached = Some(how);
+    supervise::Exit {
+        status: 0,
+        code: None,
+        signal: None,
+        core_dumped: false,
+        forwarded_signals,
     }
 }
 
@@ -868,10 +990,10 @@ fn take_down(
     cgroup: &mut RunCgroup,
     pins: &mut Pins,
     hardware: &mut Option<state::hwcaps::Held>,
-) -> Result<Option<HardwareReport>> {
-    cgroup.remove()?;
+) -> Result<(Option<HardwareReport>, Option<Restored>)> {
+    let restored = cgroup.remove()?;
     pins.remove()?;
-    Ok(hardware.as_mut().map(|applied| {
+    let hardware = hardware.as_mut().map(|applied| {
         let restore_errors = applied.restore();
         HardwareReport {
             set: applied.set.clone(),
@@ -879,7 +1001,8 @@ fn take_down(
             restored: restore_errors.is_empty(),
             restore_errors,
         }
-    }))
+    });
+    Ok((hardware, restored))
 }
 
 /// The run's summary, without its receipt yet.
@@ -925,6 +1048,7 @@ fn summarize(
         receipt_error: None,
         hardware,
         sensors: watch.finish(),
+        attached: None,
     }
 }
 

@@ -75,6 +75,25 @@ pub struct RunSummary {
     pub hardware: Option<HardwareReport>,
     /// CPU and GPU sensors sampled during the run, and the `--gpu-memory` watch.
     pub sensors: crate::enforce::hwcaps::watch::SensorReport,
+    /// For an attachment (`nbt attach`): its target, how it ended and what went back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attached: Option<AttachReport>,
+}
+
+/// What an attachment held and gave back.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachReport {
+    /// "pid", "cgroup", "container" or "unit".
+    pub kind: String,
+    pub target: String,
+    /// The target's v2 cgroup (for `--pid`: the one its process went back to).
+    pub cgroup: std::path::PathBuf,
+    /// "detached by SIGINT", "the target ended".
+    pub ended: String,
+    /// `--pid`: the process (and what it started) went back to its own cgroups.
+    pub moved_back: bool,
+    /// The target's limit files written back; `None` for `--pid` (nbt wrote none of them).
+    pub restored: Option<crate::enforce::target::Restored>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -226,8 +245,46 @@ impl RunSummary {
         out
     }
 
+    /// What an attachment held, how it ended and what it gave back.
+    fn write_attachment(&self, attached: &AttachReport, out: &mut String) {
+        let name = self
+            .name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "nbt: {}{name} detached from {}: {}",
+            self.run, attached.target, attached.ended
+        );
+        let _ = writeln!(out, "  cgroup        {}", attached.cgroup.display());
+        let back = match (&attached.restored, attached.moved_back) {
+            (_, true) => "its processes moved back to this cgroup".to_string(),
+            (None, false) => "nothing to put back".to_string(),
+            (Some(r), false) if !r.errors.is_empty() => {
+                format!("NOT all put back: {}", r.errors.join("; "))
+            }
+            (Some(r), false) if r.gone => "the cgroup went with its target".to_string(),
+            (Some(r), false) if r.written.is_empty() => "nothing had changed".to_string(),
+            (Some(r), false) => format!("put back {}", r.written.join(", ")),
+        };
+        let _ = writeln!(out, "  restored      {back}");
+        let _ = writeln!(
+            out,
+            "  limits        {} [profile {}, cgroups {}]",
+            self.limits_line(),
+            self.profile,
+            self.cgroup_mode
+        );
+        let _ = writeln!(out, "  attached for  {:.2} s", self.wall_seconds);
+    }
+
     /// How the workload ended, what it was, its limits and its wall time.
     fn write_outcome(&self, out: &mut String) {
+        if let Some(attached) = &self.attached {
+            self.write_attachment(attached, out);
+            return;
+        }
         let c = &self.cgroup;
         let how = match (&self.exit.code, &self.exit.signal) {
             (Some(code), _) => format!("exit status {code}"),

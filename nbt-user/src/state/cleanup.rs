@@ -138,7 +138,21 @@ fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut T
 /// Kills the run's processes and removes its cgroups, then its pinned links (so that no process
 /// of it runs without its programs), then the qdiscs it added. The number of processes killed.
 fn remove_orphan(record: &RunRecord) -> Result<usize> {
-    let killed = kill_and_remove(&record.cgroups)?;
+    let killed = match &record.attached {
+        None => kill_and_remove(&record.cgroups)?,
+        // An attachment's target is not nbt's to kill: it goes back as it was.
+        Some(held) => {
+            if held.moved {
+                let layout = crate::enforce::cgroup::Layout::detect()?;
+                crate::enforce::target::move_back(&record.cgroups, &held.cgroups, &layout)?;
+            }
+            let restored = crate::enforce::target::restore(&held.originals);
+            if !restored.errors.is_empty() {
+                anyhow::bail!("{}", restored.errors.join("; "));
+            }
+            kill_and_remove(&record.cgroups)?
+        }
+    };
     let pins = record
         .pins
         .clone()

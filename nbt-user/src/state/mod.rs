@@ -193,6 +193,26 @@ pub struct RunRecord {
     /// schedule change them there.
     #[serde(default)]
     pub impair_direction: crate::enforce::shaper::Directions,
+    /// An attachment's hold on a workload nbt did not start (`nbt attach`): what goes back at
+    /// its end, also when `nbt cleanup` ends it.
+    #[serde(default)]
+    pub attached: Option<Attached>,
+}
+
+/// What an attachment holds of its target, written before anything of it changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attached {
+    /// "pid", "cgroup", "container" or "unit".
+    pub kind: String,
+    /// The target as described to people ("container web (3f2a1b2c3d4e)").
+    pub target: String,
+    /// The target's cgroups; for `--pid`, those its process goes back to.
+    pub cgroups: crate::enforce::target::TargetCgroups,
+    /// The values of the target's limit files before nbt wrote them (none for `--pid`: nbt
+    /// writes only in cgroups of its own then).
+    pub originals: Vec<crate::enforce::target::Original>,
+    /// The process was moved into the run's own cgroups (`--pid`).
+    pub moved: bool,
 }
 
 impl RunRecord {

@@ -1,6 +1,7 @@
 //! What nbt needs from the operating system, with no knowledge of runs: loading the BPF object,
 //! rtnetlink, sock_diag, starting and waiting for processes, nbt's private files and directories.
 
+pub(crate) mod docker;
 pub(crate) mod kept;
 pub(crate) mod loader;
 pub mod netlink;

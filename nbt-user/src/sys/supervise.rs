@@ -272,7 +272,7 @@ pub fn wait(
         }
         let timeout = next.map(|at| at.saturating_duration_since(Instant::now()));
         let (signals_now, readable) = match &signal_fd {
-            Some(fd) => poll(fd.as_fd(), wake, timeout),
+            Some(fd) => poll(fd.as_fd(), wake, None, timeout),
             // Without a signalfd (none left to open): wait for signals as nbt did before it
             // had one, looking at `wake` at least every 100 ms.
             None => {
@@ -295,6 +295,69 @@ pub fn wait(
     }
 }
 
+/// How an attachment's wait ([`wait_detached`]) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detached {
+    /// SIGINT, SIGTERM, SIGHUP or SIGQUIT came (Ctrl-C, `nbt detach`).
+    Signal(libc::c_int),
+    /// The target's last process ended.
+    Emptied,
+}
+
+/// Waits while the cgroup whose `cgroup.events` is `events` has processes, as [`wait`] waits for
+/// a child: `tick` runs when it is due or `wake` is readable. A stopping signal ends the wait
+/// (the target is not nbt's child: nothing is forwarded to it); other signals are ignored.
+pub fn wait_detached(
+    events: &Path,
+    signals: &libc::sigset_t,
+    wake: Option<BorrowedFd<'_>>,
+    mut tick: impl FnMut(bool) -> Option<Instant>,
+) -> Detached {
+    let signal_fd = open_signalfd(signals);
+    let events_file = File::open(events).ok();
+    let populated = || {
+        std::fs::read_to_string(events)
+            .map(|text| text.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false)
+    };
+    let mut next = Some(Instant::now());
+    let mut woken = false;
+    loop {
+        if !populated() {
+            return Detached::Emptied;
+        }
+        if woken || next.is_some_and(|at| Instant::now() >= at) {
+            next = tick(woken);
+            woken = false;
+            continue;
+        }
+        let timeout = next.map(|at| at.saturating_duration_since(Instant::now()));
+        let (signals_now, readable) = match &signal_fd {
+            Some(fd) => poll(
+                fd.as_fd(),
+                wake,
+                events_file.as_ref().map(|f| f.as_fd()),
+                timeout,
+            ),
+            None => {
+                let capped = timeout.map_or(FALLBACK_WAIT, |t| t.min(FALLBACK_WAIT));
+                let taken = sigtimedwait(signals, capped);
+                (
+                    taken.into_iter().collect(),
+                    wake.is_some_and(|fd| readable(fd)),
+                )
+            }
+        };
+        if let Some((signal, _)) = signals_now
+            .into_iter()
+            .find(|(signal, _)| STOPPING.contains(signal))
+        {
+            return Detached::Signal(signal);
+        }
+        woken = readable;
+    }
+}
+
 /// How long [`wait`] sleeps at most when it has no signalfd.
 const FALLBACK_WAIT: Duration = Duration::from_millis(100);
 
@@ -306,11 +369,13 @@ fn open_signalfd(signals: &libc::sigset_t) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Sleeps until a signal is queued on `signals`, `wake` is readable or `timeout` passed (`None`:
-/// no timeout). Returns the signals taken, with their `si_code`, and whether `wake` is readable.
+/// Sleeps until a signal is queued on `signals`, `wake` is readable, the kernfs file `changed`
+/// changed or `timeout` passed (`None`: no timeout). Returns the signals taken, with their
+/// `si_code`, and whether `wake` is readable.
 fn poll(
     signals: BorrowedFd<'_>,
     wake: Option<BorrowedFd<'_>>,
+    changed: Option<BorrowedFd<'_>>,
     timeout: Option<Duration>,
 ) -> (Vec<(libc::c_int, libc::c_int)>, bool) {
     let mut fds = [
@@ -324,12 +389,18 @@ fn poll(
             events: libc::POLLIN,
             revents: 0,
         },
+        // A cgroup's cgroup.events signals a change with POLLPRI (kernfs_notify).
+        libc::pollfd {
+            fd: changed.map_or(-1, |fd| fd.as_raw_fd()),
+            events: libc::POLLPRI,
+            revents: 0,
+        },
     ];
     let timeout = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs() as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
     });
-    // SAFETY: ppoll(2) on two pollfds that live through the call (a negative fd is ignored), a
+    // SAFETY: ppoll(2) on three pollfds that live through the call (a negative fd is ignored), a
     // timeout that does too (or none), and no signal mask change.
     let ready = unsafe {
         libc::ppoll(
