@@ -5,6 +5,7 @@
 
 mod account;
 mod agent;
+mod attach;
 mod cpu;
 mod demo;
 mod gate;

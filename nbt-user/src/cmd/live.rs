@@ -50,12 +50,11 @@ fn print_ps(runs: &[LiveRun]) {
             .as_ref()
             .map(|n| format!(" ({n})"))
             .unwrap_or_default();
-        println!(
-            "{}{name}  {nbt}  {:.0} s  {}",
-            run.run,
-            run.seconds,
-            run.command.join(" ")
-        );
+        let what = match &run.target {
+            Some(target) => format!("attached to {target}"),
+            None => run.command.join(" "),
+        };
+        println!("{}{name}  {nbt}  {:.0} s  {what}", run.run, run.seconds);
         if let Some(balance) = run.balance_micro {
             println!("  balance  {}", format_amount(balance));
         }

@@ -446,12 +446,24 @@ impl RunCgroup {
             (limits.cpu_millicores.is_some(), "cpu", "--cpus"),
             (limits.pids.is_some(), "pids", "--pids"),
         ] {
-            if wanted && adopted.controller(controller).is_none() && layout.placement(controller).is_some() {
-                bail!(
+            if !wanted || adopted.controller(controller).is_some() {
+                continue;
+            }
+            match layout.placement(controller) {
+                Some(Placement::V2) => bail!(
                     "{flag} needs the '{controller}' controller in the target's cgroup {}, which it \
                      lacks (its parent does not hand it down: cgroup.subtree_control)",
                     target.v2.display()
-                );
+                ),
+                Some(Placement::V1) => bail!(
+                    "{flag} needs the target's cgroup in the v1 '{controller}' hierarchy, and it has \
+                     none there ({})",
+                    target
+                        .v1
+                        .get(controller)
+                        .map_or("none listed".to_string(), |d| format!("no {}", d.display()))
+                ),
+                None => {}
             }
         }
         adopted.apply(layout, limits)?;

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
 use crate::enforce::cgroup::Layout;
@@ -87,7 +87,7 @@ fn of_pid(given: &str) -> Result<Target> {
         return Err(PlanError("--pid: that is nbt itself".into()).into());
     }
     let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map_err(|_| anyhow!("--pid {pid}: no such process"))?;
+        .map_err(|_| PlanError(format!("invalid value '{pid}' for --pid: no such process")))?;
     // Kernel threads have no command line and cannot change cgroups.
     if fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty()) {
         bail!("--pid {pid}: {} is a kernel thread, which stays in the root cgroup", comm.trim());
@@ -107,10 +107,12 @@ fn of_cgroup(path: &str, kind: &'static str, described: String, given: &str) -> 
     let cgroups = TargetCgroups::of_path(path)
         .map_err(|e| PlanError(format!("invalid value '{given}' for --{kind}: {e:#}")))?;
     if !cgroups.v2.join("cgroup.procs").exists() {
-        bail!(
-            "--{kind} {given}: no cgroup v2 directory {} (nbt's programs attach there)",
+        return Err(PlanError(format!(
+            "invalid value '{given}' for --{kind}: no cgroup v2 directory {} (nbt's programs \
+             attach there)",
             cgroups.v2.display()
-        );
+        ))
+        .into());
     }
     if !cgroups.populated() {
         bail!(
@@ -120,6 +122,12 @@ fn of_cgroup(path: &str, kind: &'static str, described: String, given: &str) -> 
         );
     }
     let member = crate::enforce::cgroup::procs_of(&cgroups.v2).first().copied();
+    // Where its processes are in the v1 hierarchies, on a hybrid host: usually the same path,
+    // but only a process can say.
+    let cgroups = match member.map(TargetCgroups::of_pid) {
+        Some(Ok(theirs)) if theirs.v2 == cgroups.v2 => theirs,
+        _ => cgroups,
+    };
     Ok(Target {
         kind,
         given: given.to_string(),

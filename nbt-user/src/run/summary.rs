@@ -643,7 +643,8 @@ impl RunSummary {
 
     /// The signals passed on to the workload.
     fn write_signals(&self, out: &mut String) {
-        if !self.exit.forwarded_signals.is_empty() {
+        // An attachment forwards nothing: its outcome line says which signal ended it.
+        if !self.exit.forwarded_signals.is_empty() && self.attached.is_none() {
             let _ = writeln!(
                 out,
                 "  signals       forwarded {}",

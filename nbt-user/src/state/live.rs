@@ -19,6 +19,11 @@ pub struct LiveRun {
     /// nothing watching them, until `nbt cleanup` removes them.
     pub orphan: bool,
     pub nbt_pid: i32,
+    /// "run" (a command nbt started), "attachment" (`nbt attach`) or "zone" (`nbt zone`).
+    pub kind: &'static str,
+    /// An attachment's target ("container web (3f2a1b2c3d4e)") and its cgroup.
+    pub target: Option<String>,
+    pub cgroup: Option<std::path::PathBuf>,
     pub command: Vec<String>,
     /// The name given with `--name`.
     pub name: Option<String>,
@@ -109,6 +114,12 @@ fn describe(record: RunRecord, orphan: bool) -> LiveRun {
         } else {
             0.0
         },
+        kind: match &record.attached {
+            Some(_) => "attachment",
+            None => "run",
+        },
+        target: record.attached.as_ref().map(|a| a.target.clone()),
+        cgroup: record.attached.as_ref().map(|a| a.cgroups.v2.clone()),
         run: record.name,
         name: record.label,
         orphan,

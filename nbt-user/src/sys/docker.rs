@@ -52,7 +52,14 @@ pub fn inspect(given: &str) -> Result<Container> {
         .with_context(|| format!("asking the Docker engine at {}", socket.display()))?;
     match status {
         200 => {}
-        404 => bail!("the Docker engine at {} has no container '{given}'", socket.display()),
+        404 => {
+            return Err(crate::error::PlanError(format!(
+                "invalid value '{given}' for --container: the Docker engine at {} has no such \
+                 container (docker ps lists them)",
+                socket.display()
+            ))
+            .into())
+        }
         _ => bail!(
             "the Docker engine at {} answered {status}: {}",
             socket.display(),

@@ -92,6 +92,13 @@ fn main() {
     {
         std::thread::sleep(Duration::from_millis(ms));
     }
+    // NBT_TESTBIN_WAIT_FILE: wait until that file exists (a process started before nbt attached
+    // to it, told to go once it has).
+    if let Some(file) = std::env::var_os("NBT_TESTBIN_WAIT_FILE") {
+        while !std::path::Path::new(&file).exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     match arg(&args, 1) {
         "alloc" => drop(alloc(num(&args, 2))),
         "alloc-hold" => {
