@@ -104,6 +104,10 @@ pub enum Command {
     /// target's end, when everything changed goes back as it was and a receipt is written
     #[command(after_help = ATTACH_AFTER_HELP)]
     Attach(Box<AttachArgs>),
+    /// Zones: cgroups with nbt's limits, programs and hardware caps that outlive nbt (the seed's
+    /// apply and remove): apply, exec, attach, ls, remove
+    #[command(subcommand)]
+    Zone(ZoneAction),
     /// End an attachment (`nbt attach`): its limits go back, its receipt is written
     Detach {
         /// The attachment's name, as `nbt ps` shows it (nbt-...), or the name given with --name
@@ -388,6 +392,49 @@ pub struct RunArgs {
     /// The workload and its arguments, after `--`
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ZoneAction {
+    /// Make zone NAME with these limits and leave it in force: its programs are pinned, it
+    /// survives nbt, `nbt cleanup` leaves it alone; `nbt set NAME` changes it
+    Apply {
+        /// The zone's name: a letter, then letters, digits, '.', '_' or '-'
+        #[arg(value_name = "NAME")]
+        zone: String,
+        #[command(flatten)]
+        options: Box<RunOptions>,
+    },
+    /// Run COMMAND inside zone NAME (as `nbt run` would, as USER), and exit with its status
+    Exec {
+        name: String,
+        /// Run the command as USER (name or uid): by default the user who invoked sudo
+        #[arg(long, value_name = "USER[:GROUP]", env = "NBT_USER")]
+        user: Option<String>,
+        #[arg(required = true, last = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Move a running process into zone NAME; it goes back to its own cgroups when the zone is
+    /// removed
+    Attach {
+        name: String,
+        #[arg(long, value_name = "PID")]
+        pid: String,
+    },
+    /// List the zones
+    Ls {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove zone NAME: processes moved in go home, those started in it are killed, the
+    /// programs, cgroups, qdiscs and hardware caps go back; its receipt is written
+    Remove {
+        name: String,
+        /// Print the zone's summary as one JSON object on stdout
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What `nbt attach` holds: exactly one of these.

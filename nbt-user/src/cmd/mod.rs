@@ -10,6 +10,7 @@ pub(crate) mod receipts;
 pub(crate) mod report;
 pub(crate) mod run;
 pub(crate) mod top;
+pub(crate) mod zone;
 
 use clap::Parser;
 
@@ -50,6 +51,7 @@ pub fn main() -> i32 {
         Command::Report(args) => report::command(args),
         Command::Attach(args) => attach::attach(*args, &signals),
         Command::Detach { run } => attach::detach(&run),
+        Command::Zone(action) => zone::zone(action, &signals),
         Command::Cleanup { dry_run } => cleanup(dry_run),
     }
 }

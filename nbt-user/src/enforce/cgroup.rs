@@ -255,7 +255,7 @@ impl Layout {
 }
 
 /// The limits a run's cgroups enforce. `None` leaves the kernel's default (no limit).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Limits {
     pub memory_bytes: Option<u64>,
     pub swap_bytes: Option<u64>,
@@ -885,6 +885,13 @@ impl RunCgroup {
 
         stats.pressure = Pressure::parse(|file| self.kept.read(&self.v2.join(file)));
         stats
+    }
+
+    /// Leaves the cgroups as they are, limits in force, for a zone (`nbt zone apply`) that
+    /// outlives this process; `nbt zone remove` removes them.
+    pub fn keep(mut self) {
+        self.created.clear();
+        self.ownership = Ownership::Borrowed;
     }
 
     /// Ends the run's hold on its cgroups. Idempotent. Its own: kills what is left and removes

@@ -175,6 +175,16 @@ pub struct LatencyGuard {
     _links: Vec<SchedClassifierLink>,
 }
 
+impl LatencyGuard {
+    /// Leaves the qdiscs and the filters on the interfaces, for a zone that outlives this
+    /// process (`nbt zone remove` takes them off, from its record).
+    pub fn keep(mut self) {
+        self.qdiscs = Qdiscs::default();
+        // A netlink tc filter outlives its link's descriptor; only the link's Drop detaches it.
+        std::mem::forget(std::mem::take(&mut self._links));
+    }
+}
+
 impl Drop for LatencyGuard {
     fn drop(&mut self) {
         for err in self.qdiscs.remove() {

@@ -236,6 +236,17 @@ pub fn move_back(ours: &[PathBuf], home: &TargetCgroups, layout: &Layout) -> Res
     )
 }
 
+/// Moves the one process `pid` from nbt's cgroups `ours` back to `home`, in every hierarchy.
+/// Returns 1 when it moved, 0 when it could not (it ended meanwhile, say).
+pub fn move_back_one(pid: i32, ours: &[PathBuf], home: &TargetCgroups, layout: &Layout) -> usize {
+    let mut moved = true;
+    for dir in ours {
+        let to = home_of(dir, home, layout);
+        moved &= fs::write(to.join("cgroup.procs"), pid.to_string()).is_ok();
+    }
+    usize::from(moved)
+}
+
 /// The target's directory in the hierarchy nbt's cgroup `dir` is in.
 fn home_of(dir: &Path, home: &TargetCgroups, layout: &Layout) -> PathBuf {
     for controller in CONTROLLERS {

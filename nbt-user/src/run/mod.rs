@@ -4,6 +4,7 @@ pub(crate) mod run_receipt;
 pub(crate) mod sampling;
 pub(crate) mod summary;
 pub(crate) mod wake;
+pub(crate) mod zone;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -256,6 +257,7 @@ fn first_record(
         started_unix: 0.0,
         impair_direction: plan.impair_direction,
         attached,
+        zone: None,
     })
 }
 
@@ -1049,6 +1051,7 @@ fn summarize(
         hardware,
         sensors: watch.finish(),
         attached: None,
+        zone: None,
     }
 }
 

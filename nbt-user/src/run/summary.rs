@@ -78,6 +78,18 @@ pub struct RunSummary {
     /// For an attachment (`nbt attach`): its target, how it ended and what went back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attached: Option<AttachReport>,
+    /// For a zone (`nbt zone remove`): what became of the processes in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<ZoneReport>,
+}
+
+/// A removed zone's processes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ZoneReport {
+    /// Processes moved in with `nbt zone attach`, sent back to their own cgroups.
+    pub moved_back: usize,
+    /// Processes started in it (`nbt zone exec`), killed with it.
+    pub killed: usize,
 }
 
 /// What an attachment held and gave back.
@@ -283,6 +295,23 @@ impl RunSummary {
     fn write_outcome(&self, out: &mut String) {
         if let Some(attached) = &self.attached {
             self.write_attachment(attached, out);
+            return;
+        }
+        if let Some(zone) = &self.zone {
+            let name = self.name.as_deref().unwrap_or(&self.run);
+            let _ = writeln!(
+                out,
+                "nbt: zone {name} ({}) removed after {:.2} s: {} moved-in processes sent back, {} \
+                 started in it killed",
+                self.run, self.wall_seconds, zone.moved_back, zone.killed
+            );
+            let _ = writeln!(
+                out,
+                "  limits        {} [profile {}, cgroups {}]",
+                self.limits_line(),
+                self.profile,
+                self.cgroup_mode
+            );
             return;
         }
         let c = &self.cgroup;

@@ -95,6 +95,11 @@ fn remove_stale_temporaries(dir: &Path, dry_run: bool, tally: &mut Tally) {
 }
 
 fn remove_run(files: &RunFiles, record: &RunRecord, dry_run: bool, tally: &mut Tally) {
+    if let (Some(_), Some(label)) = (&record.zone, &record.label) {
+        eprintln!("nbt cleanup: zone {label} is in force: left alone (`nbt zone remove {label}` removes it)");
+        tally.live += 1;
+        return;
+    }
     if record.supervisor_alive() {
         eprintln!(
             "nbt cleanup: {} is live (nbt pid {}): left alone",

@@ -91,18 +91,34 @@ impl Lock {
 /// Reads the originals, records them, then applies the caps. A cap another live run holds is
 /// refused before anything changes. If one change fails, those made are put back.
 pub fn hold(request: &HwRequest, state_dir: &Path, run: &str) -> Result<Option<Held>> {
+    let pid = std::process::id() as i32;
+    let start = crate::sys::proc::process_start_time(pid)
+        .context("reading nbt's own start time from /proc")?;
+    hold_for(request, state_dir, run, (pid, start))
+}
+
+/// [`hold`] for a zone: the record names no process ([`super::ZONE_HOLDER`]), so `nbt cleanup`
+/// leaves the caps alone; `nbt zone remove` puts them back.
+pub fn hold_for_zone(request: &HwRequest, state_dir: &Path, run: &str) -> Result<Option<Held>> {
+    hold_for(request, state_dir, run, (super::ZONE_HOLDER, 0))
+}
+
+fn hold_for(
+    request: &HwRequest,
+    state_dir: &Path,
+    run: &str,
+    (pid, start): (i32, u64),
+) -> Result<Option<Held>> {
     if request.is_empty() {
         return Ok(None);
     }
     let changes = hwcaps::changes(request)?;
     let lock = Lock::take(state_dir)?;
     refuse_held(state_dir, &changes)?;
-    let pid = std::process::id() as i32;
     let record = HwcapsRecord {
         run: run.to_string(),
         supervisor_pid: pid,
-        supervisor_start_time: crate::sys::proc::process_start_time(pid)
-            .context("reading nbt's own start time from /proc")?,
+        supervisor_start_time: start,
         originals: changes.iter().map(|c| c.original.clone()).collect(),
     };
     let path = RunFiles::of(state_dir, run).hwcaps;
@@ -170,6 +186,12 @@ impl Held {
             let _ = fs::remove_file(&self.path);
         }
         errors
+    }
+
+    /// Leaves the caps in force and their record on disk, for a zone (`nbt zone remove` puts
+    /// them back).
+    pub fn keep(mut self) {
+        self.restored = true;
     }
 
     pub fn originals(&self) -> Vec<String> {

@@ -114,9 +114,10 @@ fn describe(record: RunRecord, orphan: bool) -> LiveRun {
         } else {
             0.0
         },
-        kind: match &record.attached {
-            Some(_) => "attachment",
-            None => "run",
+        kind: match (&record.attached, &record.zone) {
+            (Some(_), _) => "attachment",
+            (None, Some(_)) => "zone",
+            (None, None) => "run",
         },
         target: record.attached.as_ref().map(|a| a.target.clone()),
         cgroup: record.attached.as_ref().map(|a| a.cgroups.v2.clone()),

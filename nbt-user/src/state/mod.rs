@@ -146,9 +146,14 @@ impl RunFiles {
     }
 }
 
+/// The supervisor "pid" of a zone's records (`nbt zone apply`): no process holds a zone, its
+/// pinned programs and cgroups do, until `nbt zone remove`.
+pub const ZONE_HOLDER: i32 = 0;
+
 /// Whether the nbt with this pid and start time still runs (a pid alone may have been reused).
+/// A zone's ([`ZONE_HOLDER`]) lives until it is removed.
 pub fn supervisor_alive(pid: i32, start_time: u64) -> bool {
-    crate::sys::proc::process_start_time(pid) == Some(start_time)
+    pid == ZONE_HOLDER || crate::sys::proc::process_start_time(pid) == Some(start_time)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +202,34 @@ pub struct RunRecord {
     /// its end, also when `nbt cleanup` ends it.
     #[serde(default)]
     pub attached: Option<Attached>,
+    /// A zone's (`nbt zone apply`): it has no supervisor ([`ZONE_HOLDER`]).
+    #[serde(default)]
+    pub zone: Option<Zone>,
+}
+
+/// What a zone keeps in its record beyond a run's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Zone {
+    /// Where its receipt goes when it is removed.
+    pub receipts: PathBuf,
+    /// The profile it was applied with.
+    pub profile: String,
+    pub limits: crate::enforce::cgroup::Limits,
+    /// The hardware caps it set, for people ("GPU 0 power limit 75 W").
+    #[serde(default)]
+    pub hardware: Vec<String>,
+    /// Processes moved in (`nbt zone attach`): each goes back home when the zone is removed.
+    #[serde(default)]
+    pub moved: Vec<MovedIn>,
+}
+
+/// A process moved into a zone, and where it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MovedIn {
+    pub pid: i32,
+    /// Its start time, so that a reused pid is not moved.
+    pub start_time: u64,
+    pub home: crate::enforce::target::TargetCgroups,
 }
 
 /// What an attachment holds of its target, written before anything of it changes.
@@ -336,6 +369,13 @@ impl RecordGuard {
         let mut made = record.cgroups.clone();
         made.push(crate::sys::pin::run_dir(&record.name));
         RecordGuard { path, made }
+    }
+}
+
+impl RecordGuard {
+    /// Leaves the record on disk, for a zone (`nbt zone remove` removes it).
+    pub fn keep(self) {
+        std::mem::forget(self);
     }
 }
 

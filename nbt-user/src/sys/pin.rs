@@ -73,6 +73,12 @@ impl Pins {
 
     /// Unpins every link (each detaches when its file descriptor closes) and removes the
     /// directory.
+    /// Leaves the pins (and so the links) in place for a zone that outlives this process.
+    pub fn keep(self) {
+        // Dropping a PinnedLink closes its descriptor and leaves the pin; only Drop unpins.
+        std::mem::forget(self);
+    }
+
     pub fn remove(&mut self) -> Result<()> {
         let mut errors = Vec::new();
         for link in self.links.drain(..) {
