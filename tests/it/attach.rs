@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbt_integration_tests::{
-    cgroup_parents, live_runs, nbt, nbt_command, receive_all, testbin, NetnsPair, NoLeftovers,
-    Run, ADDR_B,
+    cgroup_parents, live_runs, nbt, nbt_command, receive_all, testbin, NetnsPair, NoLeftovers, Run,
+    ADDR_B,
 };
 
 const MIB: u64 = 1 << 20;
@@ -105,10 +105,18 @@ pub fn attach(args: &[&str]) -> (Child, String) {
         }
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             panic!("nbt attach ended ({status}) before it attached: {err}");
         }
-        assert!(Instant::now() < deadline, "nbt attach did not attach in 20 s");
+        assert!(
+            Instant::now() < deadline,
+            "nbt attach did not attach in 20 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -258,11 +266,16 @@ fn a_detached_process_goes_back_to_its_cgroups_alive_with_its_children() {
     let children = || -> Vec<i32> {
         let text = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
             .unwrap_or_default();
-        text.split_whitespace().map(|p| p.parse().unwrap()).collect()
+        text.split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while children().len() < 2 {
-        assert!(Instant::now() < deadline, "the target's children did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the target's children did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     for child in children() {
@@ -355,7 +368,11 @@ fn a_killed_attach_holds_until_cleanup_puts_everything_back() {
         .unwrap()
         .iter()
         .find(|r| r["run"] == name.as_str());
-    assert_eq!(orphan.map(|r| r["orphan"].clone()), Some(true.into()), "{ps}");
+    assert_eq!(
+        orphan.map(|r| r["orphan"].clone()),
+        Some(true.into()),
+        "{ps}"
+    );
     let cleanup = nbt(&["cleanup"]);
     assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
     assert!(cleanup.stderr().contains(&name), "{}", cleanup.stderr());
@@ -446,19 +463,23 @@ fn what_attach_cannot_hold_is_refused_with_the_reason() {
         assert_eq!(run.status(), status, "{args:?}: {}", run.stderr());
         assert!(run.stderr().contains(says), "{args:?}: {}", run.stderr());
     };
-    refused(&["attach", "--pid", "1", "--memory", "64M"], 2, "init process");
+    refused(
+        &["attach", "--pid", "1", "--memory", "64M"],
+        2,
+        "init process",
+    );
     refused(&["attach", "--pid", "x1", "--memory", "64M"], 2, "--pid");
-    refused(&["attach", "--pid", "4194304", "--cpus", "1"], 2, "no such process");
+    refused(
+        &["attach", "--pid", "4194304", "--cpus", "1"],
+        2,
+        "no such process",
+    );
     refused(
         &["attach", "--cgroup", "/no-such-cgroup-here", "--cpus", "1"],
         2,
         "no cgroup v2 directory",
     );
-    refused(
-        &["attach", "--cgroup", "/a/../b", "--cpus", "1"],
-        2,
-        "'..'",
-    );
+    refused(&["attach", "--cgroup", "/a/../b", "--cpus", "1"], 2, "'..'");
     refused(&["attach", "--memory", "64M"], 2, "required");
     refused(
         &["attach", "--pid", "2", "--cgroup", "/x", "--memory", "64M"],
@@ -473,7 +494,13 @@ fn what_attach_cannot_hold_is_refused_with_the_reason() {
     // An empty cgroup: nothing to hold; a zone is what prepares one.
     let empty = TestCgroup::new("empty");
     refused(
-        &["attach", "--cgroup", empty.v2().to_str().unwrap(), "--cpus", "1"],
+        &[
+            "attach",
+            "--cgroup",
+            empty.v2().to_str().unwrap(),
+            "--cpus",
+            "1",
+        ],
         1,
         "nbt zone apply",
     );
@@ -514,7 +541,11 @@ fn what_attach_cannot_hold_is_refused_with_the_reason() {
             std::fs::read_to_string(cgroup).unwrap().trim().to_string()
         })
         .unwrap();
-    refused(&["attach", "--pid", &pid, "--cpus", "1"], 1, "already under nbt's run");
+    refused(
+        &["attach", "--pid", &pid, "--cpus", "1"],
+        1,
+        "already under nbt's run",
+    );
     // SAFETY: kill(2) of the nbt this test started.
     unsafe { libc::kill(run_child.id() as i32, libc::SIGTERM) };
     run_child.wait().unwrap();

@@ -23,3 +23,4 @@ mod shaper;
 mod top;
 mod usage;
 mod user;
+mod zone;

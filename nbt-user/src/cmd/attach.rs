@@ -66,17 +66,11 @@ pub fn attach(args: AttachArgs, signals: &libc::sigset_t) -> i32 {
         target.cgroups.v2.display()
     );
     let workload = Workload::Attach(&target);
-    let summary = match execute_and_print(
-        &plan,
-        &user,
-        workload,
-        signals,
-        &[],
-        out_of(&args.options),
-    ) {
-        Ok(summary) => summary,
-        Err(status) => return status,
-    };
+    let summary =
+        match execute_and_print(&plan, &user, workload, signals, &[], out_of(&args.options)) {
+            Ok(summary) => summary,
+            Err(status) => return status,
+        };
     if let Some(err) = &summary.receipt_error {
         eprintln!("nbt: the attachment's receipts were not all written: {err}");
         return EXIT_NBT_FAILED;

@@ -32,8 +32,14 @@ fn apply(name: &str, options: &RunOptions) -> i32 {
     }
     let refused = [
         (options.name.is_some(), "--name (the zone's name is NAME)"),
-        (options.summary_file.is_some(), "--summary-file (`nbt zone remove --json` prints the summary)"),
-        (options.series_interval.is_some(), "--series-interval (no nbt samples a zone)"),
+        (
+            options.summary_file.is_some(),
+            "--summary-file (`nbt zone remove --json` prints the summary)",
+        ),
+        (
+            options.series_interval.is_some(),
+            "--series-interval (no nbt samples a zone)",
+        ),
     ];
     if let Some((_, flag)) = refused.iter().find(|(given, _)| *given) {
         eprintln!("nbt zone apply: not for a zone: {flag}");
@@ -69,7 +75,12 @@ fn apply(name: &str, options: &RunOptions) -> i32 {
     }
 }
 
-fn exec(name: &str, user: Option<&str>, command: &[std::ffi::OsString], signals: &libc::sigset_t) -> i32 {
+fn exec(
+    name: &str,
+    user: Option<&str>,
+    command: &[std::ffi::OsString],
+    signals: &libc::sigset_t,
+) -> i32 {
     let record = match zone::find(name) {
         Ok(record) => record,
         Err(err) => {
@@ -91,7 +102,10 @@ fn exec(name: &str, user: Option<&str>, command: &[std::ffi::OsString], signals:
             return EXIT_NBT_FAILED;
         }
     };
-    let env = [("NBT_ZONE", name.to_string()), ("NBT_RUN", record.name.clone())];
+    let env = [
+        ("NBT_ZONE", name.to_string()),
+        ("NBT_RUN", record.name.clone()),
+    ];
     match supervise::spawn(command, &cgroup.procs_files(), &env, &user) {
         Ok(pid) => supervise::wait(pid, signals, None, |_| None).status,
         Err(err) => {
@@ -136,7 +150,10 @@ fn ls(json: bool) -> i32 {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&listed).expect("zones serialize"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&listed).expect("zones serialize")
+        );
         return 0;
     }
     if zones.is_empty() {
@@ -167,7 +184,10 @@ fn remove(name: &str, json: bool) -> i32 {
         Ok(summary) => {
             eprint!("{}", summary.human());
             if json {
-                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string(&summary).expect("summary serializes")
+                );
             }
             let restored = summary.hardware.as_ref().is_none_or(|h| h.restored);
             match (&summary.receipt_error, restored) {

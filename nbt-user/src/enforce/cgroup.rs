@@ -286,10 +286,7 @@ enum Ownership {
     Made,
     /// nbt made them and moved a process in (`nbt attach --pid`): what is left goes back home,
     /// then the directories are removed. Nothing is killed.
-    Moved {
-        home: TargetCgroups,
-        layout: Layout,
-    },
+    Moved { home: TargetCgroups, layout: Layout },
     /// Another's cgroups (`nbt attach --cgroup`): the limit files nbt may have written go back to
     /// these values. Nothing is killed or removed.
     Adopted { originals: Vec<Original> },
@@ -470,7 +467,12 @@ impl RunCgroup {
         Ok(adopted)
     }
 
-    fn of_target(layout: &Layout, name: &str, target: &TargetCgroups, ownership: Ownership) -> RunCgroup {
+    fn of_target(
+        layout: &Layout,
+        name: &str,
+        target: &TargetCgroups,
+        ownership: Ownership,
+    ) -> RunCgroup {
         let controllers = CONTROLLERS
             .into_iter()
             .filter_map(|c| Some((c, target.controller_dir(layout, c)?)))

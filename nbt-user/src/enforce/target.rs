@@ -93,7 +93,11 @@ impl TargetCgroups {
     }
 
     /// The directory that carries `controller` for a run laid out as `layout` says.
-    pub fn controller_dir(&self, layout: &Layout, controller: &str) -> Option<(Placement, PathBuf)> {
+    pub fn controller_dir(
+        &self,
+        layout: &Layout,
+        controller: &str,
+    ) -> Option<(Placement, PathBuf)> {
         match layout.placement(controller)? {
             Placement::V2 => {
                 let listed = fs::read_to_string(self.v2.join("cgroup.controllers"))
@@ -166,7 +170,10 @@ pub fn restore(originals: &[Original]) -> Restored {
     for pass in 0..2 {
         let todo: Vec<&Original> = match pass {
             0 => originals.iter().collect(),
-            _ => std::mem::take(&mut failed).into_iter().map(|(o, _)| o).collect(),
+            _ => std::mem::take(&mut failed)
+                .into_iter()
+                .map(|(o, _)| o)
+                .collect(),
         };
         for original in todo {
             let now = match fs::read_to_string(&original.file) {

@@ -44,7 +44,9 @@ impl TargetSpec {
     pub fn resolve(&self) -> Result<Target> {
         let target = match self {
             TargetSpec::Pid(given) => of_pid(given)?,
-            TargetSpec::Cgroup(given) => of_cgroup(given, "cgroup", format!("cgroup {given}"), given)?,
+            TargetSpec::Cgroup(given) => {
+                of_cgroup(given, "cgroup", format!("cgroup {given}"), given)?
+            }
             TargetSpec::Container(given) => {
                 let container = docker::inspect(given)?;
                 let cgroups = TargetCgroups::of_pid(container.pid)?;
@@ -90,7 +92,10 @@ fn of_pid(given: &str) -> Result<Target> {
         .map_err(|_| PlanError(format!("invalid value '{pid}' for --pid: no such process")))?;
     // Kernel threads have no command line and cannot change cgroups.
     if fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty()) {
-        bail!("--pid {pid}: {} is a kernel thread, which stays in the root cgroup", comm.trim());
+        bail!(
+            "--pid {pid}: {} is a kernel thread, which stays in the root cgroup",
+            comm.trim()
+        );
     }
     let cgroups = TargetCgroups::of_pid(pid)?;
     Ok(Target {
@@ -121,7 +126,9 @@ fn of_cgroup(path: &str, kind: &'static str, described: String, given: &str) -> 
             cgroups.v2.display()
         );
     }
-    let member = crate::enforce::cgroup::procs_of(&cgroups.v2).first().copied();
+    let member = crate::enforce::cgroup::procs_of(&cgroups.v2)
+        .first()
+        .copied();
     // Where its processes are in the v1 hierarchies, on a hybrid host: usually the same path,
     // but only a process can say.
     let cgroups = match member.map(TargetCgroups::of_pid) {
@@ -154,7 +161,9 @@ fn unit_cgroup(unit: &str) -> Result<String> {
         .context("running systemctl")?;
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || path.is_empty() {
-        bail!("--unit {unit}: systemd knows no running unit of that name (systemctl status {unit})");
+        bail!(
+            "--unit {unit}: systemd knows no running unit of that name (systemctl status {unit})"
+        );
     }
     Ok(path)
 }
@@ -181,12 +190,19 @@ fn not_attached_already(target: &Target) -> Result<()> {
     for (_, record) in RunRecord::read_all(&state_dir()) {
         let Ok(record) = record else { continue };
         let theirs = record.attached.as_ref().map(|a| &a.cgroups.v2);
-        let inside_run = record.cgroups.first().is_some_and(|dir| v2.starts_with(dir));
+        let inside_run = record
+            .cgroups
+            .first()
+            .is_some_and(|dir| v2.starts_with(dir));
         if theirs == Some(v2) || inside_run {
             bail!(
                 "{} is already under nbt's {} {} (`nbt detach {}` ends it)",
                 target.described,
-                if record.attached.is_some() { "attachment" } else { "run" },
+                if record.attached.is_some() {
+                    "attachment"
+                } else {
+                    "run"
+                },
                 record.name,
                 record.name
             );
@@ -201,10 +217,12 @@ impl Target {
         let Some(pid) = self.member else {
             return false;
         };
-        let ns = |path: &str| fs::metadata(Path::new(path)).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt as _;
-            (m.dev(), m.ino())
-        });
+        let ns = |path: &str| {
+            fs::metadata(Path::new(path)).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                (m.dev(), m.ino())
+            })
+        };
         let theirs = ns(&format!("/proc/{pid}/ns/net"));
         theirs.is_some() && theirs != ns("/proc/self/ns/net")
     }

@@ -19,11 +19,11 @@ use crate::enforce::edt::Latency;
 use crate::enforce::hwcaps::watch::{gpu_memory_env, GpuMemoryReport, Watch};
 use crate::enforce::ledger::LedgerSummary;
 use crate::enforce::shaper::{NetLimits, ShapedTraffic};
+use crate::enforce::target::Restored;
 use crate::enforce::{account, edt, gate, shaper};
+use crate::plan::target::Target;
 use crate::plan::Plan;
 use crate::run::sampling::{Sampler, Sources};
-use crate::enforce::target::Restored;
-use crate::plan::target::Target;
 use crate::run::summary::{AttachReport, HardwareReport, LinkReport, RunSummary};
 use crate::run::wake::{Earliest, ReportWatch, SAMPLE_INTERVAL};
 use crate::state::{self, RecordGuard, RunRecord};
@@ -200,12 +200,7 @@ pub fn execute(
 }
 
 /// The run's record as written before anything is made: no maps yet, no start time.
-fn first_record(
-    plan: &Plan,
-    workload: Workload,
-    layout: &Layout,
-    name: &str,
-) -> Result<RunRecord> {
+fn first_record(plan: &Plan, workload: Workload, layout: &Layout, name: &str) -> Result<RunRecord> {
     let (command, attached) = match workload {
         Workload::Command(command) => (
             command

@@ -146,7 +146,10 @@ pub fn remove(record: RunRecord) -> Result<RunSummary> {
     let stats = cgroup.stats();
     let cpu = cgroup.cpu_seconds();
     drop(cgroup);
-    let shaped = record.maps.as_ref().and_then(|ids| shaper::read_by_id(ids).ok());
+    let shaped = record
+        .maps
+        .as_ref()
+        .and_then(|ids| shaper::read_by_id(ids).ok());
     let wall_seconds = crate::sys::proc::now_unix() - record.started_unix;
 
     let mut moved_back = 0;
@@ -218,8 +221,7 @@ pub fn remove(record: RunRecord) -> Result<RunSummary> {
         zone: Some(super::summary::ZoneReport { moved_back, killed }),
     };
     let mut writer = crate::receipt::Writer::open(&zone.receipts)?;
-    let mut receipt =
-        super::run_receipt::of_run(&summary, summary.energy.clone(), String::new());
+    let mut receipt = super::run_receipt::of_run(&summary, summary.energy.clone(), String::new());
     match writer.write_with_series(&mut receipt, None) {
         Ok(written) => summary.receipt = Some(written),
         Err(err) => summary.receipt_error = Some(format!("{err:#}")),

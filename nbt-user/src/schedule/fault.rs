@@ -56,7 +56,11 @@ pub fn apply_from_outside(
         bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");
     };
     let layout = Layout::detect()?;
-    let adopted = record.attached.as_ref().filter(|a| !a.moved).map(|a| &a.cgroups);
+    let adopted = record
+        .attached
+        .as_ref()
+        .filter(|a| !a.moved)
+        .map(|a| &a.cgroups);
     let mut cgroup = RunCgroup::existing(&layout, run, adopted)?;
     let initial = initial_of(&cgroup, &record);
     let schedule = super::parse("(nbt fault)", as_schedule, &initial).map_err(|e| {

@@ -72,7 +72,10 @@ pub fn inspect(given: &str) -> Result<Container> {
     let id = text("/Id").ok_or_else(|| anyhow!("the engine's answer has no Id"))?;
     let name = text("/Name").unwrap_or("").trim_start_matches('/');
     let running = json.pointer("/State/Running").and_then(|v| v.as_bool());
-    let pid = json.pointer("/State/Pid").and_then(|v| v.as_i64()).unwrap_or(0);
+    let pid = json
+        .pointer("/State/Pid")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
     if running != Some(true) || pid <= 0 {
         bail!(
             "container '{given}' is not running ({}); nbt attaches to a running container",
