@@ -134,7 +134,6 @@ fn cgroups_of(pid: i32) -> String {
 /// A cgroup of the test's own beside nbt's runs, in every hierarchy nbt uses, with its
 /// controllers; removed (its processes killed) on drop.
 pub struct TestCgroup {
-    pub name: String,
     pub dirs: Vec<PathBuf>,
 }
 
@@ -156,7 +155,7 @@ impl TestCgroup {
         for dir in &dirs {
             std::fs::create_dir(dir).unwrap();
         }
-        TestCgroup { name, dirs }
+        TestCgroup { dirs }
     }
 
     /// The path `nbt attach --cgroup` takes: the v2 directory.

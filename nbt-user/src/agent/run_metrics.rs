@@ -277,6 +277,9 @@ mod tests {
             name: None,
             orphan,
             nbt_pid: 1,
+            kind: "run",
+            target: None,
+            cgroup: None,
             command: vec![
                 "train".into(),
                 "--say".into(),

@@ -450,6 +450,8 @@ mod tests {
             qdiscs: None,
             started_unix: 0.0,
             impair_direction: Default::default(),
+            attached: None,
+            zone: None,
         };
         std::thread::scope(|scope| {
             for t in 0..8 {
