@@ -8,7 +8,7 @@
 //!
 //! Run cgroups are always created beneath the cgroup nbt itself is in, in each hierarchy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -907,7 +907,7 @@ impl RunCgroup {
             Ownership::Made => kill_and_remove(&dirs).map(|_| None),
             Ownership::Moved { home, layout } => {
                 if !dirs.is_empty() {
-                    if let Err(err) = target::move_back(&dirs, home, layout) {
+                    if let Err(err) = move_back(&dirs, home, layout) {
                         self.created = dirs;
                         return Err(err);
                     }
@@ -942,7 +942,7 @@ pub(crate) fn procs_of(dir: &Path) -> Vec<i32> {
 /// Kills every process in the cgroups `dirs`, waits until they are empty, and removes them, the
 /// last made first. Returns how many processes were killed.
 pub fn kill_and_remove(dirs: &[PathBuf]) -> Result<usize> {
-    let mut killed = std::collections::BTreeSet::new();
+    let mut killed = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let pids: Vec<i32> = dirs.iter().flat_map(|d| procs_of(d)).collect();
@@ -1096,6 +1096,184 @@ pub struct CgroupStats {
     /// fork()s and clone()s refused because the run hit its pids limit.
     pub forks_refused: Option<u64>,
     pub pressure: Option<Pressure>,
+}
+
+// Another's cgroups (`nbt attach`): finding them, their limit files, sending processes home.
+
+/// The files nbt may write in a cgroup, by controller (`"v2"`: present without a controller),
+/// for each placement. Limits, the squeeze (memory.high) and the freeze.
+const LIMIT_FILES: &[(&str, Placement, &[&str])] = &[
+    (
+        "memory",
+        Placement::V2,
+        &["memory.max", "memory.swap.max", "memory.high"],
+    ),
+    (
+        "memory",
+        Placement::V1,
+        &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+    ),
+    ("cpu", Placement::V2, &["cpu.max"]),
+    (
+        "cpu",
+        Placement::V1,
+        &["cpu.cfs_period_us", "cpu.cfs_quota_us"],
+    ),
+    ("pids", Placement::V2, &["pids.max"]),
+    ("pids", Placement::V1, &["pids.max"]),
+];
+
+impl TargetCgroups {
+    /// The cgroups process `pid` is in now.
+    pub fn of_pid(pid: i32) -> Result<TargetCgroups> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .with_context(|| format!("reading /proc/{pid}/cgroup: is process {pid} running?"))?;
+        Self::from_layout(Layout::of_process_text(&text)?)
+    }
+
+    /// The cgroup `path`, as /proc/PID/cgroup names one (`/docker/3f2a...`, the same path in every
+    /// hierarchy) or as a directory under the cgroup2 mount (`/sys/fs/cgroup/unified/docker/...`).
+    pub fn of_path(path: &str) -> Result<TargetCgroups> {
+        if path.split('/').any(|part| part == "..") {
+            bail!("'..' in a cgroup path");
+        }
+        Self::from_layout(Layout::of_cgroup_path(path)?)
+    }
+
+    fn from_layout(layout: Layout) -> Result<TargetCgroups> {
+        let v2 = layout.require_v2()?.to_path_buf();
+        let v1 = CONTROLLERS
+            .into_iter()
+            .filter(|c| layout.placement(c) == Some(Placement::V1))
+            .map(|c| (c.to_string(), layout.v1_self[c].clone()))
+            .collect();
+        Ok(TargetCgroups { v2, v1 })
+    }
+
+    /// Every directory, v2 first.
+    pub fn dirs(&self) -> Vec<&Path> {
+        let mut dirs = vec![self.v2.as_path()];
+        for dir in self.v1.values() {
+            if !dirs.contains(&dir.as_path()) {
+                dirs.push(dir);
+            }
+        }
+        dirs
+    }
+
+    /// The directory that carries `controller` for a run laid out as `layout` says.
+    pub fn controller_dir(
+        &self,
+        layout: &Layout,
+        controller: &str,
+    ) -> Option<(Placement, PathBuf)> {
+        match layout.placement(controller)? {
+            Placement::V2 => {
+                let listed = fs::read_to_string(self.v2.join("cgroup.controllers"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .any(|c| c == controller);
+                listed.then(|| (Placement::V2, self.v2.clone()))
+            }
+            Placement::V1 => self
+                .v1
+                .get(controller)
+                .filter(|dir| dir.is_dir())
+                .map(|dir| (Placement::V1, dir.clone())),
+        }
+    }
+
+    /// Processes in the target now (its v2 directory and those below it).
+    pub fn populated(&self) -> bool {
+        fs::read_to_string(self.v2.join("cgroup.events"))
+            .map(|text| text.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false)
+    }
+}
+
+/// The values of every limit file nbt may write in `target`, read now.
+pub fn snapshot(layout: &Layout, target: &TargetCgroups) -> Vec<Original> {
+    let mut originals = Vec::new();
+    for (controller, placement, files) in LIMIT_FILES {
+        let Some((found, dir)) = target.controller_dir(layout, controller) else {
+            continue;
+        };
+        if found != *placement {
+            continue;
+        }
+        for file in *files {
+            let file = dir.join(file);
+            if let Ok(value) = fs::read_to_string(&file) {
+                originals.push(Original {
+                    file,
+                    value: value.trim().to_string(),
+                });
+            }
+        }
+    }
+    let freeze = target.v2.join("cgroup.freeze");
+    if let Ok(value) = fs::read_to_string(&freeze) {
+        originals.push(Original {
+            file: freeze,
+            value: value.trim().to_string(),
+        });
+    }
+    originals
+}
+
+/// Moves every process of nbt's cgroups `ours` back to the target's `home`, hierarchy by
+/// hierarchy (`ours` in the order [`TargetCgroups::dirs`] gives `home`'s), until none is left:
+/// a process forking meanwhile leaves a child behind, moved at the next round. Returns how many
+/// were moved; an error names those that could not be.
+pub fn move_back(ours: &[PathBuf], home: &TargetCgroups, layout: &Layout) -> Result<usize> {
+    let mut moved = BTreeSet::new();
+    for _round in 0..50 {
+        let mut left = Vec::new();
+        for dir in ours {
+            let to = home_of(dir, home, layout);
+            for pid in procs_of(dir) {
+                if fs::write(to.join("cgroup.procs"), pid.to_string()).is_ok() {
+                    moved.insert(pid);
+                } else if Path::new(&format!("/proc/{pid}")).exists() {
+                    left.push(pid);
+                }
+            }
+        }
+        if left.is_empty() {
+            return Ok(moved.len());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "processes in {} could not be moved back to {}",
+        ours[0].display(),
+        home.v2.display()
+    )
+}
+
+/// Moves the one process `pid` from nbt's cgroups `ours` back to `home`, in every hierarchy.
+/// Returns 1 when it moved, 0 when it could not (it ended meanwhile, say).
+pub fn move_back_one(pid: i32, ours: &[PathBuf], home: &TargetCgroups, layout: &Layout) -> usize {
+    let mut moved = true;
+    for dir in ours {
+        let to = home_of(dir, home, layout);
+        moved &= fs::write(to.join("cgroup.procs"), pid.to_string()).is_ok();
+    }
+    usize::from(moved)
+}
+
+/// The target's directory in the hierarchy nbt's cgroup `dir` is in.
+fn home_of(dir: &Path, home: &TargetCgroups, layout: &Layout) -> PathBuf {
+    for controller in CONTROLLERS {
+        if layout.placement(controller) == Some(Placement::V1)
+            && dir.starts_with(&layout.v1_self[controller])
+        {
+            if let Some(home) = home.v1.get(controller) {
+                return home.clone();
+            }
+        }
+    }
+    home.v2.clone()
 }
 
 #[cfg(test)]

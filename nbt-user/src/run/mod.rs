@@ -223,7 +223,7 @@ fn first_record(plan: &Plan, workload: Workload, layout: &Layout, name: &str) ->
                 // Read before anything changes, and on disk before the first write.
                 originals: match target.pid {
                     Some(_) => Vec::new(),
-                    None => crate::enforce::target::snapshot(layout, &target.cgroups),
+                    None => crate::enforce::cgroup::snapshot(layout, &target.cgroups),
                 },
                 moved: target.pid.is_some(),
             }),

@@ -9,9 +9,9 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use super::{describe_layout, first_record, Armed, Workload};
-use crate::enforce::cgroup::{kill_and_remove, Layout, RunCgroup};
+use crate::enforce::cgroup::{kill_and_remove, move_back_one, Layout, RunCgroup};
 use crate::enforce::shaper;
-use crate::enforce::target::{move_back_one, TargetCgroups};
+use crate::enforce::target::TargetCgroups;
 use crate::plan::Plan;
 use crate::run::summary::{HardwareReport, RunSummary};
 use crate::state::{self, hwcaps::HwcapsRecord, MovedIn, RecordGuard, RunFiles, RunRecord};

@@ -149,7 +149,7 @@ fn remove_orphan(record: &RunRecord) -> Result<usize> {
         Some(held) => {
             if held.moved {
                 let layout = crate::enforce::cgroup::Layout::detect()?;
-                crate::enforce::target::move_back(&record.cgroups, &held.cgroups, &layout)?;
+                crate::enforce::cgroup::move_back(&record.cgroups, &held.cgroups, &layout)?;
             }
             let restored = crate::enforce::target::restore(&held.originals);
             if !restored.errors.is_empty() {
