@@ -7,6 +7,7 @@ mod account;
 mod agent;
 mod cpu;
 mod demo;
+mod docker;
 mod gate;
 mod hwcaps;
 mod impair;
