@@ -4,6 +4,7 @@
 //! These tests use the real kernel (cgroups, BPF, sockets) and must run as root, one at a time
 //! (`cargo xtask test` does both): they measure CPU time, which parallel tests would disturb.
 
+pub mod docker;
 pub mod rate;
 
 use std::collections::BTreeSet;

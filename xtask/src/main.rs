@@ -28,7 +28,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "ip: network namespaces and veth pairs for the network tests",
     ),
     ("qemu-system-x86", "the VMs of `cargo xtask vm-test`"),
-    ("busybox-static", "the shell and tools inside those VMs"),
+    (
+        "busybox-static",
+        "the shell and tools inside those VMs, and the one binary of the Docker tests' image",
+    ),
     ("cpio", "packing the VMs' initramfs"),
     ("kmod", "depmod for the VMs' kernel modules"),
     (
@@ -55,6 +58,13 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     (
         "prometheus",
         "a real Prometheus server scraping the agent's /metrics in a test",
+    ),
+    // dockerd, containerd and runc. The tests start an engine of their own (own socket,
+    // data-root, containerd; no bridge, no iptables) and never use the machine's: the package
+    // enables a docker.service, which starts on machines booted with systemd and not elsewhere.
+    (
+        "docker.io",
+        "a real Docker engine whose containers nbt attaches to (tests/src/docker.rs)",
     ),
     (
         "chromium",
