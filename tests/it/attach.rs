@@ -85,10 +85,16 @@ impl Drop for Target {
 /// `nbt attach --json ARGS`, started; returns once `nbt ps` lists the attachment with its
 /// programs attached, and its name.
 pub fn attach(args: &[&str]) -> (Child, String) {
+    attach_with_env(args, &[])
+}
+
+/// [`attach`] with `env` added to nbt's environment (`DOCKER_HOST`).
+pub fn attach_with_env(args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut child = nbt_command()
         .arg("attach")
         .arg("--json")
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -8,7 +8,9 @@ use std::process::Command;
 use nbt_integration_tests::docker::{
     cgroup_mounts, memory_hog, mounts_under, processes_naming, ContainerNet, DockerEngine,
 };
-use nbt_integration_tests::NoLeftovers;
+use nbt_integration_tests::{nbt, NoLeftovers};
+
+use crate::attach::{attach_with_env, finished};
 
 /// The machine's own interfaces (the test's namespace is the machine's).
 fn machine_links() -> String {
@@ -165,6 +167,165 @@ fn a_memory_hog_is_oom_killed_under_the_containers_cap() {
         );
     }
     drop((hog, fits, lives));
+    drop(engine);
+    guard.assert_clean();
+}
+
+/// Every limit file of the container's cgroups nbt may write, and its content now.
+fn limit_files(container: &nbt_integration_tests::docker::Container<'_>) -> Vec<(PathBuf, String)> {
+    const FILES: [&str; 10] = [
+        "memory.max",
+        "memory.swap.max",
+        "memory.high",
+        "memory.limit_in_bytes",
+        "memory.memsw.limit_in_bytes",
+        "cpu.max",
+        "cpu.cfs_quota_us",
+        "cpu.cfs_period_us",
+        "pids.max",
+        "cgroup.freeze",
+    ];
+    let mut files: Vec<(PathBuf, String)> = container
+        .cgroups()
+        .into_iter()
+        .flat_map(|(_, dir)| FILES.iter().map(move |f| dir.join(f)))
+        .filter_map(|f| Some((f.clone(), std::fs::read_to_string(f).ok()?)))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+#[test]
+fn attach_caps_a_running_containers_memory_and_puts_its_limits_back() {
+    let guard = NoLeftovers::new();
+    let engine = DockerEngine::start();
+    let host = engine.host();
+    // Docker's own limits, which nbt must put back as they were.
+    let container = engine.run(
+        "attach-mem",
+        &["--pids-limit", "123", "--cpus", "1.5"],
+        &["sleep", "1000"],
+    );
+    let before = limit_files(&container);
+    assert!(before.len() >= 4, "{before:?}");
+    let (held, name) = attach_with_env(
+        &[
+            "--container",
+            container.name(),
+            "--memory",
+            "32M",
+            "--swap",
+            "0",
+            "--pids",
+            "50",
+        ],
+        &[("DOCKER_HOST", &host)],
+    );
+    // The container's own memory limit is nbt's now: a hog in it is OOM-killed.
+    let hog = container.exec(&["sh", "-c", &memory_hog(64)]);
+    assert_eq!(hog.status.code(), Some(137), "{hog:?}");
+    let fits = container.exec(&["sh", "-c", &memory_hog(8)]);
+    assert!(fits.status.success(), "{fits:?}");
+    let detach = nbt(&["detach", &name]);
+    assert_eq!(detach.status(), 0, "{}", detach.stderr());
+    let run = finished(held);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let summary = run.summary.as_ref().unwrap();
+    assert_eq!(summary["attached"]["kind"], "container");
+    assert!(
+        summary["attached"]["target"]
+            .as_str()
+            .unwrap()
+            .contains(container.name()),
+        "{summary}"
+    );
+    assert!(run.u64("/cgroup/oom_kills") >= 1, "{}", run.stderr());
+    let peak = run.u64("/cgroup/memory_peak_bytes");
+    assert!(peak <= 32 << 20, "peak {peak} above the 32 MiB cap");
+    assert_eq!(limit_files(&container), before, "not every file went back");
+    assert_eq!(container.inspect("{{.State.Running}}"), "true");
+    // The engine's view agrees: its own limits, unchanged.
+    assert_eq!(container.inspect("{{.HostConfig.PidsLimit}}"), "123");
+    drop(container);
+    drop(engine);
+    guard.assert_clean();
+}
+
+#[test]
+fn attach_shapes_a_running_containers_rate_and_closes_its_gate() {
+    let guard = NoLeftovers::new();
+    let engine = DockerEngine::start();
+    let host = engine.host();
+    let container = engine.run("attach-net", &[], &["sleep", "1000"]);
+    let net = ContainerNet::connect(&container, "an");
+    let before = limit_files(&container);
+
+    // 10mbit on the container's own traffic, in its own network namespace.
+    let (held, _) = attach_with_env(
+        &["--container", container.name(), "--egress-rate", "10mbit"],
+        &[("DOCKER_HOST", &host)],
+    );
+    let receiver = net.receive_tcp(5301);
+    let send = format!(
+        "dd if=/dev/zero bs=64k count=128 2>/dev/null | nc {} 5301",
+        ContainerNet::RECEIVER_ADDR
+    );
+    let sent = container.exec(&["sh", "-c", &send]);
+    assert!(sent.status.success(), "{sent:?}");
+    let received = receiver.join().unwrap();
+    // SAFETY: kill(2) of the nbt this test started: Ctrl-C.
+    unsafe { libc::kill(held.id() as i32, libc::SIGINT) };
+    let run = finished(held);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    // 1448 payload bytes per 1500 on the wire (the segment nbt caps a 10mbit socket to).
+    let ratio = received.rate_between(1.0, 5.0) * 1500.0 / 1448.0 / 10e6;
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "{ratio:.4} of 10mbit; dropped for rate: {}",
+        run.u64("/shaped/egress/rate_dropped_packets")
+    );
+
+    // A spent balance closes the gate to the receiver: the container's connect is refused.
+    let (held, _) = attach_with_env(
+        &[
+            "--container",
+            container.name(),
+            "--balance",
+            "0",
+            "--gate",
+            ContainerNet::RECEIVER_ADDR,
+        ],
+        &[("DOCKER_HOST", &host)],
+    );
+    // No listener is needed: the gate refuses the connect before a SYN leaves.
+    let refused = container.exec(&[
+        "sh",
+        "-c",
+        &format!("echo x | nc {} 5302", ContainerNet::RECEIVER_ADDR),
+    ]);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not permitted"),
+        "{refused:?}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(held.id() as i32, libc::SIGINT) };
+    let run = finished(held);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert!(run.u64("/ledger/blocked_calls") >= 1, "{}", run.stderr());
+    // Detached, the gate is gone: the same connect passes.
+    let receiver = net.receive_tcp(5303);
+    let passes = container.exec(&[
+        "sh",
+        "-c",
+        &format!("echo x | nc {} 5303", ContainerNet::RECEIVER_ADDR),
+    ]);
+    assert!(passes.status.success(), "{passes:?}");
+    assert_eq!(receiver.join().unwrap().marks.last().map(|m| m.1), Some(2));
+    assert_eq!(limit_files(&container), before);
+    drop(net);
+    drop(container);
     drop(engine);
     guard.assert_clean();
 }

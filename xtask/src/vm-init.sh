@@ -199,6 +199,39 @@ result cpu_attribution $ok "agent ${seen:-none} CPU s, cgroup ${usec:-none} us (
 ok=$(echo "${counted:-0} ${usec:-0}" | awk '{ print ($2 > 1e6 && $1 / ($2 * 1e3) > 0.85 && $1 / ($2 * 1e3) < 1.15) ? 1 : 0 }')
 result counter_path $ok "sampled cpu-clock ${counted:-none} ns, cgroup ${usec:-none} us"
 
+# nbt attach on pure cgroup v2: a cgroup's own memory.max and pids.max back exactly after Ctrl-C.
+mkdir /cg/vmtarget && echo 314572800 > /cg/vmtarget/memory.max && echo 77 > /cg/vmtarget/pids.max
+sleep 60 & target=$!
+echo $target > /cg/vmtarget/cgroup.procs
+before=$(cat /cg/vmtarget/memory.max /cg/vmtarget/pids.max /cg/vmtarget/cpu.max | tr '\n' ' ')
+nbt attach --cgroup /vmtarget --memory 64M --pids 20 --cpus 0.5 > /dev/null 2> /tmp/attach.err &
+holder=$!
+for i in $(seq 50); do [ "$(cat /cg/vmtarget/memory.max)" = 67108864 ] && break; sleep 0.1; done
+during=$(cat /cg/vmtarget/memory.max /cg/vmtarget/pids.max /cg/vmtarget/cpu.max | tr '\n' ' ')
+kill -INT $holder; wait $holder; code=$?
+after=$(cat /cg/vmtarget/memory.max /cg/vmtarget/pids.max /cg/vmtarget/cpu.max | tr '\n' ' ')
+ok=0; [ $code = 0 ] && [ "$during" = "67108864 20 50000 100000 " ] && [ "$after" = "$before" ] && kill -0 $target && ok=1
+result attach_cgroup_restored $ok "before '$before' during '$during' after '$after' status $code $(tail -c 200 /tmp/attach.err | tr '\n' ' ')"
+kill $target; wait $target 2>/dev/null; rmdir /cg/vmtarget
+
+# nbt attach --pid: a running process past its memory cap is OOM-killed, and the attachment
+# ends with it ("the target ended").
+NBT_TESTBIN_WAIT_FILE=/tmp/go nbt-testbin alloc 200 & target=$!
+nbt attach --pid $target --memory 64M --swap 0 > /dev/null 2> /tmp/attach.err &
+holder=$!
+for i in $(seq 50); do grep -q nbt- /proc/$target/cgroup && break; sleep 0.1; done
+sleep 0.5; touch /tmp/go; wait $target; tcode=$?; wait $holder; code=$?
+ok=0; [ $tcode = 137 ] && [ $code = 0 ] && grep -q "the target ended" /tmp/attach.err && grep -q "oom kills     1" /tmp/attach.err && ok=1
+result attach_pid_oom $ok "target status $tcode, nbt attach $code: $(grep -E 'detached|oom' /tmp/attach.err | tr '\n' ' ')"
+
+# A zone: a command started in it is OOM-killed at its cap; removed, nothing of it is left.
+nbt zone apply vmzone --memory 64M --swap 0 2>/dev/null
+nbt zone exec vmzone -- nbt-testbin alloc 200 > /dev/null 2>&1; zcode=$?
+nbt zone remove vmzone > /dev/null 2> /tmp/zone.err; rcode=$?
+left=$(ls -d /cg/nbt-* /sys/fs/bpf/nbt/nbt-* 2>/dev/null | wc -l)
+ok=0; [ $zcode = 137 ] && [ $rcode = 0 ] && [ $left = 0 ] && grep -q "oom kills     1" /tmp/zone.err && ok=1
+result zone_memory_cap $ok "exec status $zcode, remove $rcode, $left left behind"
+
 # Every run above wrote a receipt: the store in the VM verifies.
 out=$(nbt receipts verify 2>&1); code=$?
 ok=0; [ $code = 0 ] && echo "$out" | grep -q "verified: [1-9]" && ok=1

@@ -53,7 +53,7 @@ pub fn attach(args: AttachArgs, signals: &libc::sigset_t) -> i32 {
         return 2;
     }
     // Who the target runs as is its own affair; the summary names no user for an attachment.
-    let user = match Identity::parse("root") {
+    let user = match Identity::parse("0") {
         Ok(user) => user,
         Err(err) => {
             eprintln!("nbt: {err}");

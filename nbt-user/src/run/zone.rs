@@ -189,7 +189,7 @@ pub fn remove(record: RunRecord) -> Result<RunSummary> {
         run: record.name.clone(),
         name: record.label.clone(),
         command: record.command.clone(),
-        user: Identity::parse("root").map_err(|e| anyhow!("{e}"))?,
+        user: Identity::parse("0").map_err(|e| anyhow!("{e}"))?,
         profile: zone.profile.clone(),
         limits: zone.limits.clone(),
         cgroup_mode: describe_layout(&layout),
