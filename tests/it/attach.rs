@@ -556,3 +556,41 @@ fn what_attach_cannot_hold_is_refused_with_the_reason() {
     run_child.wait().unwrap();
     guard.assert_clean();
 }
+
+#[test]
+fn a_schedule_and_a_fault_change_an_attached_cgroup_and_everything_goes_back() {
+    let guard = NoLeftovers::new();
+    let cgroup = TestCgroup::new("schedule");
+    let mut target = Target::start(None, &["sleep", "60"]);
+    cgroup.add(target.pid());
+    let before = cgroup.limit_files();
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("steps.toml");
+    std::fs::write(&schedule, "[[step]]\nat = \"300ms\"\npids = 25\n").unwrap();
+    let path = cgroup.v2().to_str().unwrap().to_string();
+    let (held, name) = attach(&[
+        "--cgroup",
+        &path,
+        "--pids",
+        "50",
+        "--schedule",
+        schedule.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cgroup.read(&["pids.max"]) != "25" {
+        assert!(Instant::now() < deadline, "the schedule's step never came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fault = nbt(&["fault", &name, "brownout", "300ms", "--cpus", "0.1"]);
+    assert_eq!(fault.status(), 0, "{}", fault.stderr());
+    // SAFETY: kill(2) of the nbt this test started.
+    unsafe { libc::kill(held.id() as i32, libc::SIGINT) };
+    let run = finished(held);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let events = run.summary.as_ref().unwrap()["events"].to_string();
+    assert!(events.contains("pids 25"), "{events}");
+    assert!(events.contains("brownout"), "{events}");
+    assert_eq!(cgroup.limit_files(), before, "not every file went back");
+    assert!(target.alive());
+    guard.assert_clean();
+}

@@ -10,12 +10,12 @@ use nbt_integration_tests::{nbt_command, NoLeftovers, Run};
 
 const CPUS: usize = 2;
 
-struct FakeSys {
+pub struct FakeSys {
     dir: tempfile::TempDir,
 }
 
 impl FakeSys {
-    fn new() -> FakeSys {
+    pub fn new() -> FakeSys {
         let dir = tempfile::tempdir().unwrap();
         for cpu in 0..CPUS {
             let freq = dir
@@ -32,11 +32,11 @@ impl FakeSys {
         FakeSys { dir }
     }
 
-    fn root(&self) -> &Path {
+    pub fn root(&self) -> &Path {
         self.dir.path()
     }
 
-    fn max_freqs(&self) -> Vec<String> {
+    pub fn max_freqs(&self) -> Vec<String> {
         (0..CPUS)
             .map(|cpu| {
                 let path = self.root().join(format!(
@@ -47,7 +47,7 @@ impl FakeSys {
             .collect()
     }
 
-    fn no_turbo(&self) -> String {
+    pub fn no_turbo(&self) -> String {
         std::fs::read_to_string(self.root().join("devices/system/cpu/intel_pstate/no_turbo"))
             .unwrap()
             .trim()

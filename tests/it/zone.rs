@@ -6,6 +6,7 @@ use std::time::Duration;
 use nbt_integration_tests::{cgroup_parents, nbt, NoLeftovers};
 
 use crate::attach::Target;
+use crate::hwcaps::FakeSys;
 
 const MIB: u64 = 1 << 20;
 
@@ -142,5 +143,41 @@ fn what_a_zone_cannot_do_without_nbt_is_refused() {
         assert_eq!(run.status(), 2, "{args:?}: {}", run.stderr());
         assert!(run.stderr().contains(says), "{args:?}: {}", run.stderr());
     }
+    guard.assert_clean();
+}
+
+/// A zone's hardware caps stay in force with no nbt running, `nbt cleanup` leaves them, and
+/// `nbt zone remove` puts them back (against a stand-in for sysfs, as tests/it/hwcaps.rs).
+#[test]
+fn a_zones_hardware_caps_hold_until_it_is_removed() {
+    let guard = NoLeftovers::new();
+    let sys = FakeSys::new();
+    let with_sys = |args: &[&str]| {
+        nbt_integration_tests::Run::from_output(
+            nbt_integration_tests::nbt_command()
+                .env("NBT_SYSFS_ROOT", sys.root())
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+    };
+    let apply = with_sys(&["zone", "apply", "zhw", "--cpu-max-freq", "2.0GHz", "--no-turbo"]);
+    let _zone = ZoneGuard("zhw");
+    assert_eq!(apply.status(), 0, "{}", apply.stderr());
+    assert_eq!(sys.max_freqs(), ["2000000", "2000000"]);
+    assert_eq!(sys.no_turbo(), "1");
+    let cleanup = with_sys(&["cleanup"]);
+    assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
+    assert_eq!(sys.max_freqs(), ["2000000", "2000000"], "cleanup put a live zone's caps back");
+    // A run cannot take a cap the zone holds.
+    let run = with_sys(&["run", "--cpu-max-freq", "1.5GHz", "--", "true"]);
+    assert_ne!(run.status(), 0, "{}", run.stderr());
+    assert!(run.stderr().contains("is held by"), "{}", run.stderr());
+    let remove = with_sys(&["zone", "remove", "zhw", "--json"]);
+    assert_eq!(remove.status(), 0, "{}", remove.stderr());
+    assert_eq!(sys.max_freqs(), ["3500000", "3500000"]);
+    assert_eq!(sys.no_turbo(), "0");
+    let summary = remove.summary.as_ref().unwrap();
+    assert_eq!(summary["hardware"]["restored"], true, "{summary}");
     guard.assert_clean();
 }

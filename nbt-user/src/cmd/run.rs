@@ -200,8 +200,12 @@ pub fn execute_and_print(
             Err(err.exit_code())
         }
         Err(RunError::Stopped(signal)) => {
+            let before = match workload {
+                Workload::Command(_) => "the workload started",
+                Workload::Attach(_) => "it attached",
+            };
             eprintln!(
-                "nbt: stopped by {} before the workload started; nothing was left behind",
+                "nbt: stopped by {} before {before}; nothing was left behind",
                 supervise::signal_name(signal)
             );
             Err(128 + signal)

@@ -144,8 +144,11 @@ pub fn execute(
     // guard puts them back however this function ends (errors and panics included).
     let mut hardware = state::hwcaps::hold(&plan.hwcaps, &state_dir, &name)?;
     let gpu_memory = gpu_memory(plan, &mut env)?;
-    // The last moment a signal stops nbt: from the spawn on, it is the workload's.
-    unless_stopped()?;
+    // The last moment a signal stops nbt: from the spawn on, it is the workload's. An
+    // attachment is in force already: a signal now stays queued and detaches it, as later.
+    if let Workload::Command(_) = workload {
+        unless_stopped()?;
+    }
     let mut running = Running::start(plan, user, workload, &env, &armed, &record, gpu_memory)?;
     crate::sys::phase::mark("started");
     let exit = supervise_loop(
