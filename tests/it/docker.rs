@@ -2,7 +2,7 @@
 //! own runs a busybox container, in cgroups of its own, on a network of the test's own; and when
 //! the engine is dropped, nothing of it is left on the machine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nbt_integration_tests::docker::{
@@ -326,6 +326,109 @@ fn attach_shapes_a_running_containers_rate_and_closes_its_gate() {
     assert_eq!(limit_files(&container), before);
     drop(net);
     drop(container);
+    drop(engine);
+    guard.assert_clean();
+}
+
+/// deploy/docker/Dockerfile builds the agent's image from the nbt binary, on a base made here by
+/// `docker import` (busybox and the libraries the binary links), with no registry; the agent
+/// runs in it as the Kubernetes DaemonSet runs it, and serves /metrics on the container's own
+/// network.
+#[test]
+fn the_agents_image_builds_and_serves_metrics() {
+    use std::io::{Read as _, Write as _};
+    let guard = NoLeftovers::new();
+    let engine = DockerEngine::start();
+    let nbt = nbt_integration_tests::nbt_bin();
+    let base = tempfile::tempdir().unwrap();
+    let script = format!(
+        "set -e; mkdir -p {root}/bin {root}/tmp; cp /bin/busybox {root}/bin/; ln -s busybox {root}/bin/sh; \
+         for l in $(ldd '{bin}' | grep -o '/[^ ]*'); do mkdir -p \"{root}$(dirname $l)\"; cp -L \"$l\" \"{root}$l\"; done; \
+         tar -C {root} -c . | DOCKER_HOST={host} DOCKER_CONFIG={config} {cli} import - nbt-test-base:agent",
+        root = base.path().display(),
+        bin = nbt.display(),
+        host = engine.host(),
+        config = engine.dir().join("cli").display(),
+        cli = if std::path::Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" },
+    );
+    let imported = Command::new("sh").args(["-c", &script]).output().unwrap();
+    assert!(imported.status.success(), "{imported:?}");
+    let context = tempfile::tempdir().unwrap();
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker/Dockerfile");
+    std::fs::copy(&dockerfile, context.path().join("Dockerfile")).unwrap();
+    std::fs::copy(&nbt, context.path().join("nbt")).unwrap();
+    let built = engine
+        .command()
+        .env("DOCKER_BUILDKIT", "0")
+        .args([
+            "build",
+            "--build-arg",
+            "BASE=nbt-test-base:agent",
+            "-t",
+            "nbt-agent:test",
+        ])
+        .arg(context.path())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let agent = engine.run_image(
+        "agent",
+        // The capabilities the agent uses, named: --privileged (as the DaemonSet has it) asks
+        // for every one, and this machine's bounding set lacks CAP_SYS_RESOURCE. Docker 20.10
+        // knows no CAP_BPF or CAP_PERFMON: CAP_SYS_ADMIN covers both.
+        &[
+            "--cap-add",
+            "SYS_ADMIN",
+            "--cap-add",
+            "NET_ADMIN",
+            "--cap-add",
+            "DAC_READ_SEARCH",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--pid",
+            "host",
+            "-v",
+            "/sys/fs/cgroup:/sys/fs/cgroup:ro",
+            "-v",
+            "/sys/fs/bpf:/sys/fs/bpf",
+        ],
+        "nbt-agent:test",
+        &[],
+    );
+    let net = ContainerNet::connect(&agent, "ag");
+    let address = format!("{}:8787", ContainerNet::CONTAINER_ADDR);
+    let metrics = nbt_integration_tests::NetnsPair::in_netns(&net.receiver_ns, move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(mut stream) = std::net::TcpStream::connect(&address) {
+                stream
+                    .write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
+                    .unwrap();
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).unwrap();
+                return answer;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    })
+    .join()
+    .unwrap();
+    assert!(
+        metrics.starts_with("HTTP/1.1 200") || metrics.starts_with("HTTP/1.0 200"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("nbt_build_info{"), "{metrics}");
+    assert_eq!(agent.inspect("{{.State.Running}}"), "true");
+    drop(net);
+    drop(agent);
     drop(engine);
     guard.assert_clean();
 }

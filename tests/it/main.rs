@@ -8,6 +8,7 @@ mod agent;
 mod attach;
 mod cpu;
 mod demo;
+mod deploy;
 mod docker;
 mod gate;
 mod hwcaps;

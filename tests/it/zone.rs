@@ -161,14 +161,25 @@ fn a_zones_hardware_caps_hold_until_it_is_removed() {
                 .unwrap(),
         )
     };
-    let apply = with_sys(&["zone", "apply", "zhw", "--cpu-max-freq", "2.0GHz", "--no-turbo"]);
+    let apply = with_sys(&[
+        "zone",
+        "apply",
+        "zhw",
+        "--cpu-max-freq",
+        "2.0GHz",
+        "--no-turbo",
+    ]);
     let _zone = ZoneGuard("zhw");
     assert_eq!(apply.status(), 0, "{}", apply.stderr());
     assert_eq!(sys.max_freqs(), ["2000000", "2000000"]);
     assert_eq!(sys.no_turbo(), "1");
     let cleanup = with_sys(&["cleanup"]);
     assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
-    assert_eq!(sys.max_freqs(), ["2000000", "2000000"], "cleanup put a live zone's caps back");
+    assert_eq!(
+        sys.max_freqs(),
+        ["2000000", "2000000"],
+        "cleanup put a live zone's caps back"
+    );
     // A run cannot take a cap the zone holds.
     let run = with_sys(&["run", "--cpu-max-freq", "1.5GHz", "--", "true"]);
     assert_ne!(run.status(), 0, "{}", run.stderr());

@@ -578,13 +578,24 @@ impl DockerEngine {
     /// `docker run -d --name nbt-test-<suffix>-<pid> ARGS nbt-busybox:test CMD`, with
     /// `--network none` unless ARGS name a network. Removed (`docker rm -f`) on drop.
     pub fn run(&self, suffix: &str, args: &[&str], cmd: &[&str]) -> Container<'_> {
+        self.run_image(suffix, args, IMAGE, cmd)
+    }
+
+    /// [`DockerEngine::run`] of another image (one the test built).
+    pub fn run_image(
+        &self,
+        suffix: &str,
+        args: &[&str],
+        image: &str,
+        cmd: &[&str],
+    ) -> Container<'_> {
         let name = format!("nbt-test-{suffix}-{}", std::process::id());
         let mut all = vec!["run", "-d", "--name", name.as_str()];
         if !args.iter().any(|a| a.starts_with("--net")) {
             all.extend(["--network", "none"]);
         }
         all.extend(args);
-        all.push(IMAGE);
+        all.push(image);
         all.extend(cmd);
         let id = self.docker_ok(&all);
         assert!(

@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _, Result};
 
 mod bench;
 mod bench_paths;
+mod dist;
 mod fuzz;
 mod layers;
 mod telemetry;
@@ -20,6 +21,13 @@ use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
 const NIGHTLY: &str = "nightly";
+/// The kubernetes-validate release the manifests' test uses (PyPI).
+const KUBERNETES_VALIDATE: &str = "1.37.0";
+
+/// Where `setup` installs kubernetes-validate (tests/it/deploy.rs runs it from there).
+fn kubernetes_validate() -> PathBuf {
+    workspace_root().join("target/tools/kubernetes-validate/bin/kubernetes-validate")
+}
 
 /// Debian packages the tests and benchmarks use, with why.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
@@ -67,6 +75,18 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "a real Docker engine whose containers nbt attaches to (tests/src/docker.rs)",
     ),
     (
+        "python3-venv",
+        "a virtual environment for kubernetes-validate (the Kubernetes manifests' offline check)",
+    ),
+    (
+        "debootstrap",
+        "a clean Debian 12 without Rust that `cargo xtask dist`'s package is installed into",
+    ),
+    (
+        "binutils",
+        "objdump (the glibc the binary needs, for the package's Depends) and strip",
+    ),
+    (
         "chromium",
         "headless Chromium rendering `nbt report`'s HTML in a test (its DOM, a screenshot)",
     ),
@@ -90,6 +110,13 @@ enum Task {
     },
     /// Set up if needed, build, and run every test (unit, integration, and the VM tests) as root
     Test,
+    /// Build the Debian package (target/dist/nbt_VERSION_amd64.deb): the release binary, a man
+    /// page per subcommand, bash/zsh/fish completions, the licences, the agent's systemd unit and
+    /// /etc/nbt/agent.env; `--test` installs it into a clean Debian 12 (debootstrap) and checks it
+    Dist {
+        #[arg(long)]
+        test: bool,
+    },
     /// Check that nbt-user's modules import only from lower layers and in no circle
     /// (docs/layout.md); `--graph` prints every module's imports
     Layers {
@@ -152,6 +179,7 @@ fn main() -> ExitCode {
         } => bench(&kind, kernel.as_deref(), repeat, &paths),
         Task::VmTest { kernel } => vm_test(&kernel),
         Task::Layers { graph } => Ok(check_layers(graph)),
+        Task::Dist { test } => dist_task(test),
         Task::Fuzz {
             seconds,
             target,
@@ -285,6 +313,30 @@ fn setup() -> Result<ExitCode> {
         installed.extend(missing.iter().map(|m| m.to_string()));
     }
 
+    // kubernetes-validate (PyPI; the Kubernetes API's schemas bundled, so it checks offline) in
+    // a virtual environment of the target directory: never the machine's own Python packages.
+    let validate = kubernetes_validate();
+    if !validate.exists() {
+        let venv = validate.parent().unwrap().parent().unwrap().to_path_buf();
+        eprintln!(
+            "xtask setup: installing kubernetes-validate {KUBERNETES_VALIDATE} in {} (checks the \
+             manifests of deploy/kubernetes offline)",
+            venv.display()
+        );
+        check(
+            Command::new("/usr/bin/python3")
+                .arg("-m")
+                .arg("venv")
+                .arg(&venv),
+        )?;
+        check(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "-q"])
+                .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")),
+        )?;
+        installed.push(format!("kubernetes-validate {KUBERNETES_VALIDATE}"));
+    }
+
     if installed.is_empty() {
         eprintln!("xtask setup: nothing to install");
     } else {
@@ -338,10 +390,13 @@ fn test() -> Result<ExitCode> {
         command.current_dir(workspace_root());
     }
     let passed = status(&mut command)?;
-    // The kernel-feature tests: pure cgroup v2 and fq, on Debian's 6.1 and 6.12 kernels.
     build_release_binaries()?;
+    // The package, installed where it will be: a clean Debian 12 with no Rust.
+    let deb = dist::build(&workspace_root())?;
+    let dist_passed = dist::install_test(&workspace_root(), &deb)?;
+    // The kernel-feature tests: pure cgroup v2 and fq, on Debian's 6.1 and 6.12 kernels.
     let vm_passed = vm::run(&workspace_root(), "all")?;
-    if !passed || !vm_passed {
+    if !passed || !vm_passed || !dist_passed {
         eprintln!("xtask test: some tests failed (see above)");
         return Ok(ExitCode::FAILURE);
     }
@@ -407,6 +462,21 @@ fn vm_test(kernel: &str) -> Result<ExitCode> {
         eprintln!("xtask vm-test: some VM tests failed (see above)");
         Ok(ExitCode::FAILURE)
     }
+}
+
+fn dist_task(test: bool) -> Result<ExitCode> {
+    setup()?;
+    build_release_binaries()?;
+    let deb = dist::build(&workspace_root())?;
+    if test {
+        if !is_root() {
+            bail!("the install test chroots into a clean Debian 12: run it as root");
+        }
+        if !dist::install_test(&workspace_root(), &deb)? {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn fuzz_targets(seconds: u64, target: Option<&str>, keep_going: bool) -> Result<ExitCode> {

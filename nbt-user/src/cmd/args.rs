@@ -8,6 +8,48 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::plan::Flags;
 
+/// The values of the direction flags, for help and completion (`plan` parses them).
+const DIRECTIONS: &[&str] = &["egress", "ingress", "both"];
+/// The kinds of `nbt fault`.
+const FAULTS: &[&str] = &[
+    "brownout",
+    "network-drop",
+    "loss-burst",
+    "memory-squeeze",
+    "memory-leak",
+    "balance-shock",
+];
+
+/// A value parser that takes any text (`plan` parses it, with errors that name the flag) and
+/// offers `values` to shell completion, for flags whose values are words.
+fn hinted(values: &'static [&'static str]) -> Hinted {
+    Hinted(values)
+}
+
+#[derive(Clone)]
+struct Hinted(&'static [&'static str]);
+
+impl clap::builder::TypedValueParser for Hinted {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        clap::builder::StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            self.0.iter().map(|v| clap::builder::PossibleValue::new(*v)),
+        ))
+    }
+}
+
 const AFTER_HELP: &str = "\
 Units: sizes 512M, 6G (powers of 1024; 500MB = 500*10^6 bytes); CPUs as a decimal (0.5);
 rates 512kbit, 10mbit (bits/s) or 64KB/s (bytes/s; `kbps` is refused as ambiguous); loss 5% or
@@ -113,6 +155,15 @@ pub enum Command {
         /// The attachment's name, as `nbt ps` shows it (nbt-...), or the name given with --name
         run: String,
     },
+    /// Print the shell completion script for SHELL: `nbt completions bash >
+    /// /etc/bash_completion.d/nbt` (the Debian package installs them)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page per subcommand (nbt.1, nbt-run.1, ...) into DIR (for packaging)
+    #[command(hide = true)]
+    Manpages { dir: std::path::PathBuf },
     /// Remove what crashed runs left behind (cgroups, processes), and only that
     Cleanup {
         /// Say what would be removed, remove nothing
@@ -287,10 +338,10 @@ pub struct NetArgs {
     #[arg(long, value_name = "PCT", allow_negative_numbers = true)]
     pub loss: Option<String>,
     /// `uniform` (with --loss) or bursty loss `gemodel:P[,R[,1-H[,1-K]]]`, as netem's gemodel
-    #[arg(long, value_name = "MODEL")]
+    #[arg(long, value_name = "MODEL", value_parser = hinted(&["uniform", "gemodel:"]))]
     pub loss_model: Option<String>,
     /// Where loss applies: egress (default, as netem on an interface), ingress, both
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = hinted(DIRECTIONS))]
     pub loss_direction: Option<String>,
     /// Added delay of the run's outgoing packets (100ms), by earliest departure time: needs the
     /// fq qdisc, which nbt puts at the root of the namespace's interfaces for the run
@@ -315,7 +366,7 @@ pub struct NetArgs {
     /// Where --duplicate and --corrupt apply: egress (default, as netem on an interface),
     /// ingress (packets arriving for the run's sockets), both. Fixed for the run: nbt set
     /// changes them where the run started them
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = hinted(DIRECTIONS))]
     pub impair_direction: Option<String>,
     /// Outgoing packets sent at once, ahead of the added delay: 25% (netem's reorder; needs
     /// --latency)
@@ -383,7 +434,7 @@ pub struct RunArgs {
     /// Start the workload again when it fails (exits non-zero or is killed, not when you stop
     /// it): `no` (default), `on-failure` (up to 3 times), `on-failure:N`; each restart and the
     /// time to recover (a progress report, or 10 s up) go into the event log
-    #[arg(long, value_name = "POLICY")]
+    #[arg(long, value_name = "POLICY", value_parser = hinted(&["no", "on-failure", "on-failure:"]))]
     pub restart: Option<String>,
     /// Run the workload as USER (name or uid), with GROUP as its group: by default the user who
     /// invoked sudo; `root` only when named, since a root workload can undo its own limits
@@ -631,6 +682,7 @@ pub struct AgentArgs {
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct FaultArgs {
     /// brownout, network-drop, loss-burst, memory-squeeze, memory-leak, balance-shock
+    #[arg(value_parser = hinted(FAULTS))]
     pub kind: String,
     /// How long it lasts (not for balance-shock)
     pub duration: Option<String>,

@@ -29,7 +29,12 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Cleanup { .. } | Command::Ps { .. } | Command::Top | Command::Balloon { .. }
+        Command::Cleanup { .. }
+            | Command::Ps { .. }
+            | Command::Top
+            | Command::Balloon { .. }
+            | Command::Completions { .. }
+            | Command::Manpages { .. }
     ) {
         warn_of_orphans();
     }
@@ -52,6 +57,12 @@ pub fn main() -> i32 {
         Command::Attach(args) => attach::attach(*args, &signals),
         Command::Detach { run } => attach::detach(&run),
         Command::Zone(action) => zone::zone(action, &signals),
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "nbt", &mut std::io::stdout());
+            0
+        }
+        Command::Manpages { dir } => manpages(&dir),
         Command::Cleanup { dry_run } => cleanup(dry_run),
     }
 }
@@ -71,6 +82,36 @@ fn warn_of_orphans() {
             orphans.len(),
             orphans.join(", ")
         );
+    }
+}
+
+/// `nbt manpages DIR`: nbt.1 and one page per subcommand, nested ones too (nbt-receipts-list.1).
+fn manpages(dir: &std::path::Path) -> i32 {
+    fn write(dir: &std::path::Path, cmd: clap::Command, name: &str) -> std::io::Result<usize> {
+        let cmd = cmd.name(name.to_string());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page)?;
+        let mut written = 1;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            written += write(dir, sub.clone(), &format!("{name}-{}", sub.get_name()))?;
+        }
+        Ok(written)
+    }
+    let mut cli = <Cli as clap::CommandFactory>::command();
+    cli.build();
+    match std::fs::create_dir_all(dir).and_then(|()| write(dir, cli, "nbt")) {
+        Ok(count) => {
+            eprintln!("nbt manpages: {count} pages in {}", dir.display());
+            0
+        }
+        Err(err) => {
+            eprintln!("nbt manpages: {}: {err}", dir.display());
+            1
+        }
     }
 }
 
