@@ -349,7 +349,7 @@ fn the_agents_image_builds_and_serves_metrics() {
         bin = nbt.display(),
         host = engine.host(),
         config = engine.dir().join("cli").display(),
-        cli = if std::path::Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" },
+        cli = if Path::new("/usr/bin/docker").exists() { "/usr/bin/docker" } else { "docker" },
     );
     let imported = Command::new("sh").args(["-c", &script]).output().unwrap();
     assert!(imported.status.success(), "{imported:?}");
