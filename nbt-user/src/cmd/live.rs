@@ -37,7 +37,9 @@ fn print_ps(runs: &[LiveRun]) {
         return;
     }
     for run in runs {
-        let nbt = if run.orphan {
+        let nbt = if run.kind == "zone" {
+            "zone, held by its pinned programs (`nbt zone remove` ends it)".to_string()
+        } else if run.orphan {
             format!(
                 "ORPHAN (nbt pid {} died; `nbt cleanup` removes it)",
                 run.nbt_pid
