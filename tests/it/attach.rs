@@ -177,23 +177,7 @@ impl TestCgroup {
 
     /// Every limit file nbt may write, and its content now.
     pub fn limit_files(&self) -> BTreeMap<PathBuf, String> {
-        const FILES: [&str; 10] = [
-            "memory.max",
-            "memory.swap.max",
-            "memory.high",
-            "memory.limit_in_bytes",
-            "memory.memsw.limit_in_bytes",
-            "cpu.max",
-            "cpu.cfs_quota_us",
-            "cpu.cfs_period_us",
-            "pids.max",
-            "cgroup.freeze",
-        ];
-        self.dirs
-            .iter()
-            .flat_map(|dir| FILES.iter().map(move |f| dir.join(f)))
-            .filter_map(|file| Some((file.clone(), std::fs::read_to_string(file).ok()?)))
-            .collect()
+        nbt_integration_tests::limit_files(self.dirs.iter().map(PathBuf::as_path))
     }
 
     /// Writes `value` to the first of `files` this cgroup has.

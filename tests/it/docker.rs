@@ -172,28 +172,11 @@ fn a_memory_hog_is_oom_killed_under_the_containers_cap() {
 }
 
 /// Every limit file of the container's cgroups nbt may write, and its content now.
-fn limit_files(container: &nbt_integration_tests::docker::Container<'_>) -> Vec<(PathBuf, String)> {
-    const FILES: [&str; 10] = [
-        "memory.max",
-        "memory.swap.max",
-        "memory.high",
-        "memory.limit_in_bytes",
-        "memory.memsw.limit_in_bytes",
-        "cpu.max",
-        "cpu.cfs_quota_us",
-        "cpu.cfs_period_us",
-        "pids.max",
-        "cgroup.freeze",
-    ];
-    let mut files: Vec<(PathBuf, String)> = container
-        .cgroups()
-        .into_iter()
-        .flat_map(|(_, dir)| FILES.iter().map(move |f| dir.join(f)))
-        .filter_map(|f| Some((f.clone(), std::fs::read_to_string(f).ok()?)))
-        .collect();
-    files.sort();
-    files.dedup();
-    files
+fn limit_files(
+    container: &nbt_integration_tests::docker::Container<'_>,
+) -> std::collections::BTreeMap<PathBuf, String> {
+    let dirs: Vec<PathBuf> = container.cgroups().into_iter().map(|(_, d)| d).collect();
+    nbt_integration_tests::limit_files(dirs.iter().map(PathBuf::as_path))
 }
 
 #[test]

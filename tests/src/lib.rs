@@ -211,6 +211,31 @@ pub fn cgroup_parents() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The files of a cgroup nbt may write when it holds another's (`nbt attach`): limits, the
+/// squeeze, the freeze; v2's and v1's.
+pub const LIMIT_FILES: [&str; 10] = [
+    "memory.max",
+    "memory.swap.max",
+    "memory.high",
+    "memory.limit_in_bytes",
+    "memory.memsw.limit_in_bytes",
+    "cpu.max",
+    "cpu.cfs_quota_us",
+    "cpu.cfs_period_us",
+    "pids.max",
+    "cgroup.freeze",
+];
+
+/// The content of every [`LIMIT_FILES`] file the cgroup directories `dirs` have, now.
+pub fn limit_files<'a>(
+    dirs: impl IntoIterator<Item = &'a Path>,
+) -> std::collections::BTreeMap<PathBuf, String> {
+    dirs.into_iter()
+        .flat_map(|dir| LIMIT_FILES.iter().map(move |f| dir.join(f)))
+        .filter_map(|file| Some((file.clone(), std::fs::read_to_string(file).ok()?)))
+        .collect()
+}
+
 /// Every nbt run cgroup present now, in every hierarchy.
 pub fn run_cgroups() -> BTreeSet<PathBuf> {
     cgroup_parents()

@@ -257,6 +257,17 @@ impl RunSummary {
         out
     }
 
+    /// The limits line: every limit in force, the profile, the cgroup layout.
+    fn write_limits(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "  limits        {} [profile {}, cgroups {}]",
+            self.limits_line(),
+            self.profile,
+            self.cgroup_mode
+        );
+    }
+
     /// What an attachment held, how it ended and what it gave back.
     fn write_attachment(&self, attached: &AttachReport, out: &mut String) {
         let name = self
@@ -281,13 +292,7 @@ impl RunSummary {
             (Some(r), false) => format!("put back {}", r.written.join(", ")),
         };
         let _ = writeln!(out, "  restored      {back}");
-        let _ = writeln!(
-            out,
-            "  limits        {} [profile {}, cgroups {}]",
-            self.limits_line(),
-            self.profile,
-            self.cgroup_mode
-        );
+        self.write_limits(out);
         let _ = writeln!(out, "  attached for  {:.2} s", self.wall_seconds);
     }
 
@@ -305,13 +310,7 @@ impl RunSummary {
                  started in it killed",
                 self.run, self.wall_seconds, zone.moved_back, zone.killed
             );
-            let _ = writeln!(
-                out,
-                "  limits        {} [profile {}, cgroups {}]",
-                self.limits_line(),
-                self.profile,
-                self.cgroup_mode
-            );
+            self.write_limits(out);
             return;
         }
         let c = &self.cgroup;
@@ -343,13 +342,7 @@ impl RunSummary {
                 ", no capabilities, no new privileges"
             }
         );
-        let _ = writeln!(
-            out,
-            "  limits        {} [profile {}, cgroups {}]",
-            self.limits_line(),
-            self.profile,
-            self.cgroup_mode
-        );
+        self.write_limits(out);
         let _ = writeln!(out, "  wall time     {:.2} s", self.wall_seconds);
     }
 

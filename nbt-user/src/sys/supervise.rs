@@ -255,44 +255,20 @@ pub fn wait(
     pid: i32,
     signals: &libc::sigset_t,
     wake: Option<BorrowedFd<'_>>,
-    mut tick: impl FnMut(bool) -> Option<Instant>,
+    tick: impl FnMut(bool) -> Option<Instant>,
 ) -> Exit {
     let mut forwarded = Vec::new();
-    let signal_fd = open_signalfd(signals);
-    let mut next = Some(Instant::now());
-    let mut woken = false;
-    loop {
-        if let Some(status) = try_wait(pid) {
-            return exit_from_status(status, forwarded);
-        }
-        if woken || next.is_some_and(|at| Instant::now() >= at) {
-            next = tick(woken);
-            woken = false;
-            continue;
-        }
-        let timeout = next.map(|at| at.saturating_duration_since(Instant::now()));
-        let (signals_now, readable) = match &signal_fd {
-            Some(fd) => poll(fd.as_fd(), wake, None, timeout),
-            // Without a signalfd (none left to open): wait for signals as nbt did before it
-            // had one, looking at `wake` at least every 100 ms.
-            None => {
-                let capped = timeout.map_or(FALLBACK_WAIT, |t| t.min(FALLBACK_WAIT));
-                let taken = sigtimedwait(signals, capped);
-                (
-                    taken.into_iter().collect(),
-                    wake.is_some_and(|fd| readable(fd)),
-                )
-            }
-        };
-        for (signal, code) in signals_now {
+    let ended = |taken: Vec<(libc::c_int, libc::c_int)>| {
+        for (signal, code) in taken {
             if signal != libc::SIGCHLD && code <= 0 {
                 // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
                 unsafe { libc::kill(pid, signal) };
                 forwarded.push(signal_name(signal));
             }
         }
-        woken = readable;
-    }
+        try_wait(pid).map(|status| exit_from_status(status, std::mem::take(&mut forwarded)))
+    };
+    sleep_until(signals, wake, None, ended, tick)
 }
 
 /// How an attachment's wait ([`wait_detached`]) ended.
@@ -311,20 +287,45 @@ pub fn wait_detached(
     events: &Path,
     signals: &libc::sigset_t,
     wake: Option<BorrowedFd<'_>>,
-    mut tick: impl FnMut(bool) -> Option<Instant>,
+    tick: impl FnMut(bool) -> Option<Instant>,
 ) -> Detached {
-    let signal_fd = open_signalfd(signals);
     let events_file = File::open(events).ok();
-    let populated = || {
-        std::fs::read_to_string(events)
+    let ended = |taken: Vec<(libc::c_int, libc::c_int)>| {
+        if let Some((signal, _)) = taken.iter().find(|(s, _)| STOPPING.contains(s)) {
+            return Some(Detached::Signal(*signal));
+        }
+        let populated = std::fs::read_to_string(events)
             .map(|text| text.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        (!populated).then_some(Detached::Emptied)
     };
+    sleep_until(
+        signals,
+        wake,
+        events_file.as_ref().map(|f| f.as_fd()),
+        ended,
+        tick,
+    )
+}
+
+/// The loop of [`wait`] and [`wait_detached`]: `ended` gets the signals taken since it last ran
+/// (none the first time) and says whether the wait is over; `tick` runs when due or when `wake`
+/// is readable; in between, a sleep that a signal, `wake`, a change of `changed` or the time
+/// `tick` asked for ends.
+fn sleep_until<T>(
+    signals: &libc::sigset_t,
+    wake: Option<BorrowedFd<'_>>,
+    changed: Option<BorrowedFd<'_>>,
+    mut ended: impl FnMut(Vec<(libc::c_int, libc::c_int)>) -> Option<T>,
+    mut tick: impl FnMut(bool) -> Option<Instant>,
+) -> T {
+    let signal_fd = open_signalfd(signals);
     let mut next = Some(Instant::now());
     let mut woken = false;
+    let mut taken = Vec::new();
     loop {
-        if !populated() {
-            return Detached::Emptied;
+        if let Some(end) = ended(std::mem::take(&mut taken)) {
+            return end;
         }
         if woken || next.is_some_and(|at| Instant::now() >= at) {
             next = tick(woken);
@@ -332,13 +333,11 @@ pub fn wait_detached(
             continue;
         }
         let timeout = next.map(|at| at.saturating_duration_since(Instant::now()));
-        let (signals_now, readable) = match &signal_fd {
-            Some(fd) => poll(
-                fd.as_fd(),
-                wake,
-                events_file.as_ref().map(|f| f.as_fd()),
-                timeout,
-            ),
+        let readable_now;
+        (taken, readable_now) = match &signal_fd {
+            Some(fd) => poll(fd.as_fd(), wake, changed, timeout),
+            // Without a signalfd (none left to open): wait for signals as nbt did before it
+            // had one, looking at `wake` (and the end) at least every 100 ms.
             None => {
                 let capped = timeout.map_or(FALLBACK_WAIT, |t| t.min(FALLBACK_WAIT));
                 let taken = sigtimedwait(signals, capped);
@@ -348,13 +347,7 @@ pub fn wait_detached(
                 )
             }
         };
-        if let Some((signal, _)) = signals_now
-            .into_iter()
-            .find(|(signal, _)| STOPPING.contains(signal))
-        {
-            return Detached::Signal(signal);
-        }
-        woken = readable;
+        woken = readable_now;
     }
 }
 
