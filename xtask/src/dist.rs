@@ -192,7 +192,7 @@ License: MIT or Apache-2.0
 
 /// A clean Debian 12 (debootstrap, minbase, with man-db and bash-completion), made once and kept
 /// as a tarball in the target directory.
-fn bookworm_rootfs(workspace: &Path) -> Result<PathBuf> {
+pub fn bookworm_rootfs(workspace: &Path) -> Result<PathBuf> {
     let tarball = dist_dir(workspace).join("bookworm-rootfs.tar");
     if tarball.exists() {
         return Ok(tarball);

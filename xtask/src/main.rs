@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
 mod bench;
 mod bench_paths;
@@ -377,8 +377,14 @@ fn run(args: Vec<String>) -> Result<ExitCode> {
 
 fn test() -> Result<ExitCode> {
     setup()?;
+    // The clean Debian 12 of the package's install test is downloaded while the build runs
+    // (network and disk against the compiler's CPU), not later in the tests' own time.
+    let rootfs = std::thread::spawn(|| dist::bookworm_rootfs(&workspace_root()));
     // The integration tests run the nbt binary and the test workloads: build every binary first.
     check(&mut cargo(&["build", "--bins"]))?;
+    rootfs
+        .join()
+        .map_err(|_| anyhow!("the debootstrap thread panicked"))??;
     // One test at a time: the CPU tests measure CPU time, which parallel tests would disturb.
     let mut command = cargo(&["test", "--no-fail-fast", "--", "--test-threads=1"]);
     if !is_root() {
