@@ -392,6 +392,7 @@ fn a_rate_limit_holds_on_a_running_sender_in_another_namespace() {
     // its timestamp option).
     let wire = received.rate_between(2.0, 7.0) * 1500.0 / 1448.0;
     let ratio = wire / 10e6;
+    eprintln!("attach --pid, 10mbit: {ratio:.4} of the limit");
     assert!(
         (0.95..=1.05).contains(&ratio),
         "{ratio:.4} of 10mbit; dropped for rate: {}",

@@ -263,6 +263,7 @@ fn attach_shapes_a_running_containers_rate_and_closes_its_gate() {
     assert_eq!(run.status(), 0, "{}", run.stderr());
     // 1448 payload bytes per 1500 on the wire (the segment nbt caps a 10mbit socket to).
     let ratio = received.rate_between(1.0, 5.0) * 1500.0 / 1448.0 / 10e6;
+    eprintln!("attach --container, 10mbit: {ratio:.4} of the limit");
     assert!(
         (0.95..=1.05).contains(&ratio),
         "{ratio:.4} of 10mbit; dropped for rate: {}",
