@@ -334,9 +334,12 @@ fn cpu_temperature_is_sampled_during_the_run() {
     assert_eq!(run.status(), 0, "{}", run.stderr());
     let t = |field: &str| run.f64(&format!("/sensors/cpu_temperature_c/{field}"));
     assert_eq!((t("min"), t("max")), (50.0, 70.0), "{}", run.stderr());
-    // Sampled every 0.5 s over 3 s: about half the samples at each level.
+    // Sampled every 0.5 s over 3 s: about half the samples at each level. How many fall on
+    // each side moves with the machine's load (a busy host delays the shell's start: an average
+    // of 55 or less was seen with a VM running beside), so the average is only required to lie
+    // strictly between the two levels, from both sides' samples.
     assert!(t("samples") >= 5.0, "{}", t("samples"));
-    assert!(t("avg") > 55.0 && t("avg") < 65.0, "avg {}", t("avg"));
+    assert!(t("avg") > 50.0 && t("avg") < 70.0, "avg {}", t("avg"));
     assert!(
         run.stderr().contains("cpu sensors   temperature 50/"),
         "{}",
