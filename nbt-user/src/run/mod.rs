@@ -137,16 +137,20 @@ pub fn execute(
     let record = armed.record(plan, record)?;
     record.write(&state_dir)?;
     crate::sys::phase::mark("armed");
-    unless_stopped()?;
+    // An attachment holds its target from here: a signal now stays queued and detaches it
+    // (summary and receipt, everything put back), as it does once the wait has begun.
+    let attached = matches!(workload, Workload::Attach(_));
+    if !attached {
+        unless_stopped()?;
+    }
 
     let mut env = workload_env(&name, &books.reports, extra_env);
     // Last before the workload: the originals are on disk before anything changes, and the
     // guard puts them back however this function ends (errors and panics included).
     let mut hardware = state::hwcaps::hold(&plan.hwcaps, &state_dir, &name)?;
     let gpu_memory = gpu_memory(plan, &mut env)?;
-    // The last moment a signal stops nbt: from the spawn on, it is the workload's. An
-    // attachment is in force already: a signal now stays queued and detaches it, as later.
-    if let Workload::Command(_) = workload {
+    // The last moment a signal stops nbt: from the spawn on, it is the workload's.
+    if !attached {
         unless_stopped()?;
     }
     let mut running = Running::start(plan, user, workload, &env, &armed, &record, gpu_memory)?;
