@@ -132,6 +132,17 @@ pub fn finished(child: Child) -> Run {
     Run::from_output(child.wait_with_output().unwrap())
 }
 
+/// The CPU time process `pid` has used, in seconds (utime + stime of /proc/PID/stat).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted from the state (field 3) here.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf(3) has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 /// The cgroups of process `pid`, as /proc/PID/cgroup lists them.
 fn cgroups_of(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap()
@@ -312,6 +323,15 @@ fn a_cgroup_gets_every_limit_file_back_exactly_after_ctrl_c() {
     assert_eq!(
         cgroup.read(&["memory.max", "memory.limit_in_bytes"]),
         (96 * MIB).to_string()
+    );
+    // While attached nbt sleeps between its duties: its own CPU time stays far below the wall
+    // time (a wait loop whose poll never blocked once spent a whole CPU here).
+    let before_cpu = cpu_seconds(held.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let spent = cpu_seconds(held.id()) - before_cpu;
+    assert!(
+        spent < 1.0,
+        "nbt attach used {spent:.2} CPU s in 3 s of waiting"
     );
     // SAFETY: kill(2) of the nbt this test started: Ctrl-C.
     unsafe { libc::kill(held.id() as i32, libc::SIGINT) };

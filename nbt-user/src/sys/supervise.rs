@@ -294,9 +294,19 @@ pub fn wait_detached(
         if let Some((signal, _)) = taken.iter().find(|(s, _)| STOPPING.contains(s)) {
             return Some(Detached::Signal(*signal));
         }
-        let populated = std::fs::read_to_string(events)
-            .map(|text| text.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false);
+        // Read through the descriptor that is polled: kernfs reports POLLPRI on an open file
+        // until that file reads the changed content (and on one never read at all). Read by
+        // path, the poll stayed ready and this loop spun a whole CPU for as long as the
+        // attachment lasted (found in the 5.10 VM; so on every kernel).
+        let text = match &events_file {
+            Some(file) => {
+                let mut buffer = [0u8; 512];
+                std::os::unix::fs::FileExt::read_at(file, &mut buffer, 0)
+                    .map(|read| String::from_utf8_lossy(&buffer[..read]).into_owned())
+            }
+            None => std::fs::read_to_string(events),
+        };
+        let populated = text.is_ok_and(|text| text.lines().any(|l| l == "populated 1"));
         (!populated).then_some(Detached::Emptied)
     };
     sleep_until(
