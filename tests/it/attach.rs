@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbt_integration_tests::{
-    cgroup_parents, live_runs, nbt, nbt_command, receive_all, testbin, NetnsPair, NoLeftovers, Run,
-    ADDR_B,
+    accepting, cgroup_parents, live_runs, nbt, nbt_command, receive_all, testbin, NetnsPair,
+    NoLeftovers, Run, ADDR_B,
 };
 
 const MIB: u64 = 1 << 20;
@@ -424,13 +424,7 @@ fn a_rate_limit_holds_on_a_running_sender_in_another_namespace() {
 #[test]
 fn the_gate_closes_on_a_running_process_when_its_balance_is_spent() {
     let guard = NoLeftovers::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
+    let server = accepting("127.0.0.1:0");
     let mut target = Target::start(None, &["connect-loop", &server, "6", "0"]);
     let pid = target.pid().to_string();
     let (held, _) = attach(&[

@@ -11,21 +11,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    live_runs, nbt, nbt_command, run_testbin, run_testbin_with_env, testbin, wait_for_live_run,
-    NoLeftovers,
+    accepting, live_runs, nbt, nbt_command, run_testbin, run_testbin_with_env, testbin,
+    wait_for_live_run, NoLeftovers,
 };
-
-/// A TCP listener that accepts and closes connections until the test ends.
-fn accepting(addr: &str) -> String {
-    let listener = TcpListener::bind(addr).unwrap();
-    let local = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-    local
-}
 
 fn outcomes(stdout: &str, mode: &str) -> Vec<String> {
     stdout

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    nbt_in_netns, receive_all, run_testbin, testbin, NetnsPair, NoLeftovers, Run, ADDR_B,
+    accepting, nbt_in_netns, receive_all, run_testbin, testbin, NetnsPair, NoLeftovers, Run, ADDR_B,
 };
 use serde_json::Value;
 
@@ -437,13 +437,7 @@ fn a_memory_leak_fault_grows_a_balloon_inside_the_run_and_removes_it() {
 #[test]
 fn a_price_step_changes_what_the_next_call_costs() {
     let guard = NoLeftovers::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
+    let server = accepting("127.0.0.1:0");
     let schedule = write_schedule(
         &guard,
         "price.toml",

@@ -615,6 +615,19 @@ impl Received {
     }
 }
 
+/// A TCP listener on `addr` that accepts and closes connections until the test ends; its
+/// address.
+pub fn accepting(addr: &str) -> String {
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    let local = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    local
+}
+
 /// Accepts one TCP connection on `listener` and reads it to the end.
 pub fn receive_all(listener: std::net::TcpListener) -> Received {
     let (stream, _) = listener.accept().expect("accept");
