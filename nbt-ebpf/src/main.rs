@@ -20,6 +20,12 @@ mod shaper;
 #[inline(always)]
 pub unsafe fn atomic_add(target: *mut u64, value: u64) {
     use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    // An add of a constant 0 is folded by LLVM into an atomic OR or an atomic load, which the
+    // verifier takes only from Linux 5.12 (BPF_ATOMIC); the plain add (BPF_XADD) is older than
+    // any kernel nbt runs on. Adding nothing is doing nothing, so a 0 is never added.
+    if value == 0 {
+        return;
+    }
     // SAFETY: the caller guarantees `target` is valid for reads and writes and 8-byte aligned,
     // which is all the atomic add needs.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(target, value) };

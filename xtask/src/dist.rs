@@ -223,8 +223,11 @@ pub fn bookworm_rootfs(workspace: &Path) -> Result<PathBuf> {
     Ok(tarball)
 }
 
+/// How many checks [`INSTALL_CHECKS`] prints: fewer lines means one of them never ran.
+pub const INSTALL_CHECK_COUNT: usize = 10;
+
 /// The checks run inside the clean system, one `NBT-DIST-TEST name PASS|FAIL detail` line each.
-const INSTALL_CHECKS: &str = r#"
+pub const INSTALL_CHECKS: &str = r#"
 result() { if [ "$2" = 1 ]; then echo "NBT-DIST-TEST $1 PASS $3"; else echo "NBT-DIST-TEST $1 FAIL $3"; fi; }
 ok=0; command -v cargo >/dev/null || command -v rustc >/dev/null || ok=1
 result no_rust $ok "$(ls /usr/bin | grep -c -E '^(cargo|rustc)$') Rust tools in /usr/bin"
@@ -254,19 +257,12 @@ result dpkg_remove $ok "$(echo "$out" | tail -n 1)"
 /// (chroot, with the host's /proc, /sys and /dev: the kernel nbt runs on is the machine's).
 /// Returns whether every check passed.
 pub fn install_test(workspace: &Path, deb: &Path) -> Result<bool> {
-    let tarball = bookworm_rootfs(workspace)?;
-    let root = tempfile_dir(workspace)?;
-    let guard = Mounts {
-        root: root.clone(),
+    let clean = CleanRoot::new(workspace, deb)?;
+    let root = clean.path().to_path_buf();
+    let mut guard = Mounts {
+        clean,
         mounted: Vec::new(),
     };
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-xf")
-        .arg(&tarball))?;
-    std::fs::copy(deb, root.join("tmp/nbt.deb"))?;
-    let mut guard = guard;
     for (what, args) in [
         ("proc", vec!["-t", "proc", "proc"]),
         ("sys", vec!["--rbind", "/sys"]),
@@ -300,7 +296,8 @@ pub fn install_test(workspace: &Path, deb: &Path) -> Result<bool> {
     for line in &results {
         eprintln!("dist: {}", line.trim_start_matches("NBT-DIST-TEST "));
     }
-    let passed = results.len() >= 10 && results.iter().all(|l| l.contains(" PASS "));
+    let passed =
+        results.len() >= INSTALL_CHECK_COUNT && results.iter().all(|l| l.contains(" PASS "));
     if !passed {
         eprintln!(
             "xtask dist: the install test failed: {} results; stderr: {}",
@@ -312,18 +309,48 @@ pub fn install_test(workspace: &Path, deb: &Path) -> Result<bool> {
     Ok(passed)
 }
 
-fn tempfile_dir(workspace: &Path) -> Result<PathBuf> {
-    let dir = dist_dir(workspace).join(format!("install-test-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A fresh copy of the clean Debian 12 with the package at /tmp/nbt.deb, removed on drop.
+pub struct CleanRoot {
+    path: PathBuf,
+    keep: bool,
 }
 
-/// The chroot's mounts, taken off (recursively, deepest first) and the chroot removed on drop.
+impl CleanRoot {
+    pub fn new(workspace: &Path, deb: &Path) -> Result<Self> {
+        let tarball = bookworm_rootfs(workspace)?;
+        let path = dist_dir(workspace).join(format!("install-test-{}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(&path)?;
+        let root = Self { path, keep: false };
+        run(Command::new("tar")
+            .arg("-C")
+            .arg(&root.path)
+            .arg("-xf")
+            .arg(&tarball))?;
+        std::fs::copy(deb, root.path.join("tmp/nbt.deb"))?;
+        Ok(root)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for CleanRoot {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The chroot's mounts, taken off (recursively, deepest first) on drop; the copy is removed
+/// only when none is left.
 struct Mounts {
-    root: PathBuf,
+    clean: CleanRoot,
     mounted: Vec<PathBuf>,
 }
 
@@ -340,16 +367,17 @@ impl Drop for Mounts {
                     .status();
             }
         }
+        let root = self.clean.path();
         let still_mounted = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
-            .contains(&*self.root.to_string_lossy());
+            .contains(&*root.to_string_lossy());
         if still_mounted {
             eprintln!(
                 "xtask dist: mounts under {} remain; not removing it",
-                self.root.display()
+                root.display()
             );
-            return;
+            // Never remove_dir_all through a bind of the machine's /sys or /dev.
+            self.clean.keep = true;
         }
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }

@@ -123,10 +123,11 @@ enum Task {
         #[arg(long)]
         graph: bool,
     },
-    /// Kernel-feature tests in QEMU VMs booted from Debian's 6.1 and 6.12 kernels (NBT_VM_TESTS=FILE:
-    /// that script in place of xtask/src/vm-init.sh, to try one thing)
+    /// Kernel-feature tests in QEMU VMs booted from Debian's 5.10, 6.1 and 6.12 kernels, and the
+    /// package's install test in the 5.10 one (NBT_VM_TESTS=FILE: that script in place of
+    /// xtask/src/vm-init.sh, to try one thing)
     VmTest {
-        /// 6.1, 6.12 or all
+        /// 5.10, 6.1, 6.12 or all
         #[arg(long, default_value = "all")]
         kernel: String,
     },
@@ -139,7 +140,7 @@ enum Task {
         /// cubic, reno, bbr and UDP, egress and ingress, 512kbit to 1gbit
         #[arg(value_parser = ["net", "vm", "telemetry", "paths"])]
         kind: String,
-        /// For `vm`: 6.1, 6.12 or all (default 6.12)
+        /// For `vm`: 5.10, 6.1, 6.12 or all (default 6.12)
         #[arg(long)]
         kernel: Option<String>,
         /// For `net` and `paths`: how many times each limited case runs (htb and nbt alternate),
@@ -400,8 +401,9 @@ fn test() -> Result<ExitCode> {
     // The package, installed where it will be: a clean Debian 12 with no Rust.
     let deb = dist::build(&workspace_root())?;
     let dist_passed = dist::install_test(&workspace_root(), &deb)?;
-    // The kernel-feature tests: pure cgroup v2 and fq, on Debian's 6.1 and 6.12 kernels.
-    let vm_passed = vm::run(&workspace_root(), "all")?;
+    // The kernel-feature tests: pure cgroup v2 and fq, on Debian's 5.10, 6.1 and 6.12 kernels
+    // (the package's install test again in the 5.10 VM).
+    let vm_passed = vm::run(&workspace_root(), "all", &deb)?;
     if !passed || !vm_passed || !dist_passed {
         eprintln!("xtask test: some tests failed (see above)");
         return Ok(ExitCode::FAILURE);
@@ -462,7 +464,9 @@ fn build_release_binaries() -> Result<()> {
 fn vm_test(kernel: &str) -> Result<ExitCode> {
     setup()?;
     build_release_binaries()?;
-    if vm::run(&workspace_root(), kernel)? {
+    // The 5.10 VM installs the package too.
+    let deb = dist::build(&workspace_root())?;
+    if vm::run(&workspace_root(), kernel, &deb)? {
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("xtask vm-test: some VM tests failed (see above)");

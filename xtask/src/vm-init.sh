@@ -22,6 +22,7 @@ result cpu_cap_v2 $ok "$cores cores"
 
 # Latency: the added time of a TCP connect (the run's SYN leaves 100 ms later).
 $IP netns exec b nbt-testbin listen 192.0.2.2:5000 60 &
+listener=$!
 sleep 1
 base=$(in_a nbt run -- nbt-testbin connect-time 192.0.2.2:5000 10 2>/dev/null | grep connect_ms | stats)
 delayed=$(in_a nbt run --latency 100ms -- nbt-testbin connect-time 192.0.2.2:5000 10 2>/dev/null | grep connect_ms | stats)
@@ -54,10 +55,13 @@ result jitter_correlation $ok "mean step between consecutive connects: ${correla
 
 # A live change: the run starts at 50 ms, `nbt set` makes it 150 ms before it connects.
 in_a nbt run --latency 50ms -- sh -c "sleep 2; nbt-testbin connect-time 192.0.2.2:5000 5" > /tmp/live 2>/dev/null &
+live_run=$!
 sleep 1
 run=$(nbt ps --json | grep -o 'nbt-[0-9a-f]\{16\}' | head -n 1)
 nbt set "$run" --latency 150ms 2>/dev/null
-wait
+# That run only: the listener would hold a bare `wait` for the rest of its 60 s.
+wait $live_run
+kill $listener 2>/dev/null; wait $listener 2>/dev/null
 live=$(grep connect_ms /tmp/live | stats)
 # The fastest of 5 connects against the fastest without delay: robust to one slow connect.
 added=$(echo "$base $live" | awk '{ printf "%.2f", $5 - $2 }')
@@ -151,6 +155,23 @@ lost=$(awk '/received/ { print 1000 - $2 }' /tmp/count)
 ok=$(echo "$lost" | awk '{ print ($1 >= 29 && $1 <= 71) ? 1 : 0 }')
 result loss_5pct $ok "${lost} of 1000 datagrams lost"
 
+# Duplicate: 500 datagrams, 10% of them sent twice (binomial: 50 expected, standard deviation
+# 6.7; the band is 3.7 of them each way).
+$IP netns exec b nbt-testbin udp-count 192.0.2.2:5004 3 > /tmp/count &
+sleep 1
+in_a nbt run --duplicate 10% -- nbt-testbin udp-paced 192.0.2.2:5004 500 500 > /dev/null 2>&1
+wait
+got=$(awk '/received/ { print $2 }' /tmp/count)
+ok=$(echo "${got:-0}" | awk '{ print ($1 >= 525 && $1 <= 575) ? 1 : 0 }')
+result duplicate_10pct $ok "${got:-none} datagrams received of 500 sent"
+
+# The pids controller on v2: a fork bomb under --pids 20 is held there; the refused forks counted.
+line=$(in_a nbt run --json --pids 20 -- nbt-testbin forkbomb 2 2>/dev/null | tail -n 1)
+peak=$(echo "$line" | grep -o '"pids_peak":[0-9]*' | cut -d: -f2)
+refused=$(echo "$line" | grep -o '"forks_refused":[0-9]*' | cut -d: -f2)
+ok=0; [ "${peak:-0}" -ge 15 ] && [ "${peak:-99}" -le 20 ] && [ "${refused:-0}" -gt 0 ] && ok=1
+result pids_cap_v2 $ok "peak ${peak:-none} of 20, ${refused:-none} forks refused"
+
 # Reorder: 1000 datagrams 5 ms apart under 20 ms of delay, 25% sent ahead of it (netem's
 # reorder): each overtakes those delayed before it. Binomial: 250 expected, standard deviation
 # 13.7; the receiver's count and nbt's agree but for runs of 4 reordered in a row (0.4%).
@@ -227,15 +248,29 @@ result attach_pid_oom $ok "target status $tcode, nbt attach $code: $(grep -E 'de
 # A zone: a command started in it is OOM-killed at its cap; removed, nothing of it is left.
 nbt zone apply vmzone --memory 64M --swap 0 2>/dev/null
 nbt zone exec vmzone -- nbt-testbin alloc 200 > /dev/null 2>&1; zcode=$?
+# While the zone's cgroup exists, `nbt probe` says of each newer cgroup file what this kernel
+# has: its yes or no must match the file in that cgroup.
+zone_cg=$(ls -d /cg/nbt-* | head -n 1); probed=""; ok=1
+for file in memory.peak pids.peak cgroup.kill; do
+    said=$(nbt probe 2>/dev/null | grep -E "^ *(yes|no) +$file " | awk '{ print $1 }')
+    has=no; [ -e "$zone_cg/$file" ] && has=yes
+    probed="$probed $file:$said/$has"
+    [ "$said" = "$has" ] || ok=0
+done
+result probe_cgroup_files $ok "probe/file in $zone_cg:$probed"
 nbt zone remove vmzone > /dev/null 2> /tmp/zone.err; rcode=$?
 left=$(ls -d /cg/nbt-* /sys/fs/bpf/nbt/nbt-* 2>/dev/null | wc -l)
 ok=0; [ $zcode = 137 ] && [ $rcode = 0 ] && [ $left = 0 ] && grep -q "oom kills     1" /tmp/zone.err && ok=1
 result zone_memory_cap $ok "exec status $zcode, remove $rcode, $left left behind"
 
+# The memory peak: the kernel's memory.peak (5.19+) or, before it, sampled while the run lives.
+line=$(nbt run --json --memory 256M -- nbt-testbin alloc-hold 48 1000 2>/dev/null | tail -n 1)
+peak=$(echo "$line" | grep -o '"memory_peak_bytes":[0-9]*' | cut -d: -f2)
+source=$(echo "$line" | grep -o '"memory_peak_source":"[^"]*"' | cut -d'"' -f4)
+ok=$(echo "${peak:-0}" | awk '{ print ($1 >= 48 * 1048576 && $1 <= 256 * 1048576) ? 1 : 0 }')
+result memory_peak $ok "$(echo "${peak:-0}" | awk '{ printf "%.1f", $1 / 1048576 }') MiB holding 48 MiB (${source:-no source})"
+
 # Every run above wrote a receipt: the store in the VM verifies.
 out=$(nbt receipts verify 2>&1); code=$?
 ok=0; [ $code = 0 ] && echo "$out" | grep -q "verified: [1-9]" && ok=1
 result receipts_verify $ok "$(echo "$out" | cut -c1-60)"
-
-echo NBT-VM-DONE
-poweroff -f

@@ -1,22 +1,62 @@
 //! `cargo xtask vm-test`: nbt's kernel-feature tests in QEMU VMs booted from Debian's kernels
-//! (bookworm's 6.1, bookworm-backports' 6.12), as aya tests itself: pure cgroup v2 with its
-//! controllers, and the qdiscs this host lacks (fq). Software emulation (KVM hangs here).
+//! (bullseye's 5.10, bookworm's 6.1 and 6.12), as aya tests itself: pure cgroup v2 with its
+//! controllers, and the qdiscs this host lacks (fq). Software emulation (KVM hangs here). The
+//! 5.10 VM also installs the Debian package into a clean Debian 12 shared from the host (9p)
+//! and runs the package's install checks there, on that kernel.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-/// The init the VMs run: the common setup, then the tests themselves, one result line each.
-const INIT: &str = concat!(include_str!("vm-setup.sh"), include_str!("vm-init.sh"));
+/// The tests the VMs run after the common setup (vm-setup.sh), one result line each.
+const TESTS: &str = include_str!("vm-init.sh");
+
+/// The package's install test, appended where a kernel runs it.
+const INSTALL: &str = include_str!("vm-install.sh");
+
+/// The end of every test VM's init: the line that says it got there.
+const DONE: &str = "\necho NBT-VM-DONE\npoweroff -f\n";
 
 /// The init of `cargo xtask bench vm`: the seed's tc htb + netem against nbt, figures per method.
 const BENCH_INIT: &str = concat!(include_str!("vm-setup.sh"), include_str!("vm-bench.sh"));
 
-/// Debian package name patterns of the kernels, by the name `--kernel` takes.
-pub const KERNELS: [(&str, &str); 2] = [
-    ("6.1", r"^linux-image-6\.1\.0-[0-9]+-amd64$"),
-    ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"),
+/// A kernel of the VM matrix.
+pub struct Kernel {
+    /// The name `--kernel` takes.
+    pub name: &'static str,
+    /// The pattern of its Debian package's name (the newest match is taken).
+    package: &'static str,
+    /// The apt sources it comes from where this machine's own (bookworm) lack it, used through a
+    /// private apt state under the VM cache: the machine's apt configuration is never touched.
+    archive: Option<&'static str>,
+    /// Whether the package's install test runs in this VM too.
+    install_test: bool,
+}
+
+pub const KERNELS: [Kernel; 3] = [
+    // Debian 11's kernel; Amazon Linux 2 and many production boxes run a 5.10 too.
+    Kernel {
+        name: "5.10",
+        package: r"^linux-image-5\.10\.0-[0-9]+-amd64$",
+        archive: Some(
+            "deb http://deb.debian.org/debian bullseye main\n\
+             deb http://deb.debian.org/debian-security bullseye-security main\n",
+        ),
+        install_test: true,
+    },
+    Kernel {
+        name: "6.1",
+        package: r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+        archive: None,
+        install_test: false,
+    },
+    Kernel {
+        name: "6.12",
+        package: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
+        archive: None,
+        install_test: false,
+    },
 ];
 
 fn sh(script: &str) -> Result<String> {
@@ -34,23 +74,45 @@ fn sh(script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// The newest package matching `pattern`, unpacked under `cache` (downloaded once).
-fn kernel(cache: &Path, pattern: &str) -> Result<(PathBuf, String)> {
-    let find =
-        format!("apt-cache search --names-only '{pattern}' | cut -d' ' -f1 | sort -V | tail -n 1");
+/// apt's options for a kernel's own archive: sources, lists and caches under `cache`.
+fn apt_options(cache: &Path, kernel: &Kernel) -> Result<String> {
+    let Some(sources) = kernel.archive else {
+        return Ok(String::new());
+    };
+    let dir = cache.join(format!("apt-{}", kernel.name));
+    for sub in ["lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    std::fs::write(dir.join("sources.list"), sources)?;
+    let d = dir.display();
+    Ok(format!(
+        "-o Dir::Etc::sourcelist={d}/sources.list -o Dir::Etc::sourceparts=- \
+         -o Dir::State::Lists={d}/lists -o Dir::Cache={d}/cache -o Dir::State::status=/dev/null \
+         -o APT::Sandbox::User=root"
+    ))
+}
+
+/// The newest package of `kernel`, unpacked under `cache` (downloaded once).
+fn fetch_kernel(cache: &Path, kernel: &Kernel) -> Result<(PathBuf, String)> {
+    let apt = apt_options(cache, kernel)?;
+    let pattern = kernel.package;
+    let find = format!(
+        "apt-cache {apt} search --names-only '{pattern}' | cut -d' ' -f1 | sort -V | tail -n 1"
+    );
     let mut package = sh(&find)?;
     if package.is_empty() {
-        sh("apt-get update -q >/dev/null")?;
+        sh(&format!("apt-get {apt} update -q >/dev/null"))?;
         package = sh(&find)?;
     }
     if package.is_empty() {
-        bail!("no Debian package matches {pattern} (is bookworm-backports in the apt sources?)");
+        let from = kernel.archive.unwrap_or("this machine's apt sources");
+        bail!("no Debian package matches {pattern} in {}", from.trim());
     }
     let dir = cache.join(&package);
     if !dir.join("boot").exists() {
         std::fs::create_dir_all(cache)?;
         eprintln!("xtask vm-test: downloading {package}");
-        sh(&format!("cd '{}' && apt-get download -q {package} 2>/dev/null && dpkg -x {package}_*.deb '{}' && rm -f {package}_*.deb", cache.display(), dir.display()))?;
+        sh(&format!("cd '{}' && apt-get {apt} download -q {package} 2>/dev/null && dpkg -x {package}_*.deb '{}' && rm -f {package}_*.deb", cache.display(), dir.display()))?;
     }
     let release = sh(&format!("ls '{}/lib/modules' | head -n 1", dir.display()))?;
     Ok((dir, release))
@@ -102,14 +164,17 @@ fn initramfs(
     sh(&format!(
         "set -e; m='{k}/lib/modules/{r}'; d='{root}/lib/modules/{r}'; mkdir -p \"$d\"; cd \"$m\"; \
          cp --parents kernel/net/sched/*.ko* kernel/drivers/net/veth.ko* kernel/net/ipv4/inet_diag.ko* \
-         kernel/net/ipv4/tcp_diag.ko* \"$d/\"; cp modules.builtin* modules.order \"$d/\"; \
-         depmod -b '{root}' {r}",
+         kernel/net/ipv4/tcp_diag.ko* \"$d/\"; \
+         for m in kernel/fs/9p kernel/net/9p kernel/fs/fscache kernel/fs/netfs kernel/drivers/virtio; do \
+           [ -d $m ] && cp -r --parents $m \"$d/\"; done; \
+         cp modules.builtin* modules.order \"$d/\"; depmod -b '{root}' {r}",
         k = kernel_dir.display(),
         r = release,
         root = root.display()
     ))?;
     let init = root.join("init");
     std::fs::write(&init, init_script)?;
+    std::fs::write(root.join("install-checks.sh"), crate::dist::INSTALL_CHECKS)?;
     sh(&format!("chmod +x '{}'", init.display()))?;
     sh(&format!(
         "cd '{}' && find . | cpio -o -H newc 2>/dev/null | gzip -1 > '{}'",
@@ -120,23 +185,29 @@ fn initramfs(
     Ok(())
 }
 
-/// Boots `kernel` and returns its console output.
-fn boot(kernel_dir: &Path, release: &str, initrd: &Path) -> Result<String> {
-    let out = Command::new("timeout")
-        .arg("600")
-        .arg("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "1024",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-        ])
+/// Boots `kernel` and returns its console output; `share`, where given, is seen in the VM as the
+/// 9p file system tagged `debian`.
+fn boot(kernel_dir: &Path, release: &str, initrd: &Path, share: Option<&Path>) -> Result<String> {
+    let mut qemu = Command::new("timeout");
+    qemu.arg("600").arg("qemu-system-x86_64").args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-nographic",
+        "-no-reboot",
+    ]);
+    if let Some(dir) = share {
+        qemu.arg("-virtfs").arg(format!(
+            "local,path={},mount_tag=debian,security_model=passthrough,id=debian",
+            dir.display()
+        ));
+    }
+    let out = qemu
         .arg("-kernel")
         .arg(kernel_dir.join(format!("boot/vmlinuz-{release}")))
         .arg("-initrd")
@@ -147,21 +218,25 @@ fn boot(kernel_dir: &Path, release: &str, initrd: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn kernels(which: &str) -> Result<Vec<&'static (&'static str, &'static str)>> {
+fn kernels(which: &str) -> Result<Vec<&'static Kernel>> {
     Ok(match which {
         "all" => KERNELS.iter().collect(),
         name => vec![KERNELS
             .iter()
-            .find(|(n, _)| *n == name)
-            .ok_or_else(|| anyhow!("unknown kernel '{name}'; accepted: 6.1, 6.12, all"))?],
+            .find(|k| k.name == name)
+            .ok_or_else(|| anyhow!("unknown kernel '{name}'; accepted: 5.10, 6.1, 6.12, all"))?],
     })
 }
-
 /// Boots like [`boot`], booting again (twice at most) when the kernel died before nbt's init ran:
 /// under software emulation, 6.12 now and then panics early in boot (an int3 while patching its
 /// own code), which says nothing about nbt. Such a retry is printed, never hidden.
-fn boot_retrying(kernel_dir: &Path, release: &str, initrd: &Path) -> Result<String> {
-    let mut console = boot(kernel_dir, release, initrd)?;
+fn boot_retrying(
+    kernel_dir: &Path,
+    release: &str,
+    initrd: &Path,
+    share: Option<&Path>,
+) -> Result<String> {
+    let mut console = boot(kernel_dir, release, initrd, share)?;
     for attempt in 2..=3 {
         if console.contains("NBT-VM-KERNEL") {
             break;
@@ -175,52 +250,87 @@ fn boot_retrying(kernel_dir: &Path, release: &str, initrd: &Path) -> Result<Stri
             "xtask vm: the {release} kernel died before nbt's init ran ({}); booting again, attempt {attempt} of 3",
             last.trim()
         );
-        console = boot(kernel_dir, release, initrd)?;
+        console = boot(kernel_dir, release, initrd, share)?;
     }
     Ok(console)
 }
 
-/// Runs the VM tests on each kernel; returns whether all passed.
-pub fn run(workspace: &Path, which: &str) -> Result<bool> {
+/// Runs the VM tests on each kernel; returns whether all passed. Where a kernel runs the
+/// package's install test too, `deb` is installed in its VM.
+pub fn run(workspace: &Path, which: &str, deb: &Path) -> Result<bool> {
     let cache = workspace.join("target/vm-cache");
     let mut all_passed = true;
-    for (name, pattern) in kernels(which)? {
-        let (dir, release) = kernel(&cache, pattern)?;
+    for kernel in kernels(which)? {
+        let name = kernel.name;
+        let (dir, release) = fetch_kernel(&cache, kernel)?;
         let initrd = cache.join(format!("initrd-{release}.gz"));
         // A developer's own tests in place of vm-init.sh, to try one thing without the rest.
-        let init = match std::env::var_os("NBT_VM_TESTS") {
-            Some(file) => format!(
-                "{}{}",
-                include_str!("vm-setup.sh"),
-                std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading NBT_VM_TESTS={}", file.to_string_lossy()))?
-            ),
-            None => INIT.to_string(),
+        let tests = match std::env::var_os("NBT_VM_TESTS") {
+            Some(file) => std::fs::read_to_string(&file)
+                .with_context(|| format!("reading NBT_VM_TESTS={}", file.to_string_lossy()))?,
+            None => TESTS.to_string(),
         };
+        let install = kernel.install_test;
+        let init = format!(
+            "{}{tests}\n{}{DONE}",
+            include_str!("vm-setup.sh"),
+            if install { INSTALL } else { "" }
+        );
         initramfs(workspace, &dir, &release, &initrd, &init)?;
+        let share = match install {
+            true => Some(crate::dist::CleanRoot::new(workspace, deb)?),
+            false => None,
+        };
         eprintln!("xtask vm-test: booting {release}");
-        let console = boot_retrying(&dir, &release, &initrd)?;
+        let started = std::time::Instant::now();
+        let console = boot_retrying(&dir, &release, &initrd, share.as_ref().map(|s| s.path()))?;
+        let seconds = started.elapsed().as_secs();
+        drop(share);
+        // The whole console, for what the result lines do not say.
+        let log = cache.join(format!("console-{release}.log"));
+        std::fs::write(&log, &console)?;
         let results: Vec<&str> = console
             .lines()
-            .filter(|l| l.starts_with("NBT-VM-TEST "))
+            .filter_map(|l| {
+                l.strip_prefix("NBT-VM-TEST ").or_else(|| {
+                    l.strip_prefix("NBT-DIST-TEST ")
+                        .map(|_| l.trim_start_matches("NBT-"))
+                })
+            })
             .collect();
         for line in &results {
-            println!("{name}: {}", line.trim_start_matches("NBT-VM-TEST "));
+            println!("{name}: {line}");
         }
         let failed = results.iter().filter(|l| l.contains(" FAIL")).count();
         let done = console.contains("NBT-VM-DONE");
         if !done {
             let tail: Vec<&str> = console.lines().rev().take(30).collect();
-            eprintln!("xtask vm-test: the {release} VM did not finish; its console ended with:");
+            eprintln!(
+                "xtask vm-test: the {release} VM did not finish; its console ({}) ended with:",
+                log.display()
+            );
             for line in tail.iter().rev() {
                 eprintln!("  {line}");
             }
         }
+        let installed = results
+            .iter()
+            .filter(|l| l.starts_with("DIST-TEST "))
+            .count();
+        if install && installed < crate::dist::INSTALL_CHECK_COUNT {
+            eprintln!(
+                "xtask vm-test: the {release} VM ran {installed} of the package's {} install checks",
+                crate::dist::INSTALL_CHECK_COUNT
+            );
+        }
         println!(
-            "vm-test {name} ({release}): {} passed, {failed} failed",
+            "vm-test {name} ({release}): {} passed, {failed} failed in {seconds} s",
             results.len() - failed
         );
-        all_passed &= done && failed == 0 && !results.is_empty();
+        all_passed &= done
+            && failed == 0
+            && !results.is_empty()
+            && (!install || installed >= crate::dist::INSTALL_CHECK_COUNT);
     }
     Ok(all_passed)
 }
@@ -245,12 +355,13 @@ impl BenchRow {
 /// Markdown table for docs/benchmarks.md.
 pub fn bench(workspace: &Path, which: &str) -> Result<()> {
     let cache = workspace.join("target/vm-cache");
-    for (name, pattern) in kernels(which)? {
-        let (dir, release) = kernel(&cache, pattern)?;
+    for kernel in kernels(which)? {
+        let name = kernel.name;
+        let (dir, release) = fetch_kernel(&cache, kernel)?;
         let initrd = cache.join(format!("initrd-bench-{release}.gz"));
         initramfs(workspace, &dir, &release, &initrd, BENCH_INIT)?;
         eprintln!("xtask bench vm: booting {release} (about 3 minutes under emulation)");
-        let console = boot_retrying(&dir, &release, &initrd)?;
+        let console = boot_retrying(&dir, &release, &initrd, None)?;
         if !console.contains("NBT-VM-DONE") {
             let tail: Vec<&str> = console.lines().rev().take(30).collect();
             for line in tail.iter().rev() {

@@ -296,6 +296,7 @@ enum Ownership {
 
 #[derive(Debug, Default)]
 struct SampledPeaks {
+    memory_bytes: u64,
     swap_bytes: u64,
     pids: u64,
 }
@@ -632,6 +633,10 @@ impl RunCgroup {
     /// Records peaks the kernel does not keep on this layout (swap on v1, pids where there is no
     /// `pids.peak`). Call it often, where [`RunCgroup::needs_sampling`] says so.
     pub fn sample(&mut self) {
+        if let Some(dir) = self.sampled_memory() {
+            let current = self.read_u64(&dir.join("memory.current")).unwrap_or(0);
+            self.peaks.memory_bytes = self.peaks.memory_bytes.max(current);
+        }
         if let Some(dir) = self.sampled_swap() {
             let swap = self
                 .read_keyed(&dir.join("memory.stat"))
@@ -649,7 +654,19 @@ impl RunCgroup {
     /// finds. Elsewhere the kernel keeps every peak (memory.peak, memory.swap.peak, pids.peak)
     /// and nothing needs to be read until the run ends.
     pub fn needs_sampling(&self) -> bool {
-        self.sampled_swap().is_some() || self.sampled_pids().is_some()
+        self.sampled_memory().is_some()
+            || self.sampled_swap().is_some()
+            || self.sampled_pids().is_some()
+    }
+
+    /// The v2 memory directory, where it has no `memory.peak` (before Linux 5.19).
+    fn sampled_memory(&self) -> Option<&Path> {
+        match self.controller("memory") {
+            Some((Placement::V2, dir)) if !self.kept.exists(&dir.join("memory.peak")) => {
+                Some(dir.as_path())
+            }
+            _ => None,
+        }
     }
 
     /// The v1 memory directory, where the swap peak is reported (memory+swap accounting on).
@@ -839,7 +856,11 @@ impl RunCgroup {
 
         match self.controller("memory") {
             Some((Placement::V2, dir)) => {
-                stats.memory_peak_bytes = self.read_u64(&dir.join("memory.peak"));
+                (stats.memory_peak_bytes, stats.memory_peak_source) =
+                    match self.read_u64(&dir.join("memory.peak")) {
+                        Some(peak) => (Some(peak), Some("kernel")),
+                        None => (Some(self.peaks.memory_bytes), Some(SAMPLED)),
+                    };
                 stats.oom_kills = self
                     .read_keyed(&dir.join("memory.events"))
                     .get("oom_kill")
@@ -851,6 +872,7 @@ impl RunCgroup {
             }
             Some((Placement::V1, dir)) => {
                 stats.memory_peak_bytes = self.read_u64(&dir.join("memory.max_usage_in_bytes"));
+                stats.memory_peak_source = stats.memory_peak_bytes.map(|_| "kernel");
                 stats.oom_kills = self
                     .read_keyed(&dir.join("memory.oom_control"))
                     .get("oom_kill")
@@ -1083,6 +1105,8 @@ pub struct CgroupStats {
     pub cpu_user_usec: Option<u64>,
     pub cpu_system_usec: Option<u64>,
     pub memory_peak_bytes: Option<u64>,
+    /// "kernel" (memory.peak, v1's max_usage_in_bytes) or how it was sampled (v2 before 5.19).
+    pub memory_peak_source: Option<&'static str>,
     pub swap_peak_bytes: Option<u64>,
     /// "kernel" (memory.swap.peak) or how it was sampled, where the kernel keeps no swap peak.
     pub swap_peak_source: Option<&'static str>,

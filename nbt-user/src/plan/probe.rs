@@ -98,6 +98,7 @@ fn cgroups(out: &mut Vec<Feature>) {
         None => feature("cgroups", "swap limits", false, "no memory controller"),
     };
     out.push(swap);
+    later_files(&layout, out);
     let psi = Path::new("/proc/pressure/cpu").exists();
     out.push(feature(
         "cgroups",
@@ -109,6 +110,92 @@ fn cgroups(out: &mut Vec<Feature>) {
             "/proc/pressure absent: kernel without CONFIG_PSI, or booted with psi=0"
         },
     ));
+}
+
+/// cgroup v2 files newer than cgroup v2 itself: where the kernel has none, what nbt does instead.
+/// Looked for in an existing cgroup below nbt's own v2 cgroup's root that has the controller
+/// (the root cgroup has none of these files), so that a kernel with backports is judged by
+/// what it has.
+fn later_files(layout: &Layout, out: &mut Vec<Feature>) {
+    const FILES: [(&str, &str, &str); 3] = [
+        (
+            "memory",
+            "memory.peak",
+            "the memory peak is sampled every 100 ms instead (Linux 5.19 added memory.peak); \
+             a spike shorter than that can be missed",
+        ),
+        (
+            "pids",
+            "pids.peak",
+            "the process peak is sampled every 100 ms instead",
+        ),
+        (
+            "",
+            "cgroup.kill",
+            "a run's processes are killed one by one until none is left (Linux 5.14 added cgroup.kill)",
+        ),
+    ];
+    let Some(root) = layout.v2_self.as_deref().map(v2_mount_root) else {
+        return;
+    };
+    for (controller, file, without) in FILES {
+        if !controller.is_empty() && layout.placement(controller) != Some(Placement::V2) {
+            continue;
+        }
+        // A cgroup to look in: one with the controller's files, or any for cgroup.kill.
+        let witness = if controller.is_empty() {
+            "cgroup.procs".to_string()
+        } else {
+            format!("{controller}.max")
+        };
+        let seen = cgroups_below(&root, 2)
+            .into_iter()
+            .find(|dir| dir.join(&witness).exists())
+            .map(|dir| dir.join(file).exists());
+        let (available, detail) = match seen {
+            Some(true) => (true, file.to_string()),
+            Some(false) => (false, format!("this kernel has no {file}: {without}")),
+            None => (
+                false,
+                format!("unknown: no cgroup to look for {file} in yet (a run or zone makes one); without it {without}"),
+            ),
+        };
+        out.push(feature("cgroups", file, available, detail));
+    }
+}
+
+/// The cgroup2 mount point that holds `dir`.
+fn v2_mount_root(dir: &Path) -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let point = words.nth(1)?;
+            (words.next()? == "cgroup2").then(|| std::path::PathBuf::from(point))
+        })
+        .filter(|point| dir.starts_with(point))
+        .max_by_key(|point| point.as_os_str().len())
+        .unwrap_or_else(|| dir.to_path_buf())
+}
+
+/// The cgroups below `root`, `depth` levels at most, breadth first.
+fn cgroups_below(root: &Path, depth: usize) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut level = vec![root.to_path_buf()];
+    for _ in 0..depth {
+        let next: Vec<_> = level
+            .iter()
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        found.extend(next.iter().cloned());
+        level = next;
+    }
+    found
 }
 
 fn bpf(out: &mut Vec<Feature>) {
@@ -146,6 +233,18 @@ fn bpf(out: &mut Vec<Feature>) {
     ];
     for (program_type, name, used_for) in programs {
         let (available, detail) = match is_program_supported(program_type) {
+            Ok(true)
+                if program_type == ProgramType::PerfEvent
+                    && crate::sys::loader::perf_event_needs_preallocated_maps() =>
+            {
+                (
+                    true,
+                    format!(
+                        "for {used_for}; before Linux 6.1 its hash maps must be preallocated: \
+                         the agent's tables are smaller (16,384 processes, 32,768 threads)"
+                    ),
+                )
+            }
             Ok(true) => (true, format!("for {used_for}")),
             Ok(false) => (
                 false,

@@ -382,9 +382,13 @@ impl RunSummary {
         };
         let _ = writeln!(
             out,
-            "  memory peak   {}{}; swap peak {}{}",
+            "  memory peak   {}{}{}; swap peak {}{}",
             opt(c.memory_peak_bytes, format_size),
             of_limit(self.limits.memory_bytes),
+            c.memory_peak_source
+                .filter(|s| *s != "kernel")
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default(),
             opt(c.swap_peak_bytes, format_size),
             c.swap_peak_source
                 .filter(|s| *s != "kernel")

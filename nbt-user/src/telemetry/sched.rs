@@ -20,8 +20,8 @@ use aya::programs::{PerfEvent, RawTracePoint};
 use aya::Ebpf;
 use nbt_common::sched::{
     ProcessCpu, ProcessExit, SchedStats, TaskLayout, COUNT_CYCLES, COUNT_INSTRUCTIONS,
-    CPU_CYCLES_MAP, CPU_INSTRUCTIONS_MAP, PROCESS_CPU_MAP, PROCESS_EXITS_MAP, SAMPLE_PERIOD_NS,
-    SAMPLE_PROGRAM, SCHED_STATS_MAP, TASK_LAYOUT_MAP,
+    CPU_CYCLES_MAP, CPU_INSTRUCTIONS_MAP, EXITED_THREADS_MAP, PROCESS_CPU_MAP, PROCESS_EXITS_MAP,
+    SAMPLE_PERIOD_NS, SAMPLE_PROGRAM, SCHED_STATS_MAP, TASK_LAYOUT_MAP,
 };
 
 use crate::telemetry::counters::{AttributeBy, Counted, CpuCounters};
@@ -97,6 +97,16 @@ pub struct TrackerLosses {
     pub counter_misses: u64,
 }
 
+/// The sched hash maps' sizes where they must be preallocated (kernels before 6.1, see
+/// [`loader::perf_event_needs_preallocated_maps`]): about 6 MiB of kernel memory from the agent's
+/// start, against 65,536 processes and 262,144 threads allocated as used on newer kernels. A
+/// process or thread past them is counted in `map_full` and not attributed.
+pub const PREALLOCATED: [(&str, u32); 3] = [
+    (PROCESS_CPU_MAP, 16_384),
+    ("THREAD_CHARGED", 32_768),
+    (EXITED_THREADS_MAP, 32_768),
+];
+
 pub struct ProcessTracker {
     ebpf: Ebpf,
     exits: RingBuf<MapData>,
@@ -143,7 +153,14 @@ impl ProcessTracker {
                 Err(err) => (None, Some(format!("{err:#}"))),
             },
         };
-        let mut ebpf = loader::load(&[loader::GATE_MAPS, loader::INGRESS_IMPAIR_MAPS])?;
+        let unused = [loader::GATE_MAPS, loader::INGRESS_IMPAIR_MAPS];
+        let mut ebpf = if loader::perf_event_needs_preallocated_maps() {
+            // The sampler is a perf_event program: before 6.1 its hash maps must be
+            // preallocated, so they are made smaller to bound the memory they hold from the start.
+            loader::load_preallocated(&unused, &PREALLOCATED)?
+        } else {
+            loader::load(&unused)?
+        };
         if let Some(counters) = &counters {
             let map = |name: &str| {
                 ebpf.map(name)
