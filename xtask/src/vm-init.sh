@@ -1,6 +1,7 @@
 # The init of nbt's test VMs: a pure cgroup v2 machine with the qdiscs this host lacks (fq,
 # netem). Prints one `NBT-VM-TEST <name> PASS|FAIL <detail>` line per test, then NBT-VM-DONE.
-result() { if [ "$2" = 1 ]; then echo "NBT-VM-TEST $1 PASS $3"; else echo "NBT-VM-TEST $1 FAIL $3"; fi; }
+# Each line ends with the VM's uptime, which says where its time went.
+result() { at="[at $(cut -d' ' -f1 /proc/uptime) s]"; if [ "$2" = 1 ]; then echo "NBT-VM-TEST $1 PASS $3 $at"; else echo "NBT-VM-TEST $1 FAIL $3 $at"; fi; }
 # Workloads run as uid 65534, as they would under sudo for a user with no rights (this VM has
 # no user database: numeric ids).
 export NBT_USER=65534:65534

@@ -274,6 +274,27 @@ impl RunRecord {
                 .into());
             }
         }
+        // Under the lock too: of two attachments to one target started at once, one gets it (the
+        // other would restore, at its end, the values the first wrote).
+        if let Some(mine) = &self.attached {
+            let holder = Self::read_all(dir)
+                .into_iter()
+                .filter_map(|(_, record)| record.ok())
+                .find(|r| {
+                    r.name != self.name
+                        && r.attached
+                            .as_ref()
+                            .is_some_and(|a| a.cgroups.v2 == mine.cgroups.v2)
+                });
+            if let Some(other) = holder {
+                anyhow::bail!(
+                    "{} is already under nbt's attachment {} (`nbt detach {}` ends it)",
+                    mine.target,
+                    other.name,
+                    other.name
+                );
+            }
+        }
         self.write_locked(dir)
     }
 
@@ -428,6 +449,64 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    fn bare_record(name: &str) -> RunRecord {
+        RunRecord {
+            name: name.into(),
+            label: None,
+            supervisor_pid: 1,
+            supervisor_start_time: 0,
+            cgroups: Vec::new(),
+            command: vec!["nbt".into()],
+            net: Default::default(),
+            maps: None,
+            ledger: None,
+            edt_map: None,
+            latency: None,
+            links: Vec::new(),
+            pins: None,
+            qdiscs: None,
+            started_unix: 0.0,
+            impair_direction: Default::default(),
+            attached: None,
+            zone: None,
+        }
+    }
+
+    /// Two attachments to one target: the second record is refused when written, under the
+    /// records' lock, whatever the checks before it saw.
+    #[test]
+    fn a_target_is_attached_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let attached = |v2: &str| Attached {
+            kind: "cgroup".into(),
+            target: format!("cgroup {v2}"),
+            cgroups: crate::enforce::target::TargetCgroups {
+                v2: PathBuf::from(v2),
+                v1: Default::default(),
+            },
+            originals: Vec::new(),
+            moved: false,
+        };
+        let mut first = bare_record("nbt-00000000000000a1");
+        first.attached = Some(attached("/sys/fs/cgroup/web"));
+        first.write(dir.path()).unwrap();
+        // Written again (as a run does once armed): its own record is no rival.
+        first.write(dir.path()).unwrap();
+        let mut second = bare_record("nbt-00000000000000a2");
+        second.attached = Some(attached("/sys/fs/cgroup/web"));
+        let err = second.write(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "cgroup /sys/fs/cgroup/web is already under nbt's attachment nbt-00000000000000a1"
+            ),
+            "{err}"
+        );
+        assert!(!RunRecord::path(dir.path(), "nbt-00000000000000a2").exists());
+        let mut other = bare_record("nbt-00000000000000a3");
+        other.attached = Some(attached("/sys/fs/cgroup/db"));
+        other.write(dir.path()).unwrap();
     }
 
     #[test]
