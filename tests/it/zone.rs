@@ -106,6 +106,8 @@ fn a_zone_holds_without_nbt_and_remove_puts_everything_back() {
     );
     assert!(summary["receipt"]["receipt_hash"].is_string(), "{summary}");
     assert_eq!(summary["limits"]["memory_bytes"], 128 * MIB);
+    // The limits at the end: `nbt set` changed the pids limit from 40 to 30.
+    assert_eq!(summary["limits"]["pids"], 30, "{summary}");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap(),

@@ -143,7 +143,16 @@ pub fn remove(record: RunRecord) -> Result<RunSummary> {
     let state_dir = state::state_dir();
     let layout = Layout::detect()?;
     let mut cgroup = RunCgroup::existing(&layout, &record.name, None)?;
-    let stats = cgroup.stats();
+    let now = cgroup.now();
+    // The limits in force at the end, as the kernel has them: `nbt set` may have changed those
+    // the zone was applied with.
+    let limits = crate::enforce::cgroup::Limits {
+        memory_bytes: now.memory_limit_bytes,
+        swap_bytes: now.swap_limit_bytes,
+        cpu_millicores: now.cpu_limit_millicores,
+        pids: now.pids_limit,
+    };
+    let stats = now.stats;
     let cpu = cgroup.cpu_seconds();
     drop(cgroup);
     let shaped = record
@@ -191,7 +200,7 @@ pub fn remove(record: RunRecord) -> Result<RunSummary> {
         command: record.command.clone(),
         user: Identity::parse("0").map_err(|e| anyhow!("{e}"))?,
         profile: zone.profile.clone(),
-        limits: zone.limits.clone(),
+        limits,
         cgroup_mode: describe_layout(&layout),
         exit: Exit {
             status: 0,
