@@ -14,6 +14,7 @@ pub(crate) mod receipt;
 pub(crate) mod report;
 pub(crate) mod run;
 pub(crate) mod schedule;
+pub(crate) mod swarm;
 pub mod state;
 pub mod sys;
 pub mod telemetry;

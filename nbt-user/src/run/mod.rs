@@ -254,6 +254,15 @@ fn first_record(plan: &Plan, workload: Workload, layout: &Layout, name: &str) ->
         edt_map: None,
         latency: plan.latency,
         links: plan.links.iter().map(|l| l.describe()).collect(),
+        link_settings: plan
+            .links
+            .iter()
+            .map(|l| state::LinkSetting {
+                to: l.to.clone(),
+                net: l.net,
+                latency: l.latency,
+            })
+            .collect(),
         pins: None,
         qdiscs: None,
         started_unix: 0.0,
