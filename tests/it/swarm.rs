@@ -206,6 +206,23 @@ at = "1s"
 action = "kill"
 node = "k"
 restart-after = "1s"
+[[node]]
+name = "f"
+balance = "5"
+command = ["sh", "-c", "for i in $(seq 25); do date +%s.%N; sleep 0.1; done"]
+[[event]]
+at = "0.8s"
+action = "freeze"
+node = "f"
+[[event]]
+at = "2s"
+action = "thaw"
+node = "f"
+[[event]]
+at = "2.2s"
+action = "spend"
+node = "f"
+amount = "2"
 "#
     );
     let (_dir, path) = swarm_file("ttime", &text);
@@ -236,7 +253,16 @@ restart-after = "1s"
     let lost = ab["loss_dropped_packets"].as_u64().unwrap();
     assert!((70..=130).contains(&lost), "a -> b lost {lost}: {ab}");
     // Every event is in the summary, in time order, none failed.
-    for action in ["partition", "heal", "degrade", "kill", "restart"] {
+    for action in [
+        "partition",
+        "heal",
+        "degrade",
+        "kill",
+        "restart",
+        "freeze",
+        "thaw",
+        "spend",
+    ] {
         let found = events(summary, action);
         assert_eq!(found.len(), 1, "{action}: {}", summary["events"]);
         assert!(found[0]["error"].is_null(), "{}", found[0]);
@@ -255,6 +281,18 @@ restart-after = "1s"
     assert_eq!(k["runs"][0]["ended_by"], "kill", "{k}");
     assert_eq!(k["runs"][1]["exit_status"], 0, "{k}");
     assert_eq!(k["status"], "exited", "{k}");
+    // f: frozen from 0.8 s to 2 s, so one gap of about 1.2 s between the times it wrote; then
+    // 2 spent of its 5. Its own run logged the freezer's fault and the shock.
+    let stamps: Vec<f64> = node_lines(&run, "f")
+        .iter()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    let gap = stamps.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    eprintln!("f: longest gap {gap:.2} s between {} stamps", stamps.len());
+    assert!((0.9..=1.7).contains(&gap), "f's longest gap {gap:.2} s: {stamps:?}");
+    let f = &summary["nodes"][4];
+    assert_eq!(f["runs"][0]["balance_end_micro"], 3_000_000, "{f}");
+    assert!(f["runs"][0]["events"].as_u64() >= Some(3), "{f}");
     assert_no_swarm_left(&guard);
 }
 

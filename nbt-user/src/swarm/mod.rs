@@ -68,6 +68,8 @@ pub struct NodeRun {
     pub ingress_bytes: Option<u64>,
     /// Events in the run's own log (its schedule, `nbt set`, `nbt fault`).
     pub events: usize,
+    /// Its balance at the end, in micro-units, for a node with one.
+    pub balance_end_micro: Option<i64>,
     /// Where its receipt went: `{seq, receipt_hash, ...}`.
     pub receipt: Option<Value>,
     /// The run's whole summary (`nbt run --json`).
@@ -833,6 +835,9 @@ fn node_run(
             .and_then(|s| s["events"].as_array())
             .map_or(0, Vec::len),
         receipt: s.map(|s| s["receipt"].clone()).filter(|r| !r.is_null()),
+        balance_end_micro: s
+            .and_then(|s| s.pointer("/ledger/balance_end_micro"))
+            .and_then(Value::as_i64),
         summary,
     }
 }
