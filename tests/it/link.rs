@@ -86,10 +86,18 @@ fn each_destination_holds_to_its_own_link_at_once() {
     );
     let set = nbt(&["set", &name, "--link", "to=192.0.2.3,latency=5ms"]);
     assert_eq!(set.status(), 2, "{}", set.stderr());
-    assert!(set.stderr().contains("'latency' cannot change"), "{}", set.stderr());
+    assert!(
+        set.stderr().contains("'latency' cannot change"),
+        "{}",
+        set.stderr()
+    );
     let set = nbt(&["set", &name, "--link", "to=192.0.2.9,loss=1%"]);
     assert_eq!(set.status(), 2, "{}", set.stderr());
-    assert!(set.stderr().contains("has no link to 192.0.2.9"), "{}", set.stderr());
+    assert!(
+        set.stderr().contains("has no link to 192.0.2.9"),
+        "{}",
+        set.stderr()
+    );
     let run = sender.join().unwrap();
     assert_eq!(run.status(), 0, "{}", run.stderr());
     assert!(

@@ -74,7 +74,12 @@ fn every_node_reaches_its_peers_by_the_addresses_in_its_environment() {
     };
     let (_dir, path) = swarm_file(
         "tmesh",
-        &format!("subnet = \"10.231.0.0/24\"\n{}{}{}", node("a"), node("b"), node("c")),
+        &format!(
+            "subnet = \"10.231.0.0/24\"\n{}{}{}",
+            node("a"),
+            node("b"),
+            node("c")
+        ),
     );
     let run = nbt(&["swarm", &path, "--json"]);
     assert_eq!(run.status(), 0, "{}", run.stderr());
@@ -96,8 +101,14 @@ fn every_node_reaches_its_peers_by_the_addresses_in_its_environment() {
     for node in summary["nodes"].as_array().unwrap() {
         assert_eq!(node["status"], "exited", "{node}");
         assert_eq!(node["exit_status"], 0, "{node}");
-        assert!(node["runs"][0]["receipt"]["receipt_hash"].is_string(), "{node}");
-        assert!(node["runs"][0]["memory_peak_bytes"].as_u64() > Some(0), "{node}");
+        assert!(
+            node["runs"][0]["receipt"]["receipt_hash"].is_string(),
+            "{node}"
+        );
+        assert!(
+            node["runs"][0]["memory_peak_bytes"].as_u64() > Some(0),
+            "{node}"
+        );
     }
     // The swarm's receipt follows the nodes' in the same store, and the chain verifies.
     assert!(summary["receipt"]["seq"].as_u64() == Some(4), "{summary}");
@@ -156,7 +167,10 @@ fn each_link_holds_its_own_rate_at_the_receiver() {
             .unwrap()
             .clone()
     };
-    assert!(link("a", "b")["limits"].as_str().unwrap().contains("egress 4mbit"));
+    assert!(link("a", "b")["limits"]
+        .as_str()
+        .unwrap()
+        .contains("egress 4mbit"));
     let (ab, ac) = (
         link("a", "b")["passed_bytes"].as_f64().unwrap(),
         link("a", "c")["passed_bytes"].as_f64().unwrap(),
@@ -289,7 +303,10 @@ amount = "2"
         .collect();
     let gap = stamps.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
     eprintln!("f: longest gap {gap:.2} s between {} stamps", stamps.len());
-    assert!((0.9..=1.7).contains(&gap), "f's longest gap {gap:.2} s: {stamps:?}");
+    assert!(
+        (0.9..=1.7).contains(&gap),
+        "f's longest gap {gap:.2} s: {stamps:?}"
+    );
     let f = &summary["nodes"][4];
     assert_eq!(f["runs"][0]["balance_end_micro"], 3_000_000, "{f}");
     assert!(f["runs"][0]["events"].as_u64() >= Some(3), "{f}");
@@ -323,7 +340,12 @@ fn sigterm_stops_every_node_and_removes_the_swarm() {
             .as_array()
             .and_then(|a| a.iter().find(|s| s["swarm"] == "tstop"))
         {
-            if s["nodes"].as_array().unwrap().iter().all(|n| n["run"].is_string()) {
+            if s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["run"].is_string())
+            {
                 listed = s.clone();
                 break;
             }
@@ -331,7 +353,14 @@ fn sigterm_stops_every_node_and_removes_the_swarm() {
     }
     assert_eq!(listed["nodes"][1]["addr"], "10.234.0.2", "{listed}");
     assert_eq!(listed["nodes"][1]["balance_micro"], 5_000_000, "{listed}");
-    let set = nbt(&["swarm", "set", "tstop", "a", "--link", "to=b,egress-rate=1mbit"]);
+    let set = nbt(&[
+        "swarm",
+        "set",
+        "tstop",
+        "a",
+        "--link",
+        "to=b,egress-rate=1mbit",
+    ]);
     assert_eq!(set.status(), 0, "{}", set.stderr());
     assert!(
         set.stderr().contains("link to 10.234.0.2: egress 1mbit"),
@@ -364,7 +393,11 @@ fn bad_files_are_refused_naming_the_field() {
     );
     let run = nbt(&["swarm", &path]);
     assert_eq!(run.status(), 2, "{}", run.stderr());
-    assert!(run.stderr().contains("unknown field `memroy`"), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("unknown field `memroy`"),
+        "{}",
+        run.stderr()
+    );
     let (_dir, path) = swarm_file(
         "tbad",
         "[[node]]\nname = \"a\"\ncommand = [\"true\"]\ncpus = \"lots\"\n",

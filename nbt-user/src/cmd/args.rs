@@ -231,7 +231,11 @@ pub enum SwarmAction {
         swarm: String,
         node: String,
         /// The flags of `nbt set` (--egress-rate 1mbit, --link to=n2,loss=5%, ...)
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "FLAGS")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
         flags: Vec<String>,
     },
     /// Inject a fault into a live node as `nbt fault` does (brownout 5s, balance-shock
@@ -240,7 +244,11 @@ pub enum SwarmAction {
         swarm: String,
         node: String,
         /// The fault's kind and arguments, as `nbt fault RUN` takes them
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "KIND [ARGS]")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "KIND [ARGS]"
+        )]
         args: Vec<String>,
     },
 }

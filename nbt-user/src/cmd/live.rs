@@ -348,8 +348,7 @@ fn set_links(run: &str, links: &[String]) -> Result<String> {
         .map(|text| live_link(text))
         .collect::<Result<Vec<_>, _>>()?;
     let describe = |setting: &crate::state::LinkSetting| {
-        let mut parts =
-            crate::plan::link::network_limits(&setting.net, setting.latency.as_ref());
+        let mut parts = crate::plan::link::network_limits(&setting.net, setting.latency.as_ref());
         if parts.is_empty() {
             parts.push("unlimited".into());
         }
@@ -361,13 +360,19 @@ fn set_links(run: &str, links: &[String]) -> Result<String> {
         |settings| {
             for (to, args) in &asked {
                 let Some(i) = settings.iter().position(|s| &s.to == to) else {
-                    let known: Vec<String> =
-                        settings.iter().map(|s| format!("to={}", s.to.join(",to="))).collect();
+                    let known: Vec<String> = settings
+                        .iter()
+                        .map(|s| format!("to={}", s.to.join(",to=")))
+                        .collect();
                     anyhow::bail!(PlanError(format!(
                         "run '{run}' has no link to {}: links are found by their destinations \
                          exactly as the run was given them; it has {}",
                         to.join(", "),
-                        if known.is_empty() { "none".into() } else { known.join("; ") }
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join("; ")
+                        }
                     )));
                 };
                 settings[i].net = changed_limits(&settings[i].net, Directions::Egress, args)?;

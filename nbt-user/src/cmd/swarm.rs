@@ -102,7 +102,15 @@ fn print_summary(s: &SwarmSummary) {
     );
     eprintln!(
         "  {:<12} {:<15} {:<8} {:>5} {:>5} {:>9} {:>10} {:>12} {:>12} {:>6}",
-        "node", "addr", "status", "exit", "runs", "cpu s", "mem peak", "egress B", "ingress B",
+        "node",
+        "addr",
+        "status",
+        "exit",
+        "runs",
+        "cpu s",
+        "mem peak",
+        "egress B",
+        "ingress B",
         "events"
     );
     for n in &s.nodes {
@@ -277,7 +285,12 @@ fn live(swarm: &str, node: &str, verb: &str, args: &[String]) -> i32 {
             return EXIT_NBT_FAILED;
         }
     };
-    match Command::new(exe).arg(verb).arg(&entry.label).args(&args).status() {
+    match Command::new(exe)
+        .arg(verb)
+        .arg(&entry.label)
+        .args(&args)
+        .status()
+    {
         Ok(status) => status.code().unwrap_or(1),
         Err(err) => {
             eprintln!("nbt swarm {verb}: running nbt {verb}: {err}");

@@ -297,8 +297,8 @@ fn check_name(what: &str, name: &str) -> Result<(), PlanError> {
 
 /// Reads and checks a swarm file. `default_name` is used when the file has no `name`.
 pub fn parse(text: &str, default_name: &str) -> Result<Swarm, PlanError> {
-    let file: SwarmFile =
-        toml::from_str(text).map_err(|e| refuse(format!("swarm file: {}", e.to_string().trim())))?;
+    let file: SwarmFile = toml::from_str(text)
+        .map_err(|e| refuse(format!("swarm file: {}", e.to_string().trim())))?;
     check(file, default_name)
 }
 
@@ -321,7 +321,10 @@ fn parse_subnet(text: &str) -> Result<(Ipv4Addr, u8), PlanError> {
 
 fn check(file: SwarmFile, default_name: &str) -> Result<Swarm, PlanError> {
     let as_json = serde_json::to_value(&file).unwrap_or_default();
-    let name = file.name.clone().unwrap_or_else(|| default_name.to_string());
+    let name = file
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name.to_string());
     check_name("name", &name)?;
     let subnet = parse_subnet(file.subnet.as_deref().unwrap_or(DEFAULT_SUBNET))?;
     let mesh = match file.topology.as_deref().unwrap_or("mesh") {
@@ -556,8 +559,7 @@ fn check_event(
     index: &dyn Fn(&str, &str, &str) -> Result<usize, PlanError>,
 ) -> Result<Event, PlanError> {
     let where_ = format!("[[event]] {}", i + 1);
-    let at = units::parse_duration("at", &spec.at)
-        .map_err(|e| refuse(format!("{where_}: {e}")))?;
+    let at = units::parse_duration("at", &spec.at).map_err(|e| refuse(format!("{where_}: {e}")))?;
     let Some((_, fields)) = ACTIONS.iter().find(|(name, _)| *name == spec.action) else {
         return Err(refuse(format!(
             "{where_}: invalid value '{}' for action: accepted: {}",
@@ -581,20 +583,15 @@ fn check_event(
         )));
     }
     let need = |field: &str, value: &Option<String>| {
-        value.clone().ok_or_else(|| {
-            refuse(format!(
-                "{where_}: a {} event needs '{field}'",
-                spec.action
-            ))
-        })
+        value
+            .clone()
+            .ok_or_else(|| refuse(format!("{where_}: a {} event needs '{field}'", spec.action)))
     };
     let node = || index("node", &where_, &need("node", &spec.node)?);
     let duration = |field: &str, value: &Option<String>| {
         value
             .as_deref()
-            .map(|t| {
-                units::parse_duration(field, t).map_err(|e| refuse(format!("{where_}: {e}")))
-            })
+            .map(|t| units::parse_duration(field, t).map_err(|e| refuse(format!("{where_}: {e}"))))
             .transpose()
     };
     let action = match spec.action.as_str() {
@@ -776,12 +773,20 @@ mod tests {
         assert!(err(&format!("{node}colour = 1\n")).contains("unknown field `colour`"));
         assert!(err(&format!("{node}memory = \"lots\"\n")).contains("node 'a'"));
         assert!(err(&format!("{node}memory = \"lots\"\n")).contains("--memory"));
-        let e = err(&format!("{node}[[event]]\nat = \"1s\"\naction = \"explode\"\n"));
-        assert!(e.contains("'explode' for action") && e.contains("kill, restart"), "{e}");
+        let e = err(&format!(
+            "{node}[[event]]\nat = \"1s\"\naction = \"explode\"\n"
+        ));
+        assert!(
+            e.contains("'explode' for action") && e.contains("kill, restart"),
+            "{e}"
+        );
         let e = err(&format!(
             "{node}[[event]]\nat = \"1s\"\naction = \"kill\"\nnode = \"zz\"\n"
         ));
-        assert!(e.contains("'zz' for node") && e.contains("accepted: a"), "{e}");
+        assert!(
+            e.contains("'zz' for node") && e.contains("accepted: a"),
+            "{e}"
+        );
         let e = err(&format!(
             "{node}[[event]]\nat = \"1s\"\naction = \"heal\"\nnode = \"a\"\n"
         ));
@@ -817,6 +822,9 @@ mod tests {
         let swarm = parse(text, "x").unwrap();
         let a = &swarm.nodes[0].run_args;
         assert!(a.contains(&"to=198.51.100.2,loss=1%".to_string()), "{a:?}");
-        assert!(a.contains(&"to=198.51.100.3,loss=100%".to_string()), "{a:?}");
+        assert!(
+            a.contains(&"to=198.51.100.3,loss=100%".to_string()),
+            "{a:?}"
+        );
     }
 }

@@ -330,11 +330,17 @@ impl Runner<'_> {
             drop(ns);
             for (pipe, stream) in [
                 (
-                    child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+                    child
+                        .stdout
+                        .take()
+                        .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
                     "",
                 ),
                 (
-                    child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+                    child
+                        .stderr
+                        .take()
+                        .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
                     "",
                 ),
             ] {
@@ -376,9 +382,9 @@ impl Runner<'_> {
                 continue;
             };
             self.nodes[i].child = None;
-            let exit = status
-                .code()
-                .or_else(|| std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s));
+            let exit = status.code().or_else(|| {
+                std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s)
+            });
             let summary: Option<Value> = std::fs::read(&self.nodes[i].summary_path)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
@@ -425,13 +431,16 @@ impl Runner<'_> {
             }
             self.reap();
             let now = self.now();
-            if self.options.stop_after.is_some_and(|d| now >= d.as_secs_f64()) {
+            if self
+                .options
+                .stop_after
+                .is_some_and(|d| now >= d.as_secs_f64())
+            {
                 let what = "the swarm's time (--stop-after) is up".to_string();
                 self.event("stop", None, what, None);
                 return None;
             }
-            while next < self.swarm.events.len()
-                && self.swarm.events[next].at.as_secs_f64() <= now
+            while next < self.swarm.events.len() && self.swarm.events[next].at.as_secs_f64() <= now
             {
                 let action = self.swarm.events[next].action.clone();
                 self.apply(&action);
@@ -514,8 +523,7 @@ impl Runner<'_> {
                 });
                 if result.is_ok() {
                     self.nodes[i].ended_by = Some("kill".into());
-                    self.nodes[i].restart_at =
-                        restart_after.map(|d| self.now() + d.as_secs_f64());
+                    self.nodes[i].restart_at = restart_after.map(|d| self.now() + d.as_secs_f64());
                 }
                 let what = match (&result, restart_after) {
                     (Ok(n), Some(d)) => format!(
@@ -566,10 +574,18 @@ impl Runner<'_> {
             Action::Thaw { node } => {
                 let i = *node;
                 let result = match self.nodes[i].freezer.is_some() {
-                    true => Ok(self.thaw(i)),
+                    true => {
+                        self.thaw(i);
+                        Ok(())
+                    }
                     false => Err("the node is not frozen".to_string()),
                 };
-                self.event(name, Some(i), "the freezer's fault ended".into(), result.err());
+                self.event(
+                    name,
+                    Some(i),
+                    "the freezer's fault ended".into(),
+                    result.err(),
+                );
             }
             Action::Partition { nodes } => {
                 let names: Vec<&str> = nodes
@@ -582,7 +598,12 @@ impl Runner<'_> {
             }
             Action::Heal => {
                 let result = self.net.heal().map_err(|e| format!("{e:#}"));
-                self.event(name, None, "every node on one bridge again".into(), result.err());
+                self.event(
+                    name,
+                    None,
+                    "every node on one bridge again".into(),
+                    result.err(),
+                );
             }
             Action::Degrade {
                 from,
@@ -603,9 +624,9 @@ impl Runner<'_> {
                         self.swarm.nodes[b].spec.name,
                         settings.join(", ")
                     );
-                    let result = self.running(a).and_then(|()| {
-                        self.nbt(&["set".into(), label(a), "--link".into(), flag])
-                    });
+                    let result = self
+                        .running(a)
+                        .and_then(|()| self.nbt(&["set".into(), label(a), "--link".into(), flag]));
                     self.event(name, Some(a), what, result.err());
                 }
             }
@@ -722,7 +743,9 @@ impl Runner<'_> {
                 for run in &runs {
                     let Some(found) = run.summary.as_ref().and_then(|s| {
                         s["links"].as_array()?.iter().find(|l| {
-                            l["to"].as_array().is_some_and(|to| to.iter().any(|t| *t == *dest))
+                            l["to"]
+                                .as_array()
+                                .is_some_and(|to| to.iter().any(|t| *t == *dest))
                         })
                     }) else {
                         continue;
@@ -831,9 +854,7 @@ fn node_run(
         memory_peak_bytes: u("/cgroup/memory_peak_bytes"),
         egress_bytes: u("/network/egress/bytes"),
         ingress_bytes: u("/network/ingress/bytes"),
-        events: s
-            .and_then(|s| s["events"].as_array())
-            .map_or(0, Vec::len),
+        events: s.and_then(|s| s["events"].as_array()).map_or(0, Vec::len),
         receipt: s.map(|s| s["receipt"].clone()).filter(|r| !r.is_null()),
         balance_end_micro: s
             .and_then(|s| s.pointer("/ledger/balance_end_micro"))
@@ -908,6 +929,11 @@ pub fn load(path: &Path) -> Result<Swarm> {
         .and_then(|s| s.to_str())
         .unwrap_or("swarm")
         .to_string();
-    file::parse(&text, &stem)
-        .map_err(|e| anyhow::Error::new(crate::error::PlanError(format!("{}: {}", path.display(), e.0))))
+    file::parse(&text, &stem).map_err(|e| {
+        anyhow::Error::new(crate::error::PlanError(format!(
+            "{}: {}",
+            path.display(),
+            e.0
+        )))
+    })
 }

@@ -110,7 +110,15 @@ impl SwarmNet {
     pub fn partition(&self, side: &[usize]) -> Result<()> {
         self.heal()?;
         for &i in side {
-            ip(&["-n", &self.hub, "link", "set", &format!("p{i}"), "master", "br1"])?;
+            ip(&[
+                "-n",
+                &self.hub,
+                "link",
+                "set",
+                &format!("p{i}"),
+                "master",
+                "br1",
+            ])?;
         }
         Ok(())
     }
@@ -118,7 +126,15 @@ impl SwarmNet {
     /// Every port back on the first bridge.
     pub fn heal(&self) -> Result<()> {
         for i in 0..self.nodes.len() {
-            ip(&["-n", &self.hub, "link", "set", &format!("p{i}"), "master", "br0"])?;
+            ip(&[
+                "-n",
+                &self.hub,
+                "link",
+                "set",
+                &format!("p{i}"),
+                "master",
+                "br0",
+            ])?;
         }
         Ok(())
     }

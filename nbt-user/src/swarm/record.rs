@@ -40,8 +40,7 @@ impl SwarmRecord {
     /// name exists.
     pub fn create(swarm: &Swarm) -> Result<SwarmRecord> {
         let dir = swarms_dir();
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("making {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
         let path = dir.join(format!("{}.json", swarm.name));
         if let Ok(old) = SwarmRecord::read(&path) {
             if old.alive() {
@@ -141,7 +140,10 @@ impl SwarmRecord {
 pub fn cleanup(dry_run: bool) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut ok = true;
-    let live: Vec<SwarmRecord> = SwarmRecord::all().into_iter().filter(|r| r.alive()).collect();
+    let live: Vec<SwarmRecord> = SwarmRecord::all()
+        .into_iter()
+        .filter(|r| r.alive())
+        .collect();
     let owned = |ns: &str| {
         live.iter()
             .any(|r| r.hub == ns || r.nodes.iter().any(|n| n.netns == ns))
@@ -164,7 +166,10 @@ pub fn cleanup(dry_run: bool) -> (Vec<String>, bool) {
     }
     for record in SwarmRecord::all().into_iter().filter(|r| !r.alive()) {
         if dry_run {
-            lines.push(format!("would remove the record of dead swarm {}", record.name));
+            lines.push(format!(
+                "would remove the record of dead swarm {}",
+                record.name
+            ));
         } else {
             record.remove();
             lines.push(format!("removed the record of dead swarm {}", record.name));
