@@ -386,6 +386,62 @@ fn sigterm_stops_every_node_and_removes_the_swarm() {
 }
 
 #[test]
+fn a_killed_swarm_stops_its_nodes_and_cleanup_removes_its_namespaces() {
+    let guard = NoLeftovers::new();
+    let (_dir, path) = swarm_file(
+        "tdead",
+        "subnet = \"10.235.0.0/24\"\n\
+         [[node]]\nname = \"a\"\ncommand = [\"sleep\", \"60\"]\n",
+    );
+    let mut child = nbt_command()
+        .args(["swarm", &path])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hub = Path::new("/run/netns/nbt-swarm-tdead-hub");
+    let begin = Instant::now();
+    while nbt_integration_tests::live_runs()
+        .iter()
+        .all(|r| r["name"] != "tdead.a")
+    {
+        assert!(
+            begin.elapsed() < Duration::from_secs(10),
+            "the node never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The node's nbt got SIGTERM when its parent died (PR_SET_PDEATHSIG): it ends its run.
+    let begin = Instant::now();
+    while nbt_integration_tests::live_runs()
+        .iter()
+        .any(|r| r["name"] == "tdead.a")
+    {
+        assert!(
+            begin.elapsed() < Duration::from_secs(10),
+            "the node outlived its swarm"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        hub.exists(),
+        "a SIGKILLed swarm cannot remove its own namespaces"
+    );
+    let cleanup = nbt(&["cleanup"]);
+    assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
+    assert!(
+        cleanup
+            .stderr()
+            .contains("removed network namespace nbt-swarm-tdead-hub"),
+        "{}",
+        cleanup.stderr()
+    );
+    assert_no_swarm_left(&guard);
+}
+
+#[test]
 fn bad_files_are_refused_naming_the_field() {
     let (_dir, path) = swarm_file(
         "tbad",

@@ -316,11 +316,16 @@ impl Runner<'_> {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             let fd = ns.as_raw_fd();
-            // SAFETY: between fork and exec, one async-signal-safe syscall on a descriptor
-            // this process holds open until spawn returns.
+            // SAFETY: between fork and exec, two async-signal-safe syscalls, one on a
+            // descriptor this process holds open until spawn returns.
             unsafe {
                 command.pre_exec(move || {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // If the swarm's nbt dies, the node's nbt gets SIGTERM: it stops its
+                    // workload and writes its receipt as on Ctrl-C.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

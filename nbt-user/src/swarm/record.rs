@@ -133,6 +133,12 @@ impl SwarmRecord {
     pub fn remove(&self) {
         let _ = std::fs::remove_file(&self.path);
     }
+
+    /// Removes the record and the directory of its nodes' summaries (`NAME.d`).
+    fn remove_all(&self) {
+        self.remove();
+        let _ = std::fs::remove_dir_all(swarms_dir().join(format!("{}.d", self.name)));
+    }
 }
 
 /// What dead swarms left: their namespaces and records, removed (or only listed, `dry_run`);
@@ -171,7 +177,7 @@ pub fn cleanup(dry_run: bool) -> (Vec<String>, bool) {
                 record.name
             ));
         } else {
-            record.remove();
+            record.remove_all();
             lines.push(format!("removed the record of dead swarm {}", record.name));
         }
     }
