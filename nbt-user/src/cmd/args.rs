@@ -681,6 +681,12 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object on stdout
     #[arg(long)]
     pub json: bool,
+    /// The model trained by a swarm instead (docs/swarm.md): a parameter server and 3 workers,
+    /// each an `nbt run` in a namespace of its own, twice: as they are, then losing a worker and
+    /// a link; prints the time each took to reach the target loss and their ratio (takes
+    /// --receipts, --user and --json; not the limits, which are the swarm's own)
+    #[arg(long, conflicts_with_all = ["samples", "epochs", "memory", "swap", "cpus", "pids"])]
+    pub swarm: bool,
 }
 
 impl LimitArgs {

@@ -74,6 +74,9 @@ pub struct SwarmFile {
     /// `mesh` (default: every node reaches every other) or `links` (only the pairs a `[[link]]`
     /// names; every other pair loses every packet).
     pub topology: Option<String>,
+    /// The swarm ends when this node's run ends (the others are stopped as at Ctrl-C), rather
+    /// than when every node's has.
+    pub until: Option<String>,
     #[serde(default)]
     pub node: Vec<NodeSpec>,
     #[serde(default)]
@@ -268,6 +271,8 @@ pub struct Swarm {
     pub subnet: (Ipv4Addr, u8),
     pub nodes: Vec<Node>,
     pub events: Vec<Event>,
+    /// The node whose end ends the swarm (`until`).
+    pub until: Option<usize>,
     /// The file as read, for the swarm's receipt.
     pub file: serde_json::Value,
 }
@@ -544,11 +549,17 @@ fn check(file: SwarmFile, default_name: &str) -> Result<Swarm, PlanError> {
     }
     // In time order; events at the same time in the file's order.
     events.sort_by_key(|e| e.at);
+    let until = file
+        .until
+        .as_deref()
+        .map(|name| index("until", "swarm file", name))
+        .transpose()?;
     Ok(Swarm {
         name,
         subnet,
         nodes,
         events,
+        until,
         file: as_json,
     })
 }

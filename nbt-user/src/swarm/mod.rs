@@ -30,6 +30,12 @@ use net::SwarmNet;
 /// nbt's exit status when the swarm's receipt could not be written (as `nbt run`'s).
 pub const EXIT_RECEIPT_FAILED: i32 = 125;
 
+/// How many of its last stdout lines a node run's summary keeps.
+pub const OUTPUT_TAIL: usize = 20;
+
+/// The last lines of a node's stdout, filled by its relay thread.
+type Tail = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+
 /// How the swarm is run.
 pub struct Options {
     /// The receipt store for every node and the swarm (default: nbt's own).
@@ -70,6 +76,8 @@ pub struct NodeRun {
     pub events: usize,
     /// Its balance at the end, in micro-units, for a node with one.
     pub balance_end_micro: Option<i64>,
+    /// The last lines (at most [`OUTPUT_TAIL`]) the workload wrote on stdout.
+    pub output_tail: Vec<String>,
     /// Where its receipt went: `{seq, receipt_hash, ...}`.
     pub receipt: Option<Value>,
     /// The run's whole summary (`nbt run --json`).
@@ -130,6 +138,9 @@ struct NodeState {
     restart_at: Option<f64>,
     /// The `nbt fault NODE brownout` that holds the node frozen.
     freezer: Option<Child>,
+    /// The current run's stdout: its last lines, and the thread that relays it.
+    tail: Tail,
+    stdout_relay: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A command of nbt's own applied to a node in the background (`nbt fault`), and the event
@@ -237,6 +248,8 @@ pub fn run(swarm: &Swarm, options: &Options) -> Result<SwarmSummary> {
             runs: Vec::new(),
             restart_at: None,
             freezer: None,
+            tail: Tail::default(),
+            stdout_relay: None,
         });
         runner.start_node(i, "start");
     }
@@ -290,7 +303,8 @@ impl Runner<'_> {
             .filter(|p| p.spec.name != node.spec.name)
             .map(|p| format!("{}={}", p.spec.name, p.addr))
             .collect();
-        let result = (|| -> Result<Child> {
+        type Relayed = (Tail, std::thread::JoinHandle<()>);
+        let result = (|| -> Result<(Child, Option<Relayed>)> {
             let ns = self.net.open(i)?;
             let mut command = Command::new(nbt_exe()?);
             command
@@ -333,38 +347,41 @@ impl Runner<'_> {
             }
             let mut child = command.spawn().context("starting the node's nbt run")?;
             drop(ns);
-            for (pipe, stream) in [
-                (
-                    child
-                        .stdout
-                        .take()
-                        .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-                    "",
-                ),
-                (
-                    child
-                        .stderr
-                        .take()
-                        .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-                    "",
-                ),
-            ] {
-                let Some(pipe) = pipe else { continue };
-                let prefix = format!("[{}]{stream} ", node.spec.name);
+            let prefix = format!("[{}] ", node.spec.name);
+            let stdout = child.stdout.take().map(|pipe| {
+                let (prefix, tail) = (prefix.clone(), Tail::default());
+                let kept = tail.clone();
+                let relay = std::thread::spawn(move || {
+                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                        eprintln!("{prefix}{line}");
+                        let mut tail = kept.lock().unwrap_or_else(|p| p.into_inner());
+                        if tail.len() == OUTPUT_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line);
+                    }
+                });
+                (tail, relay)
+            });
+            if let Some(pipe) = child.stderr.take() {
                 self.relays.push(std::thread::spawn(move || {
                     for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                         eprintln!("{prefix}{line}");
                     }
                 }));
             }
-            Ok(child)
+            Ok((child, stdout))
         })();
         let state = &mut self.nodes[i];
         state.summary_path = summary_path;
         state.ended_by = None;
         state.restart_at = None;
         match result {
-            Ok(child) => {
+            Ok((child, stdout)) => {
+                if let Some((tail, relay)) = stdout {
+                    state.tail = tail;
+                    state.stdout_relay = Some(relay);
+                }
                 state.started = self.start.elapsed().as_secs_f64();
                 let pid = child.id();
                 state.child = Some(child);
@@ -394,7 +411,19 @@ impl Runner<'_> {
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
             let ended_by = self.nodes[i].ended_by.take();
-            let run = node_run(summary, self.nodes[i].started, self.now(), exit, ended_by);
+            let mut run = node_run(summary, self.nodes[i].started, self.now(), exit, ended_by);
+            // The relay reads to the pipe's end: at most a second more (a process the workload
+            // left behind may hold the pipe open).
+            if let Some(relay) = self.nodes[i].stdout_relay.take() {
+                let waited = Instant::now();
+                while !relay.is_finished() && waited.elapsed() < Duration::from_secs(1) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                self.relays.push(relay);
+            }
+            run.output_tail =
+                std::mem::take(&mut *self.nodes[i].tail.lock().unwrap_or_else(|p| p.into_inner()))
+                    .into();
             let what = format!(
                 "{} ended with status {}{}",
                 run.run.as_deref().unwrap_or("its run"),
@@ -436,6 +465,17 @@ impl Runner<'_> {
             }
             self.reap();
             let now = self.now();
+            if let Some(i) = self.swarm.until {
+                let state = &self.nodes[i];
+                if state.child.is_none() && state.restart_at.is_none() && !state.runs.is_empty() {
+                    let what = format!(
+                        "{} ended: the swarm ends with it (until)",
+                        self.swarm.nodes[i].spec.name
+                    );
+                    self.event("stop", None, what, None);
+                    return None;
+                }
+            }
             if self
                 .options
                 .stop_after
@@ -864,6 +904,7 @@ fn node_run(
         balance_end_micro: s
             .and_then(|s| s.pointer("/ledger/balance_end_micro"))
             .and_then(Value::as_i64),
+        output_tail: Vec::new(),
         summary,
     }
 }
