@@ -27,7 +27,7 @@ fn assert_no_swarm_left(guard: &NoLeftovers) {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("nbt-swarm-t"))
+        .filter(|n| n.starts_with("nbt-swarm-t") || n.starts_with("nbt-swarm-demo"))
         .collect();
     assert!(netns.is_empty(), "namespaces left: {netns:?}");
     let records: Vec<String> = std::fs::read_dir(nbt::state::state_dir().join("swarms"))
@@ -35,7 +35,7 @@ fn assert_no_swarm_left(guard: &NoLeftovers) {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("t"))
+        .filter(|n| n.starts_with("t") || n.starts_with("demo"))
         .collect();
     assert!(records.is_empty(), "swarm records left: {records:?}");
     guard.assert_clean();
@@ -465,4 +465,51 @@ fn bad_files_are_refused_naming_the_field() {
         "{}",
         run.stderr()
     );
+}
+
+#[test]
+fn the_demo_swarm_converges_losing_a_worker_and_a_link() {
+    let guard = NoLeftovers::new();
+    let run = nbt(&["demo", "--swarm", "--json"]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let report = run.summary.as_ref().expect("the demo's JSON report");
+    let (without, with) = (
+        report["without_failures"]["time_to_target_s"].as_f64(),
+        report["with_failures"]["time_to_target_s"].as_f64(),
+    );
+    eprintln!(
+        "time to a holdout loss of {}: {without:?} s as they are, {with:?} s with the failures, \
+         ratio {}",
+        report["target_loss"], report["ratio"]
+    );
+    let (Some(without), Some(with)) = (without, with) else {
+        panic!("the model did not converge: {}", run.stderr());
+    };
+    assert!(
+        with > without,
+        "{with} s with the failures, {without} s without"
+    );
+    // Every failure shows in the swarm's events, applied without error.
+    let swarm = &report["with_failures"]["swarm"];
+    let kill = events(swarm, "kill");
+    assert_eq!(kill.len(), 1, "{}", swarm["events"]);
+    assert_eq!(kill[0]["node"], "w3");
+    assert!(kill[0]["error"].is_null(), "{}", kill[0]);
+    let degrade = events(swarm, "degrade");
+    assert_eq!(degrade.len(), 2, "both ways: {}", swarm["events"]);
+    assert!(degrade.iter().all(|e| e["error"].is_null()), "{degrade:?}");
+    let w3 = &swarm["nodes"][3];
+    assert_eq!(w3["status"], "killed", "{w3}");
+    // The lost link's sender lost what it sent to the server.
+    let lost = swarm["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["from"] == "w2" && l["to"] == "ps")
+        .unwrap();
+    assert!(lost["loss_dropped_packets"].as_u64() > Some(0), "{lost}");
+    // Every node's runs and both swarms have receipts, and the store verifies.
+    let verify = nbt(&["receipts", "verify"]);
+    assert_eq!(verify.status(), 0, "{}", verify.stderr());
+    assert_no_swarm_left(&guard);
 }
