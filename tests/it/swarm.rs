@@ -313,6 +313,30 @@ amount = "2"
     assert_no_swarm_left(&guard);
 }
 
+/// An `nbt swarm` started by a test: SIGTERM to it when the test ends, also when it fails, so
+/// that a failed test leaves no swarm running.
+struct Stopped(Option<std::process::Child>);
+
+impl Stopped {
+    /// SIGTERM, then everything it wrote.
+    fn stop(mut self) -> std::process::Output {
+        let child = self.0.take().unwrap();
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
 #[test]
 fn sigterm_stops_every_node_and_removes_the_swarm() {
     let guard = NoLeftovers::new();
@@ -322,12 +346,14 @@ fn sigterm_stops_every_node_and_removes_the_swarm() {
          [[node]]\nname = \"a\"\ncommand = [\"sleep\", \"60\"]\n\
          [[node]]\nname = \"b\"\ncommand = [\"sleep\", \"60\"]\nbalance = \"5\"\n",
     );
-    let child = nbt_command()
-        .args(["swarm", &path, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Stopped(Some(
+        nbt_command()
+            .args(["swarm", &path, "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     // Live: `nbt swarm ps` lists it with its nodes' runs; `nbt swarm set` changes a link by
     // the peer's name.
     let begin = Instant::now();
@@ -340,11 +366,13 @@ fn sigterm_stops_every_node_and_removes_the_swarm() {
             .as_array()
             .and_then(|a| a.iter().find(|s| s["swarm"] == "tstop"))
         {
+            // Every node's run live, and b's ledger loaded.
             if s["nodes"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .all(|n| n["run"].is_string())
+                && s["nodes"][1]["balance_micro"].is_i64()
             {
                 listed = s.clone();
                 break;
@@ -370,9 +398,7 @@ fn sigterm_stops_every_node_and_removes_the_swarm() {
     let bad = nbt(&["swarm", "set", "tstop", "zz", "--cpus", "1"]);
     assert_eq!(bad.status(), 2, "{}", bad.stderr());
     assert!(bad.stderr().contains("'zz' for NODE"), "{}", bad.stderr());
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let output = child.wait_with_output().unwrap();
+    let output = child.stop();
     let run = Run::from_output(output);
     assert_eq!(run.status(), 130, "{}", run.stderr());
     let summary = run.summary.as_ref().expect("a summary after SIGTERM");
@@ -393,12 +419,14 @@ fn a_killed_swarm_stops_its_nodes_and_cleanup_removes_its_namespaces() {
         "subnet = \"10.235.0.0/24\"\n\
          [[node]]\nname = \"a\"\ncommand = [\"sleep\", \"60\"]\n",
     );
-    let mut child = nbt_command()
-        .args(["swarm", &path])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Stopped(Some(
+        nbt_command()
+            .args(["swarm", &path])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
     let hub = Path::new("/run/netns/nbt-swarm-tdead-hub");
     let begin = Instant::now();
     while nbt_integration_tests::live_runs()
@@ -411,8 +439,9 @@ fn a_killed_swarm_stops_its_nodes_and_cleanup_removes_its_namespaces() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut killed = child.0.take().unwrap();
+    killed.kill().unwrap();
+    killed.wait().unwrap();
     // The node's nbt got SIGTERM when its parent died (PR_SET_PDEATHSIG): it ends its run.
     let begin = Instant::now();
     while nbt_integration_tests::live_runs()
