@@ -803,6 +803,9 @@ impl Runner<'_> {
                     row.loss_dropped_packets += n("loss_dropped_packets");
                     row.limits = describe_link(found);
                 }
+                if row.limits.is_empty() {
+                    row.limits = "- (no run summary)".into();
+                }
                 links.push(row);
             }
             nodes.push(NodeReport {
