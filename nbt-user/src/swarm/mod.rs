@@ -444,10 +444,25 @@ impl Runner<'_> {
         while k < self.background.len() {
             match self.background[k].child.try_wait() {
                 Ok(Some(status)) => {
-                    let done = self.background.remove(k);
+                    let mut done = self.background.remove(k);
                     if !status.success() {
+                        // Its last line says why (it has exited: the pipe holds all it wrote).
+                        let mut said = String::new();
+                        if let Some(mut pipe) = done.child.stderr.take() {
+                            let _ = std::io::Read::read_to_string(&mut pipe, &mut said);
+                        }
+                        let why = said.lines().last().unwrap_or("").trim().to_string();
                         let event = &mut self.events[done.event];
-                        event.error = Some(format!("exited with {status}"));
+                        event.error = Some(match why.is_empty() {
+                            true => format!("exited with {status}"),
+                            false => format!("{why} ({status})"),
+                        });
+                        eprintln!(
+                            "nbt swarm: {} {}: FAILED: {}",
+                            event.action,
+                            event.node.as_deref().unwrap_or(""),
+                            event.error.as_deref().unwrap_or("")
+                        );
                     }
                 }
                 _ => k += 1,
@@ -541,7 +556,7 @@ impl Runner<'_> {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         command.spawn().map_err(|e| format!("running nbt: {e}"))
     }
 
