@@ -182,16 +182,24 @@ The file (TOML; every key checked, an unknown one refused):
   name = \"demo\"                 # default: the file's name
   subnet = \"198.51.100.0/24\"    # node addresses: .1, .2, ... in file order
   topology = \"mesh\"             # or \"links\": only the pairs a [[link]] names
+  until = \"n1\"                  # optional: the swarm ends when n1's run ends
   [[node]]
   name = \"n1\"
   command = [\"sh\", \"-c\", \"...\"]
-  memory = \"256M\"  cpus = 0.5  egress-rate = \"10mbit\"  balance = \"5\"  # nbt run's flags
+  memory = \"256M\"               # and the other limits of nbt run, named as its flags:
+  cpus = 0.5                    # swap, pids, egress-rate, ingress-rate, burst, loss, latency,
+  balance = \"5\"                 # jitter, price-*, call-gap, gate, profile, schedule; env, user
   [[link]]
-  from = \"n1\"  to = \"n2\"  rate = \"2mbit\"  loss = \"1%\"   # both ways unless oneway = true
+  from = \"n1\"
+  to = \"n2\"
+  rate = \"2mbit\"                # and loss, latency; both ways unless oneway = true
   [[event]]
-  at = \"5s\"  action = \"kill\"  node = \"n2\"  restart-after = \"3s\"
-  (actions: kill, restart, freeze [for], thaw, partition nodes = [...], heal,
-   degrade from to rate loss [oneway], spend node amount, fault node kind [duration ...])
+  at = \"5s\"
+  action = \"kill\"
+  node = \"n2\"
+  restart-after = \"3s\"
+  (actions: kill [restart-after], restart, freeze [for], thaw, partition nodes = [...], heal,
+   degrade from to rate/loss [oneway], spend node amount, fault node kind [duration ...])
 
 Each node sees NBT_SWARM, NBT_SWARM_NODE, NBT_SWARM_ADDR, NBT_SWARM_INDEX and
 NBT_SWARM_PEERS (name=addr,name=addr,...) in its environment.";
