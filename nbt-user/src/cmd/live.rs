@@ -603,6 +603,29 @@ mod tests {
     }
 
     #[test]
+    fn a_live_link_change_takes_the_shaper_keys_only() {
+        let (to, args) = live_link("to=10.0.0.1,to=10.0.0.2,egress-rate=1mbit,loss=5%").unwrap();
+        assert_eq!(to, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(args.egress_rate.as_deref(), Some("1mbit"));
+        let next = changed_limits(&NetLimits::default(), Directions::Egress, &args).unwrap();
+        assert_eq!(next.egress.rate_bits_per_sec, Some(1_000_000));
+        assert_eq!(next.egress.loss.mean(), 0.05);
+        for (text, says) in [
+            ("to=10.0.0.1,latency=5ms", "'latency' cannot change"),
+            ("egress-rate=1mbit", "no destination"),
+            ("to=10.0.0.1,loss=1%,loss=2%", "'loss' is given twice"),
+            ("to=10.0.0.1,loss-direction=ingress", "needs loss"),
+            ("to=10.0.0.1,rate", "not KEY=VALUE"),
+        ] {
+            let err = live_link(text).unwrap_err().0;
+            assert!(
+                err.contains(says) && err.contains("accepted"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn nbt_set_changes_duplicate_and_corrupt_where_the_run_started_them() {
         let current = NetLimits::default();
         let asked = args(&["--duplicate", "5%", "--corrupt", "1%"]);

@@ -813,6 +813,39 @@ mod tests {
     }
 
     #[test]
+    fn until_and_degrade_are_checked() {
+        let two = "[[node]]\nname = \"a\"\ncommand = [\"x\"]\n[[node]]\nname = \"b\"\ncommand = [\"x\"]\n";
+        let swarm = parse(&format!("until = \"b\"\n{two}"), "x").unwrap();
+        assert_eq!(swarm.until, Some(1));
+        let err = parse(&format!("until = \"c\"\n{two}"), "x").unwrap_err().0;
+        assert!(err.contains("'c' for until"), "{err}");
+        let degrade = |extra: &str| {
+            parse(
+                &format!(
+                    "{two}[[event]]\nat = \"1s\"\naction = \"degrade\"\nfrom = \"a\"\nto = \"b\"\n{extra}"
+                ),
+                "x",
+            )
+        };
+        assert!(degrade("")
+            .unwrap_err()
+            .0
+            .contains("needs 'rate' or 'loss'"));
+        assert!(degrade("loss = \"150%\"\n").is_err());
+        assert!(degrade("rate = \"10kbps\"\n").is_err());
+        let ok = degrade("rate = \"1mbit\"\nloss = \"5%\"\noneway = true\n").unwrap();
+        assert_eq!(
+            ok.events[0].action,
+            Action::Degrade {
+                from: 0,
+                to: 1,
+                settings: vec!["egress-rate=1mbit".into(), "loss=5%".into()],
+                oneway: true
+            }
+        );
+    }
+
+    #[test]
     fn links_topology_loses_every_packet_between_unlinked_pairs() {
         let text = r#"
             topology = "links"

@@ -864,18 +864,19 @@ impl Runner<'_> {
     }
 }
 
-/// "egress 2mbit (burst 96.0 KiB)" from a link of a run's summary.
+/// A link of a run's summary described as `nbt run` describes it: "egress 2mbit (burst 96.0
+/// KiB), 5% loss".
 fn describe_link(link: &Value) -> String {
-    let mut parts = Vec::new();
-    for dir in ["egress", "ingress"] {
-        let l = &link["net"][dir];
-        if let Some(rate) = l["rate_bits_per_sec"].as_u64() {
-            parts.push(format!("{dir} {}", crate::units::format_rate(rate)));
-        }
-        if let Some(p) = l["loss"]["uniform"].as_f64().filter(|p| *p > 0.0) {
-            parts.push(format!("{dir} loss {:.4}%", p * 100.0));
-        }
-    }
+    let net: Option<crate::enforce::shaper::NetLimits> =
+        serde_json::from_value(link["net"].clone()).ok();
+    let latency: Option<crate::enforce::edt::Latency> =
+        serde_json::from_value(link["latency"].clone())
+            .ok()
+            .flatten();
+    let Some(net) = net else {
+        return "?".into();
+    };
+    let parts = crate::plan::link::network_limits(&net, latency.as_ref());
     if parts.is_empty() {
         "unlimited".into()
     } else {
