@@ -15,6 +15,7 @@ pub(crate) mod report;
 pub(crate) mod run;
 pub(crate) mod schedule;
 pub mod state;
+pub(crate) mod swarm;
 pub mod sys;
 pub mod telemetry;
 pub(crate) mod units;

@@ -57,7 +57,7 @@ fn each_destination_holds_to_its_own_link_at_once() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         nbt_in_netns(&ns, &args)
     });
-    // While it runs: `nbt ps` shows the link and its counters; `nbt set` cannot change it.
+    // While it runs: `nbt ps` shows the link and its counters; `nbt set` changes its limits.
     let name = wait_for_live_run(|r| r["command"].to_string().contains(":5230"))
         .expect("this test's live run");
     std::thread::sleep(Duration::from_secs(2));
@@ -75,11 +75,29 @@ fn each_destination_holds_to_its_own_link_at_once() {
         live["links"][0]["shaped"]["egress"]["passed_bytes"].as_u64() > Some(0),
         "{live}"
     );
-    let set = nbt(&["set", &name, "--link", "to=192.0.2.3,loss=1%"]);
+    // A link's shaper limits change live (the same value here, so the rates below hold); its
+    // delay does not, and a destination it does not have is named.
+    let set = nbt(&["set", &name, "--link", "to=192.0.2.3,egress-rate=10mbit"]);
+    assert_eq!(set.status(), 0, "{}", set.stderr());
+    assert!(
+        set.stderr().contains("link to 192.0.2.3: egress 10mbit"),
+        "{}",
+        set.stderr()
+    );
+    let set = nbt(&["set", &name, "--link", "to=192.0.2.3,latency=5ms"]);
     assert_eq!(set.status(), 2, "{}", set.stderr());
-    assert!(set
-        .stderr()
-        .contains("--link cannot be changed on a live run"));
+    assert!(
+        set.stderr().contains("'latency' cannot change"),
+        "{}",
+        set.stderr()
+    );
+    let set = nbt(&["set", &name, "--link", "to=192.0.2.9,loss=1%"]);
+    assert_eq!(set.status(), 2, "{}", set.stderr());
+    assert!(
+        set.stderr().contains("has no link to 192.0.2.9"),
+        "{}",
+        set.stderr()
+    );
     let run = sender.join().unwrap();
     assert_eq!(run.status(), 0, "{}", run.stderr());
     assert!(

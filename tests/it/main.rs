@@ -22,6 +22,7 @@ mod report;
 mod schedule;
 mod series;
 mod shaper;
+mod swarm;
 mod top;
 mod usage;
 mod user;

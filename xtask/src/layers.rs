@@ -19,6 +19,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["schedule"],
     &["plan"],
     &["run"],
+    &["swarm"],
     &["agent"],
     &["demo"],
     &["report"],

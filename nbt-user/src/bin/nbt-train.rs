@@ -50,6 +50,83 @@ struct Args {
     /// Print the final report as one JSON object on stdout
     #[arg(long)]
     json: bool,
+    /// Be the parameter server of a swarm's training (`nbt demo --swarm`): serve the model on
+    /// this address (host:port) until its holdout loss reaches --target-loss
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["worker_of", "data_server", "api"])]
+    ps_listen: Option<String>,
+    /// Be a worker of the parameter server at ADDR (host:port; a host that is a name in
+    /// $NBT_SWARM_PEERS is that peer's address)
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["data_server", "api"])]
+    worker_of: Option<String>,
+    /// Where a worker starts in the training rows: I/N of the way in (each worker walks all of
+    /// them)
+    #[arg(long, value_name = "I/N", default_value = "0/1")]
+    shard: String,
+    /// The parameter server's target holdout loss
+    #[arg(long, value_name = "X", default_value_t = 0.45)]
+    target_loss: f64,
+    /// The parameter server and the workers stop after this many seconds at most
+    #[arg(long, value_name = "S", default_value_t = 60.0)]
+    max_seconds: f64,
+}
+
+/// `HOST:PORT` with HOST looked up in $NBT_SWARM_PEERS (`name=addr,...`) when it is a peer's name.
+fn swarm_address(addr: &str) -> String {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return addr.to_string();
+    };
+    let peers = std::env::var("NBT_SWARM_PEERS").unwrap_or_default();
+    peers
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .find(|(name, _)| *name == host)
+        .map(|(_, ip)| format!("{ip}:{port}"))
+        .unwrap_or_else(|| addr.to_string())
+}
+
+/// The parameter server or a worker (`--ps-listen`, `--worker-of`): one JSON report on stdout.
+fn swarm_role(args: &Args, cfg: &TrainConfig) -> ExitCode {
+    use nbt::demo::ps;
+    let result = if let Some(listen) = &args.ps_listen {
+        ps::serve(
+            cfg,
+            listen,
+            args.target_loss,
+            args.max_seconds,
+            std::time::Duration::from_millis(250),
+        )
+        .map(|r| serde_json::to_string(&r))
+    } else {
+        let shard = args
+            .shard
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)))
+            .filter(|(i, n): &(usize, usize)| *n > 0 && i < n);
+        let Some(shard) = shard else {
+            eprintln!(
+                "nbt-train: invalid --shard {}: accepted: I/N with 0 <= I < N",
+                args.shard
+            );
+            return ExitCode::from(2);
+        };
+        let name = std::env::var("NBT_SWARM_NODE").unwrap_or_else(|_| "worker".into());
+        let server = swarm_address(args.worker_of.as_deref().unwrap_or_default());
+        ps::work(cfg, &server, &name, shard, args.max_seconds).map(|r| serde_json::to_string(&r))
+    };
+    match result {
+        Ok(Ok(json)) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("nbt-train: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("nbt-train: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 impl Args {
@@ -72,6 +149,9 @@ fn main() -> ExitCode {
     if let Err(e) = cfg.validate() {
         eprintln!("nbt-train: {e}");
         return ExitCode::from(2);
+    }
+    if args.ps_listen.is_some() || args.worker_of.is_some() {
+        return swarm_role(&args, &cfg);
     }
     let data = match &args.data_server {
         None => Dataset::generate(&cfg),

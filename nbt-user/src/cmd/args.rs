@@ -146,6 +146,11 @@ pub enum Command {
     /// target's end, when everything changed goes back as it was and a receipt is written
     #[command(after_help = ATTACH_AFTER_HELP)]
     Attach(Box<AttachArgs>),
+    /// Swarms: run a mesh of nodes, each an `nbt run` in a network namespace of its own with
+    /// its own limits, links and timeline of failures (`nbt swarm FILE.toml`); `nbt swarm ps`,
+    /// `set` and `fault` act on a live one (docs/swarm.md)
+    #[command(after_help = SWARM_AFTER_HELP, args_conflicts_with_subcommands = true)]
+    Swarm(SwarmArgs),
     /// Zones: cgroups with nbt's limits, programs and hardware caps that outlive nbt (the seed's
     /// apply and remove): apply, exec, attach, ls, remove
     #[command(subcommand)]
@@ -169,6 +174,90 @@ pub enum Command {
         /// Say what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+pub const SWARM_AFTER_HELP: &str = "\
+The file (TOML; every key checked, an unknown one refused):
+  name = \"demo\"                 # default: the file's name
+  subnet = \"198.51.100.0/24\"    # node addresses: .1, .2, ... in file order
+  topology = \"mesh\"             # or \"links\": only the pairs a [[link]] names
+  until = \"n1\"                  # optional: the swarm ends when n1's run ends
+  [[node]]
+  name = \"n1\"
+  command = [\"sh\", \"-c\", \"...\"]
+  memory = \"256M\"               # and the other limits of nbt run, named as its flags:
+  cpus = 0.5                    # swap, pids, egress-rate, ingress-rate, burst, loss, latency,
+  balance = \"5\"                 # jitter, price-*, call-gap, gate, profile, schedule; env, user
+  [[link]]
+  from = \"n1\"
+  to = \"n2\"
+  rate = \"2mbit\"                # and loss, latency; both ways unless oneway = true
+  [[event]]
+  at = \"5s\"
+  action = \"kill\"
+  node = \"n2\"
+  restart-after = \"3s\"
+  (actions: kill [restart-after], restart, freeze [for], thaw, partition nodes = [...], heal,
+   degrade from to rate/loss [oneway], spend node amount, fault node kind [duration ...])
+
+Each node sees NBT_SWARM, NBT_SWARM_NODE, NBT_SWARM_ADDR, NBT_SWARM_INDEX and
+NBT_SWARM_PEERS (name=addr,name=addr,...) in its environment.";
+
+/// `nbt swarm FILE.toml`, or one of its subcommands.
+#[derive(Debug, Args)]
+pub struct SwarmArgs {
+    #[command(subcommand)]
+    pub action: Option<SwarmAction>,
+    /// The swarm file (TOML)
+    #[arg(value_name = "FILE.toml")]
+    pub file: Option<std::path::PathBuf>,
+    /// The summary as one JSON object on stdout (the nodes' output goes to stderr)
+    #[arg(long)]
+    pub json: bool,
+    /// Stop every node after this long (100ms, 30s, 5m), as Ctrl-C would, but exiting 0
+    #[arg(long, value_name = "DURATION")]
+    pub stop_after: Option<String>,
+    /// The receipt store of every node and of the swarm (default: $NBT_RECEIPTS, else
+    /// /var/lib/nbt/receipts.db)
+    #[arg(long, value_name = "PATH")]
+    pub receipts: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SwarmAction {
+    /// List live swarms: their nodes, addresses and runs
+    Ps {
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a live node's limits as `nbt set` does; in `--link to=PEER,...` a peer may be
+    /// named by its node name
+    #[command(allow_hyphen_values = true)]
+    Set {
+        swarm: String,
+        node: String,
+        /// The flags of `nbt set` (--egress-rate 1mbit, --link to=n2,loss=5%, ...)
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "FLAGS"
+        )]
+        flags: Vec<String>,
+    },
+    /// Inject a fault into a live node as `nbt fault` does (brownout 5s, balance-shock
+    /// --amount 3, ...)
+    Fault {
+        swarm: String,
+        node: String,
+        /// The fault's kind and arguments, as `nbt fault RUN` takes them
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "KIND [ARGS]"
+        )]
+        args: Vec<String>,
     },
 }
 
@@ -323,7 +412,7 @@ impl HwArgs {
 }
 
 /// Network limits, enforced on the run's own sockets only.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct NetArgs {
     /// Outgoing bandwidth of the run: bits/s as tc writes them (512kbit, 10mbit) or bytes/s (64KB/s)
     #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
@@ -600,6 +689,12 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object on stdout
     #[arg(long)]
     pub json: bool,
+    /// The model trained by a swarm instead (docs/swarm.md): a parameter server and 3 workers,
+    /// each an `nbt run` in a namespace of its own, twice: as they are, then losing a worker and
+    /// a link; prints the time each took to reach the target loss and their ratio (takes
+    /// --receipts, --user and --json; not the limits, which are the swarm's own)
+    #[arg(long, conflicts_with_all = ["samples", "epochs", "memory", "swap", "cpus", "pids"])]
+    pub swarm: bool,
 }
 
 impl LimitArgs {

@@ -7,7 +7,75 @@ use super::EXIT_NBT_FAILED;
 use crate::demo::{self, SetupError};
 use crate::sys::user::Identity;
 
+/// `nbt demo --swarm`: the two swarms, their comparison; JSON with `--json`.
+fn demo_swarm(args: &DemoArgs) -> i32 {
+    if let Err(status) = super::privileged() {
+        return status;
+    }
+    let Some(trainer) = demo::trainer() else {
+        eprintln!(
+            "nbt demo: the training workload nbt-train was not found beside the nbt binary \
+             (build it with `cargo build`)"
+        );
+        return EXIT_NBT_FAILED;
+    };
+    let user = args
+        .user
+        .clone()
+        .or_else(|| std::env::var("SUDO_USER").ok().filter(|u| u != "root"))
+        .unwrap_or_else(|| "nobody".into());
+    let report = match demo::mesh::run(&trainer, &user, args.receipt.receipts.clone()) {
+        Ok(report) => report,
+        Err(err) => {
+            eprintln!("nbt demo --swarm: {err:#}");
+            return EXIT_NBT_FAILED;
+        }
+    };
+    let show = |t: &demo::mesh::Trial| match t.time_to_target_s {
+        Some(s) => format!("{s:.2} s"),
+        None => "not reached".into(),
+    };
+    eprintln!(
+        "\nnbt demo --swarm: time to a holdout loss of {}: {} as they are, {} losing w3 and \
+         the link w2 <-> ps{}",
+        report.target_loss,
+        show(&report.without_failures),
+        show(&report.with_failures),
+        report
+            .ratio
+            .map(|r| format!(" (x{r:.2})"))
+            .unwrap_or_default()
+    );
+    for trial in [&report.without_failures, &report.with_failures] {
+        eprintln!(
+            "  {}: updates by worker {}, final loss {}",
+            trial.swarm.swarm,
+            trial.updates_by_worker,
+            trial
+                .final_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("the report serializes")
+        );
+    }
+    let converged = report.without_failures.time_to_target_s.is_some()
+        && report.with_failures.time_to_target_s.is_some();
+    if converged {
+        0
+    } else {
+        1
+    }
+}
+
 pub fn demo(args: DemoArgs, signals: &libc::sigset_t) -> i32 {
+    if args.swarm {
+        return demo_swarm(&args);
+    }
     let mut flags = args.limits.flags(Some("nbt".into()), Vec::new());
     args.receipt.add_to(&mut flags);
     let scenario = match demo::prepare(&flags, args.samples.as_deref(), args.epochs.as_deref()) {

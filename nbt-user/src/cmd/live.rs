@@ -263,11 +263,10 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
         )));
     }
     if !net.link.is_empty() {
-        anyhow::bail!(PlanError(
-            "--link cannot be changed on a live run yet: a run's links are fixed when it \
-             starts (nbt set changes the run's own limits, for every destination no link names)"
-                .into()
-        ));
+        let links = set_links(run, &net.link)?;
+        if !changeable_given(net) {
+            return Ok(links);
+        }
     }
     if !changeable_given(net) {
         anyhow::bail!(PlanError("nothing to change: give --memory, --swap, --cpus, --pids, --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap".into()));
@@ -278,6 +277,118 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
         setting.net.egress.describe(Direction::Egress),
         setting.net.ingress.describe(Direction::Ingress)
     ))
+}
+
+/// The settings of a link that `nbt set --link` changes on a live run: the shaper's, which its
+/// programs read per packet. A link's destinations are in the kernel's trie and its delay and
+/// impairments in its tc programs, put on when the run starts: those stay.
+pub const LIVE_LINK_KEYS: [&str; 6] = [
+    "egress-rate",
+    "ingress-rate",
+    "burst",
+    "loss",
+    "loss-model",
+    "loss-direction",
+];
+
+/// One `nbt set --link to=DEST[,to=DEST...],KEY=VALUE...`: the link's destinations (as the run
+/// was given them) and the flags asked for.
+fn live_link(text: &str) -> Result<(Vec<String>, NetArgs), PlanError> {
+    let refuse = |problem: String| {
+        PlanError(format!(
+            "invalid value '{text}' for --link: {problem}; accepted on a live run: \
+             to=DEST[,to=DEST...],KEY=VALUE[,...], the destinations exactly as the run was \
+             given them, KEY one of {}",
+            LIVE_LINK_KEYS.join(", ")
+        ))
+    };
+    let mut to = Vec::new();
+    let mut args = NetArgs::default();
+    for part in text.split(',') {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(refuse(format!("'{part}' is not KEY=VALUE")));
+        };
+        let (key, value) = (key.trim(), Some(value.trim().to_string()));
+        let slot = match key {
+            "to" => {
+                to.push(value.unwrap_or_default());
+                continue;
+            }
+            "egress-rate" => &mut args.egress_rate,
+            "ingress-rate" => &mut args.ingress_rate,
+            "burst" => &mut args.burst,
+            "loss" => &mut args.loss,
+            "loss-model" => &mut args.loss_model,
+            "loss-direction" => &mut args.loss_direction,
+            other => {
+                return Err(refuse(format!(
+                    "'{other}' cannot change while the run lives (a link's delay and \
+                     impairments are fixed when it starts)"
+                )))
+            }
+        };
+        if slot.replace(value.unwrap_or_default()).is_some() {
+            return Err(refuse(format!("'{key}' is given twice")));
+        }
+    }
+    if to.is_empty() {
+        return Err(refuse("no destination (to=...)".into()));
+    }
+    if args.loss_direction.is_some() && args.loss.is_none() && args.loss_model.is_none() {
+        return Err(refuse("loss-direction needs loss or loss-model".into()));
+    }
+    Ok((to, args))
+}
+
+/// `nbt set RUN --link ...`: changes the limits of links the run started with, found by their
+/// destinations; each key given replaces that link's setting, the others stay.
+fn set_links(run: &str, links: &[String]) -> Result<String> {
+    let asked = links
+        .iter()
+        .map(|text| live_link(text))
+        .collect::<Result<Vec<_>, _>>()?;
+    let describe = |setting: &crate::state::LinkSetting| {
+        let mut parts = crate::plan::link::network_limits(&setting.net, setting.latency.as_ref());
+        if parts.is_empty() {
+            parts.push("unlimited".into());
+        }
+        format!("to {}: {}", setting.to.join(", "), parts.join(", "))
+    };
+    let mut changed = Vec::new();
+    live::change_links(
+        run,
+        |settings| {
+            for (to, args) in &asked {
+                let Some(i) = settings.iter().position(|s| &s.to == to) else {
+                    let known: Vec<String> = settings
+                        .iter()
+                        .map(|s| format!("to={}", s.to.join(",to=")))
+                        .collect();
+                    anyhow::bail!(PlanError(format!(
+                        "run '{run}' has no link to {}: links are found by their destinations \
+                         exactly as the run was given them; it has {}",
+                        to.join(", "),
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join("; ")
+                        }
+                    )));
+                };
+                settings[i].net = changed_limits(&settings[i].net, Directions::Egress, args)?;
+                changed.push(i);
+            }
+            Ok(())
+        },
+        describe,
+    )
+    .map(|settings| {
+        let lines: Vec<String> = changed
+            .iter()
+            .map(|&i| format!("link {}", describe(&settings[i])))
+            .collect();
+        format!("{run}: {}", lines.join("; "))
+    })
 }
 
 /// The setting `args` asks for: the delay first (a bad duration is refused before any limit).
@@ -489,6 +600,29 @@ mod tests {
 
     fn args(argv: &[&str]) -> NetArgs {
         SetArgs::parse_from(std::iter::once("nbt-set").chain(argv.iter().copied())).net
+    }
+
+    #[test]
+    fn a_live_link_change_takes_the_shaper_keys_only() {
+        let (to, args) = live_link("to=10.0.0.1,to=10.0.0.2,egress-rate=1mbit,loss=5%").unwrap();
+        assert_eq!(to, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(args.egress_rate.as_deref(), Some("1mbit"));
+        let next = changed_limits(&NetLimits::default(), Directions::Egress, &args).unwrap();
+        assert_eq!(next.egress.rate_bits_per_sec, Some(1_000_000));
+        assert_eq!(next.egress.loss.mean(), 0.05);
+        for (text, says) in [
+            ("to=10.0.0.1,latency=5ms", "'latency' cannot change"),
+            ("egress-rate=1mbit", "no destination"),
+            ("to=10.0.0.1,loss=1%,loss=2%", "'loss' is given twice"),
+            ("to=10.0.0.1,loss-direction=ingress", "needs loss"),
+            ("to=10.0.0.1,rate", "not KEY=VALUE"),
+        ] {
+            let err = live_link(text).unwrap_err().0;
+            assert!(
+                err.contains(says) && err.contains("accepted"),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

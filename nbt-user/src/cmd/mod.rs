@@ -9,6 +9,7 @@ pub(crate) mod live;
 pub(crate) mod receipts;
 pub(crate) mod report;
 pub(crate) mod run;
+pub(crate) mod swarm;
 pub(crate) mod top;
 pub(crate) mod zone;
 
@@ -57,6 +58,7 @@ pub fn main() -> i32 {
         Command::Attach(args) => attach::attach(*args, &signals),
         Command::Detach { run } => attach::detach(&run),
         Command::Zone(action) => zone::zone(action, &signals),
+        Command::Swarm(args) => swarm::command(args),
         Command::Completions { shell } => {
             let mut cli = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cli, "nbt", &mut std::io::stdout());
@@ -142,8 +144,14 @@ fn cleanup(dry_run: bool) -> i32 {
     if let Err(status) = privileged() {
         return status;
     }
+    // The namespaces and records of swarms whose nbt died (their nodes' runs are runs).
+    let (lines, swarms_ok) = crate::swarm::record::cleanup(dry_run);
+    for line in lines {
+        eprintln!("nbt cleanup: {line}");
+    }
     match crate::state::cleanup::cleanup(dry_run) {
-        Ok(true) => 0,
+        Ok(true) if swarms_ok => 0,
+        Ok(true) => 1,
         Ok(false) => 1,
         Err(err) => {
             eprintln!("nbt cleanup: {err:#}");

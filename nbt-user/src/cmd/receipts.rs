@@ -43,7 +43,7 @@ pub fn list(path: &Path, json: bool, run: Option<&str>) -> Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:>5}  {:<24}  {:<4}  {:<20}  {:<14}  {:>10}  {:>10}  HASH",
+        "{:>5}  {:<24}  {:<5}  {:<20}  {:<14}  {:>10}  {:>10}  HASH",
         "SEQ", "TIME", "KIND", "RUN", "TASK", "OUTCOME", "JOULES"
     );
     for row in &rows {
@@ -63,7 +63,7 @@ pub fn list(path: &Path, json: bool, run: Option<&str>) -> Result<i32> {
             .map(|j| format!("{j:.1}"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:>5}  {:<24}  {:<4}  {:<20}  {:<14}  {:>10}  {:>10}  {}",
+            "{:>5}  {:<24}  {:<5}  {:<20}  {:<14}  {:>10}  {:>10}  {}",
             row.seq,
             row.timestamp,
             row.kind,

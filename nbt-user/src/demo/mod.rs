@@ -8,6 +8,8 @@
 //! - a "paid API" it asks for fresh samples before each epoch, behind the balance gate: the
 //!   balance pays for a few calls, then the gate closes and training goes on with cached data.
 
+pub mod mesh;
+pub mod ps;
 pub mod train;
 
 use std::ffi::OsString;
@@ -44,7 +46,7 @@ const DEMO_CALL_PRICE_MICRO: i64 = 10_000;
 const DEMO_BALANCE_MICRO: i64 = DEMO_PAID_CALLS * DEMO_CALL_PRICE_MICRO;
 
 /// The training binary, installed beside `nbt`.
-fn trainer() -> Option<PathBuf> {
+pub fn trainer() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let path = exe.parent()?.join("nbt-train");
     path.exists().then_some(path)

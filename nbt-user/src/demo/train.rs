@@ -282,7 +282,7 @@ impl Dataset {
     }
 
     /// The first 80% of the samples train; the rest are held out.
-    fn train_len(&self) -> usize {
+    pub fn train_len(&self) -> usize {
         self.samples() - self.samples() / HOLDOUT_DIVISOR
     }
 }
@@ -384,6 +384,93 @@ pub fn train_with_fresh(
         dataset_bytes: data.bytes() as u64,
         train_seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The demo's model seen from outside, for training spread over several processes (the swarm
+/// demo's parameter server and workers, `demo::ps`): its parameters as one flat vector (w1, b1,
+/// w2, b2), a minibatch's mean gradient in the same layout, an SGD step, the holdout figures.
+pub struct Model(Mlp);
+
+impl Model {
+    /// The model `train` starts from for `cfg`.
+    pub fn new(cfg: &TrainConfig) -> Model {
+        let mut rng = Rng(cfg.seed ^ 0x5EED_0F7E_AC4E_5500);
+        Model(Mlp::random(cfg.features, cfg.hidden, 1.0, 0.1, &mut rng))
+    }
+
+    /// How many numbers the parameters are.
+    pub fn len(&self) -> usize {
+        self.0.w1.len() + self.0.b1.len() + self.0.w2.len() + 1
+    }
+
+    /// Never: a model has at least its output bias.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn params(&self) -> Vec<f32> {
+        let m = &self.0;
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&m.w1);
+        out.extend_from_slice(&m.b1);
+        out.extend_from_slice(&m.w2);
+        out.push(m.b2);
+        out
+    }
+
+    /// Sets the parameters from `params` (as [`Model::params`] gives them); false (and nothing
+    /// changed) when its length is not this model's.
+    pub fn set_params(&mut self, params: &[f32]) -> bool {
+        if params.len() != self.len() {
+            return false;
+        }
+        let m = &mut self.0;
+        let (w1, rest) = params.split_at(m.w1.len());
+        let (b1, rest) = rest.split_at(m.b1.len());
+        let (w2, rest) = rest.split_at(m.w2.len());
+        m.w1.copy_from_slice(w1);
+        m.b1.copy_from_slice(b1);
+        m.w2.copy_from_slice(w2);
+        m.b2 = rest[0];
+        true
+    }
+
+    /// The mean gradient of the loss over the training rows `rows` of `data`.
+    pub fn gradient(&self, data: &Dataset, rows: &[usize]) -> Vec<f32> {
+        let mut grad = self.0.zeroed_like();
+        let mut hidden = vec![0.0; self.0.b1.len()];
+        for &i in rows {
+            self.0
+                .backprop(data.row(i), data.y[i], &mut hidden, &mut grad);
+        }
+        let scale = 1.0 / rows.len().max(1) as f32;
+        let mut out = Model(grad).params();
+        out.iter_mut().for_each(|g| *g *= scale);
+        out
+    }
+
+    /// One SGD step: the parameters minus `learning_rate` times `gradient`; false (and nothing
+    /// changed) when its length is not this model's or it is not finite.
+    pub fn step(&mut self, gradient: &[f32], learning_rate: f32) -> bool {
+        if gradient.len() != self.len() || !gradient.iter().all(|g| g.is_finite()) {
+            return false;
+        }
+        let mut params = self.params();
+        params
+            .iter_mut()
+            .zip(gradient)
+            .for_each(|(p, g)| *p -= learning_rate * g);
+        self.set_params(&params)
+    }
+
+    /// Holdout loss (mean BCE) and accuracy.
+    pub fn evaluate(&self, data: &Dataset) -> (f64, f64) {
+        self.0.evaluate(data)
+    }
+
+    pub fn hash(&self) -> String {
+        self.0.hash()
+    }
 }
 
 fn shuffle(order: &mut [usize], rng: &mut Rng) {

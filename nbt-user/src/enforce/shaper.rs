@@ -605,6 +605,11 @@ pub struct MapIds {
 
 /// Changes a live run's limits: the next packet sees them, nothing is reattached.
 pub fn write_limits_by_id(ids: &MapIds, limits: &NetLimits) -> Result<()> {
+    write_link_limits_by_id(ids, 0, limits)
+}
+
+/// Changes the limits of one link of a live run (0: its own, 1 and up: its `--link`s).
+pub fn write_link_limits_by_id(ids: &MapIds, link: u32, limits: &NetLimits) -> Result<()> {
     let data = MapData::from_id(ids.shaper_config)
         .with_context(|| format!("opening BPF map id {} of the run", ids.shaper_config))?;
     let mut map = Map::from_map_data(data)?;
@@ -615,7 +620,7 @@ pub fn write_limits_by_id(ids: &MapIds, limits: &NetLimits) -> Result<()> {
                 ids.shaper_config
             )
         })?;
-    write_config(&mut config, 0, limits)
+    write_config(&mut config, link, limits)
 }
 
 fn sum_stats(map: &PerCpuArray<&MapData, ShaperStats>, index: u32) -> Result<ShaperStats> {

@@ -19,6 +19,9 @@ pub enum Kind {
     Run,
     /// One learning update the workload reported.
     Task,
+    /// One `nbt swarm`, written when it ends, after its nodes' run receipts (it names their
+    /// hashes).
+    Swarm,
 }
 
 impl Kind {
@@ -26,6 +29,7 @@ impl Kind {
         match self {
             Kind::Run => "run",
             Kind::Task => "task",
+            Kind::Swarm => "swarm",
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::enforce::ledger::LedgerSummary;
 use crate::enforce::shaper::{NetLimits, ShapedTraffic};
 use crate::enforce::target::Restored;
 use crate::enforce::{account, edt, gate, shaper};
+use crate::plan::link::Link;
 use crate::plan::target::Target;
 use crate::plan::Plan;
 use crate::run::sampling::{Sampler, Sources};
@@ -254,6 +255,15 @@ fn first_record(plan: &Plan, workload: Workload, layout: &Layout, name: &str) ->
         edt_map: None,
         latency: plan.latency,
         links: plan.links.iter().map(|l| l.describe()).collect(),
+        link_settings: plan
+            .links
+            .iter()
+            .map(|l| state::LinkSetting {
+                to: l.to.clone(),
+                net: l.net,
+                latency: l.latency,
+            })
+            .collect(),
         pins: None,
         qdiscs: None,
         started_unix: 0.0,
@@ -870,6 +880,8 @@ struct Ended {
     shaped: ShapedTraffic,
     /// What each `--link` passed and dropped, in the plan's order.
     links: Vec<ShapedTraffic>,
+    /// Each `--link`'s limits at the end (`nbt set --link` may change them), in the plan's order.
+    link_nets: Vec<NetLimits>,
     net: NetLimits,
     latency: Option<Latency>,
     /// The time series (as stored) and what the receipt says of it.
@@ -914,9 +926,16 @@ fn measure(
         .collect::<Result<Vec<_>>>()
         .context("reading the links' counters")?;
     // `nbt set` may have changed the limits during the run: report the last ones.
-    let (net, latency) = RunRecord::find_live(state_dir, name)
-        .map(|(_, r)| (r.net, r.latency))
-        .unwrap_or((plan.net, plan.latency));
+    let (net, latency, link_nets) = RunRecord::find_live(state_dir, name)
+        .map(|(_, r)| {
+            let link_nets = r.link_settings.iter().map(|l| l.net).collect();
+            (r.net, r.latency, link_nets)
+        })
+        .unwrap_or((plan.net, plan.latency, Vec::new()));
+    let link_nets = match link_nets.len() == plan.links.len() {
+        true => link_nets,
+        false => plan.links.iter().map(|l| l.net).collect(),
+    };
     Ok(Ended {
         exit,
         wall_seconds,
@@ -927,6 +946,7 @@ fn measure(
         network,
         shaped,
         links,
+        link_nets,
         net,
         latency,
         series,
@@ -1039,7 +1059,11 @@ fn summarize(
             .iter()
             .cloned()
             .zip(ended.links)
-            .map(|(link, shaped)| LinkReport { link, shaped })
+            .zip(ended.link_nets)
+            .map(|((link, shaped), net)| LinkReport {
+                link: Link { net, ..link },
+                shaped,
+            })
             .collect(),
         ledger: ended.ledger,
         latency: ended.latency,

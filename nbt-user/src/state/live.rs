@@ -223,6 +223,46 @@ pub fn change_network(
     Ok(next)
 }
 
+/// Changes the limits of some of a live run's `--link`s (`nbt set --link`): `change` gets each
+/// link's setting in force and edits their limits; the changed ones go into the run's maps (the
+/// programs read them per packet) and into its record, described by `describe`. The links
+/// themselves (their destinations, their number, their delay) stay as the run started them:
+/// their prefixes are in the kernel's trie, and their delay in the tc programs' map.
+pub fn change_links(
+    run: &str,
+    change: impl FnOnce(&mut [super::LinkSetting]) -> Result<()>,
+    describe: impl Fn(&super::LinkSetting) -> String,
+) -> Result<Vec<super::LinkSetting>> {
+    let dir = state_dir();
+    let run = &super::resolve_run(&dir, run)?;
+    RunRecord::find_live(&dir, run)?;
+    let _lock = RecordsLock::take(&dir)?;
+    let (_, mut record) = RunRecord::find_live(&dir, run)?;
+    let Some(ids) = record.maps else {
+        bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");
+    };
+    if record.link_settings.len() != record.links.len() {
+        bail!(
+            "run '{run}' was started by an nbt that does not record its links' limits; its \
+             links cannot be changed while it runs"
+        );
+    }
+    let before = record.link_settings.clone();
+    change(&mut record.link_settings)?;
+    for (i, (now, was)) in record.link_settings.iter().zip(&before).enumerate() {
+        if now.to != was.to || now.latency != was.latency {
+            bail!("a link's destinations and delay are fixed when the run starts");
+        }
+        if now.net != was.net {
+            shaper::write_link_limits_by_id(&ids, i as u32 + 1, &now.net)?;
+            record.links[i] = describe(now);
+        }
+    }
+    let settings = record.link_settings.clone();
+    record.write_locked(&dir)?;
+    Ok(settings)
+}
+
 /// `nbt balance RUN add AMOUNT`: returns the balance after the top-up, in micro-units. The
 /// credit is read and written back from user space, so two top-ups at once hold the records'
 /// lock, one after the other (the kernel never writes the credit).

@@ -156,6 +156,14 @@ pub fn supervisor_alive(pid: i32, start_time: u64) -> bool {
     pid == ZONE_HOLDER || crate::sys::proc::process_start_time(pid) == Some(start_time)
 }
 
+/// One `--link` of a live run: its destinations as given, its limits now, its delay.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LinkSetting {
+    pub to: Vec<String>,
+    pub net: crate::enforce::shaper::NetLimits,
+    pub latency: Option<crate::enforce::edt::Latency>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub name: String,
@@ -185,6 +193,10 @@ pub struct RunRecord {
     /// of its counters (link 1 and up).
     #[serde(default)]
     pub links: Vec<String>,
+    /// Each `--link`'s destinations and limits as last set (at start, or by `nbt set --link`),
+    /// in the order of `links`: what `nbt set --link` changes.
+    #[serde(default)]
+    pub link_settings: Vec<LinkSetting>,
     /// Where the run's BPF links are pinned: they hold while it runs, and after its nbt died.
     #[serde(default)]
     pub pins: Option<PathBuf>,
@@ -525,6 +537,7 @@ mod tests {
             edt_map: None,
             latency: None,
             links: Vec::new(),
+            link_settings: Vec::new(),
             pins: None,
             qdiscs: None,
             started_unix: 0.0,
