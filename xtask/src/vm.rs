@@ -185,9 +185,16 @@ fn initramfs(
     Ok(())
 }
 
-/// Boots `kernel` and returns its console output; `share`, where given, is seen in the VM as the
-/// 9p file system tagged `debian`.
-fn boot(kernel_dir: &Path, release: &str, initrd: &Path, share: Option<&Path>) -> Result<String> {
+/// Boots `kernel` and returns its console output, written to `console` as it comes (`tail -f`
+/// it to watch a VM); `share`, where given, is seen in the VM as the 9p file system tagged
+/// `debian`.
+fn boot(
+    kernel_dir: &Path,
+    release: &str,
+    initrd: &Path,
+    share: Option<&Path>,
+    console: &Path,
+) -> Result<String> {
     let mut qemu = Command::new("timeout");
     qemu.arg("600").arg("qemu-system-x86_64").args([
         "-accel",
@@ -207,15 +214,24 @@ fn boot(kernel_dir: &Path, release: &str, initrd: &Path, share: Option<&Path>) -
             dir.display()
         ));
     }
-    let out = qemu
-        .arg("-kernel")
+    let file = std::fs::File::create(console)
+        .with_context(|| format!("creating {}", console.display()))?;
+    qemu.stdout(file).stdin(std::process::Stdio::null());
+    qemu.arg("-kernel")
         .arg(kernel_dir.join(format!("boot/vmlinuz-{release}")))
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .output()
+        .arg("-append")
+        // NBT_VM_KERNEL_ARGS: more of the kernel's command line, e.g. `loglevel=7` to see the
+        // traces `quiet` keeps off the console.
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet {}",
+            std::env::var("NBT_VM_KERNEL_ARGS").unwrap_or_default()
+        ))
+        .status()
         .context("running qemu-system-x86_64")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let bytes = std::fs::read(console).with_context(|| format!("reading {}", console.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn kernels(which: &str) -> Result<Vec<&'static Kernel>> {
@@ -235,8 +251,9 @@ fn boot_retrying(
     release: &str,
     initrd: &Path,
     share: Option<&Path>,
+    log: &Path,
 ) -> Result<String> {
-    let mut console = boot(kernel_dir, release, initrd, share)?;
+    let mut console = boot(kernel_dir, release, initrd, share, log)?;
     for attempt in 2..=3 {
         if console.contains("NBT-VM-KERNEL") {
             break;
@@ -250,7 +267,7 @@ fn boot_retrying(
             "xtask vm: the {release} kernel died before nbt's init ran ({}); booting again, attempt {attempt} of 3",
             last.trim()
         );
-        console = boot(kernel_dir, release, initrd, share)?;
+        console = boot(kernel_dir, release, initrd, share, log)?;
     }
     Ok(console)
 }
@@ -283,12 +300,17 @@ pub fn run(workspace: &Path, which: &str, deb: &Path) -> Result<bool> {
         };
         eprintln!("xtask vm-test: booting {release}");
         let started = std::time::Instant::now();
-        let console = boot_retrying(&dir, &release, &initrd, share.as_ref().map(|s| s.path()))?;
-        let seconds = started.elapsed().as_secs();
-        drop(share);
         // The whole console, for what the result lines do not say.
         let log = cache.join(format!("console-{release}.log"));
-        std::fs::write(&log, &console)?;
+        let console = boot_retrying(
+            &dir,
+            &release,
+            &initrd,
+            share.as_ref().map(|s| s.path()),
+            &log,
+        )?;
+        let seconds = started.elapsed().as_secs();
+        drop(share);
         let results: Vec<&str> = console
             .lines()
             .filter_map(|l| {
@@ -361,7 +383,8 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
         let initrd = cache.join(format!("initrd-bench-{release}.gz"));
         initramfs(workspace, &dir, &release, &initrd, BENCH_INIT)?;
         eprintln!("xtask bench vm: booting {release} (about 3 minutes under emulation)");
-        let console = boot_retrying(&dir, &release, &initrd, None)?;
+        let log = cache.join(format!("console-bench-{release}.log"));
+        let console = boot_retrying(&dir, &release, &initrd, None, &log)?;
         if !console.contains("NBT-VM-DONE") {
             let tail: Vec<&str> = console.lines().rev().take(30).collect();
             for line in tail.iter().rev() {

@@ -483,6 +483,7 @@ mod tests {
             impair_direction: Default::default(),
             attached: None,
             zone: None,
+            link_settings: Vec::new(),
         }
     }
 
