@@ -608,6 +608,15 @@ fn a_run_given_a_name_is_found_by_it_live_and_in_its_receipts() {
     }
     let run = child.end_workload(&file);
     assert_eq!(run.summary_str("/name"), name);
+    // nbt set's network change is in the run's events, as its cgroup changes are.
+    let events = run.summary.as_ref().unwrap()["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["source"] == "nbt set"
+            && e["what"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("egress 3mbit"))),
+        "{events:?}"
+    );
     assert!(
         run.stderr().contains(&format!("nbt: {id} ({name}) ended")),
         "{}",

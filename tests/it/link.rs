@@ -100,6 +100,18 @@ fn each_destination_holds_to_its_own_link_at_once() {
     );
     let run = sender.join().unwrap();
     assert_eq!(run.status(), 0, "{}", run.stderr());
+    // The live change is one of the run's events, from nbt set (the refused ones are not).
+    let events = run.summary.as_ref().unwrap()["events"].as_array().unwrap();
+    let changes: Vec<&str> = events
+        .iter()
+        .filter(|e| e["source"] == "nbt set")
+        .filter_map(|e| e["what"].as_str())
+        .collect();
+    assert_eq!(changes.len(), 1, "{events:?}");
+    assert!(
+        changes[0].starts_with("link to 192.0.2.3: egress 10mbit"),
+        "{changes:?}"
+    );
     assert!(
         run.stderr().contains(&format!(
             "egress 2mbit (burst 96.0 KiB), link to {ADDR_LINKED}: egress 10mbit (burst "

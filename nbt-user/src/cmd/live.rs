@@ -262,21 +262,32 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
              whose --duplicate and --corrupt apply where the run started them"
         )));
     }
+    let mut done = Vec::new();
     if !net.link.is_empty() {
-        let links = set_links(run, &net.link)?;
-        if !changeable_given(net) {
-            return Ok(links);
-        }
+        done.push(set_links(run, &net.link)?);
     }
-    if !changeable_given(net) {
-        anyhow::bail!(PlanError("nothing to change: give --memory, --swap, --cpus, --pids, --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap".into()));
+    if changeable_given(net) {
+        let setting = live::change_network(run, |setting| change(run, setting, net))?;
+        done.push(format!(
+            "{}egress {}; ingress {}",
+            if net.link.is_empty() {
+                ""
+            } else {
+                "the run's own: "
+            },
+            setting.net.egress.describe(Direction::Egress),
+            setting.net.ingress.describe(Direction::Ingress)
+        ));
+    } else if net.link.is_empty() {
+        anyhow::bail!(PlanError("nothing to change: give --memory, --swap, --cpus, --pids, --egress-rate, --ingress-rate, --burst, --loss, --loss-model, --loss-correlation, --latency, --jitter, --jitter-correlation, --duplicate, --corrupt, --reorder, --reorder-correlation or --reorder-gap, or --link".into()));
     }
-    let setting = live::change_network(run, |setting| change(run, setting, net))?;
-    Ok(format!(
-        "{run}: egress {}; ingress {}",
-        setting.net.egress.describe(Direction::Egress),
-        setting.net.ingress.describe(Direction::Ingress)
-    ))
+    let line = done.join("; ");
+    // In the run's event log, as the cgroup limits' changes are: a change nobody can see after
+    // is a change the receipt does not tell.
+    if let Err(err) = crate::schedule::fault::record_change(run, "nbt set", &line) {
+        eprintln!("nbt set: the change is made, but not in the run's events: {err:#}");
+    }
+    Ok(format!("{run}: {line}"))
 }
 
 /// The settings of a link that `nbt set --link` changes on a live run: the shaper's, which its
@@ -387,7 +398,7 @@ fn set_links(run: &str, links: &[String]) -> Result<String> {
             .iter()
             .map(|&i| format!("link {}", describe(&settings[i])))
             .collect();
-        format!("{run}: {}", lines.join("; "))
+        lines.join("; ")
     })
 }
 

@@ -161,6 +161,36 @@ fn run_until_put_back(
 }
 
 /// Appends the fault's events to the run's events file; the run merges them into its log.
+/// Logs a change made to the live run `run` outside the schedule's parser (`nbt set`'s network
+/// flags and links) as one event from `source`, with the run's counters now.
+pub fn record_change(run: &str, source: &str, what: &str) -> Result<()> {
+    let dir = state_dir();
+    let run = &crate::state::resolve_run(&dir, run)?;
+    let (_, record) = RunRecord::find_live(&dir, run)?;
+    let layout = Layout::detect()?;
+    let adopted = record
+        .attached
+        .as_ref()
+        .filter(|a| !a.moved)
+        .map(|a| &a.cgroups);
+    let mut cgroup = RunCgroup::existing(&layout, run, adopted)?;
+    let shaped = record
+        .maps
+        .as_ref()
+        .and_then(|ids| crate::enforce::shaper::read_by_id(ids).ok());
+    let event = Event {
+        t: crate::sys::proc::now_unix() - record.started_unix,
+        kind: super::Origin::Step,
+        source: source.to_string(),
+        what: what.to_string(),
+        error: None,
+        counters: Counters::of(&cgroup.stats(), shaped.as_ref())
+            .with_ledger(record.ledger.as_ref()),
+        during: None,
+    };
+    append_events(&RunFiles::of(&dir, run).events, &[event])
+}
+
 fn append_events(path: &Path, events: &[Event]) -> Result<()> {
     let mut file = fs::OpenOptions::new()
         .create(true)
