@@ -293,14 +293,8 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
 /// The settings of a link that `nbt set --link` changes on a live run: the shaper's, which its
 /// programs read per packet. A link's destinations are in the kernel's trie and its delay and
 /// impairments in its tc programs, put on when the run starts: those stay.
-pub const LIVE_LINK_KEYS: [&str; 6] = [
-    "egress-rate",
-    "ingress-rate",
-    "burst",
-    "loss",
-    "loss-model",
-    "loss-direction",
-];
+/// They are the first six of a link's keys.
+pub const LIVE_LINK_KEYS: &[&str] = crate::plan::link::LINK_KEYS.split_at(6).0;
 
 /// One `nbt set --link to=DEST[,to=DEST...],KEY=VALUE...`: the link's destinations (as the run
 /// was given them) and the flags asked for.

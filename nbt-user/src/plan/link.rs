@@ -16,7 +16,8 @@ use crate::enforce::gate::{self, Rule};
 use crate::enforce::shaper::{Direction, NetLimits};
 use crate::error::PlanError;
 
-/// The settings a link takes: the network flags of `nbt run`, without `--`.
+/// The settings a link takes: the network flags of `nbt run`, without `--`. The first six are
+/// those `nbt set --link` changes live (`cmd::live::LIVE_LINK_KEYS`).
 pub const LINK_KEYS: [&str; 16] = [
     "egress-rate",
     "ingress-rate",

@@ -55,13 +55,7 @@ pub fn apply_from_outside(
     let Some(net_ids) = record.maps else {
         bail!("run '{run}' has not loaded its BPF programs yet; try again in a moment");
     };
-    let layout = Layout::detect()?;
-    let adopted = record
-        .attached
-        .as_ref()
-        .filter(|a| !a.moved)
-        .map(|a| &a.cgroups);
-    let mut cgroup = RunCgroup::existing(&layout, run, adopted)?;
+    let mut cgroup = cgroup_of(run, &record)?;
     let initial = initial_of(&cgroup, &record);
     let schedule = super::parse("(nbt fault)", as_schedule, &initial).map_err(|e| {
         PlanError(
@@ -161,19 +155,23 @@ fn run_until_put_back(
 }
 
 /// Appends the fault's events to the run's events file; the run merges them into its log.
+/// The live run's cgroups: its own, or an attached target's (the target's own files).
+fn cgroup_of(run: &str, record: &RunRecord) -> Result<RunCgroup> {
+    let adopted = record
+        .attached
+        .as_ref()
+        .filter(|a| !a.moved)
+        .map(|a| &a.cgroups);
+    RunCgroup::existing(&Layout::detect()?, run, adopted)
+}
+
 /// Logs a change made to the live run `run` outside the schedule's parser (`nbt set`'s network
 /// flags and links) as one event from `source`, with the run's counters now.
 pub fn record_change(run: &str, source: &str, what: &str) -> Result<()> {
     let dir = state_dir();
     let run = &crate::state::resolve_run(&dir, run)?;
     let (_, record) = RunRecord::find_live(&dir, run)?;
-    let layout = Layout::detect()?;
-    let adopted = record
-        .attached
-        .as_ref()
-        .filter(|a| !a.moved)
-        .map(|a| &a.cgroups);
-    let mut cgroup = RunCgroup::existing(&layout, run, adopted)?;
+    let mut cgroup = cgroup_of(run, &record)?;
     let shaped = record
         .maps
         .as_ref()

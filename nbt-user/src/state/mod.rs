@@ -526,25 +526,10 @@ mod tests {
     fn writers_at_once_never_tear_a_record() {
         let dir = tempfile::tempdir().unwrap();
         let record = |i: usize| RunRecord {
-            name: "nbt-00000000000000aa".into(),
-            label: None,
             supervisor_pid: i as i32,
-            supervisor_start_time: 0,
             cgroups: vec![PathBuf::from("/x"); i % 50],
             command: vec!["a".repeat(i * 7)],
-            net: Default::default(),
-            maps: None,
-            ledger: None,
-            edt_map: None,
-            latency: None,
-            links: Vec::new(),
-            link_settings: Vec::new(),
-            pins: None,
-            qdiscs: None,
-            started_unix: 0.0,
-            impair_direction: Default::default(),
-            attached: None,
-            zone: None,
+            ..bare_record("nbt-00000000000000aa")
         };
         std::thread::scope(|scope| {
             for t in 0..8 {
