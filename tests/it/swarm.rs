@@ -495,6 +495,27 @@ fn bad_files_are_refused_naming_the_field() {
         "{}",
         run.stderr()
     );
+    // A link's delay where the kernel has no fq (this host): refused before any node starts,
+    // as `nbt run` refuses it, naming the node.
+    if nbt::plan::probe::fq_missing().is_some() {
+        let (_dir, path) = swarm_file(
+            "tbad",
+            "[[node]]\nname = \"a\"\ncommand = [\"true\"]\n[[node]]\nname = \"b\"\n\
+             command = [\"true\"]\n[[link]]\nfrom = \"a\"\nto = \"b\"\nlatency = \"20ms\"\n",
+        );
+        let run = nbt(&["swarm", &path]);
+        assert_eq!(run.status(), 2, "{}", run.stderr());
+        assert!(
+            run.stderr().contains("node 'a'") && run.stderr().contains("needs the fq qdisc"),
+            "{}",
+            run.stderr()
+        );
+        assert!(
+            !run.stderr().contains("[a]"),
+            "a node ran: {}",
+            run.stderr()
+        );
+    }
 }
 
 #[test]

@@ -528,7 +528,11 @@ fn check(file: SwarmFile, default_name: &str) -> Result<Swarm, PlanError> {
             .filter(|(_, a)| *a == "--link")
             .map(|(p, _)| run_args[p + 1].clone())
             .collect();
-        Plan::build(&flags).map_err(|e| refuse(format!("node '{}': {}", spec.name, e.0)))?;
+        // And refused as `nbt run` would refuse it (a delay where the kernel has no fq), before
+        // any node starts: not one node failing while the others run.
+        Plan::build(&flags)
+            .and_then(|plan| plan.refuse_pending())
+            .map_err(|e| refuse(format!("node '{}': {}", spec.name, e.0)))?;
         nodes.push(Node {
             spec: spec.clone(),
             addr: addrs[i],
