@@ -109,34 +109,25 @@ impl SwarmNet {
     /// Cuts `side` off from the rest: their hub ports go to the second bridge.
     pub fn partition(&self, side: &[usize]) -> Result<()> {
         self.heal()?;
-        for &i in side {
-            ip(&[
-                "-n",
-                &self.hub,
-                "link",
-                "set",
-                &format!("p{i}"),
-                "master",
-                "br1",
-            ])?;
-        }
-        Ok(())
+        side.iter().try_for_each(|&i| self.plug(i, "br1"))
     }
 
     /// Every port back on the first bridge.
     pub fn heal(&self) -> Result<()> {
-        for i in 0..self.nodes.len() {
-            ip(&[
-                "-n",
-                &self.hub,
-                "link",
-                "set",
-                &format!("p{i}"),
-                "master",
-                "br0",
-            ])?;
-        }
-        Ok(())
+        (0..self.nodes.len()).try_for_each(|i| self.plug(i, "br0"))
+    }
+
+    /// Node `i`'s hub port onto `bridge`.
+    fn plug(&self, i: usize, bridge: &str) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.hub,
+            "link",
+            "set",
+            &format!("p{i}"),
+            "master",
+            bridge,
+        ])
     }
 
     /// Removes every namespace made; what could not be removed, in the error.

@@ -1,4 +1,4 @@
-//! A live swarm on disk (`/run/nbt/swarms/NAME.json`): who runs it and where its nodes are, for
+//! A live swarm on disk (`STATE_DIR/swarms/NAME.json`, beside the runs' records): who runs it and where its nodes are, for
 //! `nbt swarm ps`, `nbt swarm set`, `nbt swarm fault` and `nbt cleanup`. Removed on drop.
 
 use std::path::{Path, PathBuf};
