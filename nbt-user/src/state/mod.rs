@@ -270,41 +270,41 @@ impl RunRecord {
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
         private_state_dir(dir)?;
         let _lock = RecordsLock::take(dir)?;
-        // Under the lock: of two runs given the same name at once, one gets it.
-        if let Some(label) = &self.label {
-            let taken = Self::read_all(dir)
+        // Under the lock: of two runs given the same name at once, one gets it; of two
+        // attachments to one target started at once, one gets it (the other would restore, at
+        // its end, the values the first wrote).
+        if self.label.is_some() || self.attached.is_some() {
+            let others: Vec<RunRecord> = Self::read_all(dir)
                 .into_iter()
                 .filter_map(|(_, record)| record.ok())
-                .find(|r| {
-                    r.name != self.name && r.label.as_deref() == Some(label) && r.supervisor_alive()
-                });
-            if let Some(other) = taken {
-                return Err(crate::error::PlanError(format!(
-                    "--name {label}: the live run {} already has that name",
-                    other.name
-                ))
-                .into());
+                .filter(|r| r.name != self.name)
+                .collect();
+            if let Some(label) = &self.label {
+                let taken = others
+                    .iter()
+                    .find(|r| r.label.as_deref() == Some(label) && r.supervisor_alive());
+                if let Some(other) = taken {
+                    return Err(crate::error::PlanError(format!(
+                        "--name {label}: the live run {} already has that name",
+                        other.name
+                    ))
+                    .into());
+                }
             }
-        }
-        // Under the lock too: of two attachments to one target started at once, one gets it (the
-        // other would restore, at its end, the values the first wrote).
-        if let Some(mine) = &self.attached {
-            let holder = Self::read_all(dir)
-                .into_iter()
-                .filter_map(|(_, record)| record.ok())
-                .find(|r| {
-                    r.name != self.name
-                        && r.attached
-                            .as_ref()
-                            .is_some_and(|a| a.cgroups.v2 == mine.cgroups.v2)
+            if let Some(mine) = &self.attached {
+                let holder = others.iter().find(|r| {
+                    r.attached
+                        .as_ref()
+                        .is_some_and(|a| a.cgroups.v2 == mine.cgroups.v2)
                 });
-            if let Some(other) = holder {
-                anyhow::bail!(
-                    "{} is already under nbt's attachment {} (`nbt detach {}` ends it)",
-                    mine.target,
-                    other.name,
-                    other.name
-                );
+                if let Some(other) = holder {
+                    anyhow::bail!(
+                        "{} is already under nbt's attachment {} (`nbt detach {}` ends it)",
+                        mine.target,
+                        other.name,
+                        other.name
+                    );
+                }
             }
         }
         self.write_locked(dir)

@@ -54,15 +54,28 @@ pub const INGRESS_IMPAIR_MAPS: &[&str] = &[EDT_SOCKETS_MAP];
 /// parsing /sys/kernel/btf/vmlinux costs about 20 MiB of memory and most of the loader's CPU
 /// time at every start (see [`loader_without_kernel_btf`]).
 pub fn load(unused: &[&[&str]]) -> Result<Ebpf> {
+    load_sized(OBJECT, unused, &[]).context(
+        "loading nbt's BPF object into the kernel failed (needs root or CAP_BPF + CAP_NET_ADMIN; \
+         `nbt probe` lists what this kernel supports)",
+    )
+}
+
+/// Loads `object` without the kernel's BTF, the maps in `unused` at their smallest and those in
+/// `sized` with the entries given.
+fn load_sized(
+    object: &[u8],
+    unused: &[&[&str]],
+    sized: &[(&str, u32)],
+) -> Result<Ebpf, aya::EbpfError> {
     let mut loader = loader_without_kernel_btf();
     loader.btf(None);
     for name in unused.iter().flat_map(|names| names.iter()) {
         loader.map_max_entries(name, smallest_entries(name));
     }
-    loader.load(OBJECT).context(
-        "loading nbt's BPF object into the kernel failed (needs root or CAP_BPF + CAP_NET_ADMIN; \
-         `nbt probe` lists what this kernel supports)",
-    )
+    for (name, entries) in sized {
+        loader.map_max_entries(name, *entries);
+    }
+    loader.load(object)
 }
 
 /// Whether a perf_event program may use only preallocated hash maps here. Before Linux 6.1 (BPF's
@@ -86,15 +99,7 @@ pub fn kernel_version() -> Option<(u32, u32)> {
 /// its flags).
 pub fn load_preallocated(unused: &[&[&str]], preallocated: &[(&str, u32)]) -> Result<Ebpf> {
     let object = with_preallocated_maps(OBJECT, preallocated.iter().map(|(name, _)| *name))?;
-    let mut loader = loader_without_kernel_btf();
-    loader.btf(None);
-    for name in unused.iter().flat_map(|names| names.iter()) {
-        loader.map_max_entries(name, smallest_entries(name));
-    }
-    for (name, entries) in preallocated {
-        loader.map_max_entries(name, *entries);
-    }
-    loader.load(object.bytes()).context(
+    load_sized(object.bytes(), unused, preallocated).context(
         "loading nbt's BPF object (its hash maps preallocated, as this kernel needs) failed",
     )
 }
