@@ -87,6 +87,27 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Puts the store in WAL mode. Turning a new store to WAL takes an exclusive lock without
+/// waiting in SQLite's busy handler, so two runs making the store at once would see "database is
+/// locked": the change is tried again, for as long as the busy timeout.
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// How long a store waits for another nbt holding it.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -133,12 +154,10 @@ impl Store {
 
     fn prepare(conn: Connection, path: &Path) -> Result<Store> {
         let context = || format!("preparing the receipt store {}", path.display());
-        conn.busy_timeout(Duration::from_secs(30))
-            .with_context(context)?;
+        conn.busy_timeout(BUSY_TIMEOUT).with_context(context)?;
         // WAL: a reader never blocks the writer; FULL: a committed receipt survives power loss,
         // not only a killed process.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .with_context(context)?;
+        set_wal(&conn).with_context(context)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .with_context(context)?;
         conn.execute_batch(SCHEMA).with_context(|| {
@@ -308,5 +327,28 @@ impl Store {
                 },
             )
             .optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two `nbt run`s started together both open (and may both make) the store: each must get
+    /// it, never "database is locked" (seen in CI: one of two runs started at once failed so).
+    #[test]
+    fn runs_opening_a_new_store_at_once_all_get_it() {
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("receipts.db");
+            std::thread::scope(|scope| {
+                let openers: Vec<_> = (0..8)
+                    .map(|_| scope.spawn(|| Store::open(&path).map(|_| ())))
+                    .collect();
+                for opener in openers {
+                    opener.join().unwrap().unwrap();
+                }
+            });
+        }
     }
 }
