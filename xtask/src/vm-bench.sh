@@ -14,11 +14,18 @@ SECONDS_ON=30
 # $1: method name; $2...: how to run a workload under it ("" for the seed: the qdisc does it).
 measure() {
     method=$1; shift
-    # Goodput at the receiver from second 5 to 25, and the CPU the whole VM spent meanwhile.
+    # Goodput at the receiver from second 5 to 25, and the CPU the whole VM spent meanwhile:
+    # over the whole send (for nbt its start and end included), and over seconds 6 to 26 of it,
+    # the steady state, where the cost per MiB is the methods' work per packet and nbt's
+    # supervision (nbt's workload starts up to a second after nbt does).
     in_b nbt-testbin tcp-recv 192.0.2.2:5001 5 25 > /tmp/recv &
     sleep 1
     before=$(busy)
-    in_a "$@" nbt-testbin tcp-stream 192.0.2.2:5001 $SECONDS_ON > /dev/null 2>&1
+    in_a "$@" nbt-testbin tcp-stream 192.0.2.2:5001 $SECONDS_ON > /dev/null 2>&1 &
+    sleep 6
+    steady_before=$(busy)
+    sleep 20
+    steady_after=$(busy)
     wait
     after=$(busy)
     rate=$(awk '/rate_bits_per_sec/ { print $4 }' /tmp/recv)
@@ -26,6 +33,7 @@ measure() {
     # Wire bits per goodput bit of a full TCP segment: 1500-byte packets carry 1448 bytes.
     ratio=$(echo "$rate" | awk -v r=$RATE '{ printf "%.3f", $1 / r * 1500 / 1448 }')
     cpu=$(echo "$before $after $bytes" | awk '{ printf "%.3f", ($2 - $1) / 100 / ($3 / 1048576) }')
+    steady=$(echo "$steady_before $steady_after $bytes" | awk '{ printf "%.3f", ($2 - $1) / 100 / ($3 / 1048576) }')
     # Loss: 1000 datagrams of 64 bytes at 100 a second (77 kbit/s, well below the rate).
     in_b nbt-testbin udp-count 192.0.2.2:5002 3 > /tmp/count &
     sleep 1
@@ -39,7 +47,7 @@ measure() {
     delayed=$(in_a "$@" nbt-testbin connect-time 192.0.2.2:5003 21 2>/dev/null | grep connect_ms | median)
     kill $! 2>/dev/null; wait
     added=$(echo "$BASE $delayed" | awk '{ printf "%.1f", $2 - $1 }')
-    echo "NBT-VM-BENCH $method rate_ratio $ratio loss_pct $loss added_ms $added cpu_s_per_mib $cpu received_bytes $bytes"
+    echo "NBT-VM-BENCH $method rate_ratio $ratio loss_pct $loss added_ms $added cpu_s_per_mib $cpu steady_cpu_s_per_mib $steady received_bytes $bytes"
 }
 
 in_b nbt-testbin listen 192.0.2.2:5003 30 &
@@ -60,7 +68,17 @@ measure nbt nbt run --egress-rate 512kbit --loss 5% --latency 100ms --
 # nbt's own cost apart from any traffic: the whole VM's busy CPU during a run of `true` (start and
 # end alone) and of `sleep 30` (the same plus 30 s of supervision).
 cost() { before=$(busy); in_a nbt run --egress-rate 512kbit --loss 5% --latency 100ms -- "$@" > /dev/null 2>&1; after=$(busy); echo "$before $after" | awk '{ printf "%.2f", ($2 - $1) / 100 }'; }
-echo "NBT-VM-COST true_s $(cost true) sleep30_s $(cost sleep 30)"
+# The seed's own fixed cost beside it: its qdiscs put on and taken off, as the seed's script does.
+seed_cost() {
+    before=$(busy)
+    $TC -n a qdisc add dev va root handle 1: htb default 12
+    $TC -n a class add dev va parent 1: classid 1:12 htb rate 512kbit ceil 512kbit
+    $TC -n a qdisc add dev va parent 1:12 handle 10: netem delay 100ms loss 5%
+    $TC -n a qdisc del dev va root
+    after=$(busy)
+    echo "$before $after" | awk '{ printf "%.2f", ($2 - $1) / 100 }'
+}
+echo "NBT-VM-COST true_s $(cost true) sleep30_s $(cost sleep 30) seed_setup_s $(seed_cost)"
 # Which of nbt's pieces costs TCP goodput: each of loss and latency alone with the rate.
 measure nbt-rate+latency nbt run --egress-rate 512kbit --latency 100ms --
 measure nbt-rate+loss nbt run --egress-rate 512kbit --loss 5% --

@@ -481,25 +481,31 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
         let mut table = format!(
             "Kernel {release} (Debian, QEMU TCG, 2 vCPUs), veth pair; target 512kbit, 5% loss, \
              100 ms; unshaped connect {base} ms\n\n\
-             | method | achieved rate / 512kbit | measured loss | added latency | VM CPU per MiB received |\n\
-             |---|---|---|---|---|\n"
+             | method | achieved rate / 512kbit | measured loss | added latency | VM CPU per MiB, steady (s 6 to 26) | VM CPU per MiB, whole send |\n\
+             |---|---|---|---|---|---|\n"
         );
-        let seed_cpu = rows
-            .iter()
-            .find(|r| r.method == "tc-htb-netem")
-            .and_then(|r| r.get("cpu_s_per_mib").parse::<f64>().ok());
-        for row in rows.iter().filter(|r| r.method != "base") {
-            let cpu = row.get("cpu_s_per_mib");
-            let relative = match (cpu.parse::<f64>().ok(), seed_cpu) {
+        let seed = rows.iter().find(|r| r.method == "tc-htb-netem");
+        // A method's CPU per MiB under `key`, with its ratio to the seed's.
+        let cpu_cell = |row: &BenchRow, key: &str| {
+            let cpu = row.get(key);
+            let relative = match (
+                cpu.parse::<f64>().ok(),
+                seed.and_then(|s| s.get(key).parse::<f64>().ok()),
+            ) {
                 (Some(c), Some(s)) if s > 0.0 => format!(" ({:.2} x the seed's)", c / s),
                 _ => String::new(),
             };
+            format!("{cpu} s{relative}")
+        };
+        for row in rows.iter().filter(|r| r.method != "base") {
             table.push_str(&format!(
-                "| {} | {} | {}% | {} ms | {cpu} s{relative} |\n",
+                "| {} | {} | {}% | {} ms | {} | {} |\n",
                 row.method,
                 row.get("rate_ratio"),
                 row.get("loss_pct"),
                 row.get("added_ms"),
+                cpu_cell(row, "steady_cpu_s_per_mib"),
+                cpu_cell(row, "cpu_s_per_mib"),
             ));
         }
         if let Some(cost) = console.lines().find_map(|l| l.strip_prefix("NBT-VM-COST ")) {
@@ -514,9 +520,10 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
             };
             table.push_str(&format!(
                 "\nnbt's own cost, no traffic (busy CPU of the whole VM): `nbt run ... -- true` {} s, \
-                 `nbt run ... -- sleep 30` {} s\n",
+                 `nbt run ... -- sleep 30` {} s; the seed's qdiscs put on and taken off with `tc`: {} s\n",
                 figure("true_s"),
-                figure("sleep30_s")
+                figure("sleep30_s"),
+                figure("seed_setup_s")
             ));
         }
         println!("{name}:\n{table}");

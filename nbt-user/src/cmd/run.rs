@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::args::{RunArgs, RunOptions};
 use super::{privileged, EXIT_NBT_FAILED};
+use crate::error::PlanError;
 use crate::plan::Plan;
 use crate::run::sampling::MIN_INTERVAL;
 use crate::run::summary::RunSummary;
@@ -32,9 +33,10 @@ pub fn run_command(args: RunArgs, signals: &libc::sigset_t) -> i32 {
     }
 }
 
-/// The plan of `nbt run` or `nbt attach` from their shared flags, each checked; the status to
-/// exit with (2, or 128+N for a signal that came meanwhile) when there is none.
-pub fn plan_of(options: &RunOptions, restart: Option<String>) -> Result<Plan, i32> {
+/// The plan of the limits among `options` (and `--restart`), each checked and refused as a run
+/// refuses it (a delay where the kernel has no fq): what `nbt run` and each node of `nbt swarm`
+/// are held to.
+pub fn limits_plan(options: &RunOptions, restart: Option<String>) -> Result<Plan, PlanError> {
     let mut flags = options
         .limits
         .flags(options.profile.clone(), options.not_yet.given());
@@ -44,7 +46,13 @@ pub fn plan_of(options: &RunOptions, restart: Option<String>) -> Result<Plan, i3
     options.hw.add_to(&mut flags);
     flags.schedule = options.schedule.clone();
     flags.restart = restart;
-    let mut plan = match Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan)) {
+    Plan::build(&flags).and_then(|plan| plan.refuse_pending().map(|()| plan))
+}
+
+/// The plan of `nbt run` or `nbt attach` from their shared flags, each checked; the status to
+/// exit with (2, or 128+N for a signal that came meanwhile) when there is none.
+pub fn plan_of(options: &RunOptions, restart: Option<String>) -> Result<Plan, i32> {
+    let mut plan = match limits_plan(options, restart) {
         Ok(plan) => plan,
         Err(err) => {
             eprintln!("nbt: {err}");

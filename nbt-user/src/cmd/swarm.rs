@@ -2,7 +2,10 @@
 
 use std::process::Command;
 
-use super::args::{SwarmAction, SwarmArgs};
+use clap::Parser as _;
+
+use super::args::{Cli, Command as NbtCommand, SwarmAction, SwarmArgs};
+use super::run::limits_plan;
 use super::{privileged, usage_or_failure, EXIT_NBT_FAILED};
 use crate::swarm::record::SwarmRecord;
 use crate::swarm::{self, SwarmSummary};
@@ -47,6 +50,12 @@ fn run(args: &SwarmArgs) -> i32 {
             return usage_or_failure(&err);
         }
     };
+    for node in &swarm.nodes {
+        if let Err(why) = check_node(&node.run_args) {
+            eprintln!("nbt swarm: node '{}': {why}", node.spec.name);
+            return 2;
+        }
+    }
     if let Err(status) = privileged() {
         return status;
     }
@@ -84,6 +93,28 @@ fn run(args: &SwarmArgs) -> i32 {
             EXIT_NBT_FAILED
         }
     }
+}
+
+/// Checks a node's `nbt run` flags as `nbt run` itself would (its parser, its plan, what it
+/// refuses on this kernel), so that a bad value stops the swarm before any node starts rather
+/// than one node failing while the others run.
+fn check_node(run_args: &[String]) -> Result<(), String> {
+    let argv = ["nbt", "run"]
+        .into_iter()
+        .map(String::from)
+        .chain(run_args.iter().cloned())
+        .chain(["--".into(), "true".into()]);
+    let cli = Cli::try_parse_from(argv).map_err(|e| {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        first.strip_prefix("error: ").unwrap_or(first).to_string()
+    })?;
+    let NbtCommand::Run(args) = cli.command else {
+        unreachable!("parsed as `nbt run`")
+    };
+    limits_plan(&args.options, args.restart.clone())
+        .map(|_| ())
+        .map_err(|e| e.0)
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -296,5 +327,28 @@ fn live(swarm: &str, node: &str, verb: &str, args: &[String]) -> i32 {
             eprintln!("nbt swarm {verb}: running nbt {verb}: {err}");
             EXIT_NBT_FAILED
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(args: &[&str]) -> Result<(), String> {
+        check_node(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn a_nodes_flags_are_checked_as_nbt_run_checks_them() {
+        check(&["--memory", "64M", "--link", "to=10.1.0.2,egress-rate=1mbit"]).unwrap();
+        let e = check(&["--memory", "lots"]).unwrap_err();
+        assert!(e.contains("--memory") && e.contains("lots"), "{e}");
+        // What the swarm's own reading of the flags did not look at: a link's keys, a schedule.
+        let e = check(&["--link", "to=10.1.0.2,duplicate=150%"]).unwrap_err();
+        assert!(e.contains("duplicate") && e.contains("150%"), "{e}");
+        let e = check(&["--schedule", "/nonexistent/schedule.toml"]).unwrap_err();
+        assert!(e.contains("/nonexistent/schedule.toml"), "{e}");
+        let e = check(&["--colour", "red"]).unwrap_err();
+        assert!(e.contains("--colour"), "{e}");
     }
 }

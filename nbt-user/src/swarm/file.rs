@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::PlanError;
-use crate::plan::{Flags, Plan};
 use crate::units;
 
 /// The most nodes a swarm takes: each node gives each peer a link of its own, and a run takes
@@ -497,42 +496,6 @@ fn check(file: SwarmFile, default_name: &str) -> Result<Swarm, PlanError> {
             link_to[j] = Some(addr.to_string());
         }
         let label = format!("{name}.{}", spec.name);
-        // Checked as `nbt run` would, naming the node.
-        let mut flags = Flags::default();
-        let flag_value = |k: &str| {
-            run_args
-                .iter()
-                .position(|a| a == &format!("--{k}"))
-                .map(|p| run_args[p + 1].clone())
-        };
-        flags.profile = flag_value("profile");
-        flags.memory = flag_value("memory");
-        flags.swap = flag_value("swap");
-        flags.cpus = flag_value("cpus");
-        flags.pids = flag_value("pids");
-        flags.egress_rate = flag_value("egress-rate");
-        flags.ingress_rate = flag_value("ingress-rate");
-        flags.burst = flag_value("burst");
-        flags.loss = flag_value("loss");
-        flags.latency = flag_value("latency");
-        flags.jitter = flag_value("jitter");
-        flags.balance = flag_value("balance");
-        flags.price_egress = flag_value("price-egress");
-        flags.price_call = flag_value("price-call");
-        flags.price_hour = flag_value("price-hour");
-        flags.call_gap = flag_value("call-gap");
-        flags.gate = flag_value("gate");
-        flags.links = run_args
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| *a == "--link")
-            .map(|(p, _)| run_args[p + 1].clone())
-            .collect();
-        // And refused as `nbt run` would refuse it (a delay where the kernel has no fq), before
-        // any node starts: not one node failing while the others run.
-        Plan::build(&flags)
-            .and_then(|plan| plan.refuse_pending())
-            .map_err(|e| refuse(format!("node '{}': {}", spec.name, e.0)))?;
         nodes.push(Node {
             spec: spec.clone(),
             addr: addrs[i],
@@ -786,8 +749,6 @@ mod tests {
         let err = |text: &str| parse(text, "x").unwrap_err().0;
         let node = "[[node]]\nname = \"a\"\ncommand = [\"true\"]\n";
         assert!(err(&format!("{node}colour = 1\n")).contains("unknown field `colour`"));
-        assert!(err(&format!("{node}memory = \"lots\"\n")).contains("node 'a'"));
-        assert!(err(&format!("{node}memory = \"lots\"\n")).contains("--memory"));
         let e = err(&format!(
             "{node}[[event]]\nat = \"1s\"\naction = \"explode\"\n"
         ));
