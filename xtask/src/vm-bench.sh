@@ -8,6 +8,8 @@ export NBT_USER=65534:65534
 median() { tr ' ' '\n' | grep -v connect_ms | sort -n | awk '{ v[NR]=$1 } END { printf "%.2f", v[int((NR+1)/2)] }'; }
 # Busy CPU time of the whole VM (user+nice+system+irq+softirq), in clock ticks.
 busy() { awk '/^cpu / { print $2+$3+$4+$7+$8 }' /proc/stat; }
+# CPU seconds per MiB: $1 and $2 busy ticks before and after, $3 bytes received.
+per_mib() { echo "$1 $2 $3" | awk '{ printf "%.3f", ($2 - $1) / 100 / ($3 / 1048576) }'; }
 RATE=512000
 SECONDS_ON=30
 
@@ -32,8 +34,8 @@ measure() {
     bytes=$(awk '/received/ { print $2 }' /tmp/recv)
     # Wire bits per goodput bit of a full TCP segment: 1500-byte packets carry 1448 bytes.
     ratio=$(echo "$rate" | awk -v r=$RATE '{ printf "%.3f", $1 / r * 1500 / 1448 }')
-    cpu=$(echo "$before $after $bytes" | awk '{ printf "%.3f", ($2 - $1) / 100 / ($3 / 1048576) }')
-    steady=$(echo "$steady_before $steady_after $bytes" | awk '{ printf "%.3f", ($2 - $1) / 100 / ($3 / 1048576) }')
+    cpu=$(per_mib $before $after $bytes)
+    steady=$(per_mib $steady_before $steady_after $bytes)
     # Loss: 1000 datagrams of 64 bytes at 100 a second (77 kbit/s, well below the rate).
     in_b nbt-testbin udp-count 192.0.2.2:5002 3 > /tmp/count &
     sleep 1
@@ -58,9 +60,12 @@ echo "NBT-VM-BENCH base connect_ms $BASE"
 
 # The seed's method, word for word but for the interface.
 modprobe sch_htb; modprobe sch_netem
-$TC -n a qdisc add dev va root handle 1: htb default 12
-$TC -n a class add dev va parent 1: classid 1:12 htb rate 512kbit ceil 512kbit
-$TC -n a qdisc add dev va parent 1:12 handle 10: netem delay 100ms loss 5%
+seed_qdiscs() {
+    $TC -n a qdisc add dev va root handle 1: htb default 12
+    $TC -n a class add dev va parent 1: classid 1:12 htb rate 512kbit ceil 512kbit
+    $TC -n a qdisc add dev va parent 1:12 handle 10: netem delay 100ms loss 5%
+}
+seed_qdiscs
 measure tc-htb-netem
 $TC -n a qdisc del dev va root
 
@@ -71,9 +76,7 @@ cost() { before=$(busy); in_a nbt run --egress-rate 512kbit --loss 5% --latency 
 # The seed's own fixed cost beside it: its qdiscs put on and taken off, as the seed's script does.
 seed_cost() {
     before=$(busy)
-    $TC -n a qdisc add dev va root handle 1: htb default 12
-    $TC -n a class add dev va parent 1: classid 1:12 htb rate 512kbit ceil 512kbit
-    $TC -n a qdisc add dev va parent 1:12 handle 10: netem delay 100ms loss 5%
+    seed_qdiscs
     $TC -n a qdisc del dev va root
     after=$(busy)
     echo "$before $after" | awk '{ printf "%.2f", ($2 - $1) / 100 }'

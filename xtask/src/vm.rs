@@ -429,6 +429,20 @@ struct BenchRow {
 }
 
 impl BenchRow {
+    /// `METHOD KEY VALUE KEY VALUE...`, as the bench VM prints its figures.
+    fn parse(line: &str) -> BenchRow {
+        let mut words = line.split_whitespace();
+        let method = words.next().unwrap_or("?").to_string();
+        let rest: Vec<&str> = words.collect();
+        BenchRow {
+            method,
+            figures: rest
+                .chunks(2)
+                .map(|p| (p[0].to_string(), p.get(1).unwrap_or(&"?").to_string()))
+                .collect(),
+        }
+    }
+
     fn get(&self, key: &str) -> &str {
         self.figures
             .iter()
@@ -460,18 +474,7 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
         let rows: Vec<BenchRow> = console
             .lines()
             .filter_map(|l| l.strip_prefix("NBT-VM-BENCH "))
-            .map(|l| {
-                let mut words = l.split_whitespace();
-                let method = words.next().unwrap_or("?").to_string();
-                let rest: Vec<&str> = words.collect();
-                BenchRow {
-                    method,
-                    figures: rest
-                        .chunks(2)
-                        .map(|p| (p[0].to_string(), p.get(1).unwrap_or(&"?").to_string()))
-                        .collect(),
-                }
-            })
+            .map(BenchRow::parse)
             .collect();
         let base = rows
             .iter()
@@ -509,21 +512,13 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
             ));
         }
         if let Some(cost) = console.lines().find_map(|l| l.strip_prefix("NBT-VM-COST ")) {
-            let words: Vec<&str> = cost.split_whitespace().collect();
-            let figure = |key: &str| {
-                words
-                    .iter()
-                    .position(|w| *w == key)
-                    .and_then(|i| words.get(i + 1))
-                    .copied()
-                    .unwrap_or("?")
-            };
+            let cost = BenchRow::parse(&format!("cost {cost}"));
             table.push_str(&format!(
                 "\nnbt's own cost, no traffic (busy CPU of the whole VM): `nbt run ... -- true` {} s, \
                  `nbt run ... -- sleep 30` {} s; the seed's qdiscs put on and taken off with `tc`: {} s\n",
-                figure("true_s"),
-                figure("sleep30_s"),
-                figure("seed_setup_s")
+                cost.get("true_s"),
+                cost.get("sleep30_s"),
+                cost.get("seed_setup_s")
             ));
         }
         println!("{name}:\n{table}");
@@ -611,6 +606,15 @@ fn upload_table(console: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bench_line_gives_each_figure_by_its_key() {
+        let row = BenchRow::parse("cost true_s 0.81 sleep30_s 0.80 seed_setup_s 0.39");
+        assert_eq!(row.method, "cost");
+        assert_eq!(row.get("sleep30_s"), "0.80");
+        assert_eq!(row.get("seed_setup_s"), "0.39");
+        assert_eq!(row.get("absent"), "?");
+    }
 
     #[test]
     fn cargo_xtask_test_boots_the_oldest_kernel_and_vm_test_every_one() {

@@ -190,6 +190,17 @@ fn require_privileges() -> anyhow::Result<()> {
     )
 }
 
+/// clap's error on one line, without its "error: " (for a parse nbt does itself, of a line
+/// typed in `nbt top` or of a swarm node's flags).
+pub fn clap_line(err: &clap::Error) -> String {
+    let text = err.to_string();
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("bad input")
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
 /// Exit status 2 for a usage error (a bad value), else 1.
 pub fn usage_or_failure(err: &anyhow::Error) -> i32 {
     if err.downcast_ref::<crate::error::PlanError>().is_some() {

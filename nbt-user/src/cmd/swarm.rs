@@ -6,7 +6,7 @@ use clap::Parser as _;
 
 use super::args::{Cli, Command as NbtCommand, SwarmAction, SwarmArgs};
 use super::run::limits_plan;
-use super::{privileged, usage_or_failure, EXIT_NBT_FAILED};
+use super::{clap_line, privileged, usage_or_failure, EXIT_NBT_FAILED};
 use crate::swarm::record::SwarmRecord;
 use crate::swarm::{self, SwarmSummary};
 use crate::units;
@@ -104,11 +104,7 @@ fn check_node(run_args: &[String]) -> Result<(), String> {
         .map(String::from)
         .chain(run_args.iter().cloned())
         .chain(["--".into(), "true".into()]);
-    let cli = Cli::try_parse_from(argv).map_err(|e| {
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or_default();
-        first.strip_prefix("error: ").unwrap_or(first).to_string()
-    })?;
+    let cli = Cli::try_parse_from(argv).map_err(|e| clap_line(&e))?;
     let NbtCommand::Run(args) = cli.command else {
         unreachable!("parsed as `nbt run`")
     };

@@ -583,13 +583,7 @@ fn set_flags(run: &str, flags: &[&str]) -> Result<String> {
 
 /// clap's error, on one line.
 fn clap_error(err: clap::Error) -> anyhow::Error {
-    let text = err.to_string();
-    let line = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("bad input")
-        .trim_start_matches("error: ");
-    anyhow::anyhow!(crate::error::PlanError(line.to_string()))
+    anyhow::anyhow!(crate::error::PlanError(super::clap_line(&err)))
 }
 
 #[cfg(test)]
