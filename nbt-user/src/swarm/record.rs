@@ -1,6 +1,12 @@
 //! A live swarm on disk (`STATE_DIR/swarms/NAME.json`, beside the runs' records): who runs it and where its nodes are, for
 //! `nbt swarm ps`, `nbt swarm set`, `nbt swarm fault` and `nbt cleanup`. Removed on drop.
+//!
+//! Every writer holds `swarms/records.lock` (flock): two `nbt swarm up` of one name at once
+//! cannot both find no live record and both write one (the second would have taken the first's
+//! record, and `nbt cleanup` its namespaces), and `nbt cleanup` cannot remove a record, or a
+//! namespace, that a swarm starting at the same moment has just made.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
@@ -35,12 +41,21 @@ pub fn swarms_dir() -> PathBuf {
     crate::state::state_dir().join("swarms")
 }
 
+/// The swarm records' lock in `dir`, made with the directory when absent; held until dropped.
+fn lock(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+    Ok(crate::sys::private::lock(&dir.join("records.lock"))?)
+}
+
 impl SwarmRecord {
     /// Writes the record of `swarm`, run by this process; refused while a live one of that
     /// name exists.
     pub fn create(swarm: &Swarm) -> Result<SwarmRecord> {
-        let dir = swarms_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
+        SwarmRecord::create_in(&swarms_dir(), swarm)
+    }
+
+    fn create_in(dir: &Path, swarm: &Swarm) -> Result<SwarmRecord> {
+        let _lock = lock(dir)?;
         let path = dir.join(format!("{}.json", swarm.name));
         if let Ok(old) = SwarmRecord::read(&path) {
             if old.alive() {
@@ -129,14 +144,16 @@ impl SwarmRecord {
         })
     }
 
-    /// Removes the record file (when the swarm ends, or a dead one's by `nbt cleanup`).
+    /// Removes the record file when its swarm ends.
     pub fn remove(&self) {
+        let _lock = self.path.parent().map(lock);
         let _ = std::fs::remove_file(&self.path);
     }
 
-    /// Removes the record and the directory of its nodes' summaries (`NAME.d`).
-    fn remove_all(&self) {
-        self.remove();
+    /// Removes a dead swarm's record and the directory of its nodes' summaries (`NAME.d`), the
+    /// records' lock held by the caller.
+    fn remove_files(&self) {
+        let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_dir_all(swarms_dir().join(format!("{}.d", self.name)));
     }
 }
@@ -146,6 +163,16 @@ impl SwarmRecord {
 pub fn cleanup(dry_run: bool) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut ok = true;
+    let dir = swarms_dir();
+    // A dry run makes nothing: it takes the lock only where swarms have run.
+    let _lock = if dry_run && !dir.exists() {
+        None
+    } else {
+        match lock(&dir) {
+            Ok(file) => Some(file),
+            Err(err) => return (vec![format!("{err:#}")], false),
+        }
+    };
     let live: Vec<SwarmRecord> = SwarmRecord::all()
         .into_iter()
         .filter(|r| r.alive())
@@ -177,9 +204,53 @@ pub fn cleanup(dry_run: bool) -> (Vec<String>, bool) {
                 record.name
             ));
         } else {
-            record.remove_all();
+            record.remove_files();
             lines.push(format!("removed the record of dead swarm {}", record.name));
         }
     }
     (lines, ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SWARM: &str = r#"
+        name = "race"
+        [[node]]
+        name = "a"
+        command = ["true"]
+    "#;
+
+    /// Two `nbt swarm up` of one name at the same moment: one gets the record, every other is
+    /// told the swarm runs already.
+    #[test]
+    fn swarms_of_one_name_started_at_once_get_one_record() {
+        let swarm = super::super::file::parse(SWARM, "race").expect("swarm file");
+        let dir = std::env::temp_dir().join(format!("nbt-swarm-race-{}", std::process::id()));
+        for round in 0..50 {
+            let _ = std::fs::remove_file(dir.join("race.json"));
+            let barrier = std::sync::Barrier::new(8);
+            let made: Vec<Result<SwarmRecord>> = std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..8)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            SwarmRecord::create_in(&dir, &swarm)
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let ok = made.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(ok, 1, "round {round}: {ok} of 8 made the record");
+            for err in made.iter().filter_map(|r| r.as_ref().err()) {
+                assert!(
+                    format!("{err:#}").contains("swarm 'race' is running already"),
+                    "{err:#}"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
