@@ -114,9 +114,16 @@ pub fn time_chart(chart: &TimeChart) -> Result<String> {
                 *colours.next().expect("a cycle")
             };
             let style = colour.stroke_width(2);
-            let mut labelled = false;
+            // The legend's entry comes from a series of its own, so that a line with nothing
+            // drawn (a limit off the chart) is named too.
+            ctx.draw_series(std::iter::empty::<PathElement<(f64, f64)>>())
+                .map_err(draw_error)?
+                .label(&line.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                });
             for segment in line.segments.iter().filter(|s| !s.is_empty()) {
-                let drawn = if line.limit {
+                if line.limit {
                     ctx.draw_series(DashedLineSeries::new(segment.iter().copied(), 8, 5, style))
                 } else if segment.len() == 1 {
                     // A lone point is a dot: a line needs two.
@@ -125,21 +132,6 @@ pub fn time_chart(chart: &TimeChart) -> Result<String> {
                     ctx.draw_series(LineSeries::new(segment.iter().copied(), style))
                 }
                 .map_err(draw_error)?;
-                if !labelled {
-                    drawn.label(&line.name).legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-                    });
-                    labelled = true;
-                }
-            }
-            // A line with nothing drawn (a limit off the chart) is still named in the legend.
-            if !labelled {
-                ctx.draw_series(std::iter::empty::<PathElement<(f64, f64)>>())
-                    .map_err(draw_error)?
-                    .label(&line.name)
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
-                    });
             }
         }
         ctx.configure_series_labels()
@@ -233,6 +225,12 @@ mod tests {
                     segments: vec![vec![(0.0, 64.0), (5.0, 64.0)]],
                     limit: true,
                 },
+                // A limit with nothing to draw.
+                Line {
+                    name: "swap limit".into(),
+                    segments: vec![],
+                    limit: true,
+                },
             ],
             seconds: 5.0,
             events: vec![(2.5, 1)],
@@ -242,6 +240,14 @@ mod tests {
         assert_eq!(svg.matches("<svg").count(), 1);
         assert!(svg.contains("Memory &lt;&amp;&gt;"), "{svg}");
         assert!(!svg.contains("Memory <&>"));
+        // The legend names every line once, the one with nothing drawn too.
+        for name in ["used", "limit", "swap limit"] {
+            assert_eq!(
+                svg.matches(&format!(">\n{name}\n</text>")).count(),
+                1,
+                "{name}: {svg}"
+            );
+        }
         // The measured line is one polyline of all its points.
         let longest = svg
             .split("<polyline")
