@@ -209,18 +209,20 @@ fn boot(
     limit_s: u64,
 ) -> Result<String> {
     let mut qemu = Command::new("timeout");
-    qemu.arg(limit_s.to_string()).arg("qemu-system-x86_64").args([
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-m",
-        "1024",
-        "-smp",
-        "2",
-        "-nographic",
-        "-no-reboot",
-    ]);
+    qemu.arg(limit_s.to_string())
+        .arg("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "1024",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ]);
     if let Some(dir) = share {
         qemu.arg("-virtfs").arg(format!(
             "local,path={},mount_tag=debian,security_model=passthrough,id=debian",
