@@ -495,6 +495,14 @@ fn what_attach_cannot_hold_is_refused_with_the_reason() {
         2,
         "--restart",
     );
+    // A kernel thread, where this pid namespace shows one.
+    if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+        refused(
+            &["attach", "--pid", "2", "--cpus", "1"],
+            1,
+            "kthreadd is a kernel thread",
+        );
+    }
     // An empty cgroup: nothing to hold; a zone is what prepares one.
     let empty = TestCgroup::new("empty");
     refused(

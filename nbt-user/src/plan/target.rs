@@ -90,8 +90,8 @@ fn of_pid(given: &str) -> Result<Target> {
     }
     let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
         .map_err(|_| PlanError(format!("invalid value '{pid}' for --pid: no such process")))?;
-    // Kernel threads have no command line and cannot change cgroups.
-    if fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty()) {
+    // Kernel threads cannot change cgroups.
+    if crate::sys::proc::is_kernel_thread(pid) == Some(true) {
         bail!(
             "--pid {pid}: {} is a kernel thread, which stays in the root cgroup",
             comm.trim()
