@@ -20,14 +20,18 @@ pub fn is_kernel_thread(pid: i32) -> Option<bool> {
 
 /// Field `n` (numbered from 1, as in proc(5); a numeric one, 4 and on) of /proc/PID/stat.
 fn stat_field(pid: i32, n: usize) -> Option<u64> {
+    stat_word(pid, n)?.parse().ok()
+}
+
+/// Field `n` (3 and on: after the command name) of /proc/PID/stat, as written there.
+fn stat_word(pid: i32, n: usize) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     let after = &stat[stat.rfind(')')? + 2..];
     after
         .split_whitespace()
-        .nth(n.checked_sub(3)?)?
-        .parse()
-        .ok()
+        .nth(n.checked_sub(3)?)
+        .map(str::to_string)
 }
 
 /// Seconds since the Unix epoch, 0 when the clock is before it.
@@ -53,8 +57,7 @@ mod tests {
         // Not reaped yet: a zombie once it has exited.
         let zombie = (0..500).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(10));
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+            stat_word(pid, 3).as_deref() == Some("Z")
         });
         assert!(zombie, "process {pid} did not become a zombie");
         assert_eq!(fs::read(format!("/proc/{pid}/cmdline")).unwrap(), b"");
