@@ -429,7 +429,9 @@ pub struct NetArgs {
     /// `uniform` (with --loss) or bursty loss `gemodel:P[,R[,1-H[,1-K]]]`, as netem's gemodel
     #[arg(long, value_name = "MODEL", value_parser = hinted(&["uniform", "gemodel:"]))]
     pub loss_model: Option<String>,
-    /// Where loss applies: egress (default, as netem on an interface), ingress, both
+    /// Where loss applies: egress (default, as netem on an interface), ingress, both. A TCP
+    /// segment lost on egress is sent again at once, not retransmitted (docs/running.md); loss on
+    /// ingress is a loss on the wire for the sender
     #[arg(long, value_name = "DIR", value_parser = hinted(DIRECTIONS))]
     pub loss_direction: Option<String>,
     /// Added delay of the run's outgoing packets (100ms), by earliest departure time: needs the
