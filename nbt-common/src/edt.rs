@@ -14,7 +14,25 @@ pub struct EdtRun {
     /// Non-zero: the run's cgroup programs put its sockets in [`EDT_SOCKETS_MAP`], for
     /// `impair_ingress` (duplicate and corrupt of arriving packets).
     pub mark_sockets: u32,
+    /// Non-zero: `delay_egress` is on every interface of the namespace but loopback and takes
+    /// the TCP segments the egress loss model loses ([`LOST_MARK`]), so that their sender sees
+    /// a loss on the wire; it records each of the run's sockets whose packets it sees
+    /// ([`EDT_WIRE_SOCKETS_MAP`]).
+    pub wire_loss: u32,
+    /// Explicit, so that the struct has no padding for `aya::Pod`.
+    pub reserved: u32,
 }
+
+/// `skb->mark` of a TCP segment the egress loss model lost, set by the cgroup program for
+/// `delay_egress` to take (`TC_ACT_STOLEN`: the sender's stack is told it left). "nbtL".
+pub const LOST_MARK: u32 = 0x6e62_744c;
+
+/// LRU hash from socket cookie to the interface index by which `delay_egress` last saw one of
+/// that socket's packets leave. The cgroup program marks a lost segment only when its socket is
+/// here with the segment's interface: a socket of the run in another network namespace (made
+/// there by the workload) never passes nbt's tc programs, and a segment marked there would not
+/// be lost at all.
+pub const EDT_WIRE_SOCKETS_MAP: &str = "EDT_WIRE_SOCKETS";
 
 /// LRU hash of the run's sockets ([`RunSocket`]), kept by the cgroup programs when
 /// `EdtRun::mark_sockets` is set. A tc ingress program cannot tell a socket's cgroup
@@ -59,7 +77,7 @@ pub struct EdtState {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: EdtRun is #[repr(C)], made only of integers (u64, two u32s), with no implicit padding:
+// SAFETY: EdtRun is #[repr(C)], made only of integers (u64, four u32s), with no implicit padding:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for EdtRun {}
 #[cfg(feature = "user")]

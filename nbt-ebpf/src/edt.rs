@@ -19,14 +19,15 @@ mod impair;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN},
-    helpers::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
     macros::{classifier, map},
     maps::{Array, LruHashMap},
     programs::{SkBuffContext, TcContext},
+    EbpfContext,
 };
 use nbt_common::{
     account::{EGRESS, INGRESS},
-    edt::{EdtConfig, EdtRun, EdtState, RunSocket},
+    edt::{EdtConfig, EdtRun, EdtState, RunSocket, LOST_MARK},
     shaper::MAX_LINKS,
 };
 
@@ -53,6 +54,48 @@ static EDT_STATE: Array<EdtState> = Array::with_max_entries(MAX_LINKS, 0);
 /// outlives its socket until the LRU evicts it.
 #[map(name = "EDT_SOCKETS")]
 static EDT_SOCKETS: LruHashMap<RunSocket, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// See `nbt_common::edt::EDT_WIRE_SOCKETS_MAP`.
+#[map(name = "EDT_WIRE_SOCKETS")]
+static EDT_WIRE_SOCKETS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Whether `delay_egress` will take this packet of the run (a cgroup egress program's) when it
+/// is marked lost: it is on the packet's interface (not loopback, which nbt leaves alone) and
+/// has seen the packet's socket leave by it before.
+#[inline(always)]
+pub fn takes_lost_packet(ctx: &SkBuffContext) -> bool {
+    if !EDT_RUN.get(0).is_some_and(|run| run.wire_loss != 0) {
+        return false;
+    }
+    // SAFETY: a field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the helper reads the cookie of the packet's socket (0 without one).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a lookup whose value is copied at once.
+    ifindex != LOOPBACK_IFINDEX
+        && cookie != 0
+        && unsafe { EDT_WIRE_SOCKETS.get(&cookie) }.is_some_and(|seen| *seen == ifindex)
+}
+
+/// Loopback's interface index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Records that a packet of the run's socket leaves by this interface (see
+/// [`takes_lost_packet`]).
+#[inline(always)]
+fn record_wire_socket(ctx: &TcContext) {
+    // SAFETY: a field of the context; the helper reads the cookie of the packet's socket.
+    let (ifindex, cookie) =
+        unsafe { ((*ctx.skb.skb).ifindex, bpf_get_socket_cookie(ctx.as_ptr())) };
+    if cookie == 0 {
+        return;
+    }
+    // SAFETY: a lookup whose value is copied at once.
+    if unsafe { EDT_WIRE_SOCKETS.get(&cookie) }.is_some_and(|seen| *seen == ifindex) {
+        return;
+    }
+    let _ = EDT_WIRE_SOCKETS.insert(&cookie, &ifindex, 0);
+}
 
 /// Puts the socket of one of the run's packets (a cgroup_skb program of the run's cgroup) in
 /// `EDT_SOCKETS`, when the run duplicates or corrupts arriving packets.
@@ -87,6 +130,16 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
         && unsafe { bpf_skb_ancestor_cgroup_id(skb, run.cgroup_level as i32) } != run.cgroup_id
     {
         return TC_ACT_OK;
+    }
+    // A segment of the run that its egress loss model lost (`shaper`): taken here, so that its
+    // sender's stack is told it left, as netem does with what it loses. Dropped at the cgroup
+    // instead, it would be handed back to TCP as not sent and go again at once.
+    // SAFETY: `mark` is a field of the context.
+    if !own_copy && unsafe { (*skb).mark } == LOST_MARK {
+        return TC_ACT_STOLEN as i32;
+    }
+    if !own_copy && run.wire_loss != 0 {
+        record_wire_socket(&ctx);
     }
     let link = link::of_packet(skb, Remote::Destination);
     let Some(config) = EDT_CONFIG.get(link) else {

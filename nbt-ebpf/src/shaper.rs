@@ -23,6 +23,7 @@ use aya_ebpf::{
 };
 use nbt_common::{
     account::{EGRESS, INGRESS},
+    edt::LOST_MARK,
     shaper::{
         entry, ShaperConfig, ShaperState, ShaperStats, LOSS_GILBERT_ELLIOTT, LOSS_UNIFORM,
         SHAPER_ENTRIES,
@@ -65,8 +66,24 @@ pub fn shape_egress(ctx: SkBuffContext) -> i32 {
     match shape(link, EGRESS, &ctx) {
         Verdict::Pass => 1,
         Verdict::PassLow => 3,
+        Verdict::DropLoss if lost_on_the_wire(&ctx) => 1,
         Verdict::DropRate | Verdict::DropLoss => 2,
     }
+}
+
+/// A TCP segment the loss model lost, marked for `delay_egress` to take where it will
+/// (`edt::takes_lost_packet`): TCP then learns of the loss as of one on the wire (duplicate
+/// ACKs, its timers) and retransmits. Dropped here, it would be handed back to TCP as not sent
+/// and go again at once: a congestion signal, never a retransmission. Other protocols lose it
+/// here either way (a datagram is gone at once for its sender too).
+#[inline(always)]
+fn lost_on_the_wire(ctx: &SkBuffContext) -> bool {
+    if !matches!(transport(ctx), Some((_, IPPROTO_TCP))) || !crate::edt::takes_lost_packet(ctx) {
+        return false;
+    }
+    // SAFETY: `mark` is a field of the context, writable at cgroup_skb.
+    unsafe { (*ctx.skb.skb).mark = LOST_MARK };
+    true
 }
 
 #[cgroup_skb(ingress)]
@@ -163,17 +180,8 @@ fn wire_bytes(ctx: &SkBuffContext) -> u64 {
 /// IP + transport header length of the packet (0 if it cannot be read).
 #[inline(always)]
 fn header_bytes(ctx: &SkBuffContext) -> u64 {
-    // cgroup_skb data starts at the network header.
-    let (ip_len, protocol) = match u32::from(u16::from_be(ctx.skb.protocol() as u16)) {
-        ETH_P_IP => match ctx.load::<u8>(0) {
-            Ok(version_ihl) => (
-                u64::from(version_ihl & 0x0f) * 4,
-                ctx.load::<u8>(9).unwrap_or(0),
-            ),
-            Err(_) => return 0,
-        },
-        ETH_P_IPV6 => (40, ctx.load::<u8>(6).unwrap_or(0)),
-        _ => return 0,
+    let Some((ip_len, protocol)) = transport(ctx) else {
+        return 0;
     };
     match protocol {
         // TCP data offset: the high nibble of byte 12, in 32-bit words.
@@ -183,6 +191,23 @@ fn header_bytes(ctx: &SkBuffContext) -> u64 {
         },
         IPPROTO_UDP => ip_len + 8,
         _ => ip_len,
+    }
+}
+
+/// The IP header's length and the protocol after it (IPv6: the fixed header's next header;
+/// extension headers are not walked). cgroup_skb data starts at the network header.
+#[inline(always)]
+fn transport(ctx: &SkBuffContext) -> Option<(u64, u8)> {
+    match u32::from(u16::from_be(ctx.skb.protocol() as u16)) {
+        ETH_P_IP => {
+            let version_ihl = ctx.load::<u8>(0).ok()?;
+            Some((
+                u64::from(version_ihl & 0x0f) * 4,
+                ctx.load::<u8>(9).unwrap_or(0),
+            ))
+        }
+        ETH_P_IPV6 => Some((40, ctx.load::<u8>(6).unwrap_or(0))),
+        _ => None,
     }
 }
 

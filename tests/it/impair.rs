@@ -355,6 +355,71 @@ fn a_tcp_stream_through_corruption_arrives_intact() {
     guard.assert_clean();
 }
 
+/// A TCP segment lost on egress is lost on the wire for its sender, as behind netem: TCP learns
+/// of it from the peer and retransmits it. Dropped at the cgroup hook, as nbt did before, the
+/// segment went back to TCP as not sent and went again as new: 0 bytes retransmitted.
+#[test]
+fn tcp_segments_lost_on_egress_are_retransmitted() {
+    use std::io::Read;
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("wireloss");
+    let receiver = NetnsPair::in_netns(&net.b, || {
+        let listener = std::net::TcpListener::bind(format!("{ADDR_B}:5223")).unwrap();
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut total = 0u64;
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            match stream.read(&mut buffer).unwrap() {
+                0 => return total,
+                n => total += n as u64,
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let testbin = testbin();
+    let run = net.nbt_in_a(&[
+        "run",
+        "--json",
+        "--egress-rate",
+        "10mbit",
+        "--loss",
+        "5%",
+        "--",
+        testbin.to_str().unwrap(),
+        "tcp-stream",
+        &format!("{ADDR_B}:5223"),
+        "4",
+        // A congestion control an unprivileged workload may choose in a new namespace.
+        "reno",
+        "1",
+        "3",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    let stdout = run.stdout();
+    let word = |name: &str| -> u64 {
+        let words: Vec<&str> = stdout.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == name);
+        at.and_then(|at| words.get(at + 1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+    };
+    let (sent, retransmitted) = (word("sent"), word("retransmitted"));
+    let lost = run.u64("/shaped/egress/loss_dropped_packets");
+    assert_eq!(
+        receiver.join().unwrap(),
+        sent,
+        "the receiver got a different count"
+    );
+    assert!(lost > 20, "only {lost} packets lost");
+    // 5% of the packets, most of one or two segments: about 5% of the bytes come again. Dropped
+    // at the cgroup, none did.
+    let share = retransmitted as f64 / sent as f64;
+    assert!(
+        (0.02..=0.15).contains(&share),
+        "{retransmitted} of {sent} bytes retransmitted ({share:.4}) with {lost} packets lost"
+    );
+    guard.assert_clean();
+}
+
 #[test]
 fn a_tcp_stream_into_the_run_through_duplicate_and_corrupt_arrives_whole() {
     use std::io::Write;

@@ -175,6 +175,9 @@ enum Method {
     Bare,
     Htb,
     Nbt,
+    /// nbt with egress loss and no rate: its tc program on the interface (to take the lost TCP
+    /// segments), which a run with a rate alone does without.
+    NbtLoss,
 }
 
 impl Method {
@@ -184,6 +187,7 @@ impl Method {
             Method::Bare => "bare",
             Method::Htb => "tc htb",
             Method::Nbt => "nbt",
+            Method::NbtLoss => "nbt, 0.01% loss",
         }
     }
 }
@@ -296,12 +300,15 @@ fn workload(
     ];
     let mut command = Command::new("nsenter");
     command.arg(format!("--net=/run/netns/{}", netns.a));
-    if method == Method::Nbt {
+    if matches!(method, Method::Nbt | Method::NbtLoss) {
         command
             .arg(bin.join("nbt"))
             .args(["run", "--user", "nobody"]);
         if let Some((r, _)) = rate {
             command.args(["--egress-rate", r]);
+        }
+        if method == Method::NbtLoss {
+            command.args(["--loss", "0.01%"]);
         }
         command.arg("--");
     }
@@ -350,6 +357,7 @@ fn row(
             Method::Htb => "tc htb (seed)",
             Method::Nbt if rate.is_some() => "nbt",
             Method::Nbt => "nbt, no limit",
+            Method::NbtLoss => "nbt, 0.01% egress loss, no rate",
         },
         rate: rate.map(|r| r.0).unwrap_or("-"),
         goodput,
@@ -386,8 +394,8 @@ pub fn net(workspace: &Path, repeat: u32) -> Result<()> {
             }
         }
     }
-    for method in [Method::Bare, Method::Nbt] {
-        eprintln!("xtask bench net: no limit, {}", method.label());
+    for method in [Method::Bare, Method::Nbt, Method::NbtLoss] {
+        eprintln!("xtask bench net: no rate, {}", method.label());
         rows.push(case(&netns, &bin, method, None, 10)?);
     }
     println!("| method | limit | bulk goodput (Mbit/s) | achieved / limit | RTT p50 (ms) | RTT p99 (ms) | busy CPU s per GB |");
@@ -426,10 +434,17 @@ pub fn net(workspace: &Path, repeat: u32) -> Result<()> {
             worst(&nbt)
         );
     }
-    let (bare, unlimited) = (&rows[rows.len() - 2], &rows[rows.len() - 1]);
+    let [bare, unlimited, lossy] = &rows[rows.len() - 3..] else {
+        unreachable!("three rows with no rate");
+    };
     println!(
         "\nnbt with no limit: {:.3} of bare veth throughput",
         unlimited.goodput / bare.goodput
+    );
+    println!(
+        "nbt with 0.01% egress loss (its tc program on the veth): {:.3} x the busy CPU per GB of \
+         nbt with no limit",
+        lossy.cpu_seconds_per_gb / unlimited.cpu_seconds_per_gb
     );
     Ok(())
 }

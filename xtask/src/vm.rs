@@ -495,8 +495,8 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
         let mut table = format!(
             "Kernel {release} (Debian, QEMU TCG, 2 vCPUs), veth pair; target 512kbit, 5% loss, \
              100 ms; unshaped connect {base} ms\n\n\
-             | method | achieved rate / 512kbit | measured loss | added latency | VM CPU per MiB, steady (s 6 to 26) | VM CPU per MiB, whole send |\n\
-             |---|---|---|---|---|---|\n"
+             | method | achieved rate / 512kbit | measured loss | added latency | sender's TCP retransmissions, 30 s | VM CPU per MiB, steady (s 6 to 26) | VM CPU per MiB, whole send |\n\
+             |---|---|---|---|---|---|---|\n"
         );
         let seed = rows.iter().find(|r| r.method == "tc-htb-netem");
         // A method's CPU per MiB under `key`, with its ratio to the seed's.
@@ -513,11 +513,12 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
         };
         for row in rows.iter().filter(|r| r.method != "base") {
             table.push_str(&format!(
-                "| {} | {} | {}% | {} ms | {} | {} |\n",
+                "| {} | {} | {}% | {} ms | {} | {} | {} |\n",
                 row.method,
                 row.get("rate_ratio"),
                 row.get("loss_pct"),
                 row.get("added_ms"),
+                row.get("retransmitted"),
                 cpu_cell(row, "steady_cpu_s_per_mib"),
                 cpu_cell(row, "cpu_s_per_mib"),
             ));

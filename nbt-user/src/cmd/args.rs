@@ -430,8 +430,8 @@ pub struct NetArgs {
     #[arg(long, value_name = "MODEL", value_parser = hinted(&["uniform", "gemodel:"]))]
     pub loss_model: Option<String>,
     /// Where loss applies: egress (default, as netem on an interface), ingress, both. A TCP
-    /// segment lost on egress is sent again at once, not retransmitted (docs/running.md); loss on
-    /// ingress is a loss on the wire for the sender
+    /// segment lost on egress is lost on the wire (its sender retransmits it), except over
+    /// loopback, where it is sent again at once (docs/running.md)
     #[arg(long, value_name = "DIR", value_parser = hinted(DIRECTIONS))]
     pub loss_direction: Option<String>,
     /// Added delay of the run's outgoing packets (100ms), by earliest departure time: needs the

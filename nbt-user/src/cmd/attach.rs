@@ -43,7 +43,7 @@ pub fn attach(args: AttachArgs, signals: &libc::sigset_t) -> i32 {
             return usage_or_failure(&err);
         }
     };
-    if target.other_netns() && plan.needs_tc() {
+    if target.other_netns() && plan.needs_tc_beyond_loss() {
         eprintln!(
             "nbt: {} lives in another network namespace; nbt adds delay (--latency, --jitter, \
              --reorder, ingress impairments) on the interfaces of its own, so it cannot delay this \

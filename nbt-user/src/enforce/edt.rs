@@ -208,22 +208,29 @@ fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
 }
 
 /// Puts fq on every interface when there is a `latency`, and attaches `delay_egress` to each
-/// (it also duplicates, corrupts and reorders), and with `ingress` `impair_ingress` (duplicate
-/// and corrupt of arriving packets). A tc filter outlives nbt by itself, as the qdiscs do; the
-/// guard lists both for the run's record, so that `nbt cleanup` can take them off.
+/// (it also duplicates, corrupts and reorders, and takes the TCP segments the egress loss model
+/// lost), and with `ingress` `impair_ingress` (duplicate and corrupt of arriving packets). A tc
+/// filter outlives nbt by itself, as the qdiscs do; the guard lists both for the run's record,
+/// so that `nbt cleanup` can take them off. `loss_only`: the programs are there only to take
+/// lost segments, so a namespace with loopback alone goes without them (the cgroup program then
+/// drops those segments itself, as before).
 pub fn attach(
     ebpf: &mut Ebpf,
     cgroup_dir: &Path,
     latency: Option<&Latency>,
     links: &[Option<&Latency>],
     ingress: bool,
+    loss_only: bool,
 ) -> Result<LatencyGuard> {
     let delayed = latency.is_some() || links.iter().any(Option::is_some);
-    let run = EdtRun {
+    let mut run = EdtRun {
         // A cgroup v2 id is its directory's inode number.
         cgroup_id: std::fs::metadata(cgroup_dir)?.ino(),
         cgroup_level: cgroup_level(cgroup_dir)?,
         mark_sockets: u32::from(ingress),
+        // Set once `delay_egress` is on every interface, below.
+        wire_loss: 0,
+        reserved: 0,
     };
     let map = ebpf
         .map_mut(EDT_RUN_MAP)
@@ -248,6 +255,9 @@ pub fn attach(
         _links: Vec::new(),
     };
     let interfaces = netlink::interfaces();
+    if interfaces.is_empty() && loss_only {
+        return Ok(guard);
+    }
     if interfaces.is_empty() {
         bail!(
             "{}: this network namespace has no interface but loopback to act on",
@@ -295,6 +305,11 @@ pub fn attach(
             &mut guard,
         )?;
     }
+    run.wire_loss = 1;
+    let map = ebpf
+        .map_mut(EDT_RUN_MAP)
+        .ok_or_else(|| anyhow!("{EDT_RUN_MAP} missing"))?;
+    Array::<&mut MapData, EdtRun>::try_from(map)?.set(0, run, 0)?;
     Ok(guard)
 }
 

@@ -799,9 +799,16 @@ fn restart_max(flags: &Flags) -> Result<u32, PlanError> {
 }
 
 impl Plan {
-    /// Whether the run's interfaces get the tc program: for the delay, or for netem's other
-    /// impairments.
+    /// Whether the run's interfaces get the tc program: for the delay, for netem's other
+    /// impairments, or to take the TCP segments lost on egress (nbt-ebpf/src/edt.rs).
     pub fn needs_tc(&self) -> bool {
+        let loses = |net: &NetLimits| !matches!(net.egress.loss, Loss::None);
+        self.needs_tc_beyond_loss() || loses(&self.net) || self.links.iter().any(|l| loses(&l.net))
+    }
+
+    /// Whether the run needs the tc programs for more than taking its lost TCP segments (which a
+    /// namespace with loopback alone does without): a delay or netem's other impairments.
+    pub fn needs_tc_beyond_loss(&self) -> bool {
         self.latency.is_some()
             || self.tc_impairments
             || self.net.egress.impair.needs_tc()

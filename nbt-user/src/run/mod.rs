@@ -135,7 +135,7 @@ pub fn execute(
     unless_stopped()?;
     // Dropped in reverse order: the BPF links go first, then the cgroups (see `Armed`).
     let mut armed = Armed::attach(plan, &layout, &name, &record, workload)?;
-    let record = armed.record(plan, record)?;
+    let record = armed.record(record)?;
     record.write(&state_dir)?;
     crate::sys::phase::mark("armed");
     // An attachment holds its target from here: a signal now stays queued and detaches it
@@ -342,6 +342,14 @@ struct Armed {
     ebpf: Ebpf,
 }
 
+/// Whether the run's interfaces get the tc programs. A target in another network namespace
+/// (refused by `nbt attach` when it needs them for more) never sends by nbt's interfaces, so the
+/// programs there could not take its lost segments: its egress loss stays at the cgroup.
+fn takes_tc(plan: &Plan, workload: &Workload) -> bool {
+    let elsewhere = matches!(workload, Workload::Attach(target) if target.other_netns());
+    plan.needs_tc_beyond_loss() || (plan.needs_tc() && !elsewhere)
+}
+
 impl Armed {
     fn attach(
         plan: &Plan,
@@ -368,6 +376,10 @@ impl Armed {
         if !plan.needs_ingress_tc() {
             unused.push(loader::INGRESS_IMPAIR_MAPS);
         }
+        let tc = takes_tc(plan, &workload);
+        if !tc {
+            unused.push(loader::WIRE_LOSS_MAPS);
+        }
         let mut ebpf = loader::load(&unused)?;
         crate::sys::phase::mark("loaded");
         account::attach(&mut ebpf, &cgroup.v2, &mut pins)?;
@@ -382,7 +394,7 @@ impl Armed {
             })
             .collect();
         shaper::write_links(&mut ebpf, &links)?;
-        let latency = match plan.needs_tc() {
+        let latency = match tc {
             true => {
                 let links: Vec<Option<&Latency>> =
                     plan.links.iter().map(|l| l.latency.as_ref()).collect();
@@ -392,6 +404,7 @@ impl Armed {
                     plan.latency.as_ref(),
                     &links,
                     plan.needs_ingress_tc(),
+                    !plan.needs_tc_beyond_loss(),
                 )?)
             }
             false => None,
@@ -428,12 +441,12 @@ impl Armed {
     }
 
     /// `record` with the maps `nbt set` and `nbt cleanup` need, and the start time.
-    fn record(&self, plan: &Plan, record: RunRecord) -> Result<RunRecord> {
+    fn record(&self, record: RunRecord) -> Result<RunRecord> {
         Ok(RunRecord {
             maps: Some(shaper::map_ids(&self.ebpf)?),
-            edt_map: match plan.needs_tc() {
-                true => Some(edt::map_id(&self.ebpf)?),
-                false => None,
+            edt_map: match self.latency {
+                Some(_) => Some(edt::map_id(&self.ebpf)?),
+                None => None,
             },
             ledger: self.ledger,
             pins: Some(self.pins.dir().to_path_buf()),

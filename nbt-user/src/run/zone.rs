@@ -58,7 +58,7 @@ pub fn apply(plan: &Plan, label: &str) -> Result<RunRecord> {
     // end is refused at the start.
     crate::receipt::Writer::open(&plan.receipts)?;
     let armed = Armed::attach(plan, &layout, &name, &record, Workload::Command(&[]))?;
-    let mut record = armed.record(plan, record)?;
+    let mut record = armed.record(record)?;
     let hardware = state::hwcaps::hold_for_zone(&plan.hwcaps, &state_dir, &name)?;
     if let (Some(zone), Some(held)) = (record.zone.as_mut(), &hardware) {
         zone.hardware = held.set.clone();

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{anyhow, Context as _, Result};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Program};
 use aya::{Ebpf, EbpfLoader};
-use nbt_common::edt::EDT_SOCKETS_MAP;
+use nbt_common::edt::{EDT_SOCKETS_MAP, EDT_WIRE_SOCKETS_MAP};
 use nbt_common::gate::{
     GATE_BY_DEST_MAP, GATE_CONNS_MAP, GATE_TEARDOWN_MAP, GATE_V4_MAP, GATE_V6_MAP,
 };
@@ -44,8 +44,13 @@ pub const GATE_MAPS: &[&str] = &[
 /// its 16,384 entries cost more to create than any other map a run makes.
 pub const INGRESS_IMPAIR_MAPS: &[&str] = &[EDT_SOCKETS_MAP];
 
+/// The map of the run's sockets seen leaving by an interface that `delay_egress` is on, used
+/// only by runs that have the tc programs (`EdtRun::wire_loss`); an LRU hash, as above.
+pub const WIRE_LOSS_MAPS: &[&str] = &[EDT_WIRE_SOCKETS_MAP];
+
 /// Loads the object's maps into the kernel. Programs are loaded by the modules that attach them.
-/// The maps named in `unused` (see [`SCHED_MAPS`], [`GATE_MAPS`], [`INGRESS_IMPAIR_MAPS`]) are
+/// The maps named in `unused` (see [`SCHED_MAPS`], [`GATE_MAPS`], [`INGRESS_IMPAIR_MAPS`],
+/// [`WIRE_LOSS_MAPS`]) are
 /// created at their smallest: every map of the object must exist, but nothing will use these
 /// ones (no program that uses them is loaded, or, for `EDT_SOCKETS`, the run's `EDT_RUN` tells
 /// the programs that could write it not to).
@@ -183,7 +188,7 @@ fn smallest_entries(name: &str) -> u32 {
             size if size > 0 => size as u32,
             _ => 4096,
         },
-        GATE_CONNS_MAP | EDT_SOCKETS_MAP => 256,
+        GATE_CONNS_MAP | EDT_SOCKETS_MAP | EDT_WIRE_SOCKETS_MAP => 256,
         _ => 1,
     }
 }

@@ -153,7 +153,11 @@ impl ProcessTracker {
                 Err(err) => (None, Some(format!("{err:#}"))),
             },
         };
-        let unused = [loader::GATE_MAPS, loader::INGRESS_IMPAIR_MAPS];
+        let unused = [
+            loader::GATE_MAPS,
+            loader::INGRESS_IMPAIR_MAPS,
+            loader::WIRE_LOSS_MAPS,
+        ];
         let mut ebpf = if loader::perf_event_needs_preallocated_maps() {
             // The sampler is a perf_event program: before 6.1 its hash maps must be
             // preallocated, so they are made smaller to bound the memory they hold from the start.
