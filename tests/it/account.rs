@@ -39,15 +39,7 @@ fn tcp_bytes_match_within_headers() {
     // What TCP put on the wire: the payload, plus any retransmissions (a slow reader on loopback
     // can make the kernel drop and resend), as the sender's own TCP_INFO counts them.
     let report = run.stdout();
-    let field = |name: &str| -> u64 {
-        let words: Vec<&str> = report.split_whitespace().collect();
-        let at = words
-            .iter()
-            .position(|w| *w == name)
-            .unwrap_or_else(|| panic!("{name} in {report}"));
-        words[at + 1].parse().unwrap()
-    };
-    let payload_on_wire = field("payload_bytes_sent");
+    let payload_on_wire = run.report_u64("payload_bytes_sent");
     assert!(payload_on_wire >= SENT, "{report}");
     let out_bytes = run.u64("/network/egress/bytes");
     let out_packets = run.u64("/network/egress/packets");

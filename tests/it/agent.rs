@@ -93,18 +93,23 @@ impl Drop for Spinner {
 /// Waits until the agent's tracker is attached and has finished an interval.
 fn wait_until_attached(agent: &Agent) {
     for _ in 0..100 {
-        let (_, body) = http(
-            &agent.addr,
-            "GET",
-            "/v1/attribution",
-            Some(&agent.token),
-            "",
-        );
+        let (_, body) = attribution(agent);
         if body.contains("\"tracker\":\"attached\"") && !body.contains("\"intervals\":0") {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `GET /v1/attribution` from `agent`: the status and the body.
+fn attribution(agent: &Agent) -> (u16, String) {
+    http(
+        &agent.addr,
+        "GET",
+        "/v1/attribution",
+        Some(&agent.token),
+        "",
+    )
 }
 
 fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
@@ -304,13 +309,7 @@ fn a_report_through_the_agent_becomes_a_receipt_of_the_live_run() {
 /// is returned as it is, for the caller's checks to fail on.
 fn run_attribution(agent: &Agent, run: &str) -> (Value, Value) {
     let read = || {
-        let (status, body) = http(
-            &agent.addr,
-            "GET",
-            "/v1/attribution",
-            Some(&agent.token),
-            "",
-        );
+        let (status, body) = attribution(agent);
         assert_eq!(status, 200, "{body}");
         let all = json(&body);
         let seen = entry(&all, "runs", "run", run).clone();
@@ -510,13 +509,7 @@ fn cycles_where_a_pmu_exists_and_a_reason_where_none_does() {
     let spinner = Spinner::start("2");
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(1500));
-    let (status, body) = http(
-        &agent.addr,
-        "GET",
-        "/v1/attribution",
-        Some(&agent.token),
-        "",
-    );
+    let (status, body) = attribution(&agent);
     drop(spinner);
     assert_eq!(status, 200, "{body}");
     let all = json(&body);
@@ -614,13 +607,7 @@ fn a_live_process_is_charged_while_it_runs_not_only_at_exit() {
     let pid = spinner.pid();
     std::thread::sleep(Duration::from_millis(2500));
     let before = scheduler_runtime_seconds(pid);
-    let (status, body) = http(
-        &agent.addr,
-        "GET",
-        "/v1/attribution",
-        Some(&agent.token),
-        "",
-    );
+    let (status, body) = attribution(&agent);
     let after = scheduler_runtime_seconds(pid);
     drop(spinner);
     assert_eq!(status, 200, "{body}");

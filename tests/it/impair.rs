@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    receive_numbered as receive, receive_numbered_at, testbin, Arrivals, NetnsPair, NoLeftovers,
-    ADDR_A, ADDR_B,
+    receive_all, receive_numbered as receive, receive_numbered_at, testbin, Arrivals, NetnsPair,
+    NoLeftovers, ADDR_A, ADDR_B,
 };
 
 /// `nbt run --json LIMITS -- nbt-testbin udp-send` of `count` datagrams of 100 bytes to the
@@ -360,20 +360,10 @@ fn a_tcp_stream_through_corruption_arrives_intact() {
 /// segment went back to TCP as not sent and went again as new: 0 bytes retransmitted.
 #[test]
 fn tcp_segments_lost_on_egress_are_retransmitted() {
-    use std::io::Read;
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("wireloss");
     let receiver = NetnsPair::in_netns(&net.b, || {
-        let listener = std::net::TcpListener::bind(format!("{ADDR_B}:5223")).unwrap();
-        let (mut stream, _) = listener.accept().unwrap();
-        let mut total = 0u64;
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            match stream.read(&mut buffer).unwrap() {
-                0 => return total,
-                n => total += n as u64,
-            }
-        }
+        receive_all(std::net::TcpListener::bind(format!("{ADDR_B}:5223")).unwrap())
     });
     std::thread::sleep(Duration::from_millis(200));
     let testbin = testbin();
@@ -395,17 +385,10 @@ fn tcp_segments_lost_on_egress_are_retransmitted() {
         "3",
     ]);
     assert_eq!(run.status(), 0, "{}", run.stderr());
-    let stdout = run.stdout();
-    let word = |name: &str| -> u64 {
-        let words: Vec<&str> = stdout.split_whitespace().collect();
-        let at = words.iter().position(|w| *w == name);
-        at.and_then(|at| words.get(at + 1)?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
-    };
-    let (sent, retransmitted) = (word("sent"), word("retransmitted"));
+    let (sent, retransmitted) = (run.report_u64("sent"), run.report_u64("retransmitted"));
     let lost = run.u64("/shaped/egress/loss_dropped_packets");
     assert_eq!(
-        receiver.join().unwrap(),
+        receiver.join().unwrap().bytes(),
         sent,
         "the receiver got a different count"
     );

@@ -95,6 +95,16 @@ impl Run {
             .unwrap_or_else(|| panic!("{pointer} missing in {summary}"))
     }
 
+    /// The number after the word `name` in the workload's stdout (a testbin report such as
+    /// `sent 123 retransmitted 4`); the test fails naming it when there is none.
+    pub fn report_u64(&self, name: &str) -> u64 {
+        let report = self.stdout();
+        let words: Vec<&str> = report.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == name);
+        at.and_then(|at| words.get(at + 1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {name} in {report}"))
+    }
+
     pub fn summary_str(&self, pointer: &str) -> String {
         let summary = self.summary.as_ref().expect("no JSON summary");
         summary
@@ -603,6 +613,11 @@ pub struct Received {
 }
 
 impl Received {
+    /// All the bytes taken in.
+    pub fn bytes(&self) -> u64 {
+        self.marks.last().map_or(0, |m| m.1)
+    }
+
     /// Payload bits per second between `from` and `to` seconds after the first byte (see
     /// [`rate::slope_bits_per_sec`]).
     pub fn rate_between(&self, from: f64, to: f64) -> f64 {

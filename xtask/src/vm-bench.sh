@@ -10,8 +10,6 @@ median() { tr ' ' '\n' | grep -v connect_ms | sort -n | awk '{ v[NR]=$1 } END { 
 busy() { awk '/^cpu / { print $2+$3+$4+$7+$8 }' /proc/stat; }
 # CPU seconds per MiB: $1 and $2 busy ticks before and after, $3 bytes received.
 per_mib() { echo "$1 $2 $3" | awk '{ printf "%.3f", ($2 - $1) / 100 / ($3 / 1048576) }'; }
-# TCP segments retransmitted in namespace a so far (its /proc/net/snmp, RetransSegs).
-retrans() { in_a awk '/^Tcp:/ { if (n++) { for (i = 1; i <= NF; i++) if (h[i] == "RetransSegs") print $i } else for (i = 1; i <= NF; i++) h[i] = $i }' /proc/net/snmp; }
 RATE=512000
 SECONDS_ON=30
 LOSS_DATAGRAMS=10000
@@ -26,7 +24,7 @@ measure() {
     in_b nbt-testbin tcp-recv 192.0.2.2:5001 5 25 > /tmp/recv &
     sleep 1
     before=$(busy)
-    retrans_before=$(retrans)
+    retrans_before=$(tcp_counter RetransSegs)
     in_a "$@" nbt-testbin tcp-stream 192.0.2.2:5001 $SECONDS_ON > /dev/null 2>&1 &
     sleep 6
     steady_before=$(busy)
@@ -34,7 +32,7 @@ measure() {
     steady_after=$(busy)
     wait
     after=$(busy)
-    retransmitted=$(( $(retrans) - retrans_before ))
+    retransmitted=$(( $(tcp_counter RetransSegs) - retrans_before ))
     rate=$(awk '/rate_bits_per_sec/ { print $4 }' /tmp/recv)
     bytes=$(awk '/received/ { print $2 }' /tmp/recv)
     # Wire bits per goodput bit of a full TCP segment: 1500-byte packets carry 1448 bytes.

@@ -163,7 +163,6 @@ result loss_5pct $ok "${lost} of 1000 datagrams lost"
 # the cgroup hook alone would be handed back to TCP as not sent, and retransmit nothing). The
 # sender's namespace's counters over a 6 s upload at 10mbit with 5% loss: retransmitted
 # segments 2% to 15% of those sent (GSO packets of a few segments are lost whole).
-tcp_counter() { in_a awk -v want=$1 '/^Tcp:/ { if (n++) { for (i = 1; i <= NF; i++) if (h[i] == want) print $i } else for (i = 1; i <= NF; i++) h[i] = $i }' /proc/net/snmp; }
 out_before=$(tcp_counter OutSegs); retrans_before=$(tcp_counter RetransSegs)
 $IP netns exec b nbt-testbin tcp-recv 192.0.2.2:5001 1 5 > /tmp/recv &
 sleep 1

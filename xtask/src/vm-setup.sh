@@ -23,3 +23,5 @@ echo "NBT-VM-KERNEL $(uname -r) cgroup2: $(cat /cg/cgroup.controllers)"
 
 in_a() { $IP netns exec a "$@"; }
 in_b() { $IP netns exec b "$@"; }
+# A TCP counter of namespace a's /proc/net/snmp by name ($1: RetransSegs, OutSegs...).
+tcp_counter() { in_a awk -v want=$1 '/^Tcp:/ { if (n++) { for (i = 1; i <= NF; i++) if (h[i] == want) print $i } else for (i = 1; i <= NF; i++) h[i] = $i }' /proc/net/snmp; }
