@@ -159,6 +159,17 @@ lost=$(awk '/received/ { print 1000 - $2 }' /tmp/count)
 ok=$(echo "$lost" | awk '{ print ($1 >= 29 && $1 <= 71) ? 1 : 0 }')
 result loss_5pct $ok "${lost} of 1000 datagrams lost"
 
+# What a run sent before it ended leaves after its delay: fq, which holds it, comes off only when
+# it is empty (120 of the 400 datagrams are sent in the run's last 300 ms).
+$IP netns exec b nbt-testbin udp-count 192.0.2.2:5007 3 > /tmp/count &
+counter=$!
+sleep 1
+in_a nbt run --latency 300ms -- nbt-testbin udp-paced 192.0.2.2:5007 400 400 > /dev/null 2>&1
+wait $counter
+got=$(awk '/received/ { print $2 }' /tmp/count)
+ok=0; [ "$got" = 400 ] && ok=1
+result latency_held_packets_delivered $ok "${got} of 400 datagrams arrived"
+
 # Loss on egress is a loss on the wire for TCP: the segments lost are retransmitted (a drop at
 # the cgroup hook alone would be handed back to TCP as not sent, and retransmit nothing). The
 # sender's namespace's counters over a 6 s upload at 10mbit with 5% loss: retransmitted

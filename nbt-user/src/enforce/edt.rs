@@ -26,6 +26,10 @@ use crate::sys::{loader, netlink};
 /// multiplies a u32 by 2 x jitter + 1 < 2^35, split so that no product passes 2^64).
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
 
+/// How long past the run's longest delay [`LatencyGuard::drain`] waits for fq to empty: fq's
+/// watchdog timer fires late on a busy or emulated machine.
+const DRAIN_MARGIN: Duration = Duration::from_millis(200);
+
 /// fq's limits, in packets, per flow and in all (its defaults: 100 and 10,000). Held packets
 /// belong to no socket (`nbt-ebpf/src/edt.rs`), so the sender's buffer no longer bounds them:
 /// a flow holds its rate times the delay, 417 packets of 1,500 bytes at 100mbit with 50 ms
@@ -172,16 +176,54 @@ impl Qdiscs {
 pub struct LatencyGuard {
     pub qdiscs: Qdiscs,
     /// Detached when dropped (after `Drop::drop` took off the qdiscs and the filters).
-    _links: Vec<SchedClassifierLink>,
+    links: Vec<SchedClassifierLink>,
 }
 
 impl LatencyGuard {
+    /// Lets the packets fq holds for the run leave before fq is taken off, which would drop
+    /// them: a datagram sent in the run's last `latency` is still held when the run ends. The
+    /// programs come off first, so nothing new is delayed; then it waits until every fq is
+    /// empty, at most `longest` (the longest delay the run gave a packet) and a margin for the
+    /// timer. What is still held then is reported, and dropped with fq.
+    pub fn drain(&mut self, longest: Duration) {
+        for link in self.links.drain(..) {
+            if let Err(err) = link.detach() {
+                eprintln!("nbt: taking a BPF program off an interface: {err}");
+            }
+        }
+        self.qdiscs.filters.clear();
+        let deadline = std::time::Instant::now() + longest + DRAIN_MARGIN;
+        let mut held: Vec<(&str, u32)> = Vec::new();
+        loop {
+            held.clear();
+            for (ifindex, name) in &self.qdiscs.fq {
+                match netlink::root_queue_length(*ifindex) {
+                    Ok(0) => {}
+                    Ok(packets) => held.push((name, packets)),
+                    // Gone with its interface, or unreadable: nothing to wait for.
+                    Err(_) => {}
+                }
+            }
+            if held.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (name, packets) in held {
+            eprintln!(
+                "nbt: {packets} packets were still held by fq on {name} {} ms after the run's \
+                 longest delay; taking fq off drops them",
+                DRAIN_MARGIN.as_millis()
+            );
+        }
+    }
+
     /// Leaves the qdiscs and the filters on the interfaces, for a zone that outlives this
     /// process (`nbt zone remove` takes them off, from its record).
     pub fn keep(mut self) {
         self.qdiscs = Qdiscs::default();
         // A netlink tc filter outlives its link's descriptor; only the link's Drop detaches it.
-        std::mem::forget(std::mem::take(&mut self._links));
+        std::mem::forget(std::mem::take(&mut self.links));
     }
 }
 
@@ -252,7 +294,7 @@ pub fn attach(
 
     let mut guard = LatencyGuard {
         qdiscs: Qdiscs::default(),
-        _links: Vec::new(),
+        links: Vec::new(),
     };
     let interfaces = netlink::interfaces();
     if interfaces.is_empty() && loss_only {
@@ -344,7 +386,7 @@ fn attach_everywhere(
                 ingress: attach_type == TcAttachType::Ingress,
             });
         }
-        guard._links.push(link);
+        guard.links.push(link);
     }
     Ok(())
 }

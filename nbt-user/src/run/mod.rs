@@ -181,6 +181,9 @@ pub fn execute(
     // The cgroups go first (their processes killed), then the programs; the rest of `armed`
     // (the fq guard) stays until the receipt is written.
     let (hardware, restored) = take_down(&mut armed.cgroup, &mut armed.pins, &mut hardware)?;
+    if let Some(guard) = armed.latency.as_mut() {
+        guard.drain(longest_delay(plan, &ended));
+    }
     crate::sys::phase::mark("taken_down");
     let attached = record.attached.as_ref().map(|held| AttachReport {
         kind: held.kind.clone(),
@@ -1040,6 +1043,20 @@ fn take_down(
         }
     });
     Ok((hardware, restored))
+}
+
+/// The longest time a packet of the run may be held: latency plus jitter, at the start and at the
+/// end (`nbt set` and schedules change it), of the run and of each `--link`.
+fn longest_delay(plan: &Plan, ended: &Ended) -> Duration {
+    let nanos = plan
+        .latency
+        .iter()
+        .chain(ended.latency.iter())
+        .chain(plan.links.iter().filter_map(|l| l.latency.as_ref()))
+        .map(|l| l.latency_ns.saturating_add(l.jitter_ns))
+        .max()
+        .unwrap_or(0);
+    Duration::from_nanos(nanos)
 }
 
 /// The run's summary, without its receipt yet.

@@ -7,15 +7,23 @@ use std::io;
 
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
+const RTM_GETQDISC: u16 = 38;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+/// Asks for the answer to come back to the asker: before Linux 6.9 a qdisc's answer to
+/// `RTM_GETQDISC` goes only to the rtnetlink group's listeners without it.
+const NLM_F_ECHO: u16 = 0x8;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
 const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
+/// A qdisc's statistics (nested), and within them `struct gnet_stats_queue` (its qlen first).
+const TCA_STATS2: u16 = 7;
+const TCA_STATS_QUEUE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3FFF;
 /// fq's options: its limit in packets in all, and per flow.
 pub const TCA_FQ_PLIMIT: u16 = 1;
 pub const TCA_FQ_FLOW_PLIMIT: u16 = 2;
@@ -26,7 +34,14 @@ const CLSACT_HANDLE: u32 = 0xFFFF_0000;
 
 /// `nlmsghdr` + `tcmsg` + one `TCA_KIND` attribute, as the kernel reads them (host byte order).
 fn message(kind_of_request: u16, flags: u16, ifindex: i32, qdisc: &str) -> Vec<u8> {
-    message_at(kind_of_request, flags, ifindex, qdisc, TC_H_ROOT, 0)
+    message_at(
+        kind_of_request,
+        flags | NLM_F_ACK,
+        ifindex,
+        qdisc,
+        TC_H_ROOT,
+        0,
+    )
 }
 
 /// Appends a `TCA_OPTIONS` attribute that nests one u32 attribute per option to a message.
@@ -75,15 +90,15 @@ fn message_at(
     let mut out = Vec::with_capacity(16 + body.len());
     out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
     out.extend_from_slice(&kind_of_request.to_ne_bytes());
-    out.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    out.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
     out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
     out.extend_from_slice(&body);
     out
 }
 
-/// Sends one request and returns the kernel's answer (0 or a negative errno) as a Result.
-fn request(msg: &[u8]) -> io::Result<()> {
+/// Sends one request on a netlink socket of its own and returns the kernel's first answer.
+fn exchange(msg: &[u8]) -> io::Result<Vec<u8>> {
     // SAFETY: a netlink socket of our own, written and read with buffers that outlive the calls.
     unsafe {
         let fd = libc::socket(
@@ -94,35 +109,99 @@ fn request(msg: &[u8]) -> io::Result<()> {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let close = |result: io::Result<()>| {
-            libc::close(fd);
-            result
-        };
-        if libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) < 0 {
-            return close(Err(io::Error::last_os_error()));
-        }
-        let mut answer = [0u8; 4096];
-        let n = libc::recv(fd, answer.as_mut_ptr().cast(), answer.len(), 0);
-        if n < 20 {
-            return close(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "short netlink answer",
-            )));
-        }
-        let kind = u16::from_ne_bytes([answer[4], answer[5]]);
-        let error = i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]);
-        if kind != NLMSG_ERROR {
-            return close(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "no netlink acknowledgement",
-            )));
-        }
-        close(if error == 0 {
-            Ok(())
+        let result = if libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) < 0 {
+            Err(io::Error::last_os_error())
         } else {
-            Err(io::Error::from_raw_os_error(-error))
-        })
+            let mut answer = vec![0u8; 16384];
+            let n = libc::recv(fd, answer.as_mut_ptr().cast(), answer.len(), 0);
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else if n < 20 {
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "short netlink answer",
+                ))
+            } else {
+                answer.truncate(n as usize);
+                Ok(answer)
+            }
+        };
+        libc::close(fd);
+        result
     }
+}
+
+fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The kernel's answer as a Result when it is an error message (0: an acknowledgement).
+fn error_in(answer: &[u8]) -> Option<io::Result<()>> {
+    if u16_at(answer, 4)? != NLMSG_ERROR {
+        return None;
+    }
+    let error = u32_at(answer, 16)? as i32;
+    Some(match error {
+        0 => Ok(()),
+        _ => Err(io::Error::from_raw_os_error(-error)),
+    })
+}
+
+/// Sends one request that asks for an acknowledgement and returns it as a Result.
+fn request(msg: &[u8]) -> io::Result<()> {
+    error_in(&exchange(msg)?).unwrap_or_else(|| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no netlink acknowledgement",
+        ))
+    })
+}
+
+/// The payload of the first attribute of `kind` among the netlink attributes in `bytes`.
+fn attribute(bytes: &[u8], kind: u16) -> Option<&[u8]> {
+    let mut at = 0;
+    while at + 4 <= bytes.len() {
+        let len = u16_at(bytes, at)? as usize;
+        if len < 4 || at + len > bytes.len() {
+            return None;
+        }
+        if u16_at(bytes, at + 2)? & NLA_TYPE_MASK == kind {
+            return Some(&bytes[at + 4..at + len]);
+        }
+        at += (len + 3) & !3;
+    }
+    None
+}
+
+/// How many packets the root qdisc of `ifindex` holds now (its `qlen`).
+pub fn root_queue_length(ifindex: u32) -> io::Result<u32> {
+    let answer = exchange(&message_at(
+        RTM_GETQDISC,
+        NLM_F_ECHO,
+        ifindex as i32,
+        "",
+        TC_H_ROOT,
+        0,
+    ))?;
+    queue_length_in(&answer)
+}
+
+/// The `qlen` in a `RTM_NEWQDISC` answer: after the netlink header (16 bytes) and the tcmsg
+/// (20), in `TCA_STATS2` / `TCA_STATS_QUEUE`.
+fn queue_length_in(answer: &[u8]) -> io::Result<u32> {
+    if let Some(result) = error_in(answer) {
+        result?;
+    }
+    let malformed = || io::Error::new(io::ErrorKind::InvalidData, "no qlen in the qdisc's answer");
+    let len = (u32_at(answer, 0).ok_or_else(malformed)? as usize).min(answer.len());
+    let attributes = answer.get(36..len).ok_or_else(malformed)?;
+    let stats = attribute(attributes, TCA_STATS2).ok_or_else(malformed)?;
+    let queue = attribute(stats, TCA_STATS_QUEUE).ok_or_else(malformed)?;
+    u32_at(queue, 0).ok_or_else(malformed)
 }
 
 /// Puts `qdisc` with `options` (u32 attributes of its own, the kernel's defaults for the rest)
@@ -149,7 +228,7 @@ pub fn delete_root(ifindex: u32) -> io::Result<()> {
 pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
     request(&message_at(
         RTM_DELQDISC,
-        0,
+        NLM_F_ACK,
         ifindex as i32,
         "",
         TC_H_CLSACT,
@@ -212,5 +291,40 @@ mod tests {
         assert_eq!(u16::from_ne_bytes(fq[46..48].try_into().unwrap()), 0x8002);
         assert_eq!(u16::from_ne_bytes(fq[50..52].try_into().unwrap()), 2);
         assert_eq!(u32::from_ne_bytes(fq[52..56].try_into().unwrap()), 10_000);
+    }
+
+    #[test]
+    fn the_root_qdisc_of_loopback_holds_nothing() {
+        // Loopback's root qdisc (noqueue) answers with its statistics as any other does.
+        // Loopback is interface 1 in every network namespace (LOOPBACK_IFINDEX).
+        assert_eq!(root_queue_length(1).unwrap(), 0);
+        let missing = root_queue_length(0x7FFF_FFF0).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENODEV), "{missing}");
+    }
+
+    #[test]
+    fn the_queue_length_is_read_from_the_nested_statistics() {
+        let mut answer = message_at(RTM_NEWQDISC, 0, 3, "fq", TC_H_ROOT, 0);
+        // TCA_STATS2 holding TCA_STATS_BASIC (16 bytes) then TCA_STATS_QUEUE (qlen 42, ...).
+        let mut stats = Vec::new();
+        stats.extend_from_slice(&20u16.to_ne_bytes());
+        stats.extend_from_slice(&1u16.to_ne_bytes());
+        stats.extend_from_slice(&[0u8; 16]);
+        stats.extend_from_slice(&24u16.to_ne_bytes());
+        stats.extend_from_slice(&TCA_STATS_QUEUE.to_ne_bytes());
+        for value in [42u32, 1500, 0, 0, 0] {
+            stats.extend_from_slice(&value.to_ne_bytes());
+        }
+        answer.extend_from_slice(&((4 + stats.len()) as u16).to_ne_bytes());
+        answer.extend_from_slice(&(TCA_STATS2 | NLA_F_NESTED).to_ne_bytes());
+        answer.extend_from_slice(&stats);
+        let total = answer.len() as u32;
+        answer[0..4].copy_from_slice(&total.to_ne_bytes());
+        assert_eq!(queue_length_in(&answer).unwrap(), 42);
+        // Cut short inside the statistics: an error, not a number read from elsewhere.
+        let mut short = answer[..answer.len() - 8].to_vec();
+        let total = short.len() as u32;
+        short[0..4].copy_from_slice(&total.to_ne_bytes());
+        assert!(queue_length_in(&short).is_err());
     }
 }
