@@ -170,6 +170,20 @@ got=$(awk '/received/ { print $2 }' /tmp/count)
 ok=0; [ "$got" = 400 ] && ok=1
 result latency_held_packets_delivered $ok "${got} of 400 datagrams arrived"
 
+# The same for a zone: what its command sent leaves before `nbt zone remove` takes fq off (with
+# 3 s of delay, every datagram is still held when the command ends).
+$IP netns exec b nbt-testbin udp-count 192.0.2.2:5008 3 > /tmp/count &
+counter=$!
+sleep 1
+in_a nbt zone apply vmlatency --latency 3s > /dev/null 2>&1
+in_a nbt zone exec vmlatency -- nbt-testbin udp-paced 192.0.2.2:5008 400 400 > /dev/null 2>&1
+in_a nbt zone remove vmlatency > /dev/null 2>/tmp/zone.err; rcode=$?
+wait $counter
+got=$(awk '/received/ { print $2 }' /tmp/count)
+qdiscs=$($TC -n a qdisc show dev va)
+ok=0; [ "$got" = 400 ] && [ $rcode = 0 ] && ! echo "$qdiscs" | grep -qE "fq|clsact" && ok=1
+result zone_latency_held_packets_delivered $ok "${got} of 400 datagrams arrived, remove $rcode $(head -c 300 /tmp/zone.err), qdiscs: $qdiscs"
+
 # Loss on egress is a loss on the wire for TCP: the segments lost are retransmitted (a drop at
 # the cgroup hook alone would be handed back to TCP as not sent, and retransmit nothing). The
 # sender's namespace's counters over a 6 s upload at 10mbit with 5% loss: retransmitted

@@ -39,6 +39,15 @@ const FQ_LIMITS: [(u16, u32); 2] = [
     (netlink::TCA_FQ_PLIMIT, 100_000),
 ];
 
+/// The longest time any of `latencies` holds a packet: its latency plus its jitter.
+pub fn longest<'a>(latencies: impl IntoIterator<Item = &'a Latency>) -> Duration {
+    let nanos = latencies
+        .into_iter()
+        .map(|l| l.latency_ns.saturating_add(l.jitter_ns))
+        .max();
+    Duration::from_nanos(nanos.unwrap_or(0))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     pub latency_ns: u64,
@@ -138,6 +147,49 @@ impl Qdiscs {
 
     /// Takes them off again (the kernel's default root qdisc comes back); what failed.
     pub fn remove(&self) -> Vec<String> {
+        let mut errors = self.remove_filters();
+        errors.extend(self.remove_fq());
+        errors.extend(self.remove_clsact());
+        errors
+    }
+
+    /// As [`Qdiscs::remove`], but lets the packets fq holds leave first: taking fq off drops
+    /// them, and a datagram sent in a run's last `latency` is still held when the run ends. It
+    /// waits until every fq is empty, at most `longest` (the longest delay a packet was given)
+    /// and a margin for the timer; what is still held then is reported on stderr, and dropped.
+    /// Our clsact qdiscs stay until fq is gone: taking any clsact qdisc off resets every qdisc
+    /// of its interface (`qdisc_graft` deactivates the device), fq's held packets with it.
+    pub fn remove_when_sent(&self, longest: Duration) -> Vec<String> {
+        let mut errors = self.remove_filters();
+        let deadline = std::time::Instant::now() + longest + DRAIN_MARGIN;
+        let mut held: Vec<(&str, u32)> = Vec::new();
+        loop {
+            held.clear();
+            for (ifindex, name) in &self.fq {
+                // An error: gone with its interface, or unreadable; nothing to wait for.
+                if let Ok(packets @ 1..) = netlink::root_queue_length(*ifindex) {
+                    held.push((name, packets));
+                }
+            }
+            if held.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (name, packets) in held {
+            eprintln!(
+                "nbt: {packets} packets were still held by fq on {name} {} ms after the longest \
+                 delay; taking fq off drops them",
+                DRAIN_MARGIN.as_millis()
+            );
+        }
+        errors.extend(self.remove_fq());
+        errors.extend(self.remove_clsact());
+        errors
+    }
+
+    /// Takes our tc programs off others' clsact qdiscs.
+    fn remove_filters(&self) -> Vec<String> {
         let mut errors = Vec::new();
         for filter in &self.filters {
             let (attach_type, program) = filter.attach_type();
@@ -157,11 +209,22 @@ impl Qdiscs {
                 ));
             }
         }
+        errors
+    }
+
+    fn remove_fq(&self) -> Vec<String> {
+        let mut errors = Vec::new();
         for (ifindex, name) in &self.fq {
             if let Err(err) = netlink::delete_root(*ifindex) {
                 errors.push(format!("taking fq off {name}: {err}"));
             }
         }
+        errors
+    }
+
+    /// Takes our clsact qdiscs off, and our tc programs on them.
+    fn remove_clsact(&self) -> Vec<String> {
+        let mut errors = Vec::new();
         for (ifindex, name) in &self.clsact {
             if let Err(err) = netlink::delete_clsact(*ifindex) {
                 errors.push(format!("taking the clsact qdisc off {name}: {err}"));
@@ -180,42 +243,20 @@ pub struct LatencyGuard {
 }
 
 impl LatencyGuard {
-    /// Lets the packets fq holds for the run leave before fq is taken off, which would drop
-    /// them: a datagram sent in the run's last `latency` is still held when the run ends. The
-    /// programs come off first, so nothing new is delayed; then it waits until every fq is
-    /// empty, at most `longest` (the longest delay the run gave a packet) and a margin for the
-    /// timer. What is still held then is reported, and dropped with fq.
+    /// Takes the programs and qdiscs off, fq once it has sent what it holds
+    /// ([`Qdiscs::remove_when_sent`]); dropping the guard after does nothing more.
     pub fn drain(&mut self, longest: Duration) {
+        // First nothing new is delayed: the programs come off, our clsact qdiscs stay.
         for link in self.links.drain(..) {
             if let Err(err) = link.detach() {
                 eprintln!("nbt: taking a BPF program off an interface: {err}");
             }
         }
         self.qdiscs.filters.clear();
-        let deadline = std::time::Instant::now() + longest + DRAIN_MARGIN;
-        let mut held: Vec<(&str, u32)> = Vec::new();
-        loop {
-            held.clear();
-            for (ifindex, name) in &self.qdiscs.fq {
-                match netlink::root_queue_length(*ifindex) {
-                    Ok(0) => {}
-                    Ok(packets) => held.push((name, packets)),
-                    // Gone with its interface, or unreadable: nothing to wait for.
-                    Err(_) => {}
-                }
-            }
-            if held.is_empty() || std::time::Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        for err in self.qdiscs.remove_when_sent(longest) {
+            eprintln!("nbt: {err}");
         }
-        for (name, packets) in held {
-            eprintln!(
-                "nbt: {packets} packets were still held by fq on {name} {} ms after the run's \
-                 longest delay; taking fq off drops them",
-                DRAIN_MARGIN.as_millis()
-            );
-        }
+        self.qdiscs = Qdiscs::default();
     }
 
     /// Leaves the qdiscs and the filters on the interfaces, for a zone that outlives this

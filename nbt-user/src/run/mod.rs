@@ -1045,18 +1045,15 @@ fn take_down(
     Ok((hardware, restored))
 }
 
-/// The longest time a packet of the run may be held: latency plus jitter, at the start and at the
-/// end (`nbt set` and schedules change it), of the run and of each `--link`.
+/// The longest time a packet of the run may be held: at the start and at the end (`nbt set`
+/// and schedules change it), of the run and of each `--link`.
 fn longest_delay(plan: &Plan, ended: &Ended) -> Duration {
-    let nanos = plan
-        .latency
-        .iter()
-        .chain(ended.latency.iter())
-        .chain(plan.links.iter().filter_map(|l| l.latency.as_ref()))
-        .map(|l| l.latency_ns.saturating_add(l.jitter_ns))
-        .max()
-        .unwrap_or(0);
-    Duration::from_nanos(nanos)
+    edt::longest(
+        plan.latency
+            .iter()
+            .chain(ended.latency.iter())
+            .chain(plan.links.iter().filter_map(|l| l.latency.as_ref())),
+    )
 }
 
 /// The run's summary, without its receipt yet.

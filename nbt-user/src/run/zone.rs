@@ -174,7 +174,17 @@ pub fn remove(record: RunRecord) -> Result<RunSummary> {
         .unwrap_or_else(|| crate::sys::pin::run_dir(&record.name));
     crate::sys::pin::remove_run_dir(&pins)?;
     if let Some(qdiscs) = &record.qdiscs {
-        let errors = qdiscs.still_there().remove();
+        // What the zone's processes sent last leaves before fq goes (those moved back home
+        // keep sending, no longer delayed).
+        let longest = crate::enforce::edt::longest(
+            record.latency.iter().chain(
+                record
+                    .link_settings
+                    .iter()
+                    .filter_map(|l| l.latency.as_ref()),
+            ),
+        );
+        let errors = qdiscs.still_there().remove_when_sent(longest);
         if !errors.is_empty() {
             bail!("{}", errors.join("; "));
         }
