@@ -11,11 +11,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, MapData};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions};
-use aya::programs::{tc, Link as _, SchedClassifier, TcAttachType};
+use aya::programs::{Link as _, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use nbt_common::edt::{EdtConfig, EdtRun, EDT_CONFIG_MAP, EDT_RUN_MAP};
 use serde::{Deserialize, Serialize};
 
+use crate::enforce::clsact;
 use crate::enforce::shaper::probability;
 use crate::error::PlanError;
 use crate::sys::{loader, netlink};
@@ -95,9 +96,14 @@ impl Latency {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Qdiscs {
     pub fq: Vec<(u32, String)>,
+    /// nbt's clsact qdiscs the run used (added, or found added by another run; `clsact.rs`).
     pub clsact: Vec<(u32, String)>,
     #[serde(default)]
     pub filters: Vec<Filter>,
+    /// `filters` holds every filter of the run. Records of older runs list only those on
+    /// others' clsact qdiscs, and their own clsact qdiscs come off whatever is left on them.
+    #[serde(default)]
+    pub every_filter: bool,
 }
 
 /// A tc filter of `delay_egress` on an interface's egress (or of `impair_ingress` on its
@@ -124,7 +130,8 @@ impl Filter {
 
 impl Qdiscs {
     /// Those whose interface still has the same index and name: an interface removed since
-    /// took its qdiscs with it, and its index may now be another's.
+    /// took its qdiscs with it, and its index may now be another's (the marks of its clsact
+    /// qdiscs are forgotten).
     pub fn still_there(&self) -> Qdiscs {
         let current = netlink::interfaces();
         let keep = |list: &Vec<(u32, String)>| -> Vec<(u32, String)> {
@@ -133,7 +140,13 @@ impl Qdiscs {
                 .cloned()
                 .collect()
         };
+        for (ifindex, name) in &self.clsact {
+            if !current.contains(&(*ifindex, name.clone())) {
+                clsact::forget(*ifindex);
+            }
+        }
         Qdiscs {
+            every_filter: self.every_filter,
             fq: keep(&self.fq),
             clsact: keep(&self.clsact),
             filters: self
@@ -188,8 +201,12 @@ impl Qdiscs {
         errors
     }
 
-    /// Takes our tc programs off others' clsact qdiscs.
+    /// Takes the run's tc programs off.
     fn remove_filters(&self) -> Vec<String> {
+        let _lock = match clsact::lock() {
+            Ok(lock) => lock,
+            Err(err) => return vec![format!("{err:#}")],
+        };
         let mut errors = Vec::new();
         for filter in &self.filters {
             let (attach_type, program) = filter.attach_type();
@@ -222,11 +239,19 @@ impl Qdiscs {
         errors
     }
 
-    /// Takes our clsact qdiscs off, and our tc programs on them.
+    /// Takes nbt's clsact qdiscs off where no other run has programs on them.
     fn remove_clsact(&self) -> Vec<String> {
+        let _lock = match clsact::lock() {
+            Ok(lock) => lock,
+            Err(err) => return vec![format!("{err:#}")],
+        };
         let mut errors = Vec::new();
         for (ifindex, name) in &self.clsact {
-            if let Err(err) = netlink::delete_clsact(*ifindex) {
+            let removed = match self.every_filter {
+                true => clsact::remove_if_unused(*ifindex, name),
+                false => clsact::remove(*ifindex),
+            };
+            if let Err(err) = removed {
                 errors.push(format!("taking the clsact qdisc off {name}: {err}"));
             }
         }
@@ -365,11 +390,11 @@ pub fn attach(
     // included: a held packet leaves as a copy and its original is taken (`TC_ACT_STOLEN`,
     // nbt-ebpf/src/edt.rs), which tcx does not know (it passes such a packet on, as if the
     // program had not decided).
+    let _lock = clsact::lock()?;
+    guard.qdiscs.every_filter = true;
     for (ifindex, name) in &interfaces {
-        match tc::qdisc_add_clsact(name) {
-            Ok(()) => guard.qdiscs.clsact.push((*ifindex, name.clone())),
-            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(err) => return Err(anyhow!("adding the clsact qdisc to {name}: {err}")),
+        if clsact::add(*ifindex, name)? {
+            guard.qdiscs.clsact.push((*ifindex, name.clone()));
         }
     }
     attach_everywhere(
@@ -418,15 +443,13 @@ fn attach_everywhere(
             )
             .with_context(|| format!("attaching BPF program {name} to {interface}"))?;
         let link = program.take_link(link)?;
-        if !guard.qdiscs.clsact.contains(&(*ifindex, interface.clone())) {
-            guard.qdiscs.filters.push(Filter {
-                ifindex: *ifindex,
-                interface: interface.clone(),
-                priority: link.priority()?,
-                handle: link.handle()?.into(),
-                ingress: attach_type == TcAttachType::Ingress,
-            });
-        }
+        guard.qdiscs.filters.push(Filter {
+            ifindex: *ifindex,
+            interface: interface.clone(),
+            priority: link.priority()?,
+            handle: link.handle()?.into(),
+            ingress: attach_type == TcAttachType::Ingress,
+        });
         guard.links.push(link);
     }
     Ok(())

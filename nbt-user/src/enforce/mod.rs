@@ -2,6 +2,7 @@
 
 pub(crate) mod account;
 pub mod cgroup;
+pub(crate) mod clsact;
 pub(crate) mod edt;
 pub(crate) mod gate;
 pub(crate) mod hwcaps;

@@ -8,6 +8,10 @@ use std::io;
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
 const RTM_GETQDISC: u16 = 38;
+const RTM_NEWTFILTER: u16 = 44;
+const RTM_GETTFILTER: u16 = 46;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 /// Asks for the answer to come back to the asker: before Linux 6.9 a qdisc's answer to
@@ -31,6 +35,9 @@ pub const TCA_FQ_FLOW_PLIMIT: u16 = 2;
 /// The clsact qdisc's parent and handle (TC_H_CLSACT, TC_H_MAKE(TC_H_CLSACT, 0)).
 const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
 const CLSACT_HANDLE: u32 = 0xFFFF_0000;
+/// The clsact qdisc's two hooks, as a filter's parent (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_*)).
+const CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
+const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
 
 /// `nlmsghdr` + `tcmsg` + one `TCA_KIND` attribute, as the kernel reads them (host byte order).
 fn message(kind_of_request: u16, flags: u16, ifindex: i32, qdisc: &str) -> Vec<u8> {
@@ -234,6 +241,67 @@ pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
         TC_H_CLSACT,
         CLSACT_HANDLE,
     ))
+}
+
+/// Whether any tc filter (nbt's or anyone's) hangs off the clsact qdisc of `ifindex`, on its
+/// ingress or its egress.
+pub fn clsact_has_filters(ifindex: u32) -> io::Result<bool> {
+    for hook in [CLSACT_INGRESS, CLSACT_EGRESS] {
+        let msg = message_at(RTM_GETTFILTER, NLM_F_DUMP, ifindex as i32, "", hook, 0);
+        if dump(&msg)?.contains(&RTM_NEWTFILTER) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Sends a dump request and returns the kinds of the messages that answer it, up to the end.
+fn dump(msg: &[u8]) -> io::Result<Vec<u16>> {
+    // SAFETY: a netlink socket of our own, written and read with buffers that outlive the calls.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut kinds = Vec::new();
+        let mut result = Ok(());
+        if libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) < 0 {
+            result = Err(io::Error::last_os_error());
+        }
+        let mut answer = vec![0u8; 32768];
+        'reading: while result.is_ok() {
+            let n = libc::recv(fd, answer.as_mut_ptr().cast(), answer.len(), 0);
+            if n < 0 {
+                result = Err(io::Error::last_os_error());
+                break;
+            }
+            let mut at = 0;
+            while at + 16 <= n as usize {
+                let len = u32_at(&answer, at).unwrap_or(0) as usize;
+                let kind = u16_at(&answer, at + 4).unwrap_or(NLMSG_DONE);
+                if kind == NLMSG_DONE {
+                    break 'reading;
+                }
+                if kind == NLMSG_ERROR {
+                    if let Some(Err(err)) = error_in(&answer[at..n as usize]) {
+                        result = Err(err);
+                    }
+                    break 'reading;
+                }
+                kinds.push(kind);
+                if len < 16 {
+                    break 'reading;
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        libc::close(fd);
+        result.map(|()| kinds)
+    }
 }
 
 /// The interfaces of the calling thread's network namespace, but loopback, by (index, name).

@@ -1,0 +1,92 @@
+//! The clsact qdisc that nbt's tc programs hang off, shared among runs: two runs in one network
+//! namespace attach their programs to the same clsact qdisc of an interface, and the first to
+//! end must not take it off under the other (its filters go with it, and with them the other
+//! run's egress loss and ingress impairments). So a clsact qdisc nbt added is marked as nbt's
+//! (a file under the state directory, which is on tmpfs, as qdiscs are), and whichever of nbt's
+//! runs ends last takes it off: when no filter is left on it. One lock orders the adding and
+//! the taking off, so that no run takes a clsact qdisc off between another's finding it and
+//! attaching to it. A clsact qdisc nbt did not add is never taken off.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::programs::tc;
+
+use crate::sys::netlink;
+
+/// Held while a run adds or takes off its tc programs and clsact qdiscs.
+pub struct Lock(#[allow(dead_code)] File);
+
+pub fn lock() -> Result<Lock> {
+    let dir = marks_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
+    Ok(Lock(crate::sys::private::lock(&dir.join("clsact.lock"))?))
+}
+
+fn marks_dir() -> PathBuf {
+    crate::state::state_dir().join("tc")
+}
+
+/// The mark of a clsact qdisc of nbt's on interface `ifindex` of this network namespace.
+fn mark(ifindex: u32) -> io::Result<PathBuf> {
+    let netns = std::fs::metadata("/proc/self/ns/net")?.ino();
+    Ok(marks_dir().join(format!("clsact-{netns}-{ifindex}")))
+}
+
+/// Whether interface `ifindex`, named `name`, has a clsact qdisc that nbt added.
+fn marked(ifindex: u32, name: &str) -> bool {
+    mark(ifindex)
+        .and_then(std::fs::read_to_string)
+        .is_ok_and(|marked| marked == name)
+}
+
+/// Adds a clsact qdisc to the interface, or finds one there. True when it is nbt's (added now,
+/// or by another run still using it): then the run's end takes it off if nothing else is left
+/// on it. Call with the [`Lock`] held.
+pub fn add(ifindex: u32, name: &str) -> Result<bool> {
+    match tc::qdisc_add_clsact(name) {
+        Ok(()) => {
+            let mark = mark(ifindex)?;
+            std::fs::write(&mark, name).with_context(|| format!("writing {}", mark.display()))?;
+            Ok(true)
+        }
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+            Ok(marked(ifindex, name))
+        }
+        Err(err) => Err(anyhow!("adding the clsact qdisc to {name}: {err}")),
+    }
+}
+
+/// Takes nbt's clsact qdisc off the interface when no filter is left on it (the run's own taken
+/// off before); leaves it to the run that still has one there. Call with the [`Lock`] held.
+pub fn remove_if_unused(ifindex: u32, name: &str) -> io::Result<()> {
+    if !marked(ifindex, name) {
+        // Taken off by another run of nbt's, which found it unused first.
+        return Ok(());
+    }
+    if netlink::clsact_has_filters(ifindex)? {
+        return Ok(());
+    }
+    remove(ifindex)
+}
+
+/// Takes the clsact qdisc off the interface, and its mark.
+pub fn remove(ifindex: u32) -> io::Result<()> {
+    match netlink::delete_clsact(ifindex) {
+        // Gone already (with its interface, or taken off by someone).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
+        other => other?,
+    }
+    forget(ifindex);
+    Ok(())
+}
+
+/// Removes the mark of interface `ifindex`'s clsact qdisc: gone with its interface.
+pub fn forget(ifindex: u32) {
+    if let Ok(mark) = mark(ifindex) {
+        let _ = std::fs::remove_file(mark);
+    }
+}
