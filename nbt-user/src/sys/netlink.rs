@@ -4,6 +4,7 @@
 //! shaping) is refused, never replaced.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
@@ -104,38 +105,58 @@ fn message_at(
     out
 }
 
-/// Sends one request on a netlink socket of its own and returns the kernel's first answer.
-fn exchange(msg: &[u8]) -> io::Result<Vec<u8>> {
-    // SAFETY: a netlink socket of our own, written and read with buffers that outlive the calls.
-    unsafe {
-        let fd = libc::socket(
+/// Opens a netlink route socket of our own (closed when dropped) and sends `msg` on it.
+fn send_request(msg: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) returns a new descriptor, owned from here on.
+    let fd = unsafe {
+        libc::socket(
             libc::AF_NETLINK,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
             libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let result = if libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            let mut answer = vec![0u8; 16384];
-            let n = libc::recv(fd, answer.as_mut_ptr().cast(), answer.len(), 0);
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else if n < 20 {
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "short netlink answer",
-                ))
-            } else {
-                answer.truncate(n as usize);
-                Ok(answer)
-            }
-        };
-        libc::close(fd);
-        result
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` is open and no one else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `msg` outlives the call.
+    if unsafe { libc::send(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// One read of the kernel's answers into `buffer`: how many bytes came.
+fn receive(socket: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buffer` outlives the call and is as long as we say.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            0,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Sends one request and returns the kernel's first answer.
+fn exchange(msg: &[u8]) -> io::Result<Vec<u8>> {
+    let socket = send_request(msg)?;
+    let mut answer = vec![0u8; 16384];
+    let n = receive(&socket, &mut answer)?;
+    if n < 20 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short netlink answer",
+        ));
+    }
+    answer.truncate(n);
+    Ok(answer)
 }
 
 fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
@@ -257,50 +278,30 @@ pub fn clsact_has_filters(ifindex: u32) -> io::Result<bool> {
 
 /// Sends a dump request and returns the kinds of the messages that answer it, up to the end.
 fn dump(msg: &[u8]) -> io::Result<Vec<u16>> {
-    // SAFETY: a netlink socket of our own, written and read with buffers that outlive the calls.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut kinds = Vec::new();
-        let mut result = Ok(());
-        if libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) < 0 {
-            result = Err(io::Error::last_os_error());
-        }
-        let mut answer = vec![0u8; 32768];
-        'reading: while result.is_ok() {
-            let n = libc::recv(fd, answer.as_mut_ptr().cast(), answer.len(), 0);
-            if n < 0 {
-                result = Err(io::Error::last_os_error());
-                break;
+    let socket = send_request(msg)?;
+    let mut kinds = Vec::new();
+    let mut answer = vec![0u8; 32768];
+    loop {
+        let n = receive(&socket, &mut answer)?;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32_at(&answer, at).unwrap_or(0) as usize;
+            match u16_at(&answer, at + 4).unwrap_or(NLMSG_DONE) {
+                NLMSG_DONE => return Ok(kinds),
+                NLMSG_ERROR => {
+                    error_in(&answer[at..n]).unwrap_or(Ok(()))?;
+                    return Ok(kinds);
+                }
+                kind => kinds.push(kind),
             }
-            let mut at = 0;
-            while at + 16 <= n as usize {
-                let len = u32_at(&answer, at).unwrap_or(0) as usize;
-                let kind = u16_at(&answer, at + 4).unwrap_or(NLMSG_DONE);
-                if kind == NLMSG_DONE {
-                    break 'reading;
-                }
-                if kind == NLMSG_ERROR {
-                    if let Some(Err(err)) = error_in(&answer[at..n as usize]) {
-                        result = Err(err);
-                    }
-                    break 'reading;
-                }
-                kinds.push(kind);
-                if len < 16 {
-                    break 'reading;
-                }
-                at += (len + 3) & !3;
+            if len < 16 {
+                return Ok(kinds);
             }
+            at += (len + 3) & !3;
         }
-        libc::close(fd);
-        result.map(|()| kinds)
+        if n == 0 {
+            return Ok(kinds);
+        }
     }
 }
 
