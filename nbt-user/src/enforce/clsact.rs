@@ -2,10 +2,9 @@
 //! namespace attach their programs to the same clsact qdisc of an interface, and the first to
 //! end must not take it off under the other (its filters go with it, and with them the other
 //! run's egress loss and ingress impairments). So a clsact qdisc nbt added is marked as nbt's
-//! (a file under the state directory, which is on tmpfs, as qdiscs are), and whichever of nbt's
-//! runs ends last takes it off: when no filter is left on it. One lock orders the adding and
-//! the taking off, so that no run takes a clsact qdisc off between another's finding it and
-//! attaching to it. A clsact qdisc nbt did not add is never taken off.
+//! (a file under /run/nbt-tc), and whichever of nbt's runs ends last takes it off: when no
+//! filter is left on it. One lock orders the adding and the taking off, so that no run takes a
+//! clsact qdisc off between another's finding it and attaching to it. A clsact qdisc nbt did not add is never taken off.
 
 use std::fs::File;
 use std::io;
@@ -26,8 +25,11 @@ pub fn lock() -> Result<Lock> {
     Ok(Lock(crate::sys::private::lock(&dir.join("clsact.lock"))?))
 }
 
+/// The marks and their lock: on tmpfs, as qdiscs are gone after a reboot, and one place for the
+/// whole machine (not under the state directory, which `NBT_STATE_DIR` moves), as the
+/// interfaces are the machine's.
 fn marks_dir() -> PathBuf {
-    crate::state::state_dir().join("tc")
+    PathBuf::from("/run/nbt-tc")
 }
 
 /// The mark of a clsact qdisc of nbt's on interface `ifindex` of this network namespace.
