@@ -82,13 +82,18 @@ pub fn remove(ifindex: u32) -> io::Result<()> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
         other => other?,
     }
-    forget(ifindex);
+    if let Ok(mark) = mark(ifindex) {
+        let _ = std::fs::remove_file(mark);
+    }
     Ok(())
 }
 
-/// Removes the mark of interface `ifindex`'s clsact qdisc: gone with its interface.
-pub fn forget(ifindex: u32) {
-    if let Ok(mark) = mark(ifindex) {
-        let _ = std::fs::remove_file(mark);
+/// Removes the mark of the clsact qdisc of interface `ifindex`, named `name`: gone with its
+/// interface (a mark of another name is another interface's, which took the index since).
+pub fn forget(ifindex: u32, name: &str) {
+    if marked(ifindex, name) {
+        if let Ok(mark) = mark(ifindex) {
+            let _ = std::fs::remove_file(mark);
+        }
     }
 }

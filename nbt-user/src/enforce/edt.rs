@@ -142,7 +142,7 @@ impl Qdiscs {
         };
         for (ifindex, name) in &self.clsact {
             if !current.contains(&(*ifindex, name.clone())) {
-                clsact::forget(*ifindex);
+                clsact::forget(*ifindex, name);
             }
         }
         Qdiscs {
