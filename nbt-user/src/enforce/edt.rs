@@ -27,7 +27,7 @@ use crate::sys::{loader, netlink};
 /// multiplies a u32 by 2 x jitter + 1 < 2^35, split so that no product passes 2^64).
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
 
-/// How long past the run's longest delay [`LatencyGuard::drain`] waits for fq to empty: fq's
+/// How long past the run's longest delay [`LatencyGuard::drain`] waits before fq comes off: fq's
 /// watchdog timer fires late on a busy or emulated machine.
 const DRAIN_MARGIN: Duration = Duration::from_millis(200);
 

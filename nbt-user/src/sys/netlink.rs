@@ -8,7 +8,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
-const RTM_GETQDISC: u16 = 38;
 const RTM_NEWTFILTER: u16 = 44;
 const RTM_GETTFILTER: u16 = 46;
 const NLM_F_DUMP: u16 = 0x300;
@@ -21,11 +20,7 @@ const NLMSG_ERROR: u16 = 2;
 const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
-/// A qdisc's statistics (nested), and within them `struct gnet_stats_queue` (its qlen first).
-const TCA_STATS2: u16 = 7;
-const TCA_STATS_QUEUE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3FFF;
 /// fq's options: its limit in packets in all, and per flow.
 pub const TCA_FQ_PLIMIT: u16 = 1;
 pub const TCA_FQ_FLOW_PLIMIT: u16 = 2;
@@ -186,53 +181,6 @@ fn request(msg: &[u8]) -> io::Result<()> {
     })
 }
 
-/// The payload of the first attribute of `kind` among the netlink attributes in `bytes`.
-fn attribute(bytes: &[u8], kind: u16) -> Option<&[u8]> {
-    let mut at = 0;
-    while at + 4 <= bytes.len() {
-        let len = u16_at(bytes, at)? as usize;
-        if len < 4 || at + len > bytes.len() {
-            return None;
-        }
-        if u16_at(bytes, at + 2)? & NLA_TYPE_MASK == kind {
-            return Some(&bytes[at + 4..at + len]);
-        }
-        at += (len + 3) & !3;
-    }
-    None
-}
-
-/// How many packets the root qdisc of `ifindex` holds now (its `qlen`).
-pub fn root_queue_length(ifindex: u32) -> io::Result<u32> {
-    // A dump, as `tc qdisc show` asks: on Debian's 5.10 a single get with NLM_F_ECHO locked a
-    // CPU up in the kernel's netlink_unicast (a soft lockup of 22 s in a VM test).
-    let request = message_at(RTM_GETQDISC, NLM_F_DUMP, ifindex as i32, "", 0, 0);
-    for answer in dump(&request)? {
-        let (index, parent) = (u32_at(&answer, 20), u32_at(&answer, 28));
-        if u16_at(&answer, 4) == Some(RTM_NEWQDISC)
-            && index == Some(ifindex)
-            && parent == Some(TC_H_ROOT)
-        {
-            return queue_length_in(&answer);
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::ENODEV))
-}
-
-/// The `qlen` in a `RTM_NEWQDISC` answer: after the netlink header (16 bytes) and the tcmsg
-/// (20), in `TCA_STATS2` / `TCA_STATS_QUEUE`.
-fn queue_length_in(answer: &[u8]) -> io::Result<u32> {
-    if let Some(result) = error_in(answer) {
-        result?;
-    }
-    let malformed = || io::Error::new(io::ErrorKind::InvalidData, "no qlen in the qdisc's answer");
-    let len = (u32_at(answer, 0).ok_or_else(malformed)? as usize).min(answer.len());
-    let attributes = answer.get(36..len).ok_or_else(malformed)?;
-    let stats = attribute(attributes, TCA_STATS2).ok_or_else(malformed)?;
-    let queue = attribute(stats, TCA_STATS_QUEUE).ok_or_else(malformed)?;
-    u32_at(queue, 0).ok_or_else(malformed)
-}
-
 /// Puts `qdisc` with `options` (u32 attributes of its own, the kernel's defaults for the rest)
 /// at the root of interface `ifindex`, refusing to replace a root qdisc someone configured
 /// (EEXIST).
@@ -364,40 +312,5 @@ mod tests {
         assert_eq!(u16::from_ne_bytes(fq[46..48].try_into().unwrap()), 0x8002);
         assert_eq!(u16::from_ne_bytes(fq[50..52].try_into().unwrap()), 2);
         assert_eq!(u32::from_ne_bytes(fq[52..56].try_into().unwrap()), 10_000);
-    }
-
-    #[test]
-    fn the_root_qdisc_of_loopback_holds_nothing() {
-        // Loopback's root qdisc (noqueue) answers with its statistics as any other does.
-        // Loopback is interface 1 in every network namespace (LOOPBACK_IFINDEX).
-        assert_eq!(root_queue_length(1).unwrap(), 0);
-        let missing = root_queue_length(0x7FFF_FFF0).unwrap_err();
-        assert_eq!(missing.raw_os_error(), Some(libc::ENODEV), "{missing}");
-    }
-
-    #[test]
-    fn the_queue_length_is_read_from_the_nested_statistics() {
-        let mut answer = message_at(RTM_NEWQDISC, 0, 3, "fq", TC_H_ROOT, 0);
-        // TCA_STATS2 holding TCA_STATS_BASIC (16 bytes) then TCA_STATS_QUEUE (qlen 42, ...).
-        let mut stats = Vec::new();
-        stats.extend_from_slice(&20u16.to_ne_bytes());
-        stats.extend_from_slice(&1u16.to_ne_bytes());
-        stats.extend_from_slice(&[0u8; 16]);
-        stats.extend_from_slice(&24u16.to_ne_bytes());
-        stats.extend_from_slice(&TCA_STATS_QUEUE.to_ne_bytes());
-        for value in [42u32, 1500, 0, 0, 0] {
-            stats.extend_from_slice(&value.to_ne_bytes());
-        }
-        answer.extend_from_slice(&((4 + stats.len()) as u16).to_ne_bytes());
-        answer.extend_from_slice(&(TCA_STATS2 | NLA_F_NESTED).to_ne_bytes());
-        answer.extend_from_slice(&stats);
-        let total = answer.len() as u32;
-        answer[0..4].copy_from_slice(&total.to_ne_bytes());
-        assert_eq!(queue_length_in(&answer).unwrap(), 42);
-        // Cut short inside the statistics: an error, not a number read from elsewhere.
-        let mut short = answer[..answer.len() - 8].to_vec();
-        let total = short.len() as u32;
-        short[0..4].copy_from_slice(&total.to_ne_bytes());
-        assert!(queue_length_in(&short).is_err());
     }
 }
