@@ -112,13 +112,17 @@ result orphan_cleanup $ok "fq, orphans before cleanup: $held; after: $after; $(h
 
 # The gate on this kernel: requests over one connection are charged one call each; the one the
 # balance cannot pay is dropped and its connection torn down (sock_diag: ECONNABORTED at once),
-# and the server, in the other namespace, serves exactly the three paid.
-$IP netns exec b nbt-testbin reply-server 192.0.2.2:5003 4 > /tmp/served &
-sleep 1
+# and the server, in the other namespace, serves exactly the three paid. The server counts each
+# request as it serves it; it is stopped once the run is over (a run's start can take seconds
+# under emulation on a busy host, so no fixed lifetime).
+$IP netns exec b nbt-testbin reply-server 192.0.2.2:5003 120 > /tmp/served &
+server=$!
+for i in $(seq 100); do grep -q listening /tmp/served && break; sleep 0.1; done
 teardown=$(nbt probe 2>/dev/null | grep 'gate teardown' | head -c 120)
 out=$(in_a nbt run --balance 0.003 --price-call 0.001 --gate 192.0.2.2:5003 -- nbt-testbin requests 192.0.2.2:5003 5 2>/dev/null)
-wait
-served=$(awk '/served/ { print $2 }' /tmp/served)
+sleep 0.5
+kill $server 2>/dev/null; wait
+served=$(awk '/served/ { n = $2 } END { print n + 0 }' /tmp/served)
 refused=$(echo "$out" | grep '^request 3 ')
 ok=0; [ "$(echo "$out" | grep -c ' ok$')" = 3 ] && [ "$served" = 3 ] && echo "$refused" | grep -q ECONNABORTED && ok=1
 result gate_per_request $ok "served $served; $refused; probe: $teardown"

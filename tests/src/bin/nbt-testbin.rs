@@ -375,14 +375,16 @@ fn requests(addr: &str, count: u64) {
     }
 }
 
-/// `reply-server ADDR SECONDS`: answers each line of each connection with one line, and at the
-/// end prints "served N", the request lines it received.
+/// `reply-server ADDR SECONDS`: prints "listening" once bound, answers each line of each
+/// connection with one line, and prints "served N", the request lines received so far, after
+/// each (a caller may stop it as soon as its client is done) and at the end.
 fn reply_server(addr: &str, duration: Duration) {
     use std::io::BufRead;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     let listener = std::net::TcpListener::bind(addr).unwrap();
     listener.set_nonblocking(true).unwrap();
+    println!("listening");
     let served = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + duration;
     while Instant::now() < end {
@@ -394,7 +396,7 @@ fn reply_server(addr: &str, duration: Duration) {
                     let mut writer = stream.try_clone().unwrap();
                     for line in std::io::BufReader::new(stream).lines() {
                         let Ok(line) = line else { break };
-                        served.fetch_add(1, Ordering::Relaxed);
+                        println!("served {}", served.fetch_add(1, Ordering::Relaxed) + 1);
                         if writer
                             .write_all(format!("reply to {line}\n").as_bytes())
                             .is_err()
