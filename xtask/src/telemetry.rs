@@ -132,7 +132,8 @@ fn pingpong(testbin: &Path, pinned: bool) -> Result<f64> {
         .with_context(|| format!("pingpong printed: {text}"))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The median (the upper one of an even count); `values` must not be empty.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

@@ -194,8 +194,9 @@ fn initramfs(
 /// How long a test VM may run (its 37 tests took about 4 minutes on 5.10).
 const TEST_LIMIT_S: u64 = 600;
 /// How long a bench VM may run (9 minutes on 6.12 before its loss figure took 10,000 datagrams
-/// instead of 1,000, about 1.5 minutes more).
-const BENCH_LIMIT_S: u64 = 900;
+/// instead of 1,000, about 1.5 minutes more, and before four more rounds of the bulk send for the
+/// steady CPU, about 4.5 minutes more).
+const BENCH_LIMIT_S: u64 = 1260;
 
 /// Boots `kernel` and returns its console output, written to `console` as it comes (`tail -f`
 /// it to watch a VM); `share`, where given, is seen in the VM as the 9p file system tagged
@@ -533,11 +534,72 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
                 cost.get("seed_setup_s")
             ));
         }
+        let first_round = match (seed, rows.iter().find(|r| r.method == "nbt")) {
+            (Some(seed), Some(nbt)) => Some((
+                seed.get("steady_cpu_s_per_mib").parse().unwrap_or(f64::NAN),
+                nbt.get("steady_cpu_s_per_mib").parse().unwrap_or(f64::NAN),
+            )),
+            _ => None,
+        };
         println!("{name}:\n{table}");
+        println!("{}", steady_table(&console, first_round));
         println!("{}", impairment_table(&console));
         println!("{}", upload_table(&console));
     }
     Ok(())
+}
+
+/// The steady CPU per MiB of the seed and of nbt's full profile, round by round: round 1 from
+/// the main table (`first`: the seed's, nbt's), the others from the `NBT-VM-STEADY <round>
+/// <method> <s per MiB> <goodput ratio>` lines; then the median of the rounds' ratios.
+fn steady_table(console: &str, first: Option<(f64, f64)>) -> String {
+    let mut rounds: Vec<(String, f64, f64)> = Vec::new();
+    if let Some((seed, nbt)) = first {
+        rounds.push(("1".into(), seed, nbt));
+    }
+    let lines: Vec<Vec<&str>> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("NBT-VM-STEADY "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let of = |round: &str, method: &str| -> f64 {
+        lines
+            .iter()
+            .find(|w| w.first() == Some(&round) && w.get(1) == Some(&method))
+            .and_then(|w| w.get(2)?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let mut seen = Vec::new();
+    for round in lines.iter().filter_map(|w| w.first().copied()) {
+        if !seen.contains(&round) {
+            seen.push(round);
+            rounds.push((round.into(), of(round, "tc-htb-netem"), of(round, "nbt")));
+        }
+    }
+    let mut table = String::from(
+        "| round | seed: steady CPU per MiB | nbt: steady CPU per MiB | nbt / seed |\n|---|---|---|---|\n",
+    );
+    let mut ratios = Vec::new();
+    for (round, seed, nbt) in &rounds {
+        let ratio = nbt / seed;
+        if ratio.is_finite() {
+            ratios.push(ratio);
+        }
+        table.push_str(&format!(
+            "| {round} | {seed:.3} s | {nbt:.3} s | {ratio:.2} x |\n"
+        ));
+    }
+    if !ratios.is_empty() {
+        let (low, high) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
+        table.push_str(&format!(
+            "\nMedian of {} rounds: {:.2} x (from {low:.2} to {high:.2} x)\n",
+            ratios.len(),
+            crate::telemetry::median(ratios.clone())
+        ));
+    }
+    table
 }
 
 /// The `NBT-VM-IMPAIR <impairment> <method> <received> <overtaking>` lines as a table, netem
