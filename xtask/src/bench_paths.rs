@@ -14,9 +14,13 @@
 //!   is outside the run, in b, or on loopback in a);
 //! - rates: 512kbit, 10mbit, 100mbit, 1gbit.
 //!
-//! htb runs on egress only: `tc qdisc add dev DEV root handle 1: htb default 1` and one class
-//! `1:1 htb rate R` on the sending interface (the veth in a, or `lo` of namespace a), with the
-//! same sender outside any run. On ingress htb would need an ifb device: the table says "-".
+//! htb runs beside nbt in both directions, with the same sender and receiver outside any run:
+//! `tc qdisc add dev DEV root handle 1: htb default 1` and one class `1:1 htb rate R`. On egress
+//! DEV is the sending interface (the veth in a, or `lo` of namespace a). On ingress it is an ifb
+//! device of the bench's own in namespace a, and the receiving interface's `ingress` qdisc
+//! redirects everything that arrives to it (`u32 match u32 0 0 action mirred egress redirect`),
+//! as `tc` users shape what arrives; the ifb hands each packet back to the receiving interface
+//! once htb lets it go. htb then queues what arrives where nbt, at ingress, can only drop.
 //!
 //! How "achieved / limit" is measured. The receiver (nbt-testbin `tcp-sink` or `udp-sink`)
 //! records every read and reports the payload rate over the steady window, from 2 s after the
@@ -412,12 +416,7 @@ impl<'a> Htb<'a> {
             netns,
             dev: dev.to_string(),
         };
-        netns.tc(&[
-            "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1",
-        ])?;
-        netns.tc(&[
-            "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
-        ])?;
+        add_htb_root(netns, dev, rate)?;
         Ok(htb)
     }
 
@@ -425,6 +424,15 @@ impl<'a> Htb<'a> {
     fn counters(&self) -> Result<(u64, u64, u64)> {
         htb_counters(&self.netns.a, &self.dev)
     }
+}
+
+/// htb on the root of `dev` in namespace a: one class, 1:1, at `rate`, that takes everything.
+fn add_htb_root(netns: &Netns, dev: &str, rate: &str) -> Result<()> {
+    let tc = |command: String| netns.tc(&command.split_whitespace().collect::<Vec<_>>());
+    tc(format!("qdisc add dev {dev} root handle 1: htb default 1"))?;
+    tc(format!(
+        "class add dev {dev} parent 1: classid 1:1 htb rate {rate}"
+    ))
 }
 
 /// Class 1:1's (bytes, packets, dropped) on `dev` of namespace `ns`, from `tc -s class show`.
@@ -457,6 +465,51 @@ fn htb_counters(ns: &str, dev: &str) -> Result<(u64, u64, u64)> {
 impl Drop for Htb<'_> {
     fn drop(&mut self) {
         let _ = self.netns.tc(&["qdisc", "del", "dev", &self.dev, "root"]);
+    }
+}
+
+/// htb on what arrives at a device of namespace a: an ifb device of the bench's own with htb on
+/// its root, and the device's `ingress` qdisc redirecting every packet to it. All removed on drop.
+struct IngressHtb<'a> {
+    netns: &'a Netns,
+    dev: String,
+    ifb: String,
+}
+
+impl<'a> IngressHtb<'a> {
+    fn add(netns: &'a Netns, dev: &str, rate: &str) -> Result<IngressHtb<'a>> {
+        let ifb = format!("nbtifb{}", std::process::id() % 100_000);
+        crate::bench::ip(&["-n", &netns.a, "link", "add", &ifb, "type", "ifb"])?;
+        // From here on, drop removes what was added, also when a step below fails.
+        let shaper = IngressHtb {
+            netns,
+            dev: dev.to_string(),
+            ifb,
+        };
+        crate::bench::ip(&["-n", &netns.a, "link", "set", &shaper.ifb, "up"])?;
+        add_htb_root(netns, &shaper.ifb, rate)?;
+        let tc = |command: String| netns.tc(&command.split_whitespace().collect::<Vec<_>>());
+        tc(format!("qdisc add dev {dev} handle ffff: ingress"))?;
+        tc(format!(
+            "filter add dev {dev} parent ffff: protocol all u32 match u32 0 0 \
+             action mirred egress redirect dev {}",
+            shaper.ifb
+        ))?;
+        Ok(shaper)
+    }
+
+    /// The class's (bytes, packets, dropped).
+    fn counters(&self) -> Result<(u64, u64, u64)> {
+        htb_counters(&self.netns.a, &self.ifb)
+    }
+}
+
+impl Drop for IngressHtb<'_> {
+    fn drop(&mut self) {
+        let _ = self.netns.tc(&[
+            "qdisc", "del", "dev", &self.dev, "handle", "ffff:", "ingress",
+        ]);
+        let _ = crate::bench::ip(&["-n", &self.netns.a, "link", "del", &self.ifb]);
     }
 }
 
@@ -798,7 +851,7 @@ impl Bench {
     fn run(&mut self, cell: &Cell, method: Method) -> Result<Sample> {
         match cell.direction {
             Direction::Egress => self.egress(cell, method),
-            Direction::Ingress => self.ingress(cell),
+            Direction::Ingress => self.ingress(cell, method),
         }
     }
 
@@ -857,32 +910,55 @@ impl Bench {
         Ok(sample)
     }
 
-    /// The run receives in namespace a; the sender is outside it (in b, or on lo in a).
-    fn ingress(&mut self, cell: &Cell) -> Result<Sample> {
+    /// The run (or, for htb, the bare receiver) receives in namespace a; the sender is outside
+    /// it (in b, or on lo in a).
+    fn ingress(&mut self, cell: &Cell, method: Method) -> Result<Sample> {
         let port = self.port();
-        let (sender_ns, address) = match cell.path {
-            NetPath::Lo => (self.netns.a.clone(), "127.0.0.1"),
-            NetPath::Veth(_) => (self.netns.b.clone(), ADDR_A),
+        let (sender_ns, address, dev) = match cell.path {
+            NetPath::Lo => (self.netns.a.clone(), "127.0.0.1", "lo".to_string()),
+            NetPath::Veth(_) => (self.netns.b.clone(), ADDR_A, self.netns.veth_a.clone()),
         };
         let at = format!("{address}:{port}");
-        let mut full = vec![self.testbin().display().to_string()];
-        full.extend(self.sink_args(cell, &at));
-        let mut receiver = Proc::spawn(
-            "nbt run (the receiver)",
-            self.nbt_run(cell, "nobody", &full),
-        )?;
-        receiver.wait_for("listening", Duration::from_secs(20))?;
-        let command = self.testbin_in(&sender_ns, &self.sender_args(cell, &at));
-        let sender = Proc::spawn("the sender", command)?;
-        let (nbt, pid) = (self.bin.join("nbt"), receiver.pid());
-        let sampler = Sampler::start(move || nbt_passed_bytes(&nbt, pid, "ingress"));
-        let sender_out = sender.finish(self.sender_timeout())?;
-        let counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
-        let receiver_out = receiver.finish(Duration::from_secs(30))?;
-        let limiter = Limiter::Nbt(summary(&receiver_out)?.to_string());
-        let mut sample = sample(cell, &sender_out, &receiver_out, &limiter, self.window())?;
-        sample.counter_rate = counter_rate;
-        Ok(sample)
+        let sink = self.sink_args(cell, &at);
+        let sender = self.testbin_in(&sender_ns, &self.sender_args(cell, &at));
+        match method {
+            Method::Htb => {
+                let htb = IngressHtb::add(&self.netns, &dev, &cell.rate.label)?;
+                let command = self.testbin_in(&self.netns.a, &sink);
+                let mut receiver = Proc::spawn("the receiver", command)?;
+                receiver.wait_for("listening", Duration::from_secs(10))?;
+                let sender = Proc::spawn("the sender", sender)?;
+                let (ns, ifb) = (self.netns.a.clone(), htb.ifb.clone());
+                let sampler = Sampler::start(move || htb_counters(&ns, &ifb).ok().map(|c| c.0));
+                let sender_out = sender.finish(self.sender_timeout())?;
+                let counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
+                let receiver_out = receiver.finish(Duration::from_secs(30))?;
+                let (bytes, packets, dropped) = htb.counters()?;
+                let limiter = Limiter::Htb(bytes, packets, dropped);
+                let mut sample = sample(cell, &sender_out, &receiver_out, &limiter, self.window())?;
+                sample.counter_rate = counter_rate;
+                Ok(sample)
+            }
+            Method::Nbt => {
+                let mut full = vec![self.testbin().display().to_string()];
+                full.extend(sink);
+                let mut receiver = Proc::spawn(
+                    "nbt run (the receiver)",
+                    self.nbt_run(cell, "nobody", &full),
+                )?;
+                receiver.wait_for("listening", Duration::from_secs(20))?;
+                let sender = Proc::spawn("the sender", sender)?;
+                let (nbt, pid) = (self.bin.join("nbt"), receiver.pid());
+                let sampler = Sampler::start(move || nbt_passed_bytes(&nbt, pid, "ingress"));
+                let sender_out = sender.finish(self.sender_timeout())?;
+                let counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
+                let receiver_out = receiver.finish(Duration::from_secs(30))?;
+                let limiter = Limiter::Nbt(summary(&receiver_out)?.to_string());
+                let mut sample = sample(cell, &sender_out, &receiver_out, &limiter, self.window())?;
+                sample.counter_rate = counter_rate;
+                Ok(sample)
+            }
+        }
     }
 }
 
@@ -1155,12 +1231,7 @@ pub fn run(workspace: &Path, repeat: u32, options: &Options) -> Result<()> {
     }
 
     let cells = paths.len() * traffic.len() * rates.len();
-    let runs = cells
-        * repeat as usize
-        * directions
-            .iter()
-            .map(|d| if *d == Direction::Egress { 2 } else { 1 })
-            .sum::<usize>();
+    let runs = cells * repeat as usize * directions.len() * 2;
     // Each run takes its seconds and 2 to 3 more (start, drain, the receiver's end), 6 more
     // at 512kbit behind htb's queue.
     eprintln!(
@@ -1199,12 +1270,9 @@ pub fn run(workspace: &Path, repeat: u32, options: &Options) -> Result<()> {
                         rate: rate.clone(),
                     };
                     for pass in 1..=repeat {
-                        let methods: &[Method] = match direction {
-                            Direction::Egress => &[Method::Htb, Method::Nbt],
-                            Direction::Ingress => &[Method::Nbt],
-                        };
+                        let methods = [Method::Htb, Method::Nbt];
                         let (mut htb, mut nbt, mut failed) = (None, None, Vec::new());
-                        for &method in methods {
+                        for method in methods {
                             let name = if method == Method::Htb {
                                 "tc htb"
                             } else {
