@@ -428,11 +428,19 @@ impl<'a> Htb<'a> {
 
 /// htb on the root of `dev` in namespace a: one class, 1:1, at `rate`, that takes everything.
 fn add_htb_root(netns: &Netns, dev: &str, rate: &str) -> Result<()> {
-    let tc = |command: String| netns.tc(&command.split_whitespace().collect::<Vec<_>>());
-    tc(format!("qdisc add dev {dev} root handle 1: htb default 1"))?;
-    tc(format!(
-        "class add dev {dev} parent 1: classid 1:1 htb rate {rate}"
-    ))
+    tc_line(
+        netns,
+        &format!("qdisc add dev {dev} root handle 1: htb default 1"),
+    )?;
+    tc_line(
+        netns,
+        &format!("class add dev {dev} parent 1: classid 1:1 htb rate {rate}"),
+    )
+}
+
+/// `tc` in namespace a with the words of `line` as its arguments.
+fn tc_line(netns: &Netns, line: &str) -> Result<()> {
+    netns.tc(&line.split_whitespace().collect::<Vec<_>>())
 }
 
 /// Class 1:1's (bytes, packets, dropped) on `dev` of namespace `ns`, from `tc -s class show`.
@@ -488,13 +496,15 @@ impl<'a> IngressHtb<'a> {
         };
         crate::bench::ip(&["-n", &netns.a, "link", "set", &shaper.ifb, "up"])?;
         add_htb_root(netns, &shaper.ifb, rate)?;
-        let tc = |command: String| netns.tc(&command.split_whitespace().collect::<Vec<_>>());
-        tc(format!("qdisc add dev {dev} handle ffff: ingress"))?;
-        tc(format!(
-            "filter add dev {dev} parent ffff: protocol all u32 match u32 0 0 \
-             action mirred egress redirect dev {}",
-            shaper.ifb
-        ))?;
+        tc_line(netns, &format!("qdisc add dev {dev} handle ffff: ingress"))?;
+        tc_line(
+            netns,
+            &format!(
+                "filter add dev {dev} parent ffff: protocol all u32 match u32 0 0 \
+                 action mirred egress redirect dev {}",
+                shaper.ifb
+            ),
+        )?;
         Ok(shaper)
     }
 
@@ -920,45 +930,44 @@ impl Bench {
         };
         let at = format!("{address}:{port}");
         let sink = self.sink_args(cell, &at);
-        let sender = self.testbin_in(&sender_ns, &self.sender_args(cell, &at));
-        match method {
-            Method::Htb => {
-                let htb = IngressHtb::add(&self.netns, &dev, &cell.rate.label)?;
-                let command = self.testbin_in(&self.netns.a, &sink);
-                let mut receiver = Proc::spawn("the receiver", command)?;
-                receiver.wait_for("listening", Duration::from_secs(10))?;
-                let sender = Proc::spawn("the sender", sender)?;
-                let (ns, ifb) = (self.netns.a.clone(), htb.ifb.clone());
-                let sampler = Sampler::start(move || htb_counters(&ns, &ifb).ok().map(|c| c.0));
-                let sender_out = sender.finish(self.sender_timeout())?;
-                let counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
-                let receiver_out = receiver.finish(Duration::from_secs(30))?;
-                let (bytes, packets, dropped) = htb.counters()?;
-                let limiter = Limiter::Htb(bytes, packets, dropped);
-                let mut sample = sample(cell, &sender_out, &receiver_out, &limiter, self.window())?;
-                sample.counter_rate = counter_rate;
-                Ok(sample)
-            }
+        let (htb, mut receiver) = match method {
+            Method::Htb => (
+                Some(IngressHtb::add(&self.netns, &dev, &cell.rate.label)?),
+                Proc::spawn("the receiver", self.testbin_in(&self.netns.a, &sink))?,
+            ),
             Method::Nbt => {
                 let mut full = vec![self.testbin().display().to_string()];
                 full.extend(sink);
-                let mut receiver = Proc::spawn(
-                    "nbt run (the receiver)",
-                    self.nbt_run(cell, "nobody", &full),
-                )?;
-                receiver.wait_for("listening", Duration::from_secs(20))?;
-                let sender = Proc::spawn("the sender", sender)?;
-                let (nbt, pid) = (self.bin.join("nbt"), receiver.pid());
-                let sampler = Sampler::start(move || nbt_passed_bytes(&nbt, pid, "ingress"));
-                let sender_out = sender.finish(self.sender_timeout())?;
-                let counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
-                let receiver_out = receiver.finish(Duration::from_secs(30))?;
-                let limiter = Limiter::Nbt(summary(&receiver_out)?.to_string());
-                let mut sample = sample(cell, &sender_out, &receiver_out, &limiter, self.window())?;
-                sample.counter_rate = counter_rate;
-                Ok(sample)
+                let command = self.nbt_run(cell, "nobody", &full);
+                (None, Proc::spawn("nbt run (the receiver)", command)?)
             }
-        }
+        };
+        receiver.wait_for("listening", Duration::from_secs(20))?;
+        let command = self.testbin_in(&sender_ns, &self.sender_args(cell, &at));
+        let sender = Proc::spawn("the sender", command)?;
+        let sampler = match &htb {
+            Some(htb) => {
+                let (ns, ifb) = (self.netns.a.clone(), htb.ifb.clone());
+                Sampler::start(move || htb_counters(&ns, &ifb).ok().map(|c| c.0))
+            }
+            None => {
+                let (nbt, pid) = (self.bin.join("nbt"), receiver.pid());
+                Sampler::start(move || nbt_passed_bytes(&nbt, pid, "ingress"))
+            }
+        };
+        let sender_out = sender.finish(self.sender_timeout())?;
+        let counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
+        let receiver_out = receiver.finish(Duration::from_secs(30))?;
+        let limiter = match &htb {
+            Some(htb) => {
+                let (bytes, packets, dropped) = htb.counters()?;
+                Limiter::Htb(bytes, packets, dropped)
+            }
+            None => Limiter::Nbt(summary(&receiver_out)?.to_string()),
+        };
+        let mut sample = sample(cell, &sender_out, &receiver_out, &limiter, self.window())?;
+        sample.counter_rate = counter_rate;
+        Ok(sample)
     }
 }
 

@@ -549,32 +549,64 @@ pub fn bench(workspace: &Path, which: &str) -> Result<()> {
     Ok(())
 }
 
+/// The console's lines tagged `<tag> <key> <method> <figure>...`, split into words after the tag.
+struct Tagged<'a>(Vec<Vec<&'a str>>);
+
+impl<'a> Tagged<'a> {
+    fn of(console: &'a str, tag: &str) -> Tagged<'a> {
+        Tagged(
+            console
+                .lines()
+                .filter_map(|l| l.strip_prefix(tag)?.strip_prefix(' '))
+                .map(|l| l.split_whitespace().collect())
+                .collect(),
+        )
+    }
+
+    /// The keys (first words), each once, in the order they came.
+    fn keys(&self) -> Vec<&'a str> {
+        let mut keys = Vec::new();
+        for key in self.0.iter().filter_map(|w| w.first().copied()) {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        keys
+    }
+
+    /// `key`'s line for `method`.
+    fn line(&self, key: &str, method: &str) -> Option<&[&'a str]> {
+        self.0
+            .iter()
+            .find(|w| w.first() == Some(&key) && w.get(1) == Some(&method))
+            .map(|w| w.as_slice())
+    }
+
+    /// Figure `n` (0: the first after the method) of `key`'s line for `method`.
+    fn figure(&self, key: &str, method: &str, n: usize) -> Option<&'a str> {
+        self.line(key, method)?.get(2 + n).copied()
+    }
+
+    /// As [`Tagged::figure`], as a number (NaN when absent or not one).
+    fn number(&self, key: &str, method: &str, n: usize) -> f64 {
+        self.figure(key, method, n)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+}
+
 /// The steady CPU per MiB of the seed and of nbt's full profile, round by round: round 1 from
 /// the main table (`first`: the seed's, nbt's), the others from the `NBT-VM-STEADY <round>
 /// <method> <s per MiB> <goodput ratio>` lines; then the median of the rounds' ratios.
 fn steady_table(console: &str, first: Option<(f64, f64)>) -> String {
-    let mut rounds: Vec<(String, f64, f64)> = Vec::new();
+    let lines = Tagged::of(console, "NBT-VM-STEADY");
+    let mut rounds: Vec<(&str, f64, f64)> = Vec::new();
     if let Some((seed, nbt)) = first {
-        rounds.push(("1".into(), seed, nbt));
+        rounds.push(("1", seed, nbt));
     }
-    let lines: Vec<Vec<&str>> = console
-        .lines()
-        .filter_map(|l| l.strip_prefix("NBT-VM-STEADY "))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    let of = |round: &str, method: &str| -> f64 {
-        lines
-            .iter()
-            .find(|w| w.first() == Some(&round) && w.get(1) == Some(&method))
-            .and_then(|w| w.get(2)?.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let mut seen = Vec::new();
-    for round in lines.iter().filter_map(|w| w.first().copied()) {
-        if !seen.contains(&round) {
-            seen.push(round);
-            rounds.push((round.into(), of(round, "tc-htb-netem"), of(round, "nbt")));
-        }
+    for round in lines.keys() {
+        let of = |method| lines.number(round, method, 0);
+        rounds.push((round, of("tc-htb-netem"), of("nbt")));
     }
     let mut table = String::from(
         "| round | seed: steady CPU per MiB | nbt: steady CPU per MiB | nbt / seed |\n|---|---|---|---|\n",
@@ -606,36 +638,21 @@ fn steady_table(console: &str, first: Option<(f64, f64)>) -> String {
 /// and nbt side by side: per 1000 datagrams sent, the share that arrived twice (received over
 /// 1000), that did not arrive, and that overtook an earlier one.
 fn impairment_table(console: &str) -> String {
+    let lines = Tagged::of(console, "NBT-VM-IMPAIR");
     let mut table = String::from(
         "| impairment | netem: arrived / sent | nbt: arrived / sent | netem: overtook | nbt: overtook |\n\
          |---|---|---|---|---|\n",
     );
     let figures = |what: &str, method: &str| -> (String, String) {
-        console
-            .lines()
-            .filter_map(|l| l.strip_prefix("NBT-VM-IMPAIR "))
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|w| w.first() == Some(&what) && w.get(1) == Some(&method))
-            .map(|w| {
-                let received: f64 = w.get(2).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-                let over: f64 = w.get(3).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
-                (
-                    format!("{:.3}", received / 1000.0),
-                    format!("{:.1}%", over / 10.0),
-                )
-            })
-            .unwrap_or(("?".into(), "?".into()))
-    };
-    let mut seen = Vec::new();
-    for line in console
-        .lines()
-        .filter_map(|l| l.strip_prefix("NBT-VM-IMPAIR "))
-    {
-        let what = line.split_whitespace().next().unwrap_or("?");
-        if seen.contains(&what) {
-            continue;
+        if lines.line(what, method).is_none() {
+            return ("?".into(), "?".into());
         }
-        seen.push(what);
+        (
+            format!("{:.3}", lines.number(what, method, 0) / 1000.0),
+            format!("{:.1}%", lines.number(what, method, 1) / 10.0),
+        )
+    };
+    for what in lines.keys() {
         let ((netem, netem_over), (nbt, nbt_over)) = (figures(what, "netem"), figures(what, "nbt"));
         table.push_str(&format!(
             "| {what} | {netem} | {nbt} | {netem_over} | {nbt_over} |\n"
@@ -647,27 +664,12 @@ fn impairment_table(console: &str) -> String {
 /// The `NBT-VM-UPLOAD <setting> <method> <ratio>` lines as a table: an uploading TCP sender's
 /// goodput over the rate, htb + netem and nbt side by side.
 fn upload_table(console: &str) -> String {
+    let lines = Tagged::of(console, "NBT-VM-UPLOAD");
     let mut table = String::from(
         "| rate + delay | htb + netem: goodput / rate | nbt: goodput / rate |\n|---|---|---|\n",
     );
-    let lines: Vec<Vec<&str>> = console
-        .lines()
-        .filter_map(|l| l.strip_prefix("NBT-VM-UPLOAD "))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    let ratio = |what: &str, method: &str| {
-        lines
-            .iter()
-            .find(|w| w.first() == Some(&what) && w.get(1) == Some(&method))
-            .and_then(|w| w.get(2).copied())
-            .unwrap_or("?")
-    };
-    let mut seen = Vec::new();
-    for what in lines.iter().filter_map(|w| w.first().copied()) {
-        if seen.contains(&what) {
-            continue;
-        }
-        seen.push(what);
+    let ratio = |what: &str, method: &str| lines.figure(what, method, 0).unwrap_or("?");
+    for what in lines.keys() {
         table.push_str(&format!(
             "| {what} | {} | {} |\n",
             ratio(what, "netem"),
@@ -688,6 +690,53 @@ mod tests {
         assert_eq!(row.get("sleep30_s"), "0.80");
         assert_eq!(row.get("seed_setup_s"), "0.39");
         assert_eq!(row.get("absent"), "?");
+    }
+
+    #[test]
+    fn the_tables_read_their_tagged_console_lines() {
+        // Lines of the 6.12 bench run of 2026-12-04, with what `bench vm` printed for them.
+        let console = "NBT-VM-IMPAIR duplicate-10% netem 1107 0\n\
+            NBT-VM-IMPAIR duplicate-10% nbt 1114 0\n\
+            NBT-VM-IMPAIR reorder-25%,delay-20ms netem 1000 278\n\
+            noise NBT-VM-IMPAIR x netem 1 1\n\
+            NBT-VM-UPLOAD 10mbit+20ms netem 0.989\n\
+            NBT-VM-UPLOAD 10mbit+20ms nbt 1.000\n\
+            NBT-VM-STEADY 2 tc-htb-netem 0.193 0.950\n\
+            NBT-VM-STEADY 2 nbt 0.167 1.015\n\
+            NBT-VM-STEADY 3 tc-htb-netem 0.161 0.938\n\
+            NBT-VM-STEADY 3 nbt 0.170 1.001\n";
+        let impair = impairment_table(console);
+        assert!(
+            impair.contains("| duplicate-10% | 1.107 | 1.114 | 0.0% | 0.0% |"),
+            "{impair}"
+        );
+        assert!(
+            impair.contains("| reorder-25%,delay-20ms | 1.000 | ? | 27.8% | ? |"),
+            "{impair}"
+        );
+        assert_eq!(impair.lines().count(), 4, "{impair}");
+        let upload = upload_table(console);
+        assert!(
+            upload.contains("| 10mbit+20ms | 0.989 | 1.000 |"),
+            "{upload}"
+        );
+        let steady = steady_table(console, Some((0.138, 0.179)));
+        assert!(
+            steady.contains("| 1 | 0.138 s | 0.179 s | 1.30 x |"),
+            "{steady}"
+        );
+        assert!(
+            steady.contains("| 2 | 0.193 s | 0.167 s | 0.87 x |"),
+            "{steady}"
+        );
+        assert!(
+            steady.contains("| 3 | 0.161 s | 0.170 s | 1.06 x |"),
+            "{steady}"
+        );
+        assert!(
+            steady.contains("Median of 3 rounds: 1.06 x (from 0.87 to 1.30 x)"),
+            "{steady}"
+        );
     }
 
     #[test]

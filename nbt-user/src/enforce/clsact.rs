@@ -4,7 +4,8 @@
 //! run's egress loss and ingress impairments). So a clsact qdisc nbt added is marked as nbt's
 //! (a file under /run/nbt-tc), and whichever of nbt's runs ends last takes it off: when no
 //! filter is left on it. One lock orders the adding and the taking off, so that no run takes a
-//! clsact qdisc off between another's finding it and attaching to it. A clsact qdisc nbt did not add is never taken off.
+//! clsact qdisc off between another's finding it and attaching to it. A clsact qdisc nbt did not
+//! add is never taken off.
 
 use std::fs::File;
 use std::io;
@@ -82,9 +83,7 @@ pub fn remove(ifindex: u32) -> io::Result<()> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
         other => other?,
     }
-    if let Ok(mark) = mark(ifindex) {
-        let _ = std::fs::remove_file(mark);
-    }
+    unmark(ifindex);
     Ok(())
 }
 
@@ -92,8 +91,13 @@ pub fn remove(ifindex: u32) -> io::Result<()> {
 /// interface (a mark of another name is another interface's, which took the index since).
 pub fn forget(ifindex: u32, name: &str) {
     if marked(ifindex, name) {
-        if let Ok(mark) = mark(ifindex) {
-            let _ = std::fs::remove_file(mark);
-        }
+        unmark(ifindex);
+    }
+}
+
+/// Removes the mark of interface `ifindex`, if there is one.
+fn unmark(ifindex: u32) {
+    if let Ok(mark) = mark(ifindex) {
+        let _ = std::fs::remove_file(mark);
     }
 }

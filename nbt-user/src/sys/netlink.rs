@@ -218,41 +218,38 @@ pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
 pub fn clsact_has_filters(ifindex: u32) -> io::Result<bool> {
     for hook in [CLSACT_INGRESS, CLSACT_EGRESS] {
         let msg = message_at(RTM_GETTFILTER, NLM_F_DUMP, ifindex as i32, "", hook, 0);
-        if dump(&msg)?
-            .iter()
-            .any(|m| u16_at(m, 4) == Some(RTM_NEWTFILTER))
-        {
+        if dump(&msg)?.contains(&RTM_NEWTFILTER) {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-/// Sends a dump request and returns the messages that answer it, up to the end.
-fn dump(msg: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+/// Sends a dump request and returns the kinds of the messages that answer it, up to the end.
+fn dump(msg: &[u8]) -> io::Result<Vec<u16>> {
     let socket = send_request(msg)?;
-    let mut messages = Vec::new();
+    let mut kinds = Vec::new();
     let mut answer = vec![0u8; 32768];
     loop {
         let n = receive(&socket, &mut answer)?;
         let mut at = 0;
         while at + 16 <= n {
-            let len = (u32_at(&answer, at).unwrap_or(0) as usize).min(n - at);
+            let len = u32_at(&answer, at).unwrap_or(0) as usize;
             match u16_at(&answer, at + 4).unwrap_or(NLMSG_DONE) {
-                NLMSG_DONE => return Ok(messages),
+                NLMSG_DONE => return Ok(kinds),
                 NLMSG_ERROR => {
                     error_in(&answer[at..n]).unwrap_or(Ok(()))?;
-                    return Ok(messages);
+                    return Ok(kinds);
                 }
-                _ => messages.push(answer[at..at + len].to_vec()),
+                kind => kinds.push(kind),
             }
             if len < 16 {
-                return Ok(messages);
+                return Ok(kinds);
             }
             at += (len + 3) & !3;
         }
         if n == 0 {
-            return Ok(messages);
+            return Ok(kinds);
         }
     }
 }
