@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use nbt_integration_tests::{
-    receive_all, receive_numbered as receive, receive_numbered_at, testbin, Arrivals, NetnsPair,
-    NoLeftovers, Run, ADDR_A, ADDR_B,
+    nbt, nbt_command_in_netns, receive_all, receive_numbered as receive, receive_numbered_at,
+    testbin, wait_for_live_run, Arrivals, NetnsPair, NoLeftovers, Run, ADDR_A, ADDR_B,
 };
 
 /// `nbt run --json LIMITS -- nbt-testbin udp-send` of `count` datagrams of 100 bytes to the
@@ -434,6 +434,115 @@ fn a_run_ending_leaves_the_tc_program_of_another_run_in_place() {
     guard.assert_clean();
 }
 
+/// The inode of network namespace `name`, as nbt names the marks of its clsact qdiscs there.
+fn netns_ino(name: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/run/netns/{name}"))
+        .unwrap()
+        .ino()
+}
+
+/// nbt's marks of the clsact qdiscs it added in the namespace of inode `ino`
+/// (`/run/nbt-tc/clsact-INO-IFINDEX`).
+fn marks(ino: u64) -> Vec<String> {
+    std::fs::read_dir("/run/nbt-tc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with(&format!("clsact-{ino}-")))
+        .collect()
+}
+
+/// nbt killed in a network namespace of the test's, and `nbt cleanup` run from the machine's:
+/// the run's clsact qdisc (its egress loss's tc program) comes off the run's interface, in the
+/// run's namespace, with its mark. Before, cleanup looked for the interface by index and name in
+/// its own namespace, found none, and left the qdisc; an interface there of the same index and
+/// name would have lost its qdiscs instead.
+#[test]
+fn cleanup_from_another_namespace_takes_the_qdiscs_off_in_the_runs() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("cleanns");
+    let qdiscs = || {
+        let out = std::process::Command::new("tc")
+            .args(["-n", &net.a, "qdisc", "show"])
+            .output()
+            .expect("running tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut run = nbt_command_in_netns(&net.a)
+        .args(["run", "--loss", "5%", "--", "sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting nbt");
+    let name =
+        wait_for_live_run(|r| r["nbt_pid"] == run.id()).expect("the run's workload did not start");
+    assert!(qdiscs().contains("clsact"), "{}", qdiscs());
+    let ino = netns_ino(&net.a);
+    assert_eq!(marks(ino).len(), 1, "{:?}", marks(ino));
+
+    // SAFETY: kill(2) of the nbt process this test started.
+    unsafe { libc::kill(run.id() as i32, libc::SIGKILL) };
+    run.wait().unwrap();
+    assert!(
+        qdiscs().contains("clsact"),
+        "gone before cleanup: {}",
+        qdiscs()
+    );
+
+    let cleanup = nbt(&["cleanup"]);
+    assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
+    assert!(
+        cleanup.stderr().contains(&format!("removed {name}")),
+        "{}",
+        cleanup.stderr()
+    );
+    assert!(!qdiscs().contains("clsact"), "left behind: {}", qdiscs());
+    assert!(marks(ino).is_empty(), "marks left: {:?}", marks(ino));
+    guard.assert_clean();
+}
+
+/// As above, with the run's namespace deleted before `nbt cleanup`: its interfaces took their
+/// qdiscs with them, cleanup says so, and touches nothing of its own namespace.
+#[test]
+fn cleanup_after_the_runs_namespace_is_gone_says_so() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("goness");
+    let mut run = nbt_command_in_netns(&net.a)
+        .args(["run", "--loss", "5%", "--", "sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting nbt");
+    let name =
+        wait_for_live_run(|r| r["nbt_pid"] == run.id()).expect("the run's workload did not start");
+    let ino = netns_ino(&net.a);
+    assert_eq!(marks(ino).len(), 1, "{:?}", marks(ino));
+    // SAFETY: kill(2) of the nbt process this test started.
+    unsafe { libc::kill(run.id() as i32, libc::SIGKILL) };
+    run.wait().unwrap();
+    // The workload still lives in the namespace: cleanup kills it first, and the namespace
+    // goes with it once `ip netns del` has taken its name.
+    let deleted = std::process::Command::new("ip")
+        .args(["netns", "del", &net.a])
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+
+    let cleanup = nbt(&["cleanup"]);
+    assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
+    assert!(
+        cleanup.stderr().contains(&format!(
+            "{name}: its network namespace is gone, and the qdiscs it put there with it"
+        )) && cleanup.stderr().contains(&format!("removed {name}")),
+        "{}",
+        cleanup.stderr()
+    );
+    assert!(marks(ino).is_empty(), "marks left: {:?}", marks(ino));
+    guard.assert_clean();
+}
+
 #[test]
 fn a_tcp_stream_into_the_run_through_duplicate_and_corrupt_arrives_whole() {
     use std::io::Write;
@@ -522,13 +631,11 @@ fn nbt_set_changes_duplicate_on_arriving_packets_of_a_run_started_with_ingress()
         (600, 200),
         &["--impair-direction", "ingress", "--duplicate", "0%"],
         || {
-            let name = nbt_integration_tests::wait_for_live_run(|r| {
-                r["command"].to_string().contains(":5240")
-            })
-            .expect("this test's live run");
+            let name = wait_for_live_run(|r| r["command"].to_string().contains(":5240"))
+                .expect("this test's live run");
             std::thread::sleep(Duration::from_millis(1000));
             // The direction is the run's: not changed live.
-            let refused = nbt_integration_tests::nbt(&["set", &name, "--impair-direction", "both"]);
+            let refused = nbt(&["set", &name, "--impair-direction", "both"]);
             assert_eq!(refused.status(), 2, "{}", refused.stderr());
             assert!(
                 refused
@@ -537,7 +644,7 @@ fn nbt_set_changes_duplicate_on_arriving_packets_of_a_run_started_with_ingress()
                 "{}",
                 refused.stderr()
             );
-            let set = nbt_integration_tests::nbt(&["set", &name, "--duplicate", "100%"]);
+            let set = nbt(&["set", &name, "--duplicate", "100%"]);
             assert_eq!(set.status(), 0, "{}", set.stderr());
             assert!(
                 set.stderr().contains("ingress 100% duplicated"),
@@ -669,11 +776,10 @@ fn nbt_set_changes_duplicate_on_a_live_run_that_has_the_tc_program() {
             ],
         )
     });
-    let name =
-        nbt_integration_tests::wait_for_live_run(|r| r["command"].to_string().contains(":5225"))
-            .expect("this test's live run");
+    let name = wait_for_live_run(|r| r["command"].to_string().contains(":5225"))
+        .expect("this test's live run");
     std::thread::sleep(Duration::from_millis(1000));
-    let set = nbt_integration_tests::nbt(&["set", &name, "--duplicate", "100%"]);
+    let set = nbt(&["set", &name, "--duplicate", "100%"]);
     assert_eq!(set.status(), 0, "{}", set.stderr());
     assert!(set.stderr().contains("100% duplicated"), "{}", set.stderr());
     let run = sender.join().unwrap();
@@ -693,11 +799,9 @@ fn nbt_set_changes_duplicate_on_a_live_run_that_has_the_tc_program() {
             &["run", "--", testbin.to_str().unwrap(), "sleep", "3"],
         )
     });
-    let name = nbt_integration_tests::wait_for_live_run(|r| {
-        r["command"].to_string().contains("\"sleep\"")
-    })
-    .expect("the plain run");
-    let set = nbt_integration_tests::nbt(&["set", &name, "--duplicate", "1%"]);
+    let name = wait_for_live_run(|r| r["command"].to_string().contains("\"sleep\""))
+        .expect("the plain run");
+    let set = nbt(&["set", &name, "--duplicate", "1%"]);
     assert_ne!(set.status(), 0);
     assert!(
         set.stderr().contains("start it with --duplicate 0%"),
@@ -755,7 +859,7 @@ fn impairments_are_refused_without_what_they_need() {
         let mut full = vec!["run"];
         full.extend(args.iter().copied());
         full.extend(["--", testbin.to_str().unwrap(), "sleep", "0"]);
-        let run = nbt_integration_tests::nbt(&full);
+        let run = nbt(&full);
         assert_eq!(run.status(), 2, "{args:?}: {}", run.stderr());
         assert!(run.stderr().contains(says), "{args:?}: {}", run.stderr());
     }

@@ -506,31 +506,40 @@ impl NetnsPair {
 /// `nbt ARGS`, run inside network namespace `name` (only the network namespace: nbt must still
 /// see the machine's cgroup mounts, which `ip netns exec` would hide).
 pub fn nbt_in_netns(name: &str, args: &[&str]) -> Run {
+    let output = nbt_command_in_netns(name)
+        .args(args)
+        .output()
+        .expect("running nbt");
+    Run::from_output(output)
+}
+
+/// [`nbt_command`], for an nbt that starts in network namespace `name`.
+pub fn nbt_command_in_netns(name: &str) -> Command {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let ns = NetnsPair::open(name);
-    let fd = ns.as_raw_fd();
     let mut command = nbt_command();
-    command.args(args);
-    // SAFETY: between fork and exec, one syscall on a descriptor we hold open.
+    // SAFETY: between fork and exec, one syscall on a descriptor the command holds open.
     unsafe {
         command.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let output = command.output().expect("running nbt");
-    drop(ns);
-    Run::from_output(output)
+    command
 }
 
 impl Drop for NetnsPair {
     fn drop(&mut self) {
         // Deleting a namespace deletes the veth end inside it, and so the pair.
         for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            // (Quietly: a test may have deleted one already.)
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }

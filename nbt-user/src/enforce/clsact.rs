@@ -9,13 +9,13 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::programs::tc;
 
 use crate::sys::netlink;
+use crate::sys::netns::NetnsId;
 
 /// Held while a run adds or takes off its tc programs and clsact qdiscs.
 pub struct Lock(#[allow(dead_code)] File);
@@ -33,17 +33,25 @@ fn marks_dir() -> PathBuf {
     PathBuf::from("/run/nbt-tc")
 }
 
-/// The mark of a clsact qdisc of nbt's on interface `ifindex` of this network namespace.
+/// The mark of a clsact qdisc of nbt's on interface `ifindex` of this thread's network
+/// namespace (which `nbt cleanup` may have entered).
 fn mark(ifindex: u32) -> io::Result<PathBuf> {
-    let netns = std::fs::metadata("/proc/self/ns/net")?.ino();
-    Ok(marks_dir().join(format!("clsact-{netns}-{ifindex}")))
+    Ok(mark_in(NetnsId::current()?, ifindex))
+}
+
+/// The mark of a clsact qdisc of nbt's on interface `ifindex` of namespace `netns`.
+fn mark_in(netns: NetnsId, ifindex: u32) -> PathBuf {
+    marks_dir().join(format!("clsact-{}-{ifindex}", netns.ino))
 }
 
 /// Whether interface `ifindex`, named `name`, has a clsact qdisc that nbt added.
 fn marked(ifindex: u32, name: &str) -> bool {
-    mark(ifindex)
-        .and_then(std::fs::read_to_string)
-        .is_ok_and(|marked| marked == name)
+    mark(ifindex).is_ok_and(|mark| marks(&mark, name))
+}
+
+/// Whether `mark` is the mark of interface `name`.
+fn marks(mark: &Path, name: &str) -> bool {
+    std::fs::read_to_string(mark).is_ok_and(|marked| marked == name)
 }
 
 /// Adds a clsact qdisc to the interface, or finds one there. True when it is nbt's (added now,
@@ -92,6 +100,15 @@ pub fn remove(ifindex: u32) -> io::Result<()> {
 pub fn forget(ifindex: u32, name: &str) {
     if marked(ifindex, name) {
         unmark(ifindex);
+    }
+}
+
+/// Removes the mark of interface `ifindex`, named `name`, of namespace `netns`, which is gone
+/// (with its interfaces and their qdiscs).
+pub fn forget_in(netns: NetnsId, ifindex: u32, name: &str) {
+    let mark = mark_in(netns, ifindex);
+    if marks(&mark, name) {
+        let _ = std::fs::remove_file(mark);
     }
 }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::enforce::clsact;
 use crate::enforce::shaper::probability;
 use crate::error::PlanError;
+use crate::sys::netns::{self, NetnsId, Reached};
 use crate::sys::{loader, netlink};
 
 /// fq drops packets scheduled further ahead than its horizon (10 s by default). Every path that
@@ -104,6 +105,10 @@ pub struct Qdiscs {
     /// others' clsact qdiscs, and their own clsact qdiscs come off whatever is left on them.
     #[serde(default)]
     pub every_filter: bool,
+    /// The network namespace of the interfaces; records of older runs have none (taken as the
+    /// namespace nbt runs in).
+    #[serde(default)]
+    pub netns: Option<NetnsId>,
 }
 
 /// A tc filter of `delay_egress` on an interface's egress (or of `impair_ingress` on its
@@ -129,6 +134,32 @@ impl Filter {
 }
 
 impl Qdiscs {
+    /// Runs `remove` (`Qdiscs::remove`, `Qdiscs::remove_when_sent`) on those still there, in
+    /// their network namespace, from whichever namespace nbt runs in: `nbt cleanup` or `nbt zone
+    /// remove` in another namespace must not take qdiscs off its own interfaces of the same
+    /// index and name (a host's `eth0` is as likely index 2 as a container's).
+    pub fn remove_in_their_netns(
+        &self,
+        remove: impl FnOnce(&Qdiscs) -> Vec<String>,
+    ) -> Result<Reached<Vec<String>>> {
+        let Some(id) = self.netns else {
+            return Ok(Reached::Ran(remove(&self.still_there())));
+        };
+        let reached = netns::within(id, || remove(&self.still_there())).with_context(|| {
+            format!(
+                "entering the run's network namespace (net:[{}]) to take its qdiscs off",
+                id.ino
+            )
+        })?;
+        if let Reached::Gone = reached {
+            let _lock = clsact::lock()?;
+            for (ifindex, name) in &self.clsact {
+                clsact::forget_in(id, *ifindex, name);
+            }
+        }
+        Ok(reached)
+    }
+
     /// Those whose interface still has the same index and name: an interface removed since
     /// took its qdiscs with it, and its index may now be another's (the marks of its clsact
     /// qdiscs are forgotten).
@@ -147,6 +178,7 @@ impl Qdiscs {
         }
         Qdiscs {
             every_filter: self.every_filter,
+            netns: self.netns,
             fq: keep(&self.fq),
             clsact: keep(&self.clsact),
             filters: self
@@ -342,7 +374,10 @@ pub fn attach(
     }
 
     let mut guard = LatencyGuard {
-        qdiscs: Qdiscs::default(),
+        qdiscs: Qdiscs {
+            netns: Some(NetnsId::current().context("reading nbt's network namespace")?),
+            ..Qdiscs::default()
+        },
         links: Vec::new(),
     };
     let interfaces = netlink::interfaces();

@@ -2,7 +2,6 @@
 //! resolved to cgroup directories and checked before anything on the machine changes.
 
 use std::fs;
-use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
@@ -12,6 +11,7 @@ use crate::enforce::target::TargetCgroups;
 use crate::error::PlanError;
 use crate::state::{state_dir, RunRecord};
 use crate::sys::docker;
+use crate::sys::netns::NetnsId;
 
 /// The four ways of naming a target, as the flags give them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,13 +217,7 @@ impl Target {
         let Some(pid) = self.member else {
             return false;
         };
-        let ns = |path: &str| {
-            fs::metadata(Path::new(path)).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt as _;
-                (m.dev(), m.ino())
-            })
-        };
-        let theirs = ns(&format!("/proc/{pid}/ns/net"));
-        theirs.is_some() && theirs != ns("/proc/self/ns/net")
+        let theirs = NetnsId::of_process(pid).ok();
+        theirs.is_some() && theirs != NetnsId::current().ok()
     }
 }

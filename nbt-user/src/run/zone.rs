@@ -15,6 +15,7 @@ use crate::enforce::target::TargetCgroups;
 use crate::plan::Plan;
 use crate::run::summary::{HardwareReport, RunSummary};
 use crate::state::{self, hwcaps::HwcapsRecord, MovedIn, RecordGuard, RunFiles, RunRecord};
+use crate::sys::netns::Reached;
 use crate::sys::supervise::Exit;
 use crate::sys::user::Identity;
 use crate::telemetry::energy::{CpuModel, Energy, Joules};
@@ -184,9 +185,12 @@ pub fn remove(record: RunRecord) -> Result<RunSummary> {
                     .filter_map(|l| l.latency.as_ref()),
             ),
         );
-        let errors = qdiscs.still_there().remove_when_sent(longest);
-        if !errors.is_empty() {
-            bail!("{}", errors.join("; "));
+        if let Reached::Ran(errors) =
+            qdiscs.remove_in_their_netns(|qdiscs| qdiscs.remove_when_sent(longest))?
+        {
+            if !errors.is_empty() {
+                bail!("{}", errors.join("; "));
+            }
         }
     }
     let files = RunFiles::of(&state_dir, &record.name);

@@ -11,6 +11,8 @@ use anyhow::{Context as _, Result};
 use super::hwcaps::HwcapsRecord;
 use super::{state_dir, RunFiles, RunRecord};
 use crate::enforce::cgroup::kill_and_remove;
+use crate::enforce::edt::Qdiscs;
+use crate::sys::netns::Reached;
 
 /// What one run left: its record, the record of the hardware caps it held, or both.
 #[derive(Default)]
@@ -172,9 +174,14 @@ fn remove_orphan(record: &RunRecord) -> Result<usize> {
             .with_context(|| format!("removing {}", reports.display()))?;
     }
     if let Some(qdiscs) = &record.qdiscs {
-        let errors = qdiscs.still_there().remove();
-        if !errors.is_empty() {
-            anyhow::bail!("{}", errors.join("; "));
+        match qdiscs.remove_in_their_netns(Qdiscs::remove)? {
+            Reached::Ran(errors) if !errors.is_empty() => anyhow::bail!("{}", errors.join("; ")),
+            Reached::Ran(_) => {}
+            Reached::Gone => eprintln!(
+                "nbt cleanup: {}: its network namespace is gone, and the qdiscs it put there \
+                 with it",
+                record.name
+            ),
         }
     }
     Ok(killed)

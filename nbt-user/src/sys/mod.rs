@@ -5,6 +5,7 @@ pub(crate) mod docker;
 pub(crate) mod kept;
 pub(crate) mod loader;
 pub mod netlink;
+pub(crate) mod netns;
 pub(crate) mod phase;
 pub(crate) mod pin;
 pub(crate) mod private;

@@ -95,3 +95,24 @@ fn enter(ns: &File) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_in_this_namespace_runs_in_place_and_one_in_no_namespace_finds_it_gone() {
+        let own = NetnsId::current().unwrap();
+        assert_eq!(NetnsId::of_process(std::process::id() as i32).unwrap(), own);
+        assert!(matches!(within(own, || 7).unwrap(), Reached::Ran(7)));
+        let nowhere = NetnsId {
+            dev: own.dev,
+            ino: u64::MAX,
+        };
+        assert!(matches!(
+            within(nowhere, || unreachable!()).unwrap(),
+            Reached::Gone
+        ));
+        assert_eq!(NetnsId::current().unwrap(), own);
+    }
+}
