@@ -454,6 +454,26 @@ fn marks(ino: u64) -> Vec<String> {
         .collect()
 }
 
+/// Starts `nbt run --loss 5% -- sleep 60` in namespace `ns` (its egress loss puts a clsact qdisc
+/// on the veth, marked as nbt's), and kills nbt with SIGKILL once the workload runs. The run's
+/// name and the namespace's inode.
+fn killed_run_with_a_clsact_qdisc(ns: &str) -> (String, u64) {
+    let mut run = nbt_command_in_netns(ns)
+        .args(["run", "--loss", "5%", "--", "sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting nbt");
+    let name =
+        wait_for_live_run(|r| r["nbt_pid"] == run.id()).expect("the run's workload did not start");
+    let ino = netns_ino(ns);
+    assert_eq!(marks(ino).len(), 1, "{:?}", marks(ino));
+    // SAFETY: kill(2) of the nbt process this test started.
+    unsafe { libc::kill(run.id() as i32, libc::SIGKILL) };
+    run.wait().unwrap();
+    (name, ino)
+}
+
 /// nbt killed in a network namespace of the test's, and `nbt cleanup` run from the machine's:
 /// the run's clsact qdisc (its egress loss's tc program) comes off the run's interface, in the
 /// run's namespace, with its mark. Before, cleanup looked for the interface by index and name in
@@ -470,21 +490,7 @@ fn cleanup_from_another_namespace_takes_the_qdiscs_off_in_the_runs() {
             .expect("running tc");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let mut run = nbt_command_in_netns(&net.a)
-        .args(["run", "--loss", "5%", "--", "sleep", "60"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting nbt");
-    let name =
-        wait_for_live_run(|r| r["nbt_pid"] == run.id()).expect("the run's workload did not start");
-    assert!(qdiscs().contains("clsact"), "{}", qdiscs());
-    let ino = netns_ino(&net.a);
-    assert_eq!(marks(ino).len(), 1, "{:?}", marks(ino));
-
-    // SAFETY: kill(2) of the nbt process this test started.
-    unsafe { libc::kill(run.id() as i32, libc::SIGKILL) };
-    run.wait().unwrap();
+    let (name, ino) = killed_run_with_a_clsact_qdisc(&net.a);
     assert!(
         qdiscs().contains("clsact"),
         "gone before cleanup: {}",
@@ -509,19 +515,7 @@ fn cleanup_from_another_namespace_takes_the_qdiscs_off_in_the_runs() {
 fn cleanup_after_the_runs_namespace_is_gone_says_so() {
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("goness");
-    let mut run = nbt_command_in_netns(&net.a)
-        .args(["run", "--loss", "5%", "--", "sleep", "60"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting nbt");
-    let name =
-        wait_for_live_run(|r| r["nbt_pid"] == run.id()).expect("the run's workload did not start");
-    let ino = netns_ino(&net.a);
-    assert_eq!(marks(ino).len(), 1, "{:?}", marks(ino));
-    // SAFETY: kill(2) of the nbt process this test started.
-    unsafe { libc::kill(run.id() as i32, libc::SIGKILL) };
-    run.wait().unwrap();
+    let (name, ino) = killed_run_with_a_clsact_qdisc(&net.a);
     // The workload still lives in the namespace: cleanup kills it first, and the namespace
     // goes with it once `ip netns del` has taken its name.
     let deleted = std::process::Command::new("ip")

@@ -1201,70 +1201,56 @@ fn print_summary(paths: &[NetPath], directions: &[Direction], rows: &[Row]) {
                 .iter()
                 .filter(|r| r.path == path && r.direction == direction)
                 .collect();
-            let (htb, nbt) = (Errors::of(&rows, |r| r.htb), Errors::of(&rows, |r| r.nbt));
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} |",
                 path.label(),
                 direction.label(),
-                htb.mean(),
-                htb.worst(),
-                htb.within(),
-                nbt.mean(),
-                nbt.worst(),
-                nbt.within()
+                error_columns(&rows)
             );
         }
     }
 }
 
+/// htb's and nbt's mean, worst and within-1% columns over `rows`.
+fn error_columns(rows: &[&Row]) -> String {
+    [Errors::of(rows, |r| r.htb), Errors::of(rows, |r| r.nbt)]
+        .iter()
+        .map(|e| format!("{} | {} | {}", e.mean(), e.worst(), e.within()))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 /// With more than one pass: each cell's mean and worst error over its passes, for htb and nbt,
 /// and in how many passes it was within 1%; a cell is within 1% only when its worst pass is.
 fn print_cells(rows: &[Row]) {
+    let mut cells: Vec<Vec<&Row>> = Vec::new();
+    for row in rows {
+        let key = |r: &Row| (r.path, r.traffic, r.direction, r.rate.clone());
+        match cells.iter_mut().find(|c| key(c[0]) == key(row)) {
+            Some(cell) => cell.push(row),
+            None => cells.push(vec![row]),
+        }
+    }
     println!("\n| path | traffic | direction | rate | htb mean \\|error\\| | htb worst \\|error\\| | htb passes within 1% | nbt mean \\|error\\| | nbt worst \\|error\\| | nbt passes within 1% |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut seen: Vec<(NetPath, Traffic, Direction, &str)> = Vec::new();
-    for row in rows {
-        let key = (row.path, row.traffic, row.direction, row.rate.as_str());
-        if seen.contains(&key) {
-            continue;
-        }
-        seen.push(key);
-        let passes: Vec<&Row> = rows
-            .iter()
-            .filter(|r| (r.path, r.traffic, r.direction, r.rate.as_str()) == key)
-            .collect();
-        let (htb, nbt) = (
-            Errors::of(&passes, |r| r.htb),
-            Errors::of(&passes, |r| r.nbt),
-        );
+    for cell in &cells {
+        let row = cell[0];
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             row.path.label(),
             row.traffic.label(),
             row.direction.label(),
             row.rate,
-            htb.mean(),
-            htb.worst(),
-            htb.within(),
-            nbt.mean(),
-            nbt.worst(),
-            nbt.within()
+            error_columns(cell)
         );
     }
     let cells_within = |method: fn(&Row) -> Option<f64>| {
-        let (mut within, mut judged) = (0, 0);
-        for key in &seen {
-            let passes: Vec<&Row> = rows
-                .iter()
-                .filter(|r| (r.path, r.traffic, r.direction, r.rate.as_str()) == *key)
-                .collect();
-            let errors = Errors::of(&passes, method);
-            if let Some(worst) = errors.0.iter().cloned().reduce(f64::max) {
-                judged += 1;
-                within += usize::from(worst <= WITHIN);
-            }
-        }
-        format!("{within} of {judged}")
+        let worst: Vec<f64> = cells
+            .iter()
+            .filter_map(|cell| Errors::of(cell, method).0.into_iter().reduce(f64::max))
+            .collect();
+        let within = worst.iter().filter(|w| **w <= WITHIN).count();
+        format!("{within} of {}", worst.len())
     };
     println!(
         "\ncells within 1% in every pass: htb {}, nbt {}",
