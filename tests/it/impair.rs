@@ -425,11 +425,7 @@ fn a_run_ending_leaves_the_tc_program_of_another_run_in_place() {
     reno_stream_under_egress_loss(&net, 5224, "6");
     let first = first.join().unwrap();
     assert_eq!(first.status(), 0, "{}", first.stderr());
-    let qdiscs = std::process::Command::new("tc")
-        .args(["-n", &net.a, "qdisc", "show"])
-        .output()
-        .expect("running tc");
-    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    let qdiscs = NetnsPair::qdiscs(&net.a);
     assert!(!qdiscs.contains("clsact"), "left behind: {qdiscs}");
     guard.assert_clean();
 }
@@ -483,13 +479,7 @@ fn killed_run_with_a_clsact_qdisc(ns: &str) -> (String, u64) {
 fn cleanup_from_another_namespace_takes_the_qdiscs_off_in_the_runs() {
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("cleanns");
-    let qdiscs = || {
-        let out = std::process::Command::new("tc")
-            .args(["-n", &net.a, "qdisc", "show"])
-            .output()
-            .expect("running tc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let qdiscs = || NetnsPair::qdiscs(&net.a);
     let (name, ino) = killed_run_with_a_clsact_qdisc(&net.a);
     assert!(
         qdiscs().contains("clsact"),

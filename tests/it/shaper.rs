@@ -390,13 +390,7 @@ fn root_qdiscs_are_put_on_and_taken_off_over_netlink() {
     // the netlink requests, the refusal to replace someone's qdisc, the default put back.
     let guard = NoLeftovers::new();
     let net = NetnsPair::new("qd");
-    let shown = |ns: &str| -> String {
-        let out = std::process::Command::new("tc")
-            .args(["-n", ns, "qdisc", "show"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let shown = NetnsPair::qdiscs;
     let results = NetnsPair::in_netns(&net.a, || {
         let (ifindex, name) = nbt::sys::netlink::interfaces()
             .into_iter()

@@ -475,6 +475,15 @@ impl NetnsPair {
         }
     }
 
+    /// What `tc qdisc show` lists in namespace `name`.
+    pub fn qdiscs(name: &str) -> String {
+        let out = Command::new("tc")
+            .args(["-n", name, "qdisc", "show"])
+            .output()
+            .expect("running tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn open(name: &str) -> std::fs::File {
         std::fs::File::open(format!("/run/netns/{name}")).expect("netns file")
     }

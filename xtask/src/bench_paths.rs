@@ -541,6 +541,18 @@ struct Sampler {
 }
 
 impl Sampler {
+    /// Samples the bytes htb's class 1:1 on `dev` of namespace `ns` let through.
+    fn htb(ns: &str, dev: &str) -> Sampler {
+        let (ns, dev) = (ns.to_string(), dev.to_string());
+        Sampler::start(move || htb_counters(&ns, &dev).ok().map(|c| c.0))
+    }
+
+    /// Samples the bytes the run of nbt process `pid` let through in `direction`.
+    fn nbt(nbt: &Path, pid: u32, direction: &'static str) -> Sampler {
+        let nbt = nbt.to_path_buf();
+        Sampler::start(move || nbt_passed_bytes(&nbt, pid, direction))
+    }
+
     fn start(read: impl Fn() -> Option<u64> + Send + 'static) -> Sampler {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -887,8 +899,7 @@ impl Bench {
                 let htb = Htb::add(&self.netns, &dev, &cell.rate.label)?;
                 let command = self.testbin_in(&self.netns.a, &workload);
                 let sender = Proc::spawn("the sender", command)?;
-                let (ns, dev) = (self.netns.a.clone(), dev.clone());
-                let sampler = Sampler::start(move || htb_counters(&ns, &dev).ok().map(|c| c.0));
+                let sampler = Sampler::htb(&self.netns.a, &dev);
                 let out = sender.finish(self.sender_timeout())?;
                 counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
                 let (bytes, packets, dropped) = htb.counters()?;
@@ -902,8 +913,7 @@ impl Bench {
                 let user = if as_root { "root" } else { "nobody" };
                 let command = self.nbt_run(cell, user, &full);
                 let sender = Proc::spawn("nbt run (the sender)", command)?;
-                let (nbt, pid) = (self.bin.join("nbt"), sender.pid());
-                let sampler = Sampler::start(move || nbt_passed_bytes(&nbt, pid, "egress"));
+                let sampler = Sampler::nbt(&self.bin.join("nbt"), sender.pid(), "egress");
                 let out = sender.finish(self.sender_timeout())?;
                 counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
                 let json = summary(&out)?.to_string();
@@ -946,14 +956,8 @@ impl Bench {
         let command = self.testbin_in(&sender_ns, &self.sender_args(cell, &at));
         let sender = Proc::spawn("the sender", command)?;
         let sampler = match &htb {
-            Some(htb) => {
-                let (ns, ifb) = (self.netns.a.clone(), htb.ifb.clone());
-                Sampler::start(move || htb_counters(&ns, &ifb).ok().map(|c| c.0))
-            }
-            None => {
-                let (nbt, pid) = (self.bin.join("nbt"), receiver.pid());
-                Sampler::start(move || nbt_passed_bytes(&nbt, pid, "ingress"))
-            }
+            Some(htb) => Sampler::htb(&self.netns.a, &htb.ifb),
+            None => Sampler::nbt(&self.bin.join("nbt"), receiver.pid(), "ingress"),
         };
         let sender_out = sender.finish(self.sender_timeout())?;
         let counter_rate = sampler.rate(SKIP_SECONDS, self.window_end());
@@ -1092,19 +1096,28 @@ impl Errors {
         format!("{:.2}%", self.0.iter().sum::<f64>() / self.0.len() as f64)
     }
 
+    fn worst_percent(&self) -> Option<f64> {
+        self.0.iter().cloned().reduce(f64::max)
+    }
+
     fn worst(&self) -> String {
-        match self.0.iter().cloned().reduce(f64::max) {
+        match self.worst_percent() {
             Some(worst) => format!("{worst:.2}%"),
             None => "-".into(),
         }
+    }
+
+    /// "K of N": how many are within [`WITHIN`].
+    fn count_within(&self) -> String {
+        let within = self.0.iter().filter(|e| **e <= WITHIN).count();
+        format!("{within} of {}", self.0.len())
     }
 
     fn within(&self) -> String {
         if self.0.is_empty() {
             return "-".into();
         }
-        let within = self.0.iter().filter(|e| **e <= WITHIN).count();
-        format!("{within} of {}", self.0.len())
+        self.count_within()
     }
 }
 
@@ -1244,13 +1257,15 @@ fn print_cells(rows: &[Row]) {
             error_columns(cell)
         );
     }
+    // A cell is within 1% in every pass when its worst pass is.
     let cells_within = |method: fn(&Row) -> Option<f64>| {
-        let worst: Vec<f64> = cells
-            .iter()
-            .filter_map(|cell| Errors::of(cell, method).0.into_iter().reduce(f64::max))
-            .collect();
-        let within = worst.iter().filter(|w| **w <= WITHIN).count();
-        format!("{within} of {}", worst.len())
+        Errors(
+            cells
+                .iter()
+                .filter_map(|cell| Errors::of(cell, method).worst_percent())
+                .collect(),
+        )
+        .count_within()
     };
     println!(
         "\ncells within 1% in every pass: htb {}, nbt {}",

@@ -98,8 +98,8 @@ pub fn remove(ifindex: u32) -> io::Result<()> {
 /// Removes the mark of the clsact qdisc of interface `ifindex`, named `name`: gone with its
 /// interface (a mark of another name is another interface's, which took the index since).
 pub fn forget(ifindex: u32, name: &str) {
-    if marked(ifindex, name) {
-        unmark(ifindex);
+    if let Ok(netns) = NetnsId::current() {
+        forget_in(netns, ifindex, name);
     }
 }
 
