@@ -527,6 +527,75 @@ fn cleanup_after_the_runs_namespace_is_gone_says_so() {
     guard.assert_clean();
 }
 
+/// A bind mount of a namespace file outside `/run/netns`, taken off on drop.
+struct HeldNamespace(std::path::PathBuf);
+
+impl HeldNamespace {
+    fn bind(ns: &str) -> HeldNamespace {
+        let path = std::env::temp_dir().join(format!("nbt-held-{ns}"));
+        std::fs::File::create(&path).unwrap();
+        let held = HeldNamespace(path);
+        let bound = std::process::Command::new("mount")
+            .args(["--bind", &format!("/run/netns/{ns}")])
+            .arg(&held.0)
+            .status()
+            .unwrap();
+        assert!(bound.success());
+        held
+    }
+
+    fn qdiscs(&self) -> String {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.0.display()))
+            .args(["tc", "qdisc", "show"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for HeldNamespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// As above, with the namespace's name deleted but the namespace kept alive by a bind mount
+/// elsewhere, as container runtimes keep theirs: cleanup finds it among the machine's mounts and
+/// takes the qdisc off there. Before, it looked in `/run/netns` and at processes only, called
+/// the namespace gone and left the qdisc.
+#[test]
+fn cleanup_finds_a_namespace_held_by_a_bind_mount_elsewhere() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("heldns");
+    let (name, ino) = killed_run_with_a_clsact_qdisc(&net.a);
+    let held = HeldNamespace::bind(&net.a);
+    let deleted = std::process::Command::new("ip")
+        .args(["netns", "del", &net.a])
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+    assert!(held.qdiscs().contains("clsact"), "{}", held.qdiscs());
+
+    let cleanup = nbt(&["cleanup"]);
+    assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
+    assert!(
+        cleanup.stderr().contains(&format!("removed {name}"))
+            && !cleanup.stderr().contains("namespace is gone"),
+        "{}",
+        cleanup.stderr()
+    );
+    assert!(
+        !held.qdiscs().contains("clsact"),
+        "left behind: {}",
+        held.qdiscs()
+    );
+    assert!(marks(ino).is_empty(), "marks left: {:?}", marks(ino));
+    drop(held);
+    guard.assert_clean();
+}
+
 #[test]
 fn a_tcp_stream_into_the_run_through_duplicate_and_corrupt_arrives_whole() {
     use std::io::Write;

@@ -37,26 +37,92 @@ impl NetnsId {
         NetnsId::of(&PathBuf::from(format!("/proc/{pid}/ns/net")))
     }
 
-    /// A file of this namespace, to enter it by: a named namespace's (`ip netns add`), or a
-    /// process's that lives in it. None when neither is found: the namespace is gone (or held
-    /// only by a descriptor or a bind mount elsewhere).
+    /// A file of this namespace, to enter it by, from every place one can be held open: a named
+    /// namespace's (`ip netns add`), any other bind mount of a namespace file (a container
+    /// runtime's, a test's), a thread's that lives in it, a descriptor a process holds on it.
+    /// None when none is found: the namespace is gone (or held only from another mount
+    /// namespace, where nbt cannot see the mount).
     fn find(self) -> Option<File> {
-        let named = std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.path());
-        let processes = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
-            .map(|entry| entry.path().join("ns/net"));
-        named
-            .chain(processes)
+        named_namespaces()
+            .chain(namespace_mounts())
+            .chain(thread_namespaces())
+            .chain(namespace_descriptors())
             .filter(|path| NetnsId::of(path).is_ok_and(|id| id == self))
             .find_map(|path| File::open(path).ok())
     }
+}
+
+fn entries(dir: impl AsRef<Path>) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+}
+
+fn processes() -> impl Iterator<Item = PathBuf> {
+    entries("/proc").filter(|path| {
+        path.file_name()
+            .is_some_and(|name| name.to_string_lossy().parse::<u32>().is_ok())
+    })
+}
+
+fn named_namespaces() -> impl Iterator<Item = PathBuf> {
+    entries("/run/netns")
+}
+
+/// Mount points of nsfs files in nbt's mount namespace (`/proc/self/mountinfo`: the fifth
+/// field is the mount point, with space, tab, newline and backslash written as octal escapes;
+/// the file system type follows the ` - ` separator).
+fn namespace_mounts() -> impl Iterator<Item = PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let point = mount.split(' ').nth(4)?;
+            (fs.split(' ').next()? == "nsfs").then(|| unescape_mount_point(point))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+fn unescape_mount_point(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt as _;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Every thread's, not only each process's main thread: a thread may have entered another
+/// namespace with setns(2), as nbt's own cleanup does.
+fn thread_namespaces() -> impl Iterator<Item = PathBuf> {
+    processes().flat_map(|process| entries(process.join("task")).map(|task| task.join("ns/net")))
+}
+
+/// Descriptors open on a network namespace file (`readlink` reads `net:[INODE]`).
+fn namespace_descriptors() -> impl Iterator<Item = PathBuf> {
+    processes()
+        .flat_map(|process| entries(process.join("fd")))
+        .filter(|fd| {
+            std::fs::read_link(fd).is_ok_and(|target| target.to_string_lossy().starts_with("net:["))
+        })
 }
 
 /// Where a call in a recorded namespace ran.
@@ -114,5 +180,37 @@ mod tests {
             Reached::Gone
         ));
         assert_eq!(NetnsId::current().unwrap(), own);
+    }
+
+    /// A namespace whose only hold is a descriptor of this process (the thread that made it has
+    /// ended) is found, entered and left.
+    #[test]
+    fn a_namespace_held_only_by_a_descriptor_is_found() {
+        let (id, held) = std::thread::spawn(|| {
+            // SAFETY: unshare(2) moves only this short-lived thread into a new namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok((NetnsId::current()?, File::open("/proc/thread-self/ns/net")?))
+        })
+        .join()
+        .unwrap()
+        .expect("a new network namespace (run as root)");
+        let own = NetnsId::current().unwrap();
+        assert_ne!(id, own);
+        assert!(matches!(
+            within(id, NetnsId::current).unwrap(),
+            Reached::Ran(Ok(inside)) if inside == id
+        ));
+        assert_eq!(NetnsId::current().unwrap(), own);
+        drop(held);
+    }
+
+    #[test]
+    fn mount_points_are_read_with_their_octal_escapes() {
+        assert_eq!(
+            unescape_mount_point(r"/run/a\040b\011c\134d\"),
+            PathBuf::from("/run/a b\tc\\d\\")
+        );
     }
 }
