@@ -679,14 +679,43 @@ fn nbt_set_changes_memory_cpus_and_pids_of_a_live_run_and_logs_it() {
     let bad = nbt(&["set", &run, "--memory", "12X", "--cpus", "0.25"]);
     assert_eq!(bad.status(), 2, "{}", bad.stderr());
     assert!(bad.stderr().contains("for --memory"), "{}", bad.stderr());
+    // A memory limit below what the run holds: where the memory controller is v1 and there is
+    // no swap to reclaim the workload's own pages into, the kernel refuses it (EBUSY), and nbt
+    // says so in those words. (v2 takes it and OOM-kills; not tried here.)
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+    let no_swap = std::fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().count() <= 1);
+    let refused_below = v1 && no_swap;
+    if refused_below {
+        let below = nbt(&["set", &run, "--memory", "4K"]);
+        assert_eq!(below.status(), 1, "{}", below.stderr());
+        assert!(
+            below
+                .stderr()
+                .contains("could not reclaim the run's memory down to 4.0 KiB (it holds ")
+                && below.stderr().contains("cgroup v1 refuses a limit"),
+            "{}",
+            below.stderr()
+        );
+    }
     let run = child.end_workload(&file);
     let events = run.summary.as_ref().unwrap()["events"]
         .as_array()
         .unwrap()
         .clone();
     let set: Vec<_> = events.iter().filter(|e| e["source"] == "nbt set").collect();
-    assert_eq!(set.len(), 1, "{events:?}");
+    assert_eq!(set.len(), 1 + refused_below as usize, "{events:?}");
     assert_eq!(set[0]["what"], "memory 128.0 MiB, cpus 0.5, pids 50");
+    if refused_below {
+        // The refused change is in the run's log too, with its reason.
+        assert_eq!(set[1]["what"], "memory 4.0 KiB");
+        assert!(
+            set[1]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cgroup v1 refuses a limit")),
+            "{:?}",
+            set[1]
+        );
+    }
     let _ = std::fs::remove_file(&file);
     guard.assert_clean();
 }

@@ -317,7 +317,35 @@ fn nbt_fault_freezes_a_live_run_from_outside_and_the_run_logs_it() {
             .expect("the spinning run in nbt ps");
     let bad = nbt_integration_tests::nbt(&["fault", &name, "brownout"]);
     assert_eq!(bad.status(), 2, "{}", bad.stderr());
-    assert!(bad.stderr().contains("needs duration"), "{}", bad.stderr());
+    assert!(
+        bad.stderr().contains("a brownout fault needs DURATION"),
+        "{}",
+        bad.stderr()
+    );
+    // Its errors name its own arguments and flags, not a schedule file's keys.
+    for (args, said) in [
+        (
+            &["brownout", "abc"][..],
+            "invalid value 'abc' for DURATION: not a duration",
+        ),
+        (&["loss-burst", "1s"], "a loss-burst fault needs --loss"),
+        (
+            &["brownout", "1s", "--rate", "1M"],
+            "--rate does not apply to a brownout fault",
+        ),
+        (
+            &["network-drop", "1s", "--direction", "up"],
+            "invalid value 'up' for --direction: accepted: egress, ingress, both",
+        ),
+    ] {
+        let bad = nbt_integration_tests::nbt(&[&["fault", name.as_str()][..], args].concat());
+        assert_eq!(bad.status(), 2, "{args:?}: {}", bad.stderr());
+        assert!(
+            bad.stderr().starts_with(&format!("nbt fault: {said}")),
+            "{args:?}: {}",
+            bad.stderr()
+        );
+    }
     let fault = nbt_integration_tests::nbt(&["fault", &name, "brownout", "1500ms"]);
     assert_eq!(fault.status(), 0, "{}", fault.stderr());
     let run = sender.join().unwrap();

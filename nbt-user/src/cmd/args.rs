@@ -806,7 +806,8 @@ pub struct FaultArgs {
 impl FaultArgs {
     /// The fault as one `[[fault]]` of a schedule, starting at once.
     pub fn as_schedule(&self) -> String {
-        let mut text = format!("[[fault]]\nkind = {:?}\nstart = \"0s\"\n", self.kind);
+        let quoted = |value: &str| toml::Value::String(value.to_string()).to_string();
+        let mut text = format!("[[fault]]\nkind = {}\nstart = \"0s\"\n", quoted(&self.kind));
         for (key, value) in [
             ("duration", &self.duration),
             ("cpus", &self.cpus),
@@ -817,7 +818,7 @@ impl FaultArgs {
             ("rate", &self.rate),
         ] {
             if let Some(value) = value {
-                text.push_str(&format!("{key} = {value:?}\n"));
+                text.push_str(&format!("{key} = {}\n", quoted(value)));
             }
         }
         text

@@ -188,20 +188,7 @@ pub fn set_limits(run: &str, given: &[(&str, &str)], signals: &libc::sigset_t) -
         step.push_str(&format!(", {key} = {value}"));
     }
     step.push_str(" }]");
-    let events = crate::schedule::fault::apply_from_outside(run, "nbt set", &step, signals)
-        .map_err(|err| {
-            // The schedule's words for the flags' names.
-            let text = format!("{err:#}");
-            match err.downcast_ref::<PlanError>() {
-                Some(_) => anyhow::Error::new(PlanError(
-                    text.replace("for memory", "for --memory")
-                        .replace("for swap", "for --swap")
-                        .replace("for cpus", "for --cpus")
-                        .replace("for pids", "for --pids"),
-                )),
-                None => err,
-            }
-        })?;
+    let events = crate::schedule::fault::apply_from_outside(run, "nbt set", &step, signals)?;
     let failed: Vec<String> = events.iter().filter_map(|e| e.error.clone()).collect();
     if !failed.is_empty() {
         anyhow::bail!("{run}: {}", failed.join("; "));

@@ -309,6 +309,39 @@ fn write_file(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).with_context(|| format!("writing '{value}' to {}", path.display()))
 }
 
+/// Writes a v1 memory limit (`memory.limit_in_bytes`, `memory.memsw.limit_in_bytes`). The kernel
+/// refuses (EBUSY) a limit below what the cgroup holds that it cannot reclaim down to, where v2
+/// reclaims or OOM-kills: that refusal is said in those words, with what the cgroup holds.
+fn write_v1_memory_limit(path: &Path, bytes: Option<u64>) -> Result<()> {
+    let Err(err) = fs::write(path, limit_text(bytes, "-1")) else {
+        return Ok(());
+    };
+    let (Some(bytes), Some(libc::EBUSY)) = (bytes, err.raw_os_error()) else {
+        return Err(err).with_context(|| {
+            format!(
+                "writing '{}' to {}",
+                limit_text(bytes, "-1"),
+                path.display()
+            )
+        });
+    };
+    let usage_file = path.with_file_name(
+        path.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .replace("limit_in_bytes", "usage_in_bytes"),
+    );
+    let holds = read_trimmed(&usage_file)
+        .and_then(|t| t.parse::<u64>().ok())
+        .map_or_else(|| "more".to_string(), crate::units::format_size);
+    bail!(
+        "{}: the kernel could not reclaim the run's memory down to {} (it holds {holds}): \
+         cgroup v1 refuses a limit it cannot reclaim to (v2 would OOM-kill)",
+        path.display(),
+        crate::units::format_size(bytes)
+    )
+}
+
 fn read_trimmed(path: &Path) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }
@@ -710,17 +743,17 @@ impl RunCgroup {
                     _ => None,
                 };
                 let Some(allowance) = swap_allowance else {
-                    return write_file(&memory_file, &limit_text(bytes, "-1"));
+                    return write_v1_memory_limit(&memory_file, bytes);
                 };
                 let memsw_file = dir.join("memory.memsw.limit_in_bytes");
-                let memsw = limit_text(bytes.map(|b| b.saturating_add(allowance)), "-1");
+                let memsw = bytes.map(|b| b.saturating_add(allowance));
                 let rising = bytes.is_none_or(|b| Some(b) > limit("memory.limit_in_bytes"));
                 if rising {
-                    write_file(&memsw_file, &memsw)?;
-                    write_file(&memory_file, &limit_text(bytes, "-1"))
+                    write_v1_memory_limit(&memsw_file, memsw)?;
+                    write_v1_memory_limit(&memory_file, bytes)
                 } else {
-                    write_file(&memory_file, &limit_text(bytes, "-1"))?;
-                    write_file(&memsw_file, &memsw)
+                    write_v1_memory_limit(&memory_file, bytes)?;
+                    write_v1_memory_limit(&memsw_file, memsw)
                 }
             }
         }
@@ -789,10 +822,7 @@ impl RunCgroup {
                 Ok("memory.high")
             }
             (Placement::V1, dir) => {
-                write_file(
-                    &dir.join("memory.limit_in_bytes"),
-                    &limit_text(bytes.or(limit), "-1"),
-                )?;
+                write_v1_memory_limit(&dir.join("memory.limit_in_bytes"), bytes.or(limit))?;
                 Ok("memory.limit_in_bytes (v1)")
             }
         }

@@ -57,12 +57,7 @@ pub fn apply_from_outside(
     };
     let mut cgroup = cgroup_of(run, &record)?;
     let initial = initial_of(&cgroup, &record);
-    let schedule = super::parse("(nbt fault)", as_schedule, &initial).map_err(|e| {
-        PlanError(
-            e.0.replace("--schedule (nbt fault), line 1: ", "")
-                .replace("--schedule (nbt fault): ", ""),
-        )
-    })?;
+    let schedule = super::parse_flags(source, as_schedule, &initial).map_err(|e| PlanError(e.0))?;
     let mut controls = Controls {
         edt_map: record.edt_map,
         ledger: record.ledger,

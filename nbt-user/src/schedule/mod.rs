@@ -36,7 +36,7 @@ use serde::Serialize;
 
 use crate::enforce::shaper::Loss;
 
-pub use parse::parse;
+pub use parse::{parse, parse_flags};
 
 /// One thing a schedule changes.
 #[derive(Debug, Clone, PartialEq, Serialize)]

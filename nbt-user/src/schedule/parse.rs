@@ -135,14 +135,42 @@ fn text(value: &toml::Value) -> String {
 /// Parses and checks the schedule `source` (for messages: the file's name) for a run that starts
 /// with `initial`.
 pub fn parse(source: &str, text_in: &str, initial: &Initial) -> Result<Schedule, ScheduleError> {
+    parse_as(source, Naming::File, text_in, initial)
+}
+
+/// Parses and checks a schedule built from a command's flags (`nbt fault`, `nbt set`): its
+/// messages name the flags (`--memory`, the fault's `DURATION`), with no file or line.
+pub fn parse_flags(
+    command: &str,
+    text_in: &str,
+    initial: &Initial,
+) -> Result<Schedule, ScheduleError> {
+    parse_as(command, Naming::Flags, text_in, initial)
+}
+
+/// Whose words a schedule's messages use: the file's keys or the command's flags.
+#[derive(Clone, Copy)]
+enum Naming {
+    File,
+    Flags,
+}
+
+fn parse_as(
+    source: &str,
+    naming: Naming,
+    text_in: &str,
+    initial: &Initial,
+) -> Result<Schedule, ScheduleError> {
     let file: File = toml::from_str(text_in).map_err(|e| {
-        ScheduleError(format!(
-            "--schedule {source}: {}",
-            e.to_string().trim_end().replace('\n', " ")
-        ))
+        let what = e.to_string().trim_end().replace('\n', " ");
+        match naming {
+            Naming::File => ScheduleError(format!("--schedule {source}: {what}")),
+            Naming::Flags => ScheduleError(what),
+        }
     })?;
     let reader = Reader {
         source,
+        naming,
         line_starts: line_starts(text_in),
         initial,
     };
@@ -210,6 +238,7 @@ impl Timeline {
 /// their lines) and the state the run starts with.
 struct Reader<'a> {
     source: &'a str,
+    naming: Naming,
     line_starts: Vec<usize>,
     initial: &'a Initial,
 }
@@ -252,7 +281,21 @@ impl Reader<'_> {
     }
 
     fn err(&self, line: usize, what: String) -> ScheduleError {
-        ScheduleError(format!("--schedule {}, line {line}: {what}", self.source))
+        match self.naming {
+            Naming::File => {
+                ScheduleError(format!("--schedule {}, line {line}: {what}", self.source))
+            }
+            Naming::Flags => ScheduleError(what),
+        }
+    }
+
+    /// `key` as the user wrote it: the file's key, or the flag it came from.
+    fn name(&self, key: &str) -> String {
+        match (self.naming, key) {
+            (Naming::File, _) => key.to_string(),
+            (Naming::Flags, "duration") => "DURATION".to_string(),
+            (Naming::Flags, _) => format!("--{key}"),
+        }
     }
 
     /// `result`, with its error put at `line`.
@@ -270,7 +313,7 @@ impl Reader<'_> {
         key: &str,
         value: &toml::Value,
     ) -> Result<Duration, ScheduleError> {
-        self.at_line(line, units::parse_duration(key, &text(value)))
+        self.at_line(line, units::parse_duration(&self.name(key), &text(value)))
     }
 
     /// A duration in whole milliseconds.
@@ -279,19 +322,20 @@ impl Reader<'_> {
     }
 
     fn size(&self, line: usize, key: &str, value: &toml::Value) -> Result<u64, ScheduleError> {
-        self.at_line(line, units::parse_size(key, &text(value)))
+        self.at_line(line, units::parse_size(&self.name(key), &text(value)))
     }
 
     fn cpus(&self, line: usize, key: &str, value: &toml::Value) -> Result<u64, ScheduleError> {
-        self.at_line(line, units::parse_cpus(key, &text(value)))
+        self.at_line(line, units::parse_cpus(&self.name(key), &text(value)))
     }
 
     fn percent(&self, line: usize, key: &str, value: &toml::Value) -> Result<f64, ScheduleError> {
-        self.at_line(line, units::parse_percent(key, &text(value)))
+        self.at_line(line, units::parse_percent(&self.name(key), &text(value)))
     }
 
     /// A rate the shaper can keep to.
     fn rate(&self, line: usize, key: &str, value: &toml::Value) -> Result<u64, ScheduleError> {
+        let key = &self.name(key);
         let rate = self.at_line(line, units::parse_rate(key, &text(value)))?;
         self.at_line(
             line,
@@ -303,7 +347,7 @@ impl Reader<'_> {
     fn amount(&self, line: usize, key: &str, value: &toml::Value) -> Result<i64, ScheduleError> {
         self.at_line(
             line,
-            crate::enforce::ledger::parse_amount(key, &text(value)),
+            crate::enforce::ledger::parse_amount(&self.name(key), &text(value)),
         )
     }
 
@@ -331,7 +375,10 @@ impl Reader<'_> {
             other => {
                 return Err(self.err(
                     line,
-                    format!("direction '{other}': accepted: egress, ingress, both"),
+                    format!(
+                        "invalid value '{other}' for {}: accepted: egress, ingress, both",
+                        self.name("direction")
+                    ),
                 ))
             }
         })
@@ -403,13 +450,14 @@ impl Reader<'_> {
             });
         }
         if let Some(v) = &s.pids {
-            let count = self.at_line(line, units::parse_count("pids", &text(v)))?;
+            let count = self.at_line(line, units::parse_count(&self.name("pids"), &text(v)))?;
             if count == 0 || count > crate::enforce::cgroup::MAX_PIDS {
                 return Err(self.err(
                     line,
                     format!(
-                        "invalid value '{}' for pids: accepted: 1 to {}",
+                        "invalid value '{}' for {}: accepted: 1 to {}",
                         text(v),
+                        self.name("pids"),
                         crate::enforce::cgroup::MAX_PIDS
                     ),
                 ));
@@ -779,15 +827,24 @@ impl FaultTable<'_> {
     /// Refuses `key`, when `given`, as foreign to this kind of fault.
     fn unused(&self, key: &str, given: bool) -> Result<(), ScheduleError> {
         if given {
-            Err(self.err(format!("{key} does not apply to a {} fault", self.f.kind)))
+            Err(self.err(format!(
+                "{} does not apply to a {} fault",
+                self.reader.name(key),
+                self.f.kind
+            )))
         } else {
             Ok(())
         }
     }
 
     fn need_duration(&self) -> Result<u64, ScheduleError> {
-        self.length
-            .ok_or_else(|| self.err(format!("a {} fault needs duration", self.f.kind)))
+        self.length.ok_or_else(|| {
+            self.err(format!(
+                "a {} fault needs {}",
+                self.f.kind,
+                self.reader.name("duration")
+            ))
+        })
     }
 
     /// The fault's change and whether it is instant (no end to put back).
@@ -835,10 +892,12 @@ impl FaultTable<'_> {
             self.unused("loss", f.loss.is_some())?;
             (Loss::uniform(1.0), "both")
         } else {
-            let v = f
-                .loss
-                .as_ref()
-                .ok_or_else(|| self.err("a loss-burst fault needs loss".into()))?;
+            let v = f.loss.as_ref().ok_or_else(|| {
+                self.err(format!(
+                    "a loss-burst fault needs {}",
+                    self.reader.name("loss")
+                ))
+            })?;
             (
                 Loss::uniform(self.reader.percent(self.line, "loss", v)?),
                 "egress",
@@ -857,7 +916,10 @@ impl FaultTable<'_> {
         self.unused("amount", f.amount.is_some())?;
         self.need_duration()?;
         let v = f.memory.as_ref().ok_or_else(|| {
-            self.err("a memory-squeeze fault needs memory, the size to squeeze the run to".into())
+            self.err(format!(
+                "a memory-squeeze fault needs {}, the size to squeeze the run to",
+                self.reader.name("memory")
+            ))
         })?;
         let bytes = self.reader.size(self.line, "memory", v)?;
         Ok(vec![Change::MemoryHigh { bytes: Some(bytes) }])
@@ -874,10 +936,12 @@ impl FaultTable<'_> {
         if !self.reader.initial.has_balance {
             return Err(self.err("a balance-shock needs the run started with --balance".into()));
         }
-        let v = f
-            .amount
-            .as_ref()
-            .ok_or_else(|| self.err("a balance-shock fault needs amount, the charge".into()))?;
+        let v = f.amount.as_ref().ok_or_else(|| {
+            self.err(format!(
+                "a balance-shock fault needs {}, the charge",
+                self.reader.name("amount")
+            ))
+        })?;
         let micro = self.reader.amount(self.line, "amount", v)?;
         Ok(vec![Change::Balance { micro: -micro }])
     }
@@ -891,15 +955,18 @@ impl FaultTable<'_> {
         self.unused("amount", f.amount.is_some())?;
         self.need_duration()?;
         let v = f.rate.as_ref().ok_or_else(|| {
-            self.err("a memory-leak fault needs rate, the balloon's growth per second (10M)".into())
+            self.err(format!(
+                "a memory-leak fault needs {}, the balloon's growth per second (10M)",
+                self.reader.name("rate")
+            ))
         })?;
         let t = text(v);
         let bytes = self.reader.at_line(
             self.line,
-            units::parse_size("rate", t.trim().trim_end_matches("/s")),
+            units::parse_size(&self.reader.name("rate"), t.trim().trim_end_matches("/s")),
         )?;
         if bytes == 0 {
-            return Err(self.err("rate must be above 0".into()));
+            return Err(self.err(format!("{} must be above 0", self.reader.name("rate"))));
         }
         Ok(vec![Change::Leak {
             bytes_per_sec: Some(bytes),
@@ -1292,12 +1359,38 @@ amount = "0.5"
         );
     }
 
+    /// The same bad fault read from a file names its keys and line; built from `nbt fault`'s
+    /// arguments, it names the flags, with no file or line.
+    #[test]
+    fn a_fault_from_flags_names_the_flags() {
+        let text =
+            "[[fault]]\nkind = \"memory-leak\"\nstart = \"0s\"\nduration = \"1s\"\nrate = \"5\"\n";
+        let file = parse("f.toml", text, &initial()).unwrap_err().0;
+        assert!(
+            file.starts_with("--schedule f.toml, line 1: invalid value '5' for rate:"),
+            "{file}"
+        );
+        let flags = parse_flags("nbt fault", text, &initial()).unwrap_err().0;
+        assert!(
+            flags.starts_with("invalid value '5' for --rate:"),
+            "{flags}"
+        );
+        let no_duration = "[[fault]]\nkind = \"brownout\"\nstart = \"0s\"\n";
+        assert_eq!(
+            parse_flags("nbt fault", no_duration, &initial())
+                .unwrap_err()
+                .0,
+            "a brownout fault needs DURATION"
+        );
+    }
+
     #[test]
     fn lines_are_found_from_the_line_starts() {
         let starts = line_starts("a\nbc\n\nd");
         assert_eq!(starts, [0, 2, 5, 6]);
         let reader = Reader {
             source: "s",
+            naming: Naming::File,
             line_starts: starts,
             initial: &initial(),
         };
