@@ -455,8 +455,8 @@ fn kill_9_while_writing_receipts_never_breaks_the_store() {
         .collect();
     let borrowed: Vec<(&str, f64, f64)> =
         tasks.iter().map(|(n, b, e)| (n.as_str(), *b, *e)).collect();
-    // The reports come 40 ms apart, so the receipts are written all through the run.
-    let script = reporting(&borrowed).replace("\n", "\nsleep 0.04\n");
+    // The reports come 20 ms apart, so the receipts are written all through the run.
+    let script = reporting(&borrowed).replace("\n", "\nsleep 0.02\n");
 
     // How long one run takes, to spread the kills over it.
     let started = Instant::now();
