@@ -527,26 +527,69 @@ fn cleanup_after_the_runs_namespace_is_gone_says_so() {
     guard.assert_clean();
 }
 
-/// A bind mount of a namespace file outside `/run/netns`, taken off on drop.
-struct HeldNamespace(std::path::PathBuf);
+/// A bind mount of a namespace file outside `/run/netns`, taken off on drop: in the machine's
+/// mount namespace, or in a private one of a process of its own (`unshare --mount`).
+struct HeldNamespace {
+    path: std::path::PathBuf,
+    private: Option<std::process::Child>,
+}
 
 impl HeldNamespace {
     fn bind(ns: &str) -> HeldNamespace {
         let path = std::env::temp_dir().join(format!("nbt-held-{ns}"));
         std::fs::File::create(&path).unwrap();
-        let held = HeldNamespace(path);
+        let held = HeldNamespace {
+            path,
+            private: None,
+        };
         let bound = std::process::Command::new("mount")
             .args(["--bind", &format!("/run/netns/{ns}")])
-            .arg(&held.0)
+            .arg(&held.path)
             .status()
             .unwrap();
         assert!(bound.success());
         held
     }
 
+    /// Bound in a mount namespace of its own, which a sleeping process keeps: the machine's
+    /// mount table does not list it.
+    fn bind_privately(ns: &str) -> HeldNamespace {
+        let path = std::env::temp_dir().join(format!("nbt-held-{ns}"));
+        std::fs::File::create(&path).unwrap();
+        let ready = path.with_extension("ready");
+        let script = format!(
+            "mount --bind /run/netns/{ns} {0} && touch {1} && exec sleep 60",
+            path.display(),
+            ready.display()
+        );
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .spawn()
+            .unwrap();
+        let held = HeldNamespace {
+            path,
+            private: Some(child),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !ready.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no private bind mount"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(&ready);
+        held
+    }
+
     fn qdiscs(&self) -> String {
+        // The private mount is seen through its holder's root.
+        let file = match &self.private {
+            Some(child) => format!("/proc/{}/root{}", child.id(), self.path.display()),
+            None => self.path.display().to_string(),
+        };
         let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.0.display()))
+            .arg(format!("--net={file}"))
             .args(["tc", "qdisc", "show"])
             .output()
             .unwrap();
@@ -556,44 +599,62 @@ impl HeldNamespace {
 
 impl Drop for HeldNamespace {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_file(&self.0);
+        match &mut self.private {
+            // The mount goes with its mount namespace.
+            Some(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            None => {
+                let _ = std::process::Command::new("umount")
+                    .arg(&self.path)
+                    .status();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
 /// As above, with the namespace's name deleted but the namespace kept alive by a bind mount
-/// elsewhere, as container runtimes keep theirs: cleanup finds it among the machine's mounts and
-/// takes the qdisc off there. Before, it looked in `/run/netns` and at processes only, called
-/// the namespace gone and left the qdisc.
+/// elsewhere, as container runtimes keep theirs: in the machine's mount namespace, and in a
+/// private one. Cleanup finds it among the mounts of every mount namespace and takes the qdisc
+/// off there. Before, it looked in `/run/netns` and at processes only, called the namespace
+/// gone and left the qdisc.
 #[test]
 fn cleanup_finds_a_namespace_held_by_a_bind_mount_elsewhere() {
-    let guard = NoLeftovers::new();
-    let net = NetnsPair::new("heldns");
-    let (name, ino) = killed_run_with_a_clsact_qdisc(&net.a);
-    let held = HeldNamespace::bind(&net.a);
-    let deleted = std::process::Command::new("ip")
-        .args(["netns", "del", &net.a])
-        .status()
-        .unwrap();
-    assert!(deleted.success());
-    assert!(held.qdiscs().contains("clsact"), "{}", held.qdiscs());
+    for private in [false, true] {
+        let guard = NoLeftovers::new();
+        let net = NetnsPair::new("heldns");
+        let (name, ino) = killed_run_with_a_clsact_qdisc(&net.a);
+        let held = match private {
+            false => HeldNamespace::bind(&net.a),
+            true => HeldNamespace::bind_privately(&net.a),
+        };
+        let deleted = std::process::Command::new("ip")
+            .args(["netns", "del", &net.a])
+            .status()
+            .unwrap();
+        assert!(deleted.success());
+        assert!(held.qdiscs().contains("clsact"), "{}", held.qdiscs());
 
-    let cleanup = nbt(&["cleanup"]);
-    assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
-    assert!(
-        cleanup.stderr().contains(&format!("removed {name}"))
-            && !cleanup.stderr().contains("namespace is gone"),
-        "{}",
-        cleanup.stderr()
-    );
-    assert!(
-        !held.qdiscs().contains("clsact"),
-        "left behind: {}",
-        held.qdiscs()
-    );
-    assert!(marks(ino).is_empty(), "marks left: {:?}", marks(ino));
-    drop(held);
-    guard.assert_clean();
+        let cleanup = nbt(&["cleanup"]);
+        assert_eq!(cleanup.status(), 0, "{}", cleanup.stderr());
+        assert!(
+            cleanup.stderr().contains(&format!("removed {name}"))
+                && !cleanup.stderr().contains("namespace is gone"),
+            "private mount namespace: {private}: {}",
+            cleanup.stderr()
+        );
+        assert!(
+            !held.qdiscs().contains("clsact"),
+            "private mount namespace: {private}: left behind: {}",
+            held.qdiscs()
+        );
+        assert!(marks(ino).is_empty(), "marks left: {:?}", marks(ino));
+        drop(held);
+        drop(net);
+        guard.assert_clean();
+    }
 }
 
 #[test]

@@ -39,9 +39,8 @@ impl NetnsId {
 
     /// A file of this namespace, to enter it by, from every place one can be held open: a named
     /// namespace's (`ip netns add`), any other bind mount of a namespace file (a container
-    /// runtime's, a test's), a thread's that lives in it, a descriptor a process holds on it.
-    /// None when none is found: the namespace is gone (or held only from another mount
-    /// namespace, where nbt cannot see the mount).
+    /// runtime's, a test's, in any mount namespace a process lives in), a thread's that lives in
+    /// it, a descriptor a process holds on it. None when none is found: the namespace is gone.
     fn find(self) -> Option<File> {
         named_namespaces()
             .chain(namespace_mounts())
@@ -71,20 +70,38 @@ fn named_namespaces() -> impl Iterator<Item = PathBuf> {
     entries("/run/netns")
 }
 
-/// Mount points of nsfs files in nbt's mount namespace (`/proc/self/mountinfo`: the fifth
-/// field is the mount point, with space, tab, newline and backslash written as octal escapes;
-/// the file system type follows the ` - ` separator).
+/// nsfs files bind-mounted anywhere: in nbt's own mount namespace first, then in each other
+/// mount namespace a process lives in (a service's private mounts, a container's), reached
+/// through that process's root (`/proc/PID/root`).
 fn namespace_mounts() -> impl Iterator<Item = PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            let point = mount.split(' ').nth(4)?;
-            (fs.split(' ').next()? == "nsfs").then(|| unescape_mount_point(point))
+    let mut seen = std::collections::HashSet::new();
+    std::iter::once(PathBuf::from("/proc/self"))
+        .chain(processes())
+        .filter_map(move |process| {
+            let mount_namespace = std::fs::metadata(process.join("ns/mnt")).ok()?;
+            if !seen.insert((mount_namespace.dev(), mount_namespace.ino())) {
+                return None;
+            }
+            let mountinfo = std::fs::read_to_string(process.join("mountinfo")).ok()?;
+            let root = process.join("root");
+            Some(
+                nsfs_mount_points(&mountinfo)
+                    .map(|point| root.join(point.strip_prefix("/").unwrap_or(&point)))
+                    .collect::<Vec<_>>(),
+            )
         })
-        .collect::<Vec<_>>()
-        .into_iter()
+        .flatten()
+}
+
+/// The mount points of nsfs files in a `mountinfo` (the fifth field is the mount point, with
+/// space, tab, newline and backslash written as octal escapes; the file system type follows
+/// the ` - ` separator).
+fn nsfs_mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    mountinfo.lines().filter_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let point = mount.split(' ').nth(4)?;
+        (fs.split(' ').next()? == "nsfs").then(|| unescape_mount_point(point))
+    })
 }
 
 fn unescape_mount_point(field: &str) -> PathBuf {
