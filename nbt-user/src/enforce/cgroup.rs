@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use super::target::{self, Original, Restored, TargetCgroups};
 use crate::sys::kept::KeptFiles;
+use crate::sys::mountinfo::{self, Mount};
 
 /// The controllers nbt sets limits with or reads accounting from.
 pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -46,49 +47,6 @@ pub struct Layout {
     pub v2_controllers: Vec<String>,
     /// nbt's own cgroup in each v1 hierarchy, by controller name.
     pub v1_self: BTreeMap<String, PathBuf>,
-}
-
-struct Mount {
-    root: String,
-    mount_point: PathBuf,
-    fstype: String,
-    super_options: Vec<String>,
-}
-
-/// Undoes the octal escapes (`\040` for a space) of /proc/self/mountinfo.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(code) = u8::from_str_radix(digits, 8) {
-                out.push(code);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let right: Vec<&str> = right.split(' ').collect();
-            Some(Mount {
-                root: unescape_mountinfo(left.get(3)?),
-                mount_point: PathBuf::from(unescape_mountinfo(left.get(4)?)),
-                fstype: right.first()?.to_string(),
-                super_options: right.get(2)?.split(',').map(str::to_string).collect(),
-            })
-        })
-        .collect()
 }
 
 /// Parses /proc/self/cgroup into (controllers, path) pairs; v2 is the entry with no controllers.
@@ -142,7 +100,7 @@ impl Layout {
     pub fn of_cgroup_path(path: &str) -> Result<Layout> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")
             .context("reading /proc/self/mountinfo (is /proc mounted?)")?;
-        let mut mounts: Vec<Mount> = parse_mountinfo(&mountinfo)
+        let mut mounts: Vec<Mount> = mountinfo::parse(&mountinfo)
             .into_iter()
             .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
             .collect();
@@ -163,7 +121,7 @@ impl Layout {
     }
 
     fn from_texts(mountinfo: &str, own_cgroups: &str) -> Layout {
-        let mounts = parse_mountinfo(mountinfo);
+        let mounts = mountinfo::parse(mountinfo);
         let own = parse_proc_cgroup(own_cgroups);
         let mut layout = Layout {
             v2_self: None,
@@ -313,17 +271,15 @@ fn write_file(path: &Path, value: &str) -> Result<()> {
 /// refuses (EBUSY) a limit below what the cgroup holds that it cannot reclaim down to, where v2
 /// reclaims or OOM-kills: that refusal is said in those words, with what the cgroup holds.
 fn write_v1_memory_limit(path: &Path, bytes: Option<u64>) -> Result<()> {
-    let Err(err) = fs::write(path, limit_text(bytes, "-1")) else {
-        return Ok(());
-    };
-    let (Some(bytes), Some(libc::EBUSY)) = (bytes, err.raw_os_error()) else {
-        return Err(err).with_context(|| {
-            format!(
-                "writing '{}' to {}",
-                limit_text(bytes, "-1"),
-                path.display()
-            )
-        });
+    let written = write_file(path, &limit_text(bytes, "-1"));
+    let refused = written
+        .as_ref()
+        .err()
+        .and_then(|err| err.downcast_ref::<io::Error>())
+        .and_then(io::Error::raw_os_error)
+        == Some(libc::EBUSY);
+    let (Some(bytes), true) = (bytes, refused) else {
+        return written;
     };
     let usage_file = path.with_file_name(
         path.file_name()

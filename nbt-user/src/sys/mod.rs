@@ -4,6 +4,7 @@
 pub(crate) mod docker;
 pub(crate) mod kept;
 pub(crate) mod loader;
+pub(crate) mod mountinfo;
 pub mod netlink;
 pub(crate) mod netns;
 pub(crate) mod phase;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::mountinfo;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetnsId {
     pub dev: u64,
@@ -85,46 +87,17 @@ fn namespace_mounts() -> impl Iterator<Item = PathBuf> {
             let mountinfo = std::fs::read_to_string(process.join("mountinfo")).ok()?;
             let root = process.join("root");
             Some(
-                nsfs_mount_points(&mountinfo)
-                    .map(|point| root.join(point.strip_prefix("/").unwrap_or(&point)))
+                mountinfo::parse(&mountinfo)
+                    .into_iter()
+                    .filter(|mount| mount.fstype == "nsfs")
+                    .map(|mount| {
+                        let point = &mount.mount_point;
+                        root.join(point.strip_prefix("/").unwrap_or(point))
+                    })
                     .collect::<Vec<_>>(),
             )
         })
         .flatten()
-}
-
-/// The mount points of nsfs files in a `mountinfo` (the fifth field is the mount point, with
-/// space, tab, newline and backslash written as octal escapes; the file system type follows
-/// the ` - ` separator).
-fn nsfs_mount_points(mountinfo: &str) -> impl Iterator<Item = PathBuf> + '_ {
-    mountinfo.lines().filter_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        let point = mount.split(' ').nth(4)?;
-        (fs.split(' ').next()? == "nsfs").then(|| unescape_mount_point(point))
-    })
-}
-
-fn unescape_mount_point(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt as _;
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok());
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// Every thread's, not only each process's main thread: a thread may have entered another
@@ -221,13 +194,5 @@ mod tests {
         ));
         assert_eq!(NetnsId::current().unwrap(), own);
         drop(held);
-    }
-
-    #[test]
-    fn mount_points_are_read_with_their_octal_escapes() {
-        assert_eq!(
-            unescape_mount_point(r"/run/a\040b\011c\134d\"),
-            PathBuf::from("/run/a b\tc\\d\\")
-        );
     }
 }
