@@ -19,9 +19,16 @@ pub struct EdtRun {
     /// a loss on the wire; it records each of the run's sockets whose packets it sees
     /// ([`EDT_WIRE_SOCKETS_MAP`]).
     pub wire_loss: u32,
-    /// Explicit, so that the struct has no padding for `aya::Pod`.
-    pub reserved: u32,
+    /// Non-zero: the index of the run's ingress queue device (an ifb, `--ingress-queue`), to
+    /// which `receive_ingress` redirects the packets arriving for the run's sockets; `queue_ingress`
+    /// on its egress gives each its departure time at the ingress rate.
+    pub queue_ifindex: u32,
 }
+
+/// `skb->tc_index` of a packet that went through the run's ingress queue, set by
+/// `queue_ingress`: the cgroup ingress program then counts it as passed without charging the
+/// rate again (the queue has spent it), and `receive_ingress` never queues it twice. "NQ".
+pub const QUEUED_MARK: u32 = 0x4E51;
 
 /// `skb->mark` of a TCP segment the egress loss model lost, set by the cgroup program for
 /// `delay_egress` to take (`TC_ACT_STOLEN`: the sender's stack is told it left). "nbtL".

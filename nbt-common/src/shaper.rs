@@ -104,6 +104,9 @@ pub struct ShaperState {
     pub reorder_last: u64,
     /// Packets delayed since the last one reordered (netem's `counter`, for the gap).
     pub reorder_count: u64,
+    /// The ingress queue's clock (`--ingress-queue`), in ns of `bpf_ktime_get_ns`: when the
+    /// link will have sent everything queued so far, at its rate.
+    pub queue_free_ns: u64,
 }
 
 /// Counters of one direction on one CPU. Bytes are IP bytes as they go on the wire: a GSO
@@ -147,7 +150,7 @@ impl ShaperStats {
 // `_pad`, ten u64s), with no implicit padding: every bit pattern is a valid value.
 unsafe impl aya::Pod for ShaperConfig {}
 #[cfg(feature = "user")]
-// SAFETY: ShaperState is #[repr(C)], six u64s, with no padding: every bit pattern is a valid
+// SAFETY: ShaperState is #[repr(C)], seven u64s, with no padding: every bit pattern is a valid
 // value.
 unsafe impl aya::Pod for ShaperState {}
 #[cfg(feature = "user")]

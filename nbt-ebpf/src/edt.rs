@@ -7,8 +7,9 @@
 //! anyone else's.
 //!
 //! The same program applies netem's other impairments to the run's outgoing packets
-//! (`impair`): duplicate, corrupt and reorder, in netem's order. `impair_ingress` (tc ingress)
-//! duplicates and corrupts the packets arriving for the run's sockets.
+//! (`impair`): duplicate, corrupt and reorder, in netem's order. `receive_ingress` (tc ingress)
+//! duplicates and corrupts the packets arriving for the run's sockets, and sends them through
+//! the run's ingress queue (`queue`) when it has one.
 //!
 //! A delayed packet is held as a copy that belongs to no socket, as netem orphans the packets it
 //! holds (see [`release`]): a packet held by fq while it still counted against its socket would
@@ -16,6 +17,8 @@
 //! with 20 ms added reached 0.23 of the rate), and a UDP sender at its send buffer.
 
 mod impair;
+// The ingress queue: `queue_ingress` on the run's ifb.
+pub mod queue;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN},
@@ -174,34 +177,43 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
     release(&ctx, link, config)
 }
 
-/// netem's duplicate and corrupt on the packets arriving for the run's sockets (tc ingress),
-/// with the probabilities of their link's ingress entry. Nothing arriving has a socket yet at
-/// tc: the packet's socket is looked up by its addresses and ports (`bpf_sk_lookup_tcp/udp`)
-/// and found, or not, among the run's sockets in `EDT_SOCKETS`. tc programs cannot ask a
-/// socket's cgroup (the kernel offers `bpf_sk_ancestor_cgroup_id` to cgroup_skb programs
-/// only), so the run's cgroup programs record each socket that passes them a packet
-/// ([`mark_run_socket`]): a socket's first packets in either direction come before its record
-/// and pass unimpaired (a receiver's first datagram, an accepted connection's first segments
-/// until it sends). Duplicate sends a copy into the same interface's receive path
-/// (`bpf_clone_redirect` with `BPF_F_INGRESS`), which comes back here marked and passes; a
-/// corrupted IPv4 packet fails `ip_rcv`'s header checksum, a GRO or IPv6 one is dropped here.
-/// Both come before the cgroup's ingress shaper, as an impairment on the wire would: a
-/// duplicate is counted, policed and maybe lost there as any packet.
+/// The packets arriving for the run's sockets (tc ingress): netem's duplicate and corrupt, with
+/// the probabilities of their link's ingress entry, then the run's ingress queue (`queue`,
+/// `--ingress-queue`) when it has one and the link an ingress rate.
+///
+/// Nothing arriving has a socket yet at tc: the packet's socket is looked up by its addresses
+/// and ports (`bpf_sk_lookup_tcp/udp`) and found, or not, among the run's sockets in
+/// `EDT_SOCKETS`. tc programs cannot ask a socket's cgroup (the kernel offers
+/// `bpf_sk_ancestor_cgroup_id` to cgroup_skb programs only), so the run's cgroup programs record
+/// each socket that passes them a packet ([`mark_run_socket`]): a socket's first packets in
+/// either direction come before its record and pass unimpaired and unqueued (a receiver's first
+/// datagram, an accepted connection's first segments until it sends); the cgroup's ingress
+/// shaper still polices those. Duplicate sends a copy into the same interface's receive path
+/// (`bpf_clone_redirect` with `BPF_F_INGRESS`), which comes back here marked and goes through
+/// the queue as its original does; a corrupted IPv4 packet fails `ip_rcv`'s header checksum, a
+/// GRO or IPv6 one is dropped here. Both come before the queue and the cgroup's ingress shaper,
+/// as an impairment on the wire would: a duplicate is counted, queued or policed, and maybe lost
+/// there as any packet.
 #[classifier]
-pub fn impair_ingress(ctx: TcContext) -> i32 {
+pub fn receive_ingress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
-    // SAFETY: a field of the context, read at its own offset.
-    if unsafe { core::ptr::read_volatile(&(*skb).tc_index) } == OWN_COPY_MARK {
-        // SAFETY: as above; `tc_index` is writable at tc.
-        unsafe { (*skb).tc_index = 0 };
+    if queue::was_queued(skb) {
         return TC_ACT_OK;
     }
+    let queue = EDT_RUN.get(0).map_or(0, |run| run.queue_ifindex);
     let link = link::of_packet(skb, Remote::Source);
     let Some((shaper, _)) = shaper::direction(link, INGRESS) else {
         return TC_ACT_OK;
     };
+    // SAFETY: a field of the context, read at its own offset.
+    if unsafe { core::ptr::read_volatile(&(*skb).tc_index) } == OWN_COPY_MARK {
+        // SAFETY: as above; `tc_index` is writable at tc.
+        unsafe { (*skb).tc_index = 0 };
+        return queue::redirect(queue, shaper).unwrap_or(TC_ACT_OK);
+    }
     let (duplicate, corrupt) = (shaper.duplicate, shaper.corrupt);
-    if duplicate == 0 && corrupt == 0 {
+    let queued = queue != 0 && shaper.rate_bytes_per_sec != 0;
+    if duplicate == 0 && corrupt == 0 && !queued {
         return TC_ACT_OK;
     }
     // SAFETY: a lookup whose value is not kept.
@@ -219,7 +231,7 @@ pub fn impair_ingress(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT as i32;
         }
     }
-    TC_ACT_OK
+    queue::redirect(queue, shaper).unwrap_or(TC_ACT_OK)
 }
 
 /// Lets the packet go at its time: when there is a delay, as a copy that belongs to no socket.

@@ -89,7 +89,12 @@ fn lost_on_the_wire(ctx: &SkBuffContext) -> bool {
 #[cgroup_skb(ingress)]
 pub fn shape_ingress(ctx: SkBuffContext) -> i32 {
     let link = link::of_packet(ctx.skb.skb, Remote::Source);
-    match shape(link, INGRESS, &ctx) {
+    let verdict = match crate::edt::queue::was_queued(ctx.skb.skb) {
+        // The run's ingress queue sent it at the rate: only the loss model is left.
+        true => shape_queued(link, &ctx),
+        false => shape(link, INGRESS, &ctx),
+    };
+    match verdict {
         Verdict::Pass | Verdict::PassLow => 1,
         Verdict::DropRate | Verdict::DropLoss => 0,
     }
@@ -162,6 +167,28 @@ fn shape(link: u32, direction: u32, ctx: &SkBuffContext) -> Verdict {
     };
     count(entry(link, direction), verdict, bytes);
     verdict
+}
+
+/// A packet back from the run's ingress queue (`edt::queue`), which spent the rate on it: lost or
+/// passed, and counted.
+#[inline(always)]
+fn shape_queued(link: u32, ctx: &SkBuffContext) -> Verdict {
+    let Some((config, state)) = direction(link, INGRESS) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: `state` points into the map value for this program run.
+    let verdict = match unsafe { lost(config, state) } {
+        true => Verdict::DropLoss,
+        false => Verdict::Pass,
+    };
+    count(entry(link, INGRESS), verdict, wire_bytes(ctx));
+    verdict
+}
+
+/// Counts a packet the ingress queue dropped, full (for `edt::queue`), as one the rate dropped.
+#[inline(always)]
+pub fn count_queue_drop(link: u32, bytes: u64) {
+    count(entry(link, INGRESS), Verdict::DropRate, bytes);
 }
 
 /// The packet's bytes as the wire will carry them. A GSO super-packet is one skb here but

@@ -170,7 +170,7 @@ fn initramfs(
     sh(&format!(
         "set -e; m='{k}/lib/modules/{r}'; d='{root}/lib/modules/{r}'; mkdir -p \"$d\"; cd \"$m\"; \
          cp --parents kernel/net/sched/*.ko* kernel/drivers/net/veth.ko* kernel/net/ipv4/inet_diag.ko* \
-         kernel/net/ipv4/tcp_diag.ko* \"$d/\"; \
+         kernel/net/ipv4/tcp_diag.ko* kernel/drivers/net/ifb.ko* kernel/net/ipv4/tcp_bbr.ko* \"$d/\"; \
          for m in kernel/fs/9p kernel/net/9p kernel/fs/fscache kernel/fs/netfs kernel/drivers/virtio; do \
            [ -d $m ] && cp -r --parents $m \"$d/\"; done; \
          cp modules.builtin* modules.order \"$d/\"; depmod -b '{root}' {r}",

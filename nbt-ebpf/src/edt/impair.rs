@@ -295,7 +295,7 @@ pub fn socket_for(ctx: &TcContext) -> Option<RunSocket> {
 
 /// `N` bytes at `offset` from the network header.
 #[inline(always)]
-fn load<const N: usize>(ctx: &TcContext, offset: u32) -> Option<[u8; N]> {
+pub fn load<const N: usize>(ctx: &TcContext, offset: u32) -> Option<[u8; N]> {
     let mut bytes = [0u8; N];
     // SAFETY: the helper writes at most N bytes into `bytes`, a local.
     let read = unsafe {

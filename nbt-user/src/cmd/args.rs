@@ -417,9 +417,15 @@ pub struct NetArgs {
     /// Outgoing bandwidth of the run: bits/s as tc writes them (512kbit, 10mbit) or bytes/s (64KB/s)
     #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
     pub egress_rate: Option<String>,
-    /// Incoming bandwidth of the run (packets over it are dropped on arrival)
+    /// Incoming bandwidth of the run (packets over it are dropped on arrival; --ingress-queue
+    /// queues them instead)
     #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
     pub ingress_rate: Option<String>,
+    /// Arriving packets wait in a queue at the ingress rate, as at a bottleneck link, instead of
+    /// being dropped beyond it (a TCP sender then sees delay, not loss; BBR holds the rate). The
+    /// queue holds --burst; needs the fq qdisc and the ifb device. Fixed for the run
+    #[arg(long)]
+    pub ingress_queue: bool,
     /// Bucket depth of the rate limits (default: egress 40 ms at the rate, ingress 250 ms; at least 96 KiB)
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub burst: Option<String>,
@@ -717,6 +723,7 @@ impl NetArgs {
     pub fn add_to(&self, flags: &mut Flags) {
         flags.egress_rate = self.egress_rate.clone();
         flags.ingress_rate = self.ingress_rate.clone();
+        flags.ingress_queue = self.ingress_queue;
         flags.burst = self.burst.clone();
         flags.loss = self.loss.clone();
         flags.loss_model = self.loss_model.clone();

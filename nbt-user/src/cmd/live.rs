@@ -199,7 +199,10 @@ pub fn set_limits(run: &str, given: &[(&str, &str)], signals: &libc::sigset_t) -
 
 /// Whether any network flag was given.
 fn net_given(net: &NetArgs) -> bool {
-    !net.link.is_empty() || net.impair_direction.is_some() || changeable_given(net)
+    !net.link.is_empty()
+        || net.impair_direction.is_some()
+        || net.ingress_queue
+        || changeable_given(net)
 }
 
 /// Whether any flag `nbt set` can change on a live run's network was given.
@@ -248,6 +251,14 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
              fixed when it starts (its tc programs are put on then); accepted: none on nbt set, \
              whose --duplicate and --corrupt apply where the run started them"
         )));
+    }
+    if net.ingress_queue {
+        anyhow::bail!(PlanError(
+            "--ingress-queue is fixed when a run starts (its queue device and programs are made \
+             then); accepted: none on nbt set, whose --ingress-rate changes the rate the queue \
+             sends at"
+                .into()
+        ));
     }
     let mut done = Vec::new();
     if !net.link.is_empty() {

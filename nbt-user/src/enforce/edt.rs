@@ -1,8 +1,10 @@
 //! `latency`: `--latency` and `--jitter` through earliest departure time: the fq qdisc at the
 //! root of every interface of nbt's network namespace but loopback, and the `delay_egress` tc
 //! program that sets the departure time of the run's packets (`nbt-ebpf/src/edt.rs`); with
-//! `--impair-direction ingress` or `both`, the `impair_ingress` program beside it. All are
-//! taken off when the run ends: the programs with their links, fq by [`LatencyGuard`].
+//! `--impair-direction ingress` or `both`, or `--ingress-queue`, the `receive_ingress` program
+//! beside it. `--ingress-queue` adds an ifb device with fq and `queue_ingress`
+//! (`nbt-ebpf/src/edt/queue.rs`). All are taken off when the run ends: the programs with their
+//! links, fq and the ifb by [`LatencyGuard`].
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -109,9 +111,13 @@ pub struct Qdiscs {
     /// namespace nbt runs in).
     #[serde(default)]
     pub netns: Option<NetnsId>,
+    /// The ifb device of the run's ingress queue (`--ingress-queue`), deleted with its qdiscs
+    /// and program when the run ends.
+    #[serde(default)]
+    pub queue: Option<(u32, String)>,
 }
 
-/// A tc filter of `delay_egress` on an interface's egress (or of `impair_ingress` on its
+/// A tc filter of `delay_egress` on an interface's egress (or of `receive_ingress` on its
 /// ingress), as netlink names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filter {
@@ -119,7 +125,7 @@ pub struct Filter {
     pub interface: String,
     pub priority: u16,
     pub handle: u32,
-    /// On the interface's ingress (`impair_ingress`); records of older runs have none.
+    /// On the interface's ingress (`receive_ingress`); records of older runs have none.
     #[serde(default)]
     pub ingress: bool,
 }
@@ -127,7 +133,7 @@ pub struct Filter {
 impl Filter {
     fn attach_type(&self) -> (TcAttachType, &'static str) {
         match self.ingress {
-            true => (TcAttachType::Ingress, "impair_ingress"),
+            true => (TcAttachType::Ingress, "receive_ingress"),
             false => (TcAttachType::Egress, "delay_egress"),
         }
     }
@@ -164,7 +170,9 @@ impl Qdiscs {
     /// took its qdiscs with it, and its index may now be another's (the marks of its clsact
     /// qdiscs are forgotten).
     pub fn still_there(&self) -> Qdiscs {
-        let current = netlink::interfaces();
+        // Loopback too: the ingress queue takes arriving packets from it.
+        let mut current = netlink::interfaces();
+        current.extend(netlink::loopback());
         let keep = |list: &Vec<(u32, String)>| -> Vec<(u32, String)> {
             list.iter()
                 .filter(|i| current.contains(i))
@@ -179,6 +187,11 @@ impl Qdiscs {
         Qdiscs {
             every_filter: self.every_filter,
             netns: self.netns,
+            queue: self.queue.clone().filter(|(ifindex, name)| {
+                std::ffi::CString::new(name.as_str())
+                    // SAFETY: a NUL-terminated name that outlives the call.
+                    .is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } == *ifindex)
+            }),
             fq: keep(&self.fq),
             clsact: keep(&self.clsact),
             filters: self
@@ -195,6 +208,7 @@ impl Qdiscs {
         let mut errors = self.remove_filters();
         errors.extend(self.remove_fq());
         errors.extend(self.remove_clsact());
+        errors.extend(self.remove_queue());
         errors
     }
 
@@ -213,7 +227,21 @@ impl Qdiscs {
         }
         errors.extend(self.remove_fq());
         errors.extend(self.remove_clsact());
+        errors.extend(self.remove_queue());
         errors
+    }
+
+    /// Deletes the ingress queue's device, with what it holds: the packets still queued for the
+    /// run, which has ended.
+    fn remove_queue(&self) -> Vec<String> {
+        let Some((ifindex, name)) = &self.queue else {
+            return Vec::new();
+        };
+        match netlink::delete_link(*ifindex) {
+            Ok(()) => Vec::new(),
+            Err(err) if err.raw_os_error() == Some(libc::ENODEV) => Vec::new(),
+            Err(err) => vec![format!("deleting the ingress queue device {name}: {err}")],
+        }
     }
 
     /// Takes the run's tc programs off.
@@ -330,22 +358,31 @@ fn cgroup_level(cgroup_dir: &Path) -> Result<u32> {
     Ok(level)
 }
 
+/// What a run needs of the tc programs (from `Plan`).
+pub struct TcNeeds<'a> {
+    /// The run's own delay, and each `--link`'s.
+    pub latency: Option<&'a Latency>,
+    pub links: &'a [Option<&'a Latency>],
+    /// A delay or netem's impairments of outgoing packets: `delay_egress` must act on the
+    /// interfaces (else it is there only to take the segments the egress loss model lost).
+    pub egress: bool,
+    /// Duplicate or corrupt of arriving packets.
+    pub ingress_impair: bool,
+    /// The ingress queue (`--ingress-queue`).
+    pub queue: bool,
+}
+
 /// Puts fq on every interface when there is a `latency`, and attaches `delay_egress` to each
 /// (it also duplicates, corrupts and reorders, and takes the TCP segments the egress loss model
-/// lost), and with `ingress` `impair_ingress` (duplicate and corrupt of arriving packets). A tc
-/// filter outlives nbt by itself, as the qdiscs do; the guard lists both for the run's record,
-/// so that `nbt cleanup` can take them off. `loss_only`: the programs are there only to take
-/// lost segments, so a namespace with loopback alone goes without them (the cgroup program then
-/// drops those segments itself, as before).
-pub fn attach(
-    ebpf: &mut Ebpf,
-    cgroup_dir: &Path,
-    latency: Option<&Latency>,
-    links: &[Option<&Latency>],
-    ingress: bool,
-    loss_only: bool,
-) -> Result<LatencyGuard> {
-    let delayed = latency.is_some() || links.iter().any(Option::is_some);
+/// lost), and for arriving packets `receive_ingress` (duplicate, corrupt, the ingress queue).
+/// With the queue, makes its ifb device with fq and `queue_ingress`. A tc filter outlives nbt by
+/// itself, as the qdiscs and the device do; the guard lists them all for the run's record, so
+/// that `nbt cleanup` can take them off. When the programs are there only to take lost
+/// segments, a namespace with loopback alone goes without them (the cgroup program then drops
+/// those segments itself, as before).
+pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, needs: &TcNeeds) -> Result<LatencyGuard> {
+    let delayed = needs.latency.is_some() || needs.links.iter().any(Option::is_some);
+    let ingress = needs.ingress_impair || needs.queue;
     let mut run = EdtRun {
         // A cgroup v2 id is its directory's inode number.
         cgroup_id: std::fs::metadata(cgroup_dir)?.ino(),
@@ -353,7 +390,8 @@ pub fn attach(
         mark_sockets: u32::from(ingress),
         // Set once `delay_egress` is on every interface, below.
         wire_loss: 0,
-        reserved: 0,
+        // Set once the queue is ready, below.
+        queue_ifindex: 0,
     };
     let map = ebpf
         .map_mut(EDT_RUN_MAP)
@@ -364,8 +402,8 @@ pub fn attach(
         .ok_or_else(|| anyhow!("{EDT_CONFIG_MAP} missing"))?;
     let mut configs = Array::<&mut MapData, EdtConfig>::try_from(map)?;
     // Link 0 is the run's own; a `--link`'s delay is its own (none when it sets none).
-    for (link, latency) in std::iter::once(latency)
-        .chain(links.iter().copied())
+    for (link, latency) in std::iter::once(needs.latency)
+        .chain(needs.links.iter().copied())
         .enumerate()
     {
         if let Some(latency) = latency {
@@ -381,18 +419,26 @@ pub fn attach(
         links: Vec::new(),
     };
     let interfaces = netlink::interfaces();
-    if interfaces.is_empty() && loss_only {
-        return Ok(guard);
-    }
     if interfaces.is_empty() {
-        bail!(
-            "{}: this network namespace has no interface but loopback to act on",
-            if delayed {
-                "--latency"
-            } else {
-                "--duplicate, --corrupt and --reorder"
-            }
-        );
+        if needs.egress {
+            bail!(
+                "{}: this network namespace has no interface but loopback to act on",
+                if delayed {
+                    "--latency"
+                } else {
+                    "--duplicate, --corrupt and --reorder"
+                }
+            );
+        }
+        if needs.ingress_impair && !needs.queue {
+            bail!(
+                "--duplicate and --corrupt of arriving packets: this network namespace has no \
+                 interface but loopback to act on"
+            );
+        }
+        if !ingress {
+            return Ok(guard);
+        }
     }
     for (ifindex, name) in interfaces.iter().filter(|_| delayed) {
         match netlink::add_root(*ifindex, "fq", &FQ_LIMITS) {
@@ -404,13 +450,29 @@ pub fn attach(
             Err(err) => return Err(err).with_context(|| format!("putting the fq qdisc on {name}")),
         }
     }
+    if needs.queue {
+        run.queue_ifindex = add_queue(ebpf, &mut guard)?;
+    }
     // The programs hang off a clsact qdisc, through netlink, on every kernel, tcx (Linux 6.6+)
     // included: a held packet leaves as a copy and its original is taken (`TC_ACT_STOLEN`,
     // nbt-ebpf/src/edt.rs), which tcx does not know (it passes such a packet on, as if the
     // program had not decided).
+    // With the queue, arriving packets are taken from loopback too (a server on the same
+    // machine), and only from interfaces with an Ethernet header (`receiving_interfaces`).
+    let receiving = match needs.queue {
+        true => netlink::receiving_interfaces(),
+        false => interfaces.clone(),
+    };
     let _lock = clsact::lock()?;
     guard.qdiscs.every_filter = true;
-    for (ifindex, name) in &interfaces {
+    let mut with_clsact = interfaces.clone();
+    with_clsact.extend(
+        receiving
+            .iter()
+            .filter(|i| !interfaces.contains(i))
+            .cloned(),
+    );
+    for (ifindex, name) in &with_clsact {
         if clsact::add(*ifindex, name)? {
             guard.qdiscs.clsact.push((*ifindex, name.clone()));
         }
@@ -425,9 +487,9 @@ pub fn attach(
     if ingress {
         attach_everywhere(
             ebpf,
-            "impair_ingress",
+            "receive_ingress",
             TcAttachType::Ingress,
-            &interfaces,
+            &receiving,
             &mut guard,
         )?;
     }
@@ -437,6 +499,51 @@ pub fn attach(
         .ok_or_else(|| anyhow!("{EDT_RUN_MAP} missing"))?;
     Array::<&mut MapData, EdtRun>::try_from(map)?.set(0, run, 0)?;
     Ok(guard)
+}
+
+/// Makes the run's ingress queue: an ifb device (`nbt-q-PID`) with fq at its root, whose
+/// horizon (10 s) bounds the queue, and `queue_ingress` on its egress; its index. Recorded in
+/// the guard as soon as it exists, so that a failure after takes it away again.
+fn add_queue(ebpf: &mut Ebpf, guard: &mut LatencyGuard) -> Result<u32> {
+    let name = format!("{}{}", netlink::QUEUE_DEVICE_PREFIX, std::process::id());
+    let ifindex = match netlink::add_ifb(&name) {
+        Ok(ifindex) => ifindex,
+        Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => bail!(
+            "--ingress-queue needs the ifb network device (CONFIG_IFB), which this kernel lacks"
+        ),
+        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => bail!(
+            "--ingress-queue: this network namespace already has an interface named {name}, \
+             the name of this run's queue (left by an nbt of the same process id that was \
+             killed? `nbt cleanup` takes it away)"
+        ),
+        Err(err) => {
+            return Err(err).with_context(|| format!("making the ingress queue device {name}"))
+        }
+    };
+    guard.qdiscs.queue = Some((ifindex, name.clone()));
+    match netlink::add_root(ifindex, "fq", &FQ_LIMITS) {
+        Ok(()) => {}
+        Err(err) if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
+            bail!("--ingress-queue needs the fq qdisc (sch_fq), which this kernel lacks: {err}")
+        }
+        Err(err) => return Err(err).with_context(|| format!("putting the fq qdisc on {name}")),
+    }
+    aya::programs::tc::qdisc_add_clsact(&name)
+        .map_err(|err| anyhow!("adding the clsact qdisc to {name}: {err}"))?;
+    let program: &mut SchedClassifier = loader::program(ebpf, "queue_ingress")?;
+    program
+        .load()
+        .context("the kernel refused to load BPF program queue_ingress")?;
+    let link = program
+        .attach_with_options(
+            &name,
+            TcAttachType::Egress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .with_context(|| format!("attaching BPF program queue_ingress to {name}"))?;
+    // Goes with the device; kept only so that the guard detaches it first at the run's end.
+    guard.links.push(program.take_link(link)?);
+    Ok(ifindex)
 }
 
 /// Loads the tc program `name` and attaches it to each interface, whose clsact qdisc `attach`

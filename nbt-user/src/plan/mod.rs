@@ -48,6 +48,7 @@ pub struct Profile {
     pub pids: Option<toml::Value>,
     pub egress_rate: Option<toml::Value>,
     pub ingress_rate: Option<toml::Value>,
+    pub ingress_queue: Option<toml::Value>,
     pub burst: Option<toml::Value>,
     pub loss: Option<toml::Value>,
     pub loss_model: Option<toml::Value>,
@@ -94,6 +95,8 @@ pub struct Flags {
     pub pids: Option<String>,
     pub egress_rate: Option<String>,
     pub ingress_rate: Option<String>,
+    /// `--ingress-queue`.
+    pub ingress_queue: bool,
     pub burst: Option<String>,
     pub loss: Option<String>,
     pub loss_model: Option<String>,
@@ -162,6 +165,10 @@ pub struct Plan {
     pub tc_impairments: bool,
     /// Where --duplicate and --corrupt apply (`--impair-direction`).
     pub impair_direction: shaper::Directions,
+    /// Arriving packets wait in a queue at the ingress rates instead of being dropped beyond
+    /// them (`--ingress-queue`; an ifb device with fq, `enforce::edt`).
+    #[serde(default)]
+    pub ingress_queue: bool,
     /// Destinations with limits of their own (`--link`, `[[link]]`).
     pub links: Vec<link::Link>,
     /// The balance and its prices; `None`: no balance, no gate.
@@ -508,6 +515,52 @@ impl Sources<'_> {
         Ok(latency)
     }
 
+    /// --ingress-queue: whether arriving packets queue at the ingress rates. It needs one (the
+    /// run's or a link's), and the fq qdisc: without it, it goes to `pending`, as a latency does.
+    fn ingress_queue(
+        &self,
+        net: &NetLimits,
+        links: &[link::Link],
+        pending: &mut Vec<Pending>,
+    ) -> Result<bool, PlanError> {
+        let flag = self.flags.ingress_queue.then(|| "true".to_string());
+        let Some((text, name)) = self.pick(&flag, "ingress-queue", &self.profile.ingress_queue)?
+        else {
+            return Ok(false);
+        };
+        match text.trim() {
+            "true" => {}
+            "false" => return Ok(false),
+            _ => {
+                return Err(PlanError(format!(
+                    "invalid value '{text}' for {name}: accepted: true, false"
+                )))
+            }
+        }
+        let rated = |net: &NetLimits| net.ingress.rate_bits_per_sec.is_some();
+        if !rated(net) && !links.iter().any(|l| rated(&l.net)) {
+            return Err(PlanError(format!(
+                "{name} queues arriving packets at the ingress rate: it needs --ingress-rate (or a \
+                 --link with ingress-rate)"
+            )));
+        }
+        if probe::fq_missing().is_some() {
+            // Named, not enforced: `nbt run` refuses it naming the missing qdisc.
+            let origin = &self.origin;
+            pending.push(Pending {
+                setting: name.trim_end_matches(&format!(" ({origin})")).to_string(),
+                value: text,
+                origin: match name.starts_with("--") {
+                    true => "flag".into(),
+                    false => origin.clone(),
+                },
+                capability: "the fq qdisc, which this kernel lacks (nbt probe)".into(),
+            });
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// netem's other impairments: --duplicate and --corrupt on the directions
     /// --impair-direction names, --reorder (with its correlation and gap) on outgoing packets,
     /// --loss-correlation with the uniform loss, and --jitter-correlation with the jitter. True
@@ -807,21 +860,34 @@ impl Plan {
     }
 
     /// Whether the run needs the tc programs for more than taking its lost TCP segments (which a
-    /// namespace with loopback alone does without): a delay or netem's other impairments.
+    /// namespace with loopback alone does without): a delay, netem's other impairments, or the
+    /// ingress queue.
     pub fn needs_tc_beyond_loss(&self) -> bool {
-        self.latency.is_some()
-            || self.tc_impairments
-            || self.net.egress.impair.needs_tc()
-            || self.needs_ingress_tc()
-            || self
-                .links
-                .iter()
-                .any(|l| l.latency.is_some() || l.tc_impairments || l.net.egress.impair.needs_tc())
+        self.needs_egress_tc() || self.needs_ingress_tc()
     }
 
-    /// Whether the run's interfaces get the tc ingress program too: duplicate or corrupt on
-    /// arriving packets, of the run's own link or of one of its `--link`s.
+    /// Whether `delay_egress` must act on the interfaces: a delay, or netem's impairments of
+    /// outgoing packets.
+    pub fn needs_egress_tc(&self) -> bool {
+        let egress = |tc: bool, directions: shaper::Directions, net: &NetLimits| {
+            (tc && directions.egress()) || net.egress.impair.needs_tc()
+        };
+        self.latency.is_some()
+            || egress(self.tc_impairments, self.impair_direction, &self.net)
+            || self.links.iter().any(|l| {
+                l.latency.is_some() || egress(l.tc_impairments, l.impair_direction, &l.net)
+            })
+    }
+
+    /// Whether the run's interfaces get the tc ingress program: duplicate or corrupt on arriving
+    /// packets, or the ingress queue.
     pub fn needs_ingress_tc(&self) -> bool {
+        self.needs_ingress_impair() || self.ingress_queue
+    }
+
+    /// Whether the run duplicates or corrupts arriving packets, on its own link or on one of its
+    /// `--link`s.
+    pub fn needs_ingress_impair(&self) -> bool {
         let ingress = |tc: bool, directions: shaper::Directions, net: &NetLimits| {
             (tc && directions.ingress()) || net.ingress.impair.needs_tc()
         };
@@ -853,6 +919,7 @@ impl Plan {
         let mut latency = sources.latency(&mut pending)?;
         let (tc_impairments, impair_direction) = sources.impairments(&mut net, latency.as_mut())?;
         let links = sources.links(&mut pending)?;
+        let ingress_queue = sources.ingress_queue(&net, &links, &mut pending)?;
         let (prices, gate) = sources.ledger()?;
         sources.not_yet(&mut pending)?;
         let accept_min_delta = sources.accept_min_delta()?;
@@ -865,6 +932,7 @@ impl Plan {
             latency,
             tc_impairments,
             impair_direction,
+            ingress_queue,
             links,
             prices,
             gate,
@@ -922,11 +990,11 @@ impl Plan {
             return self.hwcaps.check();
         }
         // Latency needs a qdisc some kernels lack: name it, it is the first thing to fix.
-        if let Some(latency) = self
-            .pending
-            .iter()
-            .find(|p| p.setting.ends_with("latency") || p.setting.ends_with("jitter"))
-        {
+        if let Some(latency) = self.pending.iter().find(|p| {
+            ["latency", "jitter", "ingress-queue"]
+                .iter()
+                .any(|s| p.setting.ends_with(s))
+        }) {
             if let Some(missing) = probe::fq_missing() {
                 return Err(PlanError(format!(
                     "refusing to run: {} {} ({}) needs the fq qdisc (sch_fq) for earliest-departure-time pacing, \

@@ -377,7 +377,7 @@ impl Armed {
             unused.push(loader::GATE_MAPS);
         }
         if !plan.needs_ingress_tc() {
-            unused.push(loader::INGRESS_IMPAIR_MAPS);
+            unused.push(loader::RUN_SOCKETS_MAPS);
         }
         let tc = takes_tc(plan, &workload);
         if !tc {
@@ -404,10 +404,13 @@ impl Armed {
                 Some(edt::attach(
                     &mut ebpf,
                     &cgroup.v2,
-                    plan.latency.as_ref(),
-                    &links,
-                    plan.needs_ingress_tc(),
-                    !plan.needs_tc_beyond_loss(),
+                    &edt::TcNeeds {
+                        latency: plan.latency.as_ref(),
+                        links: &links,
+                        egress: plan.needs_egress_tc(),
+                        ingress_impair: plan.needs_ingress_impair(),
+                        queue: plan.ingress_queue,
+                    },
                 )?)
             }
             false => None,

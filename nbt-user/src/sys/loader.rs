@@ -39,17 +39,17 @@ pub const GATE_MAPS: &[&str] = &[
     GATE_TEARDOWN_MAP,
 ];
 
-/// The map of the run's sockets that `impair_ingress` looks arriving packets up in, used only by
-/// runs that duplicate or corrupt arriving packets: an LRU hash is always allocated in full, and
-/// its 16,384 entries cost more to create than any other map a run makes.
-pub const INGRESS_IMPAIR_MAPS: &[&str] = &[EDT_SOCKETS_MAP];
+/// The map of the run's sockets that `receive_ingress` looks arriving packets up in, used only
+/// by runs that duplicate, corrupt or queue arriving packets: an LRU hash is always allocated in
+/// full, and its 16,384 entries cost more to create than any other map a run makes.
+pub const RUN_SOCKETS_MAPS: &[&str] = &[EDT_SOCKETS_MAP];
 
 /// The map of the run's sockets seen leaving by an interface that `delay_egress` is on, used
 /// only by runs that have the tc programs (`EdtRun::wire_loss`); an LRU hash, as above.
 pub const WIRE_LOSS_MAPS: &[&str] = &[EDT_WIRE_SOCKETS_MAP];
 
 /// Loads the object's maps into the kernel. Programs are loaded by the modules that attach them.
-/// The maps named in `unused` (see [`SCHED_MAPS`], [`GATE_MAPS`], [`INGRESS_IMPAIR_MAPS`],
+/// The maps named in `unused` (see [`SCHED_MAPS`], [`GATE_MAPS`], [`RUN_SOCKETS_MAPS`],
 /// [`WIRE_LOSS_MAPS`]) are
 /// created at their smallest: every map of the object must exist, but nothing will use these
 /// ones (no program that uses them is loaded, or, for `EDT_SOCKETS`, the run's `EDT_RUN` tells

@@ -1,11 +1,14 @@
 //! Root qdiscs over rtnetlink: the fq qdisc that EDT latency needs is put on an interface for a
 //! run and taken off after, which gives the interface its default qdisc back. Only an interface
 //! whose root qdisc is the kernel's default is touched: one with a qdisc of its own (an operator's
-//! shaping) is refused, never replaced.
+//! shaping) is refused, never replaced. And the ifb device of a run's ingress queue, made and
+//! deleted.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
 const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
 const RTM_NEWTFILTER: u16 = 44;
@@ -21,6 +24,17 @@ const TC_H_ROOT: u32 = 0xFFFF_FFFF;
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
 const NLA_F_NESTED: u16 = 0x8000;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFF_UP: u32 = 1;
+/// What a hardware address's family says of an interface (`SIOCGIFHWADDR`).
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_LOOPBACK: u16 = 772;
+
+/// The start of the name of every ingress queue device nbt makes (`nbt-q-PID`): left out of the
+/// interfaces nbt acts on, whichever run made it.
+pub const QUEUE_DEVICE_PREFIX: &str = "nbt-q-";
 /// fq's options: its limit in packets in all, and per flow.
 pub const TCA_FQ_PLIMIT: u16 = 1;
 pub const TCA_FQ_FLOW_PLIMIT: u16 = 2;
@@ -254,7 +268,128 @@ fn dump(msg: &[u8]) -> io::Result<Vec<u16>> {
     }
 }
 
-/// The interfaces of the calling thread's network namespace, but loopback, by (index, name).
+/// `nlmsghdr` + `ifinfomsg` (+ attributes), as the kernel reads them.
+fn link_message(
+    kind_of_request: u16,
+    flags: u16,
+    ifindex: i32,
+    up: bool,
+    attributes: &[u8],
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    body.extend_from_slice(&[0u8, 0, 0, 0]);
+    body.extend_from_slice(&ifindex.to_ne_bytes());
+    let up = if up { IFF_UP } else { 0 };
+    body.extend_from_slice(&up.to_ne_bytes());
+    body.extend_from_slice(&up.to_ne_bytes());
+    body.extend_from_slice(attributes);
+    let mut out = Vec::with_capacity(16 + body.len());
+    out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    out.extend_from_slice(&kind_of_request.to_ne_bytes());
+    out.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A netlink attribute holding `value`, padded to 4 bytes.
+fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(value);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out
+}
+
+/// Makes an ifb device named `name`, up, in the calling thread's network namespace; its index.
+/// EOPNOTSUPP when the kernel has no ifb driver, EEXIST when the name is taken.
+pub fn add_ifb(name: &str) -> io::Result<u32> {
+    let mut attributes = attribute(IFLA_IFNAME, &[name.as_bytes(), &[0]].concat());
+    attributes.extend(attribute(
+        IFLA_LINKINFO | NLA_F_NESTED,
+        &attribute(IFLA_INFO_KIND, b"ifb\0"),
+    ));
+    request(&link_message(
+        RTM_NEWLINK,
+        NLM_F_CREATE | NLM_F_EXCL,
+        0,
+        true,
+        &attributes,
+    ))?;
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a name with a NUL"))?;
+    // SAFETY: a NUL-terminated name that outlives the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        index => Ok(index),
+    }
+}
+
+/// Deletes the network device `ifindex` (its qdiscs and filters go with it).
+pub fn delete_link(ifindex: u32) -> io::Result<()> {
+    request(&link_message(RTM_DELLINK, 0, ifindex as i32, false, &[]))
+}
+
+/// The interfaces whose arriving packets can go through a run's ingress queue: those with an
+/// Ethernet header, loopback included (the redirect to the ifb needs a link-layer header in
+/// front of the IP packet; a WireGuard or tun device has none), but no queue device.
+pub fn receiving_interfaces() -> Vec<(u32, String)> {
+    let mut all = interfaces();
+    if let Some(lo) = loopback() {
+        all.insert(0, lo);
+    }
+    all.into_iter()
+        .filter(|(_, name)| {
+            matches!(
+                hardware_type(name),
+                Some(ARPHRD_ETHER) | Some(ARPHRD_LOOPBACK)
+            )
+        })
+        .collect()
+}
+
+/// Loopback's (index, name), when the namespace has it.
+pub fn loopback() -> Option<(u32, String)> {
+    // SAFETY: a NUL-terminated literal.
+    match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
+        0 => None,
+        index => Some((index, "lo".to_string())),
+    }
+}
+
+/// The hardware type of interface `name` (`ARPHRD_*`), asked of an ioctl socket of this
+/// thread's network namespace.
+fn hardware_type(name: &str) -> Option<u16> {
+    // SAFETY: socket(2) returns a new descriptor, owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is open and no one else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero bytes are a valid ifreq.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        return None;
+    }
+    for (to, from) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *to = from as libc::c_char;
+    }
+    // SAFETY: the ioctl fills the ifreq we own with the hardware address.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) } < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFHWADDR wrote the hardware address's sockaddr into the union.
+    Some(unsafe { request.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// The interfaces of the calling thread's network namespace, but loopback and nbt's ingress
+/// queue devices, by (index, name).
 pub fn interfaces() -> Vec<(u32, String)> {
     let mut out = Vec::new();
     // SAFETY: if_nameindex(3) returns an array ended by a zero entry, freed by if_freenameindex.
@@ -268,7 +403,7 @@ pub fn interfaces() -> Vec<(u32, String)> {
             let name = std::ffi::CStr::from_ptr((*entry).if_name)
                 .to_string_lossy()
                 .into_owned();
-            if name != "lo" {
+            if name != "lo" && !name.starts_with(QUEUE_DEVICE_PREFIX) {
                 out.push(((*entry).if_index, name));
             }
             entry = entry.add(1);

@@ -155,7 +155,7 @@ impl ProcessTracker {
         };
         let unused = [
             loader::GATE_MAPS,
-            loader::INGRESS_IMPAIR_MAPS,
+            loader::RUN_SOCKETS_MAPS,
             loader::WIRE_LOSS_MAPS,
         ];
         let mut ebpf = if loader::perf_event_needs_preallocated_maps() {

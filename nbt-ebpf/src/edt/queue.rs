@@ -1,0 +1,150 @@
+//! The ingress queue (`--ingress-queue`): packets arriving for the run's sockets wait for their
+//! turn at the ingress rate instead of being dropped beyond it, as at a bottleneck link.
+//!
+//! tc ingress has no queue. `receive_ingress` redirects the run's arriving packets to the egress
+//! of an ifb device that nbt made for the run; there `queue_ingress` gives each its departure
+//! time (`skb->tstamp`), the fq qdisc at the ifb's root holds it until then, and the ifb puts it
+//! back into the receive path of the interface it came by. The cgroup ingress program then sees
+//! it marked ([`QUEUED_MARK`]) and counts it without charging the rate again.
+//!
+//! The departure times, per link, as Cilium's `edt.h` paces a flow: a clock that runs ahead by
+//! each packet's cost (its IP bytes at the rate) from the later of now and the clock,
+//!
+//!   departure = max(now, clock);  clock = departure + bytes x 1e9 / rate,
+//!
+//! so the link sends at the rate without bursts above it, and a packet that would wait longer
+//! than the queue's depth (the burst, in time at the rate, at most fq's 10 s horizon) is dropped
+//! (tail drop, counted as a rate drop). Many CPUs: the clock moves by atomic adds of the costs;
+//! only when the queue is idle (the clock behind now) is it set with a plain store, and a packet
+//! another CPU queued at that same instant may lose its cost (one packet, at most one per CPU).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    macros::classifier,
+    programs::TcContext,
+};
+use nbt_common::{account::INGRESS, edt::QUEUED_MARK, shaper::ShaperConfig};
+
+use super::impair::load;
+use crate::{
+    atomic_add,
+    shaper::{
+        self,
+        link::{self, Remote},
+    },
+};
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+/// fq drops a packet whose departure is further ahead than its horizon (10 s by default).
+const FQ_HORIZON_NS: u64 = 10 * NSEC_PER_SEC;
+/// The Ethernet header the redirect pushed back in front of the IP packet: nbt redirects only
+/// from interfaces that have one (Ethernet and loopback).
+const ETH_HLEN: u64 = 14;
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// Where an arriving packet of the run goes when the run has an ingress queue (`queue` is the
+/// ifb's index) and its link an ingress rate: to the queue (`TC_ACT_REDIRECT`). `None`: on.
+#[inline(always)]
+pub fn redirect(queue: u32, config: &ShaperConfig) -> Option<i32> {
+    if queue == 0 || config.rate_bytes_per_sec == 0 {
+        return None;
+    }
+    // SAFETY: the helper records the target for when the program returns.
+    Some(unsafe { bpf_redirect(queue, 0) } as i32)
+}
+
+/// Whether the packet came back from the run's queue.
+#[inline(always)]
+pub fn was_queued(skb: *mut aya_ebpf::bindings::__sk_buff) -> bool {
+    // SAFETY: a field of the context, read at its own offset.
+    unsafe { core::ptr::read_volatile(&(*skb).tc_index) == QUEUED_MARK }
+}
+
+/// On the egress of the run's ifb: each packet's departure time at its link's ingress rate.
+#[classifier]
+pub fn queue_ingress(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let link = link::of_packet(skb, Remote::Source);
+    // SAFETY: `tc_index` is a field of the context, writable at tc.
+    unsafe { (*skb).tc_index = QUEUED_MARK };
+    let Some((config, state)) = shaper::direction(link, INGRESS) else {
+        return TC_ACT_OK as i32;
+    };
+    let rate = config.rate_bytes_per_sec;
+    if rate == 0 {
+        return TC_ACT_OK as i32;
+    }
+    let bytes = ip_bytes(&ctx);
+    // As in the shaper's police: bytes x 1e9 fits in a u64 (one skb plus its segments' headers).
+    let cost = bytes * NSEC_PER_SEC / rate;
+    let depth = if config.burst_ns < FQ_HORIZON_NS {
+        config.burst_ns
+    } else {
+        FQ_HORIZON_NS
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `state` points into the map value for this program run; the field is an aligned
+    // u64 in it, as `atomic_add` requires.
+    unsafe {
+        let clock = core::ptr::addr_of_mut!((*state).queue_free_ns);
+        let free = core::ptr::read_volatile(clock);
+        let departure = if free < now { now } else { free };
+        if departure - now > depth {
+            shaper::count_queue_drop(link, bytes);
+            return TC_ACT_SHOT as i32;
+        }
+        if free < now {
+            core::ptr::write_volatile(clock, now + cost);
+        } else {
+            atomic_add(clock, cost);
+        }
+        (*skb).tstamp = departure;
+    }
+    TC_ACT_OK as i32
+}
+
+/// The packet's IP bytes as the link carried them (the shaper's measure): the ifb sees it with
+/// its Ethernet header; a GRO packet counts every segment's headers.
+#[inline(always)]
+fn ip_bytes(ctx: &TcContext) -> u64 {
+    let len = u64::from(ctx.len()).saturating_sub(ETH_HLEN);
+    // SAFETY: reading a field of the context the kernel handed us.
+    let segs = u64::from(unsafe { (*ctx.skb.skb).gso_segs });
+    if segs <= 1 {
+        return len;
+    }
+    len + (segs - 1) * header_bytes(ctx)
+}
+
+/// IP + TCP/UDP header length of the packet, read from its network header (0 if it cannot be).
+#[inline(always)]
+fn header_bytes(ctx: &TcContext) -> u64 {
+    // SAFETY: a field of the context, read at its own offset.
+    let protocol =
+        u32::from(u16::from_be(
+            unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).protocol) } as u16,
+        ));
+    let (ip_len, transport) = match protocol {
+        ETH_P_IP => match load::<10>(ctx, 0) {
+            Some(header) => (u32::from(header[0] & 0x0f) * 4, header[9]),
+            None => return 0,
+        },
+        ETH_P_IPV6 => match load::<7>(ctx, 0) {
+            Some(header) => (40, header[6]),
+            None => return 0,
+        },
+        _ => return 0,
+    };
+    let transport_len = match transport {
+        // TCP data offset: the high nibble of byte 12, in 32-bit words.
+        IPPROTO_TCP => load::<1>(ctx, ip_len + 12).map_or(0, |b| u32::from(b[0] >> 4) * 4),
+        IPPROTO_UDP => 8,
+        _ => 0,
+    };
+    u64::from(ip_len + transport_len)
+}
