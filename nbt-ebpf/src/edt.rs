@@ -21,7 +21,7 @@ mod impair;
 pub mod queue;
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN},
+    bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN, TC_ACT_UNSPEC},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
     macros::{classifier, map},
     maps::{Array, LruHashMap},
@@ -120,19 +120,22 @@ pub fn mark_run_socket(ctx: &SkBuffContext) {
 pub fn delay_egress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
     let Some(run) = EDT_RUN.get(0) else {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     };
     // Our own copy, back from the clone (a duplicate, or a packet to hold): delayed, nothing
     // more.
     // SAFETY: `tc_index` is a field of the context, writable at tc.
     let own_copy = unsafe { (*skb).tc_index } == OWN_COPY_MARK;
-    // Every other packet of the interface leaves at once, before its link is looked up: this
-    // runs for the whole machine's traffic on it.
+    // Every other packet of the interface goes on at once, before its link is looked up: this
+    // runs for the whole machine's traffic on it. On to the next filter (`TC_ACT_UNSPEC`), which
+    // may be another run's in the same namespace: each filter goes in front of those already
+    // there, and a verdict here would end the list (a later run's program then let an earlier
+    // run's lost segments leave).
     // SAFETY: helper on the context the kernel handed us; 0 for packets without a socket.
     if !own_copy
         && unsafe { bpf_skb_ancestor_cgroup_id(skb, run.cgroup_level as i32) } != run.cgroup_id
     {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     // A segment of the run that its egress loss model lost (`shaper`): taken here, so that its
     // sender's stack is told it left, as netem does with what it loses. Dropped at the cgroup
@@ -177,49 +180,47 @@ pub fn delay_egress(ctx: TcContext) -> i32 {
     release(&ctx, link, config)
 }
 
-/// The packets arriving for the run's sockets (tc ingress): netem's duplicate and corrupt, with
-/// the probabilities of their link's ingress entry, then the run's ingress queue (`queue`,
-/// `--ingress-queue`) when it has one and the link an ingress rate.
+/// netem's duplicate and corrupt on the packets arriving for the run's sockets (tc ingress),
+/// with the probabilities of their link's ingress entry. Nothing arriving has a socket yet at
+/// tc: the packet's socket is looked up by its addresses and ports (`bpf_sk_lookup_tcp/udp`)
+/// and found, or not, among the run's sockets in `EDT_SOCKETS`. tc programs cannot ask a
+/// socket's cgroup (the kernel offers `bpf_sk_ancestor_cgroup_id` to cgroup_skb programs
+/// only), so the run's cgroup programs record each socket that passes them a packet
+/// ([`mark_run_socket`]): a socket's first packets in either direction come before its record
+/// and pass unimpaired (a receiver's first datagram, an accepted connection's first segments
+/// until it sends). Duplicate sends a copy into the same interface's receive path
+/// (`bpf_clone_redirect` with `BPF_F_INGRESS`), which comes back here marked and passes; a
+/// corrupted IPv4 packet fails `ip_rcv`'s header checksum, a GRO or IPv6 one is dropped here.
+/// Both come before the run's ingress queue (`queue::queue_redirect`, the next filter) and the
+/// cgroup's ingress shaper, as an impairment on the wire would: a duplicate is counted, queued
+/// or policed, and maybe lost there as any packet.
 ///
-/// Nothing arriving has a socket yet at tc: the packet's socket is looked up by its addresses
-/// and ports (`bpf_sk_lookup_tcp/udp`) and found, or not, among the run's sockets in
-/// `EDT_SOCKETS`. tc programs cannot ask a socket's cgroup (the kernel offers
-/// `bpf_sk_ancestor_cgroup_id` to cgroup_skb programs only), so the run's cgroup programs record
-/// each socket that passes them a packet ([`mark_run_socket`]): a socket's first packets in
-/// either direction come before its record and pass unimpaired and unqueued (a receiver's first
-/// datagram, an accepted connection's first segments until it sends); the cgroup's ingress
-/// shaper still polices those. Duplicate sends a copy into the same interface's receive path
-/// (`bpf_clone_redirect` with `BPF_F_INGRESS`), which comes back here marked and goes through
-/// the queue as its original does; a corrupted IPv4 packet fails `ip_rcv`'s header checksum, a
-/// GRO or IPv6 one is dropped here. Both come before the queue and the cgroup's ingress shaper,
-/// as an impairment on the wire would: a duplicate is counted, queued or policed, and maybe lost
-/// there as any packet.
+/// Every packet it lets pass goes on to the interface's next filter (`TC_ACT_UNSPEC`): the
+/// run's queue, and another run's programs in the same namespace.
 #[classifier]
 pub fn receive_ingress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
+    // Back from the run's queue (should the ifb's re-injection pass the classifiers again):
+    // impaired before it was queued.
     if queue::was_queued(skb) {
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
-    let queue = EDT_RUN.get(0).map_or(0, |run| run.queue_ifindex);
-    let link = link::of_packet(skb, Remote::Source);
-    let Some((shaper, _)) = shaper::direction(link, INGRESS) else {
-        return TC_ACT_OK;
-    };
     // SAFETY: a field of the context, read at its own offset.
     if unsafe { core::ptr::read_volatile(&(*skb).tc_index) } == OWN_COPY_MARK {
         // SAFETY: as above; `tc_index` is writable at tc.
         unsafe { (*skb).tc_index = 0 };
-        return queue::redirect(queue, shaper).unwrap_or(TC_ACT_OK);
+        return TC_ACT_UNSPEC;
     }
+    let link = link::of_packet(skb, Remote::Source);
+    let Some((shaper, _)) = shaper::direction(link, INGRESS) else {
+        return TC_ACT_UNSPEC;
+    };
     let (duplicate, corrupt) = (shaper.duplicate, shaper.corrupt);
-    let queued = queue != 0 && shaper.rate_bytes_per_sec != 0;
-    if duplicate == 0 && corrupt == 0 && !queued {
-        return TC_ACT_OK;
+    if duplicate == 0 && corrupt == 0 {
+        return TC_ACT_UNSPEC;
     }
-    // SAFETY: a lookup whose value is not kept.
-    let ours = impair::socket_for(&ctx).is_some_and(|s| unsafe { EDT_SOCKETS.get(&s) }.is_some());
-    if !ours {
-        return TC_ACT_OK;
+    if !is_run_socket(&ctx) {
+        return TC_ACT_UNSPEC;
     }
     let packets = impair::wire_packets(&ctx);
     if duplicate != 0 && chance(duplicate) && impair::send_own_copy(&ctx, BPF_F_INGRESS.into()) {
@@ -231,7 +232,20 @@ pub fn receive_ingress(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT as i32;
         }
     }
-    queue::redirect(queue, shaper).unwrap_or(TC_ACT_OK)
+    TC_ACT_UNSPEC
+}
+
+/// Whether an arriving packet is for one of the run's sockets (see [`receive_ingress`]).
+#[inline(always)]
+pub fn is_run_socket(ctx: &TcContext) -> bool {
+    // SAFETY: a lookup whose value is not kept.
+    impair::socket_for(ctx).is_some_and(|s| unsafe { EDT_SOCKETS.get(&s) }.is_some())
+}
+
+/// The index of the run's ingress queue device, 0 when it has none.
+#[inline(always)]
+pub fn queue_ifindex() -> u32 {
+    EDT_RUN.get(0).map_or(0, |run| run.queue_ifindex)
 }
 
 /// Lets the packet go at its time: when there is a delay, as a copy that belongs to no socket.

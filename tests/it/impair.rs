@@ -430,6 +430,30 @@ fn a_run_ending_leaves_the_tc_program_of_another_run_in_place() {
     guard.assert_clean();
 }
 
+/// Two runs in one namespace, the later one's tc program in front of the earlier one's (tc puts
+/// each new filter first): the earlier run's egress loss must stay a loss on the wire. Before,
+/// the later run's program ended the filter list for every packet not its own (`TC_ACT_OK`),
+/// and the earlier run's lost segments left as if nothing had happened.
+#[test]
+fn a_later_run_in_the_namespace_leaves_an_earlier_runs_packets_to_its_program() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("tcorder");
+    let ns = net.a.clone();
+    let later = std::thread::spawn(move || {
+        // Once the earlier run's stream has started (nbt's start takes about 0.5 s).
+        std::thread::sleep(Duration::from_millis(800));
+        nbt_integration_tests::nbt_in_netns(&ns, &["run", "--loss", "5%", "--", "sleep", "6"])
+    });
+    // 6 s of reno under 5% loss: its retransmissions (2 to 15% of its bytes) need its lost
+    // segments to be lost on the wire for all but the first second.
+    reno_stream_under_egress_loss(&net, 5225, "6");
+    let later = later.join().unwrap();
+    assert_eq!(later.status(), 0, "{}", later.stderr());
+    let qdiscs = NetnsPair::qdiscs(&net.a);
+    assert!(!qdiscs.contains("clsact"), "left behind: {qdiscs}");
+    guard.assert_clean();
+}
+
 /// The inode of network namespace `name`, as nbt names the marks of its clsact qdiscs there.
 fn netns_ino(name: &str) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -755,6 +779,15 @@ fn nbt_set_changes_duplicate_on_arriving_packets_of_a_run_started_with_ingress()
                 refused
                     .stderr()
                     .contains("invalid value 'both' for --impair-direction"),
+                "{}",
+                refused.stderr()
+            );
+            let refused = nbt(&["set", &name, "--ingress-queue"]);
+            assert_eq!(refused.status(), 2, "{}", refused.stderr());
+            assert!(
+                refused
+                    .stderr()
+                    .contains("--ingress-queue is fixed when a run starts"),
                 "{}",
                 refused.stderr()
             );

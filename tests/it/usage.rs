@@ -59,6 +59,10 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
             "'nbtt' is neither a built-in profile",
         ),
         (
+            vec!["--egress-rate", "10mbit", "--ingress-queue"],
+            "--ingress-queue queues arriving packets at the ingress rate: it needs --ingress-rate",
+        ),
+        (
             vec!["--profile", "nbt"],
             // Refused here either way: for the missing qdisc where the kernel lacks it, else
             // for the hardware caps this machine lacks (cpufreq, turbo control, a GPU).
@@ -79,6 +83,26 @@ fn bad_values_exit_2_naming_flag_value_and_forms() {
             run.stderr().lines().count(),
             1,
             "{all:?}: not one line: {}",
+            run.stderr()
+        );
+    }
+    // The ingress queue needs fq, as a latency does: refused where the kernel lacks it (this
+    // host), naming the qdisc. The VM tests run it where fq is (ingress_queue_bbr).
+    if nbt::plan::probe::fq_missing().is_some() {
+        let run = nbt(&[
+            "run",
+            "--ingress-rate",
+            "10mbit",
+            "--ingress-queue",
+            "--",
+            "true",
+        ]);
+        assert_eq!(run.status(), 2, "{}", run.stderr());
+        assert!(
+            run.stderr().contains(
+                "refusing to run: --ingress-queue true (flag) needs the fq qdisc (sch_fq)"
+            ),
+            "{}",
             run.stderr()
         );
     }

@@ -137,10 +137,12 @@ enum Task {
         /// seed's `tc htb` + `netem` inside the Debian kernels' VMs; `telemetry`: the cost of
         /// the CPU-time tracking and the agent's footprint with 1,000 processes; `paths`: nbt's
         /// rate accuracy (and htb's beside it) on loopback and veth at MTU 1500 and 9000, for TCP
-        /// cubic, reno, bbr and UDP, egress and ingress, 512kbit to 1gbit
-        #[arg(value_parser = ["net", "vm", "telemetry", "paths"])]
+        /// cubic, reno, bbr and UDP, egress and ingress, 512kbit to 1gbit; `vm-ingress`: TCP
+        /// into a run limited on arrival, htb on ifb against nbt's policer and its queue
+        /// (--ingress-queue), in the 6.12 VM (fq)
+        #[arg(value_parser = ["net", "vm", "vm-ingress", "telemetry", "paths"])]
         kind: String,
-        /// For `vm`: 5.10, 6.1, 6.12 or all (default 6.12)
+        /// For `vm` and `vm-ingress`: 5.10, 6.1, 6.12 or all (default 6.12)
         #[arg(long)]
         kernel: Option<String>,
         /// For `net` and `paths`: how many times each limited case runs (htb and nbt alternate),
@@ -423,7 +425,7 @@ fn bench(
     repeat: u32,
     paths: &bench_paths::Options,
 ) -> Result<ExitCode> {
-    if kind != "vm" && kernel.is_some() {
+    if !kind.starts_with("vm") && kernel.is_some() {
         eprintln!(
             "xtask bench: --kernel chooses the VM of `bench vm`; `bench {kind}` runs on this host"
         );
@@ -447,6 +449,7 @@ fn bench(
     match kind {
         "net" => bench::net(&workspace_root(), repeat)?,
         "vm" => vm::bench(&workspace_root(), kernel.unwrap_or("6.12"))?,
+        "vm-ingress" => vm::bench_ingress(&workspace_root(), kernel.unwrap_or("6.12"))?,
         "telemetry" => telemetry::bench(&workspace_root())?,
         "paths" => bench_paths::run(&workspace_root(), repeat, paths)?,
         other => bail!("unknown benchmark '{other}'; accepted: net, vm, telemetry, paths"),

@@ -21,6 +21,13 @@ const DONE: &str = "\necho NBT-VM-DONE\npoweroff -f\n";
 /// The init of `cargo xtask bench vm`: the seed's tc htb + netem against nbt, figures per method.
 const BENCH_INIT: &str = concat!(include_str!("vm-setup.sh"), include_str!("vm-bench.sh"));
 
+/// The init of `cargo xtask bench vm-ingress`: TCP into a run limited on arrival, htb on ifb
+/// against nbt's policer and nbt's queue.
+const BENCH_INGRESS_INIT: &str = concat!(
+    include_str!("vm-setup.sh"),
+    include_str!("vm-bench-ingress.sh")
+);
+
 /// A kernel of the VM matrix.
 pub struct Kernel {
     /// The name `--kernel` takes.
@@ -598,6 +605,70 @@ impl<'a> Tagged<'a> {
 /// The steady CPU per MiB of the seed and of nbt's full profile, round by round: round 1 from
 /// the main table (`first`: the seed's, nbt's), the others from the `NBT-VM-STEADY <round>
 /// <method> <s per MiB> <goodput ratio>` lines; then the median of the rounds' ratios.
+/// `cargo xtask bench vm-ingress`: one table per kernel, each cell's goodput against the limit
+/// as each method counts it (htb on the ifb: Ethernet frames, 1514 bytes per 1448 of payload;
+/// nbt: IP packets, 1500), and the sender's retransmissions.
+pub fn bench_ingress(workspace: &Path, which: &str) -> Result<()> {
+    let cache = workspace.join("target/vm-cache");
+    for kernel in kernels(which)? {
+        let (dir, release) = fetch_kernel(&cache, kernel)?;
+        let initrd = cache.join(format!("initrd-bench-ingress-{release}.gz"));
+        initramfs(workspace, &dir, &release, &initrd, BENCH_INGRESS_INIT)?;
+        eprintln!("xtask bench vm-ingress: booting {release} (about 6 minutes under emulation)");
+        let log = cache.join(format!("console-bench-ingress-{release}.log"));
+        let console = boot_retrying(&dir, &release, &initrd, None, &log, BENCH_LIMIT_S)?;
+        if !console.contains("NBT-VM-DONE") {
+            bail!(
+                "the {release} ingress bench VM did not finish (console: {})",
+                log.display()
+            );
+        }
+        println!("{}", ingress_table(&release, &console));
+    }
+    Ok(())
+}
+
+/// The table of `bench vm-ingress` from its console lines.
+fn ingress_table(release: &str, console: &str) -> String {
+    let mut table = format!(
+        "Kernel {release} (Debian, QEMU TCG, 2 vCPUs), veth pair, TCP from namespace b into \
+         a run in namespace a, 20 s, goodput from second 3 to 19; achieved / limit (sender's \
+         retransmitted segments)\n\n\
+         | traffic | rate | htb on ifb | nbt, policer (--ingress-rate) | nbt, queue (--ingress-queue) |\n\
+         |---|---|---|---|---|\n"
+    );
+    let rows: Vec<Vec<&str>> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("NBT-VM-INGRESS "))
+        .map(|l| l.split_whitespace().collect())
+        .filter(|f: &Vec<&str>| f.len() >= 5)
+        .collect();
+    let mut cells: Vec<(&str, &str)> = Vec::new();
+    for row in &rows {
+        if !cells.contains(&(row[1], row[2])) {
+            cells.push((row[1], row[2]));
+        }
+    }
+    for (cc, rate) in cells {
+        let figure = |method: &str, frame: f64| {
+            rows.iter()
+                .find(|r| r[0] == method && r[1] == cc && r[2] == rate)
+                .map_or("-".to_string(), |r| {
+                    let goodput: f64 = r[3].parse().unwrap_or(f64::NAN);
+                    let limit: f64 = rate.parse().unwrap_or(f64::NAN);
+                    format!("{:.4} ({})", goodput / limit * frame / 1448.0, r[4])
+                })
+        };
+        table.push_str(&format!(
+            "| {cc} | {rate} | {} | {} | {} |\n",
+            figure("htb-ifb", 1514.0),
+            figure("nbt", 1500.0),
+            figure("nbt-queue", 1500.0)
+        ));
+    }
+    table
+}
+
 fn steady_table(console: &str, first: Option<(f64, f64)>) -> String {
     let lines = Tagged::of(console, "NBT-VM-STEADY");
     let mut rounds: Vec<(&str, f64, f64)> = Vec::new();

@@ -1,11 +1,14 @@
 //! The ingress queue (`--ingress-queue`): packets arriving for the run's sockets wait for their
 //! turn at the ingress rate instead of being dropped beyond it, as at a bottleneck link.
 //!
-//! tc ingress has no queue. `receive_ingress` redirects the run's arriving packets to the egress
-//! of an ifb device that nbt made for the run; there `queue_ingress` gives each its departure
-//! time (`skb->tstamp`), the fq qdisc at the ifb's root holds it until then, and the ifb puts it
-//! back into the receive path of the interface it came by. The cgroup ingress program then sees
-//! it marked ([`QUEUED_MARK`]) and counts it without charging the rate again.
+//! tc ingress has no queue. `queue_redirect`, a classic (not direct-action) filter on each
+//! interface's ingress, matches the run's arriving packets, and its action, act_mirred, redirects
+//! them to the egress of an ifb device that nbt made for the run (`bpf_redirect` would do the
+//! same only from Linux 6.4: before, it did not mark the packet redirected, and the ifb dropped
+//! it). There `queue_ingress` gives each its departure time (`skb->tstamp`), the fq qdisc at the
+//! ifb's root holds it until then, and the ifb puts it back into the receive path of the
+//! interface it came by. The cgroup ingress program then sees it marked ([`QUEUED_MARK`]) and
+//! counts it without charging the rate again.
 //!
 //! The departure times, per link, as Cilium's `edt.h` paces a flow: a clock that runs ahead by
 //! each packet's cost (its IP bytes at the rate) from the later of now and the clock,
@@ -20,11 +23,11 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
-use nbt_common::{account::INGRESS, edt::QUEUED_MARK, shaper::ShaperConfig};
+use nbt_common::{account::INGRESS, edt::QUEUED_MARK};
 
 use super::impair::load;
 use crate::{
@@ -46,15 +49,23 @@ const ETH_P_IPV6: u32 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
-/// Where an arriving packet of the run goes when the run has an ingress queue (`queue` is the
-/// ifb's index) and its link an ingress rate: to the queue (`TC_ACT_REDIRECT`). `None`: on.
-#[inline(always)]
-pub fn redirect(queue: u32, config: &ShaperConfig) -> Option<i32> {
-    if queue == 0 || config.rate_bytes_per_sec == 0 {
-        return None;
+/// A classic tc classifier on each interface's ingress, behind `receive_ingress`: matches (-1,
+/// the filter's default class, and its mirred action redirects the packet to the run's queue) a
+/// packet for one of the run's sockets whose link has an ingress rate, and nothing else (0: on to
+/// the next filter).
+#[classifier]
+pub fn queue_redirect(ctx: TcContext) -> i32 {
+    const MATCH: i32 = -1;
+    const NO_MATCH: i32 = 0;
+    let skb = ctx.skb.skb;
+    if was_queued(skb) || super::queue_ifindex() == 0 {
+        return NO_MATCH;
     }
-    // SAFETY: the helper records the target for when the program returns.
-    Some(unsafe { bpf_redirect(queue, 0) } as i32)
+    let link = link::of_packet(skb, Remote::Source);
+    match shaper::direction(link, INGRESS) {
+        Some((config, _)) if config.rate_bytes_per_sec != 0 && super::is_run_socket(&ctx) => MATCH,
+        _ => NO_MATCH,
+    }
 }
 
 /// Whether the packet came back from the run's queue.

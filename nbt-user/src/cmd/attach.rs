@@ -46,8 +46,9 @@ pub fn attach(args: AttachArgs, signals: &libc::sigset_t) -> i32 {
     if target.other_netns() && plan.needs_tc_beyond_loss() {
         eprintln!(
             "nbt: {} lives in another network namespace; nbt adds delay (--latency, --jitter, \
-             --reorder, ingress impairments) on the interfaces of its own, so it cannot delay this \
-             target's packets. Rates, loss, duplicate, corrupt and the gate work there.",
+             --reorder, ingress impairments, --ingress-queue) on the interfaces of its own, so it \
+             cannot delay this target's packets. Rates, loss, duplicate, corrupt and the gate \
+             work there.",
             target.described
         );
         return 2;

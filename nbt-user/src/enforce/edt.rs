@@ -484,7 +484,12 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, needs: &TcNeeds) -> Result<Lat
         &interfaces,
         &mut guard,
     )?;
-    if ingress {
+    // The queue's filter first: each filter goes in front of those already there, and
+    // `receive_ingress` impairs a packet before it is queued.
+    if needs.queue {
+        redirect_to_queue(ebpf, &receiving, run.queue_ifindex, &mut guard)?;
+    }
+    if needs.ingress_impair {
         attach_everywhere(
             ebpf,
             "receive_ingress",
@@ -544,6 +549,45 @@ fn add_queue(ebpf: &mut Ebpf, guard: &mut LatencyGuard) -> Result<u32> {
     // Goes with the device; kept only so that the guard detaches it first at the run's end.
     guard.links.push(program.take_link(link)?);
     Ok(ifindex)
+}
+
+/// Puts `queue_redirect` on the ingress of each of `interfaces` as a classic filter whose mirred
+/// action redirects what it matches to the queue device `queue` (see
+/// nbt-ebpf/src/edt/queue.rs for why not `bpf_redirect`). Each is recorded as the run's filter,
+/// and held as a link, so that it comes off as `receive_ingress` does.
+fn redirect_to_queue(
+    ebpf: &mut Ebpf,
+    interfaces: &[(u32, String)],
+    queue: u32,
+    guard: &mut LatencyGuard,
+) -> Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let program: &mut SchedClassifier = loader::program(ebpf, "queue_redirect")?;
+    program
+        .load()
+        .context("the kernel refused to load BPF program queue_redirect")?;
+    let fd = program.fd()?.as_fd().as_raw_fd();
+    for (ifindex, interface) in interfaces {
+        let (priority, handle) =
+            netlink::add_bpf_redirect_filter(*ifindex, fd, "queue_redirect", queue).with_context(
+                || format!("putting BPF program queue_redirect on {interface}, with act_mirred"),
+            )?;
+        guard.qdiscs.filters.push(Filter {
+            ifindex: *ifindex,
+            interface: interface.clone(),
+            priority,
+            handle,
+            ingress: true,
+        });
+        guard.links.push(SchedClassifierLink::attached(
+            interface,
+            TcAttachType::Ingress,
+            priority,
+            handle.into(),
+            None,
+        )?);
+    }
+    Ok(())
 }
 
 /// Loads the tc program `name` and attaches it to each interface, whose clsact qdisc `attach`

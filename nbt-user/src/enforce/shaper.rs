@@ -211,6 +211,10 @@ pub struct DirectionLimits {
     /// loss correlation.
     #[serde(default)]
     pub impair: Impairments,
+    /// Ingress only: packets beyond the rate wait in the run's ingress queue (`--ingress-queue`),
+    /// which holds the burst, instead of being dropped.
+    #[serde(default)]
+    pub queued: bool,
 }
 
 /// The smallest default bucket: one GSO super-packet (64 KiB of IP packet, plus the headers of
@@ -293,8 +297,12 @@ impl DirectionLimits {
     pub fn describe(&self, direction: Direction) -> String {
         let mut parts = Vec::new();
         if let (Some(rate), Some(burst)) = (self.rate_bits_per_sec, self.burst(direction)) {
+            let depth = match self.queued {
+                true => "queued, at most",
+                false => "burst",
+            };
             parts.push(format!(
-                "{} (burst {})",
+                "{} ({depth} {})",
                 format_rate(rate),
                 format_size(burst)
             ));
@@ -758,6 +766,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ingress.burst(Direction::Ingress), Some(6_250_000));
+        // The limits line says whether arriving packets queue or are dropped beyond the rate.
+        assert_eq!(
+            ingress.describe(Direction::Ingress),
+            "200mbit (burst 6.0 MiB)"
+        );
+        let queued = DirectionLimits {
+            queued: true,
+            ..ingress
+        };
+        assert_eq!(
+            queued.describe(Direction::Ingress),
+            "200mbit (queued, at most 6.0 MiB)"
+        );
         assert_eq!(config.burst_ns, GSO_BURST * 1_000_000_000 / 64_000);
         assert_eq!(config.loss_model, LOSS_UNIFORM);
         assert_eq!(

@@ -920,6 +920,12 @@ impl Plan {
         let (tc_impairments, impair_direction) = sources.impairments(&mut net, latency.as_mut())?;
         let links = sources.links(&mut pending)?;
         let ingress_queue = sources.ingress_queue(&net, &links, &mut pending)?;
+        let mut links = links;
+        for ingress in
+            std::iter::once(&mut net.ingress).chain(links.iter_mut().map(|l| &mut l.net.ingress))
+        {
+            ingress.queued = ingress_queue;
+        }
         let (prices, gate) = sources.ledger()?;
         sources.not_yet(&mut pending)?;
         let accept_min_delta = sources.accept_min_delta()?;
@@ -1232,6 +1238,77 @@ mod tests {
             let err = Plan::build(&f).unwrap_err();
             assert!(err.0.contains(expected), "{f:?}: {err}");
         }
+    }
+
+    #[test]
+    fn ingress_queue_needs_an_ingress_rate_and_the_fq_qdisc() {
+        let err = Plan::build(&Flags {
+            ingress_queue: true,
+            egress_rate: Some("10mbit".into()),
+            ..flags()
+        })
+        .unwrap_err();
+        assert!(
+            err.0.contains("--ingress-queue queues arriving packets at the ingress rate: it needs --ingress-rate"),
+            "{err}"
+        );
+        // A link's ingress rate is enough; a profile's key is read as the flag.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "ingress-queue = true\n[[link]]\nto = \"10.0.0.0/8\"\ningress-rate = \"512kbit\"\n",
+        )
+        .unwrap();
+        let plan = Plan::build(&Flags {
+            profile: Some(path.to_str().unwrap().into()),
+            ..flags()
+        })
+        .unwrap();
+        match probe::fq_missing() {
+            // This kernel cannot: named, for `nbt run` to refuse.
+            Some(_) => {
+                assert!(!plan.ingress_queue);
+                assert!(plan
+                    .pending
+                    .iter()
+                    .any(|p| p.setting == "ingress-queue" && p.capability.contains("fq qdisc")));
+                let err = plan.refuse_pending().unwrap_err();
+                assert!(err.0.contains("ingress-queue true"), "{err}");
+                assert!(err.0.contains("needs the fq qdisc (sch_fq)"), "{err}");
+            }
+            None => {
+                assert!(plan.ingress_queue && plan.needs_ingress_tc());
+                assert!(plan.links[0].net.ingress.queued);
+                assert!(plan.links[0]
+                    .describe()
+                    .contains("512kbit (queued, at most"));
+            }
+        }
+        std::fs::write(
+            &path,
+            "ingress-rate = \"1mbit\"\ningress-queue = \"maybe\"\n",
+        )
+        .unwrap();
+        let err = Plan::build(&Flags {
+            profile: Some(path.to_str().unwrap().into()),
+            ..flags()
+        })
+        .unwrap_err();
+        assert!(
+            err.0
+                .contains("invalid value 'maybe' for ingress-queue (profile ")
+                && err.0.contains("accepted: true, false"),
+            "{err}"
+        );
+        // false is no queue, and needs no rate.
+        std::fs::write(&path, "ingress-queue = false\n").unwrap();
+        let plan = Plan::build(&Flags {
+            profile: Some(path.to_str().unwrap().into()),
+            ..flags()
+        })
+        .unwrap();
+        assert!(!plan.ingress_queue && plan.pending.is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_ECHO: u16 = 0x8;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
@@ -31,6 +32,18 @@ const IFF_UP: u32 = 1;
 /// What a hardware address's family says of an interface (`SIOCGIFHWADDR`).
 const ARPHRD_ETHER: u16 = 1;
 const ARPHRD_LOOPBACK: u16 = 772;
+
+/// cls_bpf's options: its actions, the program's descriptor and name.
+const TCA_BPF_ACT: u16 = 1;
+const TCA_BPF_FD: u16 = 6;
+const TCA_BPF_NAME: u16 = 7;
+/// An action's kind and options; mirred's parameters (`struct tc_mirred`).
+const TCA_ACT_KIND: u16 = 1;
+const TCA_ACT_OPTIONS: u16 = 2;
+const TCA_MIRRED_PARMS: u16 = 2;
+const TCA_EGRESS_REDIR: i32 = 1;
+const TC_ACT_STOLEN: i32 = 4;
+const ETH_P_ALL: u16 = 0x0003;
 
 /// The start of the name of every ingress queue device nbt makes (`nbt-q-PID`): left out of the
 /// interfaces nbt acts on, whichever run made it.
@@ -328,6 +341,79 @@ pub fn add_ifb(name: &str) -> io::Result<u32> {
         0 => Err(io::Error::last_os_error()),
         index => Ok(index),
     }
+}
+
+/// Puts a classic (not direct-action) cls_bpf filter running program `fd` (named `name`) on the
+/// ingress of interface `ifindex`'s clsact qdisc, whose action, act_mirred, redirects what the
+/// program matches to the egress of interface `to` (as `tc filter add dev IF ingress bpf obj ...
+/// action mirred egress redirect dev TO`). The kernel picks its priority, in front of the
+/// filters already there; returns (priority, handle).
+pub fn add_bpf_redirect_filter(
+    ifindex: u32,
+    fd: i32,
+    name: &str,
+    to: u32,
+) -> io::Result<(u16, u32)> {
+    // struct tc_mirred: tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex.
+    let mut mirred = Vec::new();
+    for word in [0i32, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR] {
+        mirred.extend_from_slice(&word.to_ne_bytes());
+    }
+    mirred.extend_from_slice(&to.to_ne_bytes());
+    let mut action = attribute(TCA_ACT_KIND, b"mirred\0");
+    action.extend(attribute(
+        TCA_ACT_OPTIONS | NLA_F_NESTED,
+        &attribute(TCA_MIRRED_PARMS, &mirred),
+    ));
+    // The action list: the first (and only) action, at order 1.
+    let actions = attribute(1 | NLA_F_NESTED, &action);
+    let mut options = attribute(TCA_BPF_ACT | NLA_F_NESTED, &actions);
+    options.extend(attribute(TCA_BPF_FD, &fd.to_ne_bytes()));
+    options.extend(attribute(TCA_BPF_NAME, &[name.as_bytes(), &[0]].concat()));
+    let info = u32::from(ETH_P_ALL.to_be());
+    let mut msg = message_at(
+        RTM_NEWTFILTER,
+        NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO | NLM_F_ACK,
+        ifindex as i32,
+        "bpf",
+        CLSACT_INGRESS,
+        0,
+    );
+    msg[32..36].copy_from_slice(&info.to_ne_bytes());
+    msg.extend(attribute(TCA_OPTIONS | NLA_F_NESTED, &options));
+    let total = msg.len() as u32;
+    msg[0..4].copy_from_slice(&total.to_ne_bytes());
+    let answer = exchange(&msg)?;
+    // The echo of the new filter (its tcmsg: handle at 24, info at 32, priority in info's high
+    // half), then the acknowledgement; or an error.
+    let mut at = 0;
+    while at + 16 <= answer.len() {
+        let len = u32_at(&answer, at).unwrap_or(0) as usize;
+        match u16_at(&answer, at + 4) {
+            Some(RTM_NEWTFILTER) => {
+                let handle = u32_at(&answer, at + 24).unwrap_or(0);
+                let priority = (u32_at(&answer, at + 32).unwrap_or(0) >> 16) as u16;
+                return Ok((priority, handle));
+            }
+            Some(NLMSG_ERROR) => {
+                error_in(&answer[at..])
+                    .unwrap_or(Ok(()))
+                    .and(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "no echo of the new filter",
+                    )))?
+            }
+            _ => {}
+        }
+        if len < 16 {
+            break;
+        }
+        at += (len + 3) & !3;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "no echo of the new filter",
+    ))
 }
 
 /// Deletes the network device `ifindex` (its qdiscs and filters go with it).
