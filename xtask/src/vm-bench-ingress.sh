@@ -14,16 +14,19 @@ $IP -n a link add ifb0 type ifb && $IP -n a link set ifb0 up
 listening() { for i in $(seq 50); do in_a grep -q ":1389 00000000:0000 0A" /proc/net/tcp && return 0; sleep 0.2; done; return 1; }
 # $1: method, $2: congestion control, $3: rate (bits/s), $4...: how to run the receiver.
 cell() {
-    method=$1; cc=$2; rate=$3; shift 3
+    local method=$1 cc=$2 limit=$3
+    shift 3
     before=$(in_b awk '/^Tcp:/ { if (n++) print $13 }' /proc/net/snmp)
-    { "$@" nbt-testbin tcp-sink 192.0.2.1:5001 3 $((SECONDS_ON - 1)) > /tmp/sink 2>/dev/null & }
+    { "$@" nbt-testbin tcp-sink 192.0.2.1:5001 3 $((SECONDS_ON - 1)) > /tmp/sink 2>/tmp/sink.err & }
     listening
-    in_b nbt-testbin tcp-stream 192.0.2.1:5001 $SECONDS_ON "$cc" > /dev/null 2>&1
+    in_b nbt-testbin tcp-stream 192.0.2.1:5001 $SECONDS_ON "$cc" > /tmp/stream 2>&1
     wait
     after=$(in_b awk '/^Tcp:/ { if (n++) print $13 }' /proc/net/snmp)
-    echo "NBT-VM-INGRESS $method $cc $rate $(awk '/^received/ { print $4 }' /tmp/sink) $((after - before))"
+    got=$(awk '/^received/ { print $4 }' /tmp/sink)
+    echo "NBT-VM-INGRESS $method $cc $limit ${got:--} $((after - before))"
+    [ -n "$got" ] || echo "NBT-VM-INGRESS-ERROR $method: $(tail -c 300 /tmp/sink.err | tr '\n' ' ') sender: $(tail -c 200 /tmp/stream | tr '\n' ' ')"
 }
-for rate in 512kbit 10mbit; do
+for rate in 512kbit 10mbit 100mbit; do
     bits=$(echo $rate | sed 's/kbit/000/;s/mbit/000000/')
     for cc in bbr cubic; do
         $TC -n a qdisc add dev va handle ffff: ingress

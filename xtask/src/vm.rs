@@ -614,7 +614,7 @@ pub fn bench_ingress(workspace: &Path, which: &str) -> Result<()> {
         let (dir, release) = fetch_kernel(&cache, kernel)?;
         let initrd = cache.join(format!("initrd-bench-ingress-{release}.gz"));
         initramfs(workspace, &dir, &release, &initrd, BENCH_INGRESS_INIT)?;
-        eprintln!("xtask bench vm-ingress: booting {release} (about 6 minutes under emulation)");
+        eprintln!("xtask bench vm-ingress: booting {release} (about 9 minutes under emulation)");
         let log = cache.join(format!("console-bench-ingress-{release}.log"));
         let console = boot_retrying(&dir, &release, &initrd, None, &log, BENCH_LIMIT_S)?;
         if !console.contains("NBT-VM-DONE") {
@@ -761,6 +761,26 @@ mod tests {
         assert_eq!(row.get("sleep30_s"), "0.80");
         assert_eq!(row.get("seed_setup_s"), "0.39");
         assert_eq!(row.get("absent"), "?");
+    }
+
+    #[test]
+    fn the_ingress_table_counts_each_method_in_its_own_bytes() {
+        let console = "NBT-VM-INGRESS htb-ifb bbr 10000000 9563906 0\n\
+            NBT-VM-INGRESS nbt bbr 10000000 9013000 412\n\
+            noise\n\
+            NBT-VM-INGRESS nbt-queue bbr 10000000 9653333 0\n\
+            NBT-VM-INGRESS htb-ifb cubic 512000 489000 3\n";
+        let table = ingress_table("6.12", console);
+        // htb counts Ethernet frames (1514 bytes per 1448 of payload), nbt IP packets (1500).
+        assert!(
+            table.contains("| bbr | 10000000 | 1.0000 (0) | 0.9337 (412) | 1.0000 (0) |"),
+            "{table}"
+        );
+        // A cell a method did not run reads '-'.
+        assert!(
+            table.contains("| cubic | 512000 | 0.9986 (3) | - | - |"),
+            "{table}"
+        );
     }
 
     #[test]
