@@ -212,8 +212,9 @@ pub struct DirectionLimits {
     #[serde(default)]
     pub impair: Impairments,
     /// Ingress only: packets beyond the rate wait in the run's ingress queue (`--ingress-queue`),
-    /// which holds the burst, instead of being dropped.
-    #[serde(default)]
+    /// which holds the burst, instead of being dropped. Left out of records when false, as
+    /// records before it were.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub queued: bool,
 }
 
