@@ -95,15 +95,19 @@ result qdiscs_restored $ok "$qdiscs"
 # cleanup`, run in the same network namespace, takes it all off. (Under `ip netns exec` nbt
 # mounts the BPF filesystem in that command's own mount namespace, which the workload keeps
 # alive: its pins are not visible from here.)
-in_a nbt run --latency 20ms -- sleep 60 > /dev/null 2>&1 &
-# Until its workload runs (nbt ps then counts its seconds), fq and all: up to 10 s under emulation.
-for i in $(seq 50); do
-    nbt ps --json | grep -q '"seconds": *[1-9]' && break
-    sleep 0.2
-done
-pid=$(nbt ps --json | grep -o '"nbt_pid": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')
-kill -9 "$pid"
-sleep 0.5
+# Starts `nbt run $@ -- sleep 60` in namespace a and kills nbt (SIGKILL) once the workload runs
+# (nbt ps then counts its seconds), its qdiscs and all: up to 10 s under emulation.
+killed_run_in_a() {
+    in_a nbt run "$@" -- sleep 60 > /dev/null 2>&1 &
+    for i in $(seq 50); do
+        nbt ps --json | grep -q '"seconds": *[1-9]' && break
+        sleep 0.2
+    done
+    pid=$(nbt ps --json | grep -o '"nbt_pid": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')
+    kill -9 "$pid"
+    sleep 0.5
+}
+killed_run_in_a --latency 20ms
 held="$($TC -n a qdisc show dev va | grep -c fq) $(nbt ps --json | grep -c '"orphan": true')"
 in_a nbt cleanup > /tmp/cleanup 2>&1
 after=$($TC -n a qdisc show dev va)
@@ -127,14 +131,7 @@ ok=$(echo "$ratio $counts $left" | awk '{ print ($1 >= 0.98 && $1 <= 1.02 && $3 
 result ingress_queue_bbr $ok "goodput / rate $ratio; passed, dropped by the queue: $counts; queue devices, clsact left: $left; $(head -c 200 /tmp/queue.err | tr '\n' ' ')"
 
 # nbt killed mid-run (SIGKILL) with its ingress queue: the ifb device stays until `nbt cleanup`.
-in_a nbt run --ingress-rate 10mbit --ingress-queue -- sleep 60 > /dev/null 2>&1 &
-for i in $(seq 50); do
-    nbt ps --json | grep -q '"seconds": *[1-9]' && break
-    sleep 0.2
-done
-pid=$(nbt ps --json | grep -o '"nbt_pid": *[0-9]*' | head -n 1 | grep -o '[0-9]*$')
-kill -9 "$pid"
-sleep 0.5
+killed_run_in_a --ingress-rate 10mbit --ingress-queue
 held=$($IP -n a link show | grep -c nbt-q-)
 in_a nbt cleanup > /tmp/cleanup 2>&1
 after="$($IP -n a link show | grep -c nbt-q-) $($TC -n a qdisc show | grep -c clsact)"
