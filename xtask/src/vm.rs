@@ -606,15 +606,14 @@ impl<'a> Tagged<'a> {
 /// the main table (`first`: the seed's, nbt's), the others from the `NBT-VM-STEADY <round>
 /// <method> <s per MiB> <goodput ratio>` lines; then the median of the rounds' ratios.
 /// `cargo xtask bench vm-ingress`: one table per kernel, each cell's goodput against the limit
-/// as each method counts it (htb on the ifb: Ethernet frames, 1514 bytes per 1448 of payload;
-/// nbt: IP packets, 1500), and the sender's retransmissions.
+/// as each method counts it, and the sender's retransmissions.
 pub fn bench_ingress(workspace: &Path, which: &str) -> Result<()> {
     let cache = workspace.join("target/vm-cache");
     for kernel in kernels(which)? {
         let (dir, release) = fetch_kernel(&cache, kernel)?;
         let initrd = cache.join(format!("initrd-bench-ingress-{release}.gz"));
         initramfs(workspace, &dir, &release, &initrd, BENCH_INGRESS_INIT)?;
-        eprintln!("xtask bench vm-ingress: booting {release} (about 9 minutes under emulation)");
+        eprintln!("xtask bench vm-ingress: booting {release} (about 14 minutes under emulation)");
         let log = cache.join(format!("console-bench-ingress-{release}.log"));
         let console = boot_retrying(&dir, &release, &initrd, None, &log, BENCH_LIMIT_S)?;
         if !console.contains("NBT-VM-DONE") {
@@ -628,42 +627,45 @@ pub fn bench_ingress(workspace: &Path, which: &str) -> Result<()> {
     Ok(())
 }
 
-/// The table of `bench vm-ingress` from its console lines.
+/// The table of `bench vm-ingress` from its console lines. Each method's goodput against the
+/// limit in the bytes it counts, from the sender's segment size (`mss`, payload without
+/// options): nbt counts IP packets, `mss` + 52 bytes (IP, TCP and its timestamps); htb on the
+/// ifb Ethernet frames, 14 more.
 fn ingress_table(release: &str, console: &str) -> String {
     let mut table = format!(
-        "Kernel {release} (Debian, QEMU TCG, 2 vCPUs), veth pair, TCP from namespace b into \
-         a run in namespace a, 20 s, goodput from second 3 to 19; achieved / limit (sender's \
-         retransmitted segments)\n\n\
-         | traffic | rate | htb on ifb | nbt, policer (--ingress-rate) | nbt, queue (--ingress-queue) |\n\
-         |---|---|---|---|---|\n"
+        "Kernel {release} (Debian, QEMU TCG, 2 vCPUs), TCP into a run in namespace a, 20 s, \
+         goodput from second 3 to 19; achieved / limit (sender's retransmitted segments)\n\n\
+         | path | traffic | rate | htb on ifb | nbt, policer (--ingress-rate) | nbt, queue (--ingress-queue) |\n\
+         |---|---|---|---|---|---|\n"
     );
     let rows: Vec<Vec<&str>> = console
         .lines()
         .filter_map(|l| l.strip_prefix("NBT-VM-INGRESS "))
         .map(|l| l.split_whitespace().collect())
-        .filter(|f: &Vec<&str>| f.len() >= 5)
+        .filter(|f: &Vec<&str>| f.len() >= 7)
         .collect();
-    let mut cells: Vec<(&str, &str)> = Vec::new();
+    let mut cells: Vec<(&str, &str, &str)> = Vec::new();
     for row in &rows {
-        if !cells.contains(&(row[1], row[2])) {
-            cells.push((row[1], row[2]));
+        if !cells.contains(&(row[1], row[2], row[3])) {
+            cells.push((row[1], row[2], row[3]));
         }
     }
-    for (cc, rate) in cells {
-        let figure = |method: &str, frame: f64| {
+    for (path, cc, rate) in cells {
+        let figure = |method: &str, headers: f64| {
             rows.iter()
-                .find(|r| r[0] == method && r[1] == cc && r[2] == rate)
+                .find(|r| r[0] == method && r[1] == path && r[2] == cc && r[3] == rate)
                 .map_or("-".to_string(), |r| {
-                    let goodput: f64 = r[3].parse().unwrap_or(f64::NAN);
+                    let goodput: f64 = r[4].parse().unwrap_or(f64::NAN);
                     let limit: f64 = rate.parse().unwrap_or(f64::NAN);
-                    format!("{:.4} ({})", goodput / limit * frame / 1448.0, r[4])
+                    let mss: f64 = r[6].parse().unwrap_or(f64::NAN);
+                    format!("{:.4} ({})", goodput / limit * (mss + headers) / mss, r[5])
                 })
         };
         table.push_str(&format!(
-            "| {cc} | {rate} | {} | {} | {} |\n",
-            figure("htb-ifb", 1514.0),
-            figure("nbt", 1500.0),
-            figure("nbt-queue", 1500.0)
+            "| {path} | {cc} | {rate} | {} | {} | {} |\n",
+            figure("htb-ifb", 66.0),
+            figure("nbt", 52.0),
+            figure("nbt-queue", 52.0)
         ));
     }
     table
@@ -765,20 +767,27 @@ mod tests {
 
     #[test]
     fn the_ingress_table_counts_each_method_in_its_own_bytes() {
-        let console = "NBT-VM-INGRESS htb-ifb bbr 10000000 9563906 0\n\
-            NBT-VM-INGRESS nbt bbr 10000000 9013000 412\n\
+        let console = "NBT-VM-INGRESS htb-ifb veth1500 bbr 10000000 9563906 0 1448\n\
+            NBT-VM-INGRESS nbt veth1500 bbr 10000000 9013000 412 1448\n\
             noise\n\
-            NBT-VM-INGRESS nbt-queue bbr 10000000 9653333 0\n\
-            NBT-VM-INGRESS htb-ifb cubic 512000 489000 3\n";
+            NBT-VM-INGRESS nbt-queue veth1500 bbr 10000000 9653333 0 1448\n\
+            NBT-VM-INGRESS nbt-queue lo bbr 512000 503412 0 3048\n\
+            NBT-VM-INGRESS htb-ifb veth1500 cubic 512000 489000 3 1448\n";
         let table = ingress_table("6.12", console);
         // htb counts Ethernet frames (1514 bytes per 1448 of payload), nbt IP packets (1500).
         assert!(
-            table.contains("| bbr | 10000000 | 1.0000 (0) | 0.9337 (412) | 1.0000 (0) |"),
+            table
+                .contains("| veth1500 | bbr | 10000000 | 1.0000 (0) | 0.9337 (412) | 1.0000 (0) |"),
+            "{table}"
+        );
+        // Loopback's larger segments: 3100 bytes of IP packet per 3048.
+        assert!(
+            table.contains("| lo | bbr | 512000 | - | - | 1.0000 (0) |"),
             "{table}"
         );
         // A cell a method did not run reads '-'.
         assert!(
-            table.contains("| cubic | 512000 | 0.9986 (3) | - | - |"),
+            table.contains("| veth1500 | cubic | 512000 | 0.9986 (3) | - | - |"),
             "{table}"
         );
     }
