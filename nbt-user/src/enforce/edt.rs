@@ -187,11 +187,10 @@ impl Qdiscs {
         Qdiscs {
             every_filter: self.every_filter,
             netns: self.netns,
-            queue: self.queue.clone().filter(|(ifindex, name)| {
-                std::ffi::CString::new(name.as_str())
-                    // SAFETY: a NUL-terminated name that outlives the call.
-                    .is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } == *ifindex)
-            }),
+            queue: self
+                .queue
+                .clone()
+                .filter(|(ifindex, name)| netlink::index_of(name) == Some(*ifindex)),
             fq: keep(&self.fq),
             clsact: keep(&self.clsact),
             filters: self

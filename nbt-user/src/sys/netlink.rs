@@ -72,18 +72,20 @@ fn message(kind_of_request: u16, flags: u16, ifindex: i32, qdisc: &str) -> Vec<u
 }
 
 /// Appends a `TCA_OPTIONS` attribute that nests one u32 attribute per option to a message.
-fn with_options(mut msg: Vec<u8>, options: &[(u16, u32)]) -> Vec<u8> {
+fn with_options(msg: Vec<u8>, options: &[(u16, u32)]) -> Vec<u8> {
     if options.is_empty() {
         return msg;
     }
-    let nested_len = 4 + options.len() * 8;
-    msg.extend_from_slice(&(nested_len as u16).to_ne_bytes());
-    msg.extend_from_slice(&(TCA_OPTIONS | NLA_F_NESTED).to_ne_bytes());
-    for (kind, value) in options {
-        msg.extend_from_slice(&8u16.to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&value.to_ne_bytes());
-    }
+    let nested: Vec<u8> = options
+        .iter()
+        .flat_map(|(kind, value)| attribute(*kind, &value.to_ne_bytes()))
+        .collect();
+    with_attribute(msg, &attribute(TCA_OPTIONS | NLA_F_NESTED, &nested))
+}
+
+/// Appends an attribute (from [`attribute`]) to a message, and counts it in its length.
+fn with_attribute(mut msg: Vec<u8>, attribute: &[u8]) -> Vec<u8> {
+    msg.extend_from_slice(attribute);
     let total = msg.len() as u32;
     msg[0..4].copy_from_slice(&total.to_ne_bytes());
     msg
@@ -97,30 +99,65 @@ fn message_at(
     parent: u32,
     handle: u32,
 ) -> Vec<u8> {
-    let mut body = Vec::new();
-    // struct tcmsg: family, pad, pad, ifindex, handle, parent, info.
-    body.extend_from_slice(&[0u8, 0, 0, 0]);
+    let mut body = tcmsg(ifindex, handle, parent, 0);
+    if !qdisc.is_empty() {
+        body.extend(attribute(TCA_KIND, &nul_terminated(qdisc)));
+    }
+    framed(kind_of_request, flags, &body)
+}
+
+/// `struct tcmsg`: family, pad, pad, ifindex, handle, parent, info.
+fn tcmsg(ifindex: i32, handle: u32, parent: u32, info: u32) -> Vec<u8> {
+    let mut body = vec![0u8, 0, 0, 0];
     body.extend_from_slice(&ifindex.to_ne_bytes());
     body.extend_from_slice(&handle.to_ne_bytes());
     body.extend_from_slice(&parent.to_ne_bytes());
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    if !qdisc.is_empty() {
-        let value_len = qdisc.len() + 1;
-        body.extend_from_slice(&((4 + value_len) as u16).to_ne_bytes());
-        body.extend_from_slice(&TCA_KIND.to_ne_bytes());
-        body.extend_from_slice(qdisc.as_bytes());
-        body.push(0);
-        while body.len() % 4 != 0 {
-            body.push(0);
-        }
-    }
+    body.extend_from_slice(&info.to_ne_bytes());
+    body
+}
+
+/// `body` behind an `nlmsghdr`, as the kernel reads it (host byte order).
+fn framed(kind_of_request: u16, flags: u16, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + body.len());
     out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
     out.extend_from_slice(&kind_of_request.to_ne_bytes());
     out.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
     out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
+    out
+}
+
+/// A netlink attribute holding `value`, padded to 4 bytes.
+fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(value);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out
+}
+
+/// A string as netlink takes it: with its NUL.
+fn nul_terminated(text: &str) -> Vec<u8> {
+    [text.as_bytes(), &[0]].concat()
+}
+
+/// The messages in one read of netlink's answers, by (kind, bytes from the message on), up to
+/// the first that is cut short.
+fn messages(answer: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= answer.len() {
+        let len = u32_at(answer, at).unwrap_or(0) as usize;
+        out.push((u16_at(answer, at + 4).unwrap_or(NLMSG_DONE), &answer[at..]));
+        if len < 16 {
+            break;
+        }
+        at += (len + 3) & !3;
+    }
     out
 }
 
@@ -259,21 +296,15 @@ fn dump(msg: &[u8]) -> io::Result<Vec<u16>> {
     let mut answer = vec![0u8; 32768];
     loop {
         let n = receive(&socket, &mut answer)?;
-        let mut at = 0;
-        while at + 16 <= n {
-            let len = u32_at(&answer, at).unwrap_or(0) as usize;
-            match u16_at(&answer, at + 4).unwrap_or(NLMSG_DONE) {
+        for (kind, message) in messages(&answer[..n]) {
+            match kind {
                 NLMSG_DONE => return Ok(kinds),
                 NLMSG_ERROR => {
-                    error_in(&answer[at..n]).unwrap_or(Ok(()))?;
+                    error_in(message).unwrap_or(Ok(()))?;
                     return Ok(kinds);
                 }
                 kind => kinds.push(kind),
             }
-            if len < 16 {
-                return Ok(kinds);
-            }
-            at += (len + 3) & !3;
         }
         if n == 0 {
             return Ok(kinds);
@@ -289,43 +320,23 @@ fn link_message(
     up: bool,
     attributes: &[u8],
 ) -> Vec<u8> {
-    let mut body = Vec::new();
     // struct ifinfomsg: family, pad, type, index, flags, change.
-    body.extend_from_slice(&[0u8, 0, 0, 0]);
+    let mut body = vec![0u8, 0, 0, 0];
     body.extend_from_slice(&ifindex.to_ne_bytes());
     let up = if up { IFF_UP } else { 0 };
     body.extend_from_slice(&up.to_ne_bytes());
     body.extend_from_slice(&up.to_ne_bytes());
     body.extend_from_slice(attributes);
-    let mut out = Vec::with_capacity(16 + body.len());
-    out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-    out.extend_from_slice(&kind_of_request.to_ne_bytes());
-    out.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    out.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    out.extend_from_slice(&body);
-    out
-}
-
-/// A netlink attribute holding `value`, padded to 4 bytes.
-fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(value);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
-    out
+    framed(kind_of_request, flags | NLM_F_ACK, &body)
 }
 
 /// Makes an ifb device named `name`, up, in the calling thread's network namespace; its index.
 /// EOPNOTSUPP when the kernel has no ifb driver, EEXIST when the name is taken.
 pub fn add_ifb(name: &str) -> io::Result<u32> {
-    let mut attributes = attribute(IFLA_IFNAME, &[name.as_bytes(), &[0]].concat());
+    let mut attributes = attribute(IFLA_IFNAME, &nul_terminated(name));
     attributes.extend(attribute(
         IFLA_LINKINFO | NLA_F_NESTED,
-        &attribute(IFLA_INFO_KIND, b"ifb\0"),
+        &attribute(IFLA_INFO_KIND, &nul_terminated("ifb")),
     ));
     request(&link_message(
         RTM_NEWLINK,
@@ -334,12 +345,16 @@ pub fn add_ifb(name: &str) -> io::Result<u32> {
         true,
         &attributes,
     ))?;
-    let name = std::ffi::CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a name with a NUL"))?;
+    index_of(name).ok_or_else(io::Error::last_os_error)
+}
+
+/// The index of interface `name` in the calling thread's network namespace, if it has one.
+pub fn index_of(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
     // SAFETY: a NUL-terminated name that outlives the call.
     match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(io::Error::last_os_error()),
-        index => Ok(index),
+        0 => None,
+        index => Some(index),
     }
 }
 
@@ -360,7 +375,7 @@ pub fn add_bpf_redirect_filter(
         mirred.extend_from_slice(&word.to_ne_bytes());
     }
     mirred.extend_from_slice(&to.to_ne_bytes());
-    let mut action = attribute(TCA_ACT_KIND, b"mirred\0");
+    let mut action = attribute(TCA_ACT_KIND, &nul_terminated("mirred"));
     action.extend(attribute(
         TCA_ACT_OPTIONS | NLA_F_NESTED,
         &attribute(TCA_MIRRED_PARMS, &mirred),
@@ -369,46 +384,32 @@ pub fn add_bpf_redirect_filter(
     let actions = attribute(1 | NLA_F_NESTED, &action);
     let mut options = attribute(TCA_BPF_ACT | NLA_F_NESTED, &actions);
     options.extend(attribute(TCA_BPF_FD, &fd.to_ne_bytes()));
-    options.extend(attribute(TCA_BPF_NAME, &[name.as_bytes(), &[0]].concat()));
-    let info = u32::from(ETH_P_ALL.to_be());
-    let mut msg = message_at(
-        RTM_NEWTFILTER,
-        NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO | NLM_F_ACK,
+    options.extend(attribute(TCA_BPF_NAME, &nul_terminated(name)));
+    let mut body = tcmsg(
         ifindex as i32,
-        "bpf",
-        CLSACT_INGRESS,
         0,
+        CLSACT_INGRESS,
+        u32::from(ETH_P_ALL.to_be()),
     );
-    msg[32..36].copy_from_slice(&info.to_ne_bytes());
-    msg.extend(attribute(TCA_OPTIONS | NLA_F_NESTED, &options));
-    let total = msg.len() as u32;
-    msg[0..4].copy_from_slice(&total.to_ne_bytes());
-    let answer = exchange(&msg)?;
+    body.extend(attribute(TCA_KIND, &nul_terminated("bpf")));
+    body.extend(attribute(TCA_OPTIONS | NLA_F_NESTED, &options));
+    let flags = NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO | NLM_F_ACK;
+    let answer = exchange(&framed(RTM_NEWTFILTER, flags, &body))?;
     // The echo of the new filter (its tcmsg: handle at 24, info at 32, priority in info's high
     // half), then the acknowledgement; or an error.
-    let mut at = 0;
-    while at + 16 <= answer.len() {
-        let len = u32_at(&answer, at).unwrap_or(0) as usize;
-        match u16_at(&answer, at + 4) {
-            Some(RTM_NEWTFILTER) => {
-                let handle = u32_at(&answer, at + 24).unwrap_or(0);
-                let priority = (u32_at(&answer, at + 32).unwrap_or(0) >> 16) as u16;
+    for (kind, message) in messages(&answer) {
+        match kind {
+            RTM_NEWTFILTER => {
+                let handle = u32_at(message, 24).unwrap_or(0);
+                let priority = (u32_at(message, 32).unwrap_or(0) >> 16) as u16;
                 return Ok((priority, handle));
             }
-            Some(NLMSG_ERROR) => {
-                error_in(&answer[at..])
-                    .unwrap_or(Ok(()))
-                    .and(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "no echo of the new filter",
-                    )))?
+            NLMSG_ERROR => {
+                error_in(message).unwrap_or(Ok(()))?;
+                break;
             }
             _ => {}
         }
-        if len < 16 {
-            break;
-        }
-        at += (len + 3) & !3;
     }
     Err(io::Error::new(
         io::ErrorKind::InvalidData,
