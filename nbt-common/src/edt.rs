@@ -23,6 +23,10 @@ pub struct EdtRun {
     /// which `receive_ingress` redirects the packets arriving for the run's sockets; `queue_ingress`
     /// on its egress gives each its departure time at the ingress rate.
     pub queue_ifindex: u32,
+    /// The largest `SO_RCVBUF` the kernel grants (`net.core.rmem_max`, as nbt read it), for the
+    /// queue's bound on a receive window where the kernel's BPF lacks `TCP_WINDOW_CLAMP` (Linux
+    /// 5.10; `nbt-ebpf/src/shaper/pacing.rs`).
+    pub receive_buffer_max: u64,
 }
 
 /// `skb->tc_index` of a packet that went through the run's ingress queue, set by
@@ -84,7 +88,7 @@ pub struct EdtState {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: EdtRun is #[repr(C)], made only of integers (u64, four u32s), with no implicit padding:
+// SAFETY: EdtRun is #[repr(C)], made only of integers (u64, four u32s, u64), with no implicit padding:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for EdtRun {}
 #[cfg(feature = "user")]

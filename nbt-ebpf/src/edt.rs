@@ -242,6 +242,12 @@ pub fn is_run_socket(ctx: &TcContext) -> bool {
     impair::socket_for(ctx).is_some_and(|s| unsafe { EDT_SOCKETS.get(&s) }.is_some())
 }
 
+/// The largest receive buffer the kernel grants (`EdtRun::receive_buffer_max`).
+#[inline(always)]
+pub fn receive_buffer_max() -> u64 {
+    EDT_RUN.get(0).map_or(0, |run| run.receive_buffer_max)
+}
+
 /// The index of the run's ingress queue device, 0 when it has none.
 #[inline(always)]
 pub fn queue_ifindex() -> u32 {

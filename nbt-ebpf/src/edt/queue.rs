@@ -27,7 +27,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use nbt_common::{account::INGRESS, edt::QUEUED_MARK};
+use nbt_common::{account::INGRESS, edt::QUEUED_MARK, shaper::ShaperConfig};
 
 use super::impair::load;
 use crate::{
@@ -92,11 +92,7 @@ pub fn queue_ingress(ctx: TcContext) -> i32 {
     let bytes = ip_bytes(&ctx);
     // As in the shaper's police: bytes x 1e9 fits in a u64 (one skb plus its segments' headers).
     let cost = bytes * NSEC_PER_SEC / rate;
-    let depth = if config.burst_ns < FQ_HORIZON_NS {
-        config.burst_ns
-    } else {
-        FQ_HORIZON_NS
-    };
+    let depth = depth_ns(config);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: `state` points into the map value for this program run; the field is an aligned
@@ -117,6 +113,16 @@ pub fn queue_ingress(ctx: TcContext) -> i32 {
         (*skb).tstamp = departure;
     }
     TC_ACT_OK as i32
+}
+
+/// How long a packet may wait in the queue: the burst, at most fq's horizon.
+#[inline(always)]
+pub fn depth_ns(config: &ShaperConfig) -> u64 {
+    if config.burst_ns < FQ_HORIZON_NS {
+        config.burst_ns
+    } else {
+        FQ_HORIZON_NS
+    }
 }
 
 /// The packet's IP bytes as the link carried them (the shaper's measure): the ifb sees it with

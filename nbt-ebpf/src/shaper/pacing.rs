@@ -22,13 +22,17 @@
 //! segment size is capped to a thirty-second of the smaller bucket (see [`cap_segment_size`]):
 //! the MTU of loopback is 64 KiB, and so are its segments, which a 96 KiB bucket kept 60% full
 //! cannot hold. The cap is advertised in the SYN, so the peer's segments are capped too.
+//!
+//! With the run's ingress queue (`--ingress-queue`), the receive window of each connection is
+//! bounded to what the queue holds (see [`clamp_window_to_queue`]).
 
 use super::{bucket_bytes, egress_bucket, link, PPM};
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::{bpf_ktime_get_ns, bpf_setsockopt},
     macros::sock_ops,
@@ -40,9 +44,11 @@ use nbt_common::{
 };
 
 const SOL_SOCKET: i32 = 1;
+const SO_RCVBUF: i32 = 8;
 const SO_MAX_PACING_RATE: i32 = 47;
 const SOL_TCP: i32 = 6;
 const TCP_MAXSEG: i32 = 2;
+const TCP_WINDOW_CLAMP: i32 = 10;
 const TCP_BPF_SNDCWND_CLAMP: i32 = 1002;
 const AF_INET6: u32 = 10;
 /// The largest `TCP_MAXSEG` the kernel takes (`MAX_TCP_WINDOW`).
@@ -51,6 +57,7 @@ const MAX_SEGMENT_CAP: u64 = 32_767;
 const MSS_1500_V4: u64 = 1460;
 const MSS_1500_V6: u64 = 1440;
 const MIN_CWND: u64 = 10;
+const NSEC_PER_SEC: u64 = 1_000_000_000;
 /// The largest clamp the helper takes; it also sets ssthresh to it, which is then "infinite"
 /// (`TCP_INFINITE_SSTHRESH`), as on a new socket.
 const UNCLAMPED: i32 = i32::MAX;
@@ -130,9 +137,22 @@ pub fn pace(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_TCP_LISTEN_CB => cap_segment_size(&ctx),
         // Unlimited at the start: nothing to do, and no callback on every ACK after.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            if clamp_window_to_queue(&ctx, true) {
+                let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+                let _ = ctx.set_cb_flags(flags as i32);
+            }
             if egress_bucket(link::of_socket(&ctx)).is_some() {
                 let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_RTT_CB_FLAG as i32);
                 set_cap(&ctx);
+            }
+        }
+        // Before each segment the socket sends (see `clamp_window_to_queue`). The queue's rate
+        // lifted: the window is the kernel's again, and the callback ends.
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
+            if !clamp_window_to_queue(&ctx, false) {
+                set_option(&ctx, SOL_TCP, TCP_WINDOW_CLAMP, UNCLAMPED as u32);
+                let flags = ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+                let _ = ctx.set_cb_flags(flags as i32);
             }
         }
         BPF_SOCK_OPS_RTT_CB => {
@@ -218,6 +238,53 @@ fn cap_segment_size(ctx: &SockOpsContext) {
     }
 }
 
+/// With the run's ingress queue, bounds the socket's receive window (`TCP_WINDOW_CLAMP`) to what
+/// the queue holds at its link's rate plus the connection's base round trip at the rate
+/// (`rtt_min`, from the handshake for a receiver), less an eighth: the queue counts IP bytes and
+/// the window payload (headers are up to 3.5% of a 1500-byte packet), and a retransmission can
+/// join its original in the queue. A sender then never has more in flight than the queue takes,
+/// and one flow does not overflow it. Without the bound, BBR on loopback (TSO
+/// packets of 58 KiB, as `tcp_tso_autosize` builds them on a path under 512 us) overfilled the
+/// 96 KiB queue of 512kbit: each tail drop lost 19 segments at once.
+///
+/// The kernel's receive buffer autotuning raises the clamp with the buffer (once a round trip, as
+/// the reader reads), so the bound is set again before each segment the socket sends, its ACKs
+/// included (`BPF_SOCK_OPS_HDR_OPT_LEN_CB`, which asks for no option space): the window of every
+/// ACK follows the bound, and a rate or burst changed by `nbt set` reaches open connections at
+/// their next ACK. Returns whether that callback is needed.
+///
+/// Where the BPF helper refuses `TCP_WINDOW_CLAMP` (Linux 5.10 does), the bound is the receive
+/// buffer (`SO_RCVBUF` of the window: Linux 5.10 offers half a buffer as window), which also stops
+/// the autotuning, so it is set once, at the start; where the bound is over the largest buffer
+/// the kernel grants (`net.core.rmem_max`), the buffer would cap the window below it, and the
+/// window is left to the kernel.
+#[inline(always)]
+fn clamp_window_to_queue(ctx: &SockOpsContext, established: bool) -> bool {
+    if crate::edt::queue_ifindex() == 0 {
+        return false;
+    }
+    let Some((config, _)) = super::direction(link::of_socket(ctx), INGRESS) else {
+        return false;
+    };
+    let rate = config.rate_bytes_per_sec;
+    if rate == 0 {
+        return false;
+    }
+    // SAFETY: reading a field of the context the kernel handed us (the windowed minimum RTT, us).
+    // Both products fit in a u64, as in `set_cap`.
+    let rtt_min_us = u64::from(unsafe { (*ctx.ops).rtt_min });
+    let bytes =
+        rate * crate::edt::queue::depth_ns(config) / NSEC_PER_SEC + rate * rtt_min_us / 1_000_000;
+    let window = (bytes - bytes / 8).min(UNCLAMPED as u64) as u32;
+    if set_option(ctx, SOL_TCP, TCP_WINDOW_CLAMP, window) == 0 {
+        return true;
+    }
+    if established && u64::from(window) <= crate::edt::receive_buffer_max() {
+        set_option(ctx, SOL_SOCKET, SO_RCVBUF, window);
+    }
+    false
+}
+
 /// `snd_cwnd_clamp` (and `snd_ssthresh`, which the helper sets with it), in segments.
 #[inline(always)]
 fn clamp_cwnd(ctx: &SockOpsContext, clamp: i32) {
@@ -230,9 +297,10 @@ fn set_pacing_rate(ctx: &SockOpsContext, cap: u32) {
     set_option(ctx, SOL_SOCKET, SO_MAX_PACING_RATE, cap);
 }
 
-/// A socket option of four bytes (every option here takes an int's bits).
+/// A socket option of four bytes (every option here takes an int's bits); the helper's result,
+/// 0 when set.
 #[inline(always)]
-fn set_option(ctx: &SockOpsContext, level: i32, name: i32, mut value: u32) {
+fn set_option(ctx: &SockOpsContext, level: i32, name: i32, mut value: u32) -> i64 {
     // SAFETY: the helper reads `size_of::<u32>()` bytes from `value`, a local.
     unsafe {
         bpf_setsockopt(
@@ -241,6 +309,6 @@ fn set_option(ctx: &SockOpsContext, level: i32, name: i32, mut value: u32) {
             name,
             (&mut value as *mut u32).cast(),
             size_of::<u32>() as i32,
-        );
+        )
     }
 }

@@ -391,6 +391,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, needs: &TcNeeds) -> Result<Lat
         wire_loss: 0,
         // Set once the queue is ready, below.
         queue_ifindex: 0,
+        receive_buffer_max: receive_buffer_max(),
     };
     let map = ebpf
         .map_mut(EDT_RUN_MAP)
@@ -503,6 +504,15 @@ pub fn attach(ebpf: &mut Ebpf, cgroup_dir: &Path, needs: &TcNeeds) -> Result<Lat
         .ok_or_else(|| anyhow!("{EDT_RUN_MAP} missing"))?;
     Array::<&mut MapData, EdtRun>::try_from(map)?.set(0, run, 0)?;
     Ok(guard)
+}
+
+/// `net.core.rmem_max`, the largest receive buffer `SO_RCVBUF` grants; the kernel's default
+/// (212,992 bytes) where this network namespace does not show it.
+fn receive_buffer_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(212_992)
 }
 
 /// Makes the run's ingress queue: an ifb device (`nbt-q-PID`) with fq at its root, whose

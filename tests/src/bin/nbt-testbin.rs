@@ -20,7 +20,8 @@
 //!   tcp-recv ADDR FROM TO     accept one connection on ADDR, read it to the end, print the
 //!                             payload rate between FROM and TO seconds after the first byte
 //!   tcp-sink ADDR FROM TO     as tcp-recv, with the rate the least-squares slope over every read
-//!                             in the window (FROM and TO may be fractions of a second)
+//!                             in the window (FROM and TO may be fractions of a second), and the
+//!                             socket's window clamp and rcv_ssthresh at the end
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
 //!   udp-blast ADDR SECONDS SIZE BITS  send SIZE-byte datagrams to ADDR for SECONDS, paced at BITS
 //!                             IP bits/s (SIZE + 28 bytes each; 0: as fast as it can); prints the
@@ -807,13 +808,29 @@ fn tcp_sink(addr: &str, from: f64, to: f64) {
     let listener = std::net::TcpListener::bind(addr).expect("bind");
     println!("listening");
     let (stream, _) = listener.accept().expect("accept");
+    let kept = stream.try_clone().expect("clone");
     // A reset ends the count as the end of the stream does.
     let (marks, _) = rate::read_marks(stream);
     let total = marks.last().map_or(0, |m| m.1);
+    // The bound on the window the receiver advertised at the end, and how far it had grown.
+    let mut clamp = 0i32;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: getsockopt(TCP_WINDOW_CLAMP) into a local int of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&kept),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&mut clamp as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_WINDOW_CLAMP");
     println!(
-        "received {total} rate_bits_per_sec {:.0} reads {}",
+        "received {total} rate_bits_per_sec {:.0} reads {} window_clamp {clamp} rcv_ssthresh {}",
         rate::slope_bits_per_sec(&marks, from, to),
-        marks.len()
+        marks.len(),
+        tcp_info(&kept).tcpi_rcv_ssthresh
     );
 }
 
