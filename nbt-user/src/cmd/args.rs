@@ -106,6 +106,8 @@ pub enum Command {
     /// inject a fault (f); q quits
     Top,
     /// Change a live run's network limits; the next packet sees them
+    // The options fixed when a run starts stay out of its help (given, they are refused).
+    #[command(mut_arg("ingress_queue", |arg| arg.hide(true)))]
     Set {
         /// The run's name, as `nbt ps` shows it (nbt-...), or the name given with --name
         run: String,
