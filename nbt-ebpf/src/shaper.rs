@@ -16,6 +16,7 @@ pub mod link;
 mod pacing;
 
 use aya_ebpf::{
+    bindings::__sk_buff,
     helpers::bpf_ktime_get_ns,
     macros::{cgroup_skb, map},
     maps::{Array, PerCpuArray},
@@ -78,7 +79,9 @@ pub fn shape_egress(ctx: SkBuffContext) -> i32 {
 /// here either way (a datagram is gone at once for its sender too).
 #[inline(always)]
 fn lost_on_the_wire(ctx: &SkBuffContext) -> bool {
-    if !matches!(transport(ctx), Some((_, IPPROTO_TCP))) || !crate::edt::takes_lost_packet(ctx) {
+    if !matches!(transport(ctx.skb.skb), Some((_, IPPROTO_TCP)))
+        || !crate::edt::takes_lost_packet(ctx)
+    {
         return false;
     }
     // SAFETY: `mark` is a field of the context, writable at cgroup_skb.
@@ -195,26 +198,32 @@ pub fn count_queue_drop(link: u32, bytes: u64) {
 /// leaves as `gso_segs` packets, each with its own IP and TCP/UDP headers.
 #[inline(always)]
 fn wire_bytes(ctx: &SkBuffContext) -> u64 {
-    let len = u64::from(ctx.len());
+    segments_bytes(ctx.skb.skb, u64::from(ctx.len()))
+}
+
+/// A packet of `len` IP bytes as the link carries it: a GSO packet counts the headers of each of
+/// its `gso_segs` segments (for the cgroup programs here and the ingress queue at tc).
+#[inline(always)]
+pub fn segments_bytes(skb: *mut __sk_buff, len: u64) -> u64 {
     // SAFETY: reading a field of the context the kernel handed us.
-    let segs = u64::from(unsafe { (*ctx.skb.skb).gso_segs });
+    let segs = u64::from(unsafe { (*skb).gso_segs });
     if segs <= 1 {
         return len;
     }
-    len + (segs - 1) * header_bytes(ctx)
+    len + (segs - 1) * header_bytes(skb)
 }
 
 /// IP + transport header length of the packet (0 if it cannot be read).
 #[inline(always)]
-fn header_bytes(ctx: &SkBuffContext) -> u64 {
-    let Some((ip_len, protocol)) = transport(ctx) else {
+fn header_bytes(skb: *mut __sk_buff) -> u64 {
+    let Some((ip_len, protocol)) = transport(skb) else {
         return 0;
     };
     match protocol {
         // TCP data offset: the high nibble of byte 12, in 32-bit words.
-        IPPROTO_TCP => match ctx.load::<u8>(ip_len as usize + 12) {
-            Ok(offset) => ip_len + u64::from(offset >> 4) * 4,
-            Err(_) => ip_len,
+        IPPROTO_TCP => match link::load::<1>(skb, ip_len as u32 + 12) {
+            Some([offset]) => ip_len + u64::from(offset >> 4) * 4,
+            None => ip_len,
         },
         IPPROTO_UDP => ip_len + 8,
         _ => ip_len,
@@ -222,18 +231,17 @@ fn header_bytes(ctx: &SkBuffContext) -> u64 {
 }
 
 /// The IP header's length and the protocol after it (IPv6: the fixed header's next header;
-/// extension headers are not walked). cgroup_skb data starts at the network header.
+/// extension headers are not walked), read from the network header.
 #[inline(always)]
-fn transport(ctx: &SkBuffContext) -> Option<(u64, u8)> {
-    match u32::from(u16::from_be(ctx.skb.protocol() as u16)) {
+fn transport(skb: *mut __sk_buff) -> Option<(u64, u8)> {
+    // SAFETY: a field of the context, read at its own offset.
+    let protocol = unsafe { core::ptr::read_volatile(&(*skb).protocol) };
+    match u32::from(u16::from_be(protocol as u16)) {
         ETH_P_IP => {
-            let version_ihl = ctx.load::<u8>(0).ok()?;
-            Some((
-                u64::from(version_ihl & 0x0f) * 4,
-                ctx.load::<u8>(9).unwrap_or(0),
-            ))
+            let header = link::load::<10>(skb, 0)?;
+            Some((u64::from(header[0] & 0x0f) * 4, header[9]))
         }
-        ETH_P_IPV6 => Some((40, ctx.load::<u8>(6).unwrap_or(0))),
+        ETH_P_IPV6 => Some((40, link::load::<7>(skb, 0)?[6])),
         _ => None,
     }
 }

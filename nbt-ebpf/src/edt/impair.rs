@@ -4,13 +4,8 @@
 //! as it changes the loss.
 
 use aya_ebpf::{
-    bindings::{
-        bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS,
-    },
-    helpers::{
-        bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-        bpf_skb_load_bytes_relative,
-    },
+    bindings::{bpf_sock, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
+    helpers::{bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     programs::{SkBuffContext, TcContext},
 };
 use nbt_common::{
@@ -18,7 +13,10 @@ use nbt_common::{
     shaper::{ShaperConfig, ShaperState},
 };
 
-use crate::random::{correlated, fresh};
+use crate::{
+    random::{correlated, fresh},
+    shaper::link::load,
+};
 
 /// `tc_index` of our own copy (a duplicate, or a packet to hold without its socket) while it
 /// passes through this program again: a value that no qdisc of this kernel sets (dsmark, its
@@ -138,20 +136,7 @@ fn flip_an_ipv4_header_bit(ctx: &TcContext) -> Option<()> {
 /// header, read relative to it, with the bytes at each place.
 #[inline(always)]
 fn network_offset(ctx: &TcContext) -> Option<usize> {
-    let mut start = [0u8; 8];
-    // SAFETY: the helper writes at most 8 bytes into `start`, a local.
-    let read = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.skb.skb.cast(),
-            0,
-            start.as_mut_ptr().cast(),
-            8,
-            BPF_HDR_START_NET,
-        )
-    };
-    if read != 0 {
-        return None;
-    }
+    let start = load::<8>(ctx.skb.skb, 0)?;
     if ctx.load::<[u8; 8]>(ETH_HLEN).ok() == Some(start) {
         Some(ETH_HLEN)
     } else if ctx.load::<[u8; 8]>(0).ok() == Some(start) {
@@ -236,12 +221,12 @@ pub fn socket_for(ctx: &TcContext) -> Option<RunSocket> {
     // SAFETY: all-zero bytes are a valid `bpf_sock_tuple` (integers only).
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let (transport, size) = if protocol == ETH_P_IP {
-        let header = load::<20>(ctx, 0)?;
+        let header = load::<20>(ctx.skb.skb, 0)?;
         // A fragment after the first carries no ports.
         if u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
             return None;
         }
-        let ports = load::<4>(ctx, u32::from(header[0] & 0x0f) * 4)?;
+        let ports = load::<4>(ctx.skb.skb, u32::from(header[0] & 0x0f) * 4)?;
         // SAFETY: writing the IPv4 form of a local union; the bytes stay in network order.
         unsafe {
             let v4 = &mut tuple.__bindgen_anon_1.ipv4;
@@ -252,8 +237,8 @@ pub fn socket_for(ctx: &TcContext) -> Option<RunSocket> {
         }
         (header[9], TUPLE_V4)
     } else if protocol == ETH_P_IPV6 {
-        let header = load::<40>(ctx, 0)?;
-        let ports = load::<4>(ctx, 40)?;
+        let header = load::<40>(ctx.skb.skb, 0)?;
+        let ports = load::<4>(ctx.skb.skb, 40)?;
         // SAFETY: writing the IPv6 form of a local union; the bytes stay in network order.
         unsafe {
             let v6 = &mut tuple.__bindgen_anon_1.ipv6;
@@ -291,21 +276,4 @@ pub fn socket_for(ctx: &TcContext) -> Option<RunSocket> {
         bpf_sk_release(sock.cast());
         Some(socket)
     }
-}
-
-/// `N` bytes at `offset` from the network header.
-#[inline(always)]
-pub fn load<const N: usize>(ctx: &TcContext, offset: u32) -> Option<[u8; N]> {
-    let mut bytes = [0u8; N];
-    // SAFETY: the helper writes at most N bytes into `bytes`, a local.
-    let read = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.skb.skb.cast(),
-            offset,
-            bytes.as_mut_ptr().cast(),
-            N as u32,
-            BPF_HDR_START_NET,
-        )
-    };
-    (read == 0).then_some(bytes)
 }

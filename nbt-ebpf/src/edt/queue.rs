@@ -29,7 +29,6 @@ use aya_ebpf::{
 };
 use nbt_common::{account::INGRESS, edt::QUEUED_MARK, shaper::ShaperConfig};
 
-use super::impair::load;
 use crate::{
     atomic_add,
     shaper::{
@@ -44,10 +43,6 @@ const FQ_HORIZON_NS: u64 = 10 * NSEC_PER_SEC;
 /// The Ethernet header the redirect pushed back in front of the IP packet: nbt redirects only
 /// from interfaces that have one (Ethernet and loopback).
 const ETH_HLEN: u64 = 14;
-const ETH_P_IP: u32 = 0x0800;
-const ETH_P_IPV6: u32 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// A classic tc classifier on each interface's ingress, behind `receive_ingress`: matches (-1,
 /// the filter's default class, and its mirred action redirects the packet to the run's queue) a
@@ -126,42 +121,8 @@ pub fn depth_ns(config: &ShaperConfig) -> u64 {
 }
 
 /// The packet's IP bytes as the link carried them (the shaper's measure): the ifb sees it with
-/// its Ethernet header; a GRO packet counts every segment's headers.
+/// its Ethernet header.
 #[inline(always)]
 fn ip_bytes(ctx: &TcContext) -> u64 {
-    let len = u64::from(ctx.len()).saturating_sub(ETH_HLEN);
-    // SAFETY: reading a field of the context the kernel handed us.
-    let segs = u64::from(unsafe { (*ctx.skb.skb).gso_segs });
-    if segs <= 1 {
-        return len;
-    }
-    len + (segs - 1) * header_bytes(ctx)
-}
-
-/// IP + TCP/UDP header length of the packet, read from its network header (0 if it cannot be).
-#[inline(always)]
-fn header_bytes(ctx: &TcContext) -> u64 {
-    // SAFETY: a field of the context, read at its own offset.
-    let protocol =
-        u32::from(u16::from_be(
-            unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).protocol) } as u16,
-        ));
-    let (ip_len, transport) = match protocol {
-        ETH_P_IP => match load::<10>(ctx, 0) {
-            Some(header) => (u32::from(header[0] & 0x0f) * 4, header[9]),
-            None => return 0,
-        },
-        ETH_P_IPV6 => match load::<7>(ctx, 0) {
-            Some(header) => (40, header[6]),
-            None => return 0,
-        },
-        _ => return 0,
-    };
-    let transport_len = match transport {
-        // TCP data offset: the high nibble of byte 12, in 32-bit words.
-        IPPROTO_TCP => load::<1>(ctx, ip_len + 12).map_or(0, |b| u32::from(b[0] >> 4) * 4),
-        IPPROTO_UDP => 8,
-        _ => 0,
-    };
-    u64::from(ip_len + transport_len)
+    shaper::segments_bytes(ctx.skb.skb, u64::from(ctx.len()).saturating_sub(ETH_HLEN))
 }

@@ -111,9 +111,9 @@ pub fn of_socket(ctx: &SockOpsContext) -> u32 {
     link_of(address)
 }
 
-/// `N` bytes at `offset` from the network header.
+/// `N` bytes at `offset` from the network header, for the cgroup_skb and tc programs alike.
 #[inline(always)]
-fn load<const N: usize>(skb: *mut __sk_buff, offset: u32) -> Option<[u8; N]> {
+pub fn load<const N: usize>(skb: *mut __sk_buff, offset: u32) -> Option<[u8; N]> {
     let mut bytes = [0u8; N];
     // SAFETY: the helper writes at most N bytes into `bytes`, a local.
     let read = unsafe {
