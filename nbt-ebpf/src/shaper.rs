@@ -46,7 +46,7 @@ static SHAPER_STATE: Array<ShaperState> = Array::with_max_entries(SHAPER_ENTRIES
 #[map(name = "SHAPER_STATS")]
 static SHAPER_STATS: PerCpuArray<ShaperStats> = PerCpuArray::with_max_entries(SHAPER_ENTRIES, 0);
 
-const NSEC_PER_SEC: u64 = 1_000_000_000;
+pub(crate) const NSEC_PER_SEC: u64 = 1_000_000_000;
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;

@@ -34,10 +34,10 @@ use crate::{
     shaper::{
         self,
         link::{self, Remote},
+        NSEC_PER_SEC,
     },
 };
 
-const NSEC_PER_SEC: u64 = 1_000_000_000;
 /// fq drops a packet whose departure is further ahead than its horizon (10 s by default).
 const FQ_HORIZON_NS: u64 = 10 * NSEC_PER_SEC;
 /// The Ethernet header the redirect pushed back in front of the IP packet: nbt redirects only

@@ -26,7 +26,7 @@
 //! With the run's ingress queue (`--ingress-queue`), the receive window of each connection is
 //! bounded to what the queue holds (see [`clamp_window_to_queue`]).
 
-use super::{bucket_bytes, egress_bucket, link, PPM};
+use super::{bucket_bytes, egress_bucket, link, NSEC_PER_SEC, PPM};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
@@ -57,7 +57,6 @@ const MAX_SEGMENT_CAP: u64 = 32_767;
 const MSS_1500_V4: u64 = 1460;
 const MSS_1500_V6: u64 = 1440;
 const MIN_CWND: u64 = 10;
-const NSEC_PER_SEC: u64 = 1_000_000_000;
 /// The largest clamp the helper takes; it also sets ssthresh to it, which is then "infinite"
 /// (`TCP_INFINITE_SSTHRESH`), as on a new socket.
 const UNCLAMPED: i32 = i32::MAX;
