@@ -128,6 +128,11 @@ pub struct ShaperStats {
     pub duplicated_packets: u64,
     pub corrupted_packets: u64,
     pub reordered_packets: u64,
+    /// Ingress with `--ingress-queue`: how long the queue stood empty between packets beyond its
+    /// catch-up credit (5 ms), in ns, from its first packet to its last. The link sent at its
+    /// rate the rest of the time: what a run fell short of the rate beyond this, the senders
+    /// left unused.
+    pub queue_idle_ns: u64,
 }
 
 impl ShaperStats {
@@ -142,6 +147,7 @@ impl ShaperStats {
         self.duplicated_packets += o.duplicated_packets;
         self.corrupted_packets += o.corrupted_packets;
         self.reordered_packets += o.reordered_packets;
+        self.queue_idle_ns += o.queue_idle_ns;
     }
 }
 
@@ -154,6 +160,6 @@ unsafe impl aya::Pod for ShaperConfig {}
 // value.
 unsafe impl aya::Pod for ShaperState {}
 #[cfg(feature = "user")]
-// SAFETY: ShaperStats is #[repr(C)], ten u64s, with no padding: every bit pattern is a valid
+// SAFETY: ShaperStats is #[repr(C)], eleven u64s, with no padding: every bit pattern is a valid
 // value.
 unsafe impl aya::Pod for ShaperStats {}

@@ -194,6 +194,15 @@ pub fn count_queue_drop(link: u32, bytes: u64) {
     count(entry(link, INGRESS), Verdict::DropRate, bytes);
 }
 
+/// Counts time the ingress queue stood empty (for `edt::queue`).
+#[inline(always)]
+pub fn count_queue_idle(link: u32, ns: u64) {
+    if let Some(stats) = SHAPER_STATS.get_ptr_mut(entry(link, INGRESS)) {
+        // SAFETY: as in `count`.
+        unsafe { atomic_add(&mut (*stats).queue_idle_ns, ns) };
+    }
+}
+
 /// The packet's bytes as the wire will carry them. A GSO super-packet is one skb here but
 /// leaves as `gso_segs` packets, each with its own IP and TCP/UDP headers.
 #[inline(always)]

@@ -688,7 +688,7 @@ pub struct ShapedTraffic {
 
 /// One direction's fate of packets over `seconds`, in words.
 pub fn describe_traffic(traffic: &ShaperStats, seconds: f64) -> String {
-    format!(
+    let mut text = format!(
         "passed {} packets, {} ({}/s average); dropped for rate {} packets, {}; lost {} packets, {}",
         traffic.passed_packets,
         format_size(traffic.passed_bytes),
@@ -697,12 +697,37 @@ pub fn describe_traffic(traffic: &ShaperStats, seconds: f64) -> String {
         format_size(traffic.rate_dropped_bytes),
         traffic.loss_dropped_packets,
         format_size(traffic.loss_dropped_bytes),
-    )
+    );
+    // The ingress queue sends at the rate whenever it holds a packet: time it stood empty is
+    // what the senders left unused, not a shortfall of the limit.
+    if traffic.queue_idle_ns != 0 {
+        text.push_str(&format!(
+            "; queue empty {:.2} s between packets",
+            traffic.queue_idle_ns as f64 / 1e9
+        ));
+    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_s_idle_time_is_named_only_where_it_was_counted() {
+        let mut traffic = ShaperStats {
+            passed_packets: 10,
+            passed_bytes: 15_000,
+            ..Default::default()
+        };
+        assert!(!describe_traffic(&traffic, 1.0).contains("queue"));
+        traffic.queue_idle_ns = 1_234_000_000;
+        assert!(
+            describe_traffic(&traffic, 1.0).ends_with("; queue empty 1.23 s between packets"),
+            "{}",
+            describe_traffic(&traffic, 1.0)
+        );
+    }
 
     #[test]
     fn gemodel_takes_netem_defaults() {
