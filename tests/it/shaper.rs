@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nbt_integration_tests::{
     nbt, nbt_in_netns, receive_all, receive_numbered, testbin, wait_for_live_run, NetnsPair,
-    NoLeftovers, ADDR_A, ADDR_B,
+    NoLeftovers, Run, ADDR_A, ADDR_B,
 };
 
 /// A full TCP segment on this veth: 1448 bytes of payload in 1500 bytes of IP packet (20 IP, 20
@@ -377,9 +377,60 @@ fn ingress_rate_10mbit() {
         (0.95..=1.05).contains(&ratio),
         "ingress 10mbit: {ratio:.3} of the limit on the wire"
     );
+    // No --ingress-queue: the default queues where the kernel has fq and ifb, and polices
+    // elsewhere (this host), saying so on stderr with what the kernel lacks.
+    match nbt::plan::probe::ingress_queue_missing() {
+        Some(missing) => {
+            assert_said(
+                &run,
+                &format!(
+                    "nbt: the ingress rate is policed (arriving packets beyond it are dropped), \
+                     not queued: the queue needs {missing}; see `nbt probe`"
+                ),
+            );
+            assert_said(&run, POLICED_10MBIT);
+            assert!(
+                run.u64("/shaped/ingress/rate_dropped_packets") > 0,
+                "the limit never bit"
+            );
+        }
+        None => assert_said(
+            &run,
+            "  limits        ingress 10mbit (queued, at most 305.2 KiB) [",
+        ),
+    }
+    guard.assert_clean();
+}
+
+/// The limits line of a run policed at 10mbit, with its default bucket (250 ms).
+const POLICED_10MBIT: &str = "  limits        ingress 10mbit (policed, burst 305.2 KiB) [";
+
+fn assert_said(run: &Run, text: &str) {
     assert!(
-        run.u64("/shaped/ingress/rate_dropped_packets") > 0,
-        "the limit never bit"
+        run.stderr().contains(text),
+        "no {text:?} in: {}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn ingress_queue_false_polices_without_a_note() {
+    let guard = NoLeftovers::new();
+    let net = NetnsPair::new("iq");
+    let run = net.nbt_in_a(&[
+        "run",
+        "--ingress-rate",
+        "10mbit",
+        "--ingress-queue=false",
+        "--",
+        "true",
+    ]);
+    assert_eq!(run.status(), 0, "{}", run.stderr());
+    assert_said(&run, POLICED_10MBIT);
+    assert!(
+        !run.stderr().contains("policed (arriving"),
+        "{}",
+        run.stderr()
     );
     guard.assert_clean();
 }

@@ -10,7 +10,8 @@
 //!   and UDP: datagrams of the path's MTU less 28 bytes (at most 8972, so 8972 on lo), offered at
 //!   twice the limit (IP bytes), measured at the receiver;
 //! - directions: egress (the run sends: `nbt run --egress-rate R -- nbt-testbin ...` in a, the
-//!   receiver outside the run) and ingress (the run receives under `--ingress-rate R`; the sender
+//!   receiver outside the run) and ingress (the run receives under `--ingress-rate R
+//!   --ingress-queue=false`, the policer, as where the kernel has no fq, this host; the sender
 //!   is outside the run, in b, or on loopback in a);
 //! - rates: 512kbit, 10mbit, 100mbit, 1gbit.
 //!
@@ -803,8 +804,12 @@ impl Bench {
             Direction::Egress => "--egress-rate",
             Direction::Ingress => "--ingress-rate",
         };
+        command.args(["run", "--json", "--user", user, flag, &cell.rate.label]);
+        // The policer, named: the default queues where the kernel has fq (`bench vm-ingress`).
+        if cell.direction == Direction::Ingress {
+            command.arg("--ingress-queue=false");
+        }
         command
-            .args(["run", "--json", "--user", user, flag, &cell.rate.label])
             .arg("--receipts")
             .arg(&self.receipts.0)
             .arg("--")

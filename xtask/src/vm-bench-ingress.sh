@@ -1,7 +1,7 @@
 # The init of `cargo xtask bench vm-ingress`: TCP into a run, limited on arrival, three ways: htb
 # on an ifb device (the usual tc way to shape what arrives: the interface's ingress qdisc
-# redirects every packet to the ifb), nbt's policer (`--ingress-rate`), and nbt's queue
-# (`--ingress-rate --ingress-queue`). Paths: the veth pair at MTU 1500 (sender in b, receiver in
+# redirects every packet to the ifb), nbt's policer (`--ingress-rate --ingress-queue=false`), and
+# nbt's queue (`--ingress-rate --ingress-queue`, the default here). Paths: the veth pair at MTU 1500 (sender in b, receiver in
 # a), the same at MTU 9000, and loopback (both in a; no htb: its ifb would take the sender's
 # ACKs too). Prints `NBT-VM-INGRESS <method> <path> <cc> <rate> <goodput bits/s> <sender's
 # retransmitted segments> <sender's mss>` lines, then NBT-VM-DONE. The VM has fq, which this host
@@ -42,7 +42,7 @@ cells() {
         cell htb-ifb $path $cc $bits in_a
         $TC -n a qdisc del dev ifb0 root; $TC -n a qdisc del dev va ingress
     fi
-    cell nbt $path $cc $bits in_a nbt run --ingress-rate $rate --
+    cell nbt $path $cc $bits in_a nbt run --ingress-rate $rate --ingress-queue=false --
     cell nbt-queue $path $cc $bits in_a nbt run --ingress-rate $rate --ingress-queue --
 }
 for rate in 512kbit 10mbit 100mbit; do

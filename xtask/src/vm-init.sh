@@ -114,22 +114,31 @@ after=$($TC -n a qdisc show dev va)
 ok=0; [ "$held" = "1 1" ] && ! echo "$after" | grep -qE "fq|clsact" && grep -q "removed nbt-" /tmp/cleanup && ok=1
 result orphan_cleanup $ok "fq, orphans before cleanup: $held; after: $after; $(head -c 160 /tmp/cleanup | tr '\n' ' ')"
 
-# The ingress queue: a BBR sender in b uploads into a run in a at 10mbit with --ingress-queue.
-# Its packets wait at the rate instead of being dropped beyond it (nbt's policer drops a fifth of
-# a BBR sender's packets): goodput within 2% of the rate, counted in IP bytes (1500 per 1448 of
-# payload), and under 1% of the packets dropped by the queue (full). Then the queue's ifb device
-# and the clsact qdiscs are gone.
+# The ingress queue: a BBR sender in b uploads into a run in a at 10mbit, with no --ingress-queue:
+# this kernel has fq and ifb, so the default (auto) queues (the summary's ingress limits say
+# "queued"). Its packets wait at the rate instead of being dropped beyond it (nbt's policer drops
+# a fifth of a BBR sender's packets): goodput within 2% of the rate, counted in IP bytes (1500
+# per 1448 of payload), and under 1% of the packets dropped by the queue (full). Then the queue's
+# ifb device and the clsact qdiscs are gone.
 modprobe tcp_bbr 2>/dev/null
 # Until port $1 listens in namespace a (a run starts in 1 to 3 s under emulation).
 listening_in_a() { port=$(printf '%04X' $1); for i in $(seq 50); do in_a grep -q ":$port 00000000:0000 0A" /proc/net/tcp && return 0; sleep 0.2; done; return 1; }
-out=$( { in_a nbt run --json --ingress-rate 10mbit --ingress-queue -- nbt-testbin tcp-sink 192.0.2.1:5301 3 14 2>/tmp/queue.err & listening_in_a 5301; in_b nbt-testbin tcp-stream 192.0.2.1:5301 15 bbr > /dev/null 2>&1; wait; } )
+out=$( { in_a nbt run --json --ingress-rate 10mbit -- nbt-testbin tcp-sink 192.0.2.1:5301 3 14 2>/tmp/queue.err & listening_in_a 5301; in_b nbt-testbin tcp-stream 192.0.2.1:5301 15 bbr > /dev/null 2>&1; wait; } )
 rate=$(echo "$out" | awk '/^received/ { print $4 }')
 counts=$(echo "$out" | tail -n 1 | sed 's/.*"shaped":{"egress":{[^}]*},"ingress":{"passed_packets":\([0-9]*\),"passed_bytes":[0-9]*,"marked_packets":[0-9]*,"rate_dropped_packets":\([0-9]*\).*/\1 \2/')
 ratio=$(echo "${rate:-0}" | awk '{ printf "%.4f", $1 / 10000000 * 1500 / 1448 }')
 left="$($IP -n a link show | grep -c nbt-q-) $($TC -n a qdisc show | grep -c clsact)"
 idle=$(echo "$out" | tail -n 1 | sed 's/.*"shaped":{"egress":{[^}]*},"ingress":{[^}]*"queue_idle_ns":\([0-9]*\).*/\1/')
-ok=$(echo "$ratio $counts $left ${idle:-x}" | awk '{ print ($1 >= 0.98 && $1 <= 1.02 && $3 * 100 < $2 && $4 == 0 && $5 == 0 && $6 ~ /^[0-9]+$/ && $6 < 750000000) ? 1 : 0 }')
-result ingress_queue_bbr $ok "goodput / rate $ratio; passed, dropped by the queue: $counts; queue empty ${idle:-?} ns (under 5% of 15 s); queue devices, clsact left: $left; $(head -c 200 /tmp/queue.err | tr '\n' ' ')"
+queued=$(echo "$out" | tail -n 1 | grep -c '"queued":true')
+ok=$(echo "$ratio $counts $left ${idle:-x} $queued" | awk '{ print ($1 >= 0.98 && $1 <= 1.02 && $3 * 100 < $2 && $4 == 0 && $5 == 0 && $6 ~ /^[0-9]+$/ && $6 < 750000000 && $7 == 1) ? 1 : 0 }')
+result ingress_queue_bbr $ok "goodput / rate $ratio; passed, dropped by the queue: $counts; queue empty ${idle:-?} ns (under 5% of 15 s); queued by default: $queued; queue devices, clsact left: $left; $(head -c 200 /tmp/queue.err | tr '\n' ' ')"
+
+# --ingress-queue=false: the policer, said so in the limits line, no note about the kernel, and
+# no queue device made.
+in_a nbt run --json --ingress-rate 10mbit --ingress-queue=false -- true > /tmp/off.out 2>/tmp/off.err
+policed="$(grep -c 'limits  *ingress 10mbit (policed, burst' /tmp/off.err) $(grep -c 'is policed' /tmp/off.err) $(tail -n 1 /tmp/off.out | grep -c '"queued":true')"
+ok=0; [ "$policed" = "1 0 0" ] && ok=1
+result ingress_policer_when_asked $ok "limits line says policed, kernel note, queued in JSON: $policed; $(head -c 200 /tmp/off.err | tr '\n' ' ')"
 
 # The queue's idle time (the summary's "queue empty", `queue_idle_ns`): UDP offered at half the
 # queue's 10mbit for 3 s leaves it empty about half the time: 3 s less the time the bytes that

@@ -635,7 +635,7 @@ fn ingress_table(release: &str, console: &str) -> String {
     let mut table = format!(
         "Kernel {release} (Debian, QEMU TCG, 2 vCPUs), TCP into a run in namespace a, 20 s, \
          goodput from second 3 to 19; achieved / limit (sender's retransmitted segments)\n\n\
-         | path | traffic | rate | htb on ifb | nbt, policer (--ingress-rate) | nbt, queue (--ingress-queue) |\n\
+         | path | traffic | rate | htb on ifb | nbt, policer (--ingress-queue=false) | nbt, queue (--ingress-queue) |\n\
          |---|---|---|---|---|---|\n"
     );
     let rows: Vec<Vec<&str>> = console

@@ -419,15 +419,23 @@ pub struct NetArgs {
     /// Outgoing bandwidth of the run: bits/s as tc writes them (512kbit, 10mbit) or bytes/s (64KB/s)
     #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
     pub egress_rate: Option<String>,
-    /// Incoming bandwidth of the run (packets over it are dropped on arrival; --ingress-queue
-    /// queues them instead)
+    /// Incoming bandwidth of the run (packets over it wait in a queue, or are dropped on
+    /// arrival where the kernel has no queue for them: see --ingress-queue)
     #[arg(long, value_name = "RATE", allow_negative_numbers = true)]
     pub ingress_rate: Option<String>,
-    /// Arriving packets wait in a queue at the ingress rate, as at a bottleneck link, instead of
-    /// being dropped beyond it (a TCP sender then sees delay, not loss; BBR holds the rate). The
-    /// queue holds --burst; needs the fq qdisc and the ifb device. Fixed for the run
-    #[arg(long)]
-    pub ingress_queue: bool,
+    /// Whether arriving packets beyond the ingress rate wait in a queue, as at a bottleneck link
+    /// (a TCP sender then sees delay, not loss; BBR holds the rate), or are dropped (policed).
+    /// auto (the default): queued where the kernel has the fq qdisc and the ifb device, policed
+    /// elsewhere; true (the flag alone): queued, refused without them; false: policed. The
+    /// queue holds --burst. Fixed for the run
+    #[arg(
+        long,
+        value_name = "auto|true|false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub ingress_queue: Option<String>,
     /// Bucket depth of the rate limits (default: egress 40 ms at the rate, ingress 250 ms; at least 96 KiB)
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub burst: Option<String>,
@@ -725,7 +733,7 @@ impl NetArgs {
     pub fn add_to(&self, flags: &mut Flags) {
         flags.egress_rate = self.egress_rate.clone();
         flags.ingress_rate = self.ingress_rate.clone();
-        flags.ingress_queue = self.ingress_queue;
+        flags.ingress_queue = self.ingress_queue.clone();
         flags.burst = self.burst.clone();
         flags.loss = self.loss.clone();
         flags.loss_model = self.loss_model.clone();

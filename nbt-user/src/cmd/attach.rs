@@ -22,7 +22,7 @@ fn spec_of(target: &TargetArgs) -> TargetSpec {
 }
 
 pub fn attach(args: AttachArgs, signals: &libc::sigset_t) -> i32 {
-    let plan = match plan_of(&args.options, None) {
+    let mut plan = match plan_of(&args.options, None) {
         Ok(plan) => plan,
         Err(status) => return status,
     };
@@ -43,6 +43,13 @@ pub fn attach(args: AttachArgs, signals: &libc::sigset_t) -> i32 {
             return usage_or_failure(&err);
         }
     };
+    if target.other_netns() {
+        plan.police_ingress_unless_asked(&format!(
+            "the queue takes packets from the interfaces of nbt's network namespace, and {} \
+             lives in another",
+            target.described
+        ));
+    }
     if target.other_netns() && plan.needs_tc_beyond_loss() {
         eprintln!(
             "nbt: {} lives in another network namespace; nbt adds delay (--latency, --jitter, \

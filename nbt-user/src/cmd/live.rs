@@ -201,7 +201,7 @@ pub fn set_limits(run: &str, given: &[(&str, &str)], signals: &libc::sigset_t) -
 fn net_given(net: &NetArgs) -> bool {
     !net.link.is_empty()
         || net.impair_direction.is_some()
-        || net.ingress_queue
+        || net.ingress_queue.is_some()
         || changeable_given(net)
 }
 
@@ -252,7 +252,7 @@ pub fn set_network(run: &str, net: &NetArgs) -> Result<String> {
              whose --duplicate and --corrupt apply where the run started them"
         )));
     }
-    if net.ingress_queue {
+    if net.ingress_queue.is_some() {
         anyhow::bail!(PlanError(
             "--ingress-queue is fixed when a run starts (its queue device and programs are made \
              then); accepted: none on nbt set, whose --ingress-rate changes the rate the queue \

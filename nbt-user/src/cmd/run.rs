@@ -179,6 +179,12 @@ pub fn execute_and_print(
     out: SummaryOut,
 ) -> Result<RunSummary, i32> {
     privileged()?;
+    if let Some(why) = &plan.ingress_policed_because {
+        eprintln!(
+            "nbt: the ingress rate is policed (arriving packets beyond it are dropped), not \
+             queued: {why}; see `nbt probe` (--ingress-queue=false polices without this note)"
+        );
+    }
     match run::execute(plan, user, workload, signals, env) {
         Ok(summary) => {
             crate::sys::phase::mark("cleaned_up");

@@ -298,9 +298,10 @@ impl DirectionLimits {
     pub fn describe(&self, direction: Direction) -> String {
         let mut parts = Vec::new();
         if let (Some(rate), Some(burst)) = (self.rate_bits_per_sec, self.burst(direction)) {
-            let depth = match self.queued {
-                true => "queued, at most",
-                false => "burst",
+            let depth = match (self.queued, direction) {
+                (true, _) => "queued, at most",
+                (false, Direction::Ingress) => "policed, burst",
+                (false, Direction::Egress) => "burst",
             };
             parts.push(format!(
                 "{} ({depth} {})",
@@ -795,7 +796,7 @@ mod tests {
         // The limits line says whether arriving packets queue or are dropped beyond the rate.
         assert_eq!(
             ingress.describe(Direction::Ingress),
-            "200mbit (burst 6.0 MiB)"
+            "200mbit (policed, burst 6.0 MiB)"
         );
         let queued = DirectionLimits {
             queued: true,

@@ -95,8 +95,8 @@ pub struct Flags {
     pub pids: Option<String>,
     pub egress_rate: Option<String>,
     pub ingress_rate: Option<String>,
-    /// `--ingress-queue`.
-    pub ingress_queue: bool,
+    /// `--ingress-queue`: auto, true or false (the flag alone: true).
+    pub ingress_queue: Option<String>,
     pub burst: Option<String>,
     pub loss: Option<String>,
     pub loss_model: Option<String>,
@@ -143,6 +143,17 @@ pub struct Pending {
     pub capability: String,
 }
 
+/// What --ingress-queue came to for a run.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct IngressQueue {
+    /// Arriving packets queue at the ingress rates.
+    pub queued: bool,
+    /// Asked for (`true`), not left to `auto`.
+    pub asked: bool,
+    /// Under `auto` with an ingress rate: what the kernel lacks for the queue.
+    pub policed_because: Option<String>,
+}
+
 impl fmt::Display for Pending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -169,6 +180,13 @@ pub struct Plan {
     /// them (`--ingress-queue`; an ifb device with fq, `enforce::edt`).
     #[serde(default)]
     pub ingress_queue: bool,
+    /// `--ingress-queue` was given as true (or the profile's `ingress-queue = true`), not left to
+    /// `auto`: only a queue asked for refuses to run without it.
+    #[serde(skip)]
+    pub ingress_queue_asked: bool,
+    /// Why an ingress rate is policed rather than queued under `auto`: what the kernel lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_policed_because: Option<String>,
     /// Destinations with limits of their own (`--link`, `[[link]]`).
     pub links: Vec<link::Link>,
     /// The balance and its prices; `None`: no balance, no gate.
@@ -515,50 +533,71 @@ impl Sources<'_> {
         Ok(latency)
     }
 
-    /// --ingress-queue: whether arriving packets queue at the ingress rates. It needs one (the
-    /// run's or a link's), and the fq qdisc: without it, it goes to `pending`, as a latency does.
+    /// --ingress-queue: whether arriving packets queue at the ingress rates. `auto` (the default)
+    /// queues them where the run has an ingress rate (its own or a link's) and the kernel has the
+    /// fq qdisc and the ifb device, and polices them elsewhere. `true` needs both: without an
+    /// ingress rate it is an error, without fq it goes to `pending`, as a latency does.
     fn ingress_queue(
         &self,
         net: &NetLimits,
         links: &[link::Link],
         pending: &mut Vec<Pending>,
-    ) -> Result<bool, PlanError> {
-        let flag = self.flags.ingress_queue.then(|| "true".to_string());
-        let Some((text, name)) = self.pick(&flag, "ingress-queue", &self.profile.ingress_queue)?
-        else {
-            return Ok(false);
-        };
-        match text.trim() {
-            "true" => {}
-            "false" => return Ok(false),
+    ) -> Result<IngressQueue, PlanError> {
+        let picked = self.pick(
+            &self.flags.ingress_queue,
+            "ingress-queue",
+            &self.profile.ingress_queue,
+        )?;
+        let (text, name) = picked.unwrap_or_else(|| ("auto".into(), "--ingress-queue".into()));
+        let asked = match text.trim() {
+            "true" => true,
+            "auto" => false,
+            "false" => return Ok(IngressQueue::default()),
             _ => {
                 return Err(PlanError(format!(
-                    "invalid value '{text}' for {name}: accepted: true, false"
+                    "invalid value '{text}' for {name}: accepted: auto, true, false"
                 )))
             }
-        }
+        };
         let rated = |net: &NetLimits| net.ingress.rate_bits_per_sec.is_some();
         if !rated(net) && !links.iter().any(|l| rated(&l.net)) {
+            if !asked {
+                return Ok(IngressQueue::default());
+            }
             return Err(PlanError(format!(
                 "{name} queues arriving packets at the ingress rate: it needs --ingress-rate (or a \
                  --link with ingress-rate)"
             )));
         }
-        if probe::fq_missing().is_some() {
-            // Named, not enforced: `nbt run` refuses it naming the missing qdisc.
-            let origin = &self.origin;
-            pending.push(Pending {
-                setting: name.trim_end_matches(&format!(" ({origin})")).to_string(),
-                value: text,
-                origin: match name.starts_with("--") {
-                    true => "flag".into(),
-                    false => origin.clone(),
-                },
-                capability: "the fq qdisc, which this kernel lacks (nbt probe)".into(),
-            });
-            return Ok(false);
+        let missing = probe::ingress_queue_missing();
+        match (missing, asked) {
+            (None, _) => Ok(IngressQueue {
+                queued: true,
+                asked,
+                policed_because: None,
+            }),
+            (Some(why), false) => Ok(IngressQueue {
+                policed_because: Some(format!("the queue needs {why}")),
+                ..IngressQueue::default()
+            }),
+            (Some(why), true) => {
+                // Named, not enforced: `nbt run` refuses it naming what is missing.
+                let origin = &self.origin;
+                pending.push(Pending {
+                    setting: name.trim_end_matches(&format!(" ({origin})")).to_string(),
+                    value: text,
+                    origin: match name.starts_with("--") {
+                        true => "flag".into(),
+                        false => origin.clone(),
+                    },
+                    capability: format!("{why} (nbt probe)"),
+                });
+                Ok(IngressQueue {
+                    asked,
+                    ..IngressQueue::default()
+                })
+            }
         }
-        Ok(true)
     }
 
     /// netem's other impairments: --duplicate and --corrupt on the directions
@@ -862,6 +901,21 @@ impl Plan {
     /// Whether the run needs the tc programs for more than taking its lost TCP segments (which a
     /// namespace with loopback alone does without): a delay, netem's other impairments, or the
     /// ingress queue.
+    /// Turns an ingress queue that `auto` chose into the policer, for `why` (a target whose
+    /// interfaces nbt cannot reach). One asked for stays: the caller refuses it.
+    pub fn police_ingress_unless_asked(&mut self, why: &str) {
+        if !self.ingress_queue || self.ingress_queue_asked {
+            return;
+        }
+        self.ingress_queue = false;
+        self.ingress_policed_because = Some(why.to_string());
+        for ingress in std::iter::once(&mut self.net.ingress)
+            .chain(self.links.iter_mut().map(|l| &mut l.net.ingress))
+        {
+            ingress.queued = false;
+        }
+    }
+
     pub fn needs_tc_beyond_loss(&self) -> bool {
         self.needs_egress_tc() || self.needs_ingress_tc()
     }
@@ -919,12 +973,12 @@ impl Plan {
         let mut latency = sources.latency(&mut pending)?;
         let (tc_impairments, impair_direction) = sources.impairments(&mut net, latency.as_mut())?;
         let links = sources.links(&mut pending)?;
-        let ingress_queue = sources.ingress_queue(&net, &links, &mut pending)?;
+        let queue = sources.ingress_queue(&net, &links, &mut pending)?;
         let mut links = links;
         for ingress in
             std::iter::once(&mut net.ingress).chain(links.iter_mut().map(|l| &mut l.net.ingress))
         {
-            ingress.queued = ingress_queue;
+            ingress.queued = queue.queued;
         }
         let (prices, gate) = sources.ledger()?;
         sources.not_yet(&mut pending)?;
@@ -938,7 +992,9 @@ impl Plan {
             latency,
             tc_impairments,
             impair_direction,
-            ingress_queue,
+            ingress_queue: queue.queued,
+            ingress_queue_asked: queue.asked,
+            ingress_policed_because: queue.policed_because,
             links,
             prices,
             gate,
@@ -1005,6 +1061,14 @@ impl Plan {
                 return Err(PlanError(format!(
                     "refusing to run: {} {} ({}) needs the fq qdisc (sch_fq) for earliest-departure-time pacing, \
                      and {missing}; see `nbt probe`",
+                    latency.setting, latency.value, latency.origin
+                )));
+            }
+            if let Some(missing) = probe::ifb_missing() {
+                return Err(PlanError(format!(
+                    "refusing to run: {} {} ({}) needs the ifb network device to hold arriving \
+                     packets, and {missing}; see `nbt probe`; --ingress-queue=false polices them \
+                     instead",
                     latency.setting, latency.value, latency.origin
                 )));
             }
@@ -1243,7 +1307,7 @@ mod tests {
     #[test]
     fn ingress_queue_needs_an_ingress_rate_and_the_fq_qdisc() {
         let err = Plan::build(&Flags {
-            ingress_queue: true,
+            ingress_queue: Some("true".into()),
             egress_rate: Some("10mbit".into()),
             ..flags()
         })
@@ -1298,7 +1362,7 @@ mod tests {
         assert!(
             err.0
                 .contains("invalid value 'maybe' for ingress-queue (profile ")
-                && err.0.contains("accepted: true, false"),
+                && err.0.contains("accepted: auto, true, false"),
             "{err}"
         );
         // false is no queue, and needs no rate.
@@ -1309,6 +1373,56 @@ mod tests {
         })
         .unwrap();
         assert!(!plan.ingress_queue && plan.pending.is_empty());
+    }
+
+    #[test]
+    fn an_ingress_rate_queues_where_the_kernel_can_and_is_policed_where_not() {
+        let with = |queue: Option<&str>| {
+            Plan::build(&Flags {
+                ingress_rate: Some("10mbit".into()),
+                ingress_queue: queue.map(Into::into),
+                ..flags()
+            })
+            .unwrap()
+        };
+        // No ingress rate: no queue, nothing to say, whatever the kernel.
+        let plan = Plan::build(&Flags {
+            egress_rate: Some("10mbit".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert!(!plan.ingress_queue && plan.ingress_policed_because.is_none());
+        let auto = with(None);
+        assert_eq!(auto.ingress_queue, with(Some("auto")).ingress_queue);
+        assert!(!auto.ingress_queue_asked && auto.pending.is_empty());
+        let missing = probe::fq_missing().or_else(probe::ifb_missing);
+        match missing {
+            Some(why) => {
+                // This host: policed, and the plan says what the kernel lacks.
+                assert!(!auto.ingress_queue && !auto.net.ingress.queued);
+                let because = auto.ingress_policed_because.as_deref().unwrap();
+                assert!(because.starts_with("the queue needs the "), "{because}");
+                assert!(because.ends_with(&why), "{because}");
+                let limits = link::network_limits(&auto.net, None).join(", ");
+                assert!(
+                    limits.starts_with("ingress 10mbit (policed, burst"),
+                    "{limits}"
+                );
+            }
+            None => {
+                assert!(auto.ingress_queue && auto.net.ingress.queued);
+                assert!(auto.ingress_policed_because.is_none());
+            }
+        }
+        // false polices, with nothing to say; true asks.
+        let off = with(Some("false"));
+        assert!(!off.ingress_queue && off.ingress_policed_because.is_none());
+        assert!(with(Some("true")).ingress_queue_asked);
+        // An attachment to another namespace turns an automatic queue into the policer.
+        let mut auto = with(None);
+        auto.police_ingress_unless_asked("pid 1 lives in another network namespace");
+        assert!(!auto.ingress_queue && !auto.needs_ingress_tc());
+        assert!(!auto.net.ingress.queued);
     }
 
     #[test]

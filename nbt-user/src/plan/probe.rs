@@ -320,20 +320,42 @@ fn module_present(module: &str) -> bool {
     })
 }
 
-/// Why the fq qdisc cannot be used on this kernel, or `None` when it can (or cannot be told).
-pub fn fq_missing() -> Option<String> {
+/// Why the kernel cannot give `CONFIG_{option}` (built in, or module `module` installed), or
+/// `None` when it can (or cannot be told: no /proc/config.gz).
+fn config_missing(option: &str, module: &str) -> Option<String> {
     let config = kernel_config()?;
     match config
         .lines()
-        .find_map(|l| l.strip_prefix("CONFIG_NET_SCH_FQ="))
+        .find_map(|l| l.strip_prefix(&format!("CONFIG_{option}=")))
     {
         Some("y") => None,
-        Some("m") if module_present("sch_fq") => None,
-        Some("m") => Some(
-            "this kernel built sch_fq as a module that is not installed under /lib/modules".into(),
-        ),
-        _ => Some("this kernel does not have it (CONFIG_NET_SCH_FQ is not set)".into()),
+        Some("m") if module_present(module) => None,
+        Some("m") => Some(format!(
+            "this kernel built {module} as a module that is not installed under /lib/modules"
+        )),
+        _ => Some(format!(
+            "this kernel does not have it (CONFIG_{option} is not set)"
+        )),
     }
+}
+
+/// Why the fq qdisc cannot be used on this kernel, or `None` when it can (or cannot be told).
+pub fn fq_missing() -> Option<String> {
+    config_missing("NET_SCH_FQ", "sch_fq")
+}
+
+/// What the ingress queue needs that this kernel lacks ("the fq qdisc, and this kernel ..."), or
+/// `None`.
+pub fn ingress_queue_missing() -> Option<String> {
+    fq_missing()
+        .map(|why| format!("the fq qdisc, and {why}"))
+        .or_else(|| ifb_missing().map(|why| format!("the ifb device, and {why}")))
+}
+
+/// Why the ifb device (the ingress queue's) cannot be made on this kernel, or `None` when it can
+/// (or cannot be told).
+pub fn ifb_missing() -> Option<String> {
+    config_missing("IFB", "ifb")
 }
 
 fn qdiscs(out: &mut Vec<Feature>) {
@@ -395,6 +417,23 @@ fn qdiscs(out: &mut Vec<Feature>) {
         };
         out.push(feature("qdiscs", name, available, detail));
     }
+    let missing = ingress_queue_missing();
+    out.push(feature(
+        "qdiscs",
+        "ingress queue",
+        missing.is_none(),
+        match (&missing, &config) {
+            (Some(why), _) => {
+                format!("--ingress-rate polices (drops beyond the rate): the queue needs {why}")
+            }
+            (None, Some(_)) => {
+                "ifb device + fq: arriving packets beyond --ingress-rate wait at the rate".into()
+            }
+            (None, None) => "unknown (no /proc/config.gz): nbt tries the ifb device and fq \
+                             when a run has an ingress rate"
+                .into(),
+        },
+    ));
 }
 
 fn hardware(out: &mut Vec<Feature>) {
