@@ -255,6 +255,15 @@ qdiscs=$($TC -n a qdisc show dev va)
 ok=0; [ "$got" = 400 ] && [ $rcode = 0 ] && ! echo "$qdiscs" | grep -qE "fq|clsact" && ok=1
 result zone_latency_held_packets_delivered $ok "${got} of 400 datagrams arrived, remove $rcode $(head -c 300 /tmp/zone.err), qdiscs: $qdiscs"
 
+# A zone with an ingress rate queues by default here (fq and ifb): its queue device stays with
+# the zone after `nbt zone apply` has exited, and `nbt zone remove` deletes it.
+in_a nbt zone apply vmqueue --ingress-rate 10mbit > /dev/null 2>/tmp/zone.err; acode=$?
+held=$($IP -n a link show | grep -c nbt-q-)
+in_a nbt zone remove vmqueue > /dev/null 2>>/tmp/zone.err; rcode=$?
+after="$($IP -n a link show | grep -c nbt-q-) $($TC -n a qdisc show | grep -c clsact)"
+ok=0; [ $acode = 0 ] && [ $rcode = 0 ] && [ "$held" = 1 ] && [ "$after" = "0 0" ] && ok=1
+result zone_ingress_queue $ok "apply $acode, remove $rcode; queue devices while applied: $held; devices, clsact after: $after; $(head -c 300 /tmp/zone.err | tr '\n' ' ')"
+
 # Loss on egress is a loss on the wire for TCP: the segments lost are retransmitted (a drop at
 # the cgroup hook alone would be handed back to TCP as not sent, and retransmit nothing). The
 # sender's namespace's counters over a 6 s upload at 10mbit with 5% loss: retransmitted

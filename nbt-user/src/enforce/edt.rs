@@ -515,30 +515,41 @@ fn receive_buffer_max() -> u64 {
         .unwrap_or(212_992)
 }
 
-/// Makes the run's ingress queue: an ifb device (`nbt-q-PID`) with fq at its root, whose
+/// Makes the run's ingress queue: an ifb device (`nbt-q-PID`, or `nbt-q-PID-N` where a zone
+/// made by an nbt of the same process id still has that name) with fq at its root, whose
 /// horizon (10 s) bounds the queue, and `queue_ingress` on its egress; its index. Recorded in
 /// the guard as soon as it exists, so that a failure after takes it away again.
 fn add_queue(ebpf: &mut Ebpf, guard: &mut LatencyGuard) -> Result<u32> {
-    let name = format!("{}{}", netlink::QUEUE_DEVICE_PREFIX, std::process::id());
-    let ifindex = match netlink::add_ifb(&name) {
-        Ok(ifindex) => ifindex,
-        Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => bail!(
-            "--ingress-queue needs the ifb network device (CONFIG_IFB), which this kernel lacks"
-        ),
-        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => bail!(
-            "--ingress-queue: this network namespace already has an interface named {name}, \
-             the name of this run's queue (left by an nbt of the same process id that was \
-             killed? `nbt cleanup` takes it away)"
-        ),
-        Err(err) => {
-            return Err(err).with_context(|| format!("making the ingress queue device {name}"))
+    let base = format!("{}{}", netlink::QUEUE_DEVICE_PREFIX, std::process::id());
+    // At most 15 bytes (IFNAMSIZ): the prefix's 6, a process id's 7 and "-N".
+    let mut names = std::iter::once(base.clone()).chain((1..10).map(|n| format!("{base}-{n}")));
+    let (ifindex, name) = loop {
+        let Some(name) = names.next() else {
+            bail!(
+                "the ingress queue: this network namespace already has interfaces named {base} \
+                 and {base}-1 to -9 (left by killed runs? `nbt cleanup` takes them away)"
+            );
+        };
+        match netlink::add_ifb(&name) {
+            Ok(ifindex) => break (ifindex, name),
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => continue,
+            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => bail!(
+                "the ingress queue needs the ifb network device (CONFIG_IFB), which this kernel \
+                 lacks; --ingress-queue=false polices arriving packets instead"
+            ),
+            Err(err) => {
+                return Err(err).with_context(|| format!("making the ingress queue device {name}"))
+            }
         }
     };
     guard.qdiscs.queue = Some((ifindex, name.clone()));
     match netlink::add_root(ifindex, "fq", &FQ_LIMITS) {
         Ok(()) => {}
         Err(err) if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
-            bail!("--ingress-queue needs the fq qdisc (sch_fq), which this kernel lacks: {err}")
+            bail!(
+                "the ingress queue needs the fq qdisc (sch_fq), which this kernel lacks ({err}); \
+                 --ingress-queue=false polices arriving packets instead"
+            )
         }
         Err(err) => return Err(err).with_context(|| format!("putting the fq qdisc on {name}")),
     }
