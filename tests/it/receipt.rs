@@ -474,8 +474,10 @@ fn kill_9_while_writing_receipts_never_breaks_the_store() {
         .unwrap()
         .as_nanos() as u64;
     eprintln!("seed {seed}, one run takes {span:?}");
+    // 30 kills (50 before: CI's 30 minutes grew tight); about 25 land mid-run.
+    const RUNS: u32 = 30;
     let mut killed = 0;
-    for _ in 0..50 {
+    for _ in 0..RUNS {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -509,8 +511,8 @@ fn kill_9_while_writing_receipts_never_breaks_the_store() {
         assert_eq!(status, 0, "after a kill {delay:?} into a run: {out}");
     }
     assert!(
-        killed >= 25,
-        "only {killed} of 50 runs were killed before their end"
+        killed >= RUNS / 2,
+        "only {killed} of {RUNS} runs were killed before their end"
     );
     let receipts = listed(&store);
     for (seq, run) in completed.iter().zip(&completed_runs) {
@@ -527,7 +529,7 @@ fn kill_9_while_writing_receipts_never_breaks_the_store() {
         assert_eq!(tasks, 30, "run {run}");
     }
     eprintln!(
-        "{killed} of 50 runs killed; {} completed; {} receipts, all verified",
+        "{killed} of {RUNS} runs killed; {} completed; {} receipts, all verified",
         completed.len() - 1,
         receipts.len()
     );

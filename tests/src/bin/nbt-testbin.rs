@@ -21,7 +21,10 @@
 //!                             payload rate between FROM and TO seconds after the first byte
 //!   tcp-sink ADDR FROM TO     as tcp-recv, with the rate the least-squares slope over every read
 //!                             in the window (FROM and TO may be fractions of a second), and the
-//!                             socket's window clamp and rcv_ssthresh at the end
+//!                             socket's window clamp and rcv_ssthresh at the end; with UNTIL
+//!                             (a 4th argument), it stops reading UNTIL seconds after the accept
+//!                             and resets the connection, rather than wait for the sender's
+//!                             queued bytes to drain at a slow rate
 //!   udp-send ADDR COUNT SIZE  send COUNT datagrams of SIZE bytes to ADDR, numbered from 0
 //!   udp-blast ADDR SECONDS SIZE BITS  send SIZE-byte datagrams to ADDR for SECONDS, paced at BITS
 //!                             IP bits/s (SIZE + 28 bytes each; 0: as fast as it can); prints the
@@ -131,7 +134,12 @@ fn main() {
             args.get(4).map(String::as_str),
             args.get(5).map(|_| (seconds(&args, 5), seconds(&args, 6))),
         ),
-        "tcp-sink" => tcp_sink(arg(&args, 2), seconds(&args, 3), seconds(&args, 4)),
+        "tcp-sink" => tcp_sink(
+            arg(&args, 2),
+            seconds(&args, 3),
+            seconds(&args, 4),
+            args.get(5).map(|_| seconds(&args, 5)),
+        ),
         "stream-and-ping" => stream_and_ping(
             arg(&args, 2),
             arg(&args, 3),
@@ -804,11 +812,19 @@ fn tcp_recv(addr: &str, from: f64, to: f64) {
     }
 }
 
-fn tcp_sink(addr: &str, from: f64, to: f64) {
+fn tcp_sink(addr: &str, from: f64, to: f64, until: Option<f64>) {
     let listener = std::net::TcpListener::bind(addr).expect("bind");
     println!("listening");
     let (stream, _) = listener.accept().expect("accept");
     let kept = stream.try_clone().expect("clone");
+    if let Some(until) = until {
+        let reading = stream.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(until));
+            // The read below then sees the end of the stream; the close at exit resets it.
+            let _ = reading.shutdown(std::net::Shutdown::Read);
+        });
+    }
     // A reset ends the count as the end of the stream does.
     let (marks, _) = rate::read_marks(stream);
     let total = marks.last().map_or(0, |m| m.1);
