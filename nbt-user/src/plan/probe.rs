@@ -299,14 +299,40 @@ fn bpf(out: &mut Vec<Feature>) {
     out.push(feature("bpf", "gate teardown", available, detail));
 }
 
-/// The kernel's build configuration, from /proc/config.gz when the kernel exposes it.
-fn kernel_config() -> Option<String> {
-    let file = std::fs::File::open("/proc/config.gz").ok()?;
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_string(&mut text)
-        .ok()?;
-    Some(text)
+/// The kernel's build configuration, from /proc/config.gz when the kernel exposes it. Read and
+/// decompressed once per process: a plan asks for fq and ifb, `nbt probe` for every qdisc.
+fn kernel_config() -> Option<&'static str> {
+    static CONFIG: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let file = std::fs::File::open("/proc/config.gz").ok()?;
+            let mut text = String::new();
+            flate2::read::GzDecoder::new(file)
+                .read_to_string(&mut text)
+                .ok()?;
+            Some(text)
+        })
+        .as_deref()
+}
+
+/// How the kernel's configuration gives `CONFIG_{option}`, whose module is `module`.
+enum Built {
+    In,
+    Module,
+    ModuleNotInstalled,
+    Not,
+}
+
+fn built(config: &str, option: &str, module: &str) -> Built {
+    match config
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("CONFIG_{option}=")))
+    {
+        Some("y") => Built::In,
+        Some("m") if module_present(module) => Built::Module,
+        Some("m") => Built::ModuleNotInstalled,
+        _ => Built::Not,
+    }
 }
 
 fn module_present(module: &str) -> bool {
@@ -323,17 +349,12 @@ fn module_present(module: &str) -> bool {
 /// Why the kernel cannot give `CONFIG_{option}` (built in, or module `module` installed), or
 /// `None` when it can (or cannot be told: no /proc/config.gz).
 fn config_missing(option: &str, module: &str) -> Option<String> {
-    let config = kernel_config()?;
-    match config
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("CONFIG_{option}=")))
-    {
-        Some("y") => None,
-        Some("m") if module_present(module) => None,
-        Some("m") => Some(format!(
+    match built(kernel_config()?, option, module) {
+        Built::In | Built::Module => None,
+        Built::ModuleNotInstalled => Some(format!(
             "this kernel built {module} as a module that is not installed under /lib/modules"
         )),
-        _ => Some(format!(
+        Built::Not => Some(format!(
             "this kernel does not have it (CONFIG_{option} is not set)"
         )),
     }
@@ -387,33 +408,22 @@ fn qdiscs(out: &mut Vec<Feature>) {
         ),
     ];
     for (name, option, module, used_for) in qdiscs {
-        let (available, detail) = match &config {
+        let (available, detail) = match config.map(|c| built(c, option, module)) {
             None => (
                 false,
                 "unknown: /proc/config.gz is absent, so the kernel's build options cannot be read"
                     .to_string(),
             ),
-            Some(config) => {
-                let setting = config
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&format!("CONFIG_{option}=")));
-                match setting {
-                    Some("y") => (true, format!("built in; for {used_for}")),
-                    Some("m") if module_present(module) => {
-                        (true, format!("module {module}; for {used_for}"))
-                    }
-                    Some("m") => (
-                        false,
-                        format!(
-                            "built as module {module}, but it is not installed under /lib/modules"
-                        ),
-                    ),
-                    _ => (
-                        false,
-                        format!("not built (CONFIG_{option} is not set); needed for {used_for}"),
-                    ),
-                }
-            }
+            Some(Built::In) => (true, format!("built in; for {used_for}")),
+            Some(Built::Module) => (true, format!("module {module}; for {used_for}")),
+            Some(Built::ModuleNotInstalled) => (
+                false,
+                format!("built as module {module}, but it is not installed under /lib/modules"),
+            ),
+            Some(Built::Not) => (
+                false,
+                format!("not built (CONFIG_{option} is not set); needed for {used_for}"),
+            ),
         };
         out.push(feature("qdiscs", name, available, detail));
     }
